@@ -1,0 +1,84 @@
+/* kern: dequantization, activation quantization and dot products for every supported type.
+ *
+ * The engine computes y = W·x the way ggml's CPU backend does, so quantized files match
+ * llama.cpp: x is first rounded to the activation format the weight type consumes
+ * (kern_act_type: Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, Q8_K for K-quants, F16 for F16, BF16 for
+ * BF16, F32 for F32), then each row is an integer (or float) dot product with that.
+ * Every operation has a plain-C reference (*_ref.c); SIMD variants (*_avx2.c, *_avx512.c) are
+ * chosen at runtime by kern_ops_get() and tested against the reference. See README.md. */
+#ifndef STP_KERN_H
+#define STP_KERN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf/tensor_type.h"
+
+/* ---- block layouts (identical to ggml's, byte for byte) ---------------------------------- */
+#define QK4_0 32
+#define QK8_0 32
+#define QK_K 256
+#define K_SCALE_SIZE 12
+
+typedef uint16_t stp_fp16;
+typedef uint16_t stp_bf16;
+
+typedef struct { stp_fp16 d; uint8_t qs[QK4_0 / 2]; } block_q4_0;            /* 18 bytes */
+typedef struct { stp_fp16 d, m; uint8_t qs[QK4_0 / 2]; } block_q4_1;         /* 20 bytes */
+typedef struct { stp_fp16 d; int8_t qs[QK8_0]; } block_q8_0;                 /* 34 bytes */
+typedef struct { stp_fp16 d, s; int8_t qs[QK8_0]; } block_q8_1;              /* 36 bytes */
+typedef struct {
+    uint8_t hmask[QK_K / 8]; uint8_t qs[QK_K / 4]; uint8_t scales[12]; stp_fp16 d;
+} block_q3_K;                                                                /* 110 bytes */
+typedef struct {
+    stp_fp16 d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qs[QK_K / 2];
+} block_q4_K;                                                                /* 144 bytes */
+typedef struct {
+    stp_fp16 d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qh[QK_K / 8]; uint8_t qs[QK_K / 2];
+} block_q5_K;                                                                /* 176 bytes */
+typedef struct {
+    uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; stp_fp16 d;
+} block_q6_K;                                                                /* 210 bytes */
+typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K; /* 292 */
+
+/* ---- scalar conversions ------------------------------------------------------------------ */
+float kern_fp16_to_f32(stp_fp16 h);
+stp_fp16 kern_f32_to_fp16(float f);   /* round to nearest even, as F16C/ggml */
+float kern_bf16_to_f32(stp_bf16 h);
+stp_bf16 kern_f32_to_bf16(float f);   /* round to nearest even, NaN kept quiet, as ggml */
+
+/* ---- reference operations (always available) --------------------------------------------- */
+
+/* The activation type a weight type's dot product consumes (ggml's vec_dot_type). */
+stp_type kern_act_type(stp_type wtype);
+/* Bytes needed to hold n activations quantized for weight type wtype. */
+size_t kern_act_size(stp_type wtype, int64_t n);
+/* Quantize n floats into the activation format for wtype (n a multiple of the block size). */
+void kern_quantize_act_ref(stp_type wtype, const float *x, void *xq, int64_t n);
+/* One row: sum_i W[i] * x[i], W in wtype, x already quantized by kern_quantize_act. */
+float kern_vec_dot_ref(stp_type wtype, int64_t n, const void *w_row, const void *xq);
+/* Dequantize n elements of a row of type t. */
+void kern_dequantize_row_ref(stp_type t, const void *src, float *dst, int64_t n);
+/* Quantize weights (for the model generator and tests): F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+ * Returns 0, or STP_EUNSUPPORTED for other types. Same rounding as ggml's reference quantizers. */
+int kern_quantize_row_ref(stp_type t, const float *src, void *dst, int64_t n);
+
+/* ---- dispatched operations ------------------------------------------------------------------ */
+
+/* Function table filled once per process with the best variant this CPU supports. */
+typedef struct kern_ops {
+    const char *level; /* "avx512vnni", "avx2", "ref" */
+    void (*quantize_act)(stp_type wtype, const float *x, void *xq, int64_t n);
+    float (*vec_dot)(stp_type wtype, int64_t n, const void *w_row, const void *xq);
+    /* y[r - r0] = W[r]·x for rows r0..r1-1 of W (row_bytes apart); xq from quantize_act. */
+    void (*matvec)(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                   float *y, int64_t r0, int64_t r1);
+    void (*dequantize_row)(stp_type t, const void *src, float *dst, int64_t n);
+} kern_ops;
+
+/* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */
+const kern_ops *kern_ops_get(void);
+/* Tables for each level this CPU supports, for tests: fills up to cap, returns the count. */
+int kern_ops_all(const kern_ops **out, int cap);
+
+#endif
