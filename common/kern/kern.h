@@ -23,29 +23,56 @@
 typedef uint16_t stp_fp16;
 typedef uint16_t stp_bf16;
 
-typedef struct { stp_fp16 d; uint8_t qs[QK4_0 / 2]; } block_q4_0;            /* 18 bytes */
-typedef struct { stp_fp16 d, m; uint8_t qs[QK4_0 / 2]; } block_q4_1;         /* 20 bytes */
-typedef struct { stp_fp16 d; int8_t qs[QK8_0]; } block_q8_0;                 /* 34 bytes */
-typedef struct { stp_fp16 d, s; int8_t qs[QK8_0]; } block_q8_1;              /* 36 bytes */
 typedef struct {
-    uint8_t hmask[QK_K / 8]; uint8_t qs[QK_K / 4]; uint8_t scales[12]; stp_fp16 d;
-} block_q3_K;                                                                /* 110 bytes */
+    stp_fp16 d;
+    uint8_t qs[QK4_0 / 2];
+} block_q4_0; /* 18 bytes */
 typedef struct {
-    stp_fp16 d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qs[QK_K / 2];
-} block_q4_K;                                                                /* 144 bytes */
+    stp_fp16 d, m;
+    uint8_t qs[QK4_0 / 2];
+} block_q4_1; /* 20 bytes */
 typedef struct {
-    stp_fp16 d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qh[QK_K / 8]; uint8_t qs[QK_K / 2];
-} block_q5_K;                                                                /* 176 bytes */
+    stp_fp16 d;
+    int8_t qs[QK8_0];
+} block_q8_0; /* 34 bytes */
 typedef struct {
-    uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; stp_fp16 d;
-} block_q6_K;                                                                /* 210 bytes */
-typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K; /* 292 */
+    stp_fp16 d, s;
+    int8_t qs[QK8_0];
+} block_q8_1; /* 36 bytes */
+typedef struct {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[12];
+    stp_fp16 d;
+} block_q3_K; /* 110 bytes */
+typedef struct {
+    stp_fp16 d, dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qs[QK_K / 2];
+} block_q4_K; /* 144 bytes */
+typedef struct {
+    stp_fp16 d, dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} block_q5_K; /* 176 bytes */
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    stp_fp16 d;
+} block_q6_K; /* 210 bytes */
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} block_q8_K; /* 292 */
 
 /* ---- scalar conversions ------------------------------------------------------------------ */
 float kern_fp16_to_f32(stp_fp16 h);
-stp_fp16 kern_f32_to_fp16(float f);   /* round to nearest even, as F16C/ggml */
+stp_fp16 kern_f32_to_fp16(float f); /* round to nearest even, as F16C/ggml */
 float kern_bf16_to_f32(stp_bf16 h);
-stp_bf16 kern_f32_to_bf16(float f);   /* round to nearest even, NaN kept quiet, as ggml */
+stp_bf16 kern_f32_to_bf16(float f); /* round to nearest even, NaN kept quiet, as ggml */
 
 /* ---- reference operations (always available) --------------------------------------------- */
 
@@ -62,6 +89,13 @@ void kern_dequantize_row_ref(stp_type t, const void *src, float *dst, int64_t n)
 /* Quantize weights (for the model generator and tests): F32, F16, BF16, Q8_0, Q4_0, Q4_1.
  * Returns 0, or STP_EUNSUPPORTED for other types. Same rounding as ggml's reference quantizers. */
 int kern_quantize_row_ref(stp_type t, const float *src, void *dst, int64_t n);
+/* Reference versions of the batched entries of kern_ops (same contracts as there). */
+void kern_matvec_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                     float *y, int64_t r0, int64_t r1);
+void kern_matmat_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                     size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
+                     int64_t r1);
+void kern_axpy_row_ref(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
 
 /* ---- dispatched operations ------------------------------------------------------------------ */
 
@@ -74,6 +108,14 @@ typedef struct kern_ops {
     void (*matvec)(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                    float *y, int64_t r0, int64_t r1);
     void (*dequantize_row)(stp_type t, const void *src, float *dst, int64_t n);
+    /* Batched matvec for prefill: y[v*y_stride + (r - r0)] = W[r]·xq_v for v < n_vec, where
+     * xq_v = (const char *)xq + v*xq_stride (each from quantize_act). Each weight row is read
+     * once for all n_vec vectors. */
+    void (*matmat)(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                   size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
+                   int64_t r1);
+    /* y[i] += a * W_row[i] for i < n (dequantized on the fly; for transposed down matrices). */
+    void (*axpy_row)(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

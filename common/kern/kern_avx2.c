@@ -1,0 +1,437 @@
+/* kern_avx2: AVX2+FMA+F16C kernels (the "avx2" level, also reused by the avx512 level).
+ *
+ * SIMD: quantize_act for Q8_0 and Q8_K (bit-identical to the reference: same float32
+ * multiplier, round-half-even), vec_dot/matvec/matmat for Q4_0, Q8_0 (packed activations, 4 rows
+ * per pass), Q4_K, Q6_K, F32, F16, and axpy_row for Q4_0/Q8_0/F32/F16. Every other type goes
+ * to the reference. Integer sums are exact; only the float32 summation order differs from the
+ * reference. See README.md ("adding a kernel"). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "kern/kern_pack.h"
+
+/* ---- helpers -------------------------------------------------------------------------------- */
+
+static inline float s_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float s_h2f(const void *p) {
+    return _cvtsh_ss(kern_ld16(p));
+}
+
+/* ---- activation quantizers ------------------------------------------------------------------ */
+
+/* 32 int32 lanes (4 vectors, element order) -> 32 int8 in element order. */
+static inline __m256i s_pack_i32x32(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    __m256i a = _mm256_packs_epi32(i0, i1);
+    __m256i b = _mm256_packs_epi32(i2, i3);
+    __m256i c = _mm256_packs_epi16(a, b);
+    return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static void s_quantize_q8_0(const float *x, block_q8_0 *y, int64_t nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+        __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+        __m256 m =
+            _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                          _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = kern_f32_to_fp16(d);
+        const __m256 mul = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+        _mm256_storeu_si256((__m256i *)y[i].qs, s_pack_i32x32(i0, i1, i2, i3));
+    }
+}
+
+static void s_quantize_q8_K(const float *x, block_q8_K *y, int64_t nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t i = 0; i < nb; i++, x += QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        memset(&y[i], 0, sizeof y[i]);
+        if (amax == 0.0f) continue;
+        float max = 0.0f; /* the first element with |x| == amax, with its sign */
+        for (int j = 0; j < QK_K; j++) {
+            if (fabsf(x[j]) == amax) {
+                max = x[j];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        const __m256 mul = _mm256_set1_ps(iscale);
+        const __m256i top = _mm256_set1_epi32(127);
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i q[4];
+            for (int k = 0; k < 4; k++) {
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * k), mul);
+                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, rnd)), top);
+            }
+            _mm256_storeu_si256((__m256i *)(y[i].qs + j), s_pack_i32x32(q[0], q[1], q[2], q[3]));
+        }
+        for (int g = 0; g < QK_K / 16; g++) {
+            __m128i q = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(y[i].qs + 16 * g)));
+            __m128i r = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(y[i].qs + 16 * g + 8)));
+            __m128i s = _mm_madd_epi16(_mm_add_epi16(q, r), _mm_set1_epi16(1));
+            s = _mm_hadd_epi32(s, s);
+            s = _mm_hadd_epi32(s, s);
+            y[i].bsums[g] = (int16_t)_mm_cvtsi128_si32(s);
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+void kern_avx2_quantize_act(stp_type wtype, const float *x, void *xq, int64_t n) {
+    switch (kern_act_type(wtype)) {
+    case STP_TYPE_Q8_0: s_quantize_q8_0(x, xq, n / QK8_0); break;
+    case STP_TYPE_Q8_K: s_quantize_q8_K(x, xq, n / QK_K); break;
+    case STP_TYPE_F16: {
+        stp_fp16 *h = xq;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(h + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++)
+            h[i] = kern_f32_to_fp16(x[i]);
+        break;
+    }
+    default: kern_quantize_act_ref(wtype, x, xq, n); break;
+    }
+}
+
+/* ---- Q4_0 / Q8_0 rows against a packed chunk ------------------------------------------------ */
+
+/* out[r] = sum over the chunk of row r (rows rb bytes apart, starting at block b0). nr <= 4. */
+static inline __attribute__((always_inline)) void
+s_rows_q4_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t b = 0; b < p->nb; b++) {
+        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
+        const __m256i corr =
+            _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(p->nlsum + 8 * b)), 3);
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q4_0);
+            const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+            const __m256i qq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(qq, xv), ones);
+            s = _mm256_add_epi32(s, corr);
+            const __m256 sc = _mm256_set1_ps(s_h2f(blk) * p->dx[b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        out[r] = s_hsum_ps(acc[r]);
+}
+
+static inline __attribute__((always_inline)) void
+s_rows_q8_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t b = 0; b < p->nb; b++) {
+        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q8_0);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            const __m256i s = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
+            const __m256 sc = _mm256_set1_ps(s_h2f(blk) * p->dx[b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        out[r] = s_hsum_ps(acc[r]);
+}
+
+/* Rows [r0, r1) against one packed chunk; y[r - r0] (+)= result. */
+static void s_chunk_rows(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0,
+                         const kern_q8_pack *p, float *y, int64_t r0, int64_t r1, int add) {
+    float out[4];
+    int64_t r = r0;
+    for (; r < r1; r += 4) {
+        const int nr = r1 - r >= 4 ? 4 : (int)(r1 - r);
+        const uint8_t *wr = w + (size_t)r * rb;
+        if (wtype == STP_TYPE_Q4_0) {
+            if (nr == 4)
+                s_rows_q4_0(wr, rb, 4, b0, p, out);
+            else
+                s_rows_q4_0(wr, rb, nr, b0, p, out);
+        } else {
+            if (nr == 4)
+                s_rows_q8_0(wr, rb, 4, b0, p, out);
+            else
+                s_rows_q8_0(wr, rb, nr, b0, p, out);
+        }
+        for (int k = 0; k < nr; k++)
+            y[r - r0 + k] = add ? y[r - r0 + k] + out[k] : out[k];
+    }
+}
+
+static void s_matvec_q(stp_type wtype, int64_t n, const void *w, size_t rb, const void *xq,
+                       float *y, int64_t r0, int64_t r1) {
+    kern_q8_pack p;
+    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
+    for (int64_t b0 = 0; b0 < nb; b0 += per) {
+        kern_q8_pack_fill(&p, xq, b0, nb - b0 < per ? nb - b0 : per);
+        s_chunk_rows(wtype, w, rb, b0, &p, y, r0, r1, b0 > 0);
+    }
+    if (nb == 0)
+        for (int64_t r = r0; r < r1; r++)
+            y[r - r0] = 0.0f;
+}
+
+/* ---- K-quants against Q8_K ------------------------------------------------------------------ */
+
+static float s_dot_q4_K(int64_t nb, const block_q4_K *x, const block_q8_K *y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float summ_f = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++)
+            kern_k4_scale_min(j, x[i].scales, &sc[j], &mn[j]);
+        int summ = 0;
+        for (int j = 0; j < 8; j++)
+            summ += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c));
+            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c + 32));
+            __m256i p0 =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc[2 * c]));
+            __m256i p1 =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(sc[2 * c + 1]));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+        }
+        const float d = s_h2f(&x[i].d) * y[i].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        summ_f += s_h2f(&x[i].dmin) * y[i].d * (float)summ;
+    }
+    return s_hsum_ps(acc) - summ_f;
+}
+
+static float s_dot_q6_K(int64_t nb, const block_q6_K *x, const block_q8_K *y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[i].scales);
+        /* 32 * sum_j sc[j] * bsums[j]: the -32 offset, folded in exactly */
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)y[i].bsums);
+        __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                        _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = x[i].ql + 64 * h, *qh = x[i].qh + 32 * h;
+            const __m256i a = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(a, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));
+            q[1] = _mm256_or_si256(
+                _mm256_and_si256(b, m4),
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
+            q[2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(a, 4), m4),
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4));
+            q[3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
+            for (int k = 0; k < 4; k++) {
+                const int g = 4 * h + k; /* 32-element group: scales 2g, 2g+1 */
+                const __m128i idx = _mm_set_epi64x((long long)(0x0101010101010101ULL * (2 * g + 1)),
+                                                   (long long)(0x0101010101010101ULL * (2 * g)));
+                const __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, idx));
+                const __m256i yv = _mm256_loadu_si256((const __m256i *)(y[i].qs + 32 * g));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], yv), s));
+            }
+        }
+        const float d = s_h2f(&x[i].d) * y[i].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return s_hsum_ps(acc);
+}
+
+/* ---- float types ---------------------------------------------------------------------------- */
+
+static float s_dot_f32(int64_t n, const float *a, const float *b) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s = s_hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static float s_dot_f16(int64_t n, const stp_fp16 *a, const stp_fp16 *b) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i)));
+        __m256 b0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
+        __m256 a1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i + 8)));
+        __m256 b1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8)));
+        s0 = _mm256_fmadd_ps(a0, b0, s0);
+        s1 = _mm256_fmadd_ps(a1, b1, s1);
+    }
+    float s = s_hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += kern_fp16_to_f32(a[i]) * kern_fp16_to_f32(b[i]);
+    return s;
+}
+
+/* ---- entry points --------------------------------------------------------------------------- */
+
+float kern_avx2_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void *xq) {
+    switch (wtype) {
+    case STP_TYPE_Q4_0:
+    case STP_TYPE_Q8_0: {
+        float y;
+        s_matvec_q(wtype, n, w_row, 0, xq, &y, 0, 1);
+        return y;
+    }
+    case STP_TYPE_Q4_K: return s_dot_q4_K(n / QK_K, w_row, xq);
+    case STP_TYPE_Q6_K: return s_dot_q6_K(n / QK_K, w_row, xq);
+    case STP_TYPE_F32: return s_dot_f32(n, w_row, xq);
+    case STP_TYPE_F16: return s_dot_f16(n, w_row, xq);
+    default: return kern_vec_dot_ref(wtype, n, w_row, xq);
+    }
+}
+
+void kern_avx2_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                      float *y, int64_t r0, int64_t r1) {
+    if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) {
+        s_matvec_q(wtype, n, w, row_bytes, xq, y, r0, r1);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++)
+        y[r - r0] = kern_avx2_vec_dot(wtype, n, (const char *)w + (size_t)r * row_bytes, xq);
+}
+
+void kern_avx2_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                      size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
+                      int64_t r1) {
+    kern_q8_pack *packs = NULL;
+    if ((wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) && n_vec > 1)
+        packs = aligned_alloc(64, sizeof(kern_q8_pack) * (size_t)n_vec);
+    if (!packs) { /* other types (or no memory): rows outer, vectors inner */
+        for (int64_t r = r0; r < r1; r++) {
+            const char *row = (const char *)w + (size_t)r * row_bytes;
+            for (int64_t v = 0; v < n_vec; v++)
+                y[(size_t)v * y_stride + (size_t)(r - r0)] =
+                    kern_avx2_vec_dot(wtype, n, row, (const char *)xq + (size_t)v * xq_stride);
+        }
+        return;
+    }
+    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
+    for (int64_t b0 = 0; b0 < nb; b0 += per) {
+        const int64_t cnt = nb - b0 < per ? nb - b0 : per;
+        for (int64_t v = 0; v < n_vec; v++)
+            kern_q8_pack_fill(&packs[v], (const void *)((const char *)xq + (size_t)v * xq_stride),
+                              b0, cnt);
+        for (int64_t r = r0; r < r1; r += 4) { /* 4 rows stay in L1 while every vector passes */
+            const int64_t re = r1 - r < 4 ? r1 : r + 4;
+            for (int64_t v = 0; v < n_vec; v++)
+                s_chunk_rows(wtype, w, row_bytes, b0, &packs[v],
+                             y + (size_t)v * y_stride + (r - r0), r, re, b0 > 0);
+        }
+    }
+    free(packs);
+}
+
+void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, float *y) {
+    switch (wtype) {
+    case STP_TYPE_F32: {
+        const float *w = w_row;
+        const __m256 av = _mm256_set1_ps(a);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(y + i,
+                             _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
+        for (; i < n; i++)
+            y[i] += a * w[i];
+        return;
+    }
+    case STP_TYPE_F16: {
+        const stp_fp16 *w = w_row;
+        const __m256 av = _mm256_set1_ps(a);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+            _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(y + i)));
+        }
+        for (; i < n; i++)
+            y[i] += a * kern_fp16_to_f32(w[i]);
+        return;
+    }
+    case STP_TYPE_Q4_0: {
+        const block_q4_0 *b = w_row;
+        const __m128i m4 = _mm_set1_epi8(0x0F), off = _mm_set1_epi8(8);
+        for (int64_t i = 0; i < n / QK4_0; i++, y += 32) {
+            const __m256 dv = _mm256_set1_ps(a * s_h2f(&b[i].d));
+            const __m128i q = _mm_loadu_si128((const __m128i *)b[i].qs);
+            const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), off);
+            const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), off);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int k = 0; k < 4; k++) {
+                __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k]));
+                _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(dv, wv, _mm256_loadu_ps(y + 8 * k)));
+            }
+        }
+        return;
+    }
+    case STP_TYPE_Q8_0: {
+        const block_q8_0 *b = w_row;
+        for (int64_t i = 0; i < n / QK8_0; i++, y += 32) {
+            const __m256 dv = _mm256_set1_ps(a * s_h2f(&b[i].d));
+            for (int k = 0; k < 4; k++) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(b[i].qs + 8 * k));
+                __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(dv, wv, _mm256_loadu_ps(y + 8 * k)));
+            }
+        }
+        return;
+    }
+    default: kern_axpy_row_ref(wtype, n, w_row, a, y); return;
+    }
+}
+
+const kern_ops kern_ops_avx2_table = {
+    .level = "avx2",
+    .quantize_act = kern_avx2_quantize_act,
+    .vec_dot = kern_avx2_vec_dot,
+    .matvec = kern_avx2_matvec,
+    .dequantize_row = kern_dequantize_row_ref,
+    .matmat = kern_avx2_matmat,
+    .axpy_row = kern_avx2_axpy_row,
+};
