@@ -1,0 +1,96 @@
+/* tokenizer: the Qwen2 byte-level BPE tokenizer of a GGUF model (tokenizer.ggml.model = gpt2,
+ * tokenizer.ggml.pre = qwen2), encoding exactly as the Hugging Face tokenizer does, decoding,
+ * a streaming UTF-8-safe decoder and the ChatML chat format.
+ *
+ * Encoding: added tokens (CONTROL only with TOK_PARSE_SPECIAL, USER_DEFINED always) are split
+ * off first, then each text run is NFC-normalised (unless TOK_NO_NORMALIZE), split by the qwen2
+ * pre-tokenizer regex (PCRE2, UTF+UCP) and BPE-merged by rank. Invalid UTF-8 bytes become
+ * U+FFFD (one per byte, as llama.cpp does). No BOS is ever added. See common/tokenizer/README.md.
+ * A tokenizer is immutable after tokenizer_new: every call may run concurrently. */
+#ifndef STP_TOKENIZER_H
+#define STP_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf/gguf.h"
+#include "util/stp_err.h"
+
+typedef struct tokenizer tokenizer;
+
+enum {
+    TOK_PARSE_SPECIAL = 1, /* recognise CONTROL tokens (<|im_start|> ...) written in the text */
+    TOK_NO_NORMALIZE = 2,  /* skip NFC (matches llama.cpp byte for byte on non-NFC text) */
+};
+
+/* Token types as stored in tokenizer.ggml.token_type (llama.cpp's numbering). */
+enum {
+    TOK_TYPE_NORMAL = 1,
+    TOK_TYPE_UNKNOWN = 2,
+    TOK_TYPE_CONTROL = 3,
+    TOK_TYPE_USER_DEFINED = 4,
+    TOK_TYPE_UNUSED = 5,
+    TOK_TYPE_BYTE = 6,
+};
+
+/* Builds the tokenizer from GGUF metadata (everything is copied: g may be closed afterwards).
+ * Refuses non-gpt2 models and pre-tokenizers other than qwen2 with STP_EUNSUPPORTED. */
+int tokenizer_new(tokenizer **out, const gguf_file *g, stp_err *err);
+void tokenizer_destroy(tokenizer **self_p);
+
+int32_t tokenizer_n_vocab(const tokenizer *t);
+int32_t tokenizer_eos(const tokenizer *t); /* tokenizer.ggml.eos_token_id, -1 if absent */
+int tokenizer_token_type(const tokenizer *t, int32_t id); /* TOK_TYPE_*, 0 if id out of range */
+
+/* Encodes len bytes of text (may hold NUL bytes and invalid UTF-8). *ids is malloc'd (caller
+ * frees; NULL when *n_ids == 0). Empty text gives 0 ids. */
+int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
+                     size_t *n_ids, stp_err *err);
+
+/* Raw bytes of one token after the byte-level reverse mapping (CONTROL, USER_DEFINED tokens:
+ * their text; UNUSED tokens: their text too). Pointer stays valid for the tokenizer's life.
+ * STP_ERANGE if id is out of range. */
+int tokenizer_token_bytes(const tokenizer *t, int32_t id, const char **bytes, size_t *len);
+/* The token's text as stored in the vocabulary (byte-level alphabet, NUL-terminated). */
+const char *tokenizer_token_text(const tokenizer *t, int32_t id);
+
+/* Concatenated bytes of ids (NUL-terminated, *len excludes the NUL; may be invalid UTF-8 if
+ * the ids cut a character). *text malloc'd. STP_ERANGE names the first bad id. */
+int tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len,
+                     stp_err *err);
+
+bool tokenizer_is_eog(const tokenizer *t, int32_t id); /* <|im_end|>, <|endoftext|>, eos */
+int32_t tokenizer_token_id(const tokenizer *t, const char *token_text); /* -1 if absent */
+
+/* ---- streaming decoder ---------------------------------------------------------------------
+ * Holds the bytes of an incomplete UTF-8 character until it completes, so every chunk it
+ * emits is valid UTF-8. An invalid sequence is emitted as U+FFFD per bad byte. */
+typedef struct tok_stream {
+    const tokenizer *t;
+    unsigned char held[4]; /* bytes of an incomplete character */
+    size_t n_held;
+} tok_stream;
+
+void tok_stream_init(tok_stream *s, const tokenizer *t);
+/* Appends the bytes of id; writes the complete characters to out and returns how many bytes
+ * were written. cap >= 64 suffices for any Qwen token; when out is too small the bytes that do
+ * not fit are dropped (never a partial character). Ids out of range write nothing. */
+size_t tok_stream_push(tok_stream *s, int32_t id, char *out, size_t cap);
+/* Emits the held bytes of an unfinished character as U+FFFD (3 bytes each) and resets. */
+size_t tok_stream_flush(tok_stream *s, char *out, size_t cap);
+
+/* ---- chat ------------------------------------------------------------------------------- */
+typedef struct chat_msg {
+    const char *role;
+    const char *content;
+} chat_msg;
+
+/* ChatML: "<|im_start|>role\ncontent<|im_end|>\n" per message, then "<|im_start|>assistant\n"
+ * if add_generation_prompt. If the GGUF has tokenizer.chat_template it must be a ChatML
+ * template (uses <|im_start|> and <|im_end|>); any other is refused with STP_EUNSUPPORTED.
+ * *out malloc'd, NUL-terminated. Encode it with TOK_PARSE_SPECIAL. */
+int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
+                          bool add_generation_prompt, char **out, stp_err *err);
+
+#endif

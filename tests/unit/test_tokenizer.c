@@ -1,0 +1,542 @@
+/* test_tokenizer: the Qwen2 byte-level BPE tokenizer against golden ids (Hugging Face cases in
+ * tests/data/tokenizer/cases.jsonl and the llama.cpp prompt ids of every golden model JSON),
+ * round trips, the streaming decoder, special-token parsing, bad input and chat formatting. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <utf8proc.h>
+
+#include "gguf/gguf.h"
+#include "tokenizer/tokenizer.h"
+
+typedef struct fixture {
+    gguf_file *g;
+    tokenizer *t;
+} fixture;
+
+static const char *s_data_dir(void) {
+    const char *d = getenv("STP_TEST_DATA");
+    return d ? d : "tests/data";
+}
+
+static void s_open(fixture *f, const char *rel) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", s_data_dir(), rel);
+    stp_err err = {0};
+    int rc = gguf_open(&f->g, path, &err);
+    if (rc) fprintf(stderr, "gguf_open %s: %s\n", path, err.msg);
+    assert_int_equal(rc, 0);
+    rc = tokenizer_new(&f->t, f->g, &err);
+    if (rc) fprintf(stderr, "tokenizer_new %s: %s\n", path, err.msg);
+    assert_int_equal(rc, 0);
+}
+
+static void s_close(fixture *f) {
+    tokenizer_destroy(&f->t);
+    gguf_close(&f->g);
+    assert_null(f->t);
+}
+
+static int s_setup_qwen(void **state) {
+    fixture *f = calloc(1, sizeof *f);
+    s_open(f, "tokenizer/qwen2-vocab.gguf");
+    *state = f;
+    return 0;
+}
+
+static int s_teardown(void **state) {
+    fixture *f = *state;
+    s_close(f);
+    free(f);
+    return 0;
+}
+
+static char *s_nfc(const char *s, size_t n, size_t *out_len) {
+    utf8proc_uint8_t *o = NULL;
+    utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &o,
+                                      UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    assert_true(r >= 0);
+    *out_len = (size_t)r;
+    return (char *)o;
+}
+
+static void s_roundtrip(const tokenizer *t, const char *s, size_t n, int flags) {
+    int32_t *ids = NULL;
+    size_t nids = 0;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_encode(t, s, n, flags, &ids, &nids, &err), 0);
+    char *txt = NULL;
+    size_t tl = 0;
+    assert_int_equal(tokenizer_decode(t, ids, nids, &txt, &tl, &err), 0);
+    size_t el = n;
+    char *exp = (flags & TOK_NO_NORMALIZE) ? NULL : s_nfc(s, n, &el);
+    assert_int_equal(tl, el);
+    assert_memory_equal(txt, exp ? exp : s, tl);
+    free(exp);
+    free(txt);
+    free(ids);
+}
+
+/* ---- golden ids ------------------------------------------------------------------------- */
+
+static void test_tokenizer_hf_cases(void **state) {
+    fixture *f = *state;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer/cases.jsonl", s_data_dir());
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    char *line = NULL;
+    size_t cap = 0;
+    int total = 0, pass = 0;
+    while (getline(&line, &cap, fp) > 0) {
+        json_error_t je;
+        json_t *j = json_loads(line, 0, &je);
+        assert_non_null(j);
+        json_t *jt = json_object_get(j, "text"), *ji = json_object_get(j, "ids");
+        const char *text = json_string_value(jt);
+        size_t tlen = json_string_length(jt);
+        int32_t *ids = NULL;
+        size_t n = 0;
+        stp_err err = {0};
+        assert_int_equal(tokenizer_encode(f->t, text, tlen, TOK_PARSE_SPECIAL, &ids, &n, &err), 0);
+        bool ok = n == json_array_size(ji);
+        for (size_t i = 0; ok && i < n; i++)
+            ok = ids[i] == (int32_t)json_integer_value(json_array_get(ji, i));
+        total++;
+        if (ok)
+            pass++;
+        else {
+            fprintf(stderr, "MISMATCH case %d %s\n  got:", total, line);
+            for (size_t i = 0; i < n; i++)
+                fprintf(stderr, " %d", ids[i]);
+            fprintf(stderr, "\n");
+        }
+        s_roundtrip(f->t, text, tlen, TOK_PARSE_SPECIAL); /* decode(encode(x)) == NFC(x) */
+        free(ids);
+        json_decref(j);
+    }
+    free(line);
+    fclose(fp);
+    printf("tokenizer: cases.jsonl %d/%d exact\n", pass, total);
+    assert_int_equal(total, 87);
+    assert_int_equal(pass, total);
+}
+
+static void test_tokenizer_golden_prompts(void **state) {
+    (void)state;
+    DIR *d = opendir(s_data_dir());
+    assert_non_null(d);
+    struct dirent *de;
+    int checked = 0;
+    while ((de = readdir(d)) != NULL) {
+        size_t nl = strlen(de->d_name);
+        if (nl < 6 || strcmp(de->d_name + nl - 5, ".json") != 0) continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", s_data_dir(), de->d_name);
+        json_error_t je;
+        json_t *j = json_load_file(path, 0, &je);
+        assert_non_null(j);
+        json_t *jp = json_object_get(j, "prompt"), *ji = json_object_get(j, "prompt_ids");
+        const char *model = json_string_value(json_object_get(j, "model_file"));
+        if (!jp || !ji || !model) {
+            json_decref(j);
+            continue;
+        }
+        fixture f = {0};
+        s_open(&f, model);
+        int32_t *ids = NULL;
+        size_t n = 0;
+        stp_err err = {0};
+        assert_int_equal(tokenizer_encode(f.t, json_string_value(jp), json_string_length(jp),
+                                          TOK_PARSE_SPECIAL, &ids, &n, &err),
+                         0);
+        if (n != json_array_size(ji))
+            fprintf(stderr, "%s: %zu ids, expected %zu\n", de->d_name, n, json_array_size(ji));
+        assert_int_equal(n, json_array_size(ji));
+        for (size_t i = 0; i < n; i++)
+            assert_int_equal(ids[i], json_integer_value(json_array_get(ji, i)));
+        free(ids);
+        s_close(&f);
+        json_decref(j);
+        checked++;
+    }
+    closedir(d);
+    printf("tokenizer: %d golden model prompts exact\n", checked);
+    assert_int_equal(checked, 33);
+}
+
+/* ---- streaming decoder ------------------------------------------------------------------ */
+
+static const char s_multi[] = "東京/Zürich café 👨‍👩‍👧‍👦 ✓ naïve — €4.50 Ａｂｃ ǅ 한국어 "
+                              "ok";
+
+static void s_check_stream(const tokenizer *t, const int32_t *ids, size_t n, const char *expect,
+                           size_t elen) {
+    tok_stream st;
+    tok_stream_init(&st, t);
+    char *acc = malloc(elen + 64);
+    size_t o = 0;
+    char out[64];
+    for (size_t i = 0; i < n; i++) {
+        size_t k = tok_stream_push(&st, ids[i], out, sizeof out);
+        /* every chunk is whole characters */
+        for (size_t p = 0; p < k;) {
+            int32_t cp;
+            utf8proc_ssize_t r =
+                utf8proc_iterate((const utf8proc_uint8_t *)out + p, (utf8proc_ssize_t)(k - p), &cp);
+            assert_true(r > 0);
+            p += (size_t)r;
+        }
+        assert_true(o + k <= elen);
+        memcpy(acc + o, out, k);
+        o += k;
+    }
+    o += tok_stream_flush(&st, acc + o, 64);
+    assert_int_equal(o, elen);
+    assert_memory_equal(acc, expect, elen);
+    free(acc);
+}
+
+static void test_tokenizer_stream_every_byte(void **state) {
+    fixture *f = *state;
+    size_t n = strlen(s_multi);
+    /* one byte-token per byte: the text is split at every byte boundary */
+    int32_t *ids = malloc(n * sizeof *ids);
+    for (size_t i = 0; i < n; i++) {
+        for (int32_t id = 0; id < tokenizer_n_vocab(f->t); id++) {
+            const char *b;
+            size_t bl;
+            tokenizer_token_bytes(f->t, id, &b, &bl);
+            if (bl == 1 && (unsigned char)b[0] == (unsigned char)s_multi[i] &&
+                tokenizer_token_type(f->t, id) == TOK_TYPE_NORMAL) {
+                ids[i] = id;
+                break;
+            }
+        }
+    }
+    s_check_stream(f->t, ids, n, s_multi, n);
+    /* byte tokens for [0,k) (k a character boundary), then the real BPE tokens of the rest */
+    for (size_t k = 1; k < n; k++) {
+        if (((unsigned char)s_multi[k] & 0xC0) == 0x80) continue;
+        int32_t *a = NULL;
+        size_t na = 0;
+        stp_err err = {0};
+        assert_int_equal(
+            tokenizer_encode(f->t, s_multi + k, n - k, TOK_NO_NORMALIZE, &a, &na, &err), 0);
+        int32_t *all = malloc((k + na) * sizeof *all);
+        memcpy(all, ids, k * sizeof *all);
+        memcpy(all + k, a, na * sizeof *all);
+        s_check_stream(f->t, all, k + na, s_multi, n);
+        free(all);
+        free(a);
+    }
+    free(ids);
+    /* and the real tokens of the whole text (Qwen splits emoji and CJK across tokens) */
+    int32_t *a = NULL;
+    size_t na = 0;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_encode(f->t, s_multi, n, 0, &a, &na, &err), 0);
+    s_check_stream(f->t, a, na, s_multi, n);
+    free(a);
+}
+
+static void test_tokenizer_stream_invalid_tail(void **state) {
+    fixture *f = *state;
+    /* "\xE4\xB8" (first two bytes of 中) then end: flushed as two U+FFFD */
+    int32_t e4 = -1, b8 = -1;
+    for (int32_t id = 0; id < 256 * 2 && (e4 < 0 || b8 < 0); id++) {
+        const char *b;
+        size_t bl;
+        tokenizer_token_bytes(f->t, id, &b, &bl);
+        if (bl == 1 && (unsigned char)b[0] == 0xE4) e4 = id;
+        if (bl == 1 && (unsigned char)b[0] == 0xB8) b8 = id;
+    }
+    assert_true(e4 >= 0 && b8 >= 0);
+    tok_stream st;
+    tok_stream_init(&st, f->t);
+    char out[64];
+    assert_int_equal(tok_stream_push(&st, e4, out, sizeof out), 0);
+    assert_int_equal(tok_stream_push(&st, b8, out, sizeof out), 0);
+    size_t k = tok_stream_flush(&st, out, sizeof out);
+    assert_int_equal(k, 6);
+    assert_memory_equal(out, "\xEF\xBF\xBD\xEF\xBF\xBD", 6);
+    /* a broken sequence mid-stream: E4 then 'A' gives U+FFFD then 'A' */
+    int32_t a = tokenizer_token_id(f->t, "A");
+    assert_int_equal(tok_stream_push(&st, e4, out, sizeof out), 0);
+    k = tok_stream_push(&st, a, out, sizeof out);
+    assert_int_equal(k, 4);
+    assert_memory_equal(out,
+                        "\xEF\xBF\xBD"
+                        "A",
+                        4);
+    assert_int_equal(tok_stream_flush(&st, out, sizeof out), 0);
+}
+
+/* ---- special tokens ------------------------------------------------------------------- */
+
+static void test_tokenizer_special_parsing(void **state) {
+    fixture *f = *state;
+    const char *s = "<|im_start|>user\nhi<think>x</think><|im_end|>";
+    int32_t *ids = NULL;
+    size_t n = 0;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_encode(f->t, s, strlen(s), TOK_PARSE_SPECIAL, &ids, &n, &err), 0);
+    int32_t want[] = {151644, 872, 198, 6023, 151667, 87, 151668, 151645};
+    assert_int_equal(n, sizeof want / sizeof want[0]);
+    assert_memory_equal(ids, want, sizeof want);
+    free(ids);
+    /* without parse_special: CONTROL tokens are plain text, USER_DEFINED still match */
+    assert_int_equal(tokenizer_encode(f->t, s, strlen(s), 0, &ids, &n, &err), 0);
+    int think = 0;
+    for (size_t i = 0; i < n; i++) {
+        assert_true(ids[i] != 151644 && ids[i] != 151645);
+        if (ids[i] == 151667 || ids[i] == 151668) think++;
+    }
+    assert_int_equal(think, 2);
+    assert_true(n > 8);
+    free(ids);
+    s_roundtrip(f->t, s, strlen(s), 0);
+    assert_true(tokenizer_is_eog(f->t, 151645));
+    assert_true(tokenizer_is_eog(f->t, 151643));
+    assert_false(tokenizer_is_eog(f->t, 151644));
+    assert_false(tokenizer_is_eog(f->t, 9707));
+    assert_int_equal(tokenizer_token_id(f->t, "<|im_end|>"), 151645);
+    assert_int_equal(tokenizer_token_id(f->t, "Hello"), 9707);
+    assert_int_equal(tokenizer_token_id(f->t, "no such token at all"), -1);
+    assert_int_equal(tokenizer_n_vocab(f->t), 151936);
+}
+
+/* ---- bad input ---------------------------------------------------------------------------- */
+
+static void test_tokenizer_empty_nul_invalid(void **state) {
+    fixture *f = *state;
+    int32_t *ids = (int32_t *)1;
+    size_t n = 7;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_encode(f->t, "", 0, TOK_PARSE_SPECIAL, &ids, &n, &err), 0);
+    assert_int_equal(n, 0);
+    assert_null(ids);
+    /* NUL is an ordinary character (byte token 0) */
+    assert_int_equal(tokenizer_encode(f->t, "a\0b", 3, 0, &ids, &n, &err), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 64);
+    assert_int_equal(ids[2], 65);
+    free(ids);
+    s_roundtrip(f->t, "a\0b\0\0 c", 7, 0);
+    /* invalid UTF-8: each bad byte becomes U+FFFD (as llama.cpp does) */
+    const char bad[] = "\xff\xfe abc \xe4\xb8|\xc0\xaf|\xed\xa0\x80|\xf4\x90\x80\x80";
+    const char good[] =
+        "\xEF\xBF\xBD\xEF\xBF\xBD abc \xEF\xBF\xBD\xEF\xBF\xBD|\xEF\xBF\xBD\xEF\xBF\xBD|"
+        "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD|\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"
+        "\xEF\xBF\xBD";
+    int32_t *ids2 = NULL;
+    size_t n2 = 0;
+    assert_int_equal(tokenizer_encode(f->t, bad, sizeof bad - 1, 0, &ids, &n, &err), 0);
+    assert_int_equal(tokenizer_encode(f->t, good, sizeof good - 1, 0, &ids2, &n2, &err), 0);
+    assert_int_equal(n, n2);
+    assert_memory_equal(ids, ids2, n * sizeof *ids);
+    free(ids);
+    free(ids2);
+    /* out-of-range ids */
+    int32_t oor[] = {5, 151936};
+    char *txt = NULL;
+    size_t tl;
+    assert_int_equal(tokenizer_decode(f->t, oor, 2, &txt, &tl, &err), STP_ERANGE);
+    assert_null(txt);
+    assert_non_null(strstr(err.msg, "151936"));
+}
+
+static void test_tokenizer_large_input(void **state) {
+    fixture *f = *state;
+    const char *parts[] = {"The quick brown fox jumps over the lazy dog. ",
+                           "東京は日本の首都です。",
+                           "naïve café\n",
+                           "  indented line\twith tab\n",
+                           "1234567 ",
+                           "<|im_end|>",
+                           "\xff",
+                           "e\xcc\x81 "};
+    size_t cap = 4u << 20, n = 0;
+    char *s = malloc(cap + 64);
+    for (size_t i = 0; n < cap; i++) {
+        const char *p = parts[(i * 7 + i / 3) % 8];
+        size_t l = strlen(p);
+        memcpy(s + n, p, l);
+        n += l;
+    }
+    clock_t t0 = clock();
+    int32_t *ids = NULL;
+    size_t nids = 0;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_encode(f->t, s, n, 0, &ids, &nids, &err), 0);
+    double sec = (double)(clock() - t0) / CLOCKS_PER_SEC;
+    printf("tokenizer: %zu bytes -> %zu ids in %.2f s\n", n, nids, sec);
+    assert_true(nids > n / 8);
+    char *txt = NULL;
+    size_t tl;
+    assert_int_equal(tokenizer_decode(f->t, ids, nids, &txt, &tl, &err), 0);
+    /* decode gives the NFC of the sanitised input: no raw \xff survives, é composed */
+    assert_null(memchr(txt, 0xff, tl));
+    assert_null(strstr(txt, "e\xcc\x81"));
+    assert_non_null(strstr(txt, "\xc3\xa9 "));
+    free(txt);
+    free(ids);
+    /* pathological single pieces: 1 MiB of one letter, of spaces, of digits */
+    const char fill[] = {'a', ' ', '7', '\n'};
+    for (size_t k = 0; k < sizeof fill; k++) {
+        memset(s, fill[k], 1u << 20);
+        assert_int_equal(tokenizer_encode(f->t, s, 1u << 20, 0, &ids, &nids, &err), 0);
+        assert_int_equal(tokenizer_decode(f->t, ids, nids, &txt, &tl, &err), 0);
+        assert_int_equal(tl, 1u << 20);
+        assert_memory_equal(txt, s, tl);
+        free(txt);
+        free(ids);
+    }
+    free(s);
+}
+
+/* ---- chat ---------------------------------------------------------------------------------- */
+
+static void test_tokenizer_chat_format(void **state) {
+    fixture *f = *state;
+    chat_msg m[] = {{"user", "What is the capital of France?"}};
+    char *s = NULL;
+    stp_err err = {0};
+    assert_int_equal(tokenizer_chat_format(f->t, m, 1, true, &s, &err), 0);
+    assert_string_equal(s, "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                           "<|im_start|>assistant\n");
+    int32_t *ids = NULL;
+    size_t n = 0;
+    assert_int_equal(tokenizer_encode(f->t, s, strlen(s), TOK_PARSE_SPECIAL, &ids, &n, &err), 0);
+    int32_t want[] = {151644, 872, 198,    3838, 374,    279,   6722, 315,
+                      9625,   30,  151645, 198,  151644, 77091, 198};
+    assert_int_equal(n, 15);
+    assert_memory_equal(ids, want, sizeof want);
+    free(ids);
+    free(s);
+    chat_msg m2[] = {{"system", "Be brief."}, {"user", "Hi"}};
+    assert_int_equal(tokenizer_chat_format(f->t, m2, 2, false, &s, &err), 0);
+    assert_string_equal(
+        s, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    free(s);
+    chat_msg bad[] = {{NULL, "x"}};
+    assert_int_equal(tokenizer_chat_format(f->t, bad, 1, true, &s, &err), STP_EINVAL);
+}
+
+/* ---- model refusal ---------------------------------------------------------------------- */
+
+static void s_write_vocab(const char *path, const char *model, const char *pre, const char *tmpl) {
+    gguf_writer *w = NULL;
+    stp_err err = {0};
+    assert_int_equal(gguf_writer_new(&w, path, &err), 0);
+    const char *toks[256 + 2];
+    char store[256][4];
+    /* tiny valid byte-level vocab: the 256 byte tokens + ChatML markers */
+    for (int b = 0, extra = 0; b < 256; b++) {
+        bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
+        uint32_t cp = self ? (uint32_t)b : 256u + (uint32_t)extra++;
+        memset(store[b], 0, 4);
+        if (cp < 0x80)
+            store[b][0] = (char)cp;
+        else {
+            store[b][0] = (char)(0xC0 | (cp >> 6));
+            store[b][1] = (char)(0x80 | (cp & 0x3F));
+        }
+        toks[b] = store[b];
+    }
+    toks[256] = "<|im_start|>";
+    toks[257] = "<|im_end|>";
+    int32_t types[258];
+    for (int i = 0; i < 258; i++)
+        types[i] = i < 256 ? TOK_TYPE_NORMAL : TOK_TYPE_CONTROL;
+    const char *merges[] = {"a b"};
+    assert_int_equal(gguf_writer_kv_str(w, "general.architecture", "smallthinker"), 0);
+    assert_int_equal(gguf_writer_kv_str(w, "tokenizer.ggml.model", model), 0);
+    if (pre) assert_int_equal(gguf_writer_kv_str(w, "tokenizer.ggml.pre", pre), 0);
+    assert_int_equal(gguf_writer_kv_arr_str(w, "tokenizer.ggml.tokens", toks, 258), 0);
+    assert_int_equal(gguf_writer_kv_arr(w, "tokenizer.ggml.token_type", GGUF_VT_INT32, types, 258),
+                     0);
+    assert_int_equal(gguf_writer_kv_arr_str(w, "tokenizer.ggml.merges", merges, 1), 0);
+    if (tmpl) assert_int_equal(gguf_writer_kv_str(w, "tokenizer.chat_template", tmpl), 0);
+    assert_int_equal(gguf_writer_begin_data(w, &err), 0);
+    assert_int_equal(gguf_writer_finish(w, &err), 0);
+    gguf_writer_destroy(&w);
+}
+
+static int s_try_vocab(const char *model, const char *pre, const char *tmpl, stp_err *err,
+                       tokenizer **out) {
+    const char *tmp = getenv("STP_TMP");
+    char dir[4096], path[4200];
+    snprintf(dir, sizeof dir, "%s", tmp ? tmp : "/tmp");
+    snprintf(path, sizeof path, "%s/test_tokenizer_%d.gguf", dir, (int)getpid());
+    char cmd[4300];
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    s_write_vocab(path, model, pre, tmpl);
+    gguf_file *g = NULL;
+    assert_int_equal(gguf_open(&g, path, err), 0);
+    int rc = tokenizer_new(out, g, err);
+    gguf_close(&g);
+    remove(path);
+    return rc;
+}
+
+static void test_tokenizer_refuses_unknown(void **state) {
+    (void)state;
+    stp_err err = {0};
+    tokenizer *t = NULL;
+    assert_int_equal(s_try_vocab("llama", "qwen2", NULL, &err, &t), STP_EUNSUPPORTED);
+    assert_non_null(strstr(err.msg, "llama"));
+    assert_int_equal(s_try_vocab("gpt2", "llama-bpe", NULL, &err, &t), STP_EUNSUPPORTED);
+    assert_non_null(strstr(err.msg, "llama-bpe"));
+    assert_int_equal(s_try_vocab("gpt2", NULL, NULL, &err, &t), STP_EUNSUPPORTED);
+    assert_null(t);
+    /* a ChatML template is accepted, anything else refused at format time */
+    assert_int_equal(s_try_vocab("gpt2", "qwen2",
+                                 "{% for m in messages %}<|im_start|>{{m.role}}\n"
+                                 "{{m.content}}<|im_end|>\n{% endfor %}",
+                                 &err, &t),
+                     0);
+    chat_msg m[] = {{"user", "ab"}};
+    char *s = NULL;
+    assert_int_equal(tokenizer_chat_format(t, m, 1, true, &s, &err), 0);
+    free(s);
+    tokenizer_destroy(&t);
+    assert_int_equal(
+        s_try_vocab("gpt2", "qwen2", "{{ bos_token }}[INST] {{ m }} [/INST]", &err, &t), 0);
+    assert_int_equal(tokenizer_chat_format(t, m, 1, true, &s, &err), STP_EUNSUPPORTED);
+    assert_non_null(strstr(err.msg, "ChatML"));
+    /* the one merge applies */
+    int32_t *ids = NULL;
+    size_t n = 0;
+    assert_int_equal(tokenizer_encode(t, "ab", 2, 0, &ids, &n, &err), 0);
+    assert_int_equal(n, 2); /* "ab" is not in this vocab, so the merge is unusable */
+    free(ids);
+    tokenizer_destroy(&t);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_tokenizer_hf_cases, s_setup_qwen, s_teardown),
+        cmocka_unit_test(test_tokenizer_golden_prompts),
+        cmocka_unit_test_setup_teardown(test_tokenizer_stream_every_byte, s_setup_qwen, s_teardown),
+        cmocka_unit_test_setup_teardown(test_tokenizer_stream_invalid_tail, s_setup_qwen,
+                                        s_teardown),
+        cmocka_unit_test_setup_teardown(test_tokenizer_special_parsing, s_setup_qwen, s_teardown),
+        cmocka_unit_test_setup_teardown(test_tokenizer_empty_nul_invalid, s_setup_qwen, s_teardown),
+        cmocka_unit_test_setup_teardown(test_tokenizer_large_input, s_setup_qwen, s_teardown),
+        cmocka_unit_test_setup_teardown(test_tokenizer_chat_format, s_setup_qwen, s_teardown),
+        cmocka_unit_test(test_tokenizer_refuses_unknown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
