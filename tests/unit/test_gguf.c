@@ -69,6 +69,7 @@ typedef struct tb {
 } tb;
 
 static void tb_raw(tb *b, const void *d, size_t n) {
+    if (n == 0) return;
     if (b->n + n > b->cap) {
         b->cap = (b->n + n) * 2 + 64;
         b->p = realloc(b->p, b->cap);
@@ -131,7 +132,7 @@ static void tb_zeros(tb *b, size_t n) {
 static int open_image(const tb *b, gguf_file **f, stp_err *err) {
     uint8_t *copy = malloc(b->n ? b->n : 1);
     assert_non_null(copy);
-    memcpy(copy, b->p, b->n);
+    if (b->n) memcpy(copy, b->p, b->n);
     int rc = gguf_open_memory(f, copy, b->n, "test.gguf", err);
     if (rc) {
         assert_null(*f);
