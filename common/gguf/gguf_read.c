@@ -499,13 +499,15 @@ static int s_parse_tensor_infos(gguf_file *f, s_rd *r, uint64_t n_tensors) {
                                " is not a multiple of the %s block size %u",
                                f->name, name, tat, t->ne[0], ti->name, ti->blck);
         /* nbytes = rows * row bytes, in uint64 with overflow checks */
-        uint64_t row = (uint64_t)(t->ne[0] / ti->blck) * ti->size, nb = row;
+        uint64_t nb = 0;
+        ovf = __builtin_mul_overflow((uint64_t)(t->ne[0] / ti->blck), (uint64_t)ti->size, &nb);
         for (int d = 1; d < GGUF_MAX_DIMS && !ovf; d++)
             ovf = __builtin_mul_overflow(nb, (uint64_t)t->ne[d], &nb);
         if (ovf || nb > SIZE_MAX)
             return stp_err_set(r->err, STP_EFORMAT,
-                               "%s: tensor '%s' at offset 0x%zx: byte size overflows", f->name,
-                               name, tat);
+                               "%s: tensor '%s' at offset 0x%zx: byte size of %" PRId64
+                               " %s elements overflows 64 bits",
+                               f->name, name, tat, nel, ti->name);
         t->nbytes = nb;
         size_t oat = r->pos;
         if ((rc = s_rd_uint(r, 8, &t->offset, "tensor offset"))) return rc;

@@ -1015,6 +1015,16 @@ static void test_gguf_bad_tensor_infos(void **state) {
     tb_u64(&b, 0);
     tb_zeros(&b, 64);
     expect_refused(&b, at, "overflows");
+    /* a single row whose byte size overflows (2^62 F64 elements = 2^65 bytes) */
+    tensor_prefix(&b, 1);
+    tb_str(&b, "w");
+    tb_u32(&b, 1);
+    tb_u64(&b, 1ull << 62);
+    at = b.n;
+    tb_u32(&b, STP_TYPE_F64);
+    tb_u64(&b, 0);
+    tb_zeros(&b, 64);
+    expect_refused(&b, at, "overflows");
     /* unknown tensor types: a hole in the id table (4) and past it */
     const uint32_t types[] = {4, 31, 40, 0xffffffffu};
     for (int i = 0; i < 4; i++) {
