@@ -25,108 +25,129 @@ static inline __m512 s_scales2(const uint8_t *p, size_t stride, __m128 dx2, __m5
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(dw, dx2)));
 }
 
-/* out[r] = row r (of nr <= 4, rb bytes apart, from block b0) · packed chunk. */
-static inline __attribute__((always_inline)) void
-s_rows_q4_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
+/* One row's two-block step: acc += (dw*dx per lane) * (exact int dot of 64 quants). */
+static inline __m512 s_q4_0_pair(const uint8_t *blk, __m512i xv, __m512i corr, __m128 dx2,
+                                 __m512 acc) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i shv = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
     const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    const int64_t nb = p->nb;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
-        const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 3);
-        const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q4_0);
-            const __m256i q0 =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            const __m256i q1 =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 20)));
-            __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-            q = _mm512_and_si512(_mm512_srlv_epi64(q, shv), m4);
-            const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 18, dx2, idx), acc[r]);
-        }
-    }
-    float tail[4] = {0, 0, 0, 0};
-    if (b < nb) { /* odd block count: one 256-bit block */
-        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
-        const __m256i corr =
-            _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(p->nlsum + 8 * b)), 3);
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q4_0);
-            const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            const __m256i qq =
-                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
-            const __m256i s = _mm256_dpbusd_epi32(corr, qq, xv);
-            tail[r] = s_hsum256(_mm256_cvtepi32_ps(s)) * (_cvtsh_ss(kern_ld16(blk)) * p->dx[b]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+    const __m256i q0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
+    const __m256i q1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 20)));
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    q = _mm512_and_si512(_mm512_srlv_epi64(q, shv), m4);
+    const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 18, dx2, idx), acc);
 }
 
-static inline __attribute__((always_inline)) void
-s_rows_q8_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
+static inline __m512 s_q8_0_pair(const uint8_t *blk, __m512i xv, __m512i corr, __m128 dx2,
+                                 __m512 acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
+    const __m256i q0 = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m256i q1 = _mm256_loadu_si256((const __m256i *)(blk + 36));
+    const __m512i q = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), flip);
+    const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 34, dx2, idx), acc);
+}
+
+/* The last block of an odd-length chunk, 256 bits wide. */
+static inline float s_tail(stp_type wtype, const uint8_t *blk, const kern_q8_pack *p, int64_t b) {
+    const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
+    const __m256i nl = _mm256_load_si256((const __m256i *)(p->nlsum + 8 * b));
+    __m256i s;
+    if (wtype == STP_TYPE_Q4_0) {
+        const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+        const __m256i qq =
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+        s = _mm256_dpbusd_epi32(_mm256_slli_epi32(nl, 3), qq, xv);
+    } else {
+        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)),
+                                           _mm256_set1_epi8((char)0x80));
+        s = _mm256_dpbusd_epi32(_mm256_slli_epi32(nl, 7), q, xv);
+    }
+    return s_hsum256(_mm256_cvtepi32_ps(s)) * (_cvtsh_ss(kern_ld16(blk)) * p->dx[b]);
+}
+
+/* 4 rows (rb bytes apart, from block b0) · packed chunk -> out[0..3]. */
+static void s_rows4(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0, const kern_q8_pack *p,
+                    float *out) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const int64_t nb = p->nb;
+    const size_t bs = wtype == STP_TYPE_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
+    const uint8_t *w0 = w + (size_t)b0 * bs, *w1 = w0 + rb, *w2 = w1 + rb, *w3 = w2 + rb;
+    int64_t b = 0;
+    if (wtype == STP_TYPE_Q4_0) {
+        for (; b + 2 <= nb; b += 2) {
+            const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
+            const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 3);
+            const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
+            const size_t o = (size_t)b * bs;
+            a0 = s_q4_0_pair(w0 + o, xv, corr, dx2, a0);
+            a1 = s_q4_0_pair(w1 + o, xv, corr, dx2, a1);
+            a2 = s_q4_0_pair(w2 + o, xv, corr, dx2, a2);
+            a3 = s_q4_0_pair(w3 + o, xv, corr, dx2, a3);
+        }
+    } else {
+        for (; b + 2 <= nb; b += 2) {
+            const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
+            const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 7);
+            const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
+            const size_t o = (size_t)b * bs;
+            a0 = s_q8_0_pair(w0 + o, xv, corr, dx2, a0);
+            a1 = s_q8_0_pair(w1 + o, xv, corr, dx2, a1);
+            a2 = s_q8_0_pair(w2 + o, xv, corr, dx2, a2);
+            a3 = s_q8_0_pair(w3 + o, xv, corr, dx2, a3);
+        }
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+    if (b < nb) {
+        const size_t o = (size_t)b * bs;
+        out[0] += s_tail(wtype, w0 + o, p, b);
+        out[1] += s_tail(wtype, w1 + o, p, b);
+        out[2] += s_tail(wtype, w2 + o, p, b);
+        out[3] += s_tail(wtype, w3 + o, p, b);
+    }
+}
+
+/* One row · packed chunk. */
+static float s_row1(stp_type wtype, const uint8_t *w, int64_t b0, const kern_q8_pack *p) {
+    __m512 a = _mm512_setzero_ps();
+    const int64_t nb = p->nb;
+    const size_t bs = wtype == STP_TYPE_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
+    const uint8_t *w0 = w + (size_t)b0 * bs;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
-        const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 7);
+        const __m512i nl = _mm512_load_si512(p->nlsum + 8 * b);
         const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q8_0);
-            const __m256i q0 = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            const __m256i q1 = _mm256_loadu_si256((const __m256i *)(blk + 36));
-            const __m512i q =
-                _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), flip);
-            const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 34, dx2, idx), acc[r]);
-        }
+        if (wtype == STP_TYPE_Q4_0)
+            a = s_q4_0_pair(w0 + (size_t)b * bs, xv, _mm512_slli_epi32(nl, 3), dx2, a);
+        else
+            a = s_q8_0_pair(w0 + (size_t)b * bs, xv, _mm512_slli_epi32(nl, 7), dx2, a);
     }
-    float tail[4] = {0, 0, 0, 0};
-    if (b < nb) {
-        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
-        const __m256i corr =
-            _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(p->nlsum + 8 * b)), 7);
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q8_0);
-            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)),
-                                               _mm256_set1_epi8((char)0x80));
-            const __m256i s = _mm256_dpbusd_epi32(corr, q, xv);
-            tail[r] = s_hsum256(_mm256_cvtepi32_ps(s)) * (_cvtsh_ss(kern_ld16(blk)) * p->dx[b]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+    float r = _mm512_reduce_add_ps(a);
+    if (b < nb) r += s_tail(wtype, w0 + (size_t)b * bs, p, b);
+    return r;
 }
 
 static void s_chunk_rows(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0,
                          const kern_q8_pack *p, float *y, int64_t r0, int64_t r1, int add) {
     float out[4];
-    for (int64_t r = r0; r < r1; r += 4) {
-        const int nr = r1 - r >= 4 ? 4 : (int)(r1 - r);
+    for (int64_t r = r0; r < r1;) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (wtype == STP_TYPE_Q4_0) {
-            if (nr == 4)
-                s_rows_q4_0(wr, rb, 4, b0, p, out);
-            else
-                s_rows_q4_0(wr, rb, nr, b0, p, out);
+        int nr = 1;
+        if (r1 - r >= 4) {
+            s_rows4(wtype, wr, rb, b0, p, out);
+            nr = 4;
         } else {
-            if (nr == 4)
-                s_rows_q8_0(wr, rb, 4, b0, p, out);
-            else
-                s_rows_q8_0(wr, rb, nr, b0, p, out);
+            out[0] = s_row1(wtype, wr, b0, p);
         }
         for (int k = 0; k < nr; k++)
             y[r - r0 + k] = add ? y[r - r0 + k] + out[k] : out[k];
+        r += nr;
     }
 }
 
