@@ -24,6 +24,8 @@ typedef struct enc_ctx {
     tok_bpe *bpe;
     unsigned char *san; /* sanitised copy of a chunk (when it had invalid UTF-8) */
     size_t san_cap;
+    unsigned char *nfc; /* NFC of the current chunk */
+    size_t nfc_len, nfc_cap;
     int32_t *ids;
     size_t n_ids, cap_ids;
     stp_err *err;
@@ -122,6 +124,84 @@ static int s_split_and_merge(enc_ctx *c, const unsigned char *s, size_t n) {
     return 0;
 }
 
+/* True for code points that NFC leaves alone whatever surrounds them on the left: NFC-stable
+ * on their own, and their canonical decomposition starts with a starter that is never the
+ * second part of a composition (so nothing before them composes with them, and a cut before
+ * them is safe). Conservative ranges (ASCII, Latin up to U+02FF, kana, CJK, Hangul syllables,
+ * full-width forms); test_tokenizer checks every one against utf8proc's tables. */
+bool tok_nfc_inert(uint32_t cp) {
+    if (cp < 0x300) return true;
+    if (cp < 0x3000) return false;
+    if (cp <= 0x3029 || (cp >= 0x3030 && cp <= 0x303F)) return true;
+    if ((cp >= 0x3041 && cp <= 0x3096) || (cp >= 0x30A0 && cp <= 0x30FF)) return true;
+    if ((cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x4E00 && cp <= 0x9FFF)) return true;
+    if (cp >= 0xAC00 && cp <= 0xD7A3) return true;
+    return cp >= 0xFF01 && cp <= 0xFFEE;
+}
+
+static int s_out_append(enc_ctx *c, const void *p, size_t n) {
+    if (c->nfc_len + n > c->nfc_cap) {
+        size_t nc = c->nfc_cap ? c->nfc_cap : 4096;
+        while (nc < c->nfc_len + n)
+            nc *= 2;
+        unsigned char *q = realloc(c->nfc, nc);
+        if (!q) return STP_ENOMEM;
+        c->nfc = q;
+        c->nfc_cap = nc;
+    }
+    memcpy(c->nfc + c->nfc_len, p, n);
+    c->nfc_len += n;
+    return 0;
+}
+
+/* NFC of valid UTF-8 s into c->nfc. Text is cut before every inert character (NFC never
+ * composes across such a cut); runs of inert characters are copied, and only the segments
+ * holding something else go through utf8proc. */
+static int s_normalize(enc_ctx *c, const unsigned char *s, size_t m) {
+    c->nfc_len = 0;
+    size_t i = 0;
+    while (i < m) {
+        /* a run of inert characters [i, j); last = start of the run's last character */
+        size_t j = i, last = i;
+        uint32_t cp = 0;
+        int k = 0;
+        while (j < m) {
+            if (s[j] < 0x80) {
+                last = j++;
+                continue;
+            }
+            k = tok_utf8_decode(s + j, m - j, &cp);
+            if (k <= 0 || !tok_nfc_inert(cp)) break;
+            last = j;
+            j += (size_t)k;
+        }
+        if (j == m) return s_out_append(c, s + i, m - i);
+        size_t seg = j > i ? last : j; /* the starter before the run may compose: include it */
+        if (seg > i && s_out_append(c, s + i, seg - i)) return STP_ENOMEM;
+        /* the segment runs to the next inert character */
+        size_t e = j;
+        while (e < m) {
+            k = tok_utf8_decode(s + e, m - e, &cp);
+            if (k <= 0) k = 1;
+            if (e > j && tok_nfc_inert(cp)) break;
+            e += (size_t)k;
+        }
+        utf8proc_uint8_t *nfc = NULL;
+        utf8proc_ssize_t r = utf8proc_map(s + seg, (utf8proc_ssize_t)(e - seg), &nfc,
+                                          UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+        if (r < 0) {
+            free(nfc);
+            return stp_err_set(c->err, r == UTF8PROC_ERROR_NOMEM ? STP_ENOMEM : STP_EINVAL,
+                               "tokenize: NFC normalisation failed: %s", utf8proc_errmsg(r));
+        }
+        int rc = s_out_append(c, nfc, (size_t)r);
+        free(nfc);
+        if (rc) return rc;
+        i = e;
+    }
+    return 0;
+}
+
 static int s_encode_chunk(enc_ctx *c, const unsigned char *p, size_t n) {
     bool ascii = true, valid = true;
     for (size_t i = 0; i < n;) {
@@ -145,17 +225,9 @@ static int s_encode_chunk(enc_ctx *c, const unsigned char *p, size_t n) {
         s = c->san;
     }
     if (ascii || (c->flags & TOK_NO_NORMALIZE)) return s_split_and_merge(c, s, m);
-    utf8proc_uint8_t *nfc = NULL;
-    utf8proc_ssize_t r =
-        utf8proc_map(s, (utf8proc_ssize_t)m, &nfc, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-    if (r < 0) {
-        free(nfc);
-        return stp_err_set(c->err, r == UTF8PROC_ERROR_NOMEM ? STP_ENOMEM : STP_EINVAL,
-                           "tokenize: NFC normalisation failed: %s", utf8proc_errmsg(r));
-    }
-    int rc = s_split_and_merge(c, nfc, (size_t)r);
-    free(nfc);
-    return rc;
+    int rc = s_normalize(c, s, m);
+    if (rc) return rc == STP_ENOMEM ? stp_err_set(c->err, rc, "tokenize: out of memory") : rc;
+    return s_split_and_merge(c, c->nfc, c->nfc_len);
 }
 
 static int s_encode_text(enc_ctx *c, const unsigned char *p, size_t n) {
@@ -236,6 +308,7 @@ done:
     if (c.jit_stack) pcre2_jit_stack_free(c.jit_stack);
     tok_bpe_destroy(&c.bpe);
     free(c.san);
+    free(c.nfc);
     if (rc) {
         free(c.ids);
         return rc;

@@ -73,6 +73,9 @@ void tok_bpe_destroy(tok_bpe **self_p);
 int tok_bpe_piece(const tokenizer *t, tok_bpe *b, const unsigned char *piece, size_t n,
                   int32_t **ids, size_t *n_ids, size_t *cap_ids);
 
+/* ---- encode.c ---- */
+bool tok_nfc_inert(uint32_t cp); /* NFC never changes or composes onto cp (exported for tests) */
+
 /* ---- growable id vector ---- */
 int tok_ids_push(int32_t **ids, size_t *n, size_t *cap, int32_t id);
 

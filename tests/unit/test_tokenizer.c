@@ -17,6 +17,7 @@
 #include <utf8proc.h>
 
 #include "gguf/gguf.h"
+#include "tokenizer/tok_internal.h"
 #include "tokenizer/tokenizer.h"
 
 typedef struct fixture {
@@ -177,8 +178,9 @@ static void test_tokenizer_golden_prompts(void **state) {
 
 /* ---- streaming decoder ------------------------------------------------------------------ */
 
-static const char s_multi[] = "東京/Zürich café 👨‍👩‍👧‍👦 ✓ naïve — €4.50 Ａｂｃ ǅ 한국어 "
-                              "ok";
+static const char s_multi[] =
+    "東京/Zürich café 👨‍👩‍👧‍👦 ✓ naïve — €4.50 Ａｂｃ ǅ 한국어 "
+    "ok";
 
 static void s_check_stream(const tokenizer *t, const int32_t *ids, size_t n, const char *expect,
                            size_t elen) {
@@ -433,6 +435,72 @@ static void test_tokenizer_chat_format(void **state) {
     assert_int_equal(tokenizer_chat_format(f->t, bad, 1, true, &s, &err), STP_EINVAL);
 }
 
+/* ---- NFC fast path ---------------------------------------------------------------------- */
+
+/* Every code point the encoder copies without utf8proc must be NFC-stable alone, and its
+ * canonical decomposition must start with a starter that is never the second part of any
+ * canonical decomposition (so nothing before it can compose with it). */
+static void test_tokenizer_nfc_inert_table(void **state) {
+    (void)state;
+    uint8_t *second = calloc(0x110000, 1);
+    for (int32_t cp = 0; cp < 0x110000; cp++) {
+        if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+        utf8proc_int32_t buf[8];
+        int bc = 0;
+        utf8proc_ssize_t n = utf8proc_decompose_char(cp, buf, 8, UTF8PROC_DECOMPOSE, &bc);
+        assert_true(n >= 1);
+        for (utf8proc_ssize_t k = 1; k < n; k++)
+            second[buf[k]] = 1;
+    }
+    int n_inert = 0;
+    for (int32_t cp = 0; cp < 0x110000; cp++) {
+        if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+        if (!tok_nfc_inert((uint32_t)cp)) continue;
+        n_inert++;
+        utf8proc_int32_t buf[8];
+        int bc = 0;
+        utf8proc_ssize_t n = utf8proc_decompose_char(cp, buf, 8, UTF8PROC_DECOMPOSE, &bc);
+        assert_true(n >= 1);
+        assert_int_equal(utf8proc_get_property(buf[0])->combining_class, 0);
+        if (second[buf[0]]) fprintf(stderr, "U+%04X starts with a second element\n", cp);
+        assert_false(second[buf[0]]);
+        utf8proc_uint8_t enc[4], *o = NULL;
+        utf8proc_ssize_t el = utf8proc_encode_char(cp, enc);
+        utf8proc_ssize_t r = utf8proc_map(enc, el, &o, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+        assert_int_equal(r, el);
+        assert_memory_equal(o, enc, (size_t)el);
+        free(o);
+    }
+    free(second);
+    assert_true(n_inert > 40000);
+}
+
+/* Non-NFC text mixed with inert runs, at chunk-sized scale: same as utf8proc on the whole. */
+static void test_tokenizer_nfc_segments(void **state) {
+    fixture *f = *state;
+    const char *parts[] = {"e\xcc\x81",
+                           "\xcc\x81",
+                           "\xe3\x81\x8b\xe3\x82\x99",
+                           "\xea\xb0\x80\xe1\x86\xa8",
+                           "\xef\xa6\x81",
+                           "A\xcc\x8a\xcc\xa3",
+                           "abc ",
+                           "\xe6\x9d\xb1",
+                           "\n",
+                           "\xe1\x84\x80\xe1\x85\xa1",
+                           "\xc3\xa9"};
+    size_t n = 0;
+    char *s = malloc(300000);
+    for (size_t i = 0; n < 290000; i++) {
+        const char *p = parts[(i * 5 + i / 7) % 11];
+        memcpy(s + n, p, strlen(p));
+        n += strlen(p);
+    }
+    s_roundtrip(f->t, s, n, 0);
+    s_roundtrip(f->t, s, n, TOK_NO_NORMALIZE);
+    free(s);
+}
+
 /* ---- model refusal ---------------------------------------------------------------------- */
 
 static void s_write_vocab(const char *path, const char *model, const char *pre, const char *tmpl) {
@@ -537,6 +605,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_tokenizer_large_input, s_setup_qwen, s_teardown),
         cmocka_unit_test_setup_teardown(test_tokenizer_chat_format, s_setup_qwen, s_teardown),
         cmocka_unit_test(test_tokenizer_refuses_unknown),
+        cmocka_unit_test(test_tokenizer_nfc_inert_table),
+        cmocka_unit_test_setup_teardown(test_tokenizer_nfc_segments, s_setup_qwen, s_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
