@@ -11,6 +11,8 @@
 
 #include "kern/kern_pack.h"
 
+#define S_RND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
 /* ---- helpers -------------------------------------------------------------------------------- */
 
 static inline float s_hsum_ps(__m256 v) {
@@ -50,18 +52,18 @@ static void s_quantize_q8_0(const float *x, block_q8_0 *y, int64_t nb) {
         const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         y[i].d = kern_f32_to_fp16(d);
         const __m256 mul = _mm256_set1_ps(id);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), S_RND));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), S_RND));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), S_RND));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), S_RND));
         _mm256_storeu_si256((__m256i *)y[i].qs, s_pack_i32x32(i0, i1, i2, i3));
     }
 }
 
 static void s_quantize_q8_K(const float *x, block_q8_K *y, int64_t nb) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
     for (int64_t i = 0; i < nb; i++, x += QK_K) {
         __m256 m = _mm256_setzero_ps();
         for (int j = 0; j < QK_K; j += 8)
@@ -86,7 +88,7 @@ static void s_quantize_q8_K(const float *x, block_q8_K *y, int64_t nb) {
             __m256i q[4];
             for (int k = 0; k < 4; k++) {
                 __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * k), mul);
-                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, rnd)), top);
+                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, S_RND)), top);
             }
             _mm256_storeu_si256((__m256i *)(y[i].qs + j), s_pack_i32x32(q[0], q[1], q[2], q[3]));
         }
