@@ -139,7 +139,7 @@ static int s_load_vocab(tokenizer *t, const gguf_file *g, stp_err *err) {
                            "(expected 1..%d)",
                            gguf_path(g), (unsigned long long)n, TOK_MAX_VOCAB);
     t->n_vocab = (int32_t)n;
-    const int32_t *types = NULL;
+    const unsigned char *types = NULL; /* int32 array in the mapping, maybe unaligned */
     if (gguf_get_arr(g, "tokenizer.ggml.token_type", GGUF_VT_INT32, &type_kv, NULL) == 0) {
         if (type_kv->v.arr.n != n)
             return stp_err_set(err, STP_EFORMAT,
@@ -176,7 +176,8 @@ static int s_load_vocab(tokenizer *t, const gguf_file *g, stp_err *err) {
     size_t off = 0, boff = 0;
     for (uint64_t i = 0; i < n; i++) {
         gguf_str s = tok_kv->v.arr.strs[i];
-        int32_t ty = types ? types[i] : TOK_TYPE_NORMAL;
+        int32_t ty = TOK_TYPE_NORMAL;
+        if (types) memcpy(&ty, types + 4 * i, 4);
         if (ty < TOK_TYPE_NORMAL || ty > TOK_TYPE_BYTE) ty = TOK_TYPE_NORMAL;
         t->type[i] = (uint8_t)ty;
         t->text_off[i] = (uint32_t)off;
