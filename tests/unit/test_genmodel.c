@@ -128,7 +128,8 @@ static void test_genmodel_tiny_matches_golden_layout(void **state) {
     assert_true(gguf_str_eq(ta->v.arr.strs[318], "<|im_start|>"));
     assert_true(gguf_str_eq(ta->v.arr.strs[319], "<|im_end|>"));
     assert_int_equal(gguf_get_arr(f, "tokenizer.ggml.token_type", GGUF_VT_INT32, &ty, &err), 0);
-    const int32_t *types = ty->v.arr.data;
+    int32_t types[320]; /* array data in the mapping need not be 4-byte aligned */
+    memcpy(types, ty->v.arr.data, sizeof types);
     for (int i = 0; i < 317; i++)
         assert_int_equal(types[i], 1);
     for (int i = 317; i < 320; i++)
