@@ -271,6 +271,10 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int flags
         rc = stp_err_set(err, STP_ENOMEM, "tokenize: out of memory");
         goto done;
     }
+    /* Each match costs O(length of the whitespace or punctuation run it scans) and consumes
+     * nearly all of it, so the default limit (10M steps) would only refuse long runs of spaces
+     * (100 MB of them) without protecting anything. */
+    pcre2_set_match_limit(c.mctx, UINT32_MAX);
     if (t->re_jit) {
         c.jit_stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, NULL);
         if (c.jit_stack) pcre2_jit_stack_assign(c.mctx, NULL, c.jit_stack);
