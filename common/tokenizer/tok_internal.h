@@ -40,8 +40,9 @@ struct tokenizer {
     uint32_t special_begin[257]; /* special[special_begin[b] .. special_begin[b+1]) start with
                                     byte b */
     int32_t bos, eos, pad, eot, im_start, im_end;
-    char *chat_template; /* NULL if the GGUF has none */
-    pcre2_code *re;      /* the qwen2 pre-tokenizer regex, JIT-compiled when possible */
+    size_t max_token_bytes; /* longest bytes_len */
+    char *chat_template;    /* NULL if the GGUF has none */
+    pcre2_code *re;         /* the qwen2 pre-tokenizer regex, JIT-compiled when possible */
     bool re_jit;
 };
 

@@ -192,6 +192,7 @@ static int s_load_vocab(tokenizer *t, const gguf_file *g, stp_err *err) {
             boff += s.len;
         }
         t->bytes_len[i] = (uint32_t)(boff - t->bytes_off[i]);
+        if (t->bytes_len[i] > t->max_token_bytes) t->max_token_bytes = t->bytes_len[i];
         off += s.len + 1;
         /* first occurrence wins on duplicate texts */
         if (s_text_find(t, s.ptr, s.len) < 0) {
@@ -390,6 +391,10 @@ void tokenizer_destroy(tokenizer **self_p) {
 
 int32_t tokenizer_n_vocab(const tokenizer *t) {
     return t->n_vocab;
+}
+
+size_t tokenizer_max_token_bytes(const tokenizer *t) {
+    return t->max_token_bytes;
 }
 
 int32_t tokenizer_eos(const tokenizer *t) {

@@ -41,7 +41,9 @@ void tokenizer_destroy(tokenizer **self_p);
 
 int32_t tokenizer_n_vocab(const tokenizer *t);
 int32_t tokenizer_eos(const tokenizer *t); /* tokenizer.ggml.eos_token_id, -1 if absent */
-int tokenizer_token_type(const tokenizer *t, int32_t id); /* TOK_TYPE_*, 0 if id out of range */
+int tokenizer_token_type(const tokenizer *t, int32_t id);
+size_t tokenizer_max_token_bytes(const tokenizer *t);
+    /* longest token, in bytes (Qwen: 128) */ /* TOK_TYPE_*, 0 if id out of range */
 
 /* Encodes len bytes of text (may hold NUL bytes and invalid UTF-8). *ids is malloc'd (caller
  * frees; NULL when *n_ids == 0). Empty text gives 0 ids. */
@@ -74,8 +76,9 @@ typedef struct tok_stream {
 
 void tok_stream_init(tok_stream *s, const tokenizer *t);
 /* Appends the bytes of id; writes the complete characters to out and returns how many bytes
- * were written. cap >= 64 suffices for any Qwen token; when out is too small the bytes that do
- * not fit are dropped (never a partial character). Ids out of range write nothing. */
+ * were written. Enough room: cap >= 3 * tokenizer_max_token_bytes(t) + 12 (each invalid byte
+ * becomes 3); 512 covers Qwen (longest token: 128 spaces). Bytes that do not fit are dropped a
+ * whole character at a time (never a partial character). Ids out of range write nothing. */
 size_t tok_stream_push(tok_stream *s, int32_t id, char *out, size_t cap);
 /* Emits the held bytes of an unfinished character as U+FFFD (3 bytes each) and resets. */
 size_t tok_stream_flush(tok_stream *s, char *out, size_t cap);

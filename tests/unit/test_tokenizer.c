@@ -316,6 +316,7 @@ static void test_tokenizer_special_parsing(void **state) {
     assert_int_equal(tokenizer_token_id(f->t, "Hello"), 9707);
     assert_int_equal(tokenizer_token_id(f->t, "no such token at all"), -1);
     assert_int_equal(tokenizer_n_vocab(f->t), 151936);
+    assert_int_equal(tokenizer_max_token_bytes(f->t), 128);
 }
 
 /* ---- bad input ---------------------------------------------------------------------------- */
