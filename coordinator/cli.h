@@ -5,6 +5,7 @@
 #define STP_CLI_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 int cli_generate(int argc, char **argv);

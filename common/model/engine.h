@@ -1,0 +1,44 @@
+/* engine: the in-process SmallThinker forward pass (reference engine and `stpipe generate`).
+ *
+ * One engine holds one sequence: its KV caches (full for global layers, a ring of the window
+ * for sliding-window layers), scratch activations for a micro-batch of tokens, and a thread team.
+ * engine_eval appends tokens at positions n_past.. and returns logits. The layer steps are
+ * exposed in layer_ops.h so the pipeline stages run exactly the same code. */
+#ifndef STP_ENGINE_H
+#define STP_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model/model.h"
+
+typedef struct engine_params {
+    int n_threads; /* team size (>= 1) */
+    int n_ctx;     /* context length in tokens; 0 = min(model's, 4096) */
+    int n_ubatch;  /* tokens per forward micro-batch; 0 = 512 */
+} engine_params;
+
+typedef struct engine_stats {
+    uint64_t tokens;          /* tokens evaluated */
+    uint64_t neurons_total;   /* expert neurons evaluated (token x expert x n_ff) */
+    uint64_t neurons_active;  /* of which relu(gate) > 0 */
+} engine_stats;
+
+typedef struct engine engine;
+
+int engine_new(engine **out, const model *m, const engine_params *p, stp_err *err);
+void engine_destroy(engine **self_p);
+
+/* Evaluates n tokens at positions n_past..n_past+n-1. logits receives n x n_vocab floats when
+ * all_logits, else n_vocab floats for the last token (may be NULL). Fails with STP_ERANGE when
+ * the context would overflow (nothing is changed then). */
+int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
+                stp_err *err);
+void engine_reset(engine *e);   /* forget the sequence (KV cache emptied) */
+int engine_n_past(const engine *e);
+int engine_n_ctx(const engine *e);
+size_t engine_kv_bytes(const engine *e);
+size_t engine_scratch_bytes(const engine *e);
+const engine_stats *engine_get_stats(const engine *e);
+
+#endif

@@ -1,0 +1,136 @@
+/* model: opens a SmallThinker GGUF and checks every weight against the config; see model.h. */
+#include "model/model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kern/kern.h"
+
+typedef struct view_req {
+    int64_t ne[3]; /* expected ne[0..2] (ne[2] = 1 for matrices) */
+    int n_dims;    /* 1, 2 or 3 */
+} view_req;
+
+static int s_view(const model *m, tensor_view *v, const char *name, view_req req, stp_err *err) {
+    const gguf_tensor *t = gguf_tensor_find(m->gguf, name);
+    const char *path = gguf_path(m->gguf);
+    if (!t) return stp_err_set(err, STP_EFORMAT, "%s: tensor '%s' is missing", path, name);
+    if (!tensor_type_supported(t->type))
+        return stp_err_set(err, STP_EUNSUPPORTED,
+                           "%s: tensor '%s' has type %s, which stpipe does not support (supported: "
+                           "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q3_K Q4_K Q5_K Q6_K)",
+                           path, name, tensor_type_name(t->type));
+    int64_t ne[3] = {t->ne[0], t->n_dims > 1 ? t->ne[1] : 1, t->n_dims > 2 ? t->ne[2] : 1};
+    bool ok = (int)t->n_dims <= req.n_dims && (t->n_dims < 4 || t->ne[3] == 1);
+    for (int i = 0; i < 3; i++) ok = ok && ne[i] == (i < req.n_dims ? req.ne[i] : 1);
+    if (!ok)
+        return stp_err_set(err, STP_EFORMAT,
+                           "%s: tensor '%s' has shape [%lld, %lld, %lld], expected [%lld, %lld, %lld]",
+                           path, name, (long long)ne[0], (long long)ne[1], (long long)ne[2],
+                           (long long)req.ne[0], (long long)(req.n_dims > 1 ? req.ne[1] : 1),
+                           (long long)(req.n_dims > 2 ? req.ne[2] : 1));
+    snprintf(v->name, sizeof v->name, "%.*s", (int)(t->name.len < 63 ? t->name.len : 63),
+             t->name.ptr);
+    v->data = t->data;
+    v->type = t->type;
+    v->n_cols = ne[0];
+    v->n_rows = ne[1];
+    v->n_mat = ne[2];
+    v->row_bytes = tensor_type_row_size(t->type, ne[0]);
+    v->mat_bytes = v->row_bytes * (size_t)ne[1];
+    return 0;
+}
+
+/* A norm vector as floats: points into the file when F32, else converted into owned memory. */
+static int s_norm(model *m, const float **out, const char *name, float **owned_slot, stp_err *err) {
+    tensor_view v;
+    view_req r = {{m->cfg.n_embd, 1, 1}, 1};
+    int rc = s_view(m, &v, name, r, err);
+    if (rc) return rc;
+    if (v.type == STP_TYPE_F32) {
+        *out = (const float *)v.data;
+        return 0;
+    }
+    kern_dequantize_row_ref(v.type, v.data, *owned_slot, m->cfg.n_embd);
+    *out = *owned_slot;
+    *owned_slot += m->cfg.n_embd;
+    return 0;
+}
+
+int model_open(model **out, const char *path, stp_err *err) {
+    *out = NULL;
+    model *m = calloc(1, sizeof *m);
+    if (!m) return stp_err_set(err, STP_ENOMEM, "%s: out of memory", path);
+    int rc = gguf_open(&m->gguf, path, err);
+    if (rc) goto fail;
+    rc = model_config_load(&m->cfg, m->gguf, m->warning, sizeof m->warning, err);
+    if (rc) goto fail;
+    const model_config *c = &m->cfg;
+    if (gguf_tensor_count(m->gguf) == 0) {
+        rc = stp_err_set(err, STP_EFORMAT, "%s: the file holds no tensors (a vocabulary-only GGUF?)",
+                         path);
+        goto fail;
+    }
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    m->owned_norms = malloc(sizeof(float) * (size_t)c->n_embd * (2 * (size_t)c->n_layer + 1));
+    if (!m->layers || !m->owned_norms) {
+        rc = stp_err_set(err, STP_ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    float *slot = m->owned_norms;
+    const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim,
+                  KV = (int64_t)c->n_head_kv * c->head_dim, F = c->n_ff_exp, X = c->n_expert;
+    rc = s_view(m, &m->tok_embd, "token_embd.weight", (view_req){{E, c->n_vocab, 1}, 2}, err);
+    if (rc) goto fail;
+    if (c->tied) {
+        m->output = m->tok_embd;
+    } else {
+        rc = s_view(m, &m->output, "output.weight", (view_req){{E, c->n_vocab, 1}, 2}, err);
+        if (rc) goto fail;
+    }
+    rc = s_norm(m, &m->output_norm, "output_norm.weight", &slot, err);
+    if (rc) goto fail;
+    for (int il = 0; il < c->n_layer; il++) {
+        layer_weights *L = &m->layers[il];
+        char name[96];
+#define VIEW(field, suffix, n0, n1, n2, nd)                                                        \
+    snprintf(name, sizeof name, "blk.%d." suffix ".weight", il);                                   \
+    rc = s_view(m, &L->field, name, (view_req){{n0, n1, n2}, nd}, err);                            \
+    if (rc) goto fail;
+        VIEW(wq, "attn_q", E, Q, 1, 2)
+        VIEW(wk, "attn_k", E, KV, 1, 2)
+        VIEW(wv, "attn_v", E, KV, 1, 2)
+        VIEW(wo, "attn_output", Q, E, 1, 2)
+        VIEW(router, "ffn_gate_inp", E, X, 1, 2)
+        VIEW(gate_exps, "ffn_gate_exps", E, F, X, 3)
+        VIEW(up_exps, "ffn_up_exps", E, F, X, 3)
+        VIEW(down_exps, "ffn_down_exps", F, E, X, 3)
+#undef VIEW
+        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", il);
+        rc = s_norm(m, &L->attn_norm, name, &slot, err);
+        if (rc) goto fail;
+        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", il);
+        rc = s_norm(m, &L->ffn_norm, name, &slot, err);
+        if (rc) goto fail;
+        m->expert_bytes += L->gate_exps.mat_bytes * X + L->up_exps.mat_bytes * X +
+                           L->down_exps.mat_bytes * X;
+    }
+    for (size_t i = 0; i < gguf_tensor_count(m->gguf); i++)
+        m->weight_bytes += gguf_tensor_at(m->gguf, i)->nbytes;
+    *out = m;
+    return 0;
+fail:
+    model_close(&m);
+    return rc;
+}
+
+void model_close(model **self_p) {
+    model *m = *self_p;
+    if (!m) return;
+    gguf_close(&m->gguf);
+    free(m->layers);
+    free(m->owned_norms);
+    free(m);
+    *self_p = NULL;
+}

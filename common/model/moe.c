@@ -1,0 +1,187 @@
+/* moe: routed ReGLU experts, grouped by expert, sparse `up` for single tokens; see moe.h. */
+#include "model/moe.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct moe_scratch {
+    int T, K, E, F, X;
+    int32_t *slot_tok;   /* (T*K) token of each (expert-grouped) slot */
+    int32_t *slot_of;    /* (T*K) slot of (t, k) */
+    int32_t *grp_start;  /* (X+1) first slot of each expert */
+    float *g, *u;        /* (T*K, F) */
+    float *y;            /* (T*K, E) expert outputs per slot */
+    int32_t *active;     /* (T*K, F) active neuron lists (single-vector groups) */
+    uint8_t *xq_h;       /* (T*K) quantized inputs for gate/up, grouped */
+    uint8_t *xq_h2;      /* second copy when up's activation type differs from gate's */
+    uint8_t *xq_a;       /* (T*K) quantized activations for down */
+    size_t bytes;
+};
+
+int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, stp_err *err) {
+    *out = NULL;
+    moe_scratch *s = calloc(1, sizeof *s);
+    if (!s) return stp_err_set(err, STP_ENOMEM, "moe scratch: out of memory");
+    s->T = n_ubatch;
+    s->K = cfg->n_expert_used;
+    s->E = cfg->n_embd;
+    s->F = cfg->n_ff_exp;
+    s->X = cfg->n_expert;
+    size_t S = (size_t)s->T * s->K;
+    size_t wide = (size_t)(s->E > s->F ? s->E : s->F);
+    size_t act = wide * 4 + 64; /* F32 activations are the widest format */
+    s->slot_tok = malloc(S * sizeof(int32_t));
+    s->slot_of = malloc(S * sizeof(int32_t));
+    s->grp_start = malloc(((size_t)s->X + 1) * sizeof(int32_t));
+    s->g = malloc(S * s->F * sizeof(float));
+    s->u = malloc(S * s->F * sizeof(float));
+    s->y = malloc(S * s->E * sizeof(float));
+    s->active = malloc(S * s->F * sizeof(int32_t));
+    s->xq_h = malloc(S * act);
+    s->xq_h2 = malloc(S * act);
+    s->xq_a = malloc(S * act);
+    s->bytes = S * (2 * s->F + s->E + s->F) * 4 + 3 * S * act;
+    if (!s->slot_tok || !s->slot_of || !s->grp_start || !s->g || !s->u || !s->y || !s->active ||
+        !s->xq_h || !s->xq_h2 || !s->xq_a) {
+        moe_scratch_destroy(&s);
+        return stp_err_set(err, STP_ENOMEM, "moe scratch: out of memory");
+    }
+    *out = s;
+    return 0;
+}
+
+void moe_scratch_destroy(moe_scratch **self_p) {
+    moe_scratch *s = *self_p;
+    if (!s) return;
+    free(s->slot_tok);
+    free(s->slot_of);
+    free(s->grp_start);
+    free(s->g);
+    free(s->u);
+    free(s->y);
+    free(s->active);
+    free(s->xq_h);
+    free(s->xq_h2);
+    free(s->xq_a);
+    free(s);
+    *self_p = NULL;
+}
+
+size_t moe_scratch_bytes(const moe_scratch *s) {
+    return s ? s->bytes : 0;
+}
+
+void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
+                 const int32_t *sel, const float *w, float *out, moe_scratch *s,
+                 engine_stats *stats) {
+    const model_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[il];
+    const int K = c->n_expert_used, E = c->n_embd, F = c->n_ff_exp, X = c->n_expert;
+    const int S = T * K;
+
+    /* 1. group the (token, k) slots by expert (counting sort keeps token order) */
+    for (int e = 0; e <= X; e++) s->grp_start[e] = 0;
+    for (int i = 0; i < S; i++) s->grp_start[sel[i] + 1]++;
+    for (int e = 0; e < X; e++) s->grp_start[e + 1] += s->grp_start[e];
+    int32_t fill[STP_MAX_EXPERTS];
+    for (int e = 0; e < X; e++) fill[e] = s->grp_start[e];
+    for (int i = 0; i < S; i++) {
+        int slot = fill[sel[i]]++;
+        s->slot_tok[slot] = i / K;
+        s->slot_of[i] = slot;
+    }
+
+    /* 2. quantize each slot's input for gate (and up, if its activation format differs) */
+    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
+    const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
+    const bool up_shares = kern_act_type(tu) == kern_act_type(tg);
+    for (int slot = 0; slot < S; slot++) {
+        const float *hv = h + (size_t)s->slot_tok[slot] * E;
+        cc->ops->quantize_act(tg, hv, s->xq_h + (size_t)slot * sg, E);
+        if (!up_shares) cc->ops->quantize_act(tu, hv, s->xq_h2 + (size_t)slot * su, E);
+    }
+    const uint8_t *xq_up = up_shares ? s->xq_h : s->xq_h2;
+
+    /* 3. gate for every group, one section */
+    mm_job jobs[STP_MAX_EXPERTS];
+    int nj = 0;
+    for (int e = 0; e < X; e++) {
+        int n = s->grp_start[e + 1] - s->grp_start[e];
+        if (!n) continue;
+        int s0 = s->grp_start[e];
+        jobs[nj++] = (mm_job){.type = tg, .n_cols = E,
+                              .w = L->gate_exps.data + (size_t)e * L->gate_exps.mat_bytes,
+                              .row_bytes = L->gate_exps.row_bytes,
+                              .xq = s->xq_h + (size_t)s0 * sg, .xq_stride = sg, .n_vec = n,
+                              .y = s->g + (size_t)s0 * F, .y_stride = (size_t)F, .n_rows = F};
+    }
+    ops_mm_run(cc, jobs, nj);
+
+    /* 4. up: only active rows for single-token groups, dense otherwise */
+    nj = 0;
+    uint64_t active_total = 0;
+    for (int e = 0; e < X; e++) {
+        int n = s->grp_start[e + 1] - s->grp_start[e];
+        if (!n) continue;
+        int s0 = s->grp_start[e];
+        mm_job j = {.type = tu, .n_cols = E,
+                    .w = L->up_exps.data + (size_t)e * L->up_exps.mat_bytes,
+                    .row_bytes = L->up_exps.row_bytes, .xq = xq_up + (size_t)s0 * su,
+                    .xq_stride = su, .n_vec = n, .y = s->u + (size_t)s0 * F,
+                    .y_stride = (size_t)F, .n_rows = F};
+        for (int slot = s0; slot < s0 + n; slot++) {
+            const float *g = s->g + (size_t)slot * F;
+            for (int i = 0; i < F; i++) active_total += g[i] > 0.0f;
+        }
+        if (n == 1) {
+            int32_t *act = s->active + (size_t)s0 * F;
+            int na = 0;
+            const float *g = s->g + (size_t)s0 * F;
+            for (int i = 0; i < F; i++)
+                if (g[i] > 0.0f) act[na++] = i;
+            j.rows = act;
+            j.n_rows = na;
+        }
+        jobs[nj++] = j;
+    }
+    ops_mm_run(cc, jobs, nj);
+    if (stats) {
+        stats->neurons_total += (uint64_t)S * F;
+        stats->neurons_active += active_total;
+    }
+
+    /* 5. ReGLU activation, quantized for down */
+    for (int slot = 0; slot < S; slot++) {
+        float *g = s->g + (size_t)slot * F;
+        const float *u = s->u + (size_t)slot * F;
+        for (int i = 0; i < F; i++) g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+        cc->ops->quantize_act(td, g, s->xq_a + (size_t)slot * sd, F);
+    }
+
+    /* 6. down for every group, one section */
+    nj = 0;
+    for (int e = 0; e < X; e++) {
+        int n = s->grp_start[e + 1] - s->grp_start[e];
+        if (!n) continue;
+        int s0 = s->grp_start[e];
+        jobs[nj++] = (mm_job){.type = td, .n_cols = F,
+                              .w = L->down_exps.data + (size_t)e * L->down_exps.mat_bytes,
+                              .row_bytes = L->down_exps.row_bytes,
+                              .xq = s->xq_a + (size_t)s0 * sd, .xq_stride = sd, .n_vec = n,
+                              .y = s->y + (size_t)s0 * E, .y_stride = (size_t)E, .n_rows = E};
+    }
+    ops_mm_run(cc, jobs, nj);
+
+    /* 7. weighted sum in k order */
+    for (int t = 0; t < T; t++) {
+        float *o = out + (size_t)t * E;
+        for (int k = 0; k < K; k++) {
+            const float wk = w[t * K + k];
+            const float *y = s->y + (size_t)s->slot_of[t * K + k] * E;
+            if (k == 0)
+                for (int i = 0; i < E; i++) o[i] = y[i] * wk;
+            else
+                for (int i = 0; i < E; i++) o[i] += y[i] * wk;
+        }
+    }
+}

@@ -1,0 +1,24 @@
+/* moe: the routed ReGLU experts of one layer for a micro-batch.
+ *
+ * out[t] = sum_k w[t][k] * down_e · (relu(gate_e · h[t]) * (up_e · h[t])), e = sel[t][k],
+ * summed in k order as ggml does. Tokens are grouped by expert so each expert's weights are read
+ * once per batch. For a single token, rows of `up` whose gate is not positive are skipped: a
+ * neuron with relu(gate) == 0 contributes exactly 0, so skipping it changes no bit. */
+#ifndef STP_MOE_H
+#define STP_MOE_H
+
+#include "model/engine.h"
+#include "model/ops.h"
+
+typedef struct moe_scratch moe_scratch;
+
+int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, stp_err *err);
+void moe_scratch_destroy(moe_scratch **self_p);
+size_t moe_scratch_bytes(const moe_scratch *s);
+
+/* h: (T, n_embd) normed FFN input; sel, w: (T, n_expert_used); out: (T, n_embd). */
+void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
+                 const int32_t *sel, const float *w, float *out, moe_scratch *s,
+                 engine_stats *stats);
+
+#endif

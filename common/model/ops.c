@@ -1,0 +1,144 @@
+/* ops: layer building blocks with ggml-compatible rounding; see ops.h. */
+#include "model/ops.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct mm_section {
+    const compute_ctx *cc;
+    const mm_job *jobs;
+    int n_jobs;
+    int64_t total; /* total (row x vector) work units */
+} mm_section;
+
+static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, int64_t r1) {
+    const kern_ops *ops = cc->ops;
+    if (j->rows) {
+        for (int64_t i = r0; i < r1; i++) {
+            int32_t r = j->rows[i];
+            j->y[r] = ops->vec_dot(j->type, j->n_cols, j->w + (size_t)r * j->row_bytes, j->xq);
+        }
+        return;
+    }
+    if (j->n_vec > 1 && ops->matmat) {
+        ops->matmat(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->xq_stride, j->n_vec,
+                    j->y + r0, j->y_stride, r0, r1);
+        return;
+    }
+    for (int v = 0; v < j->n_vec; v++)
+        ops->matvec(j->type, j->n_cols, j->w, j->row_bytes, j->xq + (size_t)v * j->xq_stride,
+                    j->y + (size_t)v * j->y_stride + r0, r0, r1);
+}
+
+static void s_mm_worker(void *p, int ith, int nth) {
+    const mm_section *s = p;
+    /* Split the concatenated rows of all jobs evenly; rows come in groups of 4 for SIMD. */
+    int64_t rows_total = 0;
+    for (int i = 0; i < s->n_jobs; i++) rows_total += s->jobs[i].n_rows;
+    long b, e;
+    threadpool_chunk((long)rows_total, ith, nth, 4, &b, &e);
+    int64_t base = 0;
+    for (int i = 0; i < s->n_jobs && b < e; i++) {
+        const mm_job *j = &s->jobs[i];
+        int64_t lo = base, hi = base + j->n_rows;
+        base = hi;
+        if (hi <= b || lo >= e) continue;
+        int64_t r0 = (b > lo ? b : lo) - lo, r1 = (e < hi ? e : hi) - lo;
+        s_mm_job_range(s->cc, j, r0, r1);
+    }
+}
+
+void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
+    mm_section s = {cc, jobs, n_jobs, 0};
+    threadpool_run(cc->tp, s_mm_worker, &s);
+}
+
+size_t ops_quantize_acts(const compute_ctx *cc, stp_type wtype, const float *x, int64_t n, int T,
+                         uint8_t *xq) {
+    size_t stride = kern_act_size(wtype, n);
+    for (int t = 0; t < T; t++) cc->ops->quantize_act(wtype, x + (size_t)t * n, xq + t * stride, n);
+    return stride;
+}
+
+void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const float *x, int T,
+                float *y, uint8_t *xq_scratch) {
+    size_t stride = ops_quantize_acts(cc, w->type, x, w->n_cols, T, xq_scratch);
+    mm_job j = {
+        .type = w->type,
+        .n_cols = w->n_cols,
+        .w = w->data + (size_t)mat * w->mat_bytes,
+        .row_bytes = w->row_bytes,
+        .xq = xq_scratch,
+        .xq_stride = stride,
+        .n_vec = T,
+        .y = y,
+        .y_stride = (size_t)w->n_rows,
+        .n_rows = w->n_rows,
+    };
+    ops_mm_run(cc, &j, 1);
+}
+
+void ops_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+    const float mean = (float)(sum / n);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    for (int i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
+}
+
+void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base) {
+    const int half = head_dim / 2;
+    const float theta_scale = powf(base, -2.0f / (float)head_dim);
+    float cs[STP_MAX_HEAD_DIM / 2], sn[STP_MAX_HEAD_DIM / 2];
+    float theta = (float)pos;
+    for (int i = 0; i < half; i++) {
+        cs[i] = cosf(theta);
+        sn[i] = sinf(theta);
+        theta *= theta_scale;
+    }
+    for (int h = 0; h < n_heads; h++) {
+        float *q = v + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float x0 = q[i], x1 = q[i + half];
+            q[i] = x0 * cs[i] - x1 * sn[i];
+            q[i + half] = x0 * sn[i] + x1 * cs[i];
+        }
+    }
+}
+
+void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float *weight) {
+    const int X = cfg->n_expert, K = cfg->n_expert_used;
+    float probs[STP_MAX_EXPERTS];
+    if (cfg->gating == GATING_SIGMOID) {
+        for (int i = 0; i < X; i++) probs[i] = 1.0f / (1.0f + expf(-logits[i]));
+    } else {
+        float max = -INFINITY;
+        for (int i = 0; i < X; i++) max = logits[i] > max ? logits[i] : max;
+        double sum = 0.0;
+        for (int i = 0; i < X; i++) {
+            probs[i] = expf(logits[i] - max);
+            sum += probs[i];
+        }
+        const float inv = (float)(1.0 / sum);
+        for (int i = 0; i < X; i++) probs[i] *= inv;
+    }
+    /* top-k by probability; ties keep the lower expert index first */
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int i = 0; i < X; i++) {
+            bool taken = false;
+            for (int j = 0; j < k; j++) taken = taken || sel[j] == i;
+            if (taken) continue;
+            if (best < 0 || probs[i] > probs[best]) best = i;
+        }
+        sel[k] = best;
+    }
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) sum += probs[sel[k]];
+    for (int k = 0; k < K; k++) weight[k] = probs[sel[k]] / sum;
+}
+
+void ops_embed(const compute_ctx *cc, const tensor_view *tok_embd, int32_t id, float *out) {
+    cc->ops->dequantize_row(tok_embd->type, tok_embd->data + (size_t)id * tok_embd->row_bytes, out,
+                            tok_embd->n_cols);
+}

@@ -1,0 +1,172 @@
+/* sampler: greedy and temperature sampling with the usual filters; see sampler.h. */
+#include "model/sampler.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cand {
+    int32_t id;
+    float logit;
+    float p;
+} cand;
+
+struct sampler {
+    sampler_params p;
+    int n_vocab;
+    uint64_t rng[2];
+    cand *c;
+    int32_t *hist;  /* ring of the last penalty_last_n tokens */
+    int hist_n, hist_pos;
+    int32_t *count; /* (n_vocab) occurrences in hist */
+};
+
+void sampler_params_default(sampler_params *p) {
+    memset(p, 0, sizeof *p);
+    p->temperature = 0.0f;
+    p->top_p = 1.0f;
+    p->repeat_penalty = 1.0f;
+    p->penalty_last_n = 64;
+    p->seed = 0x5eed;
+}
+
+static uint64_t s_splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* xoroshiro128+ uniform in [0, 1) */
+static double s_uniform(uint64_t s[2]) {
+    uint64_t s0 = s[0], s1 = s[1], r = s0 + s1;
+    s1 ^= s0;
+    s[0] = ((s0 << 24) | (s0 >> 40)) ^ s1 ^ (s1 << 16);
+    s[1] = (s1 << 37) | (s1 >> 27);
+    return (double)(r >> 11) * (1.0 / 9007199254740992.0);
+}
+
+int sampler_new(sampler **out, const sampler_params *p, int n_vocab, stp_err *err) {
+    *out = NULL;
+    sampler *s = calloc(1, sizeof *s);
+    if (!s) return stp_err_set(err, STP_ENOMEM, "sampler: out of memory");
+    s->p = *p;
+    if (s->p.penalty_last_n < 0) s->p.penalty_last_n = 0;
+    s->n_vocab = n_vocab;
+    s->c = malloc(sizeof(cand) * (size_t)n_vocab);
+    s->count = calloc((size_t)n_vocab, sizeof(int32_t));
+    s->hist = malloc(sizeof(int32_t) * (size_t)(s->p.penalty_last_n + 1));
+    if (!s->c || !s->count || !s->hist) {
+        sampler_destroy(&s);
+        return stp_err_set(err, STP_ENOMEM, "sampler: out of memory");
+    }
+    uint64_t x = p->seed;
+    s->rng[0] = s_splitmix(&x);
+    s->rng[1] = s_splitmix(&x);
+    *out = s;
+    return 0;
+}
+
+void sampler_destroy(sampler **self_p) {
+    sampler *s = *self_p;
+    if (!s) return;
+    free(s->c);
+    free(s->count);
+    free(s->hist);
+    free(s);
+    *self_p = NULL;
+}
+
+void sampler_reset(sampler *s) {
+    memset(s->count, 0, sizeof(int32_t) * (size_t)s->n_vocab);
+    s->hist_n = s->hist_pos = 0;
+}
+
+void sampler_accept(sampler *s, int32_t id) {
+    int cap = s->p.penalty_last_n;
+    if (cap <= 0 || id < 0 || id >= s->n_vocab) return;
+    if (s->hist_n == cap) {
+        s->count[s->hist[s->hist_pos]]--;
+    } else {
+        s->hist_n++;
+    }
+    s->hist[s->hist_pos] = id;
+    s->count[id]++;
+    s->hist_pos = (s->hist_pos + 1) % cap;
+}
+
+int32_t sampler_argmax(const float *logits, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
+static int s_cmp_cand(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
+    return x->id - y->id;
+}
+
+int32_t sampler_sample(sampler *s, float *logits) {
+    const sampler_params *p = &s->p;
+    /* penalties over the recent history (llama.cpp's rule: divide positive logits) */
+    if (s->hist_n > 0 && (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f ||
+                          p->frequency_penalty != 0.0f)) {
+        for (int i = 0; i < s->hist_n; i++) {
+            int32_t id = s->hist[i];
+            if (s->count[id] <= 0) continue;
+            float *l = &logits[id];
+            /* each distinct id once: mark by negating its count, restore below */
+            if (p->repeat_penalty != 1.0f) *l = *l > 0 ? *l / p->repeat_penalty : *l * p->repeat_penalty;
+            *l -= (float)s->count[id] * p->frequency_penalty + p->presence_penalty;
+            s->count[id] = -s->count[id];
+        }
+        for (int i = 0; i < s->hist_n; i++)
+            if (s->count[s->hist[i]] < 0) s->count[s->hist[i]] = -s->count[s->hist[i]];
+    }
+    if (p->temperature <= 0.0f) return sampler_argmax(logits, s->n_vocab);
+
+    int n = s->n_vocab;
+    for (int i = 0; i < n; i++) s->c[i] = (cand){i, logits[i], 0};
+    int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
+    qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand); /* full sort: simple and exact on ties */
+    n = k;
+    /* softmax for the filters */
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        s->c[i].p = expf(s->c[i].logit - s->c[0].logit);
+        sum += s->c[i].p;
+    }
+    for (int i = 0; i < n; i++) s->c[i].p = (float)(s->c[i].p / sum);
+    if (p->top_p < 1.0f) {
+        double cum = 0;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            cum += s->c[i].p;
+            if (cum >= p->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = keep;
+    }
+    if (p->min_p > 0.0f) {
+        float thr = s->c[0].p * p->min_p;
+        int keep = 1;
+        while (keep < n && s->c[keep].p >= thr) keep++;
+        n = keep;
+    }
+    /* temperature, then draw */
+    sum = 0;
+    for (int i = 0; i < n; i++) {
+        s->c[i].p = expf((s->c[i].logit - s->c[0].logit) / p->temperature);
+        sum += s->c[i].p;
+    }
+    double r = s_uniform(s->rng) * sum, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += s->c[i].p;
+        if (r < acc) return s->c[i].id;
+    }
+    return s->c[n - 1].id;
+}

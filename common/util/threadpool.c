@@ -1,0 +1,149 @@
+/* threadpool: fork-join sections over a fixed team; see threadpool.h.
+ *
+ * Invariants:
+ * 1. `gen` only increases; a worker runs a section exactly once per increment it observes.
+ * 2. `pending` counts workers still inside the current section; the caller returns only when it
+ *    reaches 0, so fn/ctx stay valid for the whole section.
+ * 3. Sleeping happens only on futexes (gen for workers, pending for the caller) after a bounded
+ *    spin, so an idle pool burns no CPU. */
+#include "util/threadpool.h"
+
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SPIN_NS 200000L /* how long a waiter spins before sleeping */
+
+struct threadpool {
+    int n;
+    pthread_t *threads;
+    _Atomic int gen;      /* section generation (futex word for workers) */
+    _Atomic int pending;  /* workers not yet done with the current section (futex word) */
+    _Atomic int stop;
+    threadpool_fn fn;
+    void *ctx;
+};
+
+typedef struct worker_arg {
+    threadpool *tp;
+    int ith;
+} worker_arg;
+
+static long s_futex(_Atomic int *addr, int op, int val) {
+    return syscall(SYS_futex, (int *)addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
+}
+
+static long s_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* Waits until *addr != old, spinning first. */
+static void s_wait_change(_Atomic int *addr, int old) {
+    long t0 = 0;
+    for (int i = 0;; i++) {
+        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+        if ((i & 255) == 255) {
+            long t = s_now_ns();
+            if (!t0) t0 = t;
+            else if (t - t0 > SPIN_NS) break;
+        }
+        _mm_pause();
+    }
+    while (atomic_load_explicit(addr, memory_order_acquire) == old) s_futex(addr, FUTEX_WAIT, old);
+}
+
+static void *s_worker(void *p) {
+    worker_arg *a = p;
+    threadpool *tp = a->tp;
+    int ith = a->ith;
+    free(a);
+    int seen = 0; /* gen is 0 at creation: a section started before this thread ran is not missed */
+    for (;;) {
+        s_wait_change(&tp->gen, seen);
+        seen = atomic_load_explicit(&tp->gen, memory_order_acquire);
+        if (atomic_load(&tp->stop)) break;
+        tp->fn(tp->ctx, ith, tp->n);
+        if (atomic_fetch_sub_explicit(&tp->pending, 1, memory_order_acq_rel) == 1)
+            s_futex(&tp->pending, FUTEX_WAKE, 1);
+    }
+    return NULL;
+}
+
+int threadpool_new(threadpool **out, int n_threads, stp_err *err) {
+    *out = NULL;
+    if (n_threads < 1 || n_threads > 256)
+        return stp_err_set(err, STP_EINVAL, "threads must be 1..256, got %d", n_threads);
+    threadpool *tp = calloc(1, sizeof *tp);
+    if (!tp) return stp_err_set(err, STP_ENOMEM, "threadpool: out of memory");
+    tp->n = 1;
+    tp->threads = calloc((size_t)n_threads, sizeof *tp->threads);
+    if (!tp->threads) goto fail;
+    for (int i = 1; i < n_threads; i++) {
+        worker_arg *a = malloc(sizeof *a);
+        if (!a) goto fail;
+        a->tp = tp;
+        a->ith = i;
+        if (pthread_create(&tp->threads[i], NULL, s_worker, a)) {
+            free(a);
+            goto fail;
+        }
+        tp->n = i + 1;
+    }
+    *out = tp;
+    return 0;
+fail:
+    threadpool_destroy(&tp);
+    return stp_err_set(err, STP_ENOMEM, "threadpool: cannot start %d threads", n_threads);
+}
+
+void threadpool_destroy(threadpool **self_p) {
+    threadpool *tp = *self_p;
+    if (!tp) return;
+    atomic_store(&tp->stop, 1);
+    atomic_fetch_add(&tp->gen, 1);
+    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
+    for (int i = 1; i < tp->n; i++) pthread_join(tp->threads[i], NULL);
+    free(tp->threads);
+    free(tp);
+    *self_p = NULL;
+}
+
+int threadpool_size(const threadpool *tp) {
+    return tp ? tp->n : 1;
+}
+
+void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx) {
+    if (!tp || tp->n == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    tp->fn = fn;
+    tp->ctx = ctx;
+    atomic_store_explicit(&tp->pending, tp->n - 1, memory_order_release);
+    atomic_fetch_add_explicit(&tp->gen, 1, memory_order_acq_rel);
+    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
+    fn(ctx, 0, tp->n);
+    for (;;) {
+        int p = atomic_load_explicit(&tp->pending, memory_order_acquire);
+        if (p == 0) break;
+        s_wait_change(&tp->pending, p);
+    }
+}
+
+void threadpool_chunk(long n, int ith, int nth, long align, long *begin, long *end) {
+    if (align < 1) align = 1;
+    long units = (n + align - 1) / align;
+    long per = units / nth, extra = units % nth;
+    long ub = ith * per + (ith < extra ? ith : extra);
+    long ue = ub + per + (ith < extra ? 1 : 0);
+    long b = ub * align, e = ue * align;
+    *begin = b < n ? b : n;
+    *end = e < n ? e : n;
+}

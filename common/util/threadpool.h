@@ -1,0 +1,23 @@
+/* threadpool: a fixed team of threads that run one parallel section at a time.
+ *
+ * threadpool_run(tp, fn, ctx) calls fn(ctx, ith, nth) on every thread of the team (the caller is
+ * thread 0) and returns when all have finished. Workers wait for the next section by spinning
+ * briefly (a section usually follows within microseconds during decoding) and then sleeping on a
+ * futex, so an idle engine uses no CPU. Not reentrant: one section at a time per pool. */
+#ifndef STP_THREADPOOL_H
+#define STP_THREADPOOL_H
+
+#include "util/stp_err.h"
+
+typedef struct threadpool threadpool;
+typedef void (*threadpool_fn)(void *ctx, int ith, int nth);
+
+int threadpool_new(threadpool **out, int n_threads, stp_err *err);
+void threadpool_destroy(threadpool **self_p);
+int threadpool_size(const threadpool *tp);
+void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx);
+
+/* Splits [0, n) into nth nearly equal chunks (multiples of align when possible); thread ith's. */
+void threadpool_chunk(long n, int ith, int nth, long align, long *begin, long *end);
+
+#endif

@@ -1,0 +1,309 @@
+/* cli_generate: `stpipe generate`, text generation in-process (the reference engine).
+ * Parses the flags into a generate_opts, builds the prompt (text, ids or chat), evaluates it
+ * in one batched pass, then samples token by token, streaming text (or ids) to stdout and
+ * timings to stderr. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "model/engine.h"
+#include "model/sampler.h"
+#include "tokenizer/tokenizer.h"
+
+typedef struct generate_opts {
+    const char *model, *prompt, *prompt_ids, *prompt_file, *system, *logits_out, *pipeline;
+    bool chat, ids_out, ignore_eos, no_parse_special, quiet;
+    long long n_predict, threads, ctx;
+    sampler_params sp;
+} generate_opts;
+
+static void s_usage(FILE *f) {
+    fprintf(f,
+            "usage: stpipe generate --model FILE (--prompt TEXT | --prompt-ids \"ID ...\" | --file F)\n"
+            "                       [options]\n"
+            "  --model FILE          SmallThinker GGUF file\n"
+            "  --prompt TEXT         prompt text (special tokens like <|im_start|> are parsed)\n"
+            "  --prompt-ids \"I ...\"  prompt as token ids (no tokenizer needed)\n"
+            "  --file F              read the prompt text from F (- for stdin)\n"
+            "  --chat                wrap the prompt as a ChatML user message (+ --system TEXT)\n"
+            "  --system TEXT         system message for --chat\n"
+            "  --n-predict N         tokens to generate (default 64; -1 = until end of text)\n"
+            "  --temp T              temperature (default 0 = greedy, ties to the lowest id)\n"
+            "  --top-k K --top-p P --min-p P   sampling filters (off by default)\n"
+            "  --repeat-penalty R --presence-penalty P --frequency-penalty F\n"
+            "  --seed S              random seed for sampling (default 24301)\n"
+            "  --threads N           compute threads (default 2)\n"
+            "  --ctx-size N          context length (default min(model, 4096))\n"
+            "  --ids                 print generated token ids on one line instead of text\n"
+            "  --ignore-eos          keep generating after an end-of-generation token\n"
+            "  --no-parse-special    treat <|...|> in the prompt as plain text\n"
+            "  --logits-out FILE     write float32 logits of every prompt position [n_prompt][n_vocab]\n"
+            "  --quiet               no timings on stderr\n");
+}
+
+static double s_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int s_parse(int argc, char **argv, generate_opts *o) {
+    memset(o, 0, sizeof *o);
+    sampler_params_default(&o->sp);
+    o->sp.seed = 24301;
+    o->n_predict = 64;
+    o->threads = 2;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        double d;
+        long long n;
+#define NEEDV                                                                                      \
+    if (!v) {                                                                                      \
+        fprintf(stderr, "stpipe generate: %s needs a value\n", a);                                 \
+        return 2;                                                                                  \
+    }                                                                                              \
+    i++;
+        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
+            s_usage(stdout);
+            return 1;
+        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) { NEEDV o->model = v; }
+        else if (cli_opt_is(a, "--prompt") || cli_opt_is(a, "-p")) { NEEDV o->prompt = v; }
+        else if (cli_opt_is(a, "--prompt-ids")) { NEEDV o->prompt_ids = v; }
+        else if (cli_opt_is(a, "--file") || cli_opt_is(a, "-f")) { NEEDV o->prompt_file = v; }
+        else if (cli_opt_is(a, "--system")) { NEEDV o->system = v; }
+        else if (cli_opt_is(a, "--logits-out")) { NEEDV o->logits_out = v; }
+        else if (cli_opt_is(a, "--pipeline")) { NEEDV o->pipeline = v; }
+        else if (cli_opt_is(a, "--chat")) o->chat = true;
+        else if (cli_opt_is(a, "--ids")) o->ids_out = true;
+        else if (cli_opt_is(a, "--ignore-eos")) o->ignore_eos = true;
+        else if (cli_opt_is(a, "--no-parse-special")) o->no_parse_special = true;
+        else if (cli_opt_is(a, "--quiet")) o->quiet = true;
+        else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
+            NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
+        } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
+            NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
+        } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
+            NEEDV if (cli_parse_int(v, a, 1, 1 << 24, &o->ctx)) return 2;
+        } else if (cli_opt_is(a, "--seed")) {
+            NEEDV if (cli_parse_int(v, a, 0, (1LL << 62), &n)) return 2;
+            o->sp.seed = (uint64_t)n;
+        } else if (cli_opt_is(a, "--top-k")) {
+            NEEDV if (cli_parse_int(v, a, 0, 1 << 24, &n)) return 2;
+            o->sp.top_k = (int)n;
+        } else if (cli_opt_is(a, "--temp")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.temperature = (float)d;
+        } else if (cli_opt_is(a, "--top-p")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.top_p = (float)d;
+        } else if (cli_opt_is(a, "--min-p")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.min_p = (float)d;
+        } else if (cli_opt_is(a, "--repeat-penalty")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.repeat_penalty = (float)d;
+        } else if (cli_opt_is(a, "--presence-penalty")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.presence_penalty = (float)d;
+        } else if (cli_opt_is(a, "--frequency-penalty")) {
+            NEEDV if (cli_parse_float(v, a, &d)) return 2;
+            o->sp.frequency_penalty = (float)d;
+        } else {
+            fprintf(stderr, "stpipe generate: unknown option '%s' (see stpipe generate --help)\n", a);
+            return 2;
+        }
+#undef NEEDV
+    }
+    if (!o->model) {
+        fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
+        return 2;
+    }
+    if (!!o->prompt + !!o->prompt_ids + !!o->prompt_file != 1) {
+        fprintf(stderr, "stpipe generate: give exactly one of --prompt, --prompt-ids, --file\n");
+        return 2;
+    }
+    if (o->pipeline) {
+        fprintf(stderr, "stpipe generate: --pipeline is not available in this build yet\n");
+        return 2;
+    }
+    return 0;
+}
+
+/* Builds the prompt ids; returns count or -1. */
+static int s_prompt_ids(const generate_opts *o, const tokenizer *tok, int32_t **ids) {
+    if (o->prompt_ids) return cli_parse_ids(o->prompt_ids, ids);
+    size_t len = 0;
+    char *owned = NULL;
+    const char *text = o->prompt;
+    if (o->prompt_file) {
+        owned = cli_read_file(o->prompt_file, &len);
+        if (!owned) return -1;
+        text = owned;
+    } else {
+        len = strlen(text);
+    }
+    stp_err err = {0};
+    char *chat = NULL;
+    if (o->chat) {
+        chat_msg msgs[2];
+        size_t n = 0;
+        if (o->system) msgs[n++] = (chat_msg){"system", o->system};
+        msgs[n++] = (chat_msg){"user", text};
+        if (tokenizer_chat_format(tok, msgs, n, true, &chat, &err)) {
+            fprintf(stderr, "stpipe generate: %s\n", err.msg);
+            free(owned);
+            return -1;
+        }
+        text = chat;
+        len = strlen(chat);
+    }
+    size_t n_ids = 0;
+    int flags = o->no_parse_special && !o->chat ? 0 : TOK_PARSE_SPECIAL;
+    int rc = tokenizer_encode(tok, text, len, flags, ids, &n_ids, &err);
+    free(owned);
+    free(chat);
+    if (rc) {
+        fprintf(stderr, "stpipe generate: cannot tokenize the prompt: %s\n", err.msg);
+        return -1;
+    }
+    return (int)n_ids;
+}
+
+int cli_generate(int argc, char **argv) {
+    generate_opts o;
+    int rc = s_parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : rc;
+
+    stp_err err = {0};
+    model *m = NULL;
+    tokenizer *tok = NULL;
+    engine *e = NULL;
+    sampler *smp = NULL;
+    int32_t *ids = NULL, *gen = NULL;
+    float *logits = NULL;
+    int status = 1;
+
+    double t0 = s_now();
+    if (model_open(&m, o.model, &err)) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    if (m->warning[0] && !o.quiet) fprintf(stderr, "warning: %s\n", m->warning);
+    bool need_tok = !o.prompt_ids || !o.ids_out;
+    if (need_tok && tokenizer_new(&tok, m->gguf, &err)) {
+        if (!o.prompt_ids) {
+            fprintf(stderr, "stpipe generate: %s\n", err.msg);
+            goto out;
+        }
+        tok = NULL; /* ids in, text out without a tokenizer: print ids instead */
+        o.ids_out = true;
+    }
+    int n_prompt = s_prompt_ids(&o, tok, &ids);
+    if (n_prompt < 0) goto out;
+    if (n_prompt == 0) {
+        fprintf(stderr, "stpipe generate: the prompt is empty (no tokens)\n");
+        goto out;
+    }
+    engine_params ep = {.n_threads = (int)o.threads, .n_ctx = (int)o.ctx};
+    if (engine_new(&e, m, &ep, &err)) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    const int V = m->cfg.n_vocab;
+    if (n_prompt > engine_n_ctx(e)) {
+        fprintf(stderr,
+                "stpipe generate: the prompt has %d tokens but the context holds %d "
+                "(use --ctx-size up to %d or a shorter prompt)\n",
+                n_prompt, engine_n_ctx(e), m->cfg.n_ctx_train);
+        goto out;
+    }
+    if (sampler_new(&smp, &o.sp, V, &err)) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    logits = malloc(sizeof(float) * (size_t)V * (o.logits_out ? (size_t)n_prompt : 1));
+    long long n_max = o.n_predict < 0 ? engine_n_ctx(e) - n_prompt : o.n_predict;
+    gen = malloc(sizeof(int32_t) * (size_t)(n_max > 0 ? n_max : 1));
+    if (!logits || !gen) {
+        fprintf(stderr, "stpipe generate: out of memory\n");
+        goto out;
+    }
+    double t_load = s_now() - t0;
+
+    t0 = s_now();
+    if (engine_eval(e, ids, n_prompt, logits, o.logits_out != NULL, &err)) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    double t_prompt = s_now() - t0;
+    if (o.logits_out) {
+        FILE *f = fopen(o.logits_out, "wb");
+        if (!f || fwrite(logits, sizeof(float), (size_t)V * n_prompt, f) != (size_t)V * n_prompt) {
+            fprintf(stderr, "stpipe generate: cannot write '%s'\n", o.logits_out);
+            if (f) fclose(f);
+            goto out;
+        }
+        fclose(f);
+        memmove(logits, logits + (size_t)(n_prompt - 1) * V, sizeof(float) * V);
+    }
+    for (int i = 0; i < n_prompt; i++) sampler_accept(smp, ids[i]);
+
+    tok_stream ts;
+    if (tok) tok_stream_init(&ts, tok);
+    char buf[1024];
+    int n_gen = 0;
+    t0 = s_now();
+    while (n_gen < n_max) {
+        int32_t id = sampler_sample(smp, logits);
+        gen[n_gen++] = id;
+        sampler_accept(smp, id);
+        bool eog = tok && tokenizer_is_eog(tok, id);
+        if (!o.ids_out && !eog) {
+            size_t nb = tok_stream_push(&ts, id, buf, sizeof buf);
+            fwrite(buf, 1, nb, stdout);
+            fflush(stdout);
+        }
+        if (eog && !o.ignore_eos) break;
+        if (n_gen == n_max) break;
+        if (engine_n_past(e) >= engine_n_ctx(e)) {
+            fprintf(stderr, "\nstpipe generate: context full after %d tokens\n", n_gen);
+            break;
+        }
+        if (engine_eval(e, &id, 1, logits, false, &err)) {
+            fprintf(stderr, "\nstpipe generate: %s\n", err.msg);
+            goto out;
+        }
+    }
+    double t_gen = s_now() - t0;
+    if (o.ids_out) {
+        for (int i = 0; i < n_gen; i++) printf(i ? " %d" : "%d", gen[i]);
+        printf("\n");
+    } else {
+        size_t nb = tok_stream_flush(&ts, buf, sizeof buf);
+        fwrite(buf, 1, nb, stdout);
+        printf("\n");
+    }
+    if (!o.quiet) {
+        const engine_stats *st = engine_get_stats(e);
+        fprintf(stderr,
+                "load %.2f s | prompt %d tokens in %.3f s (%.1f tok/s) | generated %d tokens in "
+                "%.3f s (%.1f tok/s) | experts: %.1f%% of neurons idle\n",
+                t_load, n_prompt, t_prompt, n_prompt / t_prompt, n_gen, t_gen,
+                n_gen > 1 ? (n_gen - 1) / t_gen : 0.0,
+                st->neurons_total ? 100.0 * (1.0 - (double)st->neurons_active / st->neurons_total)
+                                  : 0.0);
+    }
+    status = 0;
+out:
+    free(ids);
+    free(gen);
+    free(logits);
+    sampler_destroy(&smp);
+    engine_destroy(&e);
+    tokenizer_destroy(&tok);
+    model_close(&m);
+    return status;
+}
