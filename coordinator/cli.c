@@ -15,6 +15,7 @@ static const cli_cmd s_cmds[] = {
     {"info", cli_info, "show a model's architecture, tensors and memory needs"},
     {"tokenize", cli_tokenize, "print the token ids of a text"},
     {"detokenize", cli_detokenize, "print the text of token ids"},
+    {"bench", cli_bench, "measure prompt and generation throughput (like llama-bench)"},
 };
 
 static void s_usage(FILE *out) {

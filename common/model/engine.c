@@ -11,6 +11,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "model/attention.h"
 #include "model/kv_cache.h"
@@ -98,6 +99,12 @@ void engine_destroy(engine **self_p) {
     *self_p = NULL;
 }
 
+static uint64_t s_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* LM head for one normed vector: logits = output · h (rows split over the team). */
 static void s_lm_head(engine *e, const float *h, float *logits) {
     ops_matmul(&e->cc, &e->m->output, 0, h, 1, logits, e->xq);
@@ -110,12 +117,22 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
     const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
     const int pos0 = e->n_past;
 
+    engine_stats *st = &e->stats;
+    uint64_t t0 = s_ns(), t1;
     for (int t = 0; t < T; t++) ops_embed(&e->cc, &m->tok_embd, tokens[t], e->x + (size_t)t * E);
+    t1 = s_ns();
+    st->ns_embed += t1 - t0;
 
     for (int il = 0; il < c->n_layer; il++) {
         const layer_weights *L = &m->layers[il];
+        t0 = t1;
         attention_router(&e->cc, m, il, e->x, T, e->rlogits, e->as);
+        t1 = s_ns();
+        st->ns_router += t1 - t0;
         attention_forward(&e->cc, m, e->kv, il, e->x, T, pos0, e->as);
+        t0 = t1;
+        t1 = s_ns();
+        st->ns_attn += t1 - t0;
         for (int t = 0; t < T; t++) {
             ops_rmsnorm(e->x + (size_t)t * E, L->ffn_norm, e->h + (size_t)t * E, E, c->rms_eps);
             ops_route(c, e->rlogits + (size_t)t * X, e->sel + (size_t)t * K,
@@ -123,6 +140,9 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
         }
         moe_forward(&e->cc, m, il, e->h, T, e->sel, e->selw, e->ffn, e->ms, &e->stats);
         for (size_t i = 0; i < (size_t)T * E; i++) e->x[i] = e->ffn[i] + e->x[i];
+        t0 = t1;
+        t1 = s_ns();
+        st->ns_moe += t1 - t0;
     }
 
     e->n_past += T;
@@ -133,6 +153,7 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
         ops_rmsnorm(e->x + (size_t)t * E, m->output_norm, e->h, E, c->rms_eps);
         s_lm_head(e, e->h, all_logits ? logits + (size_t)t * c->n_vocab : logits);
     }
+    st->ns_head += s_ns() - t1;
 }
 
 int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
@@ -176,4 +197,7 @@ size_t engine_scratch_bytes(const engine *e) {
 }
 const engine_stats *engine_get_stats(const engine *e) {
     return &e->stats;
+}
+void engine_reset_stats(engine *e) {
+    memset(&e->stats, 0, sizeof e->stats);
 }

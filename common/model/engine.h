@@ -22,6 +22,7 @@ typedef struct engine_stats {
     uint64_t tokens;          /* tokens evaluated */
     uint64_t neurons_total;   /* expert neurons evaluated (token x expert x n_ff) */
     uint64_t neurons_active;  /* of which relu(gate) > 0 */
+    uint64_t ns_embed, ns_router, ns_attn, ns_moe, ns_head; /* time per stage, nanoseconds */
 } engine_stats;
 
 typedef struct engine engine;
@@ -40,5 +41,6 @@ int engine_n_ctx(const engine *e);
 size_t engine_kv_bytes(const engine *e);
 size_t engine_scratch_bytes(const engine *e);
 const engine_stats *engine_get_stats(const engine *e);
+void engine_reset_stats(engine *e);
 
 #endif
