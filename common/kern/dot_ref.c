@@ -5,6 +5,7 @@
  * equals dequantize(w) · dequantize(xq) up to float32 summation order. Q4_1 adds m_w * s_x with
  * the activation's stored fp16 block sum s (as ggml; NOT d_x * sum q). Float types accumulate
  * in double like ggml's generic ggml_vec_dot_f16/f32. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,17 +13,26 @@
 
 /* ---- 32-element blocks ---------------------------------------------------------------------- */
 
-static float s_dot_q4_0(int64_t nb, const block_q4_0 *x, const block_q8_0 *y) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < 16; j++) {
-            sumi += ((x[i].qs[j] & 0xF) - 8) * y[i].qs[j];
-            sumi += ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + 16];
-        }
-        sum += (float)sumi * (kern_fp16_to_f32(x[i].d) * kern_fp16_to_f32(y[i].d));
+/* Q4_0 (ggml's repacked q4_0_8x8 gemv/gemm order, used for every Q4_0 matrix with a row count
+ * divisible by 8): per block the exact integer dot, then ONE fused multiply-add per block,
+ * sequential over blocks, with the scale product dw*dx rounded to float first. */
+static inline int s_isum_q4_0(const block_q4_0 *x, const block_q8_0 *y) {
+    int sumi = 0;
+    for (int j = 0; j < 16; j++) {
+        sumi += ((x->qs[j] & 0xF) - 8) * y->qs[j];
+        sumi += ((x->qs[j] >> 4) - 8) * y->qs[j + 16];
     }
-    return sum;
+    return sumi;
+}
+
+static float s_dot_q4_0(int64_t nb, const block_q4_0 *x, const block_q8_0 *y, const uint8_t *mask) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        if (mask && !mask[i]) continue;
+        const float s = kern_fp16_to_f32(x[i].d) * kern_fp16_to_f32(y[i].d);
+        acc = fmaf((float)s_isum_q4_0(&x[i], y + i), s, acc);
+    }
+    return acc;
 }
 
 static float s_dot_q4_1(int64_t nb, const block_q4_1 *x, const block_q8_1 *y) {
@@ -39,15 +49,47 @@ static float s_dot_q4_1(int64_t nb, const block_q4_1 *x, const block_q8_1 *y) {
     return sum;
 }
 
-static float s_dot_q8_0(int64_t nb, const block_q8_0 *x, const block_q8_0 *y) {
-    float sum = 0.0f;
+/* Q8_0 (ggml_vec_dot_q8_0_q8_0, AVX2/VNNI path, and llamafile's tinyBLAS_Q0_AVX for prefill):
+ * 8 float lanes; lane k takes the exact integer sum of the 4 products 4k..4k+3 of each block,
+ * acc[k] = fma(dw*dx, lane_k, acc[k]); at the end hsum_float_8's order:
+ * ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)). */
+static float s_hsum8(const float a[8]) {
+    const float t0 = a[4] + a[0], t1 = a[5] + a[1], t2 = a[6] + a[2], t3 = a[7] + a[3];
+    return (t0 + t2) + (t1 + t3);
+}
+
+static float s_dot_lane8(int64_t nb, const void *w, size_t wbs, int q4, const block_q8_0 *y,
+                         const uint8_t *mask) {
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < QK8_0; j++)
-            sumi += x[i].qs[j] * y[i].qs[j];
-        sum += (float)sumi * (kern_fp16_to_f32(x[i].d) * kern_fp16_to_f32(y[i].d));
+        if (mask && !mask[i]) continue;
+        const uint8_t *blk = (const uint8_t *)w + (size_t)i * wbs;
+        int8_t q[32];
+        if (q4) {
+            for (int j = 0; j < 16; j++) {
+                q[j] = (int8_t)((blk[2 + j] & 0xF) - 8);
+                q[j + 16] = (int8_t)((blk[2 + j] >> 4) - 8);
+            }
+        } else {
+            memcpy(q, blk + 2, 32);
+        }
+        const float d = kern_fp16_to_f32(kern_ld16(blk)) * kern_fp16_to_f32(y[i].d);
+        for (int k = 0; k < 8; k++) {
+            int s = 0;
+            for (int j = 0; j < 4; j++)
+                s += q[4 * k + j] * y[i].qs[4 * k + j];
+            acc[k] = fmaf(d, (float)s, acc[k]);
+        }
     }
-    return sum;
+    return s_hsum8(acc);
+}
+
+static float s_dot_q8_0(int64_t nb, const block_q8_0 *x, const block_q8_0 *y, const uint8_t *mask) {
+    return s_dot_lane8(nb, x, sizeof(block_q8_0), 0, y, mask);
+}
+
+float kern_vec_dot_q4_0_lane8_ref(int64_t n, const void *w_row, const void *xq) {
+    return s_dot_lane8(n / QK4_0, w_row, sizeof(block_q4_0), 1, xq, NULL);
 }
 
 /* ---- K-quants against Q8_K ------------------------------------------------------------------ */
@@ -146,9 +188,9 @@ static float s_dot_q6_K(int64_t nb, const block_q6_K *x, const block_q8_K *y) {
 
 float kern_vec_dot_ref(stp_type wtype, int64_t n, const void *w_row, const void *xq) {
     switch (wtype) {
-    case STP_TYPE_Q4_0: return s_dot_q4_0(n / QK4_0, w_row, xq);
+    case STP_TYPE_Q4_0: return s_dot_q4_0(n / QK4_0, w_row, xq, NULL);
     case STP_TYPE_Q4_1: return s_dot_q4_1(n / QK4_0, w_row, xq);
-    case STP_TYPE_Q8_0: return s_dot_q8_0(n / QK8_0, w_row, xq);
+    case STP_TYPE_Q8_0: return s_dot_q8_0(n / QK8_0, w_row, xq, NULL);
     case STP_TYPE_Q3_K: return s_dot_q3_K(n / QK_K, w_row, xq);
     case STP_TYPE_Q4_K: return s_dot_q4_K(n / QK_K, w_row, xq);
     case STP_TYPE_Q5_K: return s_dot_q5_K(n / QK_K, w_row, xq);
@@ -208,5 +250,19 @@ void kern_axpy_row_ref(stp_type wtype, int64_t n, const void *w_row, float a, fl
         kern_dequantize_row_ref(wtype, p, buf, len);
         for (int64_t k = 0; k < len; k++)
             y[i + k] += a * buf[k];
+    }
+}
+
+void kern_matvec_sparse_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                            const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                            int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const char *row = (const char *)w + (size_t)r * row_bytes;
+        if (wtype == STP_TYPE_Q4_0)
+            y[r - r0] = s_dot_q4_0(n / QK4_0, (const void *)row, xq, block_mask);
+        else if (wtype == STP_TYPE_Q8_0)
+            y[r - r0] = s_dot_q8_0(n / QK8_0, (const void *)row, xq, block_mask);
+        else
+            y[r - r0] = kern_vec_dot_ref(wtype, n, row, xq);
     }
 }

@@ -96,6 +96,13 @@ void kern_matmat_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                      size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
                      int64_t r1);
 void kern_axpy_row_ref(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
+void kern_matvec_sparse_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                            const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                            int64_t r1);
+/* Q4_0 · Q8_0 in the order ggml uses for Q4_0 matrices it does NOT repack (row count not a
+ * multiple of 8: ggml_vec_dot_q4_0_q8_0 / tinyBLAS, 8 lanes like Q8_0). kern_ops' Q4_0 entries
+ * use the repacked (q4_0_8x8) order, which is what every row count divisible by 8 gets. */
+float kern_vec_dot_q4_0_lane8_ref(int64_t n, const void *w_row, const void *xq);
 
 /* ---- dispatched operations ------------------------------------------------------------------ */
 
@@ -116,6 +123,13 @@ typedef struct kern_ops {
                    int64_t r1);
     /* y[i] += a * W_row[i] for i < n (dequantized on the fly; for transposed down matrices). */
     void (*axpy_row)(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
+    /* matvec over the 32-blocks b of x with block_mask[b] != 0 only (n / 32 mask bytes): for a
+     * mostly-zero activation (ReGLU down projection). Skipped blocks must be all-zero in xq for
+     * the result to equal matvec; then it is bit-identical to matvec (Q4_0, Q8_0: omitting a
+     * zero block omits an exact +0 from the float accumulation). Other types ignore the mask. */
+    void (*matvec_sparse)(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                          const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                          int64_t r1);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

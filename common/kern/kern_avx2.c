@@ -9,7 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include "kern/kern_pack.h"
+#include "kern/kern_internal.h"
 
 #define S_RND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 
@@ -122,87 +122,98 @@ void kern_avx2_quantize_act(stp_type wtype, const float *x, void *xq, int64_t n)
     }
 }
 
-/* ---- Q4_0 / Q8_0 rows against a packed chunk ------------------------------------------------ */
+/* ---- Q4_0 / Q8_0: bit-identical to the reference (see dot_ref.c) ---------------------------- */
 
-/* out[r] = sum over the chunk of row r (rows rb bytes apart, starting at block b0). nr <= 4. */
-static inline __attribute__((always_inline)) void
-s_rows_q4_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    for (int64_t b = 0; b < p->nb; b++) {
-        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
-        const __m256i corr =
-            _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(p->nlsum + 8 * b)), 3);
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q4_0);
-            const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            const __m256i qq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(qq, xv), ones);
-            s = _mm256_add_epi32(s, corr);
-            const __m256 sc = _mm256_set1_ps(s_h2f(blk) * p->dx[b]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        out[r] = s_hsum_ps(acc[r]);
+/* Block list: bl ? bl[i] : i for i < nact (bl lists the blocks a sparse matvec computes). */
+static inline int64_t s_blk(const int32_t *bl, int64_t i) {
+    return bl ? bl[i] : i;
 }
 
-static inline __attribute__((always_inline)) void
-s_rows_q8_0(const uint8_t *w, size_t rb, int nr, int64_t b0, const kern_q8_pack *p, float *out) {
+/* Q4_0, 4 rows (byte offsets off[0..3] from w; duplicates allowed for tails) -> out[0..3].
+ * Per block: the exact integer dot of each row, reduced to one int per row (hadd tree), then
+ * acc4 = fma(isum4, dw4 * dx, acc4): the sequential per-row fma of ggml's q4_0_8x8 gemv. */
+static void s_q4_0_rows4(const uint8_t *w, const size_t off[4], const block_q8_0 *x,
+                         const int32_t *bl, int64_t nact, float out[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i eight = _mm256_set1_epi8(8);
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t i = 0; i < nact; i++) {
+        const int64_t b = s_blk(bl, i);
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i corr = _mm256_sub_epi32(
+            _mm256_setzero_si256(), _mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
+        const uint8_t *p = w + (size_t)b * sizeof(block_q4_0);
+        __m256i a[4];
+        uint16_t dh[4];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = p + off[r];
+            const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+            const __m256i qq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+            a[r] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(qq, xv), ones), corr);
+            dh[r] = kern_ld16(blk);
+        }
+        const __m256i h =
+            _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+        const __m128i isum =
+            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        const __m128 dw = _mm_cvtph_ps(
+            _mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], 0, 0, 0, 0));
+        const __m128 sc = _mm_mul_ps(dw, _mm_set1_ps(s_h2f(&x[b].d)));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), sc, acc);
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+/* Q8_0, 4 rows -> out[0..3]: ggml_vec_dot_q8_0_q8_0's 8 lanes per row, hsum_float_8 at the end. */
+static void s_q8_0_rows4(const uint8_t *w, const size_t off[4], const block_q8_0 *x,
+                         const int32_t *bl, int64_t nact, float out[4]) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
-    for (int64_t b = 0; b < p->nb; b++) {
-        const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *blk = w + r * rb + (size_t)(b0 + b) * sizeof(block_q8_0);
+    for (int64_t i = 0; i < nact; i++) {
+        const int64_t b = s_blk(bl, i);
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const float dx = s_h2f(&x[b].d);
+        const uint8_t *p = w + (size_t)b * sizeof(block_q8_0);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = p + off[r];
             const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
             const __m256i s = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
-            const __m256 sc = _mm256_set1_ps(s_h2f(blk) * p->dx[b]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+            acc[r] =
+                _mm256_fmadd_ps(_mm256_set1_ps(s_h2f(blk) * dx), _mm256_cvtepi32_ps(s), acc[r]);
         }
     }
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < 4; r++)
         out[r] = s_hsum_ps(acc[r]);
 }
 
-/* Rows [r0, r1) against one packed chunk; y[r - r0] (+)= result. */
-static void s_chunk_rows(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0,
-                         const kern_q8_pack *p, float *y, int64_t r0, int64_t r1, int add) {
-    float out[4];
-    int64_t r = r0;
-    for (; r < r1; r += 4) {
+/* Rows [r0, r1) of a Q4_0/Q8_0 matrix over the blocks bl (NULL: all nb). */
+static void s_matvec_q(stp_type wtype, int64_t nb, const void *w, size_t rb, const void *xq,
+                       const int32_t *bl, int64_t nact, float *y, int64_t r0, int64_t r1) {
+    (void)nb;
+    for (int64_t r = r0; r < r1; r += 4) {
         const int nr = r1 - r >= 4 ? 4 : (int)(r1 - r);
-        const uint8_t *wr = w + (size_t)r * rb;
-        if (wtype == STP_TYPE_Q4_0) {
-            if (nr == 4)
-                s_rows_q4_0(wr, rb, 4, b0, p, out);
-            else
-                s_rows_q4_0(wr, rb, nr, b0, p, out);
-        } else {
-            if (nr == 4)
-                s_rows_q8_0(wr, rb, 4, b0, p, out);
-            else
-                s_rows_q8_0(wr, rb, nr, b0, p, out);
-        }
+        size_t off[4];
+        for (int k = 0; k < 4; k++)
+            off[k] = (size_t)(k < nr ? k : nr - 1) * rb;
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * rb;
+        float out[4];
+        if (wtype == STP_TYPE_Q4_0)
+            s_q4_0_rows4(wr, off, xq, bl, nact, out);
+        else
+            s_q8_0_rows4(wr, off, xq, bl, nact, out);
         for (int k = 0; k < nr; k++)
-            y[r - r0 + k] = add ? y[r - r0 + k] + out[k] : out[k];
+            y[r - r0 + k] = out[k];
     }
 }
 
-static void s_matvec_q(stp_type wtype, int64_t n, const void *w, size_t rb, const void *xq,
-                       float *y, int64_t r0, int64_t r1) {
-    kern_q8_pack p;
-    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
-    for (int64_t b0 = 0; b0 < nb; b0 += per) {
-        kern_q8_pack_fill(&p, xq, b0, nb - b0 < per ? nb - b0 : per);
-        s_chunk_rows(wtype, w, rb, b0, &p, y, r0, r1, b0 > 0);
-    }
-    if (nb == 0)
-        for (int64_t r = r0; r < r1; r++)
-            y[r - r0] = 0.0f;
+/* Indices of the blocks with mask[b] != 0; returns the count. */
+static int64_t s_mask_list(const uint8_t *mask, int64_t nb, int32_t *bl) {
+    int64_t k = 0;
+    for (int64_t b = 0; b < nb; b++)
+        if (mask[b]) bl[k++] = (int32_t)b;
+    return k;
 }
 
 /* ---- K-quants against Q8_K ------------------------------------------------------------------ */
@@ -319,7 +330,7 @@ float kern_avx2_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void
     case STP_TYPE_Q4_0:
     case STP_TYPE_Q8_0: {
         float y;
-        s_matvec_q(wtype, n, w_row, 0, xq, &y, 0, 1);
+        s_matvec_q(wtype, n / QK8_0, w_row, 0, xq, NULL, n / QK8_0, &y, 0, 1);
         return y;
     }
     case STP_TYPE_Q4_K: return s_dot_q4_K(n / QK_K, w_row, xq);
@@ -333,7 +344,7 @@ float kern_avx2_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void
 void kern_avx2_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                       float *y, int64_t r0, int64_t r1) {
     if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) {
-        s_matvec_q(wtype, n, w, row_bytes, xq, y, r0, r1);
+        s_matvec_q(wtype, n / QK8_0, w, row_bytes, xq, NULL, n / QK8_0, y, r0, r1);
         return;
     }
     for (int64_t r = r0; r < r1; r++)
@@ -343,33 +354,44 @@ void kern_avx2_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes
 void kern_avx2_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                       size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
                       int64_t r1) {
-    kern_q8_pack *packs = NULL;
-    if ((wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) && n_vec > 1)
-        packs = aligned_alloc(64, sizeof(kern_q8_pack) * (size_t)n_vec);
-    if (!packs) { /* other types (or no memory): rows outer, vectors inner */
-        for (int64_t r = r0; r < r1; r++) {
-            const char *row = (const char *)w + (size_t)r * row_bytes;
+    if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) {
+        /* 4 rows stay in L1 while every vector passes */
+        for (int64_t r = r0; r < r1; r += 4) {
+            const int64_t re = r1 - r < 4 ? r1 : r + 4;
             for (int64_t v = 0; v < n_vec; v++)
-                y[(size_t)v * y_stride + (size_t)(r - r0)] =
-                    kern_avx2_vec_dot(wtype, n, row, (const char *)xq + (size_t)v * xq_stride);
+                s_matvec_q(wtype, n / QK8_0, w, row_bytes, (const char *)xq + (size_t)v * xq_stride,
+                           NULL, n / QK8_0, y + (size_t)v * y_stride + (r - r0), r, re);
         }
         return;
     }
-    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
-    for (int64_t b0 = 0; b0 < nb; b0 += per) {
-        const int64_t cnt = nb - b0 < per ? nb - b0 : per;
+    for (int64_t r = r0; r < r1; r++) { /* other types: rows outer, vectors inner */
+        const char *row = (const char *)w + (size_t)r * row_bytes;
         for (int64_t v = 0; v < n_vec; v++)
-            kern_q8_pack_fill(&packs[v], (const void *)((const char *)xq + (size_t)v * xq_stride),
-                              b0, cnt);
-        for (int64_t r = r0; r < r1; r += 4) { /* 4 rows stay in L1 while every vector passes */
-            const int64_t re = r1 - r < 4 ? r1 : r + 4;
-            for (int64_t v = 0; v < n_vec; v++)
-                s_chunk_rows(wtype, w, row_bytes, b0, &packs[v],
-                             y + (size_t)v * y_stride + (r - r0), r, re, b0 > 0);
-        }
+            y[(size_t)v * y_stride + (size_t)(r - r0)] =
+                kern_avx2_vec_dot(wtype, n, row, (const char *)xq + (size_t)v * xq_stride);
     }
-    free(packs);
 }
+
+/* stack_bl is filled before use (s_mask_list); GCC cannot see that through the inlining. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+void kern_avx2_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                             const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                             int64_t r1) {
+    const int64_t nb = n / QK8_0;
+    int32_t stack_bl[1024];
+    int32_t *bl = NULL;
+    if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0)
+        bl = nb <= 1024 ? stack_bl : malloc(sizeof(int32_t) * (size_t)nb);
+    if (!bl) { /* other types, or no memory: the reference (identical results) */
+        kern_matvec_sparse_ref(wtype, n, w, row_bytes, xq, block_mask, y, r0, r1);
+        return;
+    }
+    const int64_t nact = s_mask_list(block_mask, nb, bl);
+    s_matvec_q(wtype, nb, w, row_bytes, xq, bl, nact, y, r0, r1);
+    if (bl != stack_bl) free(bl);
+}
+#pragma GCC diagnostic pop
 
 void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, float *y) {
     switch (wtype) {
@@ -436,4 +458,5 @@ const kern_ops kern_ops_avx2_table = {
     .dequantize_row = kern_dequantize_row_ref,
     .matmat = kern_avx2_matmat,
     .axpy_row = kern_avx2_axpy_row,
+    .matvec_sparse = kern_avx2_matvec_sparse,
 };

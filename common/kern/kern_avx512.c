@@ -1,173 +1,176 @@
 /* kern_avx512: AVX-512 (F/BW/VL/DQ) + VNNI kernels, the "avx512vnni" level.
  *
- * The decode hot path: Q4_0 and Q8_0 matvec/matmat with vpdpbusd, two 32-element blocks per
- * 512-bit register, 4 rows per pass, activations packed once per call (kern_pack.h) with the
- * Q4_0 "-8" / Q8_0 "+128" offsets folded into the accumulator's start value, so each block is
- * one exact integer dot product. The other types use the avx2 kernels (this level implies
- * AVX2). Results equal the reference up to float32 summation order. See README.md. */
+ * The decode hot path: Q4_0 and Q8_0 matvec/matmat with vpdpbusd, bit-identical to the
+ * reference (dot_ref.c), i.e. to what ggml-cpu computes on x86:
+ *  - Q4_0 (ggml's repacked q4_0_8x8 gemv/gemm): 16 rows per pass, one row per float lane. Per
+ *    block, 4 registers hold 4 rows x 4 int32 partial sums each; an unpack/add transpose reduces
+ *    them to one exact integer per row, and acc16 = fma(isum16, dw16 * dx, acc16) is the
+ *    per-row sequential fma. The 16 fp16 weight scales come from one gather.
+ *  - Q8_0 (ggml_vec_dot_q8_0_q8_0 / tinyBLAS): 8 float lanes per row, two rows per register,
+ *    8 rows per pass; each row's 8 lanes are reduced at the end in hsum_float_8's order.
+ * Rows past the end of a pass are clamped to the last valid row (computed, then dropped).
+ * The other types use the avx2 kernels (this level implies AVX2). See README.md. */
 #include <immintrin.h>
 #include <stdlib.h>
 
-#include "kern/kern_pack.h"
+#include "kern/kern_internal.h"
 
+static inline int64_t s_blk(const int32_t *bl, int64_t i) {
+    return bl ? bl[i] : i;
+}
+
+/* hsum_float_8 of an 8-lane vector: ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)). */
 static inline float s_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-/* Two fp16 block scales (at p and p + stride) times two activation scales, spread to lanes
- * 0-7 and 8-15. */
-static inline __m512 s_scales2(const uint8_t *p, size_t stride, __m128 dx2, __m512i idx) {
-    const uint32_t dd = (uint32_t)kern_ld16(p) | ((uint32_t)kern_ld16(p + stride) << 16);
-    const __m128 dw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dd));
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(dw, dx2)));
+/* ---- Q4_0: 16 rows per pass ----------------------------------------------------------------- */
+
+/* 4 rows' 16 quant bytes of one block (rows at p + o0..o3) in the 4 128-bit lanes. */
+static inline __m512i s_load4x16(const uint8_t *p, size_t o0, size_t o1, size_t o2, size_t o3) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + o0)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + o1)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + o2)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + o3)), 3);
 }
 
-/* One row's two-block step: acc += (dw*dx per lane) * (exact int dot of 64 quants). */
-static inline __m512 s_q4_0_pair(const uint8_t *blk, __m512i xv, __m512i corr, __m128 dx2,
-                                 __m512 acc) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i shv = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
-    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i q0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
-    const __m256i q1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 20)));
-    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-    q = _mm512_and_si512(_mm512_srlv_epi64(q, shv), m4);
-    const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 18, dx2, idx), acc);
+/* Rows at w + off[k] (k < 16) over blocks bl -> out[0..15]. */
+static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8_0 *x,
+                          const int32_t *bl, int64_t nact, float out[16]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    const __m512i vidx = _mm512_setr_epi32((int)off[0], (int)off[1], (int)off[2], (int)off[3],
+                                           (int)off[4], (int)off[5], (int)off[6], (int)off[7],
+                                           (int)off[8], (int)off[9], (int)off[10], (int)off[11],
+                                           (int)off[12], (int)off[13], (int)off[14], (int)off[15]);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nact; i++) {
+        const int64_t b = s_blk(bl, i);
+        const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[b].qs));
+        const __m512i xhi =
+            _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x[b].qs + 16)));
+        /* -8 * sum x per int32 lane: folds the Q4_0 offset into the accumulator's start */
+        const __m512i corr = _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, xlo), eight,
+                                xhi));
+        const uint8_t *p = w + (size_t)b * sizeof(block_q4_0);
+        __m512i a[4];
+        for (int k = 0; k < 4; k++) { /* register k: rows k, 4+k, 8+k, 12+k */
+            const __m512i q = s_load4x16(p + 2, off[k], off[4 + k], off[8 + k], off[12 + k]);
+            const __m512i lo = _mm512_and_si512(q, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            a[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo, xlo), hi, xhi);
+        }
+        /* 4x4 transpose-add inside each 128-bit lane: lane L gets rows 4L..4L+3 */
+        const __m512i s01 =
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+        const __m512i s23 =
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+        const __m512i isum =
+            _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+        const __m512i g = _mm512_i32gather_epi32(vidx, (const void *)p, 1);
+        const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(_cvtsh_ss(x[b].d)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
+    }
+    _mm512_storeu_ps(out, acc);
 }
 
-static inline __m512 s_q8_0_pair(const uint8_t *blk, __m512i xv, __m512i corr, __m128 dx2,
-                                 __m512 acc) {
+/* ---- Q8_0: 8 rows per pass, two rows per register ------------------------------------------- */
+
+static void s_q8_0_rows8(const uint8_t *w, const size_t off[8], const block_q8_0 *x,
+                         const int32_t *bl, int64_t nact, float out[8]) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i q0 = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    const __m256i q1 = _mm256_loadu_si256((const __m256i *)(blk + 36));
-    const __m512i q = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), flip);
-    const __m512i s = _mm512_dpbusd_epi32(corr, q, xv);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), s_scales2(blk, 34, dx2, idx), acc);
-}
-
-/* The last block of an odd-length chunk, 256 bits wide. */
-static inline float s_tail(stp_type wtype, const uint8_t *blk, const kern_q8_pack *p, int64_t b) {
-    const __m256i xv = _mm256_load_si256((const __m256i *)(p->xs + 32 * b));
-    const __m256i nl = _mm256_load_si256((const __m256i *)(p->nlsum + 8 * b));
-    __m256i s;
-    if (wtype == STP_TYPE_Q4_0) {
-        const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-        const __m256i qq =
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
-        s = _mm256_dpbusd_epi32(_mm256_slli_epi32(nl, 3), qq, xv);
-    } else {
-        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)),
-                                           _mm256_set1_epi8((char)0x80));
-        s = _mm256_dpbusd_epi32(_mm256_slli_epi32(nl, 7), q, xv);
-    }
-    return s_hsum256(_mm256_cvtepi32_ps(s)) * (_cvtsh_ss(kern_ld16(blk)) * p->dx[b]);
-}
-
-/* 4 rows (rb bytes apart, from block b0) · packed chunk -> out[0..3]. */
-static void s_rows4(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0, const kern_q8_pack *p,
-                    float *out) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const int64_t nb = p->nb;
-    const size_t bs = wtype == STP_TYPE_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
-    const uint8_t *w0 = w + (size_t)b0 * bs, *w1 = w0 + rb, *w2 = w1 + rb, *w3 = w2 + rb;
-    int64_t b = 0;
-    if (wtype == STP_TYPE_Q4_0) {
-        for (; b + 2 <= nb; b += 2) {
-            const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
-            const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 3);
-            const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
-            const size_t o = (size_t)b * bs;
-            a0 = s_q4_0_pair(w0 + o, xv, corr, dx2, a0);
-            a1 = s_q4_0_pair(w1 + o, xv, corr, dx2, a1);
-            a2 = s_q4_0_pair(w2 + o, xv, corr, dx2, a2);
-            a3 = s_q4_0_pair(w3 + o, xv, corr, dx2, a3);
-        }
-    } else {
-        for (; b + 2 <= nb; b += 2) {
-            const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
-            const __m512i corr = _mm512_slli_epi32(_mm512_load_si512(p->nlsum + 8 * b), 7);
-            const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
-            const size_t o = (size_t)b * bs;
-            a0 = s_q8_0_pair(w0 + o, xv, corr, dx2, a0);
-            a1 = s_q8_0_pair(w1 + o, xv, corr, dx2, a1);
-            a2 = s_q8_0_pair(w2 + o, xv, corr, dx2, a2);
-            a3 = s_q8_0_pair(w3 + o, xv, corr, dx2, a3);
+    const __m256i vidx = _mm256_setr_epi32((int)off[0], (int)off[1], (int)off[2], (int)off[3],
+                                           (int)off[4], (int)off[5], (int)off[6], (int)off[7]);
+    const __m512i sel0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t i = 0; i < nact; i++) {
+        const int64_t b = s_blk(bl, i);
+        const __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x[b].qs));
+        /* w ^ 0x80 = w + 128 as unsigned: start from -128 * (sum of each 4 x) */
+        const __m512i corr = _mm512_sub_epi32(
+            _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv));
+        const uint8_t *p = w + (size_t)b * sizeof(block_q8_0);
+        const __m256i g = _mm256_i32gather_epi32((const int *)(const void *)p, vidx, 1);
+        const __m256 sc8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(g)),
+                                         _mm256_set1_ps(_cvtsh_ss(x[b].d)));
+        const __m512 sc = _mm512_castps256_ps512(sc8);
+        __m512i sel = sel0;
+        for (int k = 0; k < 4; k++) {
+            __m512i q =
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + off[2 * k] + 2)));
+            q = _mm512_inserti64x4(q, _mm256_loadu_si256((const __m256i *)(p + off[2 * k + 1] + 2)),
+                                   1);
+            const __m512i s = _mm512_dpbusd_epi32(corr, _mm512_xor_si512(q, flip), xv);
+            acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(sel, sc), _mm512_cvtepi32_ps(s), acc[k]);
+            sel = _mm512_add_epi32(sel, two);
         }
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
-    if (b < nb) {
-        const size_t o = (size_t)b * bs;
-        out[0] += s_tail(wtype, w0 + o, p, b);
-        out[1] += s_tail(wtype, w1 + o, p, b);
-        out[2] += s_tail(wtype, w2 + o, p, b);
-        out[3] += s_tail(wtype, w3 + o, p, b);
+    for (int k = 0; k < 4; k++) {
+        out[2 * k] = s_hsum256(_mm512_castps512_ps256(acc[k]));
+        out[2 * k + 1] =
+            s_hsum256(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
     }
 }
 
-/* One row · packed chunk. */
-static float s_row1(stp_type wtype, const uint8_t *w, int64_t b0, const kern_q8_pack *p) {
-    __m512 a = _mm512_setzero_ps();
-    const int64_t nb = p->nb;
-    const size_t bs = wtype == STP_TYPE_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
-    const uint8_t *w0 = w + (size_t)b0 * bs;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i xv = _mm512_load_si512(p->xs + 32 * b);
-        const __m512i nl = _mm512_load_si512(p->nlsum + 8 * b);
-        const __m128 dx2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p->dx + b)));
+/* One Q8_0 row (vec_dot). */
+static float s_q8_0_row1(const uint8_t *w, const block_q8_0 *x, const int32_t *bl, int64_t nact) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nact; i++) {
+        const int64_t b = s_blk(bl, i);
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i corr = _mm256_sub_epi32(
+            _mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, xv));
+        const uint8_t *blk = w + (size_t)b * sizeof(block_q8_0);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        const __m256i s = _mm256_dpbusd_epi32(corr, _mm256_xor_si256(q, flip), xv);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(kern_ld16(blk)) * _cvtsh_ss(x[b].d)),
+                              _mm256_cvtepi32_ps(s), acc);
+    }
+    return s_hsum256(acc);
+}
+
+/* ---- drivers -------------------------------------------------------------------------------- */
+
+static void s_matvec_q(stp_type wtype, const void *w, size_t rb, const void *xq, const int32_t *bl,
+                       int64_t nact, float *y, int64_t r0, int64_t r1) {
+    const int per = wtype == STP_TYPE_Q4_0 ? 16 : 8;
+    for (int64_t r = r0; r < r1; r += per) {
+        const int nr = r1 - r >= per ? per : (int)(r1 - r);
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * rb;
+        float out[16];
+        if (wtype == STP_TYPE_Q8_0 && nr == 1) {
+            y[r - r0] = s_q8_0_row1(wr, xq, bl, nact);
+            continue;
+        }
+        size_t off[16];
+        for (int k = 0; k < per; k++)
+            off[k] = (size_t)(k < nr ? k : nr - 1) * rb;
         if (wtype == STP_TYPE_Q4_0)
-            a = s_q4_0_pair(w0 + (size_t)b * bs, xv, _mm512_slli_epi32(nl, 3), dx2, a);
+            s_q4_0_rows16(wr, off, xq, bl, nact, out);
         else
-            a = s_q8_0_pair(w0 + (size_t)b * bs, xv, _mm512_slli_epi32(nl, 7), dx2, a);
-    }
-    float r = _mm512_reduce_add_ps(a);
-    if (b < nb) r += s_tail(wtype, w0 + (size_t)b * bs, p, b);
-    return r;
-}
-
-static void s_chunk_rows(stp_type wtype, const uint8_t *w, size_t rb, int64_t b0,
-                         const kern_q8_pack *p, float *y, int64_t r0, int64_t r1, int add) {
-    float out[4];
-    for (int64_t r = r0; r < r1;) {
-        const uint8_t *wr = w + (size_t)r * rb;
-        int nr = 1;
-        if (r1 - r >= 4) {
-            s_rows4(wtype, wr, rb, b0, p, out);
-            nr = 4;
-        } else {
-            out[0] = s_row1(wtype, wr, b0, p);
-        }
+            s_q8_0_rows8(wr, off, xq, bl, nact, out);
         for (int k = 0; k < nr; k++)
-            y[r - r0 + k] = add ? y[r - r0 + k] + out[k] : out[k];
-        r += nr;
+            y[r - r0 + k] = out[k];
     }
 }
 
-static void s_matvec_q(stp_type wtype, int64_t n, const void *w, size_t rb, const void *xq,
-                       float *y, int64_t r0, int64_t r1) {
-    kern_q8_pack p;
-    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
-    for (int64_t b0 = 0; b0 < nb; b0 += per) {
-        kern_q8_pack_fill(&p, xq, b0, nb - b0 < per ? nb - b0 : per);
-        s_chunk_rows(wtype, w, rb, b0, &p, y, r0, r1, b0 > 0);
-    }
-    if (nb == 0)
-        for (int64_t r = r0; r < r1; r++)
-            y[r - r0] = 0.0f;
+/* The gathers take 32-bit row offsets: 15 rows of the matrix must fit. */
+static int s_ok(stp_type wtype, size_t rb) {
+    return (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) && rb <= (size_t)INT32_MAX / 16;
 }
 
 static float s_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void *xq) {
-    if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) {
+    if (s_ok(wtype, 0)) {
         float y;
-        s_matvec_q(wtype, n, w_row, 0, xq, &y, 0, 1);
+        s_matvec_q(wtype, w_row, 0, xq, NULL, n / QK8_0, &y, 0, 1);
         return y;
     }
     return kern_avx2_vec_dot(wtype, n, w_row, xq);
@@ -175,8 +178,8 @@ static float s_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void 
 
 static void s_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                      float *y, int64_t r0, int64_t r1) {
-    if (wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0)
-        s_matvec_q(wtype, n, w, row_bytes, xq, y, r0, r1);
+    if (s_ok(wtype, row_bytes))
+        s_matvec_q(wtype, w, row_bytes, xq, NULL, n / QK8_0, y, r0, r1);
     else
         kern_avx2_matvec(wtype, n, w, row_bytes, xq, y, r0, r1);
 }
@@ -184,31 +187,40 @@ static void s_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
 static void s_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                      size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
                      int64_t r1) {
-    kern_q8_pack *packs = NULL;
-    if ((wtype == STP_TYPE_Q4_0 || wtype == STP_TYPE_Q8_0) && n_vec > 1)
-        packs = aligned_alloc(64, sizeof(kern_q8_pack) * (size_t)n_vec);
-    if (!packs) {
-        if (n_vec == 1)
-            s_matvec(wtype, n, w, row_bytes, xq, y, r0, r1);
-        else
-            kern_avx2_matmat(wtype, n, w, row_bytes, xq, xq_stride, n_vec, y, y_stride, r0, r1);
+    if (!s_ok(wtype, row_bytes)) {
+        kern_avx2_matmat(wtype, n, w, row_bytes, xq, xq_stride, n_vec, y, y_stride, r0, r1);
         return;
     }
-    const int64_t nb = n / QK8_0, per = KERN_PACK_N / QK8_0;
-    for (int64_t b0 = 0; b0 < nb; b0 += per) {
-        const int64_t cnt = nb - b0 < per ? nb - b0 : per;
+    const int64_t per = wtype == STP_TYPE_Q4_0 ? 16 : 8;
+    for (int64_t r = r0; r < r1; r += per) { /* a row group stays in L1/L2 for all vectors */
+        const int64_t re = r1 - r < per ? r1 : r + per;
         for (int64_t v = 0; v < n_vec; v++)
-            kern_q8_pack_fill(&packs[v], (const void *)((const char *)xq + (size_t)v * xq_stride),
-                              b0, cnt);
-        for (int64_t r = r0; r < r1; r += 4) {
-            const int64_t re = r1 - r < 4 ? r1 : r + 4;
-            for (int64_t v = 0; v < n_vec; v++)
-                s_chunk_rows(wtype, w, row_bytes, b0, &packs[v],
-                             y + (size_t)v * y_stride + (r - r0), r, re, b0 > 0);
-        }
+            s_matvec_q(wtype, w, row_bytes, (const char *)xq + (size_t)v * xq_stride, NULL,
+                       n / QK8_0, y + (size_t)v * y_stride + (r - r0), r, re);
     }
-    free(packs);
 }
+
+/* stack_bl is filled before use (s_mask_list); GCC cannot see that through the inlining. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+static void s_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                            const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                            int64_t r1) {
+    const int64_t nb = n / QK8_0;
+    int32_t stack_bl[1024];
+    int32_t *bl = NULL;
+    if (s_ok(wtype, row_bytes)) bl = nb <= 1024 ? stack_bl : malloc(sizeof(int32_t) * (size_t)nb);
+    if (!bl) {
+        kern_avx2_matvec_sparse(wtype, n, w, row_bytes, xq, block_mask, y, r0, r1);
+        return;
+    }
+    int64_t nact = 0;
+    for (int64_t b = 0; b < nb; b++)
+        if (block_mask[b]) bl[nact++] = (int32_t)b;
+    s_matvec_q(wtype, w, row_bytes, xq, bl, nact, y, r0, r1);
+    if (bl != stack_bl) free(bl);
+}
+#pragma GCC diagnostic pop
 
 const kern_ops kern_ops_avx512_table = {
     .level = "avx512vnni",
@@ -218,4 +230,5 @@ const kern_ops kern_ops_avx512_table = {
     .dequantize_row = kern_dequantize_row_ref,
     .matmat = s_matmat,
     .axpy_row = kern_avx2_axpy_row,
+    .matvec_sparse = s_matvec_sparse,
 };

@@ -54,5 +54,8 @@ void kern_avx2_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes
                       size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
                       int64_t r1);
 void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
+void kern_avx2_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                             const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
+                             int64_t r1);
 
 #endif

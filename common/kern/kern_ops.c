@@ -24,6 +24,7 @@ const kern_ops kern_ops_ref_table = {
     .dequantize_row = kern_dequantize_row_ref,
     .matmat = kern_matmat_ref,
     .axpy_row = kern_axpy_row_ref,
+    .matvec_sparse = kern_matvec_sparse_ref,
 };
 
 enum { LEVEL_REF = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };

@@ -479,6 +479,9 @@ static void test_kern_vec_dot_matches_dequant(void **state) {
 
 static void check_close(const char *what, const kern_ops *o, stp_type wt, float got, float want,
                         double mag) {
+    if ((wt == STP_TYPE_Q4_0 || wt == STP_TYPE_Q8_0) && f2u(got) != f2u(want))
+        fail_msg("%s %s %s: got %.9g want %.9g (must be bit-identical)", o->level,
+                 tensor_type_name(wt), what, got, want);
     if (!(fabs((double)got - want) <= 1e-5 * mag + 1e-6))
         fail_msg("%s %s %s: got %.9g want %.9g (mag %g)", o->level, tensor_type_name(wt), what, got,
                  want, mag);
@@ -588,6 +591,87 @@ static void test_kern_simd_matches_ref(void **state) {
     }
 }
 
+/* Q4_0/Q8_0: every level bit-identical to the reference for matvec (row groups of 16 and 8 plus
+ * tails, r0 > 0), vec_dot, matmat and matvec_sparse; the sparse form equals matvec when the
+ * mask marks every nonzero activation block, and the reference follows ggml's order (checked
+ * on a hand-computed two-block example). */
+static void test_kern_q_simd_bit_exact(void **state) {
+    (void)state;
+    const kern_ops *ops[4];
+    const int nops = kern_ops_all(ops, 4);
+    rng r = {77};
+    const stp_type types[] = {STP_TYPE_Q4_0, STP_TYPE_Q8_0};
+    const int64_t ns[] = {32, 96, 4096 + 96, 16384 + 32};
+    const int64_t rows_l[] = {1, 5, 16, 37};
+    for (int t = 0; t < 2; t++) {
+        const stp_type wt = types[t];
+        for (int ni = 0; ni < 4; ni++) {
+            const int64_t n = ns[ni], nb = n / 32;
+            const int64_t rows = rows_l[(ni + t) % 4] + (ni == 3 ? 0 : 16 * ni);
+            const size_t rb = row_size(wt, n), xs = kern_act_size(wt, n);
+            uint8_t *w = xalloc(rb * (size_t)rows);
+            for (int64_t k = 0; k < rows; k++)
+                make_row(&r, wt, n, w + k * rb, k == 1 ? 0 : -1);
+            const int nv = 5;
+            float *x = xalloc(sizeof(float) * (size_t)(n * nv));
+            uint8_t *mask = xalloc((size_t)nb), *xq = xalloc(xs * nv);
+            for (int64_t i = 0; i < n * nv; i++)
+                x[i] = rng_gauss(&r) * 3;
+            for (int64_t b = 0; b < nb; b++) { /* vector 0: ~75% zero blocks (ReGLU-like) */
+                mask[b] = (uint8_t)(rng_u32(&r) % 4 == 0);
+                if (!mask[b]) memset(x + 32 * b, 0, sizeof(float) * 32);
+            }
+            for (int v = 0; v < nv; v++)
+                kern_quantize_act_ref(wt, x + v * n, xq + v * xs, n);
+            float *want = xalloc(sizeof(float) * (size_t)(rows * nv));
+            float *got = xalloc(sizeof(float) * (size_t)(rows * nv));
+            for (int v = 0; v < nv; v++)
+                kern_matvec_ref(wt, n, w, rb, xq + v * xs, want + v * rows, 0, rows);
+            kern_matvec_sparse_ref(wt, n, w, rb, xq, mask, got, 0, rows);
+            assert_memory_equal(got, want, sizeof(float) * (size_t)rows);
+            for (int o = 0; o < nops; o++) {
+                for (int v = 0; v < nv; v++) {
+                    ops[o]->matvec(wt, n, w, rb, xq + v * xs, got, 0, rows);
+                    for (int64_t k = 0; k < rows; k++)
+                        check_close("matvec", ops[o], wt, got[k], want[v * rows + k], 0);
+                    ops[o]->matvec(wt, n, w, rb, xq + v * xs, got, 3, rows);
+                    for (int64_t k = 3; k < rows; k++)
+                        check_close("matvec r0=3", ops[o], wt, got[k - 3], want[v * rows + k], 0);
+                    for (int64_t k = 0; k < rows; k += 3)
+                        check_close("vec_dot", ops[o], wt,
+                                    ops[o]->vec_dot(wt, n, w + k * rb, xq + v * xs),
+                                    want[v * rows + k], 0);
+                }
+                ops[o]->matmat(wt, n, w, rb, xq, xs, nv, got, (size_t)rows, 0, rows);
+                for (int64_t k = 0; k < rows * nv; k++)
+                    check_close("matmat", ops[o], wt, got[k], want[k], 0);
+                ops[o]->matvec_sparse(wt, n, w, rb, xq, mask, got, 1, rows);
+                for (int64_t k = 1; k < rows; k++)
+                    check_close("matvec_sparse", ops[o], wt, got[k - 1], want[k], 0);
+            }
+            free(w);
+            free(x);
+            free(mask);
+            free(xq);
+            free(want);
+            free(got);
+        }
+    }
+    /* Order check by hand: two Q8_0 blocks, weights 1 everywhere, d_w = 1; activation lanes. */
+    block_q8_0 wb[2], xb[2];
+    for (int b = 0; b < 2; b++) {
+        wb[b].d = kern_f32_to_fp16(1.0f);
+        memset(wb[b].qs, 1, 32);
+        xb[b].d = kern_f32_to_fp16(b ? 1.0f / 1024 : 1024.0f);
+        memset(xb[b].qs, 0, 32);
+    }
+    xb[0].qs[0] = 1;  /* lane 0 of block 0: 1024 */
+    xb[1].qs[4] = 1;  /* lane 1 of block 1: 1/1024 */
+    xb[1].qs[31] = 3; /* lane 7 of block 1: 3/1024 */
+    const float want8 = ((1024.0f + 0.0f) + (0.0f + 0.0f)) + ((1.0f / 1024 + 3.0f / 1024) + 0.0f);
+    assert_true(f2u(kern_vec_dot_ref(STP_TYPE_Q8_0, 64, wb, xb)) == f2u(want8));
+}
+
 /* quantize_act of every level must be bit-identical to the reference on random data, including
  * values near rounding boundaries and blocks whose largest |x| occurs with both signs. */
 static void test_kern_simd_quantize_act_exact(void **state) {
@@ -676,6 +760,7 @@ int main(void) {
         cmocka_unit_test(test_kern_q3_K_hand_built),
         cmocka_unit_test(test_kern_vec_dot_matches_dequant),
         cmocka_unit_test(test_kern_simd_matches_ref),
+        cmocka_unit_test(test_kern_q_simd_bit_exact),
         cmocka_unit_test(test_kern_simd_quantize_act_exact),
         cmocka_unit_test(test_kern_dispatch_levels),
     };
