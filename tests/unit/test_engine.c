@@ -1,0 +1,367 @@
+/* test_engine: engine_eval's contract on the tiny F32 models: batched prefill equals
+ * token-by-token decoding (1e-5), micro-batch chunking equals one batch, reset + re-eval and
+ * 1 vs 2 threads reproduce logits bit for bit, context overflow and bad ids fail with
+ * STP_ERANGE changing nothing, and sliding-window layers (a copy of the hybrid model with a
+ * window of 5) give the same logits whatever the KV ring size. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "model/engine.h"
+#include "th_gguf.h"
+
+#define DENSE "tiny-dense-attn-f32.gguf"
+#define HYBRID "tiny-hybrid-attn-f32.gguf"
+#define NTOK 40
+
+static model *s_open(const char *file) {
+    char p[4096];
+    model *m = NULL;
+    stp_err err = {0};
+    if (model_open(&m, th_data_path(p, sizeof p, file), &err)) fail_msg("%s", err.msg);
+    return m;
+}
+
+static engine *s_engine(const model *m, int threads, int n_ctx, int n_ubatch) {
+    engine *e = NULL;
+    stp_err err = {0};
+    engine_params p = {.n_threads = threads, .n_ctx = n_ctx, .n_ubatch = n_ubatch};
+    if (engine_new(&e, m, &p, &err)) fail_msg("%s", err.msg);
+    return e;
+}
+
+/* Deterministic token ids in range. */
+static void s_tokens(int32_t *t, int n, int V, uint32_t seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        t[i] = (int32_t)((seed >> 8) % (uint32_t)V);
+    }
+}
+
+/* All-position logits of n tokens in one eval. */
+static float *s_batched(engine *e, const int32_t *t, int n, int V) {
+    float *l = malloc(sizeof(float) * (size_t)n * V);
+    stp_err err = {0};
+    if (engine_eval(e, t, n, l, true, &err)) fail_msg("%s", err.msg);
+    return l;
+}
+
+/* Same, one token per eval (last-token logits). */
+static float *s_stepwise(engine *e, const int32_t *t, int n, int V) {
+    float *l = malloc(sizeof(float) * (size_t)n * V);
+    stp_err err = {0};
+    for (int i = 0; i < n; i++)
+        if (engine_eval(e, t + i, 1, l + (size_t)i * V, false, &err)) fail_msg("%s", err.msg);
+    return l;
+}
+
+static float s_max_diff(const float *a, const float *b, size_t n) {
+    float d = 0;
+    for (size_t i = 0; i < n; i++) {
+        float x = fabsf(a[i] - b[i]);
+        if (!(x <= d)) d = x; /* NaN propagates */
+    }
+    return d;
+}
+
+static void s_batched_vs_stepwise(const char *file) {
+    model *m = s_open(file);
+    const int V = m->cfg.n_vocab;
+    int32_t t[NTOK];
+    s_tokens(t, NTOK, V, 1);
+    engine *a = s_engine(m, 2, 64, 0), *b = s_engine(m, 2, 64, 0);
+    float *la = s_batched(a, t, NTOK, V), *lb = s_stepwise(b, t, NTOK, V);
+    float d = s_max_diff(la, lb, (size_t)NTOK * V);
+    if (!(d <= 1e-5f)) fail_msg("%s: batched vs token-by-token max diff %g", file, d);
+    assert_int_equal(engine_n_past(a), NTOK);
+    assert_int_equal(engine_n_past(b), NTOK);
+    assert_int_equal(engine_get_stats(a)->tokens, NTOK);
+    free(la);
+    free(lb);
+    engine_destroy(&a);
+    engine_destroy(&b);
+    assert_null(a);
+    model_close(&m);
+}
+
+static void test_engine_batched_equals_stepwise_dense(void **state) {
+    (void)state;
+    s_batched_vs_stepwise(DENSE);
+}
+
+static void test_engine_batched_equals_stepwise_hybrid(void **state) {
+    (void)state;
+    s_batched_vs_stepwise(HYBRID);
+}
+
+static void test_engine_ubatch_chunking(void **state) {
+    (void)state;
+    model *m = s_open(HYBRID);
+    const int V = m->cfg.n_vocab;
+    int32_t t[NTOK];
+    s_tokens(t, NTOK, V, 2);
+    engine *one = s_engine(m, 2, 64, 0);
+    float *ref = s_batched(one, t, NTOK, V);
+    const int ubs[] = {1, 3, 7, 16, NTOK - 1};
+    for (size_t k = 0; k < sizeof ubs / sizeof ubs[0]; k++) {
+        engine *e = s_engine(m, 2, 64, ubs[k]);
+        float *l = s_batched(e, t, NTOK, V);
+        float d = s_max_diff(ref, l, (size_t)NTOK * V);
+        if (!(d <= 1e-5f)) fail_msg("n_ubatch %d: max diff %g vs one batch", ubs[k], d);
+        /* last-token-only logits are the last row */
+        engine_reset(e);
+        float last[512];
+        stp_err err = {0};
+        assert_true(V <= 512);
+        assert_int_equal(engine_eval(e, t, NTOK, last, false, &err), 0);
+        assert_memory_equal(last, l + (size_t)(NTOK - 1) * V, sizeof(float) * V);
+        free(l);
+        engine_destroy(&e);
+    }
+    free(ref);
+    engine_destroy(&one);
+    model_close(&m);
+}
+
+static void test_engine_reset_reproduces(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    const int V = m->cfg.n_vocab;
+    int32_t t[NTOK], other[10];
+    s_tokens(t, NTOK, V, 3);
+    s_tokens(other, 10, V, 4);
+    engine *e = s_engine(m, 2, 64, 0);
+    float *a = s_batched(e, t, NTOK, V);
+    engine_reset(e);
+    assert_int_equal(engine_n_past(e), 0);
+    float *junk = s_batched(e, other, 10, V); /* leaves stale KV entries behind */
+    engine_reset(e);
+    float *b = s_batched(e, t, NTOK, V);
+    assert_memory_equal(a, b, sizeof(float) * NTOK * V);
+    /* NULL logits are allowed and evaluate all the same */
+    engine_reset(e);
+    stp_err err = {0};
+    assert_int_equal(engine_eval(e, t, NTOK - 1, NULL, false, &err), 0);
+    float last[512];
+    assert_int_equal(engine_eval(e, t + NTOK - 1, 1, last, false, &err), 0);
+    float d = s_max_diff(last, a + (size_t)(NTOK - 1) * V, (size_t)V);
+    assert_true(d <= 1e-5f);
+    free(a);
+    free(b);
+    free(junk);
+    engine_destroy(&e);
+    model_close(&m);
+}
+
+static void s_threads_identical(const char *file) {
+    model *m = s_open(file);
+    const int V = m->cfg.n_vocab;
+    int32_t t[NTOK];
+    s_tokens(t, NTOK, V, 5);
+    engine *e1 = s_engine(m, 1, 64, 0), *e2 = s_engine(m, 2, 64, 0), *e3 = s_engine(m, 3, 64, 0);
+    float *a = s_batched(e1, t, NTOK, V), *b = s_batched(e2, t, NTOK, V),
+          *c = s_batched(e3, t, NTOK, V);
+    if (memcmp(a, b, sizeof(float) * NTOK * V))
+        fail_msg("%s: 1 vs 2 threads differ (max %g)", file, s_max_diff(a, b, (size_t)NTOK * V));
+    if (memcmp(a, c, sizeof(float) * NTOK * V))
+        fail_msg("%s: 1 vs 3 threads differ (max %g)", file, s_max_diff(a, c, (size_t)NTOK * V));
+    /* decode steps too */
+    int32_t next[8];
+    s_tokens(next, 8, V, 6);
+    float *sa = s_stepwise(e1, next, 8, V), *sb = s_stepwise(e2, next, 8, V);
+    if (memcmp(sa, sb, sizeof(float) * 8 * V))
+        fail_msg("%s: decode 1 vs 2 threads differ (max %g)", file, s_max_diff(sa, sb, 8u * V));
+    free(a);
+    free(b);
+    free(c);
+    free(sa);
+    free(sb);
+    engine_destroy(&e1);
+    engine_destroy(&e2);
+    engine_destroy(&e3);
+    model_close(&m);
+}
+
+static void test_engine_threads_bit_exact_dense(void **state) {
+    (void)state;
+    s_threads_identical(DENSE);
+}
+
+static void test_engine_threads_bit_exact_hybrid(void **state) {
+    (void)state;
+    s_threads_identical(HYBRID);
+}
+
+static void test_engine_context_overflow(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    const int V = m->cfg.n_vocab;
+    int32_t t[16];
+    s_tokens(t, 16, V, 7);
+    engine *e = s_engine(m, 2, 16, 0), *ref = s_engine(m, 2, 16, 0);
+    assert_int_equal(engine_n_ctx(e), 16);
+    stp_err err = {0};
+    float *l = malloc(sizeof(float) * 16 * V);
+    assert_int_equal(engine_eval(e, t, 10, l, true, &err), 0);
+    const float sentinel = 12345.0f;
+    for (int i = 0; i < 16 * V; i++)
+        l[i] = sentinel;
+    assert_int_equal(engine_eval(e, t + 10, 7, l, true, &err), STP_ERANGE);
+    assert_non_null(strstr(err.msg, "context"));
+    assert_int_equal(engine_n_past(e), 10);
+    for (int i = 0; i < 16 * V; i++)
+        assert_true(l[i] == sentinel); /* logits untouched */
+    assert_int_equal(engine_eval(e, t, 17, l, true, &err), STP_ERANGE);
+    /* the sequence continues as if the failed calls never happened */
+    assert_int_equal(engine_eval(e, t + 10, 6, l, true, &err), 0);
+    assert_int_equal(engine_n_past(e), 16);
+    float *r = s_batched(ref, t, 16, V);
+    float d = s_max_diff(l, r + (size_t)10 * V, (size_t)6 * V);
+    assert_true(d <= 1e-5f);
+    /* full: even one token is refused */
+    assert_int_equal(engine_eval(e, t, 1, l, false, &err), STP_ERANGE);
+    assert_int_equal(engine_n_past(e), 16);
+    free(l);
+    free(r);
+    engine_destroy(&e);
+    engine_destroy(&ref);
+    model_close(&m);
+}
+
+static void test_engine_bad_token_id(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    const int V = m->cfg.n_vocab;
+    engine *e = s_engine(m, 1, 32, 0);
+    stp_err err = {0};
+    int32_t good[3] = {1, 2, 3};
+    float l[512];
+    assert_int_equal(engine_eval(e, good, 3, l, false, &err), 0);
+    int32_t bad1[3] = {1, V, 2};
+    assert_int_equal(engine_eval(e, bad1, 3, l, false, &err), STP_ERANGE);
+    assert_non_null(strstr(err.msg, "320"));
+    assert_non_null(strstr(err.msg, "index 1"));
+    int32_t bad2[2] = {-1, 0};
+    assert_int_equal(engine_eval(e, bad2, 2, l, false, &err), STP_ERANGE);
+    assert_int_equal(engine_n_past(e), 3);
+    assert_int_equal(engine_get_stats(e)->tokens, 3);
+    assert_int_equal(engine_eval(e, good, 0, l, false, &err), STP_EINVAL);
+    assert_int_equal(engine_n_past(e), 3);
+    engine_destroy(&e);
+    model_close(&m);
+}
+
+static void test_engine_new_checks(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    engine *e = NULL;
+    stp_err err = {0};
+    engine_params p = {.n_threads = 1, .n_ctx = 4097};
+    assert_int_equal(engine_new(&e, m, &p, &err), STP_EINVAL);
+    assert_null(e);
+    p.n_ctx = 0; /* default: min(model, 4096) */
+    assert_int_equal(engine_new(&e, m, &p, &err), 0);
+    assert_int_equal(engine_n_ctx(e), 4096);
+    assert_true(engine_kv_bytes(e) > 0);
+    assert_true(engine_scratch_bytes(e) > 0);
+    engine_destroy(&e);
+    engine_destroy(&e);
+    model_close(&m);
+}
+
+/* A copy of the hybrid model with attention.sliding_window = 5. */
+static void test_engine_sliding_window_ring(void **state) {
+    (void)state;
+    char p[4096], src[4096];
+    th_kv_edit kv[] = {{.key = "smallthinker.attention.sliding_window", .op = TH_KV_U32, .u32 = 5}};
+    th_copy_opts o = {.kv = kv, .n_kv = 1};
+    stp_err err = {0};
+    th_tmp_path(p, sizeof p, "engine_swa5.gguf");
+    if (th_gguf_copy(th_data_path(src, sizeof src, HYBRID), p, &o, &err)) fail_msg("%s", err.msg);
+    model *m = NULL;
+    if (model_open(&m, p, &err)) fail_msg("%s", err.msg);
+    model *full = s_open(HYBRID);
+    assert_int_equal(model_config_layer_window(&m->cfg, 1), 5);
+    const int V = m->cfg.n_vocab;
+    int32_t t[NTOK];
+    s_tokens(t, NTOK, V, 8);
+    /* n_ubatch = n_ctx: no ring (cap = n_ctx); 7: ring of 12; stepwise: ring of 6 */
+    engine *flat = s_engine(m, 2, 64, 64), *ring = s_engine(m, 2, 64, 7),
+           *step = s_engine(m, 2, 64, 1), *wide = s_engine(full, 2, 64, 0);
+    float *lf = s_batched(flat, t, NTOK, V), *lr = s_batched(ring, t, NTOK, V),
+          *ls = s_stepwise(step, t, NTOK, V), *lw = s_batched(wide, t, NTOK, V);
+    float d1 = s_max_diff(lf, lr, (size_t)NTOK * V), d2 = s_max_diff(lf, ls, (size_t)NTOK * V);
+    if (!(d1 <= 1e-5f)) fail_msg("window 5: ring (ubatch 7) vs flat max diff %g", d1);
+    if (!(d2 <= 1e-5f)) fail_msg("window 5: stepwise vs flat max diff %g", d2);
+    /* positions 0..4 see their whole past either way; later ones must differ */
+    float early = s_max_diff(lf, lw, (size_t)5 * V);
+    float late = s_max_diff(lf + (size_t)10 * V, lw + (size_t)10 * V, (size_t)(NTOK - 10) * V);
+    if (!(early <= 1e-5f)) fail_msg("window 5 vs 4096 differ at positions < 5: %g", early);
+    if (!(late > 1e-3f)) fail_msg("window 5 has no effect (max diff %g)", late);
+    free(lf);
+    free(lr);
+    free(ls);
+    free(lw);
+    engine_destroy(&flat);
+    engine_destroy(&ring);
+    engine_destroy(&step);
+    engine_destroy(&wide);
+    model_close(&m);
+    model_close(&full);
+    unlink(p);
+}
+
+/* Synthetic 64-expert softmax model: batched == stepwise, and threads bit-exact. */
+static void test_engine_synthetic_64_experts(void **state) {
+    (void)state;
+    char p[4096];
+    stp_err err = {0};
+    th_model_spec s = th_model_spec_small(64);
+    s.n_expert_used = 6;
+    s.untied = true;
+    th_tmp_path(p, sizeof p, "engine_x64.gguf");
+    if (th_model_write(p, &s, &err)) fail_msg("%s", err.msg);
+    model *m = NULL;
+    if (model_open(&m, p, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(m->cfg.gating, GATING_SOFTMAX);
+    const int V = m->cfg.n_vocab;
+    int32_t t[24];
+    s_tokens(t, 24, V, 9);
+    engine *a = s_engine(m, 1, 32, 0), *b = s_engine(m, 2, 32, 0);
+    float *la = s_batched(a, t, 24, V), *lb = s_stepwise(b, t, 24, V);
+    float d = s_max_diff(la, lb, (size_t)24 * V);
+    if (!(d <= 1e-5f)) fail_msg("64 experts: batched vs stepwise %g", d);
+    for (int i = 0; i < 24 * V; i++)
+        assert_true(isfinite(la[i]));
+    free(la);
+    free(lb);
+    engine_destroy(&a);
+    engine_destroy(&b);
+    model_close(&m);
+    unlink(p);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_engine_batched_equals_stepwise_dense),
+        cmocka_unit_test(test_engine_batched_equals_stepwise_hybrid),
+        cmocka_unit_test(test_engine_ubatch_chunking),
+        cmocka_unit_test(test_engine_reset_reproduces),
+        cmocka_unit_test(test_engine_threads_bit_exact_dense),
+        cmocka_unit_test(test_engine_threads_bit_exact_hybrid),
+        cmocka_unit_test(test_engine_context_overflow),
+        cmocka_unit_test(test_engine_bad_token_id),
+        cmocka_unit_test(test_engine_new_checks),
+        cmocka_unit_test(test_engine_sliding_window_ring),
+        cmocka_unit_test(test_engine_synthetic_64_experts),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
