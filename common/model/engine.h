@@ -16,12 +16,14 @@ typedef struct engine_params {
     int n_threads; /* team size (>= 1) */
     int n_ctx;     /* context length in tokens; 0 = min(model's, 4096) */
     int n_ubatch;  /* tokens per forward micro-batch; 0 = 512 */
+    bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
 } engine_params;
 
 typedef struct engine_stats {
     uint64_t tokens;          /* tokens evaluated */
     uint64_t neurons_total;   /* expert neurons evaluated (token x expert x n_ff) */
     uint64_t neurons_active;  /* of which relu(gate) > 0 */
+    uint64_t down_neurons;    /* neurons whose `down` column was read (sparse down skips the rest) */
     uint64_t ns_embed, ns_router, ns_attn, ns_moe, ns_head; /* time per stage, nanoseconds */
 } engine_stats;
 

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/down_t.h"
+
 struct moe_scratch {
     int T, K, E, F, X;
     int32_t *slot_tok;   /* (T*K) token of each (expert-grouped) slot */
@@ -16,6 +18,9 @@ struct moe_scratch {
     uint8_t *xq_h2;      /* second copy when up's activation type differs from gate's */
     uint8_t *xq_a;       /* (T*K) quantized activations for down */
     size_t bytes;
+    uint8_t **dt_img;    /* (n_layer * n_expert) down_t images, NULL until built */
+    size_t dt_expert_bytes, dt_bytes;
+    int dt_n_layer;
 };
 
 int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, stp_err *err) {
@@ -53,6 +58,10 @@ int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, st
 void moe_scratch_destroy(moe_scratch **self_p) {
     moe_scratch *s = *self_p;
     if (!s) return;
+    if (s->dt_img) {
+        for (int i = 0; i < s->dt_n_layer * s->X; i++) free(s->dt_img[i]);
+        free(s->dt_img);
+    }
     free(s->slot_tok);
     free(s->slot_of);
     free(s->grp_start);
@@ -69,6 +78,77 @@ void moe_scratch_destroy(moe_scratch **self_p) {
 
 size_t moe_scratch_bytes(const moe_scratch *s) {
     return s ? s->bytes : 0;
+}
+
+int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err) {
+    const model_config *c = &m->cfg;
+    if (!strcmp(kern_ops_get()->level, "ref")) return 0;
+    for (int il = 0; il < c->n_layer; il++)
+        if (!down_t_expert_bytes(m->layers[il].down_exps.type, c->n_embd, c->n_ff_exp)) return 0;
+    s->dt_img = calloc((size_t)c->n_layer * c->n_expert, sizeof(uint8_t *));
+    if (!s->dt_img) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
+    s->dt_n_layer = c->n_layer;
+    s->dt_expert_bytes = down_t_expert_bytes(STP_TYPE_Q4_0, c->n_embd, c->n_ff_exp);
+    return 0;
+}
+
+size_t moe_sparse_down_bytes(const moe_scratch *s) {
+    return s ? s->dt_bytes : 0;
+}
+
+typedef struct dt_section {
+    const uint8_t *img[STP_MAX_EXPERTS];
+    const uint8_t *xq[STP_MAX_EXPERTS];
+    float *y[STP_MAX_EXPERTS];
+    int n, n_embd, n_ff;
+    int64_t computed[64]; /* per thread */
+} dt_section;
+
+static void s_dt_worker(void *p, int ith, int nth) {
+    dt_section *d = p;
+    long k0, k1;
+    threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
+    int64_t c = 0;
+    for (int i = 0; i < d->n && k0 < k1; i++)
+        c += down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i],
+                           (int)k0, (int)k1);
+    if (ith < 64) d->computed[ith] = c;
+}
+
+/* The single-token down products of slots s0..s0+n over down_t images; false if unavailable. */
+static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scratch *s,
+                          size_t sd, engine_stats *stats) {
+    const model_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[il];
+    if (!s->dt_img || L->down_exps.type != STP_TYPE_Q4_0) return false;
+    dt_section d;
+    memset(&d, 0, sizeof d);
+    d.n_embd = c->n_embd;
+    d.n_ff = c->n_ff_exp;
+    for (int e = 0; e < c->n_expert; e++) {
+        int n = s->grp_start[e + 1] - s->grp_start[e];
+        if (!n) continue;
+        if (n != 1) return false;
+        uint8_t **img = &s->dt_img[(size_t)il * c->n_expert + e];
+        if (!*img) {
+            *img = malloc(s->dt_expert_bytes);
+            if (!*img) return false;
+            down_t_build_expert(&L->down_exps, e, *img);
+            s->dt_bytes += s->dt_expert_bytes;
+        }
+        int slot = s->grp_start[e];
+        d.img[d.n] = *img;
+        d.xq[d.n] = s->xq_a + (size_t)slot * sd;
+        d.y[d.n] = s->y + (size_t)slot * c->n_embd;
+        d.n++;
+    }
+    threadpool_run(cc->tp, s_dt_worker, &d);
+    if (stats) {
+        int64_t sum = 0;
+        for (int i = 0; i < 64; i++) sum += d.computed[i];
+        stats->down_neurons += (uint64_t)sum;
+    }
+    return true;
 }
 
 void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
@@ -158,7 +238,8 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         cc->ops->quantize_act(td, g, s->xq_a + (size_t)slot * sd, F);
     }
 
-    /* 6. down for every group, one section */
+    /* 6. down for every group, one section (neuron-sparse for single tokens when enabled) */
+    if (T == 1 && s_down_sparse(cc, m, il, s, sd, stats)) goto combine;
     nj = 0;
     for (int e = 0; e < X; e++) {
         int n = s->grp_start[e + 1] - s->grp_start[e];
@@ -171,7 +252,9 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
                               .y = s->y + (size_t)s0 * E, .y_stride = (size_t)E, .n_rows = E};
     }
     ops_mm_run(cc, jobs, nj);
+    if (stats) stats->down_neurons += (uint64_t)S * F;
 
+combine:
     /* 7. weighted sum in k order */
     for (int t = 0; t < T; t++) {
         float *o = out + (size_t)t * E;

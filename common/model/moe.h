@@ -16,6 +16,12 @@ int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, st
 void moe_scratch_destroy(moe_scratch **self_p);
 size_t moe_scratch_bytes(const moe_scratch *s);
 
+/* Switches single-token `down` products to the neuron-major down_t layout (see down_t.h),
+ * built lazily per (layer, expert) from m's weights on first use. Only Q4_0 `down` on CPUs with
+ * AVX2+FMA; otherwise a no-op. Results are bit-identical to the dense path. */
+int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err);
+size_t moe_sparse_down_bytes(const moe_scratch *s); /* images built so far */
+
 /* h: (T, n_embd) normed FFN input; sel, w: (T, n_expert_used); out: (T, n_embd). */
 void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
                  const int32_t *sel, const float *w, float *out, moe_scratch *s,
