@@ -201,8 +201,10 @@ int th_model_write(const char *path, const th_model_spec *s, stp_err *err) {
     KVU("expert_feed_forward_length", s->n_ff)
     KVU("attention.head_count", s->n_head)
     KVU("attention.head_count_kv", s->n_head_kv)
-    KVU("attention.key_length", s->head_dim)
-    KVU("attention.value_length", s->head_dim)
+    if (s->head_dim > 0) {
+        KVU("attention.key_length", s->head_dim)
+        KVU("attention.value_length", s->head_dim)
+    }
     KVU("expert_count", s->n_expert)
     KVU("expert_used_count", s->n_expert_used)
     if (s->gating) {
@@ -217,9 +219,9 @@ int th_model_write(const char *path, const th_model_spec *s, stp_err *err) {
     snprintf(k, sizeof k, "%s.attention.layer_norm_rms_epsilon", a);
     gguf_writer_kv_f32(w, k, 1e-6f);
 
-    const int64_t E = s->n_embd, Q = (int64_t)s->n_head * s->head_dim,
-                  KV = (int64_t)s->n_head_kv * s->head_dim, F = s->n_ff, X = s->n_expert,
-                  V = s->n_vocab;
+    const int64_t D = s->head_dim > 0 ? s->head_dim : s->n_embd / s->n_head;
+    const int64_t E = s->n_embd, Q = (int64_t)s->n_head * D, KV = (int64_t)s->n_head_kv * D,
+                  F = s->n_ff, X = s->n_expert, V = s->n_vocab;
     size_t cap = 3 + 10 * (size_t)s->n_layer, n = 0;
     th_tdecl *td = calloc(cap, sizeof *td);
     if (!td) {

@@ -42,7 +42,7 @@ int th_gguf_copy(const char *src, const char *dst, const th_copy_opts *o, stp_er
 typedef struct th_model_spec {
     const char *arch; /* NULL: "smallthinker" */
     int n_layer, n_embd, n_head, n_head_kv, head_dim, n_expert, n_expert_used, n_ff, n_vocab;
-    int n_ctx;
+    int n_ctx;                 /* head_dim <= 0: key/value_length absent (n_embd / n_head) */
     int gating;                /* 0: key absent, else the expert_gating_func value */
     int sliding_window;        /* 0: key absent */
     bool untied;               /* write output.weight */
