@@ -1,0 +1,571 @@
+/* attn: attention worker layer loop, expert dispatch and message handling; see attn.h. */
+#include "attn.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include <zmq.h>
+
+#include "eval.pb-c.h"
+#include "layer.pb-c.h"
+#include "model/attention.h"
+#include "model/kv_cache.h"
+#include "model/model.h"
+#include "model/ops.h"
+#include "msg/msg.h"
+#include "router.pb-c.h"
+#include "shm/shm.h"
+#include "stats/stats.h"
+
+#define STAGE "attn-worker"
+#define MAX_WORKERS 16  /* msg_poll watches at most 16 sockets */
+#define RETRY_MS 2000   /* resend work to a silent expert worker after this long */
+#define GIVEUP_MS 20000 /* then fail the eval */
+
+struct attn_worker {
+    stage_opts o;
+    model *m;
+    threadpool *tp;
+    compute_ctx cc;
+    kv_cache *kv;
+    attn_scratch *as;
+    int n_ctx, n_ubatch, n_past, n_workers;
+    shm_region act;
+    act_header *ah;
+    float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
+    int32_t *sel;                         /* in the activation region */
+    float *x, *ffn, *rlogits, *hn;        /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
+    uint8_t *xq;
+    void *zctx, *sock, *storage, *pub;
+    void *exp[MAX_WORKERS];
+    stats *st;
+    uint64_t seq; /* per-layer message sequence, increasing across restarts */
+    /* per-eval accumulators */
+    double ipc_us;
+    uint64_t active, total;
+};
+
+/* ---------------------------------------------------------------------------------------- */
+/* set-up */
+
+int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
+    *out = NULL;
+    attn_worker *a = calloc(1, sizeof *a);
+    if (!a) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    a->o = *o;
+    a->n_workers = o->workers < MAX_WORKERS ? o->workers : MAX_WORKERS;
+    int rc = stats_new(&a->st, STAGE, err);
+    if (!rc) rc = model_open(&a->m, o->model, err);
+    if (rc) goto fail;
+    const model_config *c = &a->m->cfg;
+    a->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+    if (a->n_ctx > c->n_ctx_train) {
+        rc = stp_err_set(err, STP_EINVAL, "context %d is larger than the model's %d", a->n_ctx,
+                         c->n_ctx_train);
+        goto fail;
+    }
+    a->n_ubatch = o->n_ubatch > 0 ? o->n_ubatch : 512;
+    if (a->n_ubatch > a->n_ctx) a->n_ubatch = a->n_ctx;
+    if ((rc = threadpool_new(&a->tp, o->threads, err))) goto fail;
+    a->cc.ops = kern_ops_get();
+    a->cc.tp = a->tp;
+    if ((rc = kv_cache_new(&a->kv, c, a->n_ctx, a->n_ubatch, err))) goto fail;
+    if ((rc = attn_scratch_new(&a->as, c, a->n_ubatch, a->n_ctx, o->threads, err))) goto fail;
+    const int E = c->n_embd, K = c->n_expert_used;
+    a->x = malloc((size_t)a->n_ubatch * E * sizeof(float));
+    a->ffn = malloc((size_t)a->n_ubatch * E * sizeof(float));
+    a->rlogits = malloc((size_t)a->n_ubatch * c->n_expert * sizeof(float));
+    a->hn = malloc((size_t)E * sizeof(float));
+    a->xq = malloc((size_t)E * 4 + 64);
+    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq) {
+        rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
+        goto fail;
+    }
+    /* activation region */
+    act_header lay;
+    act_layout(&lay, a->n_ubatch, E, K, c->n_vocab);
+    if (getrandom(&lay.epoch, sizeof lay.epoch, 0) != sizeof lay.epoch) lay.epoch = 1;
+    char name[160];
+    if ((rc = stage_shm_name(name, sizeof name, o->run_dir, "act", err))) goto fail;
+    if ((rc = shm_region_create(&a->act, name, lay.size, err))) goto fail;
+    a->ah = (act_header *)a->act.base;
+    *a->ah = lay;
+    a->h = (float *)(a->act.base + lay.off_h);
+    a->sel = (int32_t *)(a->act.base + lay.off_sel);
+    a->selw_shm = (float *)(a->act.base + lay.off_w);
+    a->y = (float *)(a->act.base + lay.off_y);
+    a->logits_shm = (float *)(a->act.base + lay.off_logits);
+    a->seq = (uint64_t)msg_now_us() << 8; /* increasing across restarts of this stage */
+    /* sockets */
+    a->zctx = zmq_ctx_new();
+    char ep[512];
+    rc = STP_EIO;
+    if (msg_endpoint(ep, sizeof ep, o->run_dir, "attn", err) ||
+        !(a->sock = msg_socket(a->zctx, ZMQ_ROUTER, ep, true, err)))
+        goto fail;
+    if (msg_endpoint(ep, sizeof ep, o->run_dir, "stats-attn", err) ||
+        !(a->pub = msg_socket(a->zctx, ZMQ_PUB, ep, true, err)))
+        goto fail;
+    if (msg_endpoint(ep, sizeof ep, o->run_dir, "storage", err) ||
+        !(a->storage = msg_socket(a->zctx, ZMQ_DEALER, ep, false, err)))
+        goto fail;
+    for (int i = 0; i < a->n_workers; i++) {
+        char nm[32];
+        snprintf(nm, sizeof nm, "expert-%d", i);
+        if (msg_endpoint(ep, sizeof ep, o->run_dir, nm, err) ||
+            !(a->exp[i] = msg_socket(a->zctx, ZMQ_DEALER, ep, false, err)))
+            goto fail;
+    }
+    stats_set(a->st, "kv.bytes", a->kv->bytes);
+    *out = a;
+    return 0;
+fail:
+    attn_worker_destroy(&a);
+    return rc;
+}
+
+void attn_worker_destroy(attn_worker **self_p) {
+    attn_worker *a = *self_p;
+    if (!a) return;
+    msg_close(&a->sock);
+    msg_close(&a->pub);
+    msg_close(&a->storage);
+    for (int i = 0; i < MAX_WORKERS; i++)
+        msg_close(&a->exp[i]);
+    if (a->zctx) zmq_ctx_term(a->zctx);
+    shm_region_close(&a->act);
+    threadpool_destroy(&a->tp);
+    kv_cache_destroy(&a->kv);
+    attn_scratch_destroy(&a->as);
+    free(a->x);
+    free(a->ffn);
+    free(a->rlogits);
+    free(a->hn);
+    free(a->xq);
+    model_close(&a->m);
+    stats_destroy(&a->st);
+    free(a);
+    *self_p = NULL;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* talking to the storage daemon and the expert workers */
+
+static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
+                           const uint32_t *cnt, int n, stp_err *err) {
+    Stp__RouterDecision d;
+    stp__router_decision__init(&d);
+    d.seq = seq;
+    d.layer = (uint32_t)il;
+    d.n_experts = (size_t)n;
+    d.experts = (uint32_t *)ex;
+    d.n_counts = (size_t)n;
+    d.counts = (uint32_t *)cnt;
+    Stp__RouterMsg m;
+    stp__router_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__ROUTER_MSG__BODY_DECISION;
+    m.decision = &d;
+    return msg_send(a->storage, NULL, 0, &m.base, err);
+}
+
+/* Waits for the Residency answering seq; fills loc[] in the decision's order. */
+static int s_wait_residency(attn_worker *a, uint64_t seq, int il, int n, Stp__ExpertLoc *loc,
+                            stp_err *err) {
+    double t0 = msg_now_us();
+    for (;;) {
+        double left = GIVEUP_MS - (msg_now_us() - t0) * 1e-3;
+        if (left <= 0 || stage_stopping())
+            return stp_err_set(err, STP_ETIMEDOUT,
+                               "the storage daemon did not answer for layer %d in %d ms", il,
+                               GIVEUP_MS);
+        bool rd;
+        if (!msg_poll(&a->storage, 1, &rd, (long)left) || !rd) continue;
+        msg_in in;
+        int rc = msg_recv(a->storage, false, &in, err);
+        if (rc <= 0) continue;
+        Stp__RouterMsg *m = stp__router_msg__unpack(NULL, in.len, in.data);
+        msg_in_free(&in);
+        int res = 1; /* keep waiting */
+        if (!m || m->version != STP_PROTO_VERSION) {
+            if (stats_bad(a->st, "storage_reply"))
+                stage_log(STAGE, "invalid message from the storage daemon");
+        } else if (m->body_case == STP__ROUTER_MSG__BODY_ERROR && m->error->seq == seq) {
+            res = stp_err_set(err, STP_EPEER, "storage daemon: %s", m->error->what);
+        } else if (m->body_case == STP__ROUTER_MSG__BODY_RESIDENCY && m->residency->seq == seq) {
+            const Stp__Residency *r = m->residency;
+            if (r->layer != (uint32_t)il || r->n_experts != (size_t)n || r->n_ready != (size_t)n) {
+                res = stp_err_set(err, STP_EPROTO, "storage daemon: residency does not match");
+            } else {
+                res = 0;
+                for (int i = 0; i < n; i++) {
+                    loc[i] = *r->experts[i];
+                    if (!r->ready[i])
+                        res = stp_err_set(err, STP_EPEER, "expert %u of layer %d not resident",
+                                          loc[i].expert, il);
+                }
+            }
+        } else {
+            stats_add(a->st, "storage.stale_replies", 1);
+        }
+        if (m) stp__router_msg__free_unpacked(m, NULL);
+        if (res <= 0) return res;
+    }
+}
+
+static int s_send_work(attn_worker *a, int wi, uint64_t seq, int il, int T, Stp__ExpertLoc **locs,
+                       int n, stp_err *err) {
+    Stp__ExpertWork w;
+    stp__expert_work__init(&w);
+    w.seq = seq;
+    w.layer = (uint32_t)il;
+    w.n_tokens = (uint32_t)T;
+    w.n_experts = (size_t)n;
+    w.experts = locs;
+    w.act_epoch = a->ah->epoch;
+    Stp__LayerMsg m;
+    stp__layer_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__LAYER_MSG__BODY_WORK;
+    m.work = &w;
+    stats_add(a->st, "msg.work_sent", 1);
+    return msg_send(a->exp[wi], NULL, 0, &m.base, err);
+}
+
+/* Dispatches the layer's experts over the workers and waits until all slots are computed.
+ * Returns the longest worker compute time in *compute_us. */
+static int s_run_experts(attn_worker *a, uint64_t seq, int il, int T, const Stp__ExpertLoc *loc,
+                         const uint32_t *cnt, int n, double *compute_us, stp_err *err) {
+    /* balance: experts by slot count, largest first, to the least loaded worker */
+    int NW = a->n_workers;
+    int owner[STP_MAX_EXPERTS], order[STP_MAX_EXPERTS];
+    uint64_t load[MAX_WORKERS] = {0};
+    for (int i = 0; i < n; i++)
+        order[i] = i;
+    for (int i = 1; i < n; i++) /* insertion sort by count desc, stable */
+        for (int j = i; j > 0 && cnt[order[j]] > cnt[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    for (int i = 0; i < n; i++) {
+        int best = 0;
+        for (int wi = 1; wi < NW; wi++)
+            if (load[wi] < load[best]) best = wi;
+        owner[order[i]] = best;
+        load[best] += cnt[order[i]];
+    }
+    Stp__ExpertLoc copies[STP_MAX_EXPERTS];
+    Stp__ExpertLoc *lists[MAX_WORKERS][STP_MAX_EXPERTS];
+    int nl[MAX_WORKERS] = {0};
+    for (int i = 0; i < n; i++) { /* ascending expert order within each list */
+        copies[i] = loc[i];
+        stp__expert_loc__init(&copies[i]);
+        copies[i].expert = loc[i].expert;
+        copies[i].offset = loc[i].offset;
+        copies[i].generation = loc[i].generation;
+        lists[owner[i]][nl[owner[i]]++] = &copies[i];
+    }
+    bool pending[MAX_WORKERS] = {0};
+    double sent[MAX_WORKERS] = {0};
+    int n_pending = 0;
+    double t0 = msg_now_us();
+    for (int wi = 0; wi < NW; wi++) {
+        if (!nl[wi]) continue;
+        int rc = s_send_work(a, wi, seq, il, T, lists[wi], nl[wi], err);
+        if (rc) return rc;
+        pending[wi] = true;
+        sent[wi] = t0;
+        n_pending++;
+    }
+    *compute_us = 0;
+    while (n_pending) {
+        double now = msg_now_us();
+        if ((now - t0) * 1e-3 > GIVEUP_MS || stage_stopping())
+            return stp_err_set(err, STP_ETIMEDOUT,
+                               "expert workers did not answer layer %d in %d ms", il, GIVEUP_MS);
+        void *socks[MAX_WORKERS];
+        int idx[MAX_WORKERS], np = 0;
+        for (int wi = 0; wi < NW; wi++)
+            if (pending[wi]) {
+                socks[np] = a->exp[wi];
+                idx[np++] = wi;
+            }
+        bool rd[MAX_WORKERS];
+        msg_poll(socks, np > 16 ? 16 : np, rd, 200);
+        for (int p = 0; p < np && p < 16; p++) {
+            int wi = idx[p];
+            if (!rd[p]) {
+                if ((msg_now_us() - sent[wi]) * 1e-3 > RETRY_MS) { /* lost or worker restarted */
+                    stats_add(a->st, "work.resends", 1);
+                    stage_log(STAGE, "expert worker %d silent for %d ms on layer %d: resending", wi,
+                              RETRY_MS, il);
+                    int rc = s_send_work(a, wi, seq, il, T, lists[wi], nl[wi], err);
+                    if (rc) return rc;
+                    sent[wi] = msg_now_us();
+                }
+                continue;
+            }
+            msg_in in;
+            if (msg_recv(a->exp[wi], false, &in, err) <= 0) continue;
+            Stp__LayerMsg *m = stp__layer_msg__unpack(NULL, in.len, in.data);
+            msg_in_free(&in);
+            int res = 1;
+            if (!m || m->version != STP_PROTO_VERSION) {
+                if (stats_bad(a->st, "expert_reply"))
+                    stage_log(STAGE, "invalid message from expert worker %d", wi);
+            } else if (m->body_case == STP__LAYER_MSG__BODY_ERROR && m->error->seq == seq) {
+                res = stp_err_set(err, STP_EPEER, "expert worker %d: %s", wi, m->error->what);
+            } else if (m->body_case == STP__LAYER_MSG__BODY_DONE && m->done->seq == seq &&
+                       m->done->layer == (uint32_t)il) {
+                pending[wi] = false;
+                n_pending--;
+                if (m->done->compute_us > *compute_us) *compute_us = m->done->compute_us;
+                a->active += m->done->active_neurons;
+                a->total += m->done->total_neurons;
+            } else {
+                stats_add(a->st, "expert.stale_replies", 1);
+            }
+            if (m) stp__layer_msg__free_unpacked(m, NULL);
+            if (res <= 0) return res;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the layer loop */
+
+static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_all, bool want_last,
+                    stp_err *err) {
+    const model *m = a->m;
+    const model_config *c = &m->cfg;
+    const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
+    const int pos0 = a->n_past;
+    for (int t = 0; t < T; t++)
+        ops_embed(&a->cc, &m->tok_embd, tokens[t], a->x + (size_t)t * E);
+
+    for (int il = 0; il < c->n_layer; il++) {
+        const layer_weights *L = &m->layers[il];
+        const uint64_t seq = ++a->seq;
+        double t0 = msg_now_us();
+        attention_router(&a->cc, m, il, a->x, T, a->rlogits, a->as);
+        uint32_t cnt_by[STP_MAX_EXPERTS] = {0};
+        for (int t = 0; t < T; t++) {
+            ops_route(c, a->rlogits + (size_t)t * X, a->sel + (size_t)t * K,
+                      a->selw_shm + (size_t)t * K);
+            for (int k = 0; k < K; k++)
+                cnt_by[a->sel[t * K + k]]++;
+        }
+        uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS];
+        int n = 0;
+        for (int e = 0; e < X; e++)
+            if (cnt_by[e]) {
+                ex[n] = (uint32_t)e;
+                cnt[n++] = cnt_by[e];
+            }
+        int rc = s_send_decision(a, seq, il, ex, cnt, n, err);
+        if (rc) return rc;
+        double t1 = msg_now_us();
+        stats_latency(a->st, "router", t1 - t0);
+
+        attention_forward(&a->cc, m, a->kv, il, a->x, T, pos0, a->as);
+        for (int t = 0; t < T; t++)
+            ops_rmsnorm(a->x + (size_t)t * E, L->ffn_norm, a->h + (size_t)t * E, E, c->rms_eps);
+        double t2 = msg_now_us();
+        stats_latency(a->st, "attention", t2 - t1);
+
+        Stp__ExpertLoc loc[STP_MAX_EXPERTS];
+        if ((rc = s_wait_residency(a, seq, il, n, loc, err))) return rc;
+        double t3 = msg_now_us();
+        stats_latency(a->st, "residency_wait", t3 - t2);
+        double compute_us = 0;
+        if ((rc = s_run_experts(a, seq, il, T, loc, cnt, n, &compute_us, err))) return rc;
+        double t4 = msg_now_us();
+        double ipc = (t3 - t2) + (t4 - t3 - compute_us);
+        if (ipc < 0) ipc = 0;
+        a->ipc_us += ipc;
+        stats_latency(a->st, "experts_wait", t4 - t3);
+        stats_latency(a->st, "layer_ipc", ipc);
+
+        /* weighted sum in k order, then the residual, as moe_forward and the engine do */
+        for (int t = 0; t < T; t++) {
+            float *o = a->ffn + (size_t)t * E;
+            for (int k = 0; k < K; k++) {
+                const float wk = a->selw_shm[t * K + k];
+                const float *y = a->y + ((size_t)t * K + k) * E;
+                if (k == 0)
+                    for (int i = 0; i < E; i++)
+                        o[i] = y[i] * wk;
+                else
+                    for (int i = 0; i < E; i++)
+                        o[i] += y[i] * wk;
+            }
+        }
+        for (size_t i = 0; i < (size_t)T * E; i++)
+            a->x[i] = a->ffn[i] + a->x[i];
+        stats_latency(a->st, "layer", msg_now_us() - t0);
+    }
+    a->n_past += T;
+    double tl = msg_now_us();
+    for (int t = 0; t < T; t++) {
+        bool last = t == T - 1;
+        if (!logits_all && !(want_last && last)) continue;
+        float *dst = logits_all ? logits_all + (size_t)t * c->n_vocab : a->logits_shm;
+        ops_rmsnorm(a->x + (size_t)t * E, m->output_norm, a->hn, E, c->rms_eps);
+        ops_matmul(&a->cc, &m->output, 0, a->hn, 1, dst, a->xq);
+        if (logits_all && last && want_last)
+            memcpy(a->logits_shm, dst, (size_t)c->n_vocab * sizeof(float));
+    }
+    stats_latency(a->st, "lm_head", msg_now_us() - tl);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* requests from the coordinator */
+
+static void s_reply(attn_worker *a, const msg_in *in, Stp__EvalMsg *r) {
+    r->version = STP_PROTO_VERSION;
+    if (msg_send(a->sock, in->id, in->id_len, &r->base, NULL)) stats_add(a->st, "send_errors", 1);
+}
+
+static void s_error(attn_worker *a, const msg_in *in, const char *kind, uint64_t seq, int code,
+                    const char *what) {
+    if (kind && stats_bad(a->st, kind)) stage_log(STAGE, "invalid message (%s): %s", kind, what);
+    Stp__StpError e;
+    stp__stp_error__init(&e);
+    e.code = code;
+    e.what = (char *)what;
+    e.seq = seq;
+    Stp__EvalMsg r;
+    stp__eval_msg__init(&r);
+    r.body_case = STP__EVAL_MSG__BODY_ERROR;
+    r.error = &e;
+    s_reply(a, in, &r);
+}
+
+static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) {
+    const model_config *c = &a->m->cfg;
+    char buf[256];
+    int n = (int)q->n_tokens;
+    if (q->pos0 == 0) a->n_past = 0; /* a new sequence */
+    if (n <= 0 || q->pos0 != a->n_past || n > a->n_ctx - a->n_past) {
+        snprintf(buf, sizeof buf, "eval of %d tokens at position %d: the worker is at %d of %d", n,
+                 q->pos0, a->n_past, a->n_ctx);
+        return s_error(a, in, "eval_range", q->seq, STP_ERANGE, buf);
+    }
+    for (int i = 0; i < n; i++)
+        if (q->tokens[i] < 0 || q->tokens[i] >= c->n_vocab) {
+            snprintf(buf, sizeof buf, "token id %d at index %d is outside 0..%d", q->tokens[i], i,
+                     c->n_vocab - 1);
+            return s_error(a, in, "eval_token", q->seq, STP_ERANGE, buf);
+        }
+    float *all = NULL;
+    if (q->all_logits) {
+        all = malloc((size_t)n * c->n_vocab * sizeof(float));
+        if (!all) return s_error(a, in, NULL, q->seq, STP_ENOMEM, "out of memory for logits");
+    }
+    double t0 = msg_now_us();
+    a->ipc_us = 0;
+    a->active = a->total = 0;
+    stp_err err = {0};
+    int rc = 0;
+    for (int done = 0; done < n && !rc;) {
+        int T = n - done < a->n_ubatch ? n - done : a->n_ubatch;
+        rc = s_ubatch(a, q->tokens + done, T, all ? all + (size_t)done * c->n_vocab : NULL,
+                      done + T == n, &err);
+        done += T;
+    }
+    double us = msg_now_us() - t0;
+    if (rc) {
+        free(all);
+        stage_log(STAGE, "eval failed: %s", err.msg);
+        stats_add(a->st, "eval.errors", 1);
+        return s_error(a, in, NULL, q->seq, rc, err.msg);
+    }
+    stats_latency(a->st, n == 1 ? "eval.decode" : "eval.batch", us);
+    stats_add(a->st, "msg.eval", 1);
+    stats_add(a->st, "tokens", (uint64_t)n);
+    stats_add(a->st, "ipc_us", (uint64_t)a->ipc_us);
+    stats_add(a->st, "eval_us", (uint64_t)us);
+    if (n == 1) {
+        stats_add(a->st, "decode.tokens", 1);
+        stats_add(a->st, "decode.ipc_us", (uint64_t)a->ipc_us);
+        stats_add(a->st, "decode.eval_us", (uint64_t)us);
+        stats_latency(a->st, "ipc_per_token", a->ipc_us);
+    }
+    Stp__EvalReply r;
+    stp__eval_reply__init(&r);
+    r.seq = q->seq;
+    r.n_past = a->n_past;
+    r.n_vocab = c->n_vocab;
+    r.logits_offset = a->ah->off_logits;
+    r.act_epoch = a->ah->epoch;
+    if (all) {
+        r.logits.data = (uint8_t *)all;
+        r.logits.len = (size_t)n * c->n_vocab * sizeof(float);
+    }
+    r.compute_ms = (us - a->ipc_us) * 1e-3;
+    r.ipc_ms = a->ipc_us * 1e-3;
+    r.active_neurons = a->active;
+    r.total_neurons = a->total;
+    Stp__EvalMsg out;
+    stp__eval_msg__init(&out);
+    out.body_case = STP__EVAL_MSG__BODY_REPLY;
+    out.reply = &r;
+    s_reply(a, in, &out);
+    free(all);
+}
+
+static void s_handle(attn_worker *a, msg_in *in) {
+    Stp__EvalMsg *m = stp__eval_msg__unpack(NULL, in->len, in->data);
+    if (!m) return s_error(a, in, "undecodable", 0, STP_EPROTO, "not an EvalMsg");
+    if (m->version != STP_PROTO_VERSION) {
+        char b[96];
+        snprintf(b, sizeof b, "protocol version %u, expected %u", m->version, STP_PROTO_VERSION);
+        s_error(a, in, "version", 0, STP_EPROTO, b);
+    } else if (m->body_case == STP__EVAL_MSG__BODY_PING) {
+        Stp__Pong p;
+        stp__pong__init(&p);
+        p.nonce = m->ping->nonce;
+        p.stage = STAGE;
+        Stp__EvalMsg r;
+        stp__eval_msg__init(&r);
+        r.body_case = STP__EVAL_MSG__BODY_PONG;
+        r.pong = &p;
+        s_reply(a, in, &r);
+    } else if (m->body_case == STP__EVAL_MSG__BODY_REQUEST) {
+        s_eval(a, in, m->request);
+    } else {
+        s_error(a, in, "unexpected", 0, STP_EPROTO, "expected EvalRequest or Ping");
+    }
+    stp__eval_msg__free_unpacked(m, NULL);
+}
+
+int attn_worker_run(attn_worker *a, stp_err *err) {
+    (void)err;
+    stp_err e2 = {0};
+    if (stage_ready(a->o.run_dir, "attn", &e2)) stage_log(STAGE, "%s", e2.msg);
+    while (!stage_stopping()) {
+        bool rd[1];
+        if (msg_poll(&a->sock, 1, rd, 250) && rd[0]) {
+            for (int i = 0; i < 16; i++) {
+                msg_in in;
+                int rc = msg_recv(a->sock, true, &in, &e2);
+                if (rc == 0) break;
+                stats_add(a->st, "bytes.in", in.len);
+                if (rc < 0) {
+                    if (stats_bad(a->st, "frames")) stage_log(STAGE, "invalid message: %s", e2.msg);
+                } else {
+                    s_handle(a, &in);
+                }
+                msg_in_free(&in);
+            }
+        }
+        stats_publish(a->st, a->pub, 500, false);
+    }
+    stage_unready(a->o.run_dir, "attn");
+    return 0;
+}

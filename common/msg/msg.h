@@ -1,0 +1,59 @@
+/* msg: the transport seam between pipeline stages: ZeroMQ sockets on ipc:// endpoints in the run
+ * directory, carrying one protobuf-c envelope per message (ClientMsg, EvalMsg, LayerMsg,
+ * RouterMsg, StatsReport; see proto/).
+ *
+ * Framing: a DEALER sends [payload]; a ROUTER receives [peer id][payload] and answers with the
+ * same id. msg_recv accepts exactly that shape and nothing else; the caller then unpacks the
+ * payload, checks the envelope's version (STP_PROTO_VERSION) and validates the body before use.
+ * Every stage uses these calls and nothing else from zmq, so another transport (tcp across
+ * hosts, a different library) replaces this file only. */
+#ifndef STP_MSG_H
+#define STP_MSG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "util/stp_err.h"
+
+#define STP_PROTO_VERSION 1u
+#define MSG_ID_MAX 256           /* ROUTER peer ids (zmq makes 5-byte ones) */
+#define MSG_MAX_BYTES (1u << 30) /* larger payloads are refused before decoding */
+
+/* One received message: the peer id (ROUTER sockets only) and the payload. */
+typedef struct msg_in {
+    uint8_t id[MSG_ID_MAX];
+    size_t id_len;
+    uint8_t *data; /* malloc'd payload */
+    size_t len;
+} msg_in;
+
+/* "ipc://<run_dir>/<name>.sock" into out. */
+int msg_endpoint(char *out, size_t cap, const char *run_dir, const char *name, stp_err *err);
+
+/* A socket of zmq type `type` bound (bind) or connected to endpoint; linger 0, the given
+ * high-water marks (0: zmq default). Binding an ipc endpoint removes a stale socket file first
+ * and makes the new one 0600. */
+void *msg_socket(void *zctx, int type, const char *endpoint, bool bind, stp_err *err);
+void msg_close(void **sock_p);
+
+/* Packs m and sends it (prefixed by the peer id when id_len > 0). 0 or STP_EIO. */
+int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m, stp_err *err);
+
+/* Receives one whole message without waiting (call after zmq_poll says readable). router: the
+ * socket is a ROUTER (first frame is the peer id). Returns 1 with *in filled (free with
+ * msg_in_free), 0 when nothing was waiting, or STP_EPROTO when the frames have the wrong shape
+ * (the message is consumed and dropped; in->id is still filled when known). */
+int msg_recv(void *sock, bool router, msg_in *in, stp_err *err);
+void msg_in_free(msg_in *in);
+
+/* Waits up to timeout_ms (-1: forever) for one of n sockets to become readable; fills ready[i].
+ * Returns the number readable, 0 on timeout or interruption by a signal. */
+int msg_poll(void **socks, int n, bool *ready, long timeout_ms);
+
+/* Monotonic clock in microseconds. */
+double msg_now_us(void);
+
+#endif

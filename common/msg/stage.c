@@ -1,0 +1,204 @@
+/* stage: options, pinning, signals and run-directory names shared by every stage; see stage.h. */
+#include "msg/stage.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <numa.h>
+
+/* The only mutable file-scope state: written by the signal handler, read by the main loop. */
+static volatile sig_atomic_t s_stop;
+
+static void s_on_signal(int sig) {
+    (void)sig;
+    s_stop = 1;
+}
+
+bool stage_stopping(void) {
+    return s_stop != 0;
+}
+
+static const char s_usage[] =
+    "options: --run-dir DIR --model FILE [--threads N] [--cpus LIST] [--numa-node N]\n"
+    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--parent-pid PID]\n"
+    "         [--queue N] [--verbose]\n";
+
+static int s_int(const char *v, const char *what, int lo, int hi, int *out, stp_err *err) {
+    char *end = NULL;
+    errno = 0;
+    long x = v ? strtol(v, &end, 10) : 0;
+    if (!v || errno || end == v || *end || x < lo || x > hi)
+        return stp_err_set(err, STP_EINVAL, "%s needs an integer in %d..%d (got '%s')", what, lo,
+                           hi, v ? v : "");
+    *out = (int)x;
+    return 0;
+}
+
+int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err *err) {
+    memset(o, 0, sizeof *o);
+    o->numa_node = -1;
+    o->threads = 1;
+    o->workers = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int rc = 0;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h"))
+            return stp_err_set(err, STP_EINVAL, "usage: stpipe-%s %s", stage, s_usage);
+        else if (!strcmp(a, "--verbose")) {
+            o->verbose = true;
+            continue;
+        }
+        if (!v) return stp_err_set(err, STP_EINVAL, "%s needs a value\n%s", a, s_usage);
+        i++;
+        if (!strcmp(a, "--run-dir"))
+            o->run_dir = v;
+        else if (!strcmp(a, "--model"))
+            o->model = v;
+        else if (!strcmp(a, "--cpus"))
+            o->cpus = v;
+        else if (!strcmp(a, "--numa-node"))
+            rc = s_int(v, a, -1, 1023, &o->numa_node, err);
+        else if (!strcmp(a, "--threads"))
+            rc = s_int(v, a, 1, 256, &o->threads, err);
+        else if (!strcmp(a, "--index"))
+            rc = s_int(v, a, 0, 255, &o->index, err);
+        else if (!strcmp(a, "--workers"))
+            rc = s_int(v, a, 1, 64, &o->workers, err);
+        else if (!strcmp(a, "--ctx-size"))
+            rc = s_int(v, a, 0, 1 << 24, &o->n_ctx, err);
+        else if (!strcmp(a, "--ubatch"))
+            rc = s_int(v, a, 0, 1 << 16, &o->n_ubatch, err);
+        else if (!strcmp(a, "--parent-pid"))
+            rc = s_int(v, a, 0, INT32_MAX, &o->parent_pid, err);
+        else if (!strcmp(a, "--queue"))
+            rc = s_int(v, a, 0, 4096, &o->queue, err);
+        else
+            return stp_err_set(err, STP_EINVAL, "unknown option '%s'\n%s", a, s_usage);
+        if (rc) return rc;
+    }
+    if (!o->run_dir || !o->model)
+        return stp_err_set(err, STP_EINVAL, "--run-dir and --model are required\n%s", s_usage);
+    return 0;
+}
+
+int stage_pin(const char *cpus, int numa_node, stp_err *err) {
+    if (cpus && *cpus) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        const char *p = cpus;
+        while (*p) {
+            char *end;
+            long a = strtol(p, &end, 10), b = a;
+            if (end == p || a < 0 || a >= CPU_SETSIZE) goto bad;
+            p = end;
+            if (*p == '-') {
+                b = strtol(p + 1, &end, 10);
+                if (end == p + 1 || b < a || b >= CPU_SETSIZE) goto bad;
+                p = end;
+            }
+            for (long c = a; c <= b; c++)
+                CPU_SET((int)c, &set);
+            if (*p == ',')
+                p++;
+            else if (*p)
+                goto bad;
+        }
+        if (sched_setaffinity(0, sizeof set, &set))
+            return stp_err_set(err, STP_EINVAL, "--cpus %s: sched_setaffinity: %s", cpus,
+                               strerror(errno));
+    }
+    if (numa_node >= 0) {
+        if (numa_available() < 0) {
+            if (numa_node != 0)
+                return stp_err_set(err, STP_EINVAL, "--numa-node %d: no NUMA support here",
+                                   numa_node);
+            return 0; /* node 0 is the whole machine */
+        }
+        if (numa_node > numa_max_node())
+            return stp_err_set(err, STP_EINVAL, "--numa-node %d: this machine has nodes 0..%d",
+                               numa_node, numa_max_node());
+        if (!cpus && numa_run_on_node(numa_node))
+            return stp_err_set(err, STP_EINVAL, "--numa-node %d: %s", numa_node, strerror(errno));
+        numa_set_preferred(numa_node);
+    }
+    return 0;
+bad:
+    return stp_err_set(err, STP_EINVAL, "--cpus '%s': expected a list like 0-3,6", cpus);
+}
+
+int stage_setup(const stage_opts *o, const char *stage, stp_err *err) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (o->parent_pid > 0 && getppid() != o->parent_pid)
+        return stp_err_set(err, STP_EPEER, "%s: the supervisor (pid %d) is gone", stage,
+                           o->parent_pid);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = s_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    return stage_pin(o->cpus, o->numa_node, err);
+}
+
+int stage_ready(const char *run_dir, const char *name, stp_err *err) {
+    char path[PATH_MAX], tmp[PATH_MAX + 8];
+    snprintf(path, sizeof path, "%s/%s.ready", run_dir, name);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return stp_err_set(err, STP_EIO, "cannot write %s: %s", tmp, strerror(errno));
+    fprintf(f, "%d\n", (int)getpid());
+    fclose(f);
+    if (rename(tmp, path))
+        return stp_err_set(err, STP_EIO, "cannot write %s: %s", path, strerror(errno));
+    return 0;
+}
+
+void stage_unready(const char *run_dir, const char *name) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s.ready", run_dir, name);
+    unlink(path);
+}
+
+int stage_shm_name(char *out, size_t cap, const char *run_dir, const char *what, stp_err *err) {
+    char path[PATH_MAX], prefix[128] = "";
+    snprintf(path, sizeof path, "%s/shm_prefix", run_dir);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (!fgets(prefix, sizeof prefix, f)) prefix[0] = 0;
+        fclose(f);
+        prefix[strcspn(prefix, "\r\n")] = 0;
+        for (char *c = prefix; *c; c++)
+            if (*c == '/') *c = '_';
+    }
+    if (!prefix[0]) {
+        char real[PATH_MAX];
+        if (!realpath(run_dir, real))
+            return stp_err_set(err, STP_EIO, "run dir %s: %s", run_dir, strerror(errno));
+        uint64_t h = 1469598103934665603ull; /* FNV-1a */
+        for (const char *c = real; *c; c++)
+            h = (h ^ (uint8_t)*c) * 1099511628211ull;
+        snprintf(prefix, sizeof prefix, "stp-%016llx", (unsigned long long)h);
+    }
+    int n = snprintf(out, cap, "/%s-%s", prefix, what);
+    if (n < 0 || (size_t)n >= cap) return stp_err_set(err, STP_EINVAL, "shm name too long");
+    return 0;
+}
+
+void stage_log(const char *stage, const char *fmt, ...) {
+    char buf[1200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "stpipe-%s[%d]: %s\n", stage, (int)getpid(), buf);
+}

@@ -1,0 +1,84 @@
+/* shm: POSIX shared-memory segments of a pipeline run, and the two layouts they hold.
+ *
+ * The weight pool (created by the storage daemon, mapped read-only by expert workers): a header,
+ * a slot table [layer][expert] and the slots' bytes. A slot holds one expert's gate | up | down
+ * matrices back to back, in the GGUF's types, 4 KiB aligned. A slot is readable while its state
+ * is POOL_READY and its generation equals the one the daemon announced; a streaming daemon
+ * (issue 6) bumps the generation before reusing a slot's bytes.
+ *
+ * The activation region (created by the attention worker, mapped by expert workers and the
+ * coordinator): h (n_ubatch x n_embd) normed FFN input, sel/w (n_ubatch x n_used) selection,
+ * y (n_ubatch x n_used x n_embd) one expert output per (token, k) slot, logits (n_vocab).
+ * Writers and readers hand over with zmq messages (a syscall each), which order the accesses.
+ *
+ * Segments are created 0600 with O_EXCL (a stale one of a crashed run is replaced) and unlinked
+ * by their creator on close. */
+#ifndef STP_SHM_H
+#define STP_SHM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/stp_err.h"
+
+typedef struct shm_region {
+    char name[160];
+    uint8_t *base;
+    size_t size;
+    bool owner; /* created here: unlinked by shm_region_close */
+} shm_region;
+
+int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err);
+/* Maps an existing segment (whole size); read-only unless writable. */
+int shm_region_open(shm_region *r, const char *name, bool writable, stp_err *err);
+void shm_region_close(shm_region *r);
+
+/* ---- weight pool ---- */
+#define POOL_MAGIC 0x4c4f4f50u /* "POOL" */
+#define POOL_VERSION 1u
+#define POOL_ALIGN 4096u
+
+enum { POOL_EMPTY = 0, POOL_LOADING = 1, POOL_READY = 2 };
+
+typedef struct pool_slot {
+    uint64_t offset;     /* from the pool base */
+    uint64_t bytes;      /* gate + up + down */
+    uint64_t generation; /* changes whenever the bytes are replaced */
+    uint32_t state;      /* POOL_* */
+    uint32_t pad;
+} pool_slot;
+
+typedef struct pool_header {
+    uint32_t magic, version;
+    uint32_t n_layer, n_expert;
+    uint64_t size;        /* whole segment */
+    uint64_t data_offset; /* first slot byte */
+    pool_slot slots[];    /* [layer * n_expert + expert] */
+} pool_header;
+
+/* Bytes of header + table, rounded to POOL_ALIGN. */
+size_t pool_table_bytes(int n_layer, int n_expert);
+/* Where gate, up and down start inside a slot (64-byte aligned) and the slot's size. */
+void pool_slot_parts(size_t gate_bytes, size_t up_bytes, size_t down_bytes, size_t off[3],
+                     size_t *total);
+/* Checks magic, version, dims and that every slot lies inside the segment. */
+int pool_check(const shm_region *r, int n_layer, int n_expert, stp_err *err);
+
+/* ---- activation region ---- */
+#define ACT_MAGIC 0x54434153u /* "SACT" */
+#define ACT_VERSION 1u
+
+typedef struct act_header {
+    uint32_t magic, version;
+    uint32_t n_ubatch, n_embd, n_used, n_vocab;
+    uint64_t off_h, off_sel, off_w, off_y, off_logits, size;
+    uint64_t epoch; /* set by the creator; messages name it so readers detect a new region */
+} act_header;
+
+/* Fills the layout (offsets 64-byte aligned) for the given dimensions. */
+void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab);
+/* Checks the region's header against the reader's model dimensions (epoch not compared). */
+int act_check(const shm_region *r, int n_embd, int n_used, int n_vocab, stp_err *err);
+
+#endif

@@ -1,0 +1,151 @@
+/* cli_pipeline: `stpipe generate --pipeline RUN_DIR`, the coordinator's client; see
+ * cli_pipeline.h. */
+#include "cli_pipeline.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include <zmq.h>
+
+#include "client.pb-c.h"
+#include "msg/msg.h"
+
+int cli_generate_pipeline(const pipeline_gen_opts *o) {
+    stp_err err = {0};
+    char ep[512];
+    int status = 1;
+    void *zctx = zmq_ctx_new(), *s = NULL;
+    FILE *lf = NULL;
+    if (msg_endpoint(ep, sizeof ep, o->run_dir, "client", &err) ||
+        !(s = msg_socket(zctx, ZMQ_DEALER, ep, false, &err))) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    Stp__SamplingParams sp;
+    stp__sampling_params__init(&sp);
+    sp.temperature = o->sp.temperature;
+    sp.top_k = o->sp.top_k;
+    sp.top_p = o->sp.top_p;
+    sp.min_p = o->sp.min_p;
+    sp.repeat_penalty = o->sp.repeat_penalty;
+    sp.presence_penalty = o->sp.presence_penalty;
+    sp.frequency_penalty = o->sp.frequency_penalty;
+    sp.penalty_last_n = o->sp.penalty_last_n;
+    sp.seed = o->sp.seed;
+    Stp__GenerateRequest rq;
+    stp__generate_request__init(&rq);
+    uint64_t rid = 0;
+    if (getrandom(&rid, sizeof rid, 0) != sizeof rid) rid = (uint64_t)msg_now_us();
+    rq.request_id = rid;
+    rq.n_prompt_ids = o->prompt_ids ? (size_t)o->n_prompt : 0;
+    rq.prompt_ids = (int32_t *)o->prompt_ids;
+    rq.prompt_text = (char *)(o->prompt_text ? o->prompt_text : "");
+    rq.chat = o->chat;
+    rq.system = (char *)(o->system ? o->system : "");
+    rq.parse_special = o->parse_special;
+    rq.n_predict = (int32_t)(o->n_predict > INT32_MAX ? INT32_MAX : o->n_predict);
+    rq.ignore_eos = o->ignore_eos;
+    rq.want_prompt_logits = o->logits_out != NULL;
+    rq.want_text = !o->ids_out;
+    rq.sampling = &sp;
+    Stp__ClientMsg m;
+    stp__client_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
+    m.request = &rq;
+    double t0 = msg_now_us();
+    if (msg_send(s, NULL, 0, &m.base, &err)) {
+        fprintf(stderr, "stpipe generate: %s\n", err.msg);
+        goto out;
+    }
+    int timeout = o->timeout_ms > 0 ? o->timeout_ms : 120000;
+    int cap = 64, n_ids = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    double t_first = 0;
+    for (bool fin = false; !fin;) {
+        bool rd;
+        if (!msg_poll(&s, 1, &rd, timeout) || !rd) {
+            fprintf(stderr,
+                    "\nstpipe generate: no answer from the pipeline in %s within %d s "
+                    "(is it running? deploy/stpipe-up)\n",
+                    o->run_dir, timeout / 1000);
+            break;
+        }
+        msg_in in;
+        if (msg_recv(s, false, &in, &err) <= 0) continue;
+        Stp__ClientMsg *r = stp__client_msg__unpack(NULL, in.len, in.data);
+        msg_in_free(&in);
+        if (!r || r->version != STP_PROTO_VERSION) {
+            fprintf(stderr, "stpipe generate: invalid reply from the coordinator\n");
+            if (r) stp__client_msg__free_unpacked(r, NULL);
+            break;
+        }
+        switch (r->body_case) {
+        case STP__CLIENT_MSG__BODY_ERROR:
+            fprintf(stderr, "\nstpipe generate: %s\n", r->error->what);
+            fin = true;
+            break;
+        case STP__CLIENT_MSG__BODY_LOGITS: {
+            const Stp__PromptLogits *pl = r->logits;
+            if (!lf) lf = fopen(o->logits_out, "wb");
+            if (!lf || fwrite(pl->data.data, 1, pl->data.len, lf) != pl->data.len) {
+                fprintf(stderr, "stpipe generate: cannot write '%s'\n", o->logits_out);
+                fin = true;
+            }
+            break;
+        }
+        case STP__CLIENT_MSG__BODY_TOKEN:
+            if (r->token->request_id != rid) break;
+            if (!t_first) t_first = msg_now_us();
+            if (n_ids == cap) {
+                cap *= 2;
+                int32_t *nids = realloc(ids, sizeof(int32_t) * (size_t)cap);
+                if (!nids) {
+                    fin = true;
+                    break;
+                }
+                ids = nids;
+            }
+            ids[n_ids++] = r->token->id;
+            if (!o->ids_out && r->token->text.len) {
+                fwrite(r->token->text.data, 1, r->token->text.len, stdout);
+                fflush(stdout);
+            }
+            break;
+        case STP__CLIENT_MSG__BODY_DONE: {
+            const Stp__GenerateDone *d = r->done;
+            if (o->ids_out) {
+                for (int i = 0; i < n_ids; i++)
+                    printf(i ? " %d" : "%d", ids[i]);
+                printf("\n");
+            } else {
+                fwrite(d->tail_text.data, 1, d->tail_text.len, stdout);
+                printf("\n");
+            }
+            if (!o->quiet) {
+                double gen_s = d->gen_ms * 1e-3;
+                fprintf(stderr,
+                        "pipeline %s | prompt %d tokens in %.3f s | generated %d tokens in %.3f s "
+                        "(%.1f tok/s) | ipc %.1f%% of decode | total %.3f s\n",
+                        o->run_dir, d->n_prompt, d->prompt_ms * 1e-3, d->n_gen, gen_s,
+                        d->n_gen > 1 && gen_s > 0 ? (d->n_gen - 1) / gen_s : 0.0,
+                        d->gen_ms > 0 ? 100.0 * d->ipc_ms / d->gen_ms : 0.0,
+                        (msg_now_us() - t0) * 1e-6);
+            }
+            status = 0;
+            fin = true;
+            break;
+        }
+        default: break;
+        }
+        stp__client_msg__free_unpacked(r, NULL);
+    }
+    free(ids);
+out:
+    if (lf && fclose(lf)) status = 1;
+    msg_close(&s);
+    zmq_ctx_term(zctx);
+    return status;
+}

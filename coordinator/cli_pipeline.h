@@ -1,0 +1,33 @@
+/* cli_pipeline: the client side of `stpipe generate --pipeline RUN_DIR` (and `stpipe stats`).
+ * It sends one GenerateRequest to the coordinator on RUN_DIR/client.sock and prints the streamed
+ * tokens exactly as the in-process command does (text, or ids with --ids), then the timings. */
+#ifndef STP_CLI_PIPELINE_H
+#define STP_CLI_PIPELINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model/sampler.h"
+
+typedef struct pipeline_gen_opts {
+    const char *run_dir;
+    const int32_t *prompt_ids; /* either ids ... */
+    int n_prompt;
+    const char *prompt_text; /* ... or text, tokenized by the coordinator */
+    bool chat;
+    const char *system;
+    bool parse_special;  /* default true, as in-process */
+    long long n_predict; /* -1: until end of generation */
+    sampler_params sp;
+    bool ids_out, ignore_eos, quiet;
+    const char *logits_out; /* float32 logits of every prompt position */
+    int timeout_ms;         /* no message for this long fails (0: 120000) */
+} pipeline_gen_opts;
+
+/* Returns the process exit code (0 ok, 1 error). */
+int cli_generate_pipeline(const pipeline_gen_opts *o);
+
+/* `stpipe stats --run-dir D [--watch] [--json]` */
+int cli_stats(int argc, char **argv);
+
+#endif

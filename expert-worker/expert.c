@@ -1,0 +1,444 @@
+/* expert: expert worker compute and message loop; see expert.h and README.md. */
+#include "expert.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zmq.h>
+
+#include "layer.pb-c.h"
+#include "model/model.h"
+#include "model/ops.h"
+#include "msg/msg.h"
+#include "shm/shm.h"
+#include "stats/stats.h"
+
+#define STAGE "expert-worker"
+
+struct expert_worker {
+    stage_opts o;
+    char name[32]; /* "expert-<i>" */
+    model *m;
+    threadpool *tp;
+    compute_ctx cc;
+    shm_region pool, act;
+    const act_header *ah;
+    void *zctx, *sock, *pub;
+    stats *st;
+    int S;           /* max slots = n_ubatch * n_used */
+    int32_t *slot_t; /* (S) token of each grouped slot */
+    int32_t *slot_k; /* (S) k of each grouped slot */
+    float *g, *u;    /* (S, F) */
+    float *ys;       /* (S, E) down outputs, grouped slot order */
+    int32_t *active; /* (S, F) */
+    uint8_t *xq_h, *xq_h2, *xq_a;
+    uint64_t last_seq; /* newest work seen: older work is stale, equal is a duplicate */
+    uint32_t last_slots;
+};
+
+static void s_free_scratch(expert_worker *w) {
+    free(w->slot_t);
+    free(w->slot_k);
+    free(w->g);
+    free(w->u);
+    free(w->ys);
+    free(w->active);
+    free(w->xq_h);
+    free(w->xq_h2);
+    free(w->xq_a);
+    w->slot_t = w->slot_k = w->active = NULL;
+    w->g = w->u = w->ys = NULL;
+    w->xq_h = w->xq_h2 = w->xq_a = NULL;
+}
+
+static int s_map_pool(expert_worker *w, stp_err *err) {
+    const model_config *c = &w->m->cfg;
+    char name[160];
+    int rc = stage_shm_name(name, sizeof name, w->o.run_dir, "pool", err);
+    if (!rc) rc = shm_region_open(&w->pool, name, false, err);
+    if (!rc) rc = pool_check(&w->pool, c->n_layer, c->n_expert, err);
+    return rc;
+}
+
+/* Maps the activation region (created by the attention worker, which starts after us) the
+ * first time work arrives, and again when the work names a newer region. */
+static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
+    if (w->ah && w->ah->epoch == epoch) return 0;
+    const model_config *c = &w->m->cfg;
+    shm_region_close(&w->act);
+    w->ah = NULL;
+    s_free_scratch(w);
+    char name[160];
+    int rc = stage_shm_name(name, sizeof name, w->o.run_dir, "act", err);
+    if (!rc) rc = shm_region_open(&w->act, name, true, err);
+    if (!rc) rc = act_check(&w->act, c->n_embd, c->n_expert_used, c->n_vocab, err);
+    if (!rc && ((const act_header *)w->act.base)->epoch != epoch)
+        rc = stp_err_set(err, STP_EPROTO, "activation region epoch %llu, work names %llu",
+                         (unsigned long long)((const act_header *)w->act.base)->epoch,
+                         (unsigned long long)epoch);
+    if (rc) {
+        shm_region_close(&w->act);
+        return rc;
+    }
+    w->ah = (const act_header *)w->act.base;
+    w->S = (int)w->ah->n_ubatch * c->n_expert_used;
+    size_t S = (size_t)w->S, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
+    size_t act = (E > F ? E : F) * 4 + 64;
+    w->slot_t = malloc(S * sizeof(int32_t));
+    w->slot_k = malloc(S * sizeof(int32_t));
+    w->g = malloc(S * F * sizeof(float));
+    w->u = malloc(S * F * sizeof(float));
+    w->ys = malloc(S * E * sizeof(float));
+    w->active = malloc(S * F * sizeof(int32_t));
+    w->xq_h = malloc(S * act);
+    w->xq_h2 = malloc(S * act);
+    w->xq_a = malloc(S * act);
+    if (!w->slot_t || !w->slot_k || !w->g || !w->u || !w->ys || !w->active || !w->xq_h ||
+        !w->xq_h2 || !w->xq_a) {
+        shm_region_close(&w->act);
+        w->ah = NULL;
+        s_free_scratch(w);
+        return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
+    }
+    stats_add(w->st, "act.maps", 1);
+    return 0;
+}
+
+int expert_worker_new(expert_worker **out, const stage_opts *o, stp_err *err) {
+    *out = NULL;
+    expert_worker *w = calloc(1, sizeof *w);
+    if (!w) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    w->o = *o;
+    snprintf(w->name, sizeof w->name, "expert-%d", o->index);
+    int rc = stats_new(&w->st, w->name, err);
+    if (!rc) rc = model_open(&w->m, o->model, err);
+    if (!rc) rc = threadpool_new(&w->tp, o->threads, err);
+    if (!rc) rc = s_map_pool(w, err);
+    if (rc) goto fail;
+    w->cc.ops = kern_ops_get();
+    w->cc.tp = w->tp;
+    w->zctx = zmq_ctx_new();
+    char ep[512], sn[48];
+    if ((rc = msg_endpoint(ep, sizeof ep, o->run_dir, w->name, err))) goto fail;
+    rc = STP_EIO;
+    if (!(w->sock = msg_socket(w->zctx, ZMQ_ROUTER, ep, true, err))) goto fail;
+    snprintf(sn, sizeof sn, "stats-%s", w->name);
+    if ((rc = msg_endpoint(ep, sizeof ep, o->run_dir, sn, err))) goto fail;
+    rc = STP_EIO;
+    if (!(w->pub = msg_socket(w->zctx, ZMQ_PUB, ep, true, err))) goto fail;
+    *out = w;
+    return 0;
+fail:
+    expert_worker_destroy(&w);
+    return rc;
+}
+
+void expert_worker_destroy(expert_worker **self_p) {
+    expert_worker *w = *self_p;
+    if (!w) return;
+    msg_close(&w->sock);
+    msg_close(&w->pub);
+    if (w->zctx) zmq_ctx_term(w->zctx);
+    shm_region_close(&w->pool);
+    shm_region_close(&w->act);
+    threadpool_destroy(&w->tp);
+    model_close(&w->m);
+    stats_destroy(&w->st);
+    s_free_scratch(w);
+    free(w);
+    *self_p = NULL;
+}
+
+/* Computes the slots of the listed experts; returns slots done. Inputs validated by caller. */
+static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
+                     uint64_t *active_out) {
+    const model_config *c = &w->m->cfg;
+    const layer_weights *L = &w->m->layers[il];
+    const int K = c->n_expert_used, E = c->n_embd, F = c->n_ff_exp;
+    uint8_t *act = w->act.base;
+    const float *h = (const float *)(act + w->ah->off_h);
+    const int32_t *sel = (const int32_t *)(act + w->ah->off_sel);
+    float *yout = (float *)(act + w->ah->off_y);
+    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
+    const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
+    const bool up_shares = kern_act_type(tu) == kern_act_type(tg);
+    size_t off[3], sb;
+    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes, L->down_exps.mat_bytes, off, &sb);
+
+    /* 1. group slots by expert (list order), tokens in order within a group */
+    int n_exp = (int)wk->n_experts, S = 0;
+    int g0[STP_MAX_EXPERTS + 1];
+    for (int j = 0; j < n_exp; j++) {
+        g0[j] = S;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (sel[t * K + k] == (int32_t)wk->experts[j]->expert) {
+                    w->slot_t[S] = t;
+                    w->slot_k[S] = k;
+                    S++;
+                }
+    }
+    g0[n_exp] = S;
+    /* 2. quantize inputs */
+    for (int s = 0; s < S; s++) {
+        const float *hv = h + (size_t)w->slot_t[s] * E;
+        w->cc.ops->quantize_act(tg, hv, w->xq_h + (size_t)s * sg, E);
+        if (!up_shares) w->cc.ops->quantize_act(tu, hv, w->xq_h2 + (size_t)s * su, E);
+    }
+    const uint8_t *xq_up = up_shares ? w->xq_h : w->xq_h2;
+    mm_job jobs[STP_MAX_EXPERTS];
+    int nj = 0;
+    /* 3. gate */
+    for (int j = 0; j < n_exp; j++) {
+        int n = g0[j + 1] - g0[j], s0 = g0[j];
+        if (!n) continue;
+        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
+        jobs[nj++] = (mm_job){.type = tg,
+                              .n_cols = E,
+                              .w = base + off[0],
+                              .row_bytes = L->gate_exps.row_bytes,
+                              .xq = w->xq_h + (size_t)s0 * sg,
+                              .xq_stride = sg,
+                              .n_vec = n,
+                              .y = w->g + (size_t)s0 * F,
+                              .y_stride = (size_t)F,
+                              .n_rows = F};
+    }
+    ops_mm_run(&w->cc, jobs, nj);
+    /* 4. up: active rows only for single-token groups */
+    nj = 0;
+    uint64_t active_total = 0;
+    for (int j = 0; j < n_exp; j++) {
+        int n = g0[j + 1] - g0[j], s0 = g0[j];
+        if (!n) continue;
+        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
+        mm_job jb = {.type = tu,
+                     .n_cols = E,
+                     .w = base + off[1],
+                     .row_bytes = L->up_exps.row_bytes,
+                     .xq = xq_up + (size_t)s0 * su,
+                     .xq_stride = su,
+                     .n_vec = n,
+                     .y = w->u + (size_t)s0 * F,
+                     .y_stride = (size_t)F,
+                     .n_rows = F};
+        for (int s = s0; s < s0 + n; s++) {
+            const float *g = w->g + (size_t)s * F;
+            for (int i = 0; i < F; i++)
+                active_total += g[i] > 0.0f;
+        }
+        if (n == 1) {
+            int32_t *a = w->active + (size_t)s0 * F;
+            int na = 0;
+            const float *g = w->g + (size_t)s0 * F;
+            for (int i = 0; i < F; i++)
+                if (g[i] > 0.0f) a[na++] = i;
+            jb.rows = a;
+            jb.n_rows = na;
+        }
+        jobs[nj++] = jb;
+    }
+    ops_mm_run(&w->cc, jobs, nj);
+    /* 5. ReGLU, quantized for down */
+    for (int s = 0; s < S; s++) {
+        float *g = w->g + (size_t)s * F;
+        const float *u = w->u + (size_t)s * F;
+        for (int i = 0; i < F; i++)
+            g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+        w->cc.ops->quantize_act(td, g, w->xq_a + (size_t)s * sd, F);
+    }
+    /* 6. down per group into a staging area (grouped slot order), then scattered to the
+     *    (token, k) rows the attention worker sums */
+    nj = 0;
+    for (int j = 0; j < n_exp; j++) {
+        int n = g0[j + 1] - g0[j], s0 = g0[j];
+        if (!n) continue;
+        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
+        jobs[nj++] = (mm_job){.type = td,
+                              .n_cols = F,
+                              .w = base + off[2],
+                              .row_bytes = L->down_exps.row_bytes,
+                              .xq = w->xq_a + (size_t)s0 * sd,
+                              .xq_stride = sd,
+                              .n_vec = n,
+                              .y = w->ys + (size_t)s0 * E,
+                              .y_stride = (size_t)E,
+                              .n_rows = E};
+    }
+    ops_mm_run(&w->cc, jobs, nj);
+    for (int s = 0; s < S; s++)
+        memcpy(yout + ((size_t)w->slot_t[s] * K + w->slot_k[s]) * E, w->ys + (size_t)s * E,
+               (size_t)E * sizeof(float));
+    *active_out = active_total;
+    return S;
+}
+
+static void s_reply(expert_worker *w, const msg_in *in, Stp__LayerMsg *r) {
+    r->version = STP_PROTO_VERSION;
+    if (msg_send(w->sock, in->id, in->id_len, &r->base, NULL)) stats_add(w->st, "send_errors", 1);
+}
+
+static void s_error(expert_worker *w, const msg_in *in, const char *kind, uint64_t seq, int code,
+                    const char *what) {
+    if (stats_bad(w->st, kind)) stage_log(w->name, "invalid message (%s): %s", kind, what);
+    Stp__StpError e;
+    stp__stp_error__init(&e);
+    e.code = code;
+    e.what = (char *)what;
+    e.seq = seq;
+    Stp__LayerMsg r;
+    stp__layer_msg__init(&r);
+    r.body_case = STP__LAYER_MSG__BODY_ERROR;
+    r.error = &e;
+    s_reply(w, in, &r);
+}
+
+/* Validates work against the model, the pool table and the selection in the activation
+ * region; "" when fine. */
+static const char *s_check(const expert_worker *w, const Stp__ExpertWork *wk, char *buf,
+                           size_t cap) {
+    const model_config *c = &w->m->cfg;
+    const int K = c->n_expert_used, X = c->n_expert;
+    if (wk->layer >= (uint32_t)c->n_layer) {
+        snprintf(buf, cap, "layer %u outside 0..%d", wk->layer, c->n_layer - 1);
+        return buf;
+    }
+    if (wk->n_tokens == 0 || wk->n_tokens > w->ah->n_ubatch) {
+        snprintf(buf, cap, "%u tokens (1..%u allowed)", wk->n_tokens, w->ah->n_ubatch);
+        return buf;
+    }
+    if (wk->n_experts == 0 || wk->n_experts > (size_t)X) {
+        snprintf(buf, cap, "%zu experts (1..%d allowed)", wk->n_experts, X);
+        return buf;
+    }
+    const pool_header *ph = (const pool_header *)w->pool.base;
+    const layer_weights *L = &w->m->layers[wk->layer];
+    size_t off[3], sb;
+    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes, L->down_exps.mat_bytes, off, &sb);
+    for (size_t j = 0; j < wk->n_experts; j++) {
+        const Stp__ExpertLoc *e = wk->experts[j];
+        if (e->expert >= (uint32_t)X || (j && e->expert <= wk->experts[j - 1]->expert)) {
+            snprintf(buf, cap, "expert list not ascending in 0..%d", X - 1);
+            return buf;
+        }
+        const pool_slot *sl = &ph->slots[wk->layer * (uint32_t)X + e->expert];
+        if (__atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != POOL_READY ||
+            sl->generation != e->generation || sl->offset != e->offset || sl->bytes != sb ||
+            e->offset > w->pool.size || sb > w->pool.size - e->offset) {
+            snprintf(buf, cap, "expert %u of layer %u is not resident at offset %llu gen %llu",
+                     e->expert, wk->layer, (unsigned long long)e->offset,
+                     (unsigned long long)e->generation);
+            return buf;
+        }
+    }
+    const int32_t *sel = (const int32_t *)(w->act.base + w->ah->off_sel);
+    for (uint32_t i = 0; i < wk->n_tokens * (uint32_t)K; i++)
+        if (sel[i] < 0 || sel[i] >= X) {
+            snprintf(buf, cap, "selection %d at slot %u outside 0..%d", sel[i], i, X - 1);
+            return buf;
+        }
+    return "";
+}
+
+static void s_handle(expert_worker *w, msg_in *in) {
+    double t0 = msg_now_us();
+    Stp__LayerMsg *m = stp__layer_msg__unpack(NULL, in->len, in->data);
+    if (!m) return s_error(w, in, "undecodable", 0, STP_EPROTO, "not a LayerMsg");
+    if (m->version != STP_PROTO_VERSION) {
+        char b[96];
+        snprintf(b, sizeof b, "protocol version %u, expected %u", m->version, STP_PROTO_VERSION);
+        s_error(w, in, "version", 0, STP_EPROTO, b);
+    } else if (m->body_case == STP__LAYER_MSG__BODY_PING) {
+        Stp__Pong p;
+        stp__pong__init(&p);
+        p.nonce = m->ping->nonce;
+        p.stage = w->name;
+        Stp__LayerMsg r;
+        stp__layer_msg__init(&r);
+        r.body_case = STP__LAYER_MSG__BODY_PONG;
+        r.pong = &p;
+        s_reply(w, in, &r);
+    } else if (m->body_case != STP__LAYER_MSG__BODY_WORK) {
+        s_error(w, in, "unexpected", 0, STP_EPROTO, "expected ExpertWork or Ping");
+    } else {
+        const Stp__ExpertWork *wk = m->work;
+        char buf[200];
+        stp_err me = {0};
+        const char *bad = "";
+        if (wk->seq < w->last_seq) {
+            /* a resend that arrived late: the selection in shm belongs to newer work now */
+            stats_add(w->st, "work.stale", 1);
+            goto out;
+        }
+        if (wk->seq == w->last_seq && wk->seq) { /* duplicate of finished work: answer again */
+            stats_add(w->st, "work.duplicate", 1);
+        } else if (s_map_act(w, wk->act_epoch, &me)) {
+            bad = me.msg;
+        } else {
+            bad = s_check(w, wk, buf, sizeof buf);
+        }
+        if (*bad) {
+            s_error(w, in, "work", wk->seq, STP_EPROTO, bad);
+        } else {
+            uint64_t active = 0;
+            int S = (int)w->last_slots;
+            if (wk->seq != w->last_seq || !wk->seq)
+                S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &active);
+            w->last_seq = wk->seq;
+            w->last_slots = (uint32_t)S;
+            double us = msg_now_us() - t0;
+            Stp__ExpertDone d;
+            stp__expert_done__init(&d);
+            d.seq = wk->seq;
+            d.layer = wk->layer;
+            d.n_slots = (uint32_t)S;
+            d.active_neurons = active;
+            d.total_neurons = (uint64_t)S * (uint64_t)w->m->cfg.n_ff_exp;
+            d.compute_us = us;
+            Stp__LayerMsg r;
+            stp__layer_msg__init(&r);
+            r.body_case = STP__LAYER_MSG__BODY_DONE;
+            r.done = &d;
+            s_reply(w, in, &r);
+            stats_add(w->st, "msg.work", 1);
+            stats_add(w->st, "slots", (uint64_t)S);
+            stats_add(w->st, "neurons.active", active);
+            stats_add(w->st, "neurons.total", d.total_neurons);
+            stats_add(w->st, "bytes.act_out", (uint64_t)S * w->m->cfg.n_embd * 4);
+            stats_latency(w->st, wk->n_tokens == 1 ? "work.decode" : "work.batch", us);
+        }
+    }
+out:
+    stp__layer_msg__free_unpacked(m, NULL);
+}
+
+int expert_worker_run(expert_worker *w, stp_err *err) {
+    (void)err;
+    stp_err e2 = {0};
+    if (stage_ready(w->o.run_dir, w->name, &e2)) stage_log(w->name, "%s", e2.msg);
+    while (!stage_stopping()) {
+        bool rd[1];
+        void *socks[1] = {w->sock};
+        double tw = msg_now_us();
+        if (msg_poll(socks, 1, rd, 250) && rd[0]) {
+            stats_latency(w->st, "idle_wait", msg_now_us() - tw);
+            for (int i = 0; i < 64; i++) {
+                msg_in in;
+                int rc = msg_recv(w->sock, true, &in, &e2);
+                if (rc == 0) break;
+                stats_add(w->st, "bytes.in", in.len);
+                if (rc < 0) {
+                    if (stats_bad(w->st, "frames"))
+                        stage_log(w->name, "invalid message: %s", e2.msg);
+                } else {
+                    s_handle(w, &in);
+                }
+                msg_in_free(&in);
+            }
+        }
+        stats_publish(w->st, w->pub, 500, false);
+    }
+    stage_unready(w->o.run_dir, w->name);
+    return 0;
+}
