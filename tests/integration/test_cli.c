@@ -291,6 +291,8 @@ static void test_cli_bad_usage_exits_2(void **state) {
         {"info", NULL},
         {"info", "--model", m, "--bogus", NULL},
         {"tokenize", "--model", m, NULL},
+        {"detokenize", "--model", m, "--ids", "1 x", NULL},
+        {"detokenize", "--model", m, NULL},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         run_out r = s_run(cases[i]);
@@ -404,6 +406,28 @@ static void test_cli_prompt_longer_than_context(void **state) {
     s_free(&r);
 }
 
+static void test_cli_gating_guess_warns(void **state) {
+    (void)state;
+    char src[4096], p[4096];
+    th_kv_edit kv[] = {{.key = "smallthinker.expert_gating_func", .op = TH_KV_DROP}};
+    th_copy_opts o = {.kv = kv, .n_kv = 1};
+    stp_err err = {0};
+    th_tmp_path(p, sizeof p, "cli_nogate.gguf");
+    if (th_gguf_copy(th_data_path(src, sizeof src, DENSE), p, &o, &err)) fail_msg("%s", err.msg);
+    const char *a[] = {"generate", "--model", p, "--prompt-ids", "1 2", "--ids", "-n", "2", NULL};
+    run_out r = s_run(a);
+    s_expect(&r, 0, "generate without gating key");
+    assert_non_null(strstr(r.err, "warning: "));
+    assert_non_null(strstr(r.err, "sigmoid"));
+    s_free(&r);
+    const char *b[] = {"info", "--model", p, NULL};
+    r = s_run(b);
+    s_expect(&r, 0, "info without gating key");
+    assert_non_null(strstr(r.out, "sigmoid gating (guessed: key absent)"));
+    s_free(&r);
+    unlink(p);
+}
+
 static void test_cli_tokenize_roundtrip(void **state) {
     (void)state;
     char m[4096];
@@ -467,6 +491,7 @@ int main(void) {
         cmocka_unit_test(test_cli_foreign_architecture),
         cmocka_unit_test(test_cli_unsupported_tensor_type),
         cmocka_unit_test(test_cli_prompt_longer_than_context),
+        cmocka_unit_test(test_cli_gating_guess_warns),
         cmocka_unit_test(test_cli_tokenize_roundtrip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

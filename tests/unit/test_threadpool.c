@@ -55,7 +55,7 @@ static void test_threadpool_each_thread_once_per_section(void **state) {
         sect s;
         memset(&s, 0, sizeof s);
         s.expect_nth = n;
-        const int rounds = n > 2 ? 300 : 2000; /* oversubscribed teams are slower */
+        const int rounds = n > 2 ? 100 : 1000; /* oversubscribed teams are slower */
         for (int r = 1; r <= rounds; r++) {
             s.round = r;
             threadpool_run(tp, s_fn, &s);
