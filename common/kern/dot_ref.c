@@ -2,8 +2,10 @@
  *
  * Each quantized dot product works like ggml's: integer sums of weight quants times activation
  * quants inside a block (or sub-block), then one float multiply by the scales. So the result
- * equals dequantize(w) · dequantize(xq) up to float32 summation order. Q4_1 adds m_w * s_x with
- * the activation's stored fp16 block sum s (as ggml; NOT d_x * sum q). Float types accumulate
+ * equals dequantize(w) · dequantize(xq) up to float32 summation order. For Q4_0 and Q8_0 that
+ * order is exactly ggml-cpu's on x86 (repacked q4_0_8x8 per-row fma; Q8_0's 8-lane vec_dot),
+ * so llama.cpp's results are reproduced bit for bit; see README.md invariant 2. Q4_1 adds m_w * s_x
+ * with the activation's stored fp16 block sum s (as ggml; NOT d_x * sum q). Float types accumulate
  * in double like ggml's generic ggml_vec_dot_f16/f32. */
 #include <math.h>
 #include <stdlib.h>
