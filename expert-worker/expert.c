@@ -33,7 +33,11 @@ struct expert_worker {
     float *ys;       /* (S, E) down outputs, grouped slot order */
     int32_t *active; /* (S, F) */
     uint8_t *xq_h, *xq_h2, *xq_a;
-    uint64_t last_seq; /* newest work seen: older work is stale, equal is a duplicate */
+    /* newest work done for the peer last_id: from that peer, older work is a stale resend and
+     * equal work a duplicate (another peer's numbers are not comparable) */
+    uint64_t last_seq;
+    uint8_t last_id[MSG_ID_MAX];
+    size_t last_id_len;
     uint32_t last_slots;
 };
 
@@ -66,21 +70,23 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
 static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     if (w->ah && w->ah->epoch == epoch) return 0;
     const model_config *c = &w->m->cfg;
-    shm_region_close(&w->act);
-    w->ah = NULL;
-    s_free_scratch(w);
+    shm_region fresh;
     char name[160];
     int rc = stage_shm_name(name, sizeof name, w->o.run_dir, "act", err);
-    if (!rc) rc = shm_region_open(&w->act, name, true, err);
-    if (!rc) rc = act_check(&w->act, c->n_embd, c->n_expert_used, c->n_vocab, err);
-    if (!rc && ((const act_header *)w->act.base)->epoch != epoch)
+    if (rc) return rc;
+    if ((rc = shm_region_open(&fresh, name, true, err))) return rc;
+    rc = act_check(&fresh, c->n_embd, c->n_expert_used, c->n_vocab, err);
+    if (!rc && ((const act_header *)fresh.base)->epoch != epoch)
         rc = stp_err_set(err, STP_EPROTO, "activation region epoch %llu, work names %llu",
-                         (unsigned long long)((const act_header *)w->act.base)->epoch,
+                         (unsigned long long)((const act_header *)fresh.base)->epoch,
                          (unsigned long long)epoch);
-    if (rc) {
-        shm_region_close(&w->act);
+    if (rc) { /* keep the current mapping: the work was wrong, not the region */
+        shm_region_close(&fresh);
         return rc;
     }
+    shm_region_close(&w->act);
+    s_free_scratch(w);
+    w->act = fresh;
     w->ah = (const act_header *)w->act.base;
     w->S = (int)w->ah->n_ubatch * c->n_expert_used;
     size_t S = (size_t)w->S, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
@@ -299,13 +305,13 @@ static void s_error(expert_worker *w, const msg_in *in, const char *kind, uint64
 static const char *s_check(const expert_worker *w, const Stp__ExpertWork *wk, char *buf,
                            size_t cap) {
     const model_config *c = &w->m->cfg;
-    const int K = c->n_expert_used, X = c->n_expert;
+    const int X = c->n_expert;
     if (wk->layer >= (uint32_t)c->n_layer) {
         snprintf(buf, cap, "layer %u outside 0..%d", wk->layer, c->n_layer - 1);
         return buf;
     }
-    if (wk->n_tokens == 0 || wk->n_tokens > w->ah->n_ubatch) {
-        snprintf(buf, cap, "%u tokens (1..%u allowed)", wk->n_tokens, w->ah->n_ubatch);
+    if (wk->n_tokens == 0 || wk->n_tokens > 65536) {
+        snprintf(buf, cap, "%u tokens", wk->n_tokens);
         return buf;
     }
     if (wk->n_experts == 0 || wk->n_experts > (size_t)X) {
@@ -331,6 +337,17 @@ static const char *s_check(const expert_worker *w, const Stp__ExpertWork *wk, ch
                      (unsigned long long)e->generation);
             return buf;
         }
+    }
+    return "";
+}
+
+/* The selection the attention worker left in the activation region. */
+static const char *s_check_sel(const expert_worker *w, const Stp__ExpertWork *wk, char *buf,
+                               size_t cap) {
+    const int K = w->m->cfg.n_expert_used, X = w->m->cfg.n_expert;
+    if (wk->n_tokens > w->ah->n_ubatch) {
+        snprintf(buf, cap, "%u tokens (1..%u allowed)", wk->n_tokens, w->ah->n_ubatch);
+        return buf;
     }
     const int32_t *sel = (const int32_t *)(w->act.base + w->ah->off_sel);
     for (uint32_t i = 0; i < wk->n_tokens * (uint32_t)K; i++)
@@ -366,26 +383,30 @@ static void s_handle(expert_worker *w, msg_in *in) {
         char buf[200];
         stp_err me = {0};
         const char *bad = "";
-        if (wk->seq < w->last_seq) {
+        bool same_peer = in->id_len == w->last_id_len && !memcmp(in->id, w->last_id, in->id_len);
+        if (same_peer && wk->seq < w->last_seq) {
             /* a resend that arrived late: the selection in shm belongs to newer work now */
             stats_add(w->st, "work.stale", 1);
             goto out;
         }
-        if (wk->seq == w->last_seq && wk->seq) { /* duplicate of finished work: answer again */
+        bool dup = same_peer && wk->seq == w->last_seq;
+        if (dup) { /* a resend of finished work: answer again */
             stats_add(w->st, "work.duplicate", 1);
+        } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
         } else if (s_map_act(w, wk->act_epoch, &me)) {
             bad = me.msg;
         } else {
-            bad = s_check(w, wk, buf, sizeof buf);
+            bad = s_check_sel(w, wk, buf, sizeof buf);
         }
         if (*bad) {
             s_error(w, in, "work", wk->seq, STP_EPROTO, bad);
         } else {
             uint64_t active = 0;
             int S = (int)w->last_slots;
-            if (wk->seq != w->last_seq || !wk->seq)
-                S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &active);
+            if (!dup) S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &active);
             w->last_seq = wk->seq;
+            memcpy(w->last_id, in->id, in->id_len);
+            w->last_id_len = in->id_len;
             w->last_slots = (uint32_t)S;
             double us = msg_now_us() - t0;
             Stp__ExpertDone d;

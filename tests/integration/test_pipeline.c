@@ -1,0 +1,485 @@
+/* test_pipeline: the real multi-process pipeline, end to end. Starts it with deploy/stpipe-up
+ * (1 and 2 expert workers) on the F32 golden models, checks `stpipe generate --pipeline` gives
+ * the golden greedy ids and the in-process engine's logits (1e-4 relative), that a SIGKILLed
+ * expert worker is restarted and the next request succeeds, that malformed messages to every
+ * socket are counted and answered without a crash, and that stpipe-down leaves no process and
+ * no /dev/shm segment behind. Run directories live under STP_TMP. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <zmq.h>
+
+#include "client.pb-c.h"
+#include "eval.pb-c.h"
+#include "layer.pb-c.h"
+#include "msg/msg.h"
+#include "router.pb-c.h"
+#include "stats.pb-c.h"
+
+static const char *s_env(const char *k) {
+    const char *v = getenv(k);
+    return v ? v : "";
+}
+
+/* Runs argv with stdout to out_path (NULL: /dev/null) and a deadline; returns the exit status,
+ * or -1 on timeout (the child is killed). */
+static int s_run(char *const argv[], const char *out_path, int timeout_s) {
+    pid_t p = fork();
+    if (p == 0) {
+        int fd = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0) dup2(fd, 1);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    for (int i = 0; i < timeout_s * 20; i++) {
+        int st;
+        if (waitpid(p, &st, WNOHANG) == p) return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+        usleep(50000);
+    }
+    kill(p, SIGKILL);
+    waitpid(p, NULL, 0);
+    return -1;
+}
+
+static char *s_slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
+    if (b) b[n] = 0;
+    fclose(f);
+    if (len) *len = (size_t)n;
+    return b;
+}
+
+typedef struct golden {
+    char model[512];
+    char ids[4096]; /* "1 2 3" */
+    int greedy[256];
+    int n_greedy;
+} golden;
+
+static void s_golden(golden *g, const char *stem) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s.short.json", s_env("STP_TEST_DATA"), stem);
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    assert_non_null(j);
+    snprintf(g->model, sizeof g->model, "%s/%s.gguf", s_env("STP_TEST_DATA"), stem);
+    json_t *pi = json_object_get(j, "prompt_ids");
+    size_t at = 0;
+    for (size_t i = 0; i < json_array_size(pi); i++)
+        at += (size_t)snprintf(g->ids + at, sizeof g->ids - at, i ? " %lld" : "%lld",
+                               (long long)json_integer_value(json_array_get(pi, i)));
+    json_t *gi = json_object_get(j, "greedy_ids");
+    g->n_greedy = (int)json_array_size(gi);
+    for (int i = 0; i < g->n_greedy; i++)
+        g->greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
+    json_decref(j);
+}
+
+typedef struct run {
+    char dir[1024];
+    char prefix[128];
+    int pids[32];
+    int n_pids;
+} run;
+
+/* The run of the current test, stopped by the teardown when an assertion left it running. */
+static char s_current_dir[1024];
+
+static int s_teardown(void **st) {
+    (void)st;
+    if (!s_current_dir[0]) return 0;
+    char down[1024];
+    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
+    char *argv[] = {"bash", down, s_current_dir, NULL};
+    s_run(argv, NULL, 30);
+    s_current_dir[0] = 0;
+    return 0;
+}
+
+static int s_up(run *r, const char *model, int workers, const char *tag) {
+    char up[1024], w[16], bin[1024];
+    snprintf(r->dir, sizeof r->dir, "%s/pipe-%s-%d", s_env("STP_TMP"), tag, (int)getpid());
+    snprintf(s_current_dir, sizeof s_current_dir, "%s", r->dir);
+    mkdir(s_env("STP_TMP"), 0700);
+    snprintf(up, sizeof up, "%s/deploy/stpipe-up", s_env("STP_SOURCE_DIR"));
+    snprintf(w, sizeof w, "%d", workers);
+    snprintf(bin, sizeof bin, "%s", s_env("STP_BIN_DIR"));
+    char *argv[] = {"bash",      up,          "--model",   (char *)model, "--run-dir",
+                    r->dir,      "--workers", w,           "--bin-dir",   bin,
+                    "--timeout", "30",        "--threads", "1",           NULL};
+    int rc = s_run(argv, NULL, 60);
+    if (rc) return rc;
+    char p[1100];
+    snprintf(p, sizeof p, "%s/shm_prefix", r->dir);
+    char *s = s_slurp(p, NULL);
+    assert_non_null(s);
+    s[strcspn(s, "\n")] = 0;
+    snprintf(r->prefix, sizeof r->prefix, "%s", s);
+    free(s);
+    return 0;
+}
+
+/* Reads RUN_DIR/pids (every stage process ever started, restarts included). */
+static void s_read_pids(run *r) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/pids", r->dir);
+    FILE *f = fopen(p, "r");
+    r->n_pids = 0;
+    if (!f) return;
+    char name[64];
+    int pid;
+    while (r->n_pids < 32 && fscanf(f, "%63s %d", name, &pid) == 2)
+        r->pids[r->n_pids++] = pid;
+    fclose(f);
+}
+
+static int s_shm_left(const char *prefix) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "ls /dev/shm 2>/dev/null | grep -c '^%s-'", prefix);
+    FILE *f = popen(cmd, "r");
+    int n = 0;
+    if (f) {
+        if (fscanf(f, "%d", &n) != 1) n = 0;
+        pclose(f);
+    }
+    return n;
+}
+
+/* stpipe-down, then: no stage process alive, no shm segment of the run. */
+static void s_down_and_check(run *r) {
+    s_read_pids(r);
+    assert_true(r->n_pids >= 4);
+    char down[1024];
+    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
+    char *argv[] = {"bash", down, r->dir, NULL};
+    assert_int_equal(s_run(argv, NULL, 30), 0);
+    for (int i = 0; i < r->n_pids; i++) {
+        char p[64];
+        snprintf(p, sizeof p, "/proc/%d/cmdline", r->pids[i]);
+        char *cl = s_slurp(p, NULL);
+        bool alive = cl && strstr(cl, "stpipe-") != NULL;
+        free(cl);
+        if (alive) fprintf(stderr, "stage pid %d survived stpipe-down\n", r->pids[i]);
+        assert_false(alive);
+    }
+    assert_int_equal(s_shm_left(r->prefix), 0);
+}
+
+/* Generates greedily through the pipeline; fills ids; returns the exit status. */
+static int s_generate(const run *r, const golden *g, int n, const char *logits_out, int *ids,
+                      int *n_ids, const char *extra) {
+    char bin[1024], out[1100], nbuf[16];
+    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/gen-%d.out", r->dir, (int)getpid());
+    snprintf(nbuf, sizeof nbuf, "%d", n);
+    char *argv[16] = {
+        bin,  "generate", "--pipeline", (char *)r->dir, "--prompt-ids", (char *)g->ids,
+        "-n", nbuf,       "--ids",      "--quiet"};
+    int a = 10;
+    if (logits_out) {
+        argv[a++] = "--logits-out";
+        argv[a++] = (char *)logits_out;
+    }
+    if (extra) argv[a++] = (char *)extra;
+    argv[a] = NULL;
+    int rc = s_run(argv, out, 120);
+    char *s = s_slurp(out, NULL);
+    *n_ids = 0;
+    for (char *p = s, *end; p && *p && *n_ids < 4096; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        ids[(*n_ids)++] = (int)v;
+    }
+    free(s);
+    return rc;
+}
+
+static void s_golden_case(const char *stem, int workers) {
+    golden g;
+    s_golden(&g, stem);
+    run r;
+    char tag[128];
+    snprintf(tag, sizeof tag, "%s-w%d", stem, workers);
+    assert_int_equal(s_up(&r, g.model, workers, tag), 0);
+    char pl[1200], il[1200];
+    snprintf(pl, sizeof pl, "%s/pipe.logits", r.dir);
+    snprintf(il, sizeof il, "%s/inproc.logits", r.dir);
+    int ids[4096], n = 0;
+    int rc = s_generate(&r, &g, g.n_greedy, pl, ids, &n, NULL);
+    assert_int_equal(rc, 0);
+    assert_int_equal(n, g.n_greedy);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(ids[i], g.greedy[i]);
+    /* logits: the in-process engine on the same prompt */
+    char bin[1024];
+    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    char *argv[] = {bin,     "generate", "--model",   g.model, "--prompt-ids", g.ids, "-n", "1",
+                    "--ids", "--quiet",  "--threads", "1",     "--logits-out", il,    NULL};
+    assert_int_equal(s_run(argv, NULL, 60), 0);
+    size_t lp = 0, li = 0;
+    char *bp = s_slurp(pl, &lp), *bi = s_slurp(il, &li);
+    assert_non_null(bp);
+    assert_non_null(bi);
+    assert_true(lp > 0);
+    assert_int_equal(lp, li);
+    const float *fp = (const float *)bp, *fi = (const float *)bi;
+    double worst = 0;
+    for (size_t i = 0; i < lp / 4; i++) {
+        double d = fabs((double)fp[i] - fi[i]) / fmax(1.0, fabs((double)fi[i]));
+        if (d > worst) worst = d;
+    }
+    free(bp);
+    free(bi);
+    assert_true(worst <= 1e-4);
+    s_down_and_check(&r);
+}
+
+static void test_pipeline_dense_1_worker(void **st) {
+    (void)st;
+    s_golden_case("tiny-dense-attn-f32", 1);
+}
+static void test_pipeline_dense_2_workers(void **st) {
+    (void)st;
+    s_golden_case("tiny-dense-attn-f32", 2);
+}
+static void test_pipeline_hybrid_1_worker(void **st) {
+    (void)st;
+    s_golden_case("tiny-hybrid-attn-f32", 1);
+}
+static void test_pipeline_hybrid_2_workers(void **st) {
+    (void)st;
+    s_golden_case("tiny-hybrid-attn-f32", 2);
+}
+
+static int s_ready_pid(const run *r, const char *stage) {
+    char p[1200];
+    snprintf(p, sizeof p, "%s/%s.ready", r->dir, stage);
+    char *s = s_slurp(p, NULL);
+    int pid = s ? atoi(s) : 0;
+    free(s);
+    return pid;
+}
+
+/* kill -9 of an expert worker during a long generation: the supervisor restarts it, the
+ * request in flight completes or fails cleanly, and the next request gives the golden ids. */
+static void test_pipeline_expert_crash_restart(void **st) {
+    (void)st;
+    golden g;
+    s_golden(&g, "tiny-dense-attn-f32");
+    run r;
+    assert_int_equal(s_up(&r, g.model, 2, "crash"), 0);
+    int victim = s_ready_pid(&r, "expert-1");
+    assert_true(victim > 0);
+    pid_t gen = fork();
+    if (gen == 0) {
+        int ids[4096], n;
+        int rc = s_generate(&r, &g, 3000, NULL, ids, &n, "--ignore-eos");
+        _exit(rc == 0 ? 0 : 1);
+    }
+    usleep(400000);
+    assert_int_equal(kill(victim, SIGKILL), 0);
+    /* the in-flight request ends (completes after the worker is back, or fails) */
+    int stg = 0;
+    for (int i = 0; i < 1200 && waitpid(gen, &stg, WNOHANG) != gen; i++)
+        usleep(50000);
+    assert_true(WIFEXITED(stg));
+    /* restarted with a new pid */
+    int again = 0;
+    for (int i = 0; i < 200; i++) {
+        again = s_ready_pid(&r, "expert-1");
+        if (again > 0 && again != victim) break;
+        usleep(50000);
+    }
+    assert_true(again > 0 && again != victim);
+    int ids[4096], n = 0;
+    assert_int_equal(s_generate(&r, &g, g.n_greedy, NULL, ids, &n, NULL), 0);
+    assert_int_equal(n, g.n_greedy);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(ids[i], g.greedy[i]);
+    s_down_and_check(&r);
+}
+
+/* ---- malformed messages ---- */
+
+/* Sends raw bytes on a DEALER to RUN_DIR/<name>.sock; returns the reply's length (-1: none). */
+static int s_send_raw(void *zctx, const run *r, const char *name, const void *buf, size_t len,
+                      uint8_t *reply, size_t cap) {
+    char ep[1200];
+    stp_err err = {0};
+    assert_int_equal(msg_endpoint(ep, sizeof ep, r->dir, name, &err), 0);
+    void *s = msg_socket(zctx, ZMQ_DEALER, ep, false, &err);
+    assert_non_null(s);
+    zmq_send(s, buf, len, 0);
+    bool rd;
+    int got = -1;
+    if (msg_poll(&s, 1, &rd, 3000) && rd) {
+        got = zmq_recv(s, reply, cap, 0);
+    }
+    zmq_close(s);
+    return got;
+}
+
+static size_t s_pack(const ProtobufCMessage *m, uint8_t *buf) {
+    return protobuf_c_message_pack(m, buf);
+}
+
+/* The newest StatsReport of one stage; counter value by name. */
+static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter) {
+    char ep[1200];
+    stp_err err = {0};
+    msg_endpoint(ep, sizeof ep, r->dir, stage_sock, &err);
+    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
+    assert_non_null(s);
+    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
+    uint64_t v = 0;
+    bool rd;
+    if (msg_poll(&s, 1, &rd, 3000) && rd) {
+        msg_in in;
+        if (msg_recv(s, false, &in, &err) > 0) {
+            Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
+            for (size_t i = 0; rep && i < rep->n_counters; i++)
+                if (!strcmp(rep->counters[i]->name, counter)) v = rep->counters[i]->value;
+            if (rep) stp__stats_report__free_unpacked(rep, NULL);
+            msg_in_free(&in);
+        }
+    }
+    zmq_close(s);
+    return v;
+}
+
+static void test_pipeline_malformed_messages(void **st) {
+    (void)st;
+    golden g;
+    s_golden(&g, "tiny-dense-attn-f32");
+    run r;
+    assert_int_equal(s_up(&r, g.model, 1, "fuzz"), 0);
+    void *zctx = zmq_ctx_new();
+    uint8_t junk[300], buf[4096], reply[65536];
+    srand(1234);
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (uint8_t)rand();
+    const char *socks[4] = {"client", "attn", "storage", "expert-0"};
+    const char *stats_socks[4] = {"stats-coordinator", "stats-attn", "stats-storage",
+                                  "stats-expert-0"};
+    for (int k = 0; k < 4; k++) {
+        /* 1. random bytes: answered with an error (undecodable) */
+        assert_true(s_send_raw(zctx, &r, socks[k], junk, sizeof junk, reply, sizeof reply) > 0);
+        /* 2. a well-formed envelope of the wrong version; 3. an out-of-range body */
+        size_t n_wrong = 0, n_range = 0;
+        uint8_t range[4096];
+        if (k == 0) {
+            Stp__ClientMsg m;
+            stp__client_msg__init(&m);
+            m.version = 99;
+            n_wrong = s_pack(&m.base, buf);
+            Stp__GenerateRequest q;
+            stp__generate_request__init(&q);
+            int32_t bad_id = 1 << 30;
+            q.n_prompt_ids = 1;
+            q.prompt_ids = &bad_id;
+            m.version = STP_PROTO_VERSION;
+            m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
+            m.request = &q;
+            n_range = s_pack(&m.base, range);
+        } else if (k == 1) {
+            Stp__EvalMsg m;
+            stp__eval_msg__init(&m);
+            m.version = 99;
+            n_wrong = s_pack(&m.base, buf);
+            Stp__EvalRequest q;
+            stp__eval_request__init(&q);
+            int32_t bad_id = -5;
+            q.n_tokens = 1;
+            q.tokens = &bad_id;
+            m.version = STP_PROTO_VERSION;
+            m.body_case = STP__EVAL_MSG__BODY_REQUEST;
+            m.request = &q;
+            n_range = s_pack(&m.base, range);
+        } else if (k == 2) {
+            Stp__RouterMsg m;
+            stp__router_msg__init(&m);
+            m.version = 99;
+            n_wrong = s_pack(&m.base, buf);
+            Stp__RouterDecision d;
+            stp__router_decision__init(&d);
+            uint32_t e = 0;
+            d.layer = 999;
+            d.n_experts = 1;
+            d.experts = &e;
+            m.version = STP_PROTO_VERSION;
+            m.body_case = STP__ROUTER_MSG__BODY_DECISION;
+            m.decision = &d;
+            n_range = s_pack(&m.base, range);
+        } else {
+            Stp__LayerMsg m;
+            stp__layer_msg__init(&m);
+            m.version = 99;
+            n_wrong = s_pack(&m.base, buf);
+            Stp__ExpertWork w;
+            stp__expert_work__init(&w);
+            Stp__ExpertLoc loc, *lp = &loc;
+            stp__expert_loc__init(&loc);
+            w.seq = UINT64_MAX; /* newer than anything the attention worker sent */
+            w.layer = 999;
+            w.n_tokens = 1;
+            w.n_experts = 1;
+            w.experts = &lp;
+            m.version = STP_PROTO_VERSION;
+            m.body_case = STP__LAYER_MSG__BODY_WORK;
+            m.work = &w;
+            n_range = s_pack(&m.base, range);
+        }
+        assert_true(s_send_raw(zctx, &r, socks[k], buf, n_wrong, reply, sizeof reply) > 0);
+        assert_true(s_send_raw(zctx, &r, socks[k], range, n_range, reply, sizeof reply) > 0);
+        /* counted, by kind */
+        uint64_t undec = 0, version = 0;
+        for (int i = 0; i < 10 && (!undec || !version); i++) {
+            undec = s_stat(zctx, &r, stats_socks[k], "bad.undecodable");
+            version = s_stat(zctx, &r, stats_socks[k], "bad.version");
+        }
+        assert_true(undec >= 1);
+        assert_true(version >= 1);
+    }
+    zmq_ctx_term(zctx);
+    /* everything still alive and correct */
+    int ids[4096], n = 0;
+    assert_int_equal(s_generate(&r, &g, g.n_greedy, NULL, ids, &n, NULL), 0);
+    assert_int_equal(n, g.n_greedy);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(ids[i], g.greedy[i]);
+    s_down_and_check(&r);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_pipeline_dense_1_worker, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_dense_2_workers, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_expert_crash_restart, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_malformed_messages, s_teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
