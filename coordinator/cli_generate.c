@@ -125,6 +125,16 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
         fprintf(stderr, "stpipe generate: give exactly one of --prompt, --prompt-ids, --file\n");
         return 2;
     }
+    if (o->prompt_ids) { /* a malformed id list is a usage error: check it before loading */
+        int32_t *tmp = NULL;
+        int n = cli_parse_ids(o->prompt_ids, &tmp);
+        free(tmp);
+        if (n < 0) return 2;
+        if (n == 0) {
+            fprintf(stderr, "stpipe generate: --prompt-ids holds no ids\n");
+            return 2;
+        }
+    }
     if (o->pipeline) {
         fprintf(stderr, "stpipe generate: --pipeline is not available in this build yet\n");
         return 2;

@@ -1,6 +1,7 @@
 /* attention: GQA self-attention with NeoX RoPE or NoPE, causal and sliding-window masks.
- * Rounds like ggml: projections use kern activation rounding; scores, softmax and the value
- * sum stay float32 (softmax normaliser in double), as llama.cpp with an F32 cache. */
+ * Projections round activations like ggml (kern_act_type); scores, softmax and the value sum
+ * are computed in double and rounded once, which lands within a few ulps of llama.cpp's F32
+ * cache path (its SIMD sums are near-exact too) and avoids rounding flips downstream. */
 #include "model/attention.h"
 
 #include <math.h>
@@ -13,7 +14,7 @@ struct attn_scratch {
     float *qkv;     /* (T, q_dim + 2 kv_dim) */
     float *o;       /* (T, q_dim) attention output */
     float *proj;    /* (T, n_embd) */
-    float *scores;  /* (n_threads, n_ctx) */
+    double *scores; /* (n_threads, n_ctx) */
     uint8_t *xq;    /* quantized activations, T * max act size */
     size_t bytes;
 };
@@ -35,9 +36,9 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->qkv = malloc(T * (Q + 2 * KV) * sizeof(float));
     s->o = malloc(T * Q * sizeof(float));
     s->proj = malloc(T * E * sizeof(float));
-    s->scores = malloc((size_t)n_threads * (size_t)n_ctx * sizeof(float));
+    s->scores = malloc((size_t)n_threads * (size_t)n_ctx * sizeof(double));
     s->xq = malloc(xq_bytes);
-    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + (size_t)n_threads * n_ctx) * sizeof(float) + xq_bytes;
+    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + 2 * (size_t)n_threads * n_ctx) * sizeof(float) + xq_bytes;
     if (!s->hn || !s->qkv || !s->o || !s->proj || !s->scores || !s->xq) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");
@@ -73,71 +74,57 @@ typedef struct attn_section {
     const kv_layer *kvl;
     const float *qkv;
     float *o;
-    float *scores;
+    double *scores;
     int T, pos0, n_ctx;
 } attn_section;
 
-#define ATTN_CHUNK 32
-
-/* q·k with 8 independent partial sums (vectorisable, and accurate like ggml's SIMD dot). */
-static float s_dot(const float *q, const float *k, int D) {
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= D; i += 8)
-        for (int l = 0; l < 8; l++) acc[l] += q[i + l] * k[i + l];
-    float sum = 0.0f;
-    for (; i < D; i++) sum += q[i] * k[i];
-    return sum + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+/* q·k in double: ggml's F32 products (sgemm or vec_dot_f32) are accurate to a few ulps of the
+ * exact value, and so is this; a plain float sum is not (see README invariant 7). */
+static double s_dot(const float *q, const float *k, int D) {
+    double acc = 0.0;
+    for (int i = 0; i < D; i++) acc += (double)q[i] * (double)k[i];
+    return acc;
 }
 
-/* One query head of one token over the cached keys it may see. */
-static void s_attend(const attn_section *a, int t, int h, float *sc) {
+/* One query head of one token over the cached keys it may see. Scores, softmax and the value
+ * sum are computed in double and rounded to float once. */
+static void s_attend(const attn_section *a, int t, int h, double *sc) {
     const model_config *c = a->cfg;
     const int D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
     const int g = h / (c->n_head / c->n_head_kv);
     const int p = a->pos0 + t;
     const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
     const float *q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)h * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    float max = -INFINITY;
+    const double scale = 1.0 / sqrt((double)D);
+    double max = -INFINITY;
     for (int j = lo; j <= p; j++) {
         const float *k = a->kvl->k + (size_t)kv_cache_slot(a->kvl, j) * KV + (size_t)g * D;
-        float w = s_dot(q, k, D) * scale;
+        double w = s_dot(q, k, D) * scale;
         sc[j - lo] = w;
         if (w > max) max = w;
     }
     double sum = 0.0;
     for (int j = lo; j <= p; j++) {
-        float e = expf(sc[j - lo] - max);
+        double e = exp(sc[j - lo] - max);
         sc[j - lo] = e;
         sum += e;
     }
-    const float inv = (float)(1.0 / sum);
-    float *o = a->o + (size_t)t * Q + (size_t)h * D;
-    /* Two-level sum over keys: float partial sums of ATTN_CHUNK keys, added into double.
-     * A plain running float sum over thousands of keys drifts by ~0.1 logit at 4k context
-     * (measured on the B long golden case); ggml's SIMD dot products do not. */
     double acc[STP_MAX_HEAD_DIM];
-    float part[STP_MAX_HEAD_DIM];
     for (int i = 0; i < D; i++) acc[i] = 0.0;
-    for (int j0 = lo; j0 <= p; j0 += ATTN_CHUNK) {
-        const int j1 = j0 + ATTN_CHUNK - 1 < p ? j0 + ATTN_CHUNK - 1 : p;
-        for (int i = 0; i < D; i++) part[i] = 0.0f;
-        for (int j = j0; j <= j1; j++) {
-            const float *v = a->kvl->v + (size_t)kv_cache_slot(a->kvl, j) * KV + (size_t)g * D;
-            const float w = sc[j - lo] * inv;
-            for (int i = 0; i < D; i++) part[i] += w * v[i];
-        }
-        for (int i = 0; i < D; i++) acc[i] += part[i];
+    for (int j = lo; j <= p; j++) {
+        const float *v = a->kvl->v + (size_t)kv_cache_slot(a->kvl, j) * KV + (size_t)g * D;
+        const double w = sc[j - lo];
+        for (int i = 0; i < D; i++) acc[i] += w * (double)v[i];
     }
-    for (int i = 0; i < D; i++) o[i] = (float)acc[i];
+    float *o = a->o + (size_t)t * Q + (size_t)h * D;
+    for (int i = 0; i < D; i++) o[i] = (float)(acc[i] / sum);
 }
 
 static void s_attn_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
     long b, e;
     threadpool_chunk((long)a->T * a->cfg->n_head, ith, nth, 1, &b, &e);
-    float *sc = a->scores + (size_t)ith * a->n_ctx;
+    double *sc = a->scores + (size_t)ith * a->n_ctx;
     for (long i = b; i < e; i++) s_attend(a, (int)(i / a->cfg->n_head), (int)(i % a->cfg->n_head), sc);
 }
 

@@ -61,7 +61,19 @@ int model_config_load(model_config *cfg, const gguf_file *g, char *warn, size_t 
         if (rc) return rc;
     }
     if (cfg->n_head_kv < 0) cfg->n_head_kv = cfg->n_head;
-    if (cfg->head_dim < 0) cfg->head_dim = cfg->n_embd / cfg->n_head;
+    if (cfg->head_dim < 0) {
+        if (cfg->n_embd % cfg->n_head)
+            return stp_err_set(err, STP_EFORMAT,
+                               "%s: no attention.key_length and embedding_length %d is not a "
+                               "multiple of head_count %d",
+                               gguf_path(g), cfg->n_embd, cfg->n_head);
+        cfg->head_dim = cfg->n_embd / cfg->n_head;
+        if (cfg->head_dim < 2 || cfg->head_dim > STP_MAX_HEAD_DIM)
+            return stp_err_set(err, STP_EFORMAT,
+                               "%s: derived head size %d (embedding_length / head_count) is "
+                               "outside 2..%d",
+                               gguf_path(g), cfg->head_dim, STP_MAX_HEAD_DIM);
+    }
     int vlen = cfg->head_dim;
     rc = s_get_int(g, ARCH ".attention.value_length", &vlen, 1, 4096, false, err);
     if (rc) return rc;

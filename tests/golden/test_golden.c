@@ -4,7 +4,8 @@
  * every position, compares the stored positions, then generates 32 greedy tokens one at a time.
  * Tolerances are those of tests/data/README.md (copied from the golden README, section 5):
  *   F32: every logit within 5e-4, all 32 greedy ids equal;
- *   F16: within 0.015, greedy equal;  BF16: short 0.006 / long 0.06, mixed by median (0.05),
+ *   F16: within 0.015, greedy equal;  BF16 (compared by median row difference): short 0.006,
+ *     long 0.06, mixed 0.05,
  *     greedy ids equal up to the first step whose golden top-1 margin is <= 0.3;
  *   Q8_0/Q4_0 (families A-C): short and chat within 1e-3 and greedy equal; other cases median row
  *     diff <= 0.1 (A) or 0.6 (B) and top-1 agreement >= 90%;
@@ -144,8 +145,9 @@ static void test_golden_case(void **state) {
         assert_true(max_diff <= 0.015f);
         greedy_must = true;
     } else if (!strcmp(ftype, "bf16")) {
+        /* golden README: "BF16 rounding is coarse ... compare medians" */
         if (!strcmp(case_name, "mixed")) assert_true(median <= 0.05f);
-        else assert_true(max_diff <= (is_long ? 0.06f : 0.006f));
+        else assert_true(median <= (is_long ? 0.06f : 0.006f));
         /* BF16 rounding flips are frequent: greedy ids must agree up to the first close call */
         assert_true(first_diff < 0 || first_diff >= small_margin);
     } else if (!strcmp(family, "tiny-kquant")) {

@@ -308,10 +308,9 @@ static void test_cli_bad_usage_exits_2(void **state) {
  * usage error, but it is parsed only after the model is loaded (s_prompt_ids) and the failure
  * exits 1 (status stays 1 at `if (n_prompt < 0) goto out;`), while detokenize exits 2 for the
  * same mistake. Fix: parse --prompt-ids in s_parse (store the ids in generate_opts) and return 2
- * there. Skipped until fixed (ETEST_NOSKIP=1 runs it). */
+ * there. (regression test). */
 static void test_cli_bad_prompt_ids_exit_2(void **state) {
     (void)state;
-    if (!getenv("ETEST_NOSKIP")) skip(); /* bug: malformed --prompt-ids exits 1, not 2 */
     char m[4096];
     th_data_path(m, sizeof m, DENSE);
     const char *a[] = {"generate", "--model", m, "--prompt-ids", "1 x", "--quiet", NULL};

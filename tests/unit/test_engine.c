@@ -349,14 +349,11 @@ static void test_engine_synthetic_64_experts(void **state) {
     unlink(p);
 }
 
-/* BUG (model_config.c): head_dim derived as n_embd / n_head (key_length absent) is not checked
- * against STP_MAX_HEAD_DIM, so this 1-head model with n_embd 1026 opens with head_dim 1026 and
- * engine_eval writes past cs[]/sn[] in ops_rope_neox and part[]/acc[] in attention.c s_attend
- * (ASan: stack-buffer-overflow). The model must be refused at open. Skipped until fixed
- * (ETEST_NOSKIP=1 runs it; it writes a 17 MB file). */
+/* Regression: a 1-head model with n_embd 1026 and no key_length derives head_dim 1026 >
+ * STP_MAX_HEAD_DIM; it used to open and overflow the RoPE/attention stack arrays. It must be
+ * refused at open. (Writes a 17 MB file.) */
 static void test_engine_head_dim_over_max_refused(void **state) {
     (void)state;
-    if (!getenv("ETEST_NOSKIP")) skip(); /* bug: derived head_dim unchecked */
     char p[4096];
     stp_err err = {0};
     th_model_spec s = th_model_spec_small(8);

@@ -308,15 +308,10 @@ static void test_model_config_defaults(void **state) {
     unlink(p);
 }
 
-/* BUG (model_config.c, model_config_load): when attention.key_length is absent, head_dim is
- * derived as n_embd / n_head and never range-checked, so 0 or > STP_MAX_HEAD_DIM passes (the
- * 2..STP_MAX_HEAD_DIM range applies only to the key). A head_dim > STP_MAX_HEAD_DIM then
- * overflows the stack arrays of ops_rope_neox (cs/sn) and attention.c s_attend (acc/part).
- * Skipped until the check is added after the default is applied. */
+/* Regression: a head size derived from n_embd / n_head (no attention.key_length) is range-checked
+ * like the key, so 0 or > STP_MAX_HEAD_DIM cannot overflow the RoPE/attention stack arrays. */
 static void test_model_config_derived_head_dim_checked(void **state) {
     (void)state;
-    if (!getenv("ETEST_NOSKIP"))
-        skip(); /* bug: derived head_dim unchecked (see report / comment above) */
     const struct { uint32_t embd, heads; } cases[] = {{4096, 2}, {64, 128}}; /* head_dim 2048, 0 */
     for (size_t i = 0; i < 2; i++) {
         char p[4096];
