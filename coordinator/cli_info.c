@@ -29,6 +29,10 @@ int cli_info(int argc, char **argv) {
             if (cli_parse_int(argv[++i], "--ctx-size", 1, 1 << 24, &ctx)) return 2;
         } else if (cli_opt_is(argv[i], "--tensors")) {
             tensors = true;
+        } else if (i + 1 == argc && (cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m") ||
+                                     cli_opt_is(argv[i], "--ctx-size"))) {
+            fprintf(stderr, "stpipe info: %s needs a value\n", argv[i]);
+            return 2;
         } else {
             fprintf(stderr, "stpipe info: unknown option '%s'\n", argv[i]);
             s_usage(stderr);

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,8 +29,8 @@ int cli_parse_float(const char *s, const char *what, double *out) {
     char *end;
     errno = 0;
     double v = strtod(s ? s : "", &end);
-    if (!s || !*s || *end || errno) {
-        fprintf(stderr, "stpipe: %s must be a number, got '%s'\n", what, s ? s : "");
+    if (!s || !*s || *end || errno || !isfinite(v)) {
+        fprintf(stderr, "stpipe: %s must be a finite number, got '%s'\n", what, s ? s : "");
         return -1;
     }
     *out = v;
