@@ -96,6 +96,8 @@ void kern_matmat_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                      size_t xq_stride, int64_t n_vec, float *y, size_t y_stride, int64_t r0,
                      int64_t r1);
 void kern_axpy_row_ref(stp_type wtype, int64_t n, const void *w_row, float a, float *y);
+void kern_matvec_rows_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                          const void *xq, const int32_t *rows, int64_t n_rows, float *y);
 void kern_matvec_sparse_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                             const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
                             int64_t r1);
@@ -130,6 +132,10 @@ typedef struct kern_ops {
     void (*matvec_sparse)(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                           const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
                           int64_t r1);
+    /* y[rows[i]] = W[rows[i]]·x for i < n_rows (a row subset, e.g. the active neurons of
+     * `up`); same bits as matvec for those rows. */
+    void (*matvec_rows)(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                        const void *xq, const int32_t *rows, int64_t n_rows, float *y);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

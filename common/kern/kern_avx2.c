@@ -450,6 +450,12 @@ void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, f
     }
 }
 
+void kern_avx2_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                           const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
+    for (int64_t i = 0; i < n_rows; i++)
+        y[rows[i]] = kern_avx2_vec_dot(wtype, n, (const uint8_t *)w + (size_t)rows[i] * row_bytes, xq);
+}
+
 const kern_ops kern_ops_avx2_table = {
     .level = "avx2",
     .quantize_act = kern_avx2_quantize_act,
@@ -459,4 +465,5 @@ const kern_ops kern_ops_avx2_table = {
     .matmat = kern_avx2_matmat,
     .axpy_row = kern_avx2_axpy_row,
     .matvec_sparse = kern_avx2_matvec_sparse,
+    .matvec_rows = kern_avx2_matvec_rows,
 };

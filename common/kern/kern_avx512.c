@@ -208,6 +208,33 @@ static void s_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
     }
 }
 
+/* A row subset: groups of 16 (Q4_0) or 8 (Q8_0) listed rows through the same gather kernels. */
+static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                          const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
+    int32_t max_row = 0;
+    for (int64_t i = 0; i < n_rows; i++) max_row = rows[i] > max_row ? rows[i] : max_row;
+    if (!s_ok(wtype, row_bytes) || (size_t)max_row * row_bytes > (size_t)INT32_MAX - row_bytes) {
+        kern_avx2_matvec_rows(wtype, n, w, row_bytes, xq, rows, n_rows, y);
+        return;
+    }
+    const int per = wtype == STP_TYPE_Q4_0 ? 16 : 8;
+    for (int64_t i = 0; i < n_rows; i += per) {
+        const int nr = n_rows - i >= per ? per : (int)(n_rows - i);
+        size_t off[16];
+        float out[16];
+        for (int k = 0; k < per; k++) off[k] = (size_t)rows[i + (k < nr ? k : nr - 1)] * row_bytes;
+        if (wtype == STP_TYPE_Q8_0 && nr == 1) {
+            y[rows[i]] = s_q8_0_row1((const uint8_t *)w + off[0], xq, NULL, n / QK8_0);
+            continue;
+        }
+        if (wtype == STP_TYPE_Q4_0)
+            s_q4_0_rows16(w, off, xq, NULL, n / QK8_0, out);
+        else
+            s_q8_0_rows8(w, off, xq, NULL, n / QK8_0, out);
+        for (int k = 0; k < nr; k++) y[rows[i + k]] = out[k];
+    }
+}
+
 /* stack_bl is filled before use (s_mask_list); GCC cannot see that through the inlining. */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -239,4 +266,5 @@ const kern_ops kern_ops_avx512_table = {
     .matmat = s_matmat,
     .axpy_row = kern_avx2_axpy_row,
     .matvec_sparse = s_matvec_sparse,
+    .matvec_rows = s_matvec_rows,
 };

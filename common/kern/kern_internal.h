@@ -48,6 +48,8 @@ extern const kern_ops kern_ops_avx512_table;
 /* The avx2 entry points, reused by the avx512 table for the types it does not specialise. */
 void kern_avx2_quantize_act(stp_type wtype, const float *x, void *xq, int64_t n);
 float kern_avx2_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void *xq);
+void kern_avx2_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
+                           const void *xq, const int32_t *rows, int64_t n_rows, float *y);
 void kern_avx2_matvec(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
                       float *y, int64_t r0, int64_t r1);
 void kern_avx2_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,

@@ -25,6 +25,7 @@ const kern_ops kern_ops_ref_table = {
     .matmat = kern_matmat_ref,
     .axpy_row = kern_axpy_row_ref,
     .matvec_sparse = kern_matvec_sparse_ref,
+    .matvec_rows = kern_matvec_rows_ref,
 };
 
 enum { LEVEL_REF = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };

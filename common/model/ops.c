@@ -14,10 +14,7 @@ typedef struct mm_section {
 static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, int64_t r1) {
     const kern_ops *ops = cc->ops;
     if (j->rows) {
-        for (int64_t i = r0; i < r1; i++) {
-            int32_t r = j->rows[i];
-            j->y[r] = ops->vec_dot(j->type, j->n_cols, j->w + (size_t)r * j->row_bytes, j->xq);
-        }
+        ops->matvec_rows(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->rows + r0, r1 - r0, j->y);
         return;
     }
     if (j->n_vec > 1 && ops->matmat) {
