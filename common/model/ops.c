@@ -45,8 +45,17 @@ static void s_mm_worker(void *p, int ith, int nth) {
     }
 }
 
+/* Below this many weight bytes a section costs more to hand out than to compute alone. */
+#define MM_INLINE_BYTES (64 * 1024)
+
 void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
     mm_section s = {cc, jobs, n_jobs, 0};
+    size_t bytes = 0;
+    for (int i = 0; i < n_jobs; i++) bytes += (size_t)jobs[i].n_rows * jobs[i].row_bytes;
+    if (bytes < MM_INLINE_BYTES) {
+        s_mm_worker(&s, 0, 1);
+        return;
+    }
     threadpool_run(cc->tp, s_mm_worker, &s);
 }
 
