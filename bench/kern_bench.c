@@ -15,6 +15,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "util/sysinfo.h"
 #include "kern/kern.h"
 
 typedef struct job {
@@ -75,30 +76,13 @@ static double s_measure(job base, int threads) {
     return (double)base.mat_bytes * (double)base.n_mat / best / 1e9;
 }
 
-static void s_cpu_model(char *buf, size_t cap) {
-    snprintf(buf, cap, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (!strncmp(line, "model name", 10)) {
-            char *c = strchr(line, ':');
-            if (c) {
-                snprintf(buf, cap, "%s", c + 2);
-                buf[strcspn(buf, "\n")] = 0;
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
 
 int main(int argc, char **argv) {
     const double mib = argc > 1 ? atof(argv[1]) : 640.0;
     const int64_t n = argc > 2 ? atoll(argv[2]) : 4096, rows = n;
     const char *only = argc > 3 ? argv[3] : NULL; /* e.g. "q4_0": one type */
     char cpu[256];
-    s_cpu_model(cpu, sizeof cpu);
+    sysinfo_cpu_model(cpu, sizeof cpu);
     printf("kern_bench: CPU %s; %lldx%lld matrices, %.0f MiB of weights per type\n", cpu,
            (long long)rows, (long long)n, mib);
     const kern_ops *ops[4];

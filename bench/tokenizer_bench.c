@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include "util/sysinfo.h"
 #include "gguf/gguf.h"
 #include "tokenizer/tokenizer.h"
 
@@ -36,26 +37,6 @@ static double s_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void s_cpu_model(char *buf, size_t cap) {
-    snprintf(buf, cap, "unknown CPU");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (!strncmp(line, "model name", 10)) {
-            char *c = strchr(line, ':');
-            if (c) {
-                c++;
-                while (*c == ' ')
-                    c++;
-                c[strcspn(c, "\n")] = 0;
-                snprintf(buf, cap, "%s", c);
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
 
 /* Deterministic text of about size bytes: ~70% English and ~30% CJK sentences (by count). */
 static char *s_make_text(size_t size, size_t *len) {
@@ -158,7 +139,7 @@ int main(int argc, char **argv) {
     }
     double t_load = s_now() - t0;
     char cpu[256];
-    s_cpu_model(cpu, sizeof cpu);
+    sysinfo_cpu_model(cpu, sizeof cpu);
     double best = 1e30;
     size_t n_ids = 0;
     for (int r = 0; r < runs; r++) {

@@ -12,6 +12,7 @@
 #include "cli.h"
 #include "kern/kern.h"
 #include "model/engine.h"
+#include "util/sysinfo.h"
 
 typedef struct bench_result {
     char test[32];
@@ -25,36 +26,6 @@ static double s_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void s_cpu_model(char *buf, size_t cap) {
-    snprintf(buf, cap, "unknown CPU");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f))
-        if (!strncmp(line, "model name", 10)) {
-            char *p = strchr(line, ':');
-            if (p) {
-                p += 2;
-                p[strcspn(p, "\n")] = 0;
-                snprintf(buf, cap, "%s", p);
-            }
-            break;
-        }
-    fclose(f);
-}
-
-/* Proportional set size of this process in bytes (0 if unknown). */
-static size_t s_pss(void) {
-    FILE *f = fopen("/proc/self/smaps_rollup", "r");
-    if (!f) return 0;
-    char line[256];
-    size_t kb = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "Pss: %zu kB", &kb) == 1) break;
-    fclose(f);
-    return kb * 1024;
 }
 
 static int s_parse_list(const char *s, int *out, int cap) {
@@ -185,10 +156,10 @@ int cli_bench(int argc, char **argv) {
     }
 
     char cpu[256];
-    s_cpu_model(cpu, sizeof cpu);
+    sysinfo_cpu_model(cpu, sizeof cpu);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    size_t pss = s_pss();
+    size_t pss = sysinfo_pss(0);
     const char *level = kern_ops_get()->level;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     if (json) {

@@ -105,6 +105,8 @@ int gguf_get_cstr(const gguf_file *f, const char *key, char *buf, size_t cap, st
 int gguf_get_arr(const gguf_file *f, const char *key, gguf_vtype elem, const gguf_kv **out,
                  stp_err *err);
 bool gguf_str_eq(gguf_str s, const char *cstr);
+/* Bytes of one scalar of value type t; 0 for STRING, ARRAY and unknown types. */
+size_t gguf_vtype_size(uint32_t t);
 
 size_t gguf_tensor_count(const gguf_file *f);
 const gguf_tensor *gguf_tensor_at(const gguf_file *f, size_t i);

@@ -98,8 +98,7 @@ static const char *s_vtype_name(uint32_t t) {
     return t < GGUF_VT_COUNT ? names[t] : "unknown";
 }
 
-/* Bytes of one scalar of type t; 0 for STRING, ARRAY and unknown types. */
-static size_t s_vtype_size(uint32_t t) {
+size_t gguf_vtype_size(uint32_t t) {
     switch (t) {
     case GGUF_VT_UINT8:
     case GGUF_VT_INT8:
@@ -266,7 +265,7 @@ static int s_parse_header(gguf_file *f, s_rd *r, uint64_t *n_tensors, uint64_t *
 
 /* Reads one scalar of type t (not STRING/ARRAY) into kv's value union. */
 static void s_scalar_store(gguf_kv *kv, uint32_t t, const uint8_t *p) {
-    uint64_t raw = s_le(p, s_vtype_size(t));
+    uint64_t raw = s_le(p, gguf_vtype_size(t));
     switch (t) {
     case GGUF_VT_INT8: kv->v.i64 = (int8_t)raw; break;
     case GGUF_VT_INT16: kv->v.i64 = (int16_t)raw; break;
@@ -304,7 +303,7 @@ static int s_parse_array(gguf_file *f, s_rd *r, gguf_kv *kv, const char *key) {
     kv->v.arr.data = r->p + r->pos;
     kv->v.arr.strs = NULL;
     if (et != GGUF_VT_STRING) {
-        size_t es = s_vtype_size((uint32_t)et);
+        size_t es = gguf_vtype_size((uint32_t)et);
         if (n > s_left(r) / es)
             return stp_err_set(r->err, STP_EFORMAT,
                                "%s: key '%s' at offset 0x%zx: array of %" PRIu64
@@ -395,7 +394,7 @@ static int s_parse_kvs(gguf_file *f, s_rd *r, uint64_t n_kv) {
         } else if (t == GGUF_VT_ARRAY) {
             if ((rc = s_parse_array(f, r, kv, key))) return rc;
         } else {
-            size_t n = s_vtype_size((uint32_t)t);
+            size_t n = gguf_vtype_size((uint32_t)t);
             if (s_left(r) < n)
                 return stp_err_set(r->err, STP_EFORMAT,
                                    "%s: key '%s': truncated at offset 0x%zx: %s value needs %zu "

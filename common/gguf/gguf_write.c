@@ -86,22 +86,6 @@ static int s_buf_str(gw_buf *b, const char *s) {
     return rc ? rc : s_buf_put(b, s, n);
 }
 
-static size_t s_vtype_size(gguf_vtype t) {
-    switch (t) {
-    case GGUF_VT_UINT8:
-    case GGUF_VT_INT8:
-    case GGUF_VT_BOOL: return 1;
-    case GGUF_VT_UINT16:
-    case GGUF_VT_INT16: return 2;
-    case GGUF_VT_UINT32:
-    case GGUF_VT_INT32:
-    case GGUF_VT_FLOAT32: return 4;
-    case GGUF_VT_UINT64:
-    case GGUF_VT_INT64:
-    case GGUF_VT_FLOAT64: return 8;
-    default: return 0;
-    }
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Lifecycle                                                                                  */
@@ -227,7 +211,7 @@ int gguf_writer_kv_str(gguf_writer *w, const char *key, const char *v) {
 
 int gguf_writer_kv_arr(gguf_writer *w, const char *key, gguf_vtype elem, const void *data,
                        uint64_t n) {
-    size_t es = s_vtype_size(elem);
+    size_t es = gguf_vtype_size(elem);
     if (!w) return STP_EINVAL;
     if (es == 0) return s_fail(w, STP_EINVAL, "key '%s': not a numeric array element type", key);
     if (n && !data) return s_fail(w, STP_EINVAL, "key '%s': NULL array data", key);
