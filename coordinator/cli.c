@@ -15,6 +15,8 @@ static const cli_cmd s_cmds[] = {
     {"info", cli_info, "show a model's architecture, tensors and memory needs"},
     {"tokenize", cli_tokenize, "print the token ids of a text"},
     {"detokenize", cli_detokenize, "print the text of token ids"},
+    {"chat", cli_chat, "interactive chat with history (in-process)"},
+    {"serve", cli_serve, "OpenAI-compatible HTTP server (chat/completions, streaming, metrics)"},
     {"bench", cli_bench, "measure prompt and generation throughput (like llama-bench)"},
 };
 

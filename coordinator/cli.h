@@ -13,6 +13,8 @@ int cli_info(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_detokenize(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_chat(int argc, char **argv);
+int cli_serve(int argc, char **argv);
 
 /* Helpers shared by subcommands. */
 bool cli_opt_is(const char *arg, const char *name);           /* "--name" */

@@ -1,0 +1,376 @@
+/* cli_chat: `stpipe chat`, an interactive chat with history on a backend (in-process engine).
+ *
+ * The KV cache is kept across turns: each turn evaluates only its new tokens (the previous
+ * answer's unevaluated last token, "<|im_end|>\n" and the ChatML user turn). When the context
+ * would overflow, the oldest exchanges are dropped and the rest re-evaluated. Ctrl-C stops the
+ * current answer; at the prompt a second Ctrl-C exits. Reads lines from stdin (a tty or not);
+ * answers go to stdout as they are produced, notes and tok/s to stderr. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "cli.h"
+#include "gen_loop.h"
+
+static volatile sig_atomic_t s_interrupted; /* set by SIGINT, cleared by the loop */
+
+typedef struct chat_opts {
+    const char *model, *system, *pipeline;
+    long long threads, ctx, n_predict;
+    sampler_params sp;
+} chat_opts;
+
+typedef struct chat_state {
+    backend *b;
+    chat_opts *o;
+    chat_msg *msgs; /* history: optional system, then user/assistant pairs (contents malloc'd) */
+    size_t n_msgs, cap_msgs;
+    int32_t pending; /* last sampled token of the previous answer (not evaluated), -1 if none */
+    bool tty;
+} chat_state;
+
+static void s_usage(FILE *f) {
+    fprintf(f,
+            "usage: stpipe chat --model FILE [options]\n"
+            "  --model FILE          SmallThinker GGUF file (in-process engine)\n"
+            "  --pipeline RUN_DIR    chat through a running pipeline (not available yet)\n"
+            "  --system TEXT         system message\n"
+            "  -n, --n-predict N     max tokens per answer (default 1024; -1 = until the context "
+            "is full)\n"
+            "  --temp T              temperature (default 0.6; 0 = greedy)\n"
+            "  --top-k K             (default 20)   --top-p P (default 0.95)   --min-p P (off)\n"
+            "  --repeat-penalty R --presence-penalty P --frequency-penalty F   (off)\n"
+            "  --seed S              random seed (default: from the clock)\n"
+            "  --threads N           compute threads (default 2)\n"
+            "  --ctx-size N          context length (default min(model, 4096))\n"
+            "In the chat: /reset forgets the conversation, /system TEXT sets the system message\n"
+            "(and resets), /quit exits. Ctrl-C stops an answer; twice at the prompt exits.\n");
+}
+
+static void s_on_sigint(int sig) {
+    (void)sig;
+    s_interrupted = 1;
+}
+
+static int s_parse(int argc, char **argv, chat_opts *o) {
+    memset(o, 0, sizeof *o);
+    sampler_params_default(&o->sp);
+    o->sp.temperature = 0.6f;
+    o->sp.top_k = 20;
+    o->sp.top_p = 0.95f;
+    o->sp.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
+    o->threads = 2;
+    o->n_predict = 1024;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        double d;
+        long long n;
+#define NEEDV                                                                                      \
+    if (!v) {                                                                                      \
+        fprintf(stderr, "stpipe chat: %s needs a value (see stpipe chat --help)\n", a);            \
+        return 2;                                                                                  \
+    }                                                                                              \
+    i++;
+#define FLOATV(field)                                                                              \
+    NEEDV if (cli_parse_float(v, a, &d)) return 2;                                                 \
+    o->sp.field = (float)d;
+        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
+            s_usage(stdout);
+            return 1;
+        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) {
+            NEEDV o->model = v;
+        } else if (cli_opt_is(a, "--system")) {
+            NEEDV o->system = v;
+        } else if (cli_opt_is(a, "--pipeline")) {
+            NEEDV o->pipeline = v;
+        } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
+            NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
+        } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
+            NEEDV if (cli_parse_int(v, a, 16, 1 << 24, &o->ctx)) return 2;
+        } else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
+            NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
+        } else if (cli_opt_is(a, "--seed")) {
+            NEEDV if (cli_parse_int(v, a, 0, (1LL << 62), &n)) return 2;
+            o->sp.seed = (uint64_t)n;
+        } else if (cli_opt_is(a, "--top-k")) {
+            NEEDV if (cli_parse_int(v, a, 0, 1 << 24, &n)) return 2;
+            o->sp.top_k = (int)n;
+        } else if (cli_opt_is(a, "--temp")) {
+            FLOATV(temperature)
+        } else if (cli_opt_is(a, "--top-p")) {
+            FLOATV(top_p)
+        } else if (cli_opt_is(a, "--min-p")) {
+            FLOATV(min_p)
+        } else if (cli_opt_is(a, "--repeat-penalty")) {
+            FLOATV(repeat_penalty)
+        } else if (cli_opt_is(a, "--presence-penalty")) {
+            FLOATV(presence_penalty)
+        } else if (cli_opt_is(a, "--frequency-penalty")) {
+            FLOATV(frequency_penalty)
+        } else {
+            fprintf(stderr, "stpipe chat: unknown option '%s' (see stpipe chat --help)\n", a);
+            return 2;
+        }
+#undef FLOATV
+#undef NEEDV
+    }
+    if (o->pipeline) {
+        fprintf(stderr, "stpipe chat: --pipeline is not available yet (no pipeline backend in "
+                        "this build); use --model FILE for the in-process engine\n");
+        return 2;
+    }
+    if (!o->model) {
+        fprintf(stderr, "stpipe chat: --model FILE is required (see stpipe chat --help)\n");
+        return 2;
+    }
+    return 0;
+}
+
+/* ---- history ------------------------------------------------------------------------------ */
+
+static int s_push(chat_state *c, const char *role, const char *content) {
+    if (c->n_msgs == c->cap_msgs) {
+        size_t nc = c->cap_msgs ? c->cap_msgs * 2 : 8;
+        chat_msg *nm = realloc(c->msgs, nc * sizeof *nm);
+        if (!nm) return STP_ENOMEM;
+        c->msgs = nm;
+        c->cap_msgs = nc;
+    }
+    char *dup = strdup(content);
+    if (!dup) return STP_ENOMEM;
+    c->msgs[c->n_msgs++] = (chat_msg){role, dup};
+    return 0;
+}
+
+/* Forgets the conversation (keeps the system message) and empties the KV cache. */
+static void s_clear(chat_state *c) {
+    size_t keep = c->n_msgs && !strcmp(c->msgs[0].role, "system") ? 1 : 0;
+    for (size_t i = keep; i < c->n_msgs; i++)
+        free((char *)c->msgs[i].content);
+    c->n_msgs = keep;
+    c->pending = -1;
+    backend_reset(c->b);
+}
+
+static void s_set_system(chat_state *c, const char *text) {
+    s_clear(c);
+    if (c->n_msgs) { /* drop the old system message */
+        free((char *)c->msgs[0].content);
+        c->n_msgs = 0;
+    }
+    if (text && *text) s_push(c, "system", text);
+}
+
+/* Encodes msgs[from..n) in ChatML (+ generation prompt), prefixed with prefix. */
+static int s_encode(chat_state *c, const char *prefix, size_t from, int32_t **ids, size_t *n_ids,
+                    stp_err *err) {
+    char *fmt = NULL;
+    int rc = tokenizer_chat_format(c->b->tok, c->msgs + from, c->n_msgs - from, true, &fmt, err);
+    if (rc) return rc;
+    size_t pl = strlen(prefix), fl = strlen(fmt);
+    char *text = malloc(pl + fl + 1);
+    if (!text) {
+        free(fmt);
+        return stp_err_set(err, STP_ENOMEM, "out of memory");
+    }
+    memcpy(text, prefix, pl);
+    memcpy(text + pl, fmt, fl + 1);
+    free(fmt);
+    rc = tokenizer_encode(c->b->tok, text, pl + fl, TOK_PARSE_SPECIAL, ids, n_ids, err);
+    free(text);
+    return rc;
+}
+
+/* Builds the tokens to evaluate for the user message just pushed (the last message). Keeps
+ * the KV cache when the turn fits, else drops the oldest exchanges and starts over. */
+static int s_turn_tokens(chat_state *c, int32_t **ids, int *n_out, stp_err *err) {
+    const int n_ctx = backend_n_ctx(c->b);
+    int reserve =
+        c->o->n_predict > 0 && c->o->n_predict < n_ctx / 4 ? (int)c->o->n_predict : n_ctx / 4;
+    size_t n_ids = 0;
+    int rc;
+    if (backend_n_past(c->b) > 0) { /* continue: close the answer, add the user turn */
+        if ((rc = s_encode(c, "<|im_end|>\n", c->n_msgs - 1, ids, &n_ids, err))) return rc;
+        int extra = c->pending >= 0 ? 1 : 0;
+        if (backend_n_past(c->b) + extra + (int)n_ids + reserve <= n_ctx) {
+            if (extra) {
+                int32_t *ni = realloc(*ids, (n_ids + 1) * sizeof *ni);
+                if (!ni) return stp_err_set(err, STP_ENOMEM, "out of memory");
+                memmove(ni + 1, ni, n_ids * sizeof *ni);
+                ni[0] = c->pending;
+                *ids = ni;
+                n_ids++;
+            }
+            *n_out = (int)n_ids;
+            return 0;
+        }
+        free(*ids);
+        *ids = NULL;
+    }
+    /* fresh sequence: the whole history, dropping the oldest exchanges until it fits */
+    size_t first = c->n_msgs && !strcmp(c->msgs[0].role, "system") ? 1 : 0;
+    bool dropped = false;
+    for (;;) {
+        if ((rc = s_encode(c, "", 0, ids, &n_ids, err))) return rc;
+        if ((int)n_ids + reserve <= n_ctx || c->n_msgs - first <= 1) break;
+        free(*ids);
+        *ids = NULL;
+        /* drop one user/assistant exchange after the system message */
+        size_t k = c->n_msgs - first - 1 >= 2 ? 2 : 1;
+        for (size_t i = first; i < first + k; i++)
+            free((char *)c->msgs[i].content);
+        memmove(c->msgs + first, c->msgs + first + k, (c->n_msgs - first - k) * sizeof *c->msgs);
+        c->n_msgs -= k;
+        dropped = true;
+    }
+    if ((int)n_ids >= n_ctx) {
+        free(*ids);
+        *ids = NULL;
+        return stp_err_set(err, STP_ERANGE,
+                           "the message needs %zu tokens but the context holds %d (use a "
+                           "shorter message or a larger --ctx-size)",
+                           n_ids, n_ctx);
+    }
+    if (dropped) fprintf(stderr, "[context full: dropped the oldest exchanges]\n");
+    backend_reset(c->b);
+    c->pending = -1;
+    *n_out = (int)n_ids;
+    return 0;
+}
+
+static int s_emit(void *ud, const char *text, size_t len) {
+    (void)ud;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+/* One exchange: the user's line is the last message. */
+static int s_answer(chat_state *c) {
+    stp_err err = {0};
+    int32_t *ids = NULL;
+    int n = 0;
+    if (s_turn_tokens(c, &ids, &n, &err)) {
+        fprintf(stderr, "stpipe chat: %s\n", err.msg);
+        free((char *)c->msgs[--c->n_msgs].content); /* forget the message that did not fit */
+        return 0;
+    }
+    gen_params gp = {.sp = c->o->sp, .max_tokens = (int)c->o->n_predict};
+    gp.sp.seed += c->n_msgs; /* a different draw each turn, reproducible with --seed */
+    gen_result res;
+    s_interrupted = 0;
+    int rc = gen_run(c->b, ids, n, &gp, s_emit, NULL, &s_interrupted, &res, &err);
+    free(ids);
+    fputc('\n', stdout);
+    fflush(stdout);
+    if (rc) {
+        fprintf(stderr, "stpipe chat: %s (conversation reset)\n", err.msg);
+        gen_result_fini(&res);
+        s_clear(c);
+        return 0;
+    }
+    int32_t last = res.n_gen ? res.ids[res.n_gen - 1] : -1;
+    c->pending = last >= 0 && !tokenizer_is_eog(c->b->tok, last) ? last : -1;
+    if (res.finish == GEN_FINISH_CANCEL) c->pending = -1; /* cancelled: all were evaluated */
+    s_push(c, "assistant", res.text);
+    fprintf(stderr, "[%s%d tokens, %.1f tok/s | prompt %d tokens, %.1f tok/s]\n",
+            res.finish == GEN_FINISH_CANCEL ? "stopped: " : "", res.n_gen,
+            res.n_gen > 1 && res.t_gen > 0 ? (res.n_gen - 1) / res.t_gen : 0.0, res.n_prompt,
+            res.t_prompt > 0 ? res.n_prompt / res.t_prompt : 0.0);
+    s_interrupted = 0;
+    gen_result_fini(&res);
+    return 0;
+}
+
+int cli_chat(int argc, char **argv) {
+    chat_opts o;
+    int rc = s_parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : rc;
+    stp_err err = {0};
+    chat_state c = {.o = &o, .pending = -1, .tty = isatty(0)};
+    backend_engine_params bp = {
+        .model_path = o.model, .n_threads = (int)o.threads, .n_ctx = (int)o.ctx};
+    if (backend_engine_new(&c.b, &bp, &err)) {
+        fprintf(stderr, "stpipe chat: %s\n", err.msg);
+        return 1;
+    }
+    if (c.b->warning[0]) fprintf(stderr, "warning: %s\n", c.b->warning);
+    if (o.system) s_set_system(&c, o.system);
+
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = s_on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: a Ctrl-C interrupts the read at the prompt */
+    sigaction(SIGINT, &sa, &old);
+    if (c.tty)
+        fprintf(stderr,
+                "stpipe chat: %s, context %d tokens. /reset, /system TEXT, /quit; "
+                "Ctrl-C stops an answer.\n",
+                c.b->name, backend_n_ctx(c.b));
+
+    char *line = NULL;
+    size_t cap = 0;
+    bool armed = false; /* a Ctrl-C at the prompt: the next one exits */
+    for (;;) {
+        if (c.tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        errno = 0;
+        ssize_t len = getline(&line, &cap, stdin);
+        if (len < 0) {
+            if (s_interrupted || errno == EINTR) {
+                clearerr(stdin);
+                s_interrupted = 0;
+                if (armed) break;
+                armed = true;
+                fprintf(stderr, "\n(Ctrl-C again or /quit to exit)\n");
+                continue;
+            }
+            if (c.tty) fputc('\n', stdout);
+            break; /* end of input */
+        }
+        armed = false;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = 0;
+        if (len == 0) continue;
+        if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) break;
+        if (!strcmp(line, "/reset")) {
+            s_clear(&c);
+            fprintf(stderr, "[conversation reset]\n");
+            continue;
+        }
+        if (!strncmp(line, "/system", 7) && (line[7] == ' ' || !line[7])) {
+            const char *text = line[7] ? line + 8 : "";
+            s_set_system(&c, text);
+            fprintf(stderr, *text ? "[system message set; conversation reset]\n"
+                                  : "[system message cleared; conversation reset]\n");
+            continue;
+        }
+        if (line[0] == '/' && strncmp(line, "//", 2)) {
+            fprintf(stderr,
+                    "[unknown command %s: /reset, /system TEXT, /quit; start with // to "
+                    "send a line beginning with /]\n",
+                    line);
+            continue;
+        }
+        if (s_push(&c, "user", line[0] == '/' ? line + 1 : line)) {
+            fprintf(stderr, "stpipe chat: out of memory\n");
+            break;
+        }
+        s_answer(&c);
+    }
+    sigaction(SIGINT, &old, NULL);
+    free(line);
+    for (size_t i = 0; i < c.n_msgs; i++)
+        free((char *)c.msgs[i].content);
+    free(c.msgs);
+    backend_destroy(&c.b);
+    return 0;
+}

@@ -1,0 +1,369 @@
+/* http_api: OpenAI request bodies -> http_job (prompt tokens, sampling, stops) and the JSON of
+ * answers, stream chunks and errors. Pure functions over jansson; no I/O, no locks.
+ * Unknown request fields are ignored (clients send many); wrong types are a 400 naming the
+ * field. Defaults are the SmallThinker authors' sampling (temperature 0.6, top-k 20, top-p
+ * 0.95). See docs/SERVER.md for the field list. */
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http_server.h"
+
+#define HTTP_MAX_STOP 16
+
+static int s_bad(char *msg, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int s_bad(char *msg, size_t cap, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, cap, fmt, ap);
+    va_end(ap);
+    return 400;
+}
+
+/* Reads an optional number field into *out (null = absent). */
+static int s_num(json_t *root, const char *key, double lo, double hi, double *out, bool *set,
+                 char *msg, size_t cap) {
+    json_t *v = json_object_get(root, key);
+    if (set) *set = false;
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return s_bad(msg, cap, "'%s' must be a number", key);
+    double d = json_number_value(v);
+    if (!isfinite(d) || d < lo || d > hi)
+        return s_bad(msg, cap, "'%s' must be between %g and %g, got %g", key, lo, hi, d);
+    *out = d;
+    if (set) *set = true;
+    return 0;
+}
+
+static int s_int(json_t *root, const char *key, long long lo, long long hi, long long *out,
+                 bool *set, char *msg, size_t cap) {
+    json_t *v = json_object_get(root, key);
+    if (set) *set = false;
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v)) return s_bad(msg, cap, "'%s' must be an integer", key);
+    long long n = json_integer_value(v);
+    if (n < lo || n > hi)
+        return s_bad(msg, cap, "'%s' must be between %lld and %lld, got %lld", key, lo, hi, n);
+    *out = n;
+    if (set) *set = true;
+    return 0;
+}
+
+static int s_bool(json_t *root, const char *key, bool *out, char *msg, size_t cap) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) return s_bad(msg, cap, "'%s' must be true or false", key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* Message content: a string, null, or an array of {"type":"text","text":...} parts. */
+static int s_content(json_t *c, size_t i, char **out, char *msg, size_t cap) {
+    if (!c || json_is_null(c)) {
+        *out = strdup("");
+    } else if (json_is_string(c)) {
+        *out = strdup(json_string_value(c));
+    } else if (json_is_array(c)) {
+        size_t len = 0, k;
+        json_t *part;
+        json_array_foreach(c, k, part) {
+            json_t *t = json_object_get(part, "text");
+            const char *type = json_string_value(json_object_get(part, "type"));
+            if (!type || strcmp(type, "text") || !json_is_string(t))
+                return s_bad(msg, cap,
+                             "messages[%zu].content[%zu]: only text parts "
+                             "({\"type\": \"text\", \"text\": ...}) are supported",
+                             i, k);
+            len += json_string_length(t);
+        }
+        *out = malloc(len + 1);
+        if (*out) {
+            len = 0;
+            json_array_foreach(c, k, part) {
+                json_t *t = json_object_get(part, "text");
+                memcpy(*out + len, json_string_value(t), json_string_length(t));
+                len += json_string_length(t);
+            }
+            (*out)[len] = 0;
+        }
+    } else {
+        return s_bad(msg, cap, "messages[%zu].content must be a string or an array of text parts",
+                     i);
+    }
+    return *out ? 0 : s_bad(msg, cap, "out of memory");
+}
+
+static int s_encode(http_job *job, const tokenizer *tok, const char *text, char *msg, size_t cap) {
+    stp_err err = {0};
+    size_t n = 0;
+    if (tokenizer_encode(tok, text, strlen(text), TOK_PARSE_SPECIAL, &job->prompt, &n, &err))
+        return s_bad(msg, cap, "cannot tokenize the prompt: %s", err.msg);
+    job->n_prompt = (int)n;
+    return 0;
+}
+
+static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok, char *msg, size_t cap) {
+    json_t *msgs = json_object_get(root, "messages");
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return s_bad(msg, cap,
+                     "'messages' is required: a non-empty array of {\"role\", "
+                     "\"content\"} objects");
+    size_t n = json_array_size(msgs);
+    chat_msg *cm = calloc(n, sizeof *cm);
+    char **owned = calloc(n, sizeof *owned);
+    int rc = 0;
+    if (!cm || !owned) rc = s_bad(msg, cap, "out of memory");
+    for (size_t i = 0; !rc && i < n; i++) {
+        json_t *m = json_array_get(msgs, i);
+        const char *role = json_string_value(json_object_get(m, "role"));
+        if (!json_is_object(m) || !role || !*role) {
+            rc = s_bad(msg, cap, "messages[%zu] needs a \"role\" string", i);
+            break;
+        }
+        if ((rc = s_content(json_object_get(m, "content"), i, &owned[i], msg, cap))) break;
+        cm[i] = (chat_msg){role, owned[i]};
+    }
+    char *text = NULL;
+    stp_err err = {0};
+    if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, &err))
+        rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
+    if (!rc) rc = s_encode(job, tok, text, msg, cap);
+    free(text);
+    for (size_t i = 0; owned && i < n; i++)
+        free(owned[i]);
+    free(owned);
+    free(cm);
+    return rc;
+}
+
+static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok, int n_vocab,
+                               char *msg, size_t cap) {
+    json_t *p = json_object_get(root, "prompt");
+    if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
+        p = json_array_get(p, 0);
+    if (json_is_string(p)) return s_encode(job, tok, json_string_value(p), msg, cap);
+    if (json_is_array(p) && json_array_size(p) > 0) { /* token ids */
+        size_t n = json_array_size(p), i;
+        json_t *v;
+        job->prompt = malloc(n * sizeof *job->prompt);
+        if (!job->prompt) return s_bad(msg, cap, "out of memory");
+        json_array_foreach(p, i, v) {
+            if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+                json_integer_value(v) >= n_vocab)
+                return s_bad(msg, cap,
+                             "'prompt' must be a string, or an array of token ids in "
+                             "0..%d (one prompt per request)",
+                             n_vocab - 1);
+            job->prompt[i] = (int32_t)json_integer_value(v);
+        }
+        job->n_prompt = (int)n;
+        return 0;
+    }
+    return s_bad(msg, cap, "'prompt' is required: a string (or an array of token ids)");
+}
+
+int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
+                   const tokenizer *tok, int n_ctx, uint64_t default_seed, char *msg, size_t cap) {
+    json_error_t je;
+    job->kind = kind;
+    json_t *root = json_loadb(body, len, 0, &je);
+    if (!root)
+        return s_bad(msg, cap, "invalid JSON at line %d column %d: %s", je.line, je.column,
+                     je.text);
+    int rc = 0;
+    if (!json_is_object(root)) {
+        rc = s_bad(msg, cap, "the request body must be a JSON object");
+        goto out;
+    }
+    json_t *model = json_object_get(root, "model");
+    if (model && !json_is_null(model) && !json_is_string(model)) {
+        rc = s_bad(msg, cap, "'model' must be a string");
+        goto out;
+    }
+    gen_params *gp = &job->gp;
+    sampler_params_default(&gp->sp);
+    gp->sp.temperature = 0.6f;
+    gp->sp.top_k = 20;
+    gp->sp.top_p = 0.95f;
+    gp->sp.penalty_last_n = 64;
+    gp->sp.seed = default_seed;
+    double d;
+    long long n;
+    bool set;
+#define NUM(key, lo, hi, field)                                                                    \
+    if ((rc = s_num(root, key, lo, hi, &d, &set, msg, cap))) goto out;                             \
+    if (set) gp->sp.field = (float)d;
+    NUM("temperature", 0, 100, temperature)
+    NUM("top_p", 0, 1, top_p)
+    NUM("min_p", 0, 1, min_p)
+    NUM("presence_penalty", -2, 2, presence_penalty)
+    NUM("frequency_penalty", -2, 2, frequency_penalty)
+    NUM("repeat_penalty", 0, 10, repeat_penalty)
+#undef NUM
+    if ((rc = s_int(root, "top_k", 0, 1 << 24, &n, &set, msg, cap))) goto out;
+    if (set) gp->sp.top_k = (int)n;
+    if ((rc = s_int(root, "seed", INT64_MIN, INT64_MAX, &n, &set, msg, cap))) goto out;
+    if (set) gp->sp.seed = (uint64_t)n;
+    if ((rc = s_int(root, "n", 1, 1, &n, &set, msg, cap))) {
+        rc = s_bad(msg, cap, "only one choice per request is supported ('n' must be 1)");
+        goto out;
+    }
+    long long max_tokens = 0;
+    if ((rc = s_int(root, "max_tokens", 1, 1 << 24, &max_tokens, &set, msg, cap))) goto out;
+    if (!set &&
+        (rc = s_int(root, "max_completion_tokens", 1, 1 << 24, &max_tokens, &set, msg, cap)))
+        goto out;
+    gp->max_tokens = (int)max_tokens; /* 0: until the context is full */
+    if ((rc = s_bool(root, "stream", &job->stream, msg, cap))) goto out;
+    if ((rc = s_bool(root, "ignore_eos", &gp->ignore_eos, msg, cap))) goto out;
+    if ((rc = s_bool(root, "return_tokens", &job->return_tokens, msg, cap))) goto out;
+    json_t *so = json_object_get(root, "stream_options");
+    if (json_is_object(so) && (rc = s_bool(so, "include_usage", &job->include_usage, msg, cap)))
+        goto out;
+    json_t *stop = json_object_get(root, "stop");
+    if (stop && !json_is_null(stop)) {
+        size_t ns = json_is_string(stop) ? 1 : json_is_array(stop) ? json_array_size(stop) : 0;
+        if ((!json_is_string(stop) && !json_is_array(stop)) || ns > HTTP_MAX_STOP) {
+            rc = s_bad(msg, cap, "'stop' must be a string or an array of up to %d strings",
+                       HTTP_MAX_STOP);
+            goto out;
+        }
+        job->stop = calloc(ns ? ns : 1, sizeof *job->stop);
+        for (size_t i = 0; job->stop && i < ns; i++) {
+            json_t *s = json_is_string(stop) ? stop : json_array_get(stop, i);
+            if (!json_is_string(s) || json_string_length(s) == 0) {
+                rc = s_bad(msg, cap, "'stop' entries must be non-empty strings");
+                goto out;
+            }
+            job->stop[i] = strdup(json_string_value(s));
+            if (!job->stop[i]) break;
+            gp->n_stop++;
+        }
+        gp->stop = (const char *const *)job->stop;
+    }
+    rc = kind == HTTP_KIND_CHAT
+             ? s_chat_prompt(job, root, tok, msg, cap)
+             : s_completion_prompt(job, root, tok, tokenizer_n_vocab(tok), msg, cap);
+    if (rc) goto out;
+    if (job->n_prompt == 0) {
+        rc = s_bad(msg, cap, "the prompt is empty (no tokens)");
+        goto out;
+    }
+    if (job->n_prompt >= n_ctx) {
+        rc = s_bad(msg, cap,
+                   "the prompt has %d tokens but the context holds %d (shorten it, or restart "
+                   "the server with a larger --ctx-size)",
+                   job->n_prompt, n_ctx);
+        goto out;
+    }
+out:
+    json_decref(root);
+    return rc;
+}
+
+void http_api_job_fini(http_job *job) {
+    for (int i = 0; job->stop && i < job->gp.n_stop; i++)
+        free(job->stop[i]);
+    free(job->stop);
+    free(job->prompt);
+    free(job->out);
+    gen_result_fini(&job->res);
+}
+
+const char *http_api_finish_name(gen_finish f) {
+    return f == GEN_FINISH_LENGTH ? "length" : "stop"; /* a cancelled answer ends as "stop" */
+}
+
+static char *s_dump(json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    return s;
+}
+
+static int s_completion_tokens(const http_job *job) {
+    return job->res.n_gen;
+}
+
+static json_t *s_usage(const http_job *job) {
+    int c = s_completion_tokens(job);
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", job->res.n_prompt, "completion_tokens", c,
+                     "total_tokens", job->res.n_prompt + c);
+}
+
+static json_t *s_timings(const http_job *job) {
+    const gen_result *r = &job->res;
+    return json_pack("{s:f, s:f, s:f, s:f, s:f}", "queue_ms", (job->t_start - job->t_arrive) * 1e3,
+                     "prompt_ms", r->t_prompt * 1e3, "prompt_per_second",
+                     r->t_prompt > 0 ? r->n_prompt / r->t_prompt : 0.0, "predicted_ms",
+                     r->t_gen * 1e3, "predicted_per_second",
+                     r->n_gen > 1 && r->t_gen > 0 ? (r->n_gen - 1) / r->t_gen : 0.0);
+}
+
+char *http_api_response(const http_job *job, const char *model) {
+    const gen_result *r = &job->res;
+    json_t *text = json_stringn(r->text ? r->text : "", r->len);
+    json_t *choice;
+    if (job->kind == HTTP_KIND_CHAT)
+        choice = json_pack("{s:i, s:{s:s, s:o}, s:n, s:s}", "index", 0, "message", "role",
+                           "assistant", "content", text, "logprobs", "finish_reason",
+                           http_api_finish_name(r->finish));
+    else
+        choice = json_pack("{s:i, s:o, s:n, s:s}", "index", 0, "text", text, "logprobs",
+                           "finish_reason", http_api_finish_name(r->finish));
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o, s:o}", "id", job->id, "object",
+                             job->kind == HTTP_KIND_CHAT ? "chat.completion" : "text_completion",
+                             "created", (json_int_t)job->created, "model", model, "choices", choice,
+                             "usage", s_usage(job), "timings", s_timings(job));
+    if (root && job->return_tokens) {
+        json_t *ids = json_array();
+        for (int i = 0; i < r->n_gen; i++)
+            json_array_append_new(ids, json_integer(r->ids[i]));
+        json_object_set_new(root, "tokens", ids);
+    }
+    return s_dump(root);
+}
+
+char *http_api_chunk(const http_job *job, const char *model, const char *text, size_t len,
+                     bool first, const char *finish, bool usage) {
+    bool chat = job->kind == HTTP_KIND_CHAT;
+    json_t *choices = json_array();
+    if (!usage) {
+        json_t *c;
+        json_t *fin = finish ? json_string(finish) : json_null();
+        if (chat) {
+            json_t *delta = json_object();
+            if (first) json_object_set_new(delta, "role", json_string("assistant"));
+            if (!finish) json_object_set_new(delta, "content", json_stringn(text, len));
+            c = json_pack("{s:i, s:o, s:n, s:o}", "index", 0, "delta", delta, "logprobs",
+                          "finish_reason", fin);
+        } else {
+            c = json_pack("{s:i, s:s%, s:n, s:o}", "index", 0, "text", finish ? "" : text,
+                          finish ? (size_t)0 : len, "logprobs", "finish_reason", fin);
+        }
+        json_array_append_new(choices, c);
+    }
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:o}", "id", job->id, "object",
+                             chat ? "chat.completion.chunk" : "text_completion", "created",
+                             (json_int_t)job->created, "model", model, "choices", choices);
+    if (root && usage) json_object_set_new(root, "usage", s_usage(job));
+    if (root && finish) json_object_set_new(root, "timings", s_timings(job));
+    char *js = s_dump(root);
+    if (!js) return NULL;
+    size_t jl = strlen(js);
+    char *ev = malloc(jl + 9);
+    if (ev) {
+        memcpy(ev, "data: ", 6);
+        memcpy(ev + 6, js, jl);
+        memcpy(ev + 6 + jl, "\n\n", 3);
+    }
+    free(js);
+    return ev;
+}
+
+char *http_api_error(const char *msg, const char *type, int code) {
+    return s_dump(json_pack("{s:{s:s, s:s, s:n, s:i}}", "error", "message", msg, "type", type,
+                            "param", "code", code));
+}

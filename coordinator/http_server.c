@@ -1,0 +1,506 @@
+/* http_server: libmicrohttpd daemon (a thread per connection), routing, the bounded request
+ * queue and the single worker thread that owns the backend; see http_server.h.
+ *
+ * A generation request is parsed and tokenized on its connection thread (400 on any problem),
+ * then queued (503 when queue_max jobs already wait). Non-streaming requests wait on the job's
+ * condition variable for the whole answer; streaming ones get a chunked response whose reader
+ * blocks until the worker appends server-sent events to the job. A client that goes away
+ * raises the job's cancel flag (the worker stops at the next token). */
+#include <arpa/inet.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "http_server.h"
+
+struct http_server {
+    backend *b;
+    http_server_config cfg;
+    struct MHD_Daemon *d;
+    pthread_t worker;
+    bool worker_started;
+    pthread_mutex_t mu;  /* guards everything below and the shared fields of every job */
+    pthread_cond_t wake; /* worker: a job was queued or stopping */
+    http_job *head, *tail;
+    int n_waiting;
+    http_job *running;
+    bool stopping;
+    unsigned long long seq;
+    http_metrics *metrics;
+    int port;
+};
+
+typedef struct http_conn { /* one request on a connection */
+    char *body;
+    size_t len, cap;
+    bool too_big;
+} http_conn;
+
+/* ---- jobs -------------------------------------------------------------------------------------
+ */
+
+/* Drops one reference; call with s->mu held. */
+static void s_job_unref(http_job *job) {
+    if (--job->refs > 0) return;
+    http_api_job_fini(job);
+    pthread_cond_destroy(&job->cond);
+    free(job);
+}
+
+/* Appends an SSE event (takes ownership of ev); call with s->mu held. */
+static void s_job_append(http_job *job, char *ev) {
+    if (!ev) return;
+    size_t n = strlen(ev);
+    if (job->out_len + n > job->out_cap) {
+        size_t nc = job->out_cap ? job->out_cap : 1024;
+        while (nc < job->out_len + n)
+            nc *= 2;
+        char *no = realloc(job->out, nc);
+        if (!no) {
+            free(ev);
+            return;
+        }
+        job->out = no;
+        job->out_cap = nc;
+    }
+    memcpy(job->out + job->out_len, ev, n);
+    job->out_len += n;
+    free(ev);
+    pthread_cond_broadcast(&job->cond);
+}
+
+static int s_emit(void *ud, const char *text, size_t len) {
+    http_job *job = ud;
+    http_server *s = job->srv;
+    char *ev = http_api_chunk(job, s->b->name, text, len, false, NULL, false);
+    pthread_mutex_lock(&s->mu);
+    s_job_append(job, ev);
+    int stop = job->cancel != 0;
+    pthread_mutex_unlock(&s->mu);
+    return stop;
+}
+
+/* Runs one job on the backend (worker thread, no lock held). */
+static void s_run(http_server *s, http_job *job) {
+    stp_err err = {0};
+    job->t_start = gen_now();
+    const engine_stats *st = backend_stats(s->b);
+    engine_stats before = st ? *st : (engine_stats){0};
+    if (job->stream) {
+        char *ev = http_api_chunk(job, s->b->name, "", 0, true, NULL, false);
+        pthread_mutex_lock(&s->mu);
+        s_job_append(job, ev);
+        pthread_mutex_unlock(&s->mu);
+    }
+    int rc;
+    if (job->cancel) {
+        rc = stp_err_set(&err, STP_EBUSY,
+                         "the request was cancelled (client gone or server "
+                         "shutting down)");
+    } else {
+        backend_reset(s->b);
+        rc = gen_run(s->b, job->prompt, job->n_prompt, &job->gp, job->stream ? s_emit : NULL, job,
+                     &job->cancel, &job->res, &err);
+    }
+    job->t_end = gen_now();
+    engine_stats delta = {0};
+    if (st) {
+        delta.ns_embed = st->ns_embed - before.ns_embed;
+        delta.ns_router = st->ns_router - before.ns_router;
+        delta.ns_attn = st->ns_attn - before.ns_attn;
+        delta.ns_moe = st->ns_moe - before.ns_moe;
+        delta.ns_head = st->ns_head - before.ns_head;
+    }
+    job->rc = rc;
+    if (rc) snprintf(job->errmsg, sizeof job->errmsg, "%s", err.msg);
+    http_metrics_generation(s->metrics, job, st ? &delta : NULL);
+    pthread_mutex_lock(&s->mu);
+    if (job->stream) {
+        if (rc) {
+            char *e = http_api_error(job->errmsg, "server_error", 500);
+            size_t n = e ? strlen(e) : 0;
+            char *ev = e ? malloc(n + 9) : NULL;
+            if (ev) snprintf(ev, n + 9, "data: %s\n\n", e);
+            free(e);
+            s_job_append(job, ev);
+        } else {
+            const char *fin = http_api_finish_name(job->res.finish);
+            s_job_append(job, http_api_chunk(job, s->b->name, NULL, 0, false, fin, false));
+            if (job->include_usage)
+                s_job_append(job, http_api_chunk(job, s->b->name, NULL, 0, false, NULL, true));
+        }
+        s_job_append(job, strdup("data: [DONE]\n\n"));
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *s_worker(void *arg) {
+    http_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->head && !s->stopping)
+            pthread_cond_wait(&s->wake, &s->mu);
+        if (!s->head) break; /* stopping and nothing left */
+        http_job *job = s->head;
+        s->head = job->next;
+        if (!s->head) s->tail = NULL;
+        s->n_waiting--;
+        s->running = job;
+        if (s->stopping) job->cancel = 1;
+        http_metrics_queue(s->metrics, s->n_waiting, 1);
+        pthread_mutex_unlock(&s->mu);
+        s_run(s, job);
+        pthread_mutex_lock(&s->mu);
+        job->done = true;
+        pthread_cond_broadcast(&job->cond);
+        s->running = NULL;
+        http_metrics_queue(s->metrics, s->n_waiting, 0);
+        s_job_unref(job);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* ---- responses ------------------------------------------------------------------------------ */
+
+static enum MHD_Result s_send(http_server *s, struct MHD_Connection *c, const char *endpoint,
+                              int status, const char *ctype, char *body) {
+    if (!body) {
+        status = 500;
+        ctype = "application/json";
+        body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}");
+        if (!body) return MHD_NO;
+    }
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
+    MHD_destroy_response(r);
+    http_metrics_request(s->metrics, endpoint, status);
+    return ret;
+}
+
+static enum MHD_Result s_error(http_server *s, struct MHD_Connection *c, const char *endpoint,
+                               int status, const char *msg) {
+    const char *type = status == 400 || status == 413 ? "invalid_request_error"
+                       : status == 404                ? "not_found_error"
+                       : status == 405                ? "invalid_request_error"
+                                                      : "server_error";
+    return s_send(s, c, endpoint, status, "application/json", http_api_error(msg, type, status));
+}
+
+static ssize_t s_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    (void)pos;
+    http_job *job = cls;
+    http_server *s = job->srv;
+    pthread_mutex_lock(&s->mu);
+    while (job->out_sent == job->out_len && !job->done) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&job->cond, &s->mu, &ts);
+    }
+    ssize_t n = MHD_CONTENT_READER_END_OF_STREAM;
+    if (job->out_sent < job->out_len) {
+        size_t k = job->out_len - job->out_sent;
+        if (k > max) k = max;
+        memcpy(buf, job->out + job->out_sent, k);
+        job->out_sent += k;
+        if (job->out_sent == job->out_len) job->out_sent = job->out_len = 0;
+        n = (ssize_t)k;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+static void s_reader_free(void *cls) {
+    http_job *job = cls;
+    http_server *s = job->srv;
+    pthread_mutex_lock(&s->mu);
+    if (!job->done) job->cancel = 1; /* the client went away: stop generating */
+    s_job_unref(job);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, const char *endpoint,
+                                  http_kind kind, http_conn *hc) {
+    if (hc->too_big) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "the request body is larger than %d bytes", s->cfg.max_body);
+        return s_error(s, c, endpoint, 413, msg);
+    }
+    http_job *job = calloc(1, sizeof *job);
+    if (!job) return s_error(s, c, endpoint, 500, "out of memory");
+    pthread_cond_init(&job->cond, NULL);
+    job->srv = s;
+    job->refs = 1;
+    pthread_mutex_lock(&s->mu);
+    unsigned long long seq = ++s->seq;
+    pthread_mutex_unlock(&s->mu);
+    job->created = (long long)time(NULL);
+    snprintf(job->id, sizeof job->id, "%s-%llx%04llx", kind == HTTP_KIND_CHAT ? "chatcmpl" : "cmpl",
+             (unsigned long long)job->created, seq & 0xffff);
+    char msg[768];
+    uint64_t seed = (uint64_t)job->created * 0x9E3779B97F4A7C15ull + seq;
+    int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->b->tok,
+                                backend_n_ctx(s->b), seed, msg, sizeof msg);
+    if (status) {
+        pthread_mutex_lock(&s->mu);
+        s_job_unref(job);
+        pthread_mutex_unlock(&s->mu);
+        return s_error(s, c, endpoint, status, msg);
+    }
+    job->t_arrive = gen_now();
+    pthread_mutex_lock(&s->mu);
+    if (s->stopping || s->n_waiting >= s->cfg.queue_max) {
+        int waiting = s->n_waiting;
+        bool stopping = s->stopping;
+        s_job_unref(job);
+        pthread_mutex_unlock(&s->mu);
+        if (stopping) return s_error(s, c, endpoint, 503, "server shutting down");
+        snprintf(msg, sizeof msg,
+                 "server busy: %d requests already waiting (queue limit %d, set with --queue); "
+                 "retry later",
+                 waiting, s->cfg.queue_max);
+        return s_error(s, c, endpoint, 503, msg);
+    }
+    job->refs = 2; /* this connection and the worker */
+    if (s->tail)
+        s->tail->next = job;
+    else
+        s->head = job;
+    s->tail = job;
+    s->n_waiting++;
+    http_metrics_queue(s->metrics, s->n_waiting, s->running != NULL);
+    pthread_cond_signal(&s->wake);
+    if (job->stream) {
+        pthread_mutex_unlock(&s->mu);
+        struct MHD_Response *r =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, s_reader, job, s_reader_free);
+        if (!r) {
+            s_reader_free(job);
+            return MHD_NO;
+        }
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+        enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_OK, r);
+        MHD_destroy_response(r);
+        http_metrics_request(s->metrics, endpoint, 200);
+        return ret;
+    }
+    while (!job->done)
+        pthread_cond_wait(&job->cond, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    enum MHD_Result ret;
+    if (job->rc)
+        ret = s_error(s, c, endpoint, job->rc == STP_EBUSY ? 503 : 500, job->errmsg);
+    else
+        ret = s_send(s, c, endpoint, 200, "application/json", http_api_response(job, s->b->name));
+    pthread_mutex_lock(&s->mu);
+    s_job_unref(job);
+    pthread_mutex_unlock(&s->mu);
+    return ret;
+}
+
+static char *s_models_json(http_server *s) {
+    json_t *j =
+        json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:{s:i, s:i}}]}", "object", "list", "data", "id",
+                  s->b->name, "object", "model", "created", (json_int_t)time(NULL), "owned_by",
+                  "stpipe", "meta", "n_ctx", backend_n_ctx(s->b), "n_vocab", backend_n_vocab(s->b));
+    char *out = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    return out;
+}
+
+static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char *url,
+                                 const char *method, const char *version, const char *upload,
+                                 size_t *upload_size, void **con_cls) {
+    (void)version;
+    http_server *s = cls;
+    http_conn *hc = *con_cls;
+    if (!hc) {
+        hc = calloc(1, sizeof *hc);
+        if (!hc) return MHD_NO;
+        *con_cls = hc;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (hc->too_big || hc->len + n > (size_t)s->cfg.max_body) {
+            hc->too_big = true;
+            return MHD_YES;
+        }
+        if (hc->len + n + 1 > hc->cap) {
+            size_t nc = hc->cap ? hc->cap : 4096;
+            while (nc < hc->len + n + 1)
+                nc *= 2;
+            char *nb = realloc(hc->body, nc);
+            if (!nb) return MHD_NO;
+            hc->body = nb;
+            hc->cap = nc;
+        }
+        memcpy(hc->body + hc->len, upload, n);
+        hc->len += n;
+        hc->body[hc->len] = 0;
+        return MHD_YES;
+    }
+    bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    bool post = !strcmp(method, "POST");
+    if (!strcmp(method, "OPTIONS")) { /* CORS preflight */
+        struct MHD_Response *r = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+        if (!r) return MHD_NO;
+        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Content-Type, Authorization");
+        enum MHD_Result ret = MHD_queue_response(c, 204, r);
+        MHD_destroy_response(r);
+        return ret;
+    }
+    static const struct route {
+        const char *path;
+        bool post;
+    } routes[] = {{"/v1/chat/completions", true},
+                  {"/v1/completions", true},
+                  {"/v1/models", false},
+                  {"/health", false},
+                  {"/metrics", false}};
+    int r = -1;
+    for (int i = 0; i < 5; i++)
+        if (!strcmp(url, routes[i].path)) r = i;
+    if (r < 0) {
+        char msg[600];
+        snprintf(msg, sizeof msg,
+                 "no endpoint %.400s (try POST /v1/chat/completions, POST /v1/completions, GET "
+                 "/v1/models, /health, /metrics)",
+                 url);
+        return s_error(s, c, "other", 404, msg);
+    }
+    if (routes[r].post ? !post : !get) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "%s needs %s", url, routes[r].post ? "POST" : "GET");
+        return s_error(s, c, url, 405, msg);
+    }
+    switch (r) {
+    case 0: return s_generate(s, c, routes[r].path, HTTP_KIND_CHAT, hc);
+    case 1: return s_generate(s, c, routes[r].path, HTTP_KIND_COMPLETION, hc);
+    case 2: return s_send(s, c, routes[r].path, 200, "application/json", s_models_json(s));
+    case 3:
+        return s_send(s, c, routes[r].path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+    default:
+        return s_send(s, c, routes[r].path, 200, "text/plain; version=0.0.4; charset=utf-8",
+                      http_metrics_render(s->metrics));
+    }
+}
+
+static void s_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                        enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)c;
+    (void)toe;
+    http_conn *hc = *con_cls;
+    if (hc) {
+        free(hc->body);
+        free(hc);
+        *con_cls = NULL;
+    }
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
+
+int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
+    *out = NULL;
+    http_server *s = calloc(1, sizeof *s);
+    if (!s) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    s->b = b;
+    s->cfg = *cfg;
+    if (s->cfg.queue_max < 0) s->cfg.queue_max = 0;
+    if (s->cfg.max_body <= 0) s->cfg.max_body = 8 << 20;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->wake, NULL);
+    int rc;
+    const char *host = cfg->host ? cfg->host : "127.0.0.1";
+    if (!strcmp(host, "localhost")) host = "127.0.0.1";
+    struct sockaddr_in a4 = {0};
+    struct sockaddr_in6 a6 = {0};
+    const struct sockaddr *sa;
+    unsigned flags =
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
+    if (inet_pton(AF_INET, host, &a4.sin_addr) == 1) {
+        a4.sin_family = AF_INET;
+        a4.sin_port = htons((uint16_t)cfg->port);
+        sa = (const struct sockaddr *)&a4;
+    } else if (inet_pton(AF_INET6, host, &a6.sin6_addr) == 1) {
+        a6.sin6_family = AF_INET6;
+        a6.sin6_port = htons((uint16_t)cfg->port);
+        sa = (const struct sockaddr *)&a6;
+        flags |= MHD_USE_IPv6;
+    } else {
+        rc = stp_err_set(err, STP_EINVAL,
+                         "--host '%s' is not a numeric IPv4/IPv6 address (e.g. 127.0.0.1, "
+                         "0.0.0.0, ::1)",
+                         host);
+        goto fail;
+    }
+    if ((rc = http_metrics_new(&s->metrics))) {
+        stp_err_set(err, rc, "out of memory");
+        goto fail;
+    }
+    if (pthread_create(&s->worker, NULL, s_worker, s)) {
+        rc = stp_err_set(err, STP_ENOMEM, "cannot start the worker thread");
+        goto fail;
+    }
+    s->worker_started = true;
+    s->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, s_handler, s,
+                            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, s_completed, s,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600, MHD_OPTION_END);
+    if (!s->d) {
+        rc = stp_err_set(err, STP_EIO,
+                         "cannot listen on %s port %d (in use? try another --port, or --port 0 "
+                         "for any free one)",
+                         host, cfg->port);
+        goto fail;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->port;
+    *out = s;
+    return 0;
+fail:
+    http_server_destroy(&s);
+    return rc;
+}
+
+int http_server_port(const http_server *s) {
+    return s->port;
+}
+
+void http_server_destroy(http_server **self_p) {
+    if (!self_p || !*self_p) return;
+    http_server *s = *self_p;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = true;
+    for (http_job *j = s->head; j; j = j->next)
+        j->cancel = 1;
+    if (s->running) s->running->cancel = 1;
+    pthread_cond_broadcast(&s->wake);
+    pthread_mutex_unlock(&s->mu);
+    if (s->worker_started) pthread_join(s->worker, NULL);
+    if (s->d) MHD_stop_daemon(s->d);
+    http_metrics_destroy(&s->metrics);
+    pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    *self_p = NULL;
+}
