@@ -1,5 +1,6 @@
 /* stpipe: the command-line front end. Dispatches to a subcommand (cli_<name>.c). */
 #include "cli.h"
+#include "cli_pipeline.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -12,6 +13,7 @@ typedef struct cli_cmd {
 
 static const cli_cmd s_cmds[] = {
     {"generate", cli_generate, "generate text from a prompt (in-process or --pipeline RUN_DIR)"},
+    {"stats", cli_stats, "show pipeline stage statistics (--run-dir DIR [--watch] [--json])"},
     {"info", cli_info, "show a model's architecture, tensors and memory needs"},
     {"tokenize", cli_tokenize, "print the token ids of a text"},
     {"detokenize", cli_detokenize, "print the text of token ids"},

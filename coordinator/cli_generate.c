@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "cli_pipeline.h"
 #include "model/engine.h"
 #include "model/sampler.h"
 #include "tokenizer/tokenizer.h"
@@ -117,7 +118,7 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
         }
 #undef NEEDV
     }
-    if (!o->model) {
+    if (!o->model && !o->pipeline) {
         fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
         return 2;
     }
@@ -134,10 +135,6 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
             fprintf(stderr, "stpipe generate: --prompt-ids holds no ids\n");
             return 2;
         }
-    }
-    if (o->pipeline) {
-        fprintf(stderr, "stpipe generate: --pipeline is not available in this build yet\n");
-        return 2;
     }
     return 0;
 }
@@ -182,10 +179,43 @@ static int s_prompt_ids(const generate_opts *o, const tokenizer *tok, int32_t **
     return (int)n_ids;
 }
 
+static int s_generate_pipeline(const generate_opts *o) {
+    pipeline_gen_opts po = {0};
+    int32_t *ids = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    po.run_dir = o->pipeline;
+    if (o->prompt_ids) {
+        int n = cli_parse_ids(o->prompt_ids, &ids);
+        if (n < 0) return 2;
+        po.prompt_ids = ids;
+        po.n_prompt = n;
+    } else if (o->prompt_file) {
+        if (!(text = cli_read_file(o->prompt_file, &len))) return 1;
+        po.prompt_text = text;
+    } else {
+        po.prompt_text = o->prompt;
+    }
+    po.chat = o->chat;
+    po.system = o->system;
+    po.parse_special = !o->no_parse_special;
+    po.n_predict = o->n_predict;
+    po.sp = o->sp;
+    po.ids_out = o->ids_out;
+    po.ignore_eos = o->ignore_eos;
+    po.quiet = o->quiet;
+    po.logits_out = o->logits_out;
+    int rc = cli_generate_pipeline(&po);
+    free(ids);
+    free(text);
+    return rc;
+}
+
 int cli_generate(int argc, char **argv) {
     generate_opts o;
     int rc = s_parse(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
+    if (o.pipeline) return s_generate_pipeline(&o);
 
     stp_err err = {0};
     model *m = NULL;
