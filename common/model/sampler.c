@@ -108,6 +108,56 @@ static int s_cmp_cand(const void *a, const void *b) {
     return x->id - y->id;
 }
 
+/* Min-heap on (logit, then higher id first) so the root is the worst kept candidate. */
+static bool s_worse(const cand *a, const cand *b) {
+    return a->logit < b->logit || (a->logit == b->logit && a->id > b->id);
+}
+
+static void s_sift_down(cand *h, int n, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && s_worse(&h[l], &h[m])) m = l;
+        if (r < n && s_worse(&h[r], &h[m])) m = r;
+        if (m == i) return;
+        cand t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+/* Fills s->c with the candidates the filters can keep, best first; returns their count.
+ * With top-k: a size-k heap over the vocabulary (O(n log k)). Without: every token whose logit
+ * is within 30 * max(1, T) of the best (the rest has relative probability below e^-30 after
+ * temperature), then a sort of those. */
+static int s_candidates(sampler *s, const float *logits) {
+    const sampler_params *p = &s->p;
+    const int V = s->n_vocab;
+    int n = 0;
+    if (p->top_k > 0 && p->top_k < V) {
+        const int k = p->top_k;
+        for (int i = 0; i < V; i++) {
+            cand c = {i, logits[i], 0};
+            if (n < k) {
+                s->c[n++] = c;
+                if (n == k)
+                    for (int j = k / 2 - 1; j >= 0; j--) s_sift_down(s->c, k, j);
+            } else if (s_worse(&s->c[0], &c)) {
+                s->c[0] = c;
+                s_sift_down(s->c, k, 0);
+            }
+        }
+    } else {
+        float max = logits[0];
+        for (int i = 1; i < V; i++) max = logits[i] > max ? logits[i] : max;
+        const float floor = max - 30.0f * (p->temperature > 1.0f ? p->temperature : 1.0f);
+        for (int i = 0; i < V; i++)
+            if (logits[i] >= floor) s->c[n++] = (cand){i, logits[i], 0};
+    }
+    qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand);
+    return n;
+}
+
 int32_t sampler_sample(sampler *s, float *logits) {
     const sampler_params *p = &s->p;
     /* penalties over the recent history (llama.cpp's rule: divide positive logits) */
@@ -127,11 +177,7 @@ int32_t sampler_sample(sampler *s, float *logits) {
     }
     if (p->temperature <= 0.0f) return sampler_argmax(logits, s->n_vocab);
 
-    int n = s->n_vocab;
-    for (int i = 0; i < n; i++) s->c[i] = (cand){i, logits[i], 0};
-    int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
-    qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand); /* full sort: simple and exact on ties */
-    n = k;
+    int n = s_candidates(s, logits);
     /* softmax for the filters */
     double sum = 0;
     for (int i = 0; i < n; i++) {
