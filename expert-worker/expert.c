@@ -8,6 +8,8 @@
 #include <zmq.h>
 
 #include "layer.pb-c.h"
+#include "layout/layout.h"
+#include "model/down_t.h"
 #include "model/model.h"
 #include "model/ops.h"
 #include "msg/msg.h"
@@ -15,6 +17,15 @@
 #include "stats/stats.h"
 
 #define STAGE "expert-worker"
+/* Slots computed at a time: bounds the scratch (storage.c STORAGE_WORKER_CHUNK counts it). */
+#define EXPERT_CHUNK 64
+
+/* A run of slots of one expert (at most EXPERT_CHUNK). */
+typedef struct grp {
+    int j;  /* index in the work's expert list */
+    int s0; /* first slot (global grouped order) */
+    int n;
+} grp;
 
 struct expert_worker {
     stage_opts o;
@@ -26,12 +37,15 @@ struct expert_worker {
     const act_header *ah;
     void *zctx, *sock, *pub;
     stats *st;
+    bool down_t;     /* the pool's down parts are down_t images (POOL_DOWN_T) */
     int S;           /* max slots = n_ubatch * n_used */
     int32_t *slot_t; /* (S) token of each grouped slot */
     int32_t *slot_k; /* (S) k of each grouped slot */
-    float *g, *u;    /* (S, F) */
-    float *ys;       /* (S, E) down outputs, grouped slot order */
-    int32_t *active; /* (S, F) */
+    grp *grp;        /* (S) runs of one expert's slots */
+    /* per chunk of EXPERT_CHUNK slots: */
+    float *g, *u;    /* (CH, F) */
+    float *ys;       /* (CH, E) down outputs, grouped slot order */
+    int32_t *active; /* (CH, F) */
     uint8_t *xq_h, *xq_h2, *xq_a;
     /* newest work done for the peer last_id: from that peer, older work is a stale resend and
      * equal work a duplicate (another peer's numbers are not comparable) */
@@ -44,6 +58,7 @@ struct expert_worker {
 static void s_free_scratch(expert_worker *w) {
     free(w->slot_t);
     free(w->slot_k);
+    free(w->grp);
     free(w->g);
     free(w->u);
     free(w->ys);
@@ -52,6 +67,7 @@ static void s_free_scratch(expert_worker *w) {
     free(w->xq_h2);
     free(w->xq_a);
     w->slot_t = w->slot_k = w->active = NULL;
+    w->grp = NULL;
     w->g = w->u = w->ys = NULL;
     w->xq_h = w->xq_h2 = w->xq_a = NULL;
 }
@@ -62,6 +78,11 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
     int rc = stage_shm_name(name, sizeof name, w->o.run_dir, "pool", err);
     if (!rc) rc = shm_region_open(&w->pool, name, false, err);
     if (!rc) rc = pool_check(&w->pool, c->n_layer, c->n_expert, err);
+    if (!rc) w->down_t = (((const pool_header *)w->pool.base)->flags & POOL_DOWN_T) != 0;
+    if (!rc && w->down_t && !layout_wants_down_t(w->m))
+        rc = stp_err_set(err, STP_EUNSUPPORTED,
+                         "pool holds neuron-major down images this CPU "
+                         "or model cannot use");
     return rc;
 }
 
@@ -89,10 +110,11 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     w->act = fresh;
     w->ah = (const act_header *)w->act.base;
     w->S = (int)w->ah->n_ubatch * c->n_expert_used;
-    size_t S = (size_t)w->S, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
+    size_t S = EXPERT_CHUNK, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
     size_t act = (E > F ? E : F) * 4 + 64;
-    w->slot_t = malloc(S * sizeof(int32_t));
-    w->slot_k = malloc(S * sizeof(int32_t));
+    w->slot_t = malloc((size_t)w->S * sizeof(int32_t));
+    w->slot_k = malloc((size_t)w->S * sizeof(int32_t));
+    w->grp = malloc((size_t)w->S * sizeof(grp));
     w->g = malloc(S * F * sizeof(float));
     w->u = malloc(S * F * sizeof(float));
     w->ys = malloc(S * E * sizeof(float));
@@ -100,7 +122,7 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     w->xq_h = malloc(S * act);
     w->xq_h2 = malloc(S * act);
     w->xq_a = malloc(S * act);
-    if (!w->slot_t || !w->slot_k || !w->g || !w->u || !w->ys || !w->active || !w->xq_h ||
+    if (!w->slot_t || !w->slot_k || !w->grp || !w->g || !w->u || !w->ys || !w->active || !w->xq_h ||
         !w->xq_h2 || !w->xq_a) {
         shm_region_close(&w->act);
         w->ah = NULL;
@@ -156,69 +178,68 @@ void expert_worker_destroy(expert_worker **self_p) {
     *self_p = NULL;
 }
 
-/* Computes the slots of the listed experts; returns slots done. Inputs validated by caller. */
-static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
-                     uint64_t *active_out) {
+/* One single-token down product per slot over down_t images, rows split over the team. */
+typedef struct dt_section {
+    const uint8_t *img[EXPERT_CHUNK];
+    const uint8_t *xq[EXPERT_CHUNK];
+    float *y[EXPERT_CHUNK];
+    int n, n_embd, n_ff;
+} dt_section;
+
+static void s_dt_worker(void *p, int ith, int nth) {
+    dt_section *d = p;
+    long k0, k1;
+    threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
+    for (int i = 0; i < d->n && k0 < k1; i++)
+        down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i], (int)k0,
+                      (int)k1);
+}
+
+/* Steps 2-6 for the groups g[0..ng) whose slots lie in [c0, c0 + EXPERT_CHUNK). */
+static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork *wk, const grp *gr,
+                                int ng, int c0, int cs) {
     const model_config *c = &w->m->cfg;
     const layer_weights *L = &w->m->layers[il];
     const int K = c->n_expert_used, E = c->n_embd, F = c->n_ff_exp;
     uint8_t *act = w->act.base;
     const float *h = (const float *)(act + w->ah->off_h);
-    const int32_t *sel = (const int32_t *)(act + w->ah->off_sel);
     float *yout = (float *)(act + w->ah->off_y);
     const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
     const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
     const bool up_shares = kern_act_type(tu) == kern_act_type(tg);
+    const bool dt = w->down_t;
     size_t off[3], sb;
-    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes, L->down_exps.mat_bytes, off, &sb);
-
-    /* 1. group slots by expert (list order), tokens in order within a group */
-    int n_exp = (int)wk->n_experts, S = 0;
-    int g0[STP_MAX_EXPERTS + 1];
-    for (int j = 0; j < n_exp; j++) {
-        g0[j] = S;
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++)
-                if (sel[t * K + k] == (int32_t)wk->experts[j]->expert) {
-                    w->slot_t[S] = t;
-                    w->slot_k[S] = k;
-                    S++;
-                }
-    }
-    g0[n_exp] = S;
-    /* 2. quantize inputs */
-    for (int s = 0; s < S; s++) {
-        const float *hv = h + (size_t)w->slot_t[s] * E;
+    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes,
+                    dt ? down_t_expert_bytes(td, E, F) : L->down_exps.mat_bytes, off, &sb);
+    /* quantize inputs (local slot s = global c0 + s) */
+    for (int s = 0; s < cs; s++) {
+        const float *hv = h + (size_t)w->slot_t[c0 + s] * E;
         w->cc.ops->quantize_act(tg, hv, w->xq_h + (size_t)s * sg, E);
         if (!up_shares) w->cc.ops->quantize_act(tu, hv, w->xq_h2 + (size_t)s * su, E);
     }
     const uint8_t *xq_up = up_shares ? w->xq_h : w->xq_h2;
-    mm_job jobs[STP_MAX_EXPERTS];
-    int nj = 0;
-    /* 3. gate */
-    for (int j = 0; j < n_exp; j++) {
-        int n = g0[j + 1] - g0[j], s0 = g0[j];
-        if (!n) continue;
-        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
-        jobs[nj++] = (mm_job){.type = tg,
-                              .n_cols = E,
-                              .w = base + off[0],
-                              .row_bytes = L->gate_exps.row_bytes,
-                              .xq = w->xq_h + (size_t)s0 * sg,
-                              .xq_stride = sg,
-                              .n_vec = n,
-                              .y = w->g + (size_t)s0 * F,
-                              .y_stride = (size_t)F,
-                              .n_rows = F};
+    mm_job jobs[EXPERT_CHUNK];
+    /* gate */
+    for (int q = 0; q < ng; q++) {
+        int s0 = gr[q].s0 - c0;
+        const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
+        jobs[q] = (mm_job){.type = tg,
+                           .n_cols = E,
+                           .w = base + off[0],
+                           .row_bytes = L->gate_exps.row_bytes,
+                           .xq = w->xq_h + (size_t)s0 * sg,
+                           .xq_stride = sg,
+                           .n_vec = gr[q].n,
+                           .y = w->g + (size_t)s0 * F,
+                           .y_stride = (size_t)F,
+                           .n_rows = F};
     }
-    ops_mm_run(&w->cc, jobs, nj);
-    /* 4. up: active rows only for single-token groups */
-    nj = 0;
+    ops_mm_run(&w->cc, jobs, ng);
+    /* up: active rows only for single-token groups */
     uint64_t active_total = 0;
-    for (int j = 0; j < n_exp; j++) {
-        int n = g0[j + 1] - g0[j], s0 = g0[j];
-        if (!n) continue;
-        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
+    for (int q = 0; q < ng; q++) {
+        int n = gr[q].n, s0 = gr[q].s0 - c0;
+        const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
         mm_job jb = {.type = tu,
                      .n_cols = E,
                      .w = base + off[1],
@@ -243,40 +264,82 @@ static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
             jb.rows = a;
             jb.n_rows = na;
         }
-        jobs[nj++] = jb;
+        jobs[q] = jb;
     }
-    ops_mm_run(&w->cc, jobs, nj);
-    /* 5. ReGLU, quantized for down */
-    for (int s = 0; s < S; s++) {
+    ops_mm_run(&w->cc, jobs, ng);
+    /* ReGLU, quantized for down */
+    for (int s = 0; s < cs; s++) {
         float *g = w->g + (size_t)s * F;
         const float *u = w->u + (size_t)s * F;
         for (int i = 0; i < F; i++)
             g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
         w->cc.ops->quantize_act(td, g, w->xq_a + (size_t)s * sd, F);
     }
-    /* 6. down per group into a staging area (grouped slot order), then scattered to the
-     *    (token, k) rows the attention worker sums */
-    nj = 0;
-    for (int j = 0; j < n_exp; j++) {
-        int n = g0[j + 1] - g0[j], s0 = g0[j];
-        if (!n) continue;
-        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
-        jobs[nj++] = (mm_job){.type = td,
-                              .n_cols = F,
-                              .w = base + off[2],
-                              .row_bytes = L->down_exps.row_bytes,
-                              .xq = w->xq_a + (size_t)s0 * sd,
-                              .xq_stride = sd,
-                              .n_vec = n,
-                              .y = w->ys + (size_t)s0 * E,
-                              .y_stride = (size_t)E,
-                              .n_rows = E};
+    /* down: neuron-major images one slot at a time (the same bits as the dense product, idle
+     * neurons skipped), else dense per group */
+    if (dt) {
+        dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
+        for (int q = 0; q < ng; q++)
+            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n; s++) {
+                d.img[d.n] = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
+                d.xq[d.n] = w->xq_a + (size_t)s * sd;
+                d.y[d.n] = w->ys + (size_t)s * E;
+                d.n++;
+            }
+        threadpool_run(w->tp, s_dt_worker, &d);
+    } else {
+        for (int q = 0; q < ng; q++) {
+            int s0 = gr[q].s0 - c0;
+            const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
+            jobs[q] = (mm_job){.type = td,
+                               .n_cols = F,
+                               .w = base + off[2],
+                               .row_bytes = L->down_exps.row_bytes,
+                               .xq = w->xq_a + (size_t)s0 * sd,
+                               .xq_stride = sd,
+                               .n_vec = gr[q].n,
+                               .y = w->ys + (size_t)s0 * E,
+                               .y_stride = (size_t)E,
+                               .n_rows = E};
+        }
+        ops_mm_run(&w->cc, jobs, ng);
     }
-    ops_mm_run(&w->cc, jobs, nj);
-    for (int s = 0; s < S; s++)
-        memcpy(yout + ((size_t)w->slot_t[s] * K + w->slot_k[s]) * E, w->ys + (size_t)s * E,
-               (size_t)E * sizeof(float));
-    *active_out = active_total;
+    for (int s = 0; s < cs; s++)
+        memcpy(yout + ((size_t)w->slot_t[c0 + s] * K + w->slot_k[c0 + s]) * E,
+               w->ys + (size_t)s * E, (size_t)E * sizeof(float));
+    return active_total;
+}
+
+/* Computes the slots of the listed experts; returns slots done. Inputs validated by caller.
+ * Slots are grouped by expert (list order, tokens in order) and computed EXPERT_CHUNK at a time,
+ * so the scratch is small whatever the micro-batch (splitting a group changes no bit: every
+ * row's dot product is the same for 1 or n vectors). */
+static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
+                     uint64_t *active_out) {
+    const int K = w->m->cfg.n_expert_used;
+    const int32_t *sel = (const int32_t *)(w->act.base + w->ah->off_sel);
+    int S = 0, ng = 0;
+    for (int j = 0; j < (int)wk->n_experts; j++) {
+        int g0 = S;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (sel[t * K + k] == (int32_t)wk->experts[j]->expert) {
+                    w->slot_t[S] = t;
+                    w->slot_k[S] = k;
+                    S++;
+                }
+        for (int s = g0; s < S; s += EXPERT_CHUNK)
+            w->grp[ng++] = (grp){j, s, S - s < EXPERT_CHUNK ? S - s : EXPERT_CHUNK};
+    }
+    uint64_t active = 0;
+    for (int q0 = 0; q0 < ng;) {
+        int q1 = q0, cs = 0;
+        while (q1 < ng && cs + w->grp[q1].n <= EXPERT_CHUNK)
+            cs += w->grp[q1++].n;
+        active += s_compute_chunk(w, il, wk, w->grp + q0, q1 - q0, w->grp[q0].s0, cs);
+        q0 = q1;
+    }
+    *active_out = active;
     return S;
 }
 
@@ -321,7 +384,10 @@ static const char *s_check(const expert_worker *w, const Stp__ExpertWork *wk, ch
     const pool_header *ph = (const pool_header *)w->pool.base;
     const layer_weights *L = &w->m->layers[wk->layer];
     size_t off[3], sb;
-    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes, L->down_exps.mat_bytes, off, &sb);
+    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes,
+                    w->down_t ? down_t_expert_bytes(L->down_exps.type, c->n_embd, c->n_ff_exp)
+                              : L->down_exps.mat_bytes,
+                    off, &sb);
     for (size_t j = 0; j < wk->n_experts; j++) {
         const Stp__ExpertLoc *e = wk->experts[j];
         if (e->expert >= (uint32_t)X || (j && e->expert <= wk->experts[j - 1]->expert)) {

@@ -1,20 +1,58 @@
-/* stpipe-storage-daemon: owns the expert weights in a shared-memory pool and answers residency
- * questions (see README.md). Thin shell over storage.c. */
+/* stpipe-storage-daemon: owns the expert weights, streams them into a shared-memory pool under
+ * a memory budget and answers residency questions (see README.md). Thin shell over storage.c:
+ * it takes its own options (--memory-budget, --layout-dir, --cache-policy, --pool-experts, also
+ * from the environment as STP_MEMORY_BUDGET, STP_LAYOUT_DIR, STP_CACHE_POLICY,
+ * STP_POOL_EXPERTS) out of argv and leaves the common ones to stage_parse. */
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "msg/stage.h"
 #include "storage.h"
 
+static int s_take(int *argc, char **argv, const char *name, const char **val, stp_err *err) {
+    for (int i = 1; i < *argc; i++) {
+        size_t n = strlen(name);
+        const char *v = NULL;
+        int used = 0;
+        if (!strcmp(argv[i], name)) {
+            if (i + 1 >= *argc) return stp_err_set(err, STP_EINVAL, "%s needs a value", name);
+            v = argv[i + 1];
+            used = 2;
+        } else if (!strncmp(argv[i], name, n) && argv[i][n] == '=') {
+            v = argv[i] + n + 1;
+            used = 1;
+        }
+        if (!used) continue;
+        *val = v;
+        memmove(&argv[i], &argv[i + used], (size_t)(*argc - i - used + 1) * sizeof *argv);
+        *argc -= used;
+        i--;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     stage_opts o;
+    storage_opts so = {0};
     stp_err err = {0};
-    if (stage_parse(&o, argc, argv, "storage-daemon", &err) ||
+    const char *budget = getenv("STP_MEMORY_BUDGET"), *frames = getenv("STP_POOL_EXPERTS");
+    so.layout_dir = getenv("STP_LAYOUT_DIR");
+    so.policy = getenv("STP_CACHE_POLICY");
+    int rc = s_take(&argc, argv, "--memory-budget", &budget, &err);
+    if (!rc) rc = s_take(&argc, argv, "--layout-dir", &so.layout_dir, &err);
+    if (!rc) rc = s_take(&argc, argv, "--cache-policy", &so.policy, &err);
+    if (!rc) rc = s_take(&argc, argv, "--pool-experts", &frames, &err);
+    if (!rc && budget && *budget) rc = storage_parse_size(budget, &so.memory_budget, &err);
+    if (!rc && frames && *frames) so.pool_experts = atoi(frames);
+    if (rc || stage_parse(&o, argc, argv, "storage-daemon", &err) ||
         stage_setup(&o, "storage-daemon", &err)) {
         fprintf(stderr, "stpipe-storage-daemon: %s\n", err.msg);
         return 2;
     }
+    so.workers = o.workers;
     storage *s = NULL;
-    int rc = storage_new(&s, &o, &err);
+    rc = storage_new(&s, &o, &so, &err);
     if (!rc) rc = storage_run(s, &err);
     storage_destroy(&s);
     if (rc) fprintf(stderr, "stpipe-storage-daemon: %s\n", err.msg);

@@ -1,45 +1,293 @@
-/* storage: weight pool owner and residency server; see storage.h and README.md. */
+/* storage: expert layout file -> weight pool streaming under a memory budget, residency server;
+ * see storage.h and README.md. */
 #include "storage.h"
 
+#include <ctype.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include <zmq.h>
 
-#include "model/model.h"
+#include "io/io.h"
+#include "layout/layout.h"
+#include "model/attention.h"
+#include "model/kv_cache.h"
 #include "msg/msg.h"
 #include "router.pb-c.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
 
 #define STAGE "storage-daemon"
+#define MiB (1024.0 * 1024.0)
+/* Private memory of one stage process outside what is estimated below (libraries, zmq,
+ * stacks, heap), measured as PSS of idle stages: ~6-12 MiB each. */
+#define STORAGE_PROC_OVERHEAD (16ull << 20)
+/* Slots one expert worker computes at a time (expert.c EXPERT_CHUNK). */
+#define STORAGE_WORKER_CHUNK 64
+#define STORAGE_LFU_HALF_LIFE 64 /* decisions of one layer (= decoded tokens) */
+#define STORAGE_READ_CHUNK (1u << 20)
+
+enum { POLICY_LRU, POLICY_LFU };
 
 struct storage {
     stage_opts o;
+    storage_opts so;
     model *m;
+    layout *lay;
+    io_reader *io;
+    storage_plan plan;
     shm_region pool;
     void *zctx, *sock, *pub;
     stats *st;
+    int NL, X, policy;
+    int32_t *frame_owner; /* (frames) entry (layer * X + expert) or -1 */
+    int32_t *entry_frame; /* (NL * X) frame or -1 */
+    uint64_t *last_use;   /* (NL * X) decision tick of the last use */
+    double *freq;         /* (NL * X) decayed use count as of freq_tick */
+    uint64_t *freq_tick;
+    uint64_t tick, gen;
+    int n_used_frames;
 };
 
-static int s_fill_pool(storage *s, stp_err *err) {
-    const model_config *c = &s->m->cfg;
-    const int NL = c->n_layer, X = c->n_expert;
-    size_t total = pool_table_bytes(NL, X);
-    for (int il = 0; il < NL; il++) {
-        const layer_weights *L = &s->m->layers[il];
-        size_t off[3], b;
-        pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes, L->down_exps.mat_bytes, off,
-                        &b);
-        total += (size_t)X * ((b + POOL_ALIGN - 1) / POOL_ALIGN * POOL_ALIGN);
+int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || !isfinite(v) || v < 0)
+        return stp_err_set(err, STP_EINVAL, "memory budget '%s': expected a size like 1G or 800M",
+                           s);
+    double mul = 1;
+    switch (toupper((unsigned char)*end)) {
+    case 'K':
+        mul = 1024.0;
+        end++;
+        break;
+    case 'M':
+        mul = MiB;
+        end++;
+        break;
+    case 'G':
+        mul = MiB * 1024;
+        end++;
+        break;
+    case 'T':
+        mul = MiB * 1024 * 1024;
+        end++;
+        break;
+    default: break;
     }
+    if (!strcasecmp(end, "iB") || !strcasecmp(end, "B")) end += strlen(end);
+    if (*end) return stp_err_set(err, STP_EINVAL, "memory budget '%s': unknown unit", s);
+    *out = (uint64_t)(v * mul);
+    return 0;
+}
+
+int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
+                        uint64_t frame_bytes, storage_plan *p, stp_err *err) {
+    const model_config *c = &m->cfg;
+    memset(p, 0, sizeof *p);
+    p->frame_bytes = frame_bytes;
+    p->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+    p->n_ubatch = o->n_ubatch > 0 ? o->n_ubatch : 512;
+    if (p->n_ubatch > p->n_ctx) p->n_ubatch = p->n_ctx;
+    const int NL = c->n_layer, X = c->n_expert, W = so->workers > 0 ? so->workers : 2;
+    /* the attention worker's weights (embeddings, attention, router, norms, LM head) */
+    p->non_expert = m->weight_bytes - m->expert_bytes;
+    kv_cache *kv = NULL; /* calloc'd, never touched here */
+    attn_scratch *as = NULL;
+    int rc = kv_cache_new(&kv, c, p->n_ctx, p->n_ubatch, err);
+    if (!rc) rc = attn_scratch_new(&as, c, p->n_ubatch, p->n_ctx, 1, err);
+    if (rc) {
+        kv_cache_destroy(&kv);
+        return rc;
+    }
+    p->kv = kv->bytes;
+    act_header ah;
+    act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
+    p->act = ah.size;
+    uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff_exp, wide = E > F ? E : F;
+    uint64_t worker = (uint64_t)STORAGE_WORKER_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64));
+    /* attention worker scratch plus its residual/h/logit buffers */
+    p->scratch = attn_scratch_bytes(as) + (uint64_t)p->n_ubatch * E * 4 * 4 +
+                 (uint64_t)c->n_vocab * 4 * 2 + W * worker;
+    attn_scratch_destroy(&as);
+    kv_cache_destroy(&kv);
+    /* four kinds of stages plus the workers; the coordinator's tokenizer ~ 200 B per token */
+    p->overhead = (uint64_t)(3 + W) * STORAGE_PROC_OVERHEAD + (uint64_t)c->n_vocab * 200;
+    uint64_t table = pool_table_bytes(NL, X);
+    uint64_t fixed = p->non_expert + p->kv + p->act + p->scratch + p->overhead + table;
+    p->minimum = fixed + (uint64_t)X * frame_bytes;
+    uint64_t all = (uint64_t)NL * X;
+    if (so->pool_experts > 0) {
+        p->frames = so->pool_experts < X ? X : so->pool_experts;
+        if ((uint64_t)p->frames > all) p->frames = (int)all;
+        return 0;
+    }
+    if (!so->memory_budget) {
+        p->frames = (int)all;
+        return 0;
+    }
+    if (so->memory_budget < p->minimum)
+        return stp_err_set(
+            err, STP_EINVAL,
+            "memory budget %.0f MiB is too small for %s at context %d: the minimum is %.0f MiB "
+            "(non-expert weights %.0f, KV cache %.0f, activations %.0f, scratch %.0f, processes "
+            "%.0f, one layer of experts %.0f MiB)",
+            so->memory_budget / MiB, o->model, p->n_ctx, p->minimum / MiB, p->non_expert / MiB,
+            p->kv / MiB, p->act / MiB, p->scratch / MiB, p->overhead / MiB,
+            (double)X * frame_bytes / MiB);
+    uint64_t n = (so->memory_budget - fixed) / frame_bytes;
+    p->frames = (int)(n > all ? all : n);
+    return 0;
+}
+
+/* ---- cache ---- */
+
+static double s_score(storage *s, int entry) {
+    double age = (double)(s->tick - s->freq_tick[entry]);
+    return s->freq[entry] * exp2(-age / ((double)STORAGE_LFU_HALF_LIFE * s->NL));
+}
+
+static void s_touch(storage *s, int entry) {
+    s->last_use[entry] = s->tick;
+    s->freq[entry] = s_score(s, entry) + 1.0;
+    s->freq_tick[entry] = s->tick;
+}
+
+/* A frame for a new entry: a free one, else the policy's victim among entries the current
+ * decision (need[], n_need) does not use. -1 if none (cannot happen: frames >= n_expert). */
+static int s_victim(storage *s, const int32_t *need, int n_need) {
+    if (s->n_used_frames < s->plan.frames) return s->n_used_frames++;
+    int best = -1;
+    double best_score = 0;
+    uint64_t best_use = 0;
+    for (int f = 0; f < s->plan.frames; f++) {
+        int e = s->frame_owner[f];
+        bool needed = false;
+        for (int i = 0; i < n_need && !needed; i++)
+            needed = need[i] == e;
+        if (needed) continue;
+        double sc = s->policy == POLICY_LFU ? s_score(s, e) : 0.0;
+        if (best < 0 || sc < best_score || (sc == best_score && s->last_use[e] < best_use)) {
+            best = f;
+            best_score = sc;
+            best_use = s->last_use[e];
+        }
+    }
+    return best;
+}
+
+/* Makes every needed entry resident (reads the missing ones); counts hits/misses. */
+static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, uint64_t *hits,
+                           stp_err *err) {
+    pool_header *h = (pool_header *)s->pool.base;
+    io_req reqs[STP_MAX_EXPERTS * 8];
+    int nr = 0, loading[STP_MAX_EXPERTS], nl = 0;
+    uint64_t bytes = 0;
+    *hits = 0;
+    s->tick++;
+    for (int i = 0; i < n; i++) {
+        int e = need[i];
+        s_touch(s, e);
+        if (s->entry_frame[e] >= 0) {
+            (*hits)++;
+            continue;
+        }
+        int f = s_victim(s, need, n);
+        if (f < 0) return stp_err_set(err, STP_ERANGE, "pool: no free slot");
+        int old = s->frame_owner[f];
+        if (old >= 0) { /* invalidate before the bytes change */
+            pool_slot *os = &h->slots[old];
+            __atomic_store_n(&os->state, POOL_EMPTY, __ATOMIC_RELEASE);
+            os->generation = ++s->gen;
+            s->entry_frame[old] = -1;
+            stats_add(s->st, "cache.evictions", 1);
+        }
+        s->frame_owner[f] = e;
+        s->entry_frame[e] = f;
+        pool_slot *sl = &h->slots[e];
+        __atomic_store_n(&sl->state, POOL_LOADING, __ATOMIC_RELEASE);
+        sl->generation = ++s->gen;
+        sl->offset = h->data_offset + (uint64_t)f * s->plan.frame_bytes;
+        int il = e / s->X, x = e % s->X;
+        const layout_entry *le = &s->lay->e[(size_t)e * 3];
+        sl->bytes = le[2].off - le[0].off + le[2].bytes; /* = pool_slot_parts' total */
+        uint64_t fo = layout_record_off(s->lay, il, x), len = layout_record_bytes(s->lay, il, x);
+        for (uint64_t at = 0; at < len; at += STORAGE_READ_CHUNK) {
+            uint64_t l = len - at < STORAGE_READ_CHUNK ? len - at : STORAGE_READ_CHUNK;
+            reqs[nr++] = (io_req){fo + at, (size_t)l, s->pool.base + sl->offset + at};
+            if (nr == (int)(sizeof reqs / sizeof *reqs)) {
+                int rc = io_read_all(s->io, reqs, nr, err);
+                if (rc) return rc;
+                nr = 0;
+            }
+        }
+        bytes += len;
+        loading[nl++] = e;
+    }
+    double t0 = msg_now_us();
+    if (nr) {
+        int rc = io_read_all(s->io, reqs, nr, err);
+        if (rc) return rc;
+    }
+    for (int i = 0; i < nl; i++)
+        __atomic_store_n(&h->slots[loading[i]].state, POOL_READY, __ATOMIC_RELEASE);
+    double us = msg_now_us() - t0;
+    stats_add(s->st, "read.bytes", bytes);
+    stats_add(s->st, "read.us", (uint64_t)us);
+    stats_add(s->st, "cache.hits", *hits);
+    stats_add(s->st, "cache.misses", (uint64_t)n - *hits);
+    if (decode) {
+        stats_add(s->st, "decode.decisions", 1);
+        stats_add(s->st, "decode.hits", *hits);
+        stats_add(s->st, "decode.misses", (uint64_t)n - *hits);
+        stats_add(s->st, "decode.read_bytes", bytes);
+        stats_add(s->st, "decode.read_us", (uint64_t)us);
+    }
+    if (nl) stats_latency(s->st, "read", us);
+    return 0;
+}
+
+static int s_open_layout(storage *s, stp_err *err) {
+    char path[4096];
+    int rc = layout_path(path, sizeof path, s->o.model, s->so.layout_dir, err);
+    if (rc) return rc;
+    bool rebuilt = false;
+    double t0 = msg_now_us();
+    rc = layout_ensure(&s->lay, s->m, s->o.model, path, layout_wants_down_t(s->m), stderr, &rebuilt,
+                       err);
+    if (rc) return rc;
+    if (rebuilt) stage_log(STAGE, "built %s in %.1f s", path, (msg_now_us() - t0) * 1e-6);
+    return io_reader_open(&s->io, path, 64, err);
+}
+
+static int s_create_pool(storage *s, stp_err *err) {
+    const int NL = s->NL, X = s->X;
+    uint64_t frame = 0;
+    for (int il = 0; il < NL; il++)
+        for (int x = 0; x < X; x++) {
+            uint64_t b = layout_record_bytes(s->lay, il, x);
+            if (b > frame) frame = b;
+        }
+    int rc = storage_plan_budget(s->m, &s->o, &s->so, frame, &s->plan, err);
+    if (rc) return rc;
+    size_t n = (size_t)NL * X;
+    s->frame_owner = malloc((size_t)s->plan.frames * sizeof(int32_t));
+    s->entry_frame = malloc(n * sizeof(int32_t));
+    s->last_use = calloc(n, sizeof(uint64_t));
+    s->freq = calloc(n, sizeof(double));
+    s->freq_tick = calloc(n, sizeof(uint64_t));
+    if (!s->frame_owner || !s->entry_frame || !s->last_use || !s->freq || !s->freq_tick)
+        return stp_err_set(err, STP_ENOMEM, "out of memory");
+    for (int f = 0; f < s->plan.frames; f++)
+        s->frame_owner[f] = -1;
+    for (size_t i = 0; i < n; i++)
+        s->entry_frame[i] = -1;
+    size_t total = pool_table_bytes(NL, X) + (size_t)s->plan.frames * frame;
     char name[160];
-    int rc = stage_shm_name(name, sizeof name, s->o.run_dir, "pool", err);
-    if (rc) return rc;
-    rc = shm_region_create(&s->pool, name, total, err);
-    if (rc) return rc;
+    if ((rc = stage_shm_name(name, sizeof name, s->o.run_dir, "pool", err))) return rc;
+    if ((rc = shm_region_create(&s->pool, name, total, err))) return rc;
     pool_header *h = (pool_header *)s->pool.base;
     h->magic = POOL_MAGIC;
     h->version = POOL_VERSION;
@@ -47,48 +295,49 @@ static int s_fill_pool(storage *s, stp_err *err) {
     h->n_expert = (uint32_t)X;
     h->size = total;
     h->data_offset = pool_table_bytes(NL, X);
-    uint64_t at = h->data_offset;
-    double t0 = msg_now_us();
-    for (int il = 0; il < NL && !stage_stopping(); il++) {
-        const layer_weights *L = &s->m->layers[il];
-        const tensor_view *tv[3] = {&L->gate_exps, &L->up_exps, &L->down_exps};
-        size_t off[3], b;
-        pool_slot_parts(tv[0]->mat_bytes, tv[1]->mat_bytes, tv[2]->mat_bytes, off, &b);
-        for (int e = 0; e < X; e++) {
-            pool_slot *sl = &h->slots[il * X + e];
-            sl->state = POOL_LOADING;
-            for (int k = 0; k < 3; k++)
-                memcpy(s->pool.base + at + off[k], tv[k]->data + (size_t)e * tv[k]->mat_bytes,
-                       tv[k]->mat_bytes);
-            sl->offset = at;
-            sl->bytes = b;
-            sl->generation = 1;
-            __atomic_store_n(&sl->state, POOL_READY, __ATOMIC_RELEASE);
-            at += (b + POOL_ALIGN - 1) / POOL_ALIGN * POOL_ALIGN;
+    h->flags = (s->lay->h.flags & LAYOUT_DOWN_T) ? POOL_DOWN_T : 0;
+    stats_set(s->st, "pool.bytes", total);
+    stats_set(s->st, "pool.frames", (uint64_t)s->plan.frames);
+    stats_set(s->st, "budget.bytes", s->so.memory_budget);
+    stats_set(s->st, "budget.minimum", s->plan.minimum);
+    stage_log(STAGE,
+              "pool %.1f MiB: %d of %d experts (%.2f MiB each), budget %.0f MiB (minimum %.0f), "
+              "policy %s, reads %s",
+              total / MiB, s->plan.frames, NL * X, frame / MiB, s->so.memory_budget / MiB,
+              s->plan.minimum / MiB, s->policy == POLICY_LRU ? "lru" : "lfu",
+              io_reader_mode(s->io));
+    if (s->plan.frames == NL * X) { /* everything fits: read it all now */
+        double t0 = msg_now_us();
+        for (int il = 0; il < NL && !stage_stopping(); il++) {
+            int32_t need[STP_MAX_EXPERTS];
+            for (int x = 0; x < X; x++)
+                need[x] = il * X + x;
+            uint64_t hits;
+            if ((rc = s_make_resident(s, need, X, false, &hits, err))) return rc;
         }
-        /* The GGUF pages of this layer's experts are not needed again in this process. */
-        for (int k = 0; k < 3; k++) {
-            uintptr_t p0 = (uintptr_t)tv[k]->data & ~(uintptr_t)4095;
-            uintptr_t p1 = (uintptr_t)(tv[k]->data + (size_t)X * tv[k]->mat_bytes);
-            madvise((void *)p0, p1 - p0, MADV_DONTNEED);
-        }
+        stage_log(STAGE, "all experts resident in %.2f s", (msg_now_us() - t0) * 1e-6);
     }
-    stats_add(s->st, "pool.bytes", total);
-    stats_add(s->st, "pool.experts_resident", (uint64_t)NL * X);
-    if (s->o.verbose)
-        stage_log(STAGE, "pool %s: %.1f MiB in %.2f s", name, total / 1048576.0,
-                  (msg_now_us() - t0) * 1e-6);
     return 0;
 }
 
-int storage_new(storage **out, const stage_opts *o, stp_err *err) {
+int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_err *err) {
     *out = NULL;
     storage *s = calloc(1, sizeof *s);
     if (!s) return stp_err_set(err, STP_ENOMEM, "out of memory");
     s->o = *o;
-    int rc = stats_new(&s->st, STAGE, err);
+    s->so = *so;
+    s->policy = so->policy && !strcmp(so->policy, "lru") ? POLICY_LRU : POLICY_LFU;
+    int rc = 0;
+    if (so->policy && strcmp(so->policy, "lru") && strcmp(so->policy, "lfu"))
+        rc = stp_err_set(err, STP_EINVAL, "cache policy '%s': lru or lfu", so->policy);
+    if (!rc) rc = stats_new(&s->st, STAGE, err);
     if (!rc) rc = model_open(&s->m, o->model, err);
-    if (!rc) rc = s_fill_pool(s, err);
+    if (!rc) {
+        s->NL = s->m->cfg.n_layer;
+        s->X = s->m->cfg.n_expert;
+        rc = s_open_layout(s, err);
+    }
+    if (!rc) rc = s_create_pool(s, err);
     if (rc) goto fail;
     s->zctx = zmq_ctx_new();
     char ep[512];
@@ -112,8 +361,15 @@ void storage_destroy(storage **self_p) {
     msg_close(&s->pub);
     if (s->zctx) zmq_ctx_term(s->zctx);
     shm_region_close(&s->pool);
+    io_reader_close(&s->io);
+    layout_close(&s->lay);
     model_close(&s->m);
     stats_destroy(&s->st);
+    free(s->frame_owner);
+    free(s->entry_frame);
+    free(s->last_use);
+    free(s->freq);
+    free(s->freq_tick);
     free(s);
     *self_p = NULL;
 }
@@ -161,6 +417,49 @@ static const char *s_check(const storage *s, const Stp__RouterDecision *d, char 
     return "";
 }
 
+static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, double t0) {
+    int32_t need[STP_MAX_EXPERTS];
+    uint64_t total = 0;
+    for (size_t i = 0; i < d->n_experts; i++) {
+        need[i] = (int32_t)(d->layer * (uint32_t)s->X + d->experts[i]);
+        total += d->n_counts ? d->counts[i] : 0;
+    }
+    bool decode = d->n_counts && total <= (uint64_t)s->m->cfg.n_expert_used;
+    uint64_t hits = 0;
+    stp_err e = {0};
+    if (s_make_resident(s, need, (int)d->n_experts, decode, &hits, &e)) {
+        stage_log(STAGE, "%s", e.msg);
+        return s_error(s, in, "read", d->seq, e.code ? e.code : STP_EIO, e.msg);
+    }
+    const pool_header *h = (const pool_header *)s->pool.base;
+    Stp__ExpertLoc locs[STP_MAX_EXPERTS], *lp[STP_MAX_EXPERTS];
+    protobuf_c_boolean ready[STP_MAX_EXPERTS];
+    for (size_t i = 0; i < d->n_experts; i++) {
+        const pool_slot *sl = &h->slots[need[i]];
+        stp__expert_loc__init(&locs[i]);
+        locs[i].expert = d->experts[i];
+        locs[i].offset = sl->offset;
+        locs[i].generation = sl->generation;
+        ready[i] = __atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) == POOL_READY;
+        lp[i] = &locs[i];
+    }
+    Stp__Residency res;
+    stp__residency__init(&res);
+    res.seq = d->seq;
+    res.layer = d->layer;
+    res.n_experts = d->n_experts;
+    res.experts = lp;
+    res.n_ready = d->n_experts;
+    res.ready = ready;
+    Stp__RouterMsg r;
+    stp__router_msg__init(&r);
+    r.body_case = STP__ROUTER_MSG__BODY_RESIDENCY;
+    r.residency = &res;
+    s_reply(s, in, &r);
+    stats_add(s->st, "msg.decision", 1);
+    stats_latency(s->st, "decision", msg_now_us() - t0);
+}
+
 static void s_handle(storage *s, msg_in *in) {
     double t0 = msg_now_us();
     Stp__RouterMsg *m = stp__router_msg__unpack(NULL, in->len, in->data);
@@ -182,44 +481,12 @@ static void s_handle(storage *s, msg_in *in) {
     } else if (m->body_case != STP__ROUTER_MSG__BODY_DECISION) {
         s_error(s, in, "unexpected", 0, STP_EPROTO, "expected a RouterDecision or Ping");
     } else {
-        const Stp__RouterDecision *d = m->decision;
         char buf[160];
-        const char *bad = s_check(s, d, buf, sizeof buf);
-        if (*bad) {
-            s_error(s, in, "decision", d->seq, STP_EPROTO, bad);
-        } else {
-            const pool_header *h = (const pool_header *)s->pool.base;
-            Stp__ExpertLoc locs[STP_MAX_EXPERTS], *lp[STP_MAX_EXPERTS];
-            protobuf_c_boolean ready[STP_MAX_EXPERTS];
-            uint64_t hits = 0;
-            for (size_t i = 0; i < d->n_experts; i++) {
-                const pool_slot *sl = &h->slots[d->layer * h->n_expert + d->experts[i]];
-                stp__expert_loc__init(&locs[i]);
-                locs[i].expert = d->experts[i];
-                locs[i].offset = sl->offset;
-                locs[i].generation = sl->generation;
-                ready[i] = __atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) == POOL_READY;
-                hits += ready[i];
-                lp[i] = &locs[i];
-            }
-            Stp__Residency res;
-            stp__residency__init(&res);
-            res.seq = d->seq;
-            res.layer = d->layer;
-            res.n_experts = d->n_experts;
-            res.experts = lp;
-            res.n_ready = d->n_experts;
-            res.ready = ready;
-            Stp__RouterMsg r;
-            stp__router_msg__init(&r);
-            r.body_case = STP__ROUTER_MSG__BODY_RESIDENCY;
-            r.residency = &res;
-            s_reply(s, in, &r);
-            stats_add(s->st, "msg.decision", 1);
-            stats_add(s->st, "cache.hits", hits);
-            stats_add(s->st, "cache.misses", d->n_experts - hits);
-            stats_latency(s->st, "decision", msg_now_us() - t0);
-        }
+        const char *bad = s_check(s, m->decision, buf, sizeof buf);
+        if (*bad)
+            s_error(s, in, "decision", m->decision->seq, STP_EPROTO, bad);
+        else
+            s_decide(s, in, m->decision, t0);
     }
     stp__router_msg__free_unpacked(m, NULL);
 }

@@ -1,16 +1,53 @@
-/* storage: the storage daemon's logic. It owns the expert weights: at start it copies every
- * (layer, expert)'s gate | up | down matrices from the GGUF into the weight pool (shm.h), then
- * answers router decisions with the residency (offset, generation, ready) of each expert the
- * layer needs. In this version every expert stays resident; a streaming daemon keeps the same
- * protocol and answers once the reads are done. */
+/* storage: the storage daemon's logic. It owns the expert weights: they live in the expert
+ * layout file (common/layout), built once next to the model, and are streamed into the weight
+ * pool (common/shm) under a memory budget. It answers each router decision with the residency
+ * (offset, generation, ready) of the experts the layer needs, after reading the missing ones
+ * (io_uring + O_DIRECT, common/io) while the attention worker computes attention.
+ *
+ * Without a budget (or one large enough) every expert is read once at start and stays resident.
+ * With one, the pool holds `frames` expert slots, at least one whole layer (a prefill may route
+ * to every expert of a layer), and a cache policy picks the victims:
+ *   lru  least recently used;
+ *   lfu  least frequently used with exponential decay (half-life STORAGE_LFU_HALF_LIFE
+ *        decisions per layer), ties broken by recency: keeps the hot experts of a skewed
+ *        router resident.
+ * A slot is reused only for an expert the current decision does not need (the previous layer's
+ * work is finished when the next decision arrives: the attention worker is sequential). */
 #ifndef STP_STORAGE_H
 #define STP_STORAGE_H
 
+#include <stdint.h>
+
+#include "model/model.h"
 #include "msg/stage.h"
 
 typedef struct storage storage;
 
-int storage_new(storage **out, const stage_opts *o, stp_err *err);
+typedef struct storage_opts {
+    uint64_t memory_budget; /* whole pipeline, bytes; 0 = unlimited */
+    const char *layout_dir; /* NULL: next to the model */
+    const char *policy;     /* "lru" or "lfu" (NULL: lfu) */
+    int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
+    int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
+} storage_opts;
+
+/* What a budget leaves for the pool. Everything in bytes. */
+typedef struct storage_plan {
+    uint64_t non_expert, kv, act, scratch, overhead; /* outside the pool */
+    uint64_t frame_bytes;                            /* one pool slot */
+    uint64_t minimum; /* the smallest budget: the above + one layer's experts + pool table */
+    int frames;       /* pool slots */
+    int n_ctx, n_ubatch;
+} storage_plan;
+
+/* Parses "1G", "800M", "1.5GiB", "123456" (K/M/G/T powers of 1024) into bytes. */
+int storage_parse_size(const char *s, uint64_t *out, stp_err *err);
+/* Sizes the pool for a budget (0: every expert); STP_EINVAL with the minimum in the message
+ * when the budget is too small. */
+int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
+                        uint64_t frame_bytes, storage_plan *p, stp_err *err);
+
+int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_err *err);
 /* Serves until SIGINT/SIGTERM; 0 on a clean stop. */
 int storage_run(storage *s, stp_err *err);
 void storage_destroy(storage **self_p);

@@ -72,8 +72,9 @@ size_t pool_table_bytes(int n_layer, int n_expert) {
 void pool_slot_parts(size_t gate_bytes, size_t up_bytes, size_t down_bytes, size_t off[3],
                      size_t *total) {
     off[0] = 0;
-    off[1] = (gate_bytes + 63) & ~(size_t)63;
-    off[2] = (off[1] + up_bytes + 63) & ~(size_t)63;
+    const size_t a = POOL_ALIGN - 1;
+    off[1] = (gate_bytes + a) & ~a;
+    off[2] = (off[1] + up_bytes + a) & ~a;
     *total = off[2] + down_bytes;
 }
 

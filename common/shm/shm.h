@@ -2,9 +2,9 @@
  *
  * The weight pool (created by the storage daemon, mapped read-only by expert workers): a header,
  * a slot table [layer][expert] and the slots' bytes. A slot holds one expert's gate | up | down
- * matrices back to back, in the GGUF's types, 4 KiB aligned. A slot is readable while its state
- * is POOL_READY and its generation equals the one the daemon announced; a streaming daemon
- * (issue 6) bumps the generation before reusing a slot's bytes.
+ * matrices, each 4 KiB aligned (down neuron-major when the header has POOL_DOWN_T). A slot is
+ * readable while its state is POOL_READY and its generation equals the one the daemon announced; a
+ * streaming daemon (issue 6) bumps the generation before reusing a slot's bytes.
  *
  * The activation region (created by the attention worker, mapped by expert workers and the
  * coordinator): h (n_ubatch x n_embd) normed FFN input, sel/w (n_ubatch x n_used) selection,
@@ -36,7 +36,8 @@ void shm_region_close(shm_region *r);
 
 /* ---- weight pool ---- */
 #define POOL_MAGIC 0x4c4f4f50u /* "POOL" */
-#define POOL_VERSION 1u
+#define POOL_VERSION 2u
+#define POOL_DOWN_T 1u /* flags: down parts are down_t images (common/model/down_t.h) */
 #define POOL_ALIGN 4096u
 
 enum { POOL_EMPTY = 0, POOL_LOADING = 1, POOL_READY = 2 };
@@ -54,12 +55,15 @@ typedef struct pool_header {
     uint32_t n_layer, n_expert;
     uint64_t size;        /* whole segment */
     uint64_t data_offset; /* first slot byte */
+    uint64_t flags;       /* POOL_DOWN_T */
     pool_slot slots[];    /* [layer * n_expert + expert] */
 } pool_header;
 
 /* Bytes of header + table, rounded to POOL_ALIGN. */
 size_t pool_table_bytes(int n_layer, int n_expert);
-/* Where gate, up and down start inside a slot (64-byte aligned) and the slot's size. */
+/* Where gate, up and down start inside a slot (POOL_ALIGN aligned, as in the expert layout
+ * file, so one O_DIRECT read fills a slot) and the slot's size. down_bytes is the down_t image
+ * size when the pool has POOL_DOWN_T. */
 void pool_slot_parts(size_t gate_bytes, size_t up_bytes, size_t down_bytes, size_t off[3],
                      size_t *total);
 /* Checks magic, version, dims and that every slot lies inside the segment. */
