@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include <zmq.h>
 
@@ -20,7 +21,7 @@
 #include "stats/stats.h"
 
 #define STAGE "attn-worker"
-#define MAX_WORKERS 16  /* msg_poll watches at most 16 sockets */
+#define MAX_WORKERS 16  /* expert sockets + attn.sock fit in MSG_POLL_MAX */
 #define RETRY_MS 2000   /* resend work to a silent expert worker after this long */
 #define GIVEUP_MS 20000 /* then fail the eval */
 
@@ -153,6 +154,27 @@ void attn_worker_destroy(attn_worker **self_p) {
 /* ---------------------------------------------------------------------------------------- */
 /* talking to the storage daemon and the expert workers */
 
+static void s_handle(attn_worker *a, msg_in *in, bool busy);
+
+/* Serves attn.sock while an eval waits on other stages: heartbeats are answered (the
+ * coordinator must not mistake a long eval for a dead worker), anything else is validated as
+ * usual and a second EvalRequest is refused as busy. */
+static void s_serve_busy(attn_worker *a) {
+    stp_err e = {0};
+    for (int i = 0; i < 16; i++) {
+        msg_in in;
+        int rc = msg_recv(a->sock, true, &in, &e);
+        if (rc == 0) break;
+        stats_add(a->st, "bytes.in", in.len);
+        if (rc < 0) {
+            if (stats_bad(a->st, "frames")) stage_log(STAGE, "invalid message: %s", e.msg);
+        } else {
+            s_handle(a, &in, true);
+        }
+        msg_in_free(&in);
+    }
+}
+
 static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
                            const uint32_t *cnt, int n, stp_err *err) {
     Stp__RouterDecision d;
@@ -171,18 +193,31 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     return msg_send(a->storage, NULL, 0, &m.base, err);
 }
 
-/* Waits for the Residency answering seq; fills loc[] in the decision's order. */
-static int s_wait_residency(attn_worker *a, uint64_t seq, int il, int n, Stp__ExpertLoc *loc,
-                            stp_err *err) {
-    double t0 = msg_now_us();
+/* Waits for the Residency answering seq; fills loc[] in the decision's order. A daemon silent
+ * for RETRY_MS gets the decision again (it may have been restarted and lost it). */
+static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
+                            const uint32_t *cnt, int n, Stp__ExpertLoc *loc, stp_err *err) {
+    double t0 = msg_now_us(), sent = t0;
     for (;;) {
-        double left = GIVEUP_MS - (msg_now_us() - t0) * 1e-3;
+        double now = msg_now_us();
+        double left = GIVEUP_MS - (now - t0) * 1e-3;
         if (left <= 0 || stage_stopping())
             return stp_err_set(err, STP_ETIMEDOUT,
                                "the storage daemon did not answer for layer %d in %d ms", il,
                                GIVEUP_MS);
-        bool rd;
-        if (!msg_poll(&a->storage, 1, &rd, (long)left) || !rd) continue;
+        if ((now - sent) * 1e-3 > RETRY_MS) {
+            stats_add(a->st, "decision.resends", 1);
+            stage_log(STAGE, "storage daemon silent for %d ms on layer %d: resending", RETRY_MS,
+                      il);
+            int rc = s_send_decision(a, seq, il, ex, cnt, n, err);
+            if (rc) return rc;
+            sent = now;
+        }
+        void *socks[2] = {a->storage, a->sock};
+        bool rd[2];
+        if (!msg_poll(socks, 2, rd, left < 200 ? (long)left : 200)) continue;
+        if (rd[1]) s_serve_busy(a);
+        if (!rd[0]) continue;
         msg_in in;
         int rc = msg_recv(a->storage, false, &in, err);
         if (rc <= 0) continue;
@@ -286,16 +321,18 @@ static int s_run_experts(attn_worker *a, uint64_t seq, int il, int T, const Stp_
         if ((now - t0) * 1e-3 > GIVEUP_MS || stage_stopping())
             return stp_err_set(err, STP_ETIMEDOUT,
                                "expert workers did not answer layer %d in %d ms", il, GIVEUP_MS);
-        void *socks[MAX_WORKERS];
+        void *socks[MAX_WORKERS + 1];
         int idx[MAX_WORKERS], np = 0;
         for (int wi = 0; wi < NW; wi++)
             if (pending[wi]) {
                 socks[np] = a->exp[wi];
                 idx[np++] = wi;
             }
-        bool rd[MAX_WORKERS];
-        msg_poll(socks, np > 16 ? 16 : np, rd, 200);
-        for (int p = 0; p < np && p < 16; p++) {
+        socks[np] = a->sock;
+        bool rd[MAX_WORKERS + 1];
+        msg_poll(socks, np + 1, rd, 200);
+        if (rd[np]) s_serve_busy(a);
+        for (int p = 0; p < np; p++) {
             int wi = idx[p];
             if (!rd[p]) {
                 if ((msg_now_us() - sent[wi]) * 1e-3 > RETRY_MS) { /* lost or worker restarted */
@@ -378,7 +415,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         stats_latency(a->st, "attention", t2 - t1);
 
         Stp__ExpertLoc loc[STP_MAX_EXPERTS];
-        if ((rc = s_wait_residency(a, seq, il, n, loc, err))) return rc;
+        if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err))) return rc;
         double t3 = msg_now_us();
         stats_latency(a->st, "residency_wait", t3 - t2);
         double compute_us = 0;
@@ -519,7 +556,7 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     free(all);
 }
 
-static void s_handle(attn_worker *a, msg_in *in) {
+static void s_handle(attn_worker *a, msg_in *in, bool busy) {
     Stp__EvalMsg *m = stp__eval_msg__unpack(NULL, in->len, in->data);
     if (!m) return s_error(a, in, "undecodable", 0, STP_EPROTO, "not an EvalMsg");
     if (m->version != STP_PROTO_VERSION) {
@@ -531,11 +568,14 @@ static void s_handle(attn_worker *a, msg_in *in) {
         stp__pong__init(&p);
         p.nonce = m->ping->nonce;
         p.stage = STAGE;
+        p.pid = (int32_t)getpid();
         Stp__EvalMsg r;
         stp__eval_msg__init(&r);
         r.body_case = STP__EVAL_MSG__BODY_PONG;
         r.pong = &p;
         s_reply(a, in, &r);
+    } else if (m->body_case == STP__EVAL_MSG__BODY_REQUEST && busy) {
+        s_error(a, in, NULL, m->request->seq, STP_EBUSY, "busy: an eval is running");
     } else if (m->body_case == STP__EVAL_MSG__BODY_REQUEST) {
         s_eval(a, in, m->request);
     } else {
@@ -559,7 +599,7 @@ int attn_worker_run(attn_worker *a, stp_err *err) {
                 if (rc < 0) {
                     if (stats_bad(a->st, "frames")) stage_log(STAGE, "invalid message: %s", e2.msg);
                 } else {
-                    s_handle(a, &in);
+                    s_handle(a, &in, false);
                 }
                 msg_in_free(&in);
             }

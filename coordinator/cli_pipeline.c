@@ -11,6 +11,28 @@
 
 #include "client.pb-c.h"
 #include "msg/msg.h"
+#include "msg/stage.h"
+
+/* Heartbeat interval towards the coordinator: STP_HEARTBEAT_MS, else the run's, else 1000. */
+static int s_heartbeat_ms(const char *run_dir) {
+    const char *e = getenv("STP_HEARTBEAT_MS");
+    int ms = e ? atoi(e) : 0;
+    if (ms >= 50 && ms <= 60000) return ms;
+    return strncmp(run_dir, "tcp://", 6) ? stage_heartbeat_ms(run_dir) : STAGE_HEARTBEAT_MS_DEF;
+}
+
+static int s_ping(void *s, uint64_t nonce, uint64_t rid) {
+    Stp__Ping p;
+    stp__ping__init(&p);
+    p.nonce = nonce;
+    p.request_id = rid;
+    Stp__ClientMsg m;
+    stp__client_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__CLIENT_MSG__BODY_PING;
+    m.ping = &p;
+    return msg_send(s, NULL, 0, &m.base, NULL);
+}
 
 int cli_generate_pipeline(const pipeline_gen_opts *o) {
     stp_err err = {0};
@@ -18,7 +40,9 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
     int status = 1;
     void *zctx = zmq_ctx_new(), *s = NULL;
     FILE *lf = NULL;
-    if (msg_endpoint(ep, sizeof ep, o->run_dir, "client", &err) ||
+    bool tcp = !strncmp(o->run_dir, "tcp://", 6); /* a coordinator started with --bind-tcp */
+    if (tcp && (size_t)snprintf(ep, sizeof ep, "%s", o->run_dir) >= sizeof ep) ep[0] = 0;
+    if ((!tcp && msg_endpoint(ep, sizeof ep, o->run_dir, "client", &err)) ||
         !(s = msg_socket(zctx, ZMQ_DEALER, ep, false, &err))) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);
         goto out;
@@ -60,21 +84,39 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);
         goto out;
     }
+    /* Liveness (MDP style): after hb ms without a message the client pings; a coordinator
+     * silent for STAGE_LIVENESS intervals is dead, one that no longer knows the request was
+     * restarted. Progress: no token for `timeout` ms fails too. */
     int timeout = o->timeout_ms > 0 ? o->timeout_ms : 120000;
+    int hb = s_heartbeat_ms(o->run_dir);
+    double last_rx = msg_now_us(), last_progress = last_rx, last_ping = last_rx;
+    uint64_t nonce = 0;
     int cap = 64, n_ids = 0;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
     double t_first = 0;
     for (bool fin = false; !fin;) {
         bool rd;
-        if (!msg_poll(&s, 1, &rd, timeout) || !rd) {
-            fprintf(stderr,
-                    "\nstpipe generate: no answer from the pipeline in %s within %d s "
-                    "(is it running? deploy/stpipe-up)\n",
+        double now = msg_now_us();
+        if ((now - last_progress) * 1e-3 > timeout) {
+            fprintf(stderr, "\nstpipe generate: no progress from the pipeline in %s within %d s\n",
                     o->run_dir, timeout / 1000);
             break;
         }
+        if ((now - last_rx) * 1e-3 > (double)STAGE_LIVENESS * hb) {
+            fprintf(stderr,
+                    "\nstpipe generate: the coordinator in %s is not answering (%d heartbeats of "
+                    "%d ms missed; is the pipeline running? deploy/stpipe-up)\n",
+                    o->run_dir, STAGE_LIVENESS, hb);
+            break;
+        }
+        if ((now - last_ping) * 1e-3 >= hb && (now - last_rx) * 1e-3 >= hb) {
+            s_ping(s, ++nonce, rid);
+            last_ping = now;
+        }
+        if (!msg_poll(&s, 1, &rd, hb / 2) || !rd) continue;
         msg_in in;
         if (msg_recv(s, false, &in, &err) <= 0) continue;
+        last_rx = msg_now_us();
         Stp__ClientMsg *r = stp__client_msg__unpack(NULL, in.len, in.data);
         msg_in_free(&in);
         if (!r || r->version != STP_PROTO_VERSION) {
@@ -87,6 +129,15 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
             fprintf(stderr, "\nstpipe generate: %s\n", r->error->what);
             fin = true;
             break;
+        case STP__CLIENT_MSG__BODY_PONG:
+            if (r->pong->request_id == rid && !r->pong->known) {
+                fprintf(stderr,
+                        "\nstpipe generate: the coordinator (pid %d) no longer knows this "
+                        "request: it was restarted; the request is lost, retry it\n",
+                        r->pong->pid);
+                fin = true;
+            }
+            break;
         case STP__CLIENT_MSG__BODY_LOGITS: {
             const Stp__PromptLogits *pl = r->logits;
             if (!lf) lf = fopen(o->logits_out, "wb");
@@ -98,6 +149,7 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
         }
         case STP__CLIENT_MSG__BODY_TOKEN:
             if (r->token->request_id != rid) break;
+            last_progress = msg_now_us();
             if (!t_first) t_first = msg_now_us();
             if (n_ids == cap) {
                 cap *= 2;

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <zmq.h>
 
@@ -20,6 +21,7 @@
 
 #define STAGE "coordinator"
 #define ATTN_TIMEOUT_MS 60000 /* an eval that takes longer fails the request */
+#define MAX_REBUILDS 4        /* attention-worker restarts one request survives */
 
 typedef struct job {
     uint8_t id[MSG_ID_MAX];
@@ -32,8 +34,11 @@ typedef struct active {
     job j;
     const Stp__GenerateRequest *rq;
     sampler *smp;
-    int32_t *ids;
+    int32_t *ids; /* prompt, then the generated tokens (capacity n_ctx + 1) */
     int n_prompt, n_gen, n_past;
+    int n_sent;   /* tokens of the eval in flight */
+    int sent_pid; /* the attention worker's pid when it was sent (0: unknown) */
+    int rebuilds; /* KV-cache rebuilds after attention-worker restarts */
     long long n_max;
     uint64_t seq;
     bool prompt_phase;
@@ -55,6 +60,12 @@ struct coordinator {
     float *logits;
     uint64_t seq;
     stats *st;
+    /* heartbeat with the attention worker (MDP style: a Ping every interval, silent for
+     * STAGE_LIVENESS intervals = dead; a Pong from another pid = restarted) */
+    int hb_ms, attn_pid;
+    bool attn_alive;
+    double attn_last_rx, attn_last_ping;
+    uint64_t ping_nonce;
 };
 
 int coordinator_new(coordinator **out, const stage_opts *o, stp_err *err) {
@@ -63,6 +74,9 @@ int coordinator_new(coordinator **out, const stage_opts *o, stp_err *err) {
     if (!c) return stp_err_set(err, STP_ENOMEM, "out of memory");
     c->o = *o;
     c->cap = o->queue > 0 ? o->queue : 8;
+    c->hb_ms = o->heartbeat_ms > 0 ? o->heartbeat_ms : STAGE_HEARTBEAT_MS_DEF;
+    c->attn_alive = true;
+    c->attn_last_rx = msg_now_us();
     int rc = stats_new(&c->st, STAGE, err);
     if (!rc) rc = model_open(&c->m, o->model, err);
     if (rc) goto fail;
@@ -87,6 +101,14 @@ int coordinator_new(coordinator **out, const stage_opts *o, stp_err *err) {
     if (msg_endpoint(ep, sizeof ep, o->run_dir, "client", err) ||
         !(c->client = msg_socket(c->zctx, ZMQ_ROUTER, ep, true, err)))
         goto fail;
+    if (o->bind_tcp) {
+        if (msg_tcp_endpoint(ep, sizeof ep, o->bind_tcp, o->bind_public, err) ||
+            msg_bind_more(c->client, ep, err)) {
+            rc = STP_EINVAL;
+            goto fail;
+        }
+        stage_log(STAGE, "clients also on %s", ep);
+    }
     if (msg_endpoint(ep, sizeof ep, o->run_dir, "stats-coordinator", err) ||
         !(c->pub = msg_socket(c->zctx, ZMQ_PUB, ep, true, err)))
         goto fail;
@@ -137,9 +159,12 @@ void coordinator_destroy(coordinator **self_p) {
 /* ---------------------------------------------------------------------------------------- */
 /* replies to clients */
 
-static void s_send_client(coordinator *c, const uint8_t *id, size_t id_len, Stp__ClientMsg *m) {
+/* 0, or STP_EPEER when the client is gone (its request can be dropped). */
+static int s_send_client(coordinator *c, const uint8_t *id, size_t id_len, Stp__ClientMsg *m) {
     m->version = STP_PROTO_VERSION;
-    if (msg_send(c->client, id, id_len, &m->base, NULL)) stats_add(c->st, "send_errors", 1);
+    int rc = msg_send(c->client, id, id_len, &m->base, NULL);
+    if (rc) stats_add(c->st, rc == STP_EPEER ? "send_client_gone" : "send_errors", 1);
+    return rc;
 }
 
 static void s_client_error(coordinator *c, const uint8_t *id, size_t id_len, const char *kind,
@@ -177,6 +202,8 @@ static int s_send_eval(coordinator *c, const int32_t *tokens, int n, int pos0, b
     q.tokens = (int32_t *)tokens;
     q.pos0 = pos0;
     q.all_logits = all;
+    a->n_sent = n;
+    a->sent_pid = c->attn_alive ? c->attn_pid : 0;
     Stp__EvalMsg m;
     stp__eval_msg__init(&m);
     m.version = STP_PROTO_VERSION;
@@ -245,7 +272,9 @@ static void s_start_next(coordinator *c) {
         }
         if (r->n_prompt_ids) {
             a->n_prompt = (int)r->n_prompt_ids;
-            a->ids = malloc(sizeof(int32_t) * r->n_prompt_ids);
+            a->ids = malloc(sizeof(int32_t) * (r->n_prompt_ids > (size_t)c->n_ctx
+                                                   ? r->n_prompt_ids
+                                                   : (size_t)c->n_ctx + 1));
             if (a->ids) memcpy(a->ids, r->prompt_ids, sizeof(int32_t) * r->n_prompt_ids);
         } else {
             char *chat = NULL;
@@ -274,6 +303,14 @@ static void s_start_next(coordinator *c) {
         if (!a->ids || a->n_prompt == 0) {
             s_fail_active(c, STP_EINVAL, "the prompt is empty (no tokens)");
             continue;
+        }
+        if (a->n_prompt <= c->n_ctx) { /* room for the generated tokens (KV rebuilds) */
+            int32_t *grown = realloc(a->ids, sizeof(int32_t) * ((size_t)c->n_ctx + 1));
+            if (!grown) {
+                s_fail_active(c, STP_ENOMEM, "out of memory");
+                continue;
+            }
+            a->ids = grown;
         }
         if (a->n_prompt > c->n_ctx) {
             char b[160];
@@ -322,7 +359,7 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
     active *a = &c->a;
     double now = msg_now_us();
     stats_latency(c->st, a->prompt_phase ? "eval.prompt" : "eval.decode", now - a->t_sent);
-    if (r->n_vocab != c->V || r->n_past != a->n_past + (a->prompt_phase ? a->n_prompt : 1))
+    if (r->n_vocab != c->V || r->n_past != a->n_past + a->n_sent)
         return s_fail_active(c, STP_EPROTO, "the attention worker's reply does not match");
     a->n_past = r->n_past;
     if (!a->prompt_phase) a->ipc_ms += r->ipc_ms;
@@ -384,7 +421,13 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_TOKEN;
     m.token = &te;
-    s_send_client(c, a->j.id, a->j.id_len, &m);
+    if (s_send_client(c, a->j.id, a->j.id_len, &m) == STP_EPEER) {
+        stage_log(STAGE, "request %llu: the client is gone: cancelled",
+                  (unsigned long long)a->rq->request_id);
+        stats_add(c->st, "requests.cancelled", 1);
+        return s_active_end(c);
+    }
+    a->ids[a->n_prompt + a->n_gen - 1] = id;
     stats_add(c->st, "tokens.generated", 1);
     if (eog && !a->rq->ignore_eos) return s_done(c, "eog");
     if (a->n_gen >= a->n_max) return s_done(c, "length");
@@ -393,12 +436,79 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
         s_fail_active(c, STP_EIO, "cannot reach the attention worker");
 }
 
+/* The attention worker restarted (or lost the eval): its KV cache is gone. Re-evaluate the
+ * prompt and every token generated so far from position 0 (batched prefill gives the same bits
+ * as token-by-token decode), then continue as if the lost eval had answered. */
+static void s_rebuild(coordinator *c, const char *why) {
+    active *a = &c->a;
+    if (++a->rebuilds > MAX_REBUILDS) {
+        char b[200];
+        snprintf(b, sizeof b, "the attention worker failed %d times during this request (%s)",
+                 a->rebuilds, why);
+        return s_fail_active(c, STP_EPEER, b);
+    }
+    int n = a->n_prompt + a->n_gen;
+    stage_log(STAGE, "request %llu: %s: rebuilding the KV cache (%d tokens, rebuild %d)",
+              (unsigned long long)a->rq->request_id, why, n, a->rebuilds);
+    stats_add(c->st, "attn.rebuilds", 1);
+    a->n_past = 0;
+    if (s_send_eval(c, a->ids, n, 0, a->prompt_phase && a->rq->want_prompt_logits))
+        s_fail_active(c, STP_EIO, "cannot reach the attention worker");
+}
+
+static void s_ping_attn(coordinator *c) {
+    Stp__Ping p;
+    stp__ping__init(&p);
+    p.nonce = ++c->ping_nonce;
+    Stp__EvalMsg m;
+    stp__eval_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__EVAL_MSG__BODY_PING;
+    m.ping = &p;
+    c->attn_last_ping = msg_now_us();
+    if (msg_send(c->attn, NULL, 0, &m.base, NULL)) stats_add(c->st, "send_errors", 1);
+}
+
+/* Heartbeat bookkeeping once per loop: ping every interval; an attention worker silent for
+ * STAGE_LIVENESS intervals counts as dead (the supervisor restarts it; its first Pong, from a
+ * new pid, triggers the rebuild). */
+static void s_heartbeat(coordinator *c) {
+    double now = msg_now_us();
+    if ((now - c->attn_last_ping) * 1e-3 >= c->hb_ms) s_ping_attn(c);
+    if (c->attn_alive && (now - c->attn_last_rx) * 1e-3 > (double)STAGE_LIVENESS * c->hb_ms) {
+        c->attn_alive = false;
+        stats_add(c->st, "attn.liveness_lost", 1);
+        stage_log(STAGE, "the attention worker (pid %d) missed %d heartbeats", c->attn_pid,
+                  STAGE_LIVENESS);
+    }
+}
+
+static void s_on_attn_pong(coordinator *c, const Stp__Pong *p) {
+    int pid = p->pid;
+    if (pid <= 0) return;
+    bool changed = c->attn_pid && pid != c->attn_pid;
+    if (changed) stage_log(STAGE, "the attention worker is now pid %d (was %d)", pid, c->attn_pid);
+    if (!c->attn_alive) stats_add(c->st, "attn.liveness_back", 1);
+    c->attn_alive = true;
+    c->attn_pid = pid;
+    active *a = &c->a;
+    if (!a->on) return;
+    if (a->sent_pid == 0) a->sent_pid = pid; /* sent before the first Pong: assume this one */
+    if (a->sent_pid != pid) s_rebuild(c, "the attention worker restarted");
+}
+
 static void s_on_attn(coordinator *c, msg_in *in) {
     Stp__EvalMsg *m = stp__eval_msg__unpack(NULL, in->len, in->data);
+    if (m && m->version == STP_PROTO_VERSION) c->attn_last_rx = msg_now_us();
     if (!m || m->version != STP_PROTO_VERSION) {
         if (stats_bad(c->st, "attn_reply")) stage_log(STAGE, "invalid message from attn-worker");
+    } else if (m->body_case == STP__EVAL_MSG__BODY_PONG) {
+        s_on_attn_pong(c, m->pong);
     } else if (!c->a.on) {
         stats_add(c->st, "attn.stale_replies", 1);
+    } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq &&
+               m->error->code == STP_ERANGE && c->a.n_past > 0) {
+        s_rebuild(c, m->error->what); /* a restarted worker is at position 0 */
     } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq) {
         s_fail_active(c, m->error->code ? m->error->code : STP_EPEER, m->error->what);
     } else if (m->body_case == STP__EVAL_MSG__BODY_REPLY && m->reply->seq == c->a.seq) {
@@ -423,6 +533,11 @@ static void s_on_client(coordinator *c, msg_in *in) {
         stp__pong__init(&p);
         p.nonce = m->ping->nonce;
         p.stage = STAGE;
+        p.pid = (int32_t)getpid();
+        p.request_id = m->ping->request_id;
+        p.known = c->a.on && c->a.rq->request_id == p.request_id;
+        for (int i = 0; i < c->q_len && !p.known; i++)
+            p.known = c->queue[(c->q_head + i) % c->cap].msg->request->request_id == p.request_id;
         Stp__ClientMsg r;
         stp__client_msg__init(&r);
         r.body_case = STP__CLIENT_MSG__BODY_PONG;
@@ -461,7 +576,7 @@ int coordinator_run(coordinator *c, stp_err *err) {
     while (!stage_stopping()) {
         void *socks[2] = {c->client, c->attn};
         bool rd[2];
-        msg_poll(socks, 2, rd, 250);
+        msg_poll(socks, 2, rd, c->hb_ms / 2 < 250 ? c->hb_ms / 2 : 250);
         for (int s = 0; s < 2; s++) {
             if (!rd[s]) continue;
             for (int i = 0; i < 64; i++) {
@@ -479,6 +594,7 @@ int coordinator_run(coordinator *c, stp_err *err) {
                 msg_in_free(&in);
             }
         }
+        s_heartbeat(c);
         if (c->a.on && (msg_now_us() - c->a.t_sent) * 1e-3 > ATTN_TIMEOUT_MS)
             s_fail_active(c, STP_ETIMEDOUT, "the attention worker did not answer in time");
         s_start_next(c);

@@ -18,14 +18,62 @@ int msg_endpoint(char *out, size_t cap, const char *run_dir, const char *name, s
     return 0;
 }
 
+static bool s_wildcard(const char *host, size_t n) {
+    static const char *const any[] = {"*", "0.0.0.0", "::", "[::]", "0", ""};
+    for (size_t i = 0; i < sizeof any / sizeof any[0]; i++)
+        if (strlen(any[i]) == n && !strncmp(host, any[i], n)) return true;
+    return false;
+}
+
+int msg_tcp_endpoint(char *out, size_t cap, const char *spec, bool allow_public, stp_err *err) {
+    if (!spec || !*spec) return stp_err_set(err, STP_EINVAL, "empty tcp address");
+    if (!strncmp(spec, "tcp://", 6)) spec += 6;
+    const char *colon = strrchr(spec, ':');
+    const char *port = colon ? colon + 1 : spec;
+    size_t hn = colon ? (size_t)(colon - spec) : 0;
+    char *end = NULL;
+    long p = strtol(port, &end, 10);
+    if (end == port || *end || p < 1 || p > 65535)
+        return stp_err_set(err, STP_EINVAL, "tcp address '%s': expected PORT or ADDR:PORT", spec);
+    if (colon && s_wildcard(spec, hn) && !allow_public)
+        return stp_err_set(err, STP_EINVAL,
+                           "tcp address '%s' listens on every interface: refused (give a "
+                           "specific address, or allow it explicitly with --bind-public)",
+                           spec);
+    int n = colon ? snprintf(out, cap, "tcp://%.*s:%ld", (int)hn, spec, p)
+                  : snprintf(out, cap, "tcp://127.0.0.1:%ld", p);
+    if (n < 0 || (size_t)n >= cap) return stp_err_set(err, STP_EINVAL, "tcp address too long");
+    return 0;
+}
+
+/* True for "tcp://<wildcard>:port". */
+static bool s_tcp_wildcard(const char *endpoint) {
+    if (strncmp(endpoint, "tcp://", 6)) return false;
+    const char *h = endpoint + 6, *colon = strrchr(h, ':');
+    return colon && s_wildcard(h, (size_t)(colon - h));
+}
+
+int msg_bind_more(void *sock, const char *endpoint, stp_err *err) {
+    if (zmq_bind(sock, endpoint))
+        return stp_err_set(err, STP_EIO, "bind %s: %s", endpoint, zmq_strerror(zmq_errno()));
+    return 0;
+}
+
 void *msg_socket(void *zctx, int type, const char *endpoint, bool bind, stp_err *err) {
+    if (bind && s_tcp_wildcard(endpoint)) {
+        stp_err_set(err, STP_EINVAL, "bind %s: every interface: refused", endpoint);
+        return NULL;
+    }
     void *s = zmq_socket(zctx, type);
     if (!s) {
         stp_err_set(err, STP_EIO, "zmq_socket: %s", zmq_strerror(zmq_errno()));
         return NULL;
     }
-    int linger = 0;
+    int linger = 0, one = 1;
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+    if (type == ZMQ_ROUTER) zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    int sndtimeo = MSG_SEND_TIMEOUT_MS; /* a send never blocks forever (peer stopped) */
+    zmq_setsockopt(s, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
     int rc;
     if (bind) {
         if (strncmp(endpoint, "ipc://", 6) == 0) unlink(endpoint + 6);
@@ -60,12 +108,14 @@ int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessag
     if (!buf) return stp_err_set(err, STP_ENOMEM, "msg_send: out of memory (%zu bytes)", len);
     protobuf_c_message_pack(m, buf);
     if (id_len && zmq_send(sock, id, id_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+        int e = zmq_errno();
         free(buf);
-        return stp_err_set(err, STP_EIO, "send: %s", zmq_strerror(zmq_errno()));
+        return stp_err_set(err, e == EHOSTUNREACH ? STP_EPEER : STP_EIO, "send: %s",
+                           zmq_strerror(e));
     }
     zmq_msg_t zm;
     zmq_msg_init_data(&zm, buf, len, s_free_buf, NULL);
-    /* Blocks only at the high-water mark; peers are always reading. */
+    /* Blocks only at the high-water mark (a stopped peer), at most MSG_SEND_TIMEOUT_MS. */
     if (zmq_msg_send(&zm, sock, 0) < 0) {
         zmq_msg_close(&zm);
         return stp_err_set(err, STP_EIO, "send: %s", zmq_strerror(zmq_errno()));
@@ -136,8 +186,8 @@ int msg_recv(void *sock, bool router, msg_in *in, stp_err *err) {
 }
 
 int msg_poll(void **socks, int n, bool *ready, long timeout_ms) {
-    zmq_pollitem_t items[16];
-    if (n > 16) n = 16;
+    zmq_pollitem_t items[MSG_POLL_MAX];
+    if (n > MSG_POLL_MAX) n = MSG_POLL_MAX;
     for (int i = 0; i < n; i++)
         items[i] = (zmq_pollitem_t){socks[i], 0, ZMQ_POLLIN, 0};
     int rc = zmq_poll(items, n, timeout_ms);

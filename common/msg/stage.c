@@ -2,7 +2,9 @@
 #include "msg/stage.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -11,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <numa.h>
@@ -30,7 +34,8 @@ bool stage_stopping(void) {
 static const char s_usage[] =
     "options: --run-dir DIR --model FILE [--threads N] [--cpus LIST] [--numa-node N]\n"
     "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--parent-pid PID]\n"
-    "         [--queue N] [--verbose]\n";
+    "         [--queue N] [--heartbeat-ms N] [--bind-tcp PORT|ADDR:PORT] [--bind-public]\n"
+    "         [--verbose]\n";
 
 static int s_int(const char *v, const char *what, int lo, int hi, int *out, stp_err *err) {
     char *end = NULL;
@@ -55,6 +60,9 @@ int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err
             return stp_err_set(err, STP_EINVAL, "usage: stpipe-%s %s", stage, s_usage);
         else if (!strcmp(a, "--verbose")) {
             o->verbose = true;
+            continue;
+        } else if (!strcmp(a, "--bind-public")) {
+            o->bind_public = true;
             continue;
         }
         if (!v) return stp_err_set(err, STP_EINVAL, "%s needs a value\n%s", a, s_usage);
@@ -81,12 +89,17 @@ int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err
             rc = s_int(v, a, 0, INT32_MAX, &o->parent_pid, err);
         else if (!strcmp(a, "--queue"))
             rc = s_int(v, a, 0, 4096, &o->queue, err);
+        else if (!strcmp(a, "--heartbeat-ms"))
+            rc = s_int(v, a, 50, 60000, &o->heartbeat_ms, err);
+        else if (!strcmp(a, "--bind-tcp"))
+            o->bind_tcp = v;
         else
             return stp_err_set(err, STP_EINVAL, "unknown option '%s'\n%s", a, s_usage);
         if (rc) return rc;
     }
     if (!o->run_dir || !o->model)
         return stp_err_set(err, STP_EINVAL, "--run-dir and --model are required\n%s", s_usage);
+    if (!o->heartbeat_ms) o->heartbeat_ms = stage_heartbeat_ms(o->run_dir);
     return 0;
 }
 
@@ -150,6 +163,38 @@ int stage_setup(const stage_opts *o, const char *stage, stp_err *err) {
     return stage_pin(o->cpus, o->numa_node, err);
 }
 
+int stage_heartbeat_ms(const char *run_dir) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/heartbeat_ms", run_dir);
+    FILE *f = fopen(path, "r");
+    int ms = 0;
+    if (f) {
+        if (fscanf(f, "%d", &ms) != 1) ms = 0;
+        fclose(f);
+    }
+    return ms >= 50 && ms <= 60000 ? ms : STAGE_HEARTBEAT_MS_DEF;
+}
+
+/* The heartbeat thread's state: owned (and freed) by the thread. */
+typedef struct heartbeat {
+    char path[PATH_MAX];
+    long ms;
+} heartbeat;
+
+/* Touches the ready file every interval until the stage stops or the file is gone (removed by
+ * stage_unready, or by the supervisor's clean-up). SIGSTOP freezes this thread with the rest of
+ * the process, which is what the supervisor detects. */
+static void *s_heartbeat(void *arg) {
+    heartbeat *h = arg;
+    while (!s_stop) {
+        struct timespec ts = {h->ms / 1000, (h->ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        if (utimensat(AT_FDCWD, h->path, NULL, 0) && errno == ENOENT) break;
+    }
+    free(h);
+    return NULL;
+}
+
 int stage_ready(const char *run_dir, const char *name, stp_err *err) {
     char path[PATH_MAX], tmp[PATH_MAX + 8];
     snprintf(path, sizeof path, "%s/%s.ready", run_dir, name);
@@ -160,6 +205,27 @@ int stage_ready(const char *run_dir, const char *name, stp_err *err) {
     fclose(f);
     if (rename(tmp, path))
         return stp_err_set(err, STP_EIO, "cannot write %s: %s", path, strerror(errno));
+    heartbeat *h = malloc(sizeof *h);
+    if (!h) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    snprintf(h->path, sizeof h->path, "%s", path);
+    h->ms = stage_heartbeat_ms(run_dir);
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&at, 256 * 1024);
+    sigset_t block, old; /* signals go to the main thread, whose zmq_poll they interrupt */
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    int rc = pthread_create(&t, &at, s_heartbeat, h);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&at);
+    if (rc) {
+        free(h);
+        return stp_err_set(err, STP_EIO, "heartbeat thread: %s", strerror(rc));
+    }
     return 0;
 }
 

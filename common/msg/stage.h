@@ -8,7 +8,11 @@
  * 2. Shared-memory names are "/<prefix>-<what>", prefix read from <run_dir>/shm_prefix (written
  *    by deploy/stpipe-up) or derived from the run directory's real path; the supervisor removes
  *    /dev/shm/<prefix>-* after any exit, so a crashed stage leaves nothing behind.
- * 3. <run_dir>/<stage>.ready holds the pid once the stage serves; it is removed on a clean exit. */
+ * 3. <run_dir>/<stage>.ready holds the pid once the stage serves; it is removed on a clean exit.
+ * 4. Liveness: from stage_ready on, a heartbeat thread touches <stage>.ready (mtime) every
+ *    heartbeat interval (RUN_DIR/heartbeat_ms, written by deploy/stpipe-up; default 1000 ms). A
+ *    stopped or frozen process stops touching it; the supervisor kills a stage whose file is
+ *    older than STAGE_LIVENESS intervals and restarts it, as after a crash. */
 #ifndef STP_STAGE_H
 #define STP_STAGE_H
 
@@ -30,7 +34,13 @@ typedef struct stage_opts {
     int parent_pid;   /* 0: unknown */
     int queue;        /* coordinator: queued requests before "busy" (0: 8) */
     bool verbose;
+    int heartbeat_ms;     /* peer heartbeat interval (0: RUN_DIR/heartbeat_ms or 1000) */
+    const char *bind_tcp; /* coordinator: also serve clients on tcp (PORT or ADDR:PORT) */
+    bool bind_public;     /* allow a wildcard address in bind_tcp (0.0.0.0, *, ::) */
 } stage_opts;
+
+#define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */
+#define STAGE_HEARTBEAT_MS_DEF 1000 /* default heartbeat interval */
 
 /* Parses the common options; unknown ones are an error. Returns 0, or STP_EINVAL (message in
  * err); "--help" gives STP_EINVAL with the usage text. */
@@ -48,7 +58,11 @@ bool stage_stopping(void);
  * from its memory; a no-op but accepted on single-node machines). */
 int stage_pin(const char *cpus, int numa_node, stp_err *err);
 
+/* Writes <run_dir>/<name>.ready (the pid) and starts the liveness heartbeat (invariant 4). */
 int stage_ready(const char *run_dir, const char *name, stp_err *err);
+
+/* The heartbeat interval of a run: RUN_DIR/heartbeat_ms when present (50..60000), else 1000. */
+int stage_heartbeat_ms(const char *run_dir);
 void stage_unready(const char *run_dir, const char *name);
 
 /* "/<prefix>-<what>" for a shared-memory segment of this run. */
