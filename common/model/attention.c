@@ -160,7 +160,8 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
         stride_prev = stride;
         jobs[i] = (mm_job){.type = w->type, .n_cols = E, .w = w->data, .row_bytes = w->row_bytes,
                            .xq = xqi, .xq_stride = stride, .n_vec = T, .y = s->qkv + off[i],
-                           .y_stride = (size_t)W, .n_rows = w->n_rows};
+                           .y_stride = (size_t)W, .n_rows = w->n_rows,
+                           .wp = model_packed(w, 0)};
     }
     ops_mm_run(cc, jobs, 3);
 

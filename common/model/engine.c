@@ -62,6 +62,10 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     if (rc) goto fail;
     rc = moe_scratch_new(&e->ms, c, n_ubatch, err);
     if (rc) goto fail;
+    if (!(p && p->no_packing)) {
+        rc = model_enable_packing((model *)m, err);
+        if (rc) goto fail;
+    }
     if (!(p && p->dense_down)) {
         rc = moe_enable_sparse_down(e->ms, m, err);
         if (rc) goto fail;
@@ -197,6 +201,7 @@ size_t engine_kv_bytes(const engine *e) {
 size_t engine_scratch_bytes(const engine *e) {
     const model_config *c = &e->m->cfg;
     return attn_scratch_bytes(e->as) + moe_scratch_bytes(e->ms) + moe_sparse_down_bytes(e->ms) +
+           model_packed_bytes(e->m) +
            (size_t)e->n_ubatch * (3 * c->n_embd + c->n_expert + 2 * c->n_expert_used) * 4;
 }
 const engine_stats *engine_get_stats(const engine *e) {

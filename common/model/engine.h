@@ -17,6 +17,7 @@ typedef struct engine_params {
     int n_ctx;     /* context length in tokens; 0 = min(model's, 4096) */
     int n_ubatch;  /* tokens per forward micro-batch; 0 = 512 */
     bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
+    bool no_packing; /* keep every matrix in the file's layout (for comparisons) */
 } engine_params;
 
 typedef struct engine_stats {

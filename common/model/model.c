@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kern/kern.h"
 
@@ -125,9 +127,78 @@ fail:
     return rc;
 }
 
+/* Every view that may own packed images, for enabling and freeing. */
+static int s_packable_views(model *m, tensor_view **out, int cap) {
+    int n = 0;
+    if (n < cap) out[n++] = &m->output;
+    for (int il = 0; il < m->cfg.n_layer; il++) {
+        layer_weights *L = &m->layers[il];
+        tensor_view *v[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate_exps};
+        for (size_t i = 0; i < sizeof v / sizeof v[0] && n < cap; i++) out[n++] = v[i];
+    }
+    return n;
+}
+
+int model_enable_packing(model *m, stp_err *err) {
+#ifndef KERN_HAVE_Q4_0X16
+    return 0;
+#endif
+    if (!strcmp(kern_ops_get()->level, "ref") || !m->layers) return 0;
+    int cap = 1 + 5 * m->cfg.n_layer;
+    tensor_view **views = malloc(sizeof *views * (size_t)cap);
+    if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
+    int n = s_packable_views(m, views, cap);
+    for (int i = 0; i < n; i++) {
+        tensor_view *t = views[i];
+        if (t->packed || t->type != STP_TYPE_Q4_0 || t->n_rows % 16) continue;
+        t->packed = calloc((size_t)t->n_mat, sizeof(uint8_t *));
+        if (!t->packed) {
+            free(views);
+            return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
+        }
+        t->packed_total = &m->packed_bytes;
+    }
+    free(views);
+    return 0;
+}
+
+const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
+    if (!t->packed) return NULL;
+#ifdef KERN_HAVE_Q4_0X16
+    if (!t->packed[mat]) {
+        size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
+        uint8_t *img = malloc(bytes);
+        if (!img) return NULL; /* the unpacked path still works */
+        const uint8_t *src = t->data + (size_t)mat * t->mat_bytes;
+        kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, img);
+        t->packed[mat] = img;
+        *t->packed_total += bytes;
+        /* release the file pages this image replaces (whole pages inside the matrix only) */
+        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+        uintptr_t a = ((uintptr_t)src + pg - 1) & ~(pg - 1), b = ((uintptr_t)src + t->mat_bytes) & ~(pg - 1);
+        if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+    }
+#endif
+    return t->packed[mat];
+}
+
+size_t model_packed_bytes(const model *m) {
+    return m->packed_bytes;
+}
+
 void model_close(model **self_p) {
     model *m = *self_p;
     if (!m) return;
+    if (m->layers) {
+        tensor_view **views = malloc(sizeof *views * (size_t)(1 + 5 * m->cfg.n_layer));
+        int n = views ? s_packable_views(m, views, 1 + 5 * m->cfg.n_layer) : 0;
+        for (int i = 0; i < n; i++) {
+            if (!views[i]->packed) continue;
+            for (int64_t k = 0; k < views[i]->n_mat; k++) free(views[i]->packed[k]);
+            free(views[i]->packed);
+        }
+        free(views);
+    }
     gguf_close(&m->gguf);
     free(m->layers);
     free(m->owned_norms);

@@ -22,6 +22,9 @@ typedef struct tensor_view {
     int64_t n_mat;     /* ne[2]: matrices stacked (experts), 1 otherwise */
     size_t row_bytes;
     size_t mat_bytes;  /* row_bytes * n_rows */
+    uint8_t **packed;  /* (n_mat) row-interleaved Q4_0 images (kern q4_0x16), built on first use
+                        * when packing is enabled and the matrix qualifies; else NULL */
+    size_t *packed_total; /* the model's count of packed bytes (with packed) */
 } tensor_view;
 
 typedef struct layer_weights {
@@ -47,9 +50,20 @@ typedef struct model {
     float *owned_norms;      /* converted norm vectors when not stored as F32 */
     size_t weight_bytes;     /* all tensor bytes */
     size_t expert_bytes;     /* the gate/up/down expert stacks */
+    size_t packed_bytes;     /* row-interleaved images built so far */
 } model;
 
 int model_open(model **out, const char *path, stp_err *err);
 void model_close(model **self_p);
+
+/* Lets the Q4_0 matrices the decoder streams most (attention, expert gate, LM head) be used in
+ * the row-interleaved layout of kern's q4_0x16 kernels (same values, same results, faster).
+ * Images are built on first use by model_packed; the file pages they replace are released.
+ * A no-op on CPUs without SIMD kernels. */
+int model_enable_packing(model *m, stp_err *err);
+/* The packed image of matrix `mat` of t, building it now if needed (not thread-safe: call it
+ * before handing work to a thread team); NULL if t is not packed. */
+const uint8_t *model_packed(const tensor_view *t, int64_t mat);
+size_t model_packed_bytes(const model *m);
 
 #endif

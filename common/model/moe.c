@@ -193,7 +193,8 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
                               .w = L->gate_exps.data + (size_t)e * L->gate_exps.mat_bytes,
                               .row_bytes = L->gate_exps.row_bytes,
                               .xq = s->xq_h + (size_t)s0 * sg, .xq_stride = sg, .n_vec = n,
-                              .y = s->g + (size_t)s0 * F, .y_stride = (size_t)F, .n_rows = F};
+                              .y = s->g + (size_t)s0 * F, .y_stride = (size_t)F, .n_rows = F,
+                              .wp = model_packed(&L->gate_exps, e)};
     }
     ops_mm_run(cc, jobs, nj);
 

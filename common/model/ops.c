@@ -17,6 +17,16 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
         ops->matvec_rows(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->rows + r0, r1 - r0, j->y);
         return;
     }
+#ifdef KERN_HAVE_Q4_0X16
+    if (j->wp && r0 % 16 == 0 && r1 % 16 == 0) {
+        if (j->n_vec > 1)
+            ops->matmat_q4_0x16(j->n_cols, j->wp, j->xq, j->xq_stride, j->n_vec, j->y + r0,
+                                j->y_stride, r0 / 16, r1 / 16);
+        else
+            ops->matvec_q4_0x16(j->n_cols, j->wp, j->xq, j->y + r0, r0 / 16, r1 / 16);
+        return;
+    }
+#endif
     if (j->n_vec > 1 && ops->matmat) {
         ops->matmat(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->xq_stride, j->n_vec,
                     j->y + r0, j->y_stride, r0, r1);
@@ -29,11 +39,12 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
 
 static void s_mm_worker(void *p, int ith, int nth) {
     const mm_section *s = p;
-    /* Split the concatenated rows of all jobs evenly; rows come in groups of 4 for SIMD. */
+    /* Split the concatenated rows of all jobs evenly, in groups of 16 (the packed kernels'
+     * row groups; every real matrix has a multiple of 16 rows). */
     int64_t rows_total = 0;
     for (int i = 0; i < s->n_jobs; i++) rows_total += s->jobs[i].n_rows;
     long b, e;
-    threadpool_chunk((long)rows_total, ith, nth, 4, &b, &e);
+    threadpool_chunk((long)rows_total, ith, nth, 16, &b, &e);
     int64_t base = 0;
     for (int i = 0; i < s->n_jobs && b < e; i++) {
         const mm_job *j = &s->jobs[i];
@@ -80,6 +91,7 @@ void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const 
         .y = y,
         .y_stride = (size_t)w->n_rows,
         .n_rows = w->n_rows,
+        .wp = model_packed(w, mat),
     };
     ops_mm_run(cc, &j, 1);
 }

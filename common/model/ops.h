@@ -35,6 +35,7 @@ typedef struct mm_job {
     size_t y_stride;        /* floats between vectors */
     int64_t n_rows;         /* rows to compute: 0..n_rows-1, or rows[0..n_rows-1] */
     const int32_t *rows;    /* optional row subset (n_vec must be 1) */
+    const uint8_t *wp;      /* optional q4_0x16 image of the same matrix (faster, same bits) */
 } mm_job;
 
 /* Runs all jobs (in one parallel section). */
