@@ -1,0 +1,578 @@
+/* test_fault: the pipeline under faults (issue 7). On the tiny F32 golden model with 2 expert
+ * workers, each stage (coordinator, attention worker, storage daemon, expert worker) is killed
+ * with SIGKILL, and separately frozen with SIGSTOP, in the middle of a long greedy generation:
+ * the supervisor restarts it, the request in flight either completes with the uninterrupted
+ * run's ids or fails with a clear error (never hangs), and the next request gives the golden
+ * ids. Also: the coordinator's bounded queue answers "busy", the run directory, sockets and
+ * shared memory are private, the stats socket accepts no commands, tcp binds only where asked.
+ * Every run ends with stpipe-down: no stage process and no /dev/shm/<prefix>-* left.
+ * STP_FAULT_ROUNDS (default 5) sets the faults per stage; a table of outcomes is printed. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <zmq.h>
+
+#include "client.pb-c.h"
+#include "msg/msg.h"
+#include "stats.pb-c.h"
+
+#define N_LONG 600 /* tokens of the generation that gets the fault */
+
+static const char *s_env(const char *k) {
+    const char *v = getenv(k);
+    return v ? v : "";
+}
+
+static double s_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Starts argv with stdout/stderr to files (NULL: /dev/null); returns the pid. */
+static pid_t s_spawn(char *const argv[], const char *out_path, const char *err_path) {
+    pid_t p = fork();
+    if (p == 0) {
+        int fd = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0) dup2(fd, 1);
+        int fe = open(err_path ? err_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fe >= 0) dup2(fe, 2);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    return p;
+}
+
+/* Waits for p up to timeout_s; exit status, 128+signal, or -1 on timeout (then killed). */
+static int s_wait(pid_t p, double timeout_s) {
+    double t0 = s_now();
+    while (s_now() - t0 < timeout_s) {
+        int st;
+        if (waitpid(p, &st, WNOHANG) == p)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(20000);
+    }
+    kill(p, SIGKILL);
+    waitpid(p, NULL, 0);
+    return -1;
+}
+
+static int s_run(char *const argv[], const char *out_path, double timeout_s) {
+    return s_wait(s_spawn(argv, out_path, NULL), timeout_s);
+}
+
+static char *s_slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
+    if (b) b[n] = 0;
+    fclose(f);
+    return b;
+}
+
+typedef struct golden {
+    char model[512];
+    char ids[4096];
+    int greedy[256];
+    int n_greedy;
+} golden;
+
+static void s_golden(golden *g, const char *stem) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s.short.json", s_env("STP_TEST_DATA"), stem);
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    assert_non_null(j);
+    snprintf(g->model, sizeof g->model, "%s/%s.gguf", s_env("STP_TEST_DATA"), stem);
+    json_t *pi = json_object_get(j, "prompt_ids");
+    size_t at = 0;
+    for (size_t i = 0; i < json_array_size(pi); i++)
+        at += (size_t)snprintf(g->ids + at, sizeof g->ids - at, i ? " %lld" : "%lld",
+                               (long long)json_integer_value(json_array_get(pi, i)));
+    json_t *gi = json_object_get(j, "greedy_ids");
+    g->n_greedy = (int)json_array_size(gi);
+    for (int i = 0; i < g->n_greedy; i++)
+        g->greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
+    json_decref(j);
+}
+
+typedef struct run {
+    char dir[1024];
+    char prefix[128];
+} run;
+
+static char s_current_dir[1024];
+
+static int s_down(const char *dir) {
+    char down[1024];
+    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
+    char *argv[] = {"bash", down, (char *)dir, NULL};
+    return s_run(argv, NULL, 60);
+}
+
+static int s_teardown(void **st) {
+    (void)st;
+    if (s_current_dir[0]) s_down(s_current_dir);
+    s_current_dir[0] = 0;
+    return 0;
+}
+
+/* stpipe-up with 2 expert workers and extra options (NULL-terminated). */
+static int s_up(run *r, const golden *g, const char *tag, const char *const *extra) {
+    char up[1024];
+    snprintf(r->dir, sizeof r->dir, "%s/fault-%s-%d", s_env("STP_TMP"), tag, (int)getpid());
+    snprintf(s_current_dir, sizeof s_current_dir, "%s", r->dir);
+    mkdir(s_env("STP_TMP"), 0700);
+    snprintf(up, sizeof up, "%s/deploy/stpipe-up", s_env("STP_SOURCE_DIR"));
+    char *argv[32] = {"bash",      up,
+                      "--model",   (char *)g->model,
+                      "--run-dir", r->dir,
+                      "--workers", "2",
+                      "--bin-dir", (char *)s_env("STP_BIN_DIR"),
+                      "--timeout", "60",
+                      "--threads", "1"};
+    int a = 14;
+    for (int i = 0; extra && extra[i] && a < 30; i++)
+        argv[a++] = (char *)extra[i];
+    argv[a] = NULL;
+    int rc = s_run(argv, NULL, 120);
+    if (rc) return rc;
+    char p[1100];
+    snprintf(p, sizeof p, "%s/shm_prefix", r->dir);
+    char *s = s_slurp(p);
+    assert_non_null(s);
+    s[strcspn(s, "\n")] = 0;
+    snprintf(r->prefix, sizeof r->prefix, "%s", s);
+    free(s);
+    return 0;
+}
+
+static int s_shm_left(const char *prefix) {
+    DIR *d = opendir("/dev/shm");
+    int n = 0;
+    size_t pl = strlen(prefix);
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (!strncmp(e->d_name, prefix, pl) && e->d_name[pl] == '-') n++;
+    if (d) closedir(d);
+    return n;
+}
+
+/* stpipe-down, then no stage process of the run alive and no shm segment left. */
+static void s_down_and_check(run *r) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/pids", r->dir);
+    int pids[512], n = 0;
+    FILE *f = fopen(p, "r");
+    assert_non_null(f);
+    char name[64];
+    while (n < 512 && fscanf(f, "%63s %d", name, &pids[n]) == 2)
+        n++;
+    fclose(f);
+    assert_int_equal(s_down(r->dir), 0);
+    s_current_dir[0] = 0;
+    for (int i = 0; i < n; i++) {
+        char cp[64];
+        snprintf(cp, sizeof cp, "/proc/%d/cmdline", pids[i]);
+        char *cl = s_slurp(cp);
+        bool alive = cl && strstr(cl, "stpipe-") && strstr(cl, r->dir);
+        free(cl);
+        if (alive) fprintf(stderr, "stage pid %d survived stpipe-down\n", pids[i]);
+        assert_false(alive);
+    }
+    assert_int_equal(s_shm_left(r->prefix), 0);
+    DIR *d = opendir(r->dir);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        size_t l = strlen(e->d_name);
+        assert_false(l > 5 && !strcmp(e->d_name + l - 5, ".sock")); /* no stale socket */
+    }
+    if (d) closedir(d);
+}
+
+static int s_ready_pid(const run *r, const char *stage) {
+    char p[1200];
+    snprintf(p, sizeof p, "%s/%s.ready", r->dir, stage);
+    char *s = s_slurp(p);
+    int pid = s ? atoi(s) : 0;
+    free(s);
+    return pid;
+}
+
+/* Starts a greedy generation (stdout ids -> out, stderr -> err); returns its pid. */
+static pid_t s_gen_start(const run *r, const golden *g, int n, const char *out, const char *err) {
+    char bin[1024], nbuf[16];
+    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(nbuf, sizeof nbuf, "%d", n);
+    char *argv[] = {bin,  "generate", "--pipeline", (char *)r->dir, "--prompt-ids", (char *)g->ids,
+                    "-n", nbuf,       "--ids",      "--quiet",      "--ignore-eos", NULL};
+    return s_spawn(argv, out, err);
+}
+
+static int s_parse_ids(const char *path, int *ids, int cap) {
+    char *s = s_slurp(path);
+    int n = 0;
+    for (char *p = s, *end; p && *p && n < cap; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        ids[n++] = (int)v;
+    }
+    free(s);
+    return n;
+}
+
+/* The next request after a fault: golden greedy ids. Retries while the stage restarts (a
+ * request sent to a restarting coordinator fails cleanly; the retry must then succeed). */
+static bool s_next_ok(const run *r, const golden *g) {
+    char out[1200];
+    snprintf(out, sizeof out, "%s/next.out", r->dir);
+    for (int attempt = 0; attempt < 3; attempt++) {
+        int rc = s_wait(s_gen_start(r, g, g->n_greedy, out, NULL), 120);
+        int ids[512], n = s_parse_ids(out, ids, 512);
+        bool ok = rc == 0 && n == g->n_greedy;
+        for (int i = 0; ok && i < n; i++)
+            ok = ids[i] == g->greedy[i];
+        if (ok) return true;
+        usleep(500000);
+    }
+    return false;
+}
+
+/* Waits until <stage>.ready names a pid other than old (the supervisor restarted it). */
+static int s_wait_restart(const run *r, const char *stage, int old, double timeout_s) {
+    double t0 = s_now();
+    while (s_now() - t0 < timeout_s) {
+        int p = s_ready_pid(r, stage);
+        if (p > 0 && p != old && kill(p, 0) == 0) return p;
+        usleep(20000);
+    }
+    return 0;
+}
+
+typedef struct outcome {
+    int injected, in_flight, completed, failed_clear, bad, next_ok;
+    double detect_s; /* worst time from the fault to the new stage being ready (backoff too) */
+    double first_s;  /* the same for the first fault (no backoff) */
+} outcome;
+
+static int s_rounds(void) {
+    int n = atoi(s_env("STP_FAULT_ROUNDS"));
+    return n > 0 ? n : 5;
+}
+
+/* One fault (sig) on one stage during a long generation; updates o. */
+static void s_fault_once(const run *r, const golden *g, const char *stage, int sig, const int *ref,
+                         int n_ref, outcome *o) {
+    char out[1200], err[1200];
+    snprintf(out, sizeof out, "%s/fault.out", r->dir);
+    snprintf(err, sizeof err, "%s/fault.err", r->dir);
+    int victim = s_ready_pid(r, stage);
+    assert_true(victim > 0);
+    pid_t gen = s_gen_start(r, g, N_LONG, out, err);
+    usleep(300000);
+    int st;
+    bool flight = waitpid(gen, &st, WNOHANG) == 0;
+    double t0 = s_now();
+    assert_int_equal(kill(victim, sig), 0);
+    o->injected++;
+    o->in_flight += flight;
+    int rc = flight ? s_wait(gen, 180) : (WIFEXITED(st) ? WEXITSTATUS(st) : 128);
+    int ids[N_LONG + 8], n = s_parse_ids(out, ids, N_LONG + 8);
+    char *emsg = s_slurp(err);
+    if (rc == 0 && n == n_ref && !memcmp(ids, ref, sizeof(int) * (size_t)n)) {
+        o->completed++;
+    } else if (rc > 0 && rc < 128 && emsg && strstr(emsg, "stpipe generate: ")) {
+        o->failed_clear++;
+    } else {
+        fprintf(stderr, "fault %s sig %d: rc %d, %d ids, stderr: %s\n", stage, sig, rc, n,
+                emsg ? emsg : "");
+        o->bad++;
+    }
+    free(emsg);
+    int again = s_wait_restart(r, stage, victim, 120);
+    double dt = s_now() - t0;
+    if (dt > o->detect_s) o->detect_s = dt;
+    if (o->injected == 1) o->first_s = dt;
+    assert_true(again > 0);
+    if (sig == SIGSTOP) assert_int_not_equal(kill(victim, 0), 0); /* killed, not resumed */
+    o->next_ok += s_next_ok(r, g);
+}
+
+static void s_fault_case(int sig, const char *tag, const char *const *extra) {
+    golden g;
+    s_golden(&g, "tiny-dense-attn-f32");
+    run r;
+    assert_int_equal(s_up(&r, &g, tag, extra), 0);
+    /* the uninterrupted run: what a completed request must give */
+    char out[1200];
+    snprintf(out, sizeof out, "%s/ref.out", r.dir);
+    assert_int_equal(s_wait(s_gen_start(&r, &g, N_LONG, out, NULL), 180), 0);
+    static int ref[N_LONG + 8];
+    int n_ref = s_parse_ids(out, ref, N_LONG + 8);
+    assert_int_equal(n_ref, N_LONG);
+    for (int i = 0; i < g.n_greedy; i++)
+        assert_int_equal(ref[i], g.greedy[i]);
+    const char *stages[4] = {"coordinator", "attn", "storage", "expert-1"};
+    outcome oc[4];
+    memset(oc, 0, sizeof oc);
+    int rounds = s_rounds();
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < rounds; i++)
+            s_fault_once(&r, &g, stages[k], sig, ref, n_ref, &oc[k]);
+    printf("\n%s faults (%d per stage, generation of %d tokens, fault at 0.3 s)\n",
+           sig == SIGKILL ? "kill -9" : "SIGSTOP", rounds, N_LONG);
+    printf("| stage | injected | in flight | completed (same ids) | failed, clear error | hang or "
+           "wrong | next request ok | first fault->ready s | worst (with backoff) s |\n"
+           "|---|---|---|---|---|---|---|---|---|\n");
+    for (int k = 0; k < 4; k++)
+        printf("| %s | %d | %d | %d | %d | %d | %d | %.2f | %.2f |\n", stages[k], oc[k].injected,
+               oc[k].in_flight, oc[k].completed, oc[k].failed_clear, oc[k].bad, oc[k].next_ok,
+               oc[k].first_s, oc[k].detect_s);
+    fflush(stdout);
+    for (int k = 0; k < 4; k++) {
+        assert_int_equal(oc[k].bad, 0);
+        assert_int_equal(oc[k].next_ok, rounds);
+        if (k > 0) assert_int_equal(oc[k].completed, oc[k].in_flight); /* recovered */
+    }
+    s_down_and_check(&r);
+}
+
+static void test_fault_kill9_each_stage(void **st) {
+    (void)st;
+    s_fault_case(SIGKILL, "kill", NULL);
+}
+
+static void test_fault_sigstop_each_stage(void **st) {
+    (void)st;
+    const char *extra[] = {"--heartbeat-ms", "300", NULL};
+    s_fault_case(SIGSTOP, "stop", extra);
+}
+
+/* ---- busy queue ---- */
+
+static void test_fault_busy_queue(void **st) {
+    (void)st;
+    golden g;
+    s_golden(&g, "tiny-dense-attn-f32");
+    run r;
+    const char *extra[] = {"--queue", "2", NULL};
+    assert_int_equal(s_up(&r, &g, "busy", extra), 0);
+    void *zctx = zmq_ctx_new();
+    char ep[1200];
+    stp_err err = {0};
+    assert_int_equal(msg_endpoint(ep, sizeof ep, r.dir, "client", &err), 0);
+    void *s = msg_socket(zctx, ZMQ_DEALER, ep, false, &err);
+    assert_non_null(s);
+    int32_t prompt[64];
+    int np = 0;
+    for (char *p = g.ids, *end; *p && np < 64; p = end) {
+        prompt[np++] = (int32_t)strtol(p, &end, 10);
+        if (end == p) break;
+    }
+    enum { N_REQ = 8 };
+    for (int i = 0; i < N_REQ; i++) { /* one burst: 1 runs, 2 wait, the rest are refused */
+        Stp__GenerateRequest q;
+        stp__generate_request__init(&q);
+        q.request_id = 100 + (uint64_t)i;
+        q.n_prompt_ids = (size_t)np;
+        q.prompt_ids = prompt;
+        q.n_predict = 200;
+        q.ignore_eos = true;
+        Stp__ClientMsg m;
+        stp__client_msg__init(&m);
+        m.version = STP_PROTO_VERSION;
+        m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
+        m.request = &q;
+        assert_int_equal(msg_send(s, NULL, 0, &m.base, &err), 0);
+    }
+    int done = 0, busy = 0, other = 0;
+    double t0 = s_now();
+    while (done + busy + other < N_REQ && s_now() - t0 < 120) {
+        bool rd;
+        if (!msg_poll(&s, 1, &rd, 1000) || !rd) continue;
+        msg_in in;
+        if (msg_recv(s, false, &in, &err) <= 0) continue;
+        Stp__ClientMsg *m = stp__client_msg__unpack(NULL, in.len, in.data);
+        msg_in_free(&in);
+        assert_non_null(m);
+        if (m->body_case == STP__CLIENT_MSG__BODY_DONE) done++;
+        if (m->body_case == STP__CLIENT_MSG__BODY_ERROR) {
+            if (m->error->code == STP_EBUSY && strstr(m->error->what, "busy"))
+                busy++;
+            else
+                other++;
+        }
+        stp__client_msg__free_unpacked(m, NULL);
+    }
+    zmq_close(s);
+    zmq_ctx_term(zctx);
+    printf("busy queue (--queue 2, %d requests in one burst): %d done, %d busy, %d other\n", N_REQ,
+           done, busy, other);
+    assert_int_equal(other, 0);
+    assert_int_equal(done + busy, N_REQ);
+    assert_true(done >= 2 && done <= 3); /* one ran while the queue held two */
+    assert_true(busy >= N_REQ - 3);
+    assert_true(s_next_ok(&r, &g));
+    s_down_and_check(&r);
+}
+
+/* ---- security ---- */
+
+/* Sum of the bad.* counters of one stage (newest StatsReport; -1 when none came). */
+static long long s_bad_sum(void *zctx, const run *r, const char *stats_sock) {
+    char ep[1200];
+    stp_err err = {0};
+    msg_endpoint(ep, sizeof ep, r->dir, stats_sock, &err);
+    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
+    assert_non_null(s);
+    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
+    long long v = -1;
+    bool rd;
+    if (msg_poll(&s, 1, &rd, 5000) && rd) {
+        msg_in in;
+        if (msg_recv(s, false, &in, &err) > 0) {
+            Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
+            for (size_t i = 0; rep && i < rep->n_counters; i++)
+                if (!strncmp(rep->counters[i]->name, "bad.", 4))
+                    v = (v < 0 ? 0 : v) + (long long)rep->counters[i]->value;
+            if (rep && v < 0) v = 0;
+            if (rep) stp__stats_report__free_unpacked(rep, NULL);
+            msg_in_free(&in);
+        }
+    }
+    zmq_close(s);
+    return v;
+}
+
+static void test_fault_security(void **st) {
+    (void)st;
+    golden g;
+    s_golden(&g, "tiny-dense-attn-f32");
+    /* tcp: a wildcard address is refused without --bind-public; the default host is loopback */
+    char ep[256];
+    stp_err err = {0};
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "0.0.0.0:5555", false, &err), STP_EINVAL);
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "*:5555", false, &err), STP_EINVAL);
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "5555", false, &err), 0);
+    assert_string_equal(ep, "tcp://127.0.0.1:5555");
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "127.0.0.2:6000", false, &err), 0);
+    assert_string_equal(ep, "tcp://127.0.0.2:6000");
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "0.0.0.0:5555", true, &err), 0);
+    assert_int_equal(msg_tcp_endpoint(ep, sizeof ep, "nope", false, &err), STP_EINVAL);
+    void *zctx = zmq_ctx_new();
+    assert_null(msg_socket(zctx, ZMQ_ROUTER, "tcp://0.0.0.0:5555", true, &err));
+    assert_null(msg_socket(zctx, ZMQ_ROUTER, "tcp://*:5555", true, &err));
+    run r;
+    const char *bad[] = {"--bind-tcp", "0.0.0.0:5555", NULL};
+    assert_int_not_equal(s_up(&r, &g, "sec0", bad), 0);
+    s_teardown(NULL);
+
+    int port = 20000 + (int)(getpid() % 20000);
+    char spec[16];
+    snprintf(spec, sizeof spec, "%d", port);
+    const char *extra[] = {"--bind-tcp", spec, NULL};
+    assert_int_equal(s_up(&r, &g, "sec", extra), 0);
+    /* the run directory is 0700 and holds every socket, each 0600 */
+    struct stat sb;
+    assert_int_equal(stat(r.dir, &sb), 0);
+    assert_int_equal(sb.st_mode & 0777, 0700);
+    DIR *d = opendir(r.dir);
+    int n_sock = 0;
+    for (struct dirent *e; d && (e = readdir(d));) {
+        char p[2400];
+        snprintf(p, sizeof p, "%s/%s", r.dir, e->d_name);
+        if (lstat(p, &sb) || !S_ISSOCK(sb.st_mode)) continue;
+        n_sock++;
+        assert_int_equal(sb.st_mode & 077, 0);
+    }
+    closedir(d);
+    assert_true(n_sock >= 9); /* client attn storage expert-0/1 + 4 stats */
+    /* shared memory: nothing writable (or readable) by other users */
+    d = opendir("/dev/shm");
+    int n_shm = 0;
+    size_t pl = strlen(r.prefix);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        if (strncmp(e->d_name, r.prefix, pl) || e->d_name[pl] != '-') continue;
+        char p[600];
+        snprintf(p, sizeof p, "/dev/shm/%s", e->d_name);
+        assert_int_equal(stat(p, &sb), 0);
+        assert_int_equal(sb.st_mode & 077, 0);
+        n_shm++;
+    }
+    closedir(d);
+    assert_true(n_shm >= 2); /* pool and activation region */
+    /* the stats socket is read-only: messages sent to it change nothing */
+    int pid_attn = s_ready_pid(&r, "attn");
+    long long bad0 = s_bad_sum(zctx, &r, "stats-attn");
+    assert_true(bad0 >= 0);
+    char sep[1200];
+    msg_endpoint(sep, sizeof sep, r.dir, "stats-attn", &err);
+    void *xs = zmq_socket(zctx, ZMQ_XSUB), *dl = zmq_socket(zctx, ZMQ_DEALER);
+    int linger = 0;
+    zmq_setsockopt(xs, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(dl, ZMQ_LINGER, &linger, sizeof linger);
+    assert_int_equal(zmq_connect(xs, sep), 0);
+    assert_int_equal(zmq_connect(dl, sep), 0);
+    usleep(200000);
+    uint8_t junk[512];
+    srand(7);
+    for (int i = 0; i < 2000; i++) {
+        for (size_t k = 0; k < sizeof junk; k++)
+            junk[k] = (uint8_t)rand();
+        size_t len = 1 + (size_t)rand() % sizeof junk;
+        zmq_send(xs, junk, len, ZMQ_DONTWAIT);
+        zmq_send(dl, junk, len, ZMQ_DONTWAIT);
+    }
+    bool rd;
+    assert_int_equal(msg_poll(&dl, 1, &rd, 500), 0); /* no answer */
+    zmq_close(xs);
+    zmq_close(dl);
+    usleep(1100000);
+    assert_int_equal(s_ready_pid(&r, "attn"), pid_attn);
+    assert_int_equal(s_bad_sum(zctx, &r, "stats-attn"), bad0); /* nothing was read */
+    zmq_ctx_term(zctx);
+    /* tcp client on 127.0.0.1 */
+    char tcp[64], bin[1024], out[1200];
+    snprintf(tcp, sizeof tcp, "tcp://127.0.0.1:%d", port);
+    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/tcp.out", r.dir);
+    char nb[16];
+    snprintf(nb, sizeof nb, "%d", g.n_greedy);
+    char *argv[] = {bin, "generate", "--pipeline", tcp, "--prompt-ids", g.ids, "-n",
+                    nb,  "--ids",    "--quiet",    NULL};
+    assert_int_equal(s_run(argv, out, 120), 0);
+    int ids[512], n = s_parse_ids(out, ids, 512);
+    assert_int_equal(n, g.n_greedy);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(ids[i], g.greedy[i]);
+    s_down_and_check(&r);
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_fault_security, s_teardown),
+        cmocka_unit_test_teardown(test_fault_busy_queue, s_teardown),
+        cmocka_unit_test_teardown(test_fault_kill9_each_stage, s_teardown),
+        cmocka_unit_test_teardown(test_fault_sigstop_each_stage, s_teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
