@@ -106,6 +106,24 @@ void kern_matvec_sparse_ref(stp_type wtype, int64_t n, const void *w, size_t row
  * use the repacked (q4_0_8x8) order, which is what every row count divisible by 8 gets. */
 float kern_vec_dot_q4_0_lane8_ref(int64_t n, const void *w_row, const void *xq);
 
+/* ---- row-interleaved Q4_0 ("q4_0x16", see README.md) -------------------------------------- *
+ * The same bytes as a GGUF Q4_0 matrix, re-arranged so one contiguous stream feeds 16 rows:
+ * rows in groups of 16; per group, blocks in pairs (b, b+1) of 576 bytes =
+ * [quants b: 256][quants b+1: 256][fp16 scales b: 16 x 2][fp16 scales b+1: 16 x 2]; an odd last
+ * block is [quants: 256][scales: 32]. Quants of one block: byte 64*k + 4*i + j = row i's
+ * qs[4*k + j] (k < 4, i < 16, j < 4). Group stride n_blocks * 288 bytes; total size equals the
+ * GGUF size. Keep the buffer 64-byte aligned (every pair then starts on a cache line). */
+/* Bytes of the packed matrix, or 0 unless n_rows % 16 == 0 and n_cols % 32 == 0 (both > 0). */
+size_t kern_q4_0x16_size(int64_t n_rows, int64_t n_cols);
+/* Pack a GGUF Q4_0 matrix (rows row_bytes apart) into dst (kern_q4_0x16_size bytes). The
+ * shape must be valid for kern_q4_0x16_size. */
+void kern_q4_0x16_pack(const void *w, size_t row_bytes, int64_t n_rows, int64_t n_cols, void *dst);
+/* Reference versions of kern_ops' matvec_q4_0x16 / matmat_q4_0x16 (same contracts). */
+void kern_matvec_q4_0x16_ref(int64_t n_cols, const void *wp, const void *xq, float *y, int64_t g0,
+                             int64_t g1);
+void kern_matmat_q4_0x16_ref(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
+                             int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1);
+
 /* ---- dispatched operations ------------------------------------------------------------------ */
 
 /* Function table filled once per process with the best variant this CPU supports. */
@@ -136,6 +154,16 @@ typedef struct kern_ops {
      * `up`); same bits as matvec for those rows. */
     void (*matvec_rows)(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                         const void *xq, const int32_t *rows, int64_t n_rows, float *y);
+    /* Q4_0 weights in the row-interleaved "q4_0x16" layout (kern_q4_0x16_pack; n_cols a
+     * multiple of 32): y[16*(g - g0) + i] = row 16*g + i of W times x, for row groups g0..g1-1.
+     * Bit-identical to matvec(STP_TYPE_Q4_0, ...) on the unpacked rows. */
+    void (*matvec_q4_0x16)(int64_t n_cols, const void *wp, const void *xq, float *y, int64_t g0,
+                           int64_t g1);
+    /* Batched form: y[v*y_stride + (r - 16*g0)] = W[r]·xq_v for v < n_vec, rows of groups
+     * g0..g1-1, xq_v = (const char *)xq + v*xq_stride. A group's weights are read from memory
+     * once for up to 32 vectors. Bit-identical to matmat(STP_TYPE_Q4_0, ...). */
+    void (*matmat_q4_0x16)(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
+                           int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

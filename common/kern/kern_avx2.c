@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kern/kern_internal.h"
 
@@ -453,7 +454,89 @@ void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, f
 void kern_avx2_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                            const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
     for (int64_t i = 0; i < n_rows; i++)
-        y[rows[i]] = kern_avx2_vec_dot(wtype, n, (const uint8_t *)w + (size_t)rows[i] * row_bytes, xq);
+        y[rows[i]] =
+            kern_avx2_vec_dot(wtype, n, (const uint8_t *)w + (size_t)rows[i] * row_bytes, xq);
+}
+
+/* ---- Q4_0 in the q4_0x16 layout (kern.h) ---------------------------------------------------- *
+ * Per (group, block) and half (rows 0-7 / 8-15): 4 ymm loads, register k = bytes 4k..4k+3 of 8
+ * rows (row in int32 lane). Nibbles (0..15) x broadcast activation dwords through maddubs: the
+ * 8 int16 partials per lane stay within +-30720, so they are added in int16, then madd(1) gives
+ * the row's exact block sum in its lane, plus -8 * sum(x). acc8 = fma(isum8, dw8 * dx, acc8). */
+static inline __attribute__((always_inline)) void s_x16_block(const kern_x16_job *j,
+                                                              const uint8_t *q, const uint8_t *s,
+                                                              int64_t b, __m256 *acc,
+                                                              const int nv) {
+    const __m256i m0f = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t e = b - j->c0;
+    for (int half = 0; half < 2; half++) {
+        __m256i lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 64 * k + 32 * half));
+            lo[k] = _mm256_and_si256(w, m0f);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f);
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * half)));
+        for (int v = 0; v < nv; v++) {
+            const int8_t *xv = j->x[v][b].qs;
+            __m256i s16 = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, xv + 4 * k, 4);
+                memcpy(&xh, xv + 16 + 4 * k, 4);
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
+            }
+            const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(s16, ones),
+                                                  _mm256_set1_epi32(j->corr[v * j->stride + e]));
+            const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(j->dx[v * j->stride + e]));
+            acc[2 * v + half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[2 * v + half]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void s_x16_group(const kern_x16_job *j, int64_t c1,
+                                                              const int nv) {
+    __m256 acc[8];
+    for (int v = 0; v < nv; v++) {
+        acc[2 * v] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v]);
+        acc[2 * v + 1] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v] + 8);
+    }
+    for (int64_t b = j->c0; b < c1; b++) {
+        const uint8_t *q = j->G + kern_q4x16_qoff(b);
+        for (int l = 0; l < 4; l++)
+            _mm_prefetch((const char *)(q + 1024 + 64 * l), _MM_HINT_T0);
+        s_x16_block(j, q, j->G + kern_q4x16_soff(j->nb, b), b, acc, nv);
+    }
+    for (int v = 0; v < nv; v++) {
+        _mm256_storeu_ps(j->y[v], acc[2 * v]);
+        _mm256_storeu_ps(j->y[v] + 8, acc[2 * v + 1]);
+    }
+}
+
+static void s_x16_group1(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 1);
+}
+static void s_x16_group2(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 2);
+}
+static void s_x16_group3(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 3);
+}
+static void s_x16_group4(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 4);
+}
+
+static void s_matmat_x16(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
+                         int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1) {
+    static void (*const grp[4])(const kern_x16_job *, int64_t) = {s_x16_group1, s_x16_group2,
+                                                                  s_x16_group3, s_x16_group4};
+    kern_q4x16_drive(n_cols, wp, xq, xq_stride, n_vec, y, y_stride, g0, g1, grp);
+}
+
+static void s_matvec_x16(int64_t n_cols, const void *wp, const void *xq, float *y, int64_t g0,
+                         int64_t g1) {
+    s_matmat_x16(n_cols, wp, xq, 0, 1, y, 0, g0, g1);
 }
 
 const kern_ops kern_ops_avx2_table = {
@@ -466,4 +549,6 @@ const kern_ops kern_ops_avx2_table = {
     .axpy_row = kern_avx2_axpy_row,
     .matvec_sparse = kern_avx2_matvec_sparse,
     .matvec_rows = kern_avx2_matvec_rows,
+    .matvec_q4_0x16 = s_matvec_x16,
+    .matmat_q4_0x16 = s_matmat_x16,
 };

@@ -12,6 +12,7 @@
  * The other types use the avx2 kernels (this level implies AVX2). See README.md. */
 #include <immintrin.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kern/kern_internal.h"
 
@@ -212,7 +213,8 @@ static void s_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
 static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                           const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
     int32_t max_row = 0;
-    for (int64_t i = 0; i < n_rows; i++) max_row = rows[i] > max_row ? rows[i] : max_row;
+    for (int64_t i = 0; i < n_rows; i++)
+        max_row = rows[i] > max_row ? rows[i] : max_row;
     if (!s_ok(wtype, row_bytes) || (size_t)max_row * row_bytes > (size_t)INT32_MAX - row_bytes) {
         kern_avx2_matvec_rows(wtype, n, w, row_bytes, xq, rows, n_rows, y);
         return;
@@ -222,7 +224,8 @@ static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_b
         const int nr = n_rows - i >= per ? per : (int)(n_rows - i);
         size_t off[16];
         float out[16];
-        for (int k = 0; k < per; k++) off[k] = (size_t)rows[i + (k < nr ? k : nr - 1)] * row_bytes;
+        for (int k = 0; k < per; k++)
+            off[k] = (size_t)rows[i + (k < nr ? k : nr - 1)] * row_bytes;
         if (wtype == STP_TYPE_Q8_0 && nr == 1) {
             y[rows[i]] = s_q8_0_row1((const uint8_t *)w + off[0], xq, NULL, n / QK8_0);
             continue;
@@ -231,7 +234,8 @@ static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_b
             s_q4_0_rows16(w, off, xq, NULL, n / QK8_0, out);
         else
             s_q8_0_rows8(w, off, xq, NULL, n / QK8_0, out);
-        for (int k = 0; k < nr; k++) y[rows[i + k]] = out[k];
+        for (int k = 0; k < nr; k++)
+            y[rows[i + k]] = out[k];
     }
 }
 
@@ -257,6 +261,90 @@ static void s_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row
 }
 #pragma GCC diagnostic pop
 
+/* ---- Q4_0 in the q4_0x16 layout (kern.h) ---------------------------------------------------- *
+ * Per (group, block): 4 aligned zmm loads hold the 256 quant bytes, register k = bytes 4k..4k+3
+ * of the 16 rows (row i in int32 lane i). Low nibbles (q & 0x0F) against the broadcast x[4k..]
+ * and high nibbles kept in place (q & 0xF0, i.e. 16 * nibble) against x[16+4k..] give, after
+ * 4 + 4 vpdpbusd and one exact >> 4, row i's integer block sum in lane i directly (no transpose,
+ * no gather); the accumulator starts from -8 * sum(x) (precomputed once per call). One ymm load
+ * of the 16 fp16 scales, vcvtph2ps, * dx, and acc16 = fma(isum16, scale16, acc16): the per-row
+ * sequential fma of the reference. Up to 4 vectors share each weight load (matmat). */
+
+#define S_X16_PF 2304 /* software prefetch distance along the packed stream (4 block pairs) */
+static inline __attribute__((always_inline)) void s_x16_block(const kern_x16_job *j,
+                                                              const uint8_t *q, const uint8_t *s,
+                                                              int64_t b, __m512 *acc,
+                                                              const int nv) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8((char)0xF0);
+    __m512i lo[4], hi[4];
+    for (int k = 0; k < 4; k++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(q + 64 * k));
+        lo[k] = _mm512_and_si512(w, m0f);
+        hi[k] = _mm512_and_si512(w, mf0);
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+    const int64_t e = b - j->c0;
+    for (int v = 0; v < nv; v++) {
+        const int8_t *xv = j->x[v][b].qs;
+        __m512i a = _mm512_set1_epi32(j->corr[v * j->stride + e]), h = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            int32_t xl, xh;
+            memcpy(&xl, xv + 4 * k, 4);
+            memcpy(&xh, xv + 16 + 4 * k, 4);
+            a = _mm512_dpbusd_epi32(a, lo[k], _mm512_set1_epi32(xl));
+            h = _mm512_dpbusd_epi32(h, hi[k], _mm512_set1_epi32(xh));
+        }
+        const __m512i isum = _mm512_add_epi32(a, _mm512_srai_epi32(h, 4));
+        const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(j->dx[v * j->stride + e]));
+        acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[v]);
+    }
+}
+
+/* Blocks c0..c1-1 of one group for nv vectors; acc starts at 0 (c0 == 0) or at y. */
+static inline __attribute__((always_inline)) void s_x16_group(const kern_x16_job *j, int64_t c1,
+                                                              const int nv) {
+    __m512 acc[4];
+    for (int v = 0; v < nv; v++)
+        acc[v] = j->c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(j->y[v]);
+    int64_t b = j->c0;
+    for (; b + 1 < c1; b += 2) {
+        const uint8_t *p = j->G + (size_t)(b >> 1) * KERN_Q4X16_PAIR;
+        for (int l = 0; l < 9; l++)
+            _mm_prefetch((const char *)(p + S_X16_PF + 64 * l), _MM_HINT_T0);
+        s_x16_block(j, p, p + 512, b, acc, nv);
+        s_x16_block(j, p + 256, p + 544, b + 1, acc, nv);
+    }
+    if (b < c1)
+        s_x16_block(j, j->G + kern_q4x16_qoff(b), j->G + kern_q4x16_soff(j->nb, b), b, acc, nv);
+    for (int v = 0; v < nv; v++)
+        _mm512_storeu_ps(j->y[v], acc[v]);
+}
+
+static void s_x16_group1(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 1);
+}
+static void s_x16_group2(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 2);
+}
+static void s_x16_group3(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 3);
+}
+static void s_x16_group4(const kern_x16_job *j, int64_t c1) {
+    s_x16_group(j, c1, 4);
+}
+
+static void s_matmat_x16(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
+                         int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1) {
+    static void (*const grp[4])(const kern_x16_job *, int64_t) = {s_x16_group1, s_x16_group2,
+                                                                  s_x16_group3, s_x16_group4};
+    kern_q4x16_drive(n_cols, wp, xq, xq_stride, n_vec, y, y_stride, g0, g1, grp);
+}
+
+static void s_matvec_x16(int64_t n_cols, const void *wp, const void *xq, float *y, int64_t g0,
+                         int64_t g1) {
+    s_matmat_x16(n_cols, wp, xq, 0, 1, y, 0, g0, g1);
+}
+
 const kern_ops kern_ops_avx512_table = {
     .level = "avx512vnni",
     .quantize_act = kern_avx2_quantize_act,
@@ -267,4 +355,6 @@ const kern_ops kern_ops_avx512_table = {
     .axpy_row = kern_avx2_axpy_row,
     .matvec_sparse = s_matvec_sparse,
     .matvec_rows = s_matvec_rows,
+    .matvec_q4_0x16 = s_matvec_x16,
+    .matmat_q4_0x16 = s_matmat_x16,
 };

@@ -26,6 +26,8 @@ const kern_ops kern_ops_ref_table = {
     .axpy_row = kern_axpy_row_ref,
     .matvec_sparse = kern_matvec_sparse_ref,
     .matvec_rows = kern_matvec_rows_ref,
+    .matvec_q4_0x16 = kern_matvec_q4_0x16_ref,
+    .matmat_q4_0x16 = kern_matmat_q4_0x16_ref,
 };
 
 enum { LEVEL_REF = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
