@@ -22,6 +22,8 @@
 #include "model/model.h"
 #include "model/model_config.h"
 
+#include "fuzz_gguf.h"
+
 #define FUZZ_CHECK(cond)                                                                           \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
@@ -189,9 +191,10 @@ static uint64_t fz_walk_tensors(const gguf_file *g, const uint8_t *base, size_t 
 }
 
 /* model_open on a memfd holding the image (the path is /proc/self/fd/N). */
-static void fz_model_open(const uint8_t *data, size_t size) {
+static int fz_model_open(const uint8_t *data, size_t size) {
     int fd = memfd_create("fuzz_gguf", MFD_CLOEXEC);
-    if (fd < 0) return;
+    int out = FZ_GGUF_MODEL_REFUSED;
+    if (fd < 0) return out;
     size_t off = 0;
     while (off < size) {
         ssize_t w = write(fd, data + off, size - off);
@@ -208,23 +211,23 @@ static void fz_model_open(const uint8_t *data, size_t size) {
             FUZZ_CHECK(m && m->cfg.n_layer > 0 && m->layers);
             model_close(&m);
             FUZZ_CHECK(m == NULL);
+            out = FZ_GGUF_LOADED;
         } else {
             FUZZ_CHECK(rc < 0 && m == NULL && err.msg[0]);
         }
     }
     close(fd);
+    return out;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int fz_gguf_check(const uint8_t *data, size_t size) {
     gguf_file *g = (gguf_file *)1;
     stp_err err = {0};
     int rc = gguf_open_memory(&g, data, size, "fuzz", &err);
     if (rc != 0) {
         FUZZ_CHECK(rc < 0 && g == NULL);
         FUZZ_CHECK(err.code == rc && err.msg[0] && memchr(err.msg, 0, sizeof err.msg));
-        return 0;
+        return FZ_GGUF_REFUSED;
     }
     FUZZ_CHECK(g && gguf_file_size(g) == size);
     const uint8_t *base = gguf_base(g);
@@ -251,6 +254,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     gguf_close(&g);
     FUZZ_CHECK(g == NULL);
-    if (rc == 0) fz_model_open(data, size);
+    return rc == 0 ? fz_model_open(data, size) : FZ_GGUF_MODEL_REFUSED;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    (void)fz_gguf_check(data, size);
     return 0;
 }
