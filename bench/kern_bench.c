@@ -3,7 +3,9 @@
  * For each weight type (Q4_0, Q8_0, Q4_K, Q6_K, F16) and each level kern_ops_all() offers, it
  * streams a set of 4096x4096 matrices larger than the last-level cache (so the figure is a
  * memory-bound decode figure, not an L3 one) through matvec with 1 and 2 threads (rows split in
- * halves), and through matmat with 8 and 32 vectors (1 thread). Prints the CPU model first.
+ * halves), and through matmat with 8 and 32 vectors (1 thread). Q4_0 is also run in the
+ * row-interleaved q4_0x16 layout (rows "q4_0x16": matvec_q4_0x16 / matmat_q4_0x16, the same
+ * bytes re-arranged). Prints the CPU model first.
  * Time is per-thread CPU time (the slowest thread), so other load on a shared machine does not
  * count; memory-bandwidth contention from other processes still does.
  * Usage: kern_bench [MiB per type, default 640] [rows=cols, default 4096] [type, e.g. q4_0].
@@ -28,6 +30,7 @@ typedef struct job {
     size_t xs;
     float *y;
     int64_t r0, r1;
+    int packed;   /* w is in the q4_0x16 layout: matvec_q4_0x16 / matmat_q4_0x16 */
     double cpu_s; /* this thread's CPU time for the sweep */
 } job;
 
@@ -42,7 +45,12 @@ static void *s_run(void *arg) {
     const double t0 = s_cpu_now();
     for (int64_t m = 0; m < j->n_mat; m++) {
         const uint8_t *w = j->w + (size_t)m * j->mat_bytes;
-        if (j->n_vec == 1)
+        if (j->packed && j->n_vec == 1)
+            j->ops->matvec_q4_0x16(j->n, w, j->xq, j->y, j->r0 / 16, j->r1 / 16);
+        else if (j->packed)
+            j->ops->matmat_q4_0x16(j->n, w, j->xq, j->xs, j->n_vec, j->y, (size_t)j->rows,
+                                   j->r0 / 16, j->r1 / 16);
+        else if (j->n_vec == 1)
             j->ops->matvec(j->t, j->n, w, j->rb, j->xq, j->y, j->r0, j->r1);
         else
             j->ops->matmat(j->t, j->n, w, j->rb, j->xq, j->xs, j->n_vec, j->y, (size_t)j->rows,
@@ -60,8 +68,8 @@ static double s_measure(job base, int threads) {
         pthread_t th[2];
         for (int k = 0; k < threads; k++) {
             jobs[k] = base;
-            jobs[k].r0 = base.rows * k / threads;
-            jobs[k].r1 = base.rows * (k + 1) / threads;
+            jobs[k].r0 = base.rows / 16 * k / threads * 16; /* whole 16-row groups */
+            jobs[k].r1 = base.rows / 16 * (k + 1) / threads * 16;
             jobs[k].y = base.y + (size_t)jobs[k].r0;
             if (k > 0) pthread_create(&th[k], NULL, s_run, &jobs[k]);
         }
@@ -76,7 +84,6 @@ static double s_measure(job base, int threads) {
     return (double)base.mat_bytes * (double)base.n_mat / best / 1e9;
 }
 
-
 int main(int argc, char **argv) {
     const double mib = argc > 1 ? atof(argv[1]) : 640.0;
     const int64_t n = argc > 2 ? atoll(argv[2]) : 4096, rows = n;
@@ -89,7 +96,7 @@ int main(int argc, char **argv) {
     const int nops = kern_ops_all(ops, 4);
     const stp_type types[] = {STP_TYPE_Q4_0, STP_TYPE_Q8_0, STP_TYPE_Q4_K, STP_TYPE_Q6_K,
                               STP_TYPE_F16};
-    printf("%-6s %-11s %9s %9s %13s %13s\n", "type", "level", "mv 1t", "mv 2t", "mm8 1t",
+    printf("%-7s %-11s %9s %9s %13s %13s\n", "type", "level", "mv 1t", "mv 2t", "mm8 1t",
            "mm32 1t");
     uint64_t seed = 1;
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
@@ -135,7 +142,20 @@ int main(int argc, char **argv) {
             seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
             f[i] = (float)((int64_t)(seed >> 40) - (1 << 23)) / (float)(1 << 23);
         }
-        for (int o = 0; o < nops; o++) {
+        /* Q4_0 also in the row-interleaved q4_0x16 layout (rows "q4_0x16"), same matrices */
+        uint8_t *wp = NULL;
+        if (wt == STP_TYPE_Q4_0 && kern_q4_0x16_size(rows, n) == mat) {
+            wp = aligned_alloc(64, mat * (size_t)n_mat);
+            if (!wp) {
+                fprintf(stderr, "kern_bench: out of memory\n");
+                return 1;
+            }
+            kern_q4_0x16_pack(w, rb, rows, n, wp);
+            for (int64_t m = 1; m < n_mat; m++)
+                memcpy(wp + (size_t)m * mat, wp, mat);
+        }
+        for (int oo = 0; oo < (wp ? 2 : 1) * nops; oo++) {
+            const int o = oo % nops, packed = oo >= nops;
             for (int v = 0; v < 32; v++)
                 ops[o]->quantize_act(wt, f + v * n, xq + v * xs, n);
             job j = {.ops = ops[o],
@@ -146,7 +166,8 @@ int main(int argc, char **argv) {
                      .n_vec = 1,
                      .rb = rb,
                      .mat_bytes = mat,
-                     .w = w,
+                     .w = packed ? wp : w,
+                     .packed = packed,
                      .xq = xq,
                      .xs = xs,
                      .y = y};
@@ -159,11 +180,12 @@ int main(int argc, char **argv) {
             const double mm8 = s_measure(j, 1);
             j.n_vec = 32;
             const double mm32 = s_measure(j, 1);
-            printf("%-6s %-11s %7.2f GB/s %5.2f GB/s %7.2f GB/s %7.2f GB/s\n", tensor_type_name(wt),
-                   ops[o]->level, mv1, mv2, mm8, mm32);
+            printf("%-7s %-11s %7.2f GB/s %5.2f GB/s %7.2f GB/s %7.2f GB/s\n",
+                   packed ? "q4_0x16" : tensor_type_name(wt), ops[o]->level, mv1, mv2, mm8, mm32);
             fflush(stdout);
         }
         free(w);
+        free(wp);
         free(f);
         free(xq);
         free(y);

@@ -469,17 +469,21 @@ static inline __attribute__((always_inline)) void s_x16_block(const kern_x16_job
                                                               const int nv) {
     const __m256i m0f = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t e = b - j->c0;
+#pragma GCC unroll 9
     for (int half = 0; half < 2; half++) {
         __m256i lo[4], hi[4];
+#pragma GCC unroll 9
         for (int k = 0; k < 4; k++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 64 * k + 32 * half));
             lo[k] = _mm256_and_si256(w, m0f);
             hi[k] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f);
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * half)));
+#pragma GCC unroll 9
         for (int v = 0; v < nv; v++) {
             const int8_t *xv = j->x[v][b].qs;
             __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 9
             for (int k = 0; k < 4; k++) {
                 int32_t xl, xh;
                 memcpy(&xl, xv + 4 * k, 4);
@@ -498,16 +502,19 @@ static inline __attribute__((always_inline)) void s_x16_block(const kern_x16_job
 static inline __attribute__((always_inline)) void s_x16_group(const kern_x16_job *j, int64_t c1,
                                                               const int nv) {
     __m256 acc[8];
+#pragma GCC unroll 9
     for (int v = 0; v < nv; v++) {
         acc[2 * v] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v]);
         acc[2 * v + 1] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v] + 8);
     }
     for (int64_t b = j->c0; b < c1; b++) {
         const uint8_t *q = j->G + kern_q4x16_qoff(b);
+#pragma GCC unroll 9
         for (int l = 0; l < 4; l++)
             _mm_prefetch((const char *)(q + 1024 + 64 * l), _MM_HINT_T0);
         s_x16_block(j, q, j->G + kern_q4x16_soff(j->nb, b), b, acc, nv);
     }
+#pragma GCC unroll 9
     for (int v = 0; v < nv; v++) {
         _mm256_storeu_ps(j->y[v], acc[2 * v]);
         _mm256_storeu_ps(j->y[v] + 8, acc[2 * v + 1]);
