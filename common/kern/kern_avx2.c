@@ -507,13 +507,20 @@ static inline __attribute__((always_inline)) void s_x16_group(const kern_x16_job
         acc[2 * v] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v]);
         acc[2 * v + 1] = j->c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(j->y[v] + 8);
     }
-    for (int64_t b = j->c0; b < c1; b++) {
-        const uint8_t *q = j->G + kern_q4x16_qoff(b);
+    int64_t b = j->c0;
+    for (; b + 1 < c1; b += 2) { /* a block pair: 9 cache lines, prefetched ahead into L1 / L2 */
+        const uint8_t *p = j->G + (size_t)(b >> 1) * KERN_Q4X16_PAIR;
 #pragma GCC unroll 9
-        for (int l = 0; l < 4; l++)
-            _mm_prefetch((const char *)(q + 1024 + 64 * l), _MM_HINT_T0);
-        s_x16_block(j, q, j->G + kern_q4x16_soff(j->nb, b), b, acc, nv);
+        for (int l = 0; l < 9; l++)
+            _mm_prefetch((const char *)(p + 4 * KERN_Q4X16_PAIR + 64 * l), _MM_HINT_T0);
+#pragma GCC unroll 9
+        for (int l = 0; l < 9; l++)
+            _mm_prefetch((const char *)(p + 14 * KERN_Q4X16_PAIR + 64 * l), _MM_HINT_T1);
+        s_x16_block(j, p, p + 512, b, acc, nv);
+        s_x16_block(j, p + 256, p + 544, b + 1, acc, nv);
     }
+    if (b < c1)
+        s_x16_block(j, j->G + kern_q4x16_qoff(b), j->G + kern_q4x16_soff(j->nb, b), b, acc, nv);
 #pragma GCC unroll 9
     for (int v = 0; v < nv; v++) {
         _mm256_storeu_ps(j->y[v], acc[2 * v]);
