@@ -140,9 +140,6 @@ static int s_packable_views(model *m, tensor_view **out, int cap) {
 }
 
 int model_enable_packing(model *m, stp_err *err) {
-#ifndef KERN_HAVE_Q4_0X16
-    return 0;
-#endif
     if (!strcmp(kern_ops_get()->level, "ref") || !m->layers) return 0;
     int cap = 1 + 5 * m->cfg.n_layer;
     tensor_view **views = malloc(sizeof *views * (size_t)cap);
@@ -164,10 +161,9 @@ int model_enable_packing(model *m, stp_err *err) {
 
 const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
     if (!t->packed) return NULL;
-#ifdef KERN_HAVE_Q4_0X16
     if (!t->packed[mat]) {
         size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
-        uint8_t *img = malloc(bytes);
+        uint8_t *img = aligned_alloc(64, (bytes + 63) & ~(size_t)63); /* pairs on cache lines */
         if (!img) return NULL; /* the unpacked path still works */
         const uint8_t *src = t->data + (size_t)mat * t->mat_bytes;
         kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, img);
@@ -178,7 +174,6 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
         uintptr_t a = ((uintptr_t)src + pg - 1) & ~(pg - 1), b = ((uintptr_t)src + t->mat_bytes) & ~(pg - 1);
         if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
     }
-#endif
     return t->packed[mat];
 }
 

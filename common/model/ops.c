@@ -17,7 +17,6 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
         ops->matvec_rows(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->rows + r0, r1 - r0, j->y);
         return;
     }
-#ifdef KERN_HAVE_Q4_0X16
     if (j->wp && r0 % 16 == 0 && r1 % 16 == 0) {
         if (j->n_vec > 1)
             ops->matmat_q4_0x16(j->n_cols, j->wp, j->xq, j->xq_stride, j->n_vec, j->y + r0,
@@ -26,7 +25,6 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
             ops->matvec_q4_0x16(j->n_cols, j->wp, j->xq, j->y + r0, r0 / 16, r1 / 16);
         return;
     }
-#endif
     if (j->n_vec > 1 && ops->matmat) {
         ops->matmat(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->xq_stride, j->n_vec,
                     j->y + r0, j->y_stride, r0, r1);
