@@ -24,11 +24,8 @@ esac
 command -v clang >/dev/null || { echo "fuzz.sh: clang not found (deploy/setup.sh --with-clang)" >&2; exit 2; }
 
 if [[ ! -f "$build/CMakeCache.txt" ]]; then
-  hook=()
-  # Until the root CMakeLists.txt adds tests/fuzz itself under STP_FUZZ, hook it in.
-  grep -q 'tests/fuzz' CMakeLists.txt || hook=(-DCMAKE_PROJECT_INCLUDE="$PWD/tests/fuzz/hook.cmake")
   cmake -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Release -DSTP_FUZZ=ON \
-    "${hook[@]}" >/dev/null
+    >/dev/null
 fi
 if ! nice -n "$nice_level" cmake --build "$build" -j2 --target "${targets[@]}" \
   >"$build/fuzz-build.log" 2>&1; then

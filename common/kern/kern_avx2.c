@@ -374,8 +374,10 @@ void kern_avx2_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes
 }
 
 /* stack_bl is filled before use (s_mask_list); GCC cannot see that through the inlining. */
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 void kern_avx2_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                              const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
                              int64_t r1) {
@@ -392,7 +394,9 @@ void kern_avx2_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t ro
     s_matvec_q(wtype, nb, w, row_bytes, xq, bl, nact, y, r0, r1);
     if (bl != stack_bl) free(bl);
 }
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 void kern_avx2_axpy_row(stp_type wtype, int64_t n, const void *w_row, float a, float *y) {
     switch (wtype) {

@@ -240,8 +240,10 @@ static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_b
 }
 
 /* stack_bl is filled before use (s_mask_list); GCC cannot see that through the inlining. */
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 static void s_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                             const void *xq, const uint8_t *block_mask, float *y, int64_t r0,
                             int64_t r1) {
@@ -259,7 +261,9 @@ static void s_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row
     s_matvec_q(wtype, w, row_bytes, xq, bl, nact, y, r0, r1);
     if (bl != stack_bl) free(bl);
 }
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 /* ---- Q4_0 in the q4_0x16 layout (kern.h) ---------------------------------------------------- *
  * Per (group, block): 4 aligned zmm loads hold the 256 quant bytes, register k = bytes 4k..4k+3

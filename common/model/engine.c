@@ -70,6 +70,11 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         rc = moe_enable_sparse_down(e->ms, m, err);
         if (rc) goto fail;
     }
+    if (p && p->prepare_all) {
+        rc = model_pack_all((model *)m, e->tp, err);
+        if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, err);
+        if (rc) goto fail;
+    }
     size_t TE = (size_t)n_ubatch * c->n_embd;
     e->x = malloc(TE * sizeof(float));
     e->h = malloc(TE * sizeof(float));

@@ -159,6 +159,74 @@ int model_enable_packing(model *m, stp_err *err) {
     return 0;
 }
 
+/* Releases the whole pages of [p, p + n) from this process (file-backed: they stay in the page
+ * cache, but no longer count against the process). */
+static void s_release_pages(const uint8_t *p, size_t n) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)p + pg - 1) & ~(pg - 1), b = ((uintptr_t)p + n) & ~(pg - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+typedef struct pack_item {
+    const tensor_view *t;
+    int64_t mat;
+} pack_item;
+
+typedef struct pack_section {
+    pack_item *items;
+    long n;
+} pack_section;
+
+static void s_pack_worker(void *p, int ith, int nth) {
+    pack_section *s = p;
+    long b, e;
+    threadpool_chunk(s->n, ith, nth, 1, &b, &e);
+    for (long i = b; i < e; i++) {
+        const tensor_view *t = s->items[i].t;
+        const uint8_t *src = t->data + (size_t)s->items[i].mat * t->mat_bytes;
+        kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, t->packed[s->items[i].mat]);
+        s_release_pages(src, t->mat_bytes);
+    }
+}
+
+int model_pack_all(model *m, threadpool *tp, stp_err *err) {
+    if (!m->layers) return 0;
+    int cap = 1 + 5 * m->cfg.n_layer;
+    tensor_view **views = malloc(sizeof *views * (size_t)cap);
+    long n_items = 0, cap_items = 0;
+    pack_item *items = NULL;
+    int rc = 0;
+    if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
+    int n = s_packable_views(m, views, cap);
+    for (int i = 0; i < n; i++) cap_items += views[i]->packed ? views[i]->n_mat : 0;
+    items = malloc(sizeof *items * (size_t)(cap_items ? cap_items : 1));
+    if (!items) {
+        rc = stp_err_set(err, STP_ENOMEM, "packing: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        tensor_view *t = views[i];
+        if (!t->packed) continue;
+        for (int64_t k = 0; k < t->n_mat; k++) {
+            if (t->packed[k]) continue;
+            size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
+            t->packed[k] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+            if (!t->packed[k]) {
+                rc = stp_err_set(err, STP_ENOMEM, "packing %s: out of memory", t->name);
+                goto out;
+            }
+            *t->packed_total += bytes;
+            items[n_items++] = (pack_item){t, k};
+        }
+    }
+    pack_section s = {items, n_items};
+    threadpool_run(tp, s_pack_worker, &s);
+out:
+    free(items);
+    free(views);
+    return rc;
+}
+
 const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
     if (!t->packed) return NULL;
     if (!t->packed[mat]) {
@@ -169,10 +237,7 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
         kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, img);
         t->packed[mat] = img;
         *t->packed_total += bytes;
-        /* release the file pages this image replaces (whole pages inside the matrix only) */
-        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
-        uintptr_t a = ((uintptr_t)src + pg - 1) & ~(pg - 1), b = ((uintptr_t)src + t->mat_bytes) & ~(pg - 1);
-        if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        s_release_pages(src, t->mat_bytes); /* the image replaces these file pages */
     }
     return t->packed[mat];
 }

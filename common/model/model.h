@@ -12,6 +12,7 @@
 
 #include "gguf/gguf.h"
 #include "model/model_config.h"
+#include "util/threadpool.h"
 
 typedef struct tensor_view {
     char name[64];     /* GGUF tensor name, for messages */
@@ -65,5 +66,7 @@ int model_enable_packing(model *m, stp_err *err);
  * before handing work to a thread team); NULL if t is not packed. */
 const uint8_t *model_packed(const tensor_view *t, int64_t mat);
 size_t model_packed_bytes(const model *m);
+/* Builds every packed image now, split over the team (load time instead of first use). */
+int model_pack_all(model *m, threadpool *tp, stp_err *err);
 
 #endif

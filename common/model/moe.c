@@ -3,6 +3,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "model/down_t.h"
 
@@ -94,6 +95,41 @@ int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err) {
 
 size_t moe_sparse_down_bytes(const moe_scratch *s) {
     return s ? s->dt_bytes : 0;
+}
+
+typedef struct dt_build_section {
+    moe_scratch *s;
+    const model *m;
+} dt_build_section;
+
+static void s_dt_build_worker(void *p, int ith, int nth) {
+    dt_build_section *d = p;
+    const model_config *c = &d->m->cfg;
+    long b, e;
+    threadpool_chunk((long)c->n_layer * c->n_expert, ith, nth, 1, &b, &e);
+    for (long i = b; i < e; i++) {
+        const tensor_view *down = &d->m->layers[i / c->n_expert].down_exps;
+        down_t_build_expert(down, i % c->n_expert, d->s->dt_img[i]);
+        /* the image replaces the file pages of this expert's down matrix */
+        const uint8_t *src = down->data + (size_t)(i % c->n_expert) * down->mat_bytes;
+        const uintptr_t pg = 4096;
+        uintptr_t a = ((uintptr_t)src + pg - 1) & ~(pg - 1), z = ((uintptr_t)src + down->mat_bytes) & ~(pg - 1);
+        if (z > a) madvise((void *)a, z - a, MADV_DONTNEED);
+    }
+}
+
+int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp, stp_err *err) {
+    if (!s->dt_img) return 0;
+    const model_config *c = &m->cfg;
+    for (long i = 0; i < (long)c->n_layer * c->n_expert; i++) {
+        if (s->dt_img[i]) continue;
+        s->dt_img[i] = malloc(s->dt_expert_bytes);
+        if (!s->dt_img[i]) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
+        s->dt_bytes += s->dt_expert_bytes;
+    }
+    dt_build_section d = {s, m};
+    threadpool_run(tp, s_dt_build_worker, &d);
+    return 0;
 }
 
 typedef struct dt_section {
