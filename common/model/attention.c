@@ -3,6 +3,7 @@
  * are computed in double and rounded once, which lands within a few ulps of llama.cpp's F32
  * cache path (its SIMD sums are near-exact too) and avoids rounding flips downstream. */
 #include "model/attention.h"
+#include "model/attn_core.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -69,6 +70,10 @@ void attention_router(const compute_ctx *cc, const model *m, int il, const float
     ops_matmul(cc, &m->layers[il].router, 0, x, T, logits, s->xq);
 }
 
+void attn_head_generic(const attn_head_args *a) {
+    attn_core_head(a);
+}
+
 typedef struct attn_section {
     const model_config *cfg;
     const kv_layer *kvl;
@@ -76,48 +81,29 @@ typedef struct attn_section {
     float *o;
     double *scores;
     int T, pos0, n_ctx;
+    bool simd; /* the CPU runs the AVX2+FMA build */
 } attn_section;
 
-/* q·k in double: ggml's F32 products (sgemm or vec_dot_f32) are accurate to a few ulps of the
- * exact value, and so is this; a plain float sum is not (see README invariant 7). */
-static double s_dot(const float *q, const float *k, int D) {
-    double acc = 0.0;
-    for (int i = 0; i < D; i++) acc += (double)q[i] * (double)k[i];
-    return acc;
-}
-
-/* One query head of one token over the cached keys it may see. Scores, softmax and the value
- * sum are computed in double and rounded to float once. */
+/* One query head of one token: the generic build of attn_core.h (attention_avx2.c has the
+ * AVX2+FMA build of the same code; both give the same bits). */
 static void s_attend(const attn_section *a, int t, int h, double *sc) {
     const model_config *c = a->cfg;
     const int D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
     const int g = h / (c->n_head / c->n_head_kv);
     const int p = a->pos0 + t;
     const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
-    const float *q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)h * D;
-    const double scale = 1.0 / sqrt((double)D);
-    double max = -INFINITY;
-    for (int j = lo; j <= p; j++) {
-        const float *k = a->kvl->k + (size_t)kv_cache_slot(a->kvl, j) * KV + (size_t)g * D;
-        double w = s_dot(q, k, D) * scale;
-        sc[j - lo] = w;
-        if (w > max) max = w;
-    }
-    double sum = 0.0;
-    for (int j = lo; j <= p; j++) {
-        double e = exp(sc[j - lo] - max);
-        sc[j - lo] = e;
-        sum += e;
-    }
-    double acc[STP_MAX_HEAD_DIM];
-    for (int i = 0; i < D; i++) acc[i] = 0.0;
-    for (int j = lo; j <= p; j++) {
-        const float *v = a->kvl->v + (size_t)kv_cache_slot(a->kvl, j) * KV + (size_t)g * D;
-        const double w = sc[j - lo];
-        for (int i = 0; i < D; i++) acc[i] += w * (double)v[i];
-    }
-    float *o = a->o + (size_t)t * Q + (size_t)h * D;
-    for (int i = 0; i < D; i++) o[i] = (float)(acc[i] / sum);
+    const attn_head_args ha = {
+        .q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)h * D,
+        .k = a->kvl->k + (size_t)g * D,
+        .v = a->kvl->v + (size_t)g * D,
+        .stride = KV, .cap = a->kvl->cap, .lo = lo, .hi = p, .D = D,
+        .out = a->o + (size_t)t * Q + (size_t)h * D,
+        .sc = sc,
+    };
+    if (a->simd)
+        attn_head_avx2(&ha);
+    else
+        attn_head_generic(&ha);
 }
 
 static void s_attn_worker(void *p, int ith, int nth) {
@@ -177,7 +163,8 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
         memcpy(kvl->v + (size_t)slot * KV, row + Q + KV, sizeof(float) * KV);
     }
 
-    attn_section a = {c, kvl, s->qkv, s->o, s->scores, T, pos0, s->n_ctx};
+    attn_section a = {c, kvl, s->qkv, s->o, s->scores, T, pos0, s->n_ctx,
+                      strcmp(cc->ops->level, "ref") != 0};
     threadpool_run(cc->tp, s_attn_worker, &a);
 
     ops_matmul(cc, &L->wo, 0, s->o, T, s->proj, s->xq);

@@ -70,7 +70,7 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         rc = moe_enable_sparse_down(e->ms, m, err);
         if (rc) goto fail;
     }
-    if (p && p->prepare_all) {
+    if (!(p && p->lazy)) {
         rc = model_pack_all((model *)m, e->tp, err);
         if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, err);
         if (rc) goto fail;

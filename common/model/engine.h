@@ -18,7 +18,7 @@ typedef struct engine_params {
     int n_ubatch;  /* tokens per forward micro-batch; 0 = 512 */
     bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing; /* keep every matrix in the file's layout (for comparisons) */
-    bool prepare_all; /* build packed/neuron-major images at load, not on first use */
+    bool lazy;       /* build packed/neuron-major images on first use instead of at load */
 } engine_params;
 
 typedef struct engine_stats {
