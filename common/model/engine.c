@@ -63,7 +63,7 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     rc = moe_scratch_new(&e->ms, c, n_ubatch, err);
     if (rc) goto fail;
     if (!(p && p->no_packing)) {
-        rc = model_enable_packing((model *)m, err);
+        rc = model_enable_packing((model *)m, MODEL_PACK_ALL, err);
         if (rc) goto fail;
     }
     if (!(p && p->dense_down)) {

@@ -127,24 +127,26 @@ fail:
     return rc;
 }
 
-/* Every view that may own packed images, for enabling and freeing. */
-static int s_packable_views(model *m, tensor_view **out, int cap) {
+/* The views of the given MODEL_PACK_* groups (all of them for freeing). */
+static int s_packable_views(model *m, int which, tensor_view **out, int cap) {
     int n = 0;
-    if (n < cap) out[n++] = &m->output;
+    if ((which & MODEL_PACK_HEAD) && n < cap) out[n++] = &m->output;
     for (int il = 0; il < m->cfg.n_layer; il++) {
         layer_weights *L = &m->layers[il];
-        tensor_view *v[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate_exps};
-        for (size_t i = 0; i < sizeof v / sizeof v[0] && n < cap; i++) out[n++] = v[i];
+        tensor_view *attn[] = {&L->wq, &L->wk, &L->wv, &L->wo};
+        if (which & MODEL_PACK_ATTN)
+            for (size_t i = 0; i < 4 && n < cap; i++) out[n++] = attn[i];
+        if ((which & MODEL_PACK_GATE) && n < cap) out[n++] = &L->gate_exps;
     }
     return n;
 }
 
-int model_enable_packing(model *m, stp_err *err) {
+int model_enable_packing(model *m, int which, stp_err *err) {
     if (!strcmp(kern_ops_get()->level, "ref") || !m->layers) return 0;
     int cap = 1 + 5 * m->cfg.n_layer;
     tensor_view **views = malloc(sizeof *views * (size_t)cap);
     if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
-    int n = s_packable_views(m, views, cap);
+    int n = s_packable_views(m, which, views, cap);
     for (int i = 0; i < n; i++) {
         tensor_view *t = views[i];
         if (t->packed || t->type != STP_TYPE_Q4_0 || t->n_rows % 16) continue;
@@ -197,7 +199,7 @@ int model_pack_all(model *m, threadpool *tp, stp_err *err) {
     pack_item *items = NULL;
     int rc = 0;
     if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
-    int n = s_packable_views(m, views, cap);
+    int n = s_packable_views(m, MODEL_PACK_ALL, views, cap);
     for (int i = 0; i < n; i++) cap_items += views[i]->packed ? views[i]->n_mat : 0;
     items = malloc(sizeof *items * (size_t)(cap_items ? cap_items : 1));
     if (!items) {
@@ -251,7 +253,7 @@ void model_close(model **self_p) {
     if (!m) return;
     if (m->layers) {
         tensor_view **views = malloc(sizeof *views * (size_t)(1 + 5 * m->cfg.n_layer));
-        int n = views ? s_packable_views(m, views, 1 + 5 * m->cfg.n_layer) : 0;
+        int n = views ? s_packable_views(m, MODEL_PACK_ALL, views, 1 + 5 * m->cfg.n_layer) : 0;
         for (int i = 0; i < n; i++) {
             if (!views[i]->packed) continue;
             for (int64_t k = 0; k < views[i]->n_mat; k++) free(views[i]->packed[k]);

@@ -61,7 +61,8 @@ void model_close(model **self_p);
  * the row-interleaved layout of kern's q4_0x16 kernels (same values, same results, faster).
  * Images are built on first use by model_packed; the file pages they replace are released.
  * A no-op on CPUs without SIMD kernels. */
-int model_enable_packing(model *m, stp_err *err);
+enum { MODEL_PACK_ATTN = 1, MODEL_PACK_HEAD = 2, MODEL_PACK_GATE = 4, MODEL_PACK_ALL = 7 };
+int model_enable_packing(model *m, int which, stp_err *err);
 /* The packed image of matrix `mat` of t, building it now if needed (not thread-safe: call it
  * before handing work to a thread team); NULL if t is not packed. */
 const uint8_t *model_packed(const tensor_view *t, int64_t mat);
