@@ -1,4 +1,6 @@
-/* cli_chat: `stpipe chat`, an interactive chat with history on a backend (in-process engine).
+/* cli_chat: `stpipe chat`, an interactive chat with history on a backend (in-process engine)
+ * or through a running pipeline (--pipeline RUN_DIR: each turn sends the whole conversation as a
+ * ChatML prompt to the coordinator, which tokenizes, samples and streams the answer back).
  *
  * The KV cache is kept across turns: each turn evaluates only its new tokens (the previous
  * answer's unevaluated last token, "<|im_end|>\n" and the ChatML user turn). When the context
@@ -15,6 +17,7 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "cli_pipeline.h"
 #include "gen_loop.h"
 
 static volatile sig_atomic_t s_interrupted; /* set by SIGINT, cleared by the loop */
@@ -38,7 +41,7 @@ static void s_usage(FILE *f) {
     fprintf(f,
             "usage: stpipe chat --model FILE [options]\n"
             "  --model FILE          SmallThinker GGUF file (in-process engine)\n"
-            "  --pipeline RUN_DIR    chat through a running pipeline (not available yet)\n"
+            "  --pipeline RUN_DIR    chat through a running pipeline (deploy/stpipe-up)\n"
             "  --system TEXT         system message\n"
             "  -n, --n-predict N     max tokens per answer (default 1024; -1 = until the context "
             "is full)\n"
@@ -120,13 +123,9 @@ static int s_parse(int argc, char **argv, chat_opts *o) {
 #undef FLOATV
 #undef NEEDV
     }
-    if (o->pipeline) {
-        fprintf(stderr, "stpipe chat: --pipeline is not available yet (no pipeline backend in "
-                        "this build); use --model FILE for the in-process engine\n");
-        return 2;
-    }
-    if (!o->model) {
-        fprintf(stderr, "stpipe chat: --model FILE is required (see stpipe chat --help)\n");
+    if (!!o->model == !!o->pipeline) {
+        fprintf(stderr, "stpipe chat: give --model FILE or --pipeline RUN_DIR (see stpipe chat "
+                        "--help)\n");
         return 2;
     }
     return 0;
@@ -155,7 +154,7 @@ static void s_clear(chat_state *c) {
         free((char *)c->msgs[i].content);
     c->n_msgs = keep;
     c->pending = -1;
-    backend_reset(c->b);
+    if (c->b) backend_reset(c->b);
 }
 
 static void s_set_system(chat_state *c, const char *text) {
@@ -288,6 +287,75 @@ static int s_answer(chat_state *c) {
     return 0;
 }
 
+/* ---- through a pipeline ----------------------------------------------------------------- */
+
+typedef struct text_buf {
+    char *p;
+    size_t n, cap;
+} text_buf;
+
+static void s_collect(void *ud, const char *text, size_t len) {
+    text_buf *b = ud;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    if (b->n + len + 1 > b->cap) {
+        size_t nc = (b->n + len + 1) * 2;
+        char *np = realloc(b->p, nc);
+        if (!np) return;
+        b->p = np;
+        b->cap = nc;
+    }
+    memcpy(b->p + b->n, text, len);
+    b->n += len;
+    b->p[b->n] = 0;
+}
+
+/* The conversation as ChatML text with the generation prompt (the coordinator parses the
+ * special tokens); the same text tokenizer_chat_format writes. */
+static char *s_chatml(const chat_state *c) {
+    size_t need = 64;
+    for (size_t i = 0; i < c->n_msgs; i++)
+        need += strlen(c->msgs[i].role) + strlen(c->msgs[i].content) + 32;
+    char *t = malloc(need), *w = t;
+    if (!t) return NULL;
+    for (size_t i = 0; i < c->n_msgs; i++)
+        w += sprintf(w, "<|im_start|>%s\n%s<|im_end|>\n", c->msgs[i].role, c->msgs[i].content);
+    strcpy(w, "<|im_start|>assistant\n");
+    return t;
+}
+
+static int s_answer_pipeline(chat_state *c) {
+    char *prompt = s_chatml(c);
+    if (!prompt) return STP_ENOMEM;
+    text_buf tb = {0};
+    pipeline_gen_opts po = {
+        .run_dir = c->o->pipeline, .prompt_text = prompt, .parse_special = true,
+        .n_predict = c->o->n_predict, .sp = c->o->sp, .quiet = true,
+        .on_text = s_collect, .ud = &tb, .cancel = &s_interrupted};
+    po.sp.seed += c->n_msgs;
+    s_interrupted = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = cli_generate_pipeline(&po);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    bool stopped = s_interrupted;
+    s_interrupted = 0;
+    fputc('\n', stdout);
+    fflush(stdout);
+    free(prompt);
+    if (rc) {
+        fprintf(stderr, "stpipe chat: the pipeline did not answer (message dropped)\n");
+        free((char *)c->msgs[--c->n_msgs].content);
+        free(tb.p);
+        return 0;
+    }
+    s_push(c, "assistant", tb.p ? tb.p : "");
+    fprintf(stderr, "[%s%.1f s]\n", stopped ? "stopped: " : "",
+            (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9);
+    free(tb.p);
+    return 0;
+}
+
 int cli_chat(int argc, char **argv) {
     chat_opts o;
     int rc = s_parse(argc, argv, &o);
@@ -296,11 +364,11 @@ int cli_chat(int argc, char **argv) {
     chat_state c = {.o = &o, .pending = -1, .tty = isatty(0)};
     backend_engine_params bp = {
         .model_path = o.model, .n_threads = (int)o.threads, .n_ctx = (int)o.ctx};
-    if (backend_engine_new(&c.b, &bp, &err)) {
+    if (o.model && backend_engine_new(&c.b, &bp, &err)) {
         fprintf(stderr, "stpipe chat: %s\n", err.msg);
         return 1;
     }
-    if (c.b->warning[0]) fprintf(stderr, "warning: %s\n", c.b->warning);
+    if (c.b && c.b->warning[0]) fprintf(stderr, "warning: %s\n", c.b->warning);
     if (o.system) s_set_system(&c, o.system);
 
     struct sigaction sa = {0}, old;
@@ -308,11 +376,14 @@ int cli_chat(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = 0; /* no SA_RESTART: a Ctrl-C interrupts the read at the prompt */
     sigaction(SIGINT, &sa, &old);
-    if (c.tty)
+    if (c.tty && c.b)
         fprintf(stderr,
                 "stpipe chat: %s, context %d tokens. /reset, /system TEXT, /quit; "
                 "Ctrl-C stops an answer.\n",
                 c.b->name, backend_n_ctx(c.b));
+    else if (c.tty)
+        fprintf(stderr, "stpipe chat: pipeline %s. /reset, /system TEXT, /quit; Ctrl-C stops "
+                        "an answer.\n", o.pipeline);
 
     char *line = NULL;
     size_t cap = 0;
@@ -364,7 +435,10 @@ int cli_chat(int argc, char **argv) {
             fprintf(stderr, "stpipe chat: out of memory\n");
             break;
         }
-        s_answer(&c);
+        if (c.b)
+            s_answer(&c);
+        else
+            s_answer_pipeline(&c);
     }
     sigaction(SIGINT, &old, NULL);
     free(line);

@@ -97,6 +97,10 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
     for (bool fin = false; !fin;) {
         bool rd;
         double now = msg_now_us();
+        if (o->cancel && *o->cancel) { /* abandoned by the caller (Ctrl-C in chat) */
+            status = 0;
+            break;
+        }
         if ((now - last_progress) * 1e-3 > timeout) {
             fprintf(stderr, "\nstpipe generate: no progress from the pipeline in %s within %d s\n",
                     o->run_dir, timeout / 1000);
@@ -162,13 +166,19 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
             }
             ids[n_ids++] = r->token->id;
             if (!o->ids_out && r->token->text.len) {
-                fwrite(r->token->text.data, 1, r->token->text.len, stdout);
-                fflush(stdout);
+                if (o->on_text) {
+                    o->on_text(o->ud, (const char *)r->token->text.data, r->token->text.len);
+                } else {
+                    fwrite(r->token->text.data, 1, r->token->text.len, stdout);
+                    fflush(stdout);
+                }
             }
             break;
         case STP__CLIENT_MSG__BODY_DONE: {
             const Stp__GenerateDone *d = r->done;
-            if (o->ids_out) {
+            if (o->on_text) {
+                if (d->tail_text.len) o->on_text(o->ud, (const char *)d->tail_text.data, d->tail_text.len);
+            } else if (o->ids_out) {
                 for (int i = 0; i < n_ids; i++)
                     printf(i ? " %d" : "%d", ids[i]);
                 printf("\n");

@@ -4,7 +4,9 @@
 #ifndef STP_CLI_PIPELINE_H
 #define STP_CLI_PIPELINE_H
 
+#include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "model/sampler.h"
@@ -22,6 +24,12 @@ typedef struct pipeline_gen_opts {
     bool ids_out, ignore_eos, quiet;
     const char *logits_out; /* float32 logits of every prompt position */
     int timeout_ms;         /* no message for this long fails (0: 120000) */
+    /* Optional streaming hooks (stpipe chat): text goes to on_text instead of stdout (no
+     * newline or ids are printed), and the request is abandoned when *cancel becomes nonzero
+     * (the coordinator cancels a request whose client went away). */
+    void (*on_text)(void *ud, const char *text, size_t len);
+    void *ud;
+    const volatile sig_atomic_t *cancel;
 } pipeline_gen_opts;
 
 /* Returns the process exit code (0 ok, 1 error). */

@@ -1,0 +1,84 @@
+/* test_chat_pipeline: `stpipe chat --pipeline RUN_DIR` answers each turn through a running
+ * pipeline with the same greedy text as the in-process `stpipe generate --chat` on the same
+ * conversation, and /reset and /quit work. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static char s_cmd[8192], s_out[65536];
+
+/* Runs a shell command, captures stdout; returns the exit status. */
+static int s_run(const char *cmd, char *out, size_t cap) {
+    FILE *f = popen(cmd, "r");
+    if (!f) return -1;
+    size_t n = fread(out, 1, cap - 1, f);
+    out[n] = 0;
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_chat_pipeline_matches_in_process(void **state) {
+    (void)state;
+    const char *bin = getenv("STP_BIN_DIR"), *src = getenv("STP_SOURCE_DIR"),
+               *data = getenv("STP_TEST_DATA"), *tmp = getenv("STP_TMP");
+    assert_non_null(bin), assert_non_null(src), assert_non_null(data), assert_non_null(tmp);
+    char run[1024], model[1024], expect[4096];
+    snprintf(run, sizeof run, "%s/chat-pipe-%d", tmp, (int)getpid());
+    snprintf(model, sizeof model, "%s/tiny-qwen-vocab-q4_0-pure.gguf", data);
+    snprintf(s_cmd, sizeof s_cmd, "mkdir -p %s && %s/deploy/stpipe-up --model %s --run-dir %s "
+             "--workers 1 --threads 1 >/dev/null 2>&1", tmp, src, model, run);
+    assert_int_equal(system(s_cmd), 0);
+
+    snprintf(s_cmd, sizeof s_cmd,
+             "%s/stpipe generate --model %s --chat --system 'You are brief.' --prompt 'What is "
+             "the capital of France?' -n 12 --quiet", bin, model);
+    assert_int_equal(s_run(s_cmd, expect, sizeof expect), 0);
+    expect[strcspn(expect, "\n")] = 0;
+    assert_true(strlen(expect) > 0);
+
+    snprintf(s_cmd, sizeof s_cmd,
+             "printf '/system You are brief.\\nWhat is the capital of France?\\nAnd of "
+             "Italy?\\n/reset\\nHello\\n/quit\\n' | %s/stpipe chat --pipeline %s -n 12 --temp 0 "
+             "2>/dev/null", bin, run);
+    int rc = s_run(s_cmd, s_out, sizeof s_out);
+    snprintf(s_cmd, sizeof s_cmd, "%s/deploy/stpipe-down %s >/dev/null 2>&1", src, run);
+    int down = system(s_cmd);
+    assert_int_equal(rc, 0);
+    assert_int_equal(down, 0);
+    /* first answer line equals the in-process answer; three answers in all */
+    char *first = strtok(s_out, "\n");
+    assert_non_null(first);
+    assert_string_equal(first, expect);
+    assert_non_null(strtok(NULL, "\n"));
+    assert_non_null(strtok(NULL, "\n"));
+}
+
+static void test_chat_pipeline_usage(void **state) {
+    (void)state;
+    const char *bin = getenv("STP_BIN_DIR");
+    snprintf(s_cmd, sizeof s_cmd, "%s/stpipe chat 2>/dev/null", bin);
+    assert_int_equal(s_run(s_cmd, s_out, sizeof s_out), 2);
+    snprintf(s_cmd, sizeof s_cmd, "%s/stpipe chat --model a --pipeline b 2>/dev/null", bin);
+    assert_int_equal(s_run(s_cmd, s_out, sizeof s_out), 2);
+    /* no pipeline running there: a clear failure, not a hang */
+    snprintf(s_cmd, sizeof s_cmd,
+             "echo hi | timeout 60 %s/stpipe chat --pipeline /nonexistent-run-dir 2>&1", bin);
+    assert_int_equal(s_run(s_cmd, s_out, sizeof s_out), 0);
+    assert_non_null(strstr(s_out, "stpipe"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_chat_pipeline_matches_in_process),
+        cmocka_unit_test(test_chat_pipeline_usage),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
