@@ -51,23 +51,6 @@ static uint64_t fz_str(const uint8_t *base, size_t size, gguf_str s) {
     return fz_touch(base, size, s.ptr, s.len) + s.len;
 }
 
-static size_t fz_elem_size(gguf_vtype t) {
-    switch (t) {
-    case GGUF_VT_UINT8:
-    case GGUF_VT_INT8:
-    case GGUF_VT_BOOL: return 1;
-    case GGUF_VT_UINT16:
-    case GGUF_VT_INT16: return 2;
-    case GGUF_VT_UINT32:
-    case GGUF_VT_INT32:
-    case GGUF_VT_FLOAT32: return 4;
-    case GGUF_VT_UINT64:
-    case GGUF_VT_INT64:
-    case GGUF_VT_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 static int fz_cmp_range(const void *a, const void *b) {
     const fz_range *x = a, *y = b;
     return x->lo < y->lo ? -1 : x->lo > y->lo;
@@ -99,7 +82,7 @@ static uint64_t fz_walk_kvs(const gguf_file *g, const uint8_t *base, size_t size
                 for (uint64_t j = 0; j < kv->v.arr.n; j++)
                     sum += fz_str(base, size, kv->v.arr.strs[j]);
             } else {
-                size_t es = fz_elem_size(kv->v.arr.type);
+                size_t es = gguf_vtype_size(kv->v.arr.type);
                 FUZZ_CHECK(es);
                 FUZZ_CHECK(kv->v.arr.n <= size / es);
                 sum += fz_touch(base, size, kv->v.arr.data, kv->v.arr.n * es);

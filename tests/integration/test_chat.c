@@ -17,65 +17,14 @@
 #include <unistd.h>
 
 #include "th_gguf.h"
+#include "th_proc.h"
 #include "tokenizer/tokenizer.h"
 
 #define QWEN "tiny-qwen-vocab-q4_0-pure.gguf"
 
-extern char **environ;
-
-typedef struct run_out {
-    int status;
-    char *out, *err;
-} run_out;
-
-static char *s_slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return strdup("");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    size_t r = fread(b, 1, (size_t)n, f);
-    b[r] = 0;
-    fclose(f);
-    return b;
-}
-
 /* Runs stpipe with args, stdin from the text in input. */
-static run_out s_run(const char *const *args, const char *input) {
-    char bin[4096], pi[4096], po[4096], pe[4096];
-    const char *dir = getenv("STP_BIN_DIR");
-    snprintf(bin, sizeof bin, "%s/stpipe", dir && *dir ? dir : "build/bin");
-    th_tmp_path(pi, sizeof pi, "chat_stdin.txt");
-    th_tmp_path(po, sizeof po, "chat_stdout.txt");
-    th_tmp_path(pe, sizeof pe, "chat_stderr.txt");
-    FILE *f = fopen(pi, "wb");
-    fputs(input, f);
-    fclose(f);
-    const char *argv[40];
-    int n = 0;
-    argv[n++] = bin;
-    for (int i = 0; args[i]; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, pi, O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 1, po, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, pe, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid;
-    int rc = posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) fail_msg("cannot run %s: %s", bin, strerror(rc));
-    int st = 0;
-    waitpid(pid, &st, 0);
-    run_out r = {WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), s_slurp(po), s_slurp(pe)};
-    return r;
-}
-
-static void s_free(run_out *r) {
-    free(r->out);
-    free(r->err);
+static th_run_out s_run(const char *const *args, const char *input) {
+    return th_run_stpipe(args, input, "chat");
 }
 
 static int s_count(const char *hay, const char *needle) {
@@ -103,7 +52,7 @@ static char *s_generate_ids(const char *model, const int32_t *ids, size_t n, con
         sprintf(list + strlen(list), i ? " %d" : "%d", ids[i]);
     const char *args[] = {"generate", "--model", model, "--prompt-ids", list,
                           "-n",       "8",       fmt,   "--quiet",      NULL};
-    run_out r = s_run(args, "");
+    th_run_out r = s_run(args, "");
     free(list);
     assert_int_equal(r.status, 0);
     free(r.err);
@@ -117,8 +66,8 @@ static void test_chat_scripted_conversation(void **state) {
     char mp[4096];
     th_data_path(mp, sizeof mp, QWEN);
     const char *args[] = {"chat", "--model", mp, "--temp", "0", "-n", "8", NULL};
-    run_out r = s_run(args, "/system Be brief.\nWhat is the capital of France?\nAnd Germany?\n"
-                            "/reset\nWhat is the capital of France?\n/quit\n");
+    th_run_out r = s_run(args, "/system Be brief.\nWhat is the capital of France?\nAnd Germany?\n"
+                               "/reset\nWhat is the capital of France?\n/quit\n");
     if (r.status != 0) fail_msg("exit %d\nstdout: %s\nstderr: %s", r.status, r.out, r.err);
     assert_int_equal(s_count(r.out, "\n"), 3);    /* one line per answer */
     assert_int_equal(s_count(r.err, "tok/s"), 6); /* gen + prompt speed per answer */
@@ -173,7 +122,7 @@ static void test_chat_scripted_conversation(void **state) {
     free(a3);
     tokenizer_destroy(&tok);
     gguf_close(&g);
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 static void test_chat_end_of_input_and_usage(void **state) {
@@ -181,26 +130,26 @@ static void test_chat_end_of_input_and_usage(void **state) {
     char mp[4096];
     th_data_path(mp, sizeof mp, QWEN);
     const char *a1[] = {"chat", "--model", mp, "-n", "4", NULL};
-    run_out r = s_run(a1, "Hello\n\n/unknown\n"); /* no /quit: end of input ends the chat */
+    th_run_out r = s_run(a1, "Hello\n\n/unknown\n"); /* no /quit: end of input ends the chat */
     assert_int_equal(r.status, 0);
     assert_int_equal(s_count(r.out, "\n"), 1);
     assert_non_null(strstr(r.err, "unknown command /unknown"));
-    s_free(&r);
+    th_run_out_free(&r);
     const char *a2[] = {"chat", NULL};
     r = s_run(a2, "");
     assert_int_equal(r.status, 2);
     assert_non_null(strstr(r.err, "--model FILE is required"));
-    s_free(&r);
+    th_run_out_free(&r);
     const char *a3[] = {"chat", "--pipeline", "/tmp/x", NULL};
     r = s_run(a3, "");
     assert_int_equal(r.status, 2);
     assert_non_null(strstr(r.err, "not available yet"));
-    s_free(&r);
+    th_run_out_free(&r);
     const char *a4[] = {"chat", "--help", NULL};
     r = s_run(a4, "");
     assert_int_equal(r.status, 0);
     assert_non_null(strstr(r.out, "/reset"));
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 int main(void) {

@@ -20,68 +20,14 @@
 #include <unistd.h>
 
 #include "th_gguf.h"
+#include "th_proc.h"
 
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define GOLDEN "tiny-dense-attn-f32.short.json"
 
-extern char **environ;
-
-typedef struct run_out {
-    int status; /* exit code, or 128 + signal */
-    char *out, *err;
-} run_out;
-
-static char *s_slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return strdup("");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    size_t r = fread(b, 1, (size_t)n, f);
-    b[r] = 0;
-    fclose(f);
-    return b;
-}
-
 /* Runs stpipe with args (NULL-terminated); captures stdout and stderr. */
-static run_out s_run(const char *const *args) {
-    char bin[4096], po[4096], pe[4096];
-    const char *dir = getenv("STP_BIN_DIR");
-    snprintf(bin, sizeof bin, "%s/stpipe", dir && *dir ? dir : "build/bin");
-    th_tmp_path(po, sizeof po, "cli_stdout.txt");
-    th_tmp_path(pe, sizeof pe, "cli_stderr.txt");
-    const char *argv[64];
-    int n = 0;
-    argv[n++] = bin;
-    while (args[n - 1] && n < 63) {
-        argv[n] = args[n - 1];
-        n++;
-    }
-    argv[n] = NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, po, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, pe, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    pid_t pid;
-    int rc = posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) fail_msg("cannot run %s: %s", bin, strerror(rc));
-    int st = 0;
-    waitpid(pid, &st, 0);
-    run_out r;
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    r.out = s_slurp(po);
-    r.err = s_slurp(pe);
-    unlink(po);
-    unlink(pe);
-    return r;
-}
-
-static void s_free(run_out *r) {
-    free(r->out);
-    free(r->err);
+static th_run_out s_run(const char *const *args) {
+    return th_run_stpipe(args, NULL, "cli");
 }
 
 static int s_lines(const char *s) {
@@ -91,14 +37,14 @@ static int s_lines(const char *s) {
     return n;
 }
 
-static void s_expect(const run_out *r, int status, const char *what) {
+static void s_expect(const th_run_out *r, int status, const char *what) {
     if (r->status != status)
         fail_msg("%s: exit %d (want %d)\nstdout: %s\nstderr: %s", what, r->status, status, r->out,
                  r->err);
 }
 
 /* Exit 1 with a single stderr line containing every needle. */
-static void s_expect_error(const run_out *r, const char *what, const char *n1, const char *n2) {
+static void s_expect_error(const th_run_out *r, const char *what, const char *n1, const char *n2) {
     s_expect(r, 1, what);
     if (s_lines(r->err) != 1) fail_msg("%s: want one line on stderr, got: %s", what, r->err);
     if (n1 && !strstr(r->err, n1)) fail_msg("%s: stderr lacks '%s': %s", what, n1, r->err);
@@ -141,11 +87,11 @@ static void test_cli_generate_golden_greedy(void **state) {
     char *ids = s_prompt_ids(g), *want = s_greedy8(g);
     const char *a1[] = {"generate", "--model", m,   "--prompt-ids", ids, "--ids", "-n", "8",
                         "--temp",   "0",       NULL};
-    run_out r = s_run(a1);
+    th_run_out r = s_run(a1);
     s_expect(&r, 0, "generate --prompt-ids");
     assert_string_equal(r.out, want);
     assert_non_null(strstr(r.err, "prompt 27 tokens")); /* timings go to stderr */
-    s_free(&r);
+    th_run_out_free(&r);
     /* the text prompt tokenizes to the same ids; one thread gives the same tokens */
     const char *prompt = json_string_value(json_object_get(g, "prompt"));
     const char *a2[] = {"generate", "-m", m,           "--prompt", prompt,    "--ids",
@@ -154,7 +100,7 @@ static void test_cli_generate_golden_greedy(void **state) {
     s_expect(&r, 0, "generate --prompt");
     assert_string_equal(r.out, want);
     assert_string_equal(r.err, "");
-    s_free(&r);
+    th_run_out_free(&r);
     free(ids);
     free(want);
     json_decref(g);
@@ -169,9 +115,9 @@ static void test_cli_generate_logits_out(void **state) {
     char *ids = s_prompt_ids(g);
     const char *a[] = {"generate", "--model",      m,  "--prompt-ids", ids, "--ids", "-n",
                        "2",        "--logits-out", lo, "--quiet",      NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect(&r, 0, "generate --logits-out");
-    s_free(&r);
+    th_run_out_free(&r);
     const int n = (int)json_integer_value(json_object_get(g, "prompt_n_tokens"));
     const int V = (int)json_integer_value(json_object_get(g, "n_vocab"));
     FILE *f = fopen(lo, "rb");
@@ -205,7 +151,7 @@ static void test_cli_generate_seeded_sampling(void **state) {
     th_data_path(m, sizeof m, DENSE);
     const char *a[] = {"generate", "--model", m,     "--prompt-ids", "1 2 3", "--ids",   "-n",
                        "12",       "--temp",  "1.5", "--seed",       "42",    "--quiet", NULL};
-    run_out r1 = s_run(a), r2 = s_run(a);
+    th_run_out r1 = s_run(a), r2 = s_run(a);
     s_expect(&r1, 0, "sampling run 1");
     s_expect(&r2, 0, "sampling run 2");
     assert_string_equal(r1.out, r2.out);
@@ -213,14 +159,14 @@ static void test_cli_generate_seeded_sampling(void **state) {
     for (char *p = r1.out; *p; p++)
         n += *p == ' ';
     assert_int_equal(n, 11); /* 12 ids */
-    s_free(&r1);
-    s_free(&r2);
+    th_run_out_free(&r1);
+    th_run_out_free(&r2);
     const char *z[] = {"generate", "--model", m,   "--prompt-ids", "1 2 3",
                        "--ids",    "-n",      "0", "--quiet",      NULL};
     r1 = s_run(z);
     s_expect(&r1, 0, "-n 0");
     assert_string_equal(r1.out, "\n");
-    s_free(&r1);
+    th_run_out_free(&r1);
 }
 
 static void test_cli_info_shapes(void **state) {
@@ -228,7 +174,7 @@ static void test_cli_info_shapes(void **state) {
     char m[4096];
     th_data_path(m, sizeof m, DENSE);
     const char *a[] = {"info", "--model", m, NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect(&r, 0, "info");
     const char *want[] = {
         "architecture    smallthinker\n",
@@ -243,7 +189,7 @@ static void test_cli_info_shapes(void **state) {
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         if (!strstr(r.out, want[i])) fail_msg("info lacks '%s':\n%s", want[i], r.out);
-    s_free(&r);
+    th_run_out_free(&r);
     char h[4096];
     th_data_path(h, sizeof h, "tiny-hybrid-attn-f32.gguf");
     const char *b[] = {"info", "-m", h, "--ctx-size", "128", "--tensors", NULL};
@@ -254,7 +200,7 @@ static void test_cli_info_shapes(void **state) {
     assert_non_null(strstr(r.out, "LM head output.weight"));
     assert_non_null(strstr(r.out, "blk.5.ffn_down_exps.weight"));
     assert_non_null(strstr(r.out, "(ctx 128)"));
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 static void test_cli_help_exits_0(void **state) {
@@ -262,16 +208,16 @@ static void test_cli_help_exits_0(void **state) {
     const char *cmds[] = {"generate", "info", "tokenize", "detokenize", "bench"};
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
         const char *a[] = {cmds[i], "--help", NULL};
-        run_out r = s_run(a);
+        th_run_out r = s_run(a);
         if (r.status != 0 || !strstr(r.out, "usage: stpipe"))
             fail_msg("stpipe %s --help: exit %d, stdout: %s", cmds[i], r.status, r.out);
-        s_free(&r);
+        th_run_out_free(&r);
     }
     const char *a[] = {"--help", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect(&r, 0, "stpipe --help");
     assert_non_null(strstr(r.out, "generate"));
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 static void test_cli_bad_usage_exits_2(void **state) {
@@ -295,12 +241,12 @@ static void test_cli_bad_usage_exits_2(void **state) {
         {"detokenize", "--model", m, NULL},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        run_out r = s_run(cases[i]);
+        th_run_out r = s_run(cases[i]);
         if (r.status != 2 || r.err[0] == 0)
             fail_msg("usage case %zu (%s %s): exit %d, stderr '%s'", i,
                      cases[i][0] ? cases[i][0] : "", cases[i][0] && cases[i][1] ? cases[i][1] : "",
                      r.status, r.err);
-        s_free(&r);
+        th_run_out_free(&r);
     }
 }
 
@@ -314,23 +260,23 @@ static void test_cli_bad_prompt_ids_exit_2(void **state) {
     char m[4096];
     th_data_path(m, sizeof m, DENSE);
     const char *a[] = {"generate", "--model", m, "--prompt-ids", "1 x", "--quiet", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     if (r.status != 2 || !strstr(r.err, "'x'"))
         fail_msg("--prompt-ids '1 x': exit %d (want 2), stderr: %s", r.status, r.err);
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 /* generate and info on a bad file: exit 1, one line naming the file and the problem. */
 static void s_bad_model(const char *path, const char *problem) {
     const char *a[] = {"generate", "--model", path, "--prompt-ids", "1 2", "--quiet", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect_error(&r, "generate on a bad model", path, problem);
-    s_free(&r);
+    th_run_out_free(&r);
     const char *b[] = {"info", "--model", path, NULL};
     r = s_run(b);
     s_expect_error(&r, "info on a bad model", path, problem);
     assert_string_equal(r.out, "");
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 static void test_cli_missing_file(void **state) {
@@ -394,15 +340,15 @@ static void test_cli_prompt_longer_than_context(void **state) {
     const char *a[] = {
         "generate", "--model", m,   "--prompt-ids", "1 2 3 4 5 6 7 8 9 10", "--ctx-size",
         "8",        "--quiet", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect_error(&r, "prompt > ctx", "10 tokens", "context holds 8");
     assert_string_equal(r.out, "");
-    s_free(&r);
+    th_run_out_free(&r);
     /* a token id outside the vocabulary */
     const char *b[] = {"generate", "--model", m, "--prompt-ids", "1 320", "--quiet", NULL};
     r = s_run(b);
     s_expect_error(&r, "id out of range", "320", NULL);
-    s_free(&r);
+    th_run_out_free(&r);
 }
 
 static void test_cli_gating_guess_warns(void **state) {
@@ -414,16 +360,16 @@ static void test_cli_gating_guess_warns(void **state) {
     th_tmp_path(p, sizeof p, "cli_nogate.gguf");
     if (th_gguf_copy(th_data_path(src, sizeof src, DENSE), p, &o, &err)) fail_msg("%s", err.msg);
     const char *a[] = {"generate", "--model", p, "--prompt-ids", "1 2", "--ids", "-n", "2", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect(&r, 0, "generate without gating key");
     assert_non_null(strstr(r.err, "warning: "));
     assert_non_null(strstr(r.err, "sigmoid"));
-    s_free(&r);
+    th_run_out_free(&r);
     const char *b[] = {"info", "--model", p, NULL};
     r = s_run(b);
     s_expect(&r, 0, "info without gating key");
     assert_non_null(strstr(r.out, "sigmoid gating (guessed: key absent)"));
-    s_free(&r);
+    th_run_out_free(&r);
     unlink(p);
 }
 
@@ -435,24 +381,24 @@ static void test_cli_tokenize_roundtrip(void **state) {
     const char *prompt = json_string_value(json_object_get(g, "prompt"));
     char *ids = s_prompt_ids(g);
     const char *a[] = {"tokenize", "--model", m, "--text", prompt, "--ids", NULL};
-    run_out r = s_run(a);
+    th_run_out r = s_run(a);
     s_expect(&r, 0, "tokenize --ids");
     char want[4096];
     snprintf(want, sizeof want, "%s\n", ids);
     assert_string_equal(r.out, want);
-    s_free(&r);
+    th_run_out_free(&r);
     const char *b[] = {"detokenize", "--model", m, "--ids", ids, NULL};
     r = s_run(b);
     s_expect(&r, 0, "detokenize");
     snprintf(want, sizeof want, "%s\n", prompt);
     assert_string_equal(r.out, want);
-    s_free(&r);
+    th_run_out_free(&r);
     /* the listing form: one id per line with its text */
     const char *c[] = {"tokenize", "--model", m, "--text", "Hello", NULL};
     r = s_run(c);
     s_expect(&r, 0, "tokenize listing");
     assert_non_null(strstr(r.out, "    72 -> 'H'\n"));
-    s_free(&r);
+    th_run_out_free(&r);
     /* unicode and special text survive the round trip */
     const char *text = "na\xc3\xafve caf\xc3\xa9 \xe2\x82\xac 42\n\ttabs";
     const char *d[] = {"tokenize", "--model", m, "--text", text, "--ids", NULL};
@@ -460,18 +406,18 @@ static void test_cli_tokenize_roundtrip(void **state) {
     s_expect(&r, 0, "tokenize unicode");
     r.out[strcspn(r.out, "\n")] = 0;
     const char *e[] = {"detokenize", "--model", m, "--ids", r.out, NULL};
-    run_out r2 = s_run(e);
+    th_run_out r2 = s_run(e);
     s_expect(&r2, 0, "detokenize unicode");
     snprintf(want, sizeof want, "%s\n", text);
     assert_string_equal(r2.out, want);
-    s_free(&r);
-    s_free(&r2);
+    th_run_out_free(&r);
+    th_run_out_free(&r2);
     /* a missing model file is a runtime error naming the file */
     const char *f[] = {"tokenize", "--model", "/nonexistent/x.gguf", "--text", "a", NULL};
     r = s_run(f);
     s_expect(&r, 1, "tokenize missing file");
     assert_non_null(strstr(r.err, "/nonexistent/x.gguf"));
-    s_free(&r);
+    th_run_out_free(&r);
     free(ids);
     json_decref(g);
 }

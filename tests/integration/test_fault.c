@@ -31,90 +31,10 @@
 #include "client.pb-c.h"
 #include "msg/msg.h"
 #include "stats.pb-c.h"
+#include "th_pipeline.h"
+#include "th_proc.h"
 
 #define N_LONG 600 /* tokens of the generation that gets the fault */
-
-static const char *s_env(const char *k) {
-    const char *v = getenv(k);
-    return v ? v : "";
-}
-
-static double s_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* Starts argv with stdout/stderr to files (NULL: /dev/null); returns the pid. */
-static pid_t s_spawn(char *const argv[], const char *out_path, const char *err_path) {
-    pid_t p = fork();
-    if (p == 0) {
-        int fd = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd >= 0) dup2(fd, 1);
-        int fe = open(err_path ? err_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fe >= 0) dup2(fe, 2);
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    return p;
-}
-
-/* Waits for p up to timeout_s; exit status, 128+signal, or -1 on timeout (then killed). */
-static int s_wait(pid_t p, double timeout_s) {
-    double t0 = s_now();
-    while (s_now() - t0 < timeout_s) {
-        int st;
-        if (waitpid(p, &st, WNOHANG) == p)
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        usleep(20000);
-    }
-    kill(p, SIGKILL);
-    waitpid(p, NULL, 0);
-    return -1;
-}
-
-static int s_run(char *const argv[], const char *out_path, double timeout_s) {
-    return s_wait(s_spawn(argv, out_path, NULL), timeout_s);
-}
-
-static char *s_slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
-    if (b) b[n] = 0;
-    fclose(f);
-    return b;
-}
-
-typedef struct golden {
-    char model[512];
-    char ids[4096];
-    int greedy[256];
-    int n_greedy;
-} golden;
-
-static void s_golden(golden *g, const char *stem) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s.short.json", s_env("STP_TEST_DATA"), stem);
-    json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    assert_non_null(j);
-    snprintf(g->model, sizeof g->model, "%s/%s.gguf", s_env("STP_TEST_DATA"), stem);
-    json_t *pi = json_object_get(j, "prompt_ids");
-    size_t at = 0;
-    for (size_t i = 0; i < json_array_size(pi); i++)
-        at += (size_t)snprintf(g->ids + at, sizeof g->ids - at, i ? " %lld" : "%lld",
-                               (long long)json_integer_value(json_array_get(pi, i)));
-    json_t *gi = json_object_get(j, "greedy_ids");
-    g->n_greedy = (int)json_array_size(gi);
-    for (int i = 0; i < g->n_greedy; i++)
-        g->greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
-    json_decref(j);
-}
 
 typedef struct run {
     char dir[1024];
@@ -123,83 +43,38 @@ typedef struct run {
 
 static char s_current_dir[1024];
 
-static int s_down(const char *dir) {
-    char down[1024];
-    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
-    char *argv[] = {"bash", down, (char *)dir, NULL};
-    return s_run(argv, NULL, 60);
-}
-
 static int s_teardown(void **st) {
     (void)st;
-    if (s_current_dir[0]) s_down(s_current_dir);
+    if (s_current_dir[0]) th_pipe_down(s_current_dir, 60);
     s_current_dir[0] = 0;
     return 0;
 }
 
 /* stpipe-up with 2 expert workers and extra options (NULL-terminated). */
-static int s_up(run *r, const golden *g, const char *tag, const char *const *extra) {
-    char up[1024];
-    snprintf(r->dir, sizeof r->dir, "%s/fault-%s-%d", s_env("STP_TMP"), tag, (int)getpid());
+static int s_up(run *r, const th_golden *g, const char *tag, const char *const *extra) {
+    th_pipe_dir(r->dir, sizeof r->dir, "fault", tag);
     snprintf(s_current_dir, sizeof s_current_dir, "%s", r->dir);
-    mkdir(s_env("STP_TMP"), 0700);
-    snprintf(up, sizeof up, "%s/deploy/stpipe-up", s_env("STP_SOURCE_DIR"));
-    char *argv[32] = {"bash",      up,
-                      "--model",   (char *)g->model,
-                      "--run-dir", r->dir,
-                      "--workers", "2",
-                      "--bin-dir", (char *)s_env("STP_BIN_DIR"),
-                      "--timeout", "60",
-                      "--threads", "1"};
-    int a = 14;
-    for (int i = 0; extra && extra[i] && a < 30; i++)
-        argv[a++] = (char *)extra[i];
-    argv[a] = NULL;
-    int rc = s_run(argv, NULL, 120);
+    int rc = th_pipe_up(r->dir, g->model, 2, 60, 120, extra);
     if (rc) return rc;
-    char p[1100];
-    snprintf(p, sizeof p, "%s/shm_prefix", r->dir);
-    char *s = s_slurp(p);
-    assert_non_null(s);
-    s[strcspn(s, "\n")] = 0;
-    snprintf(r->prefix, sizeof r->prefix, "%s", s);
-    free(s);
+    th_pipe_prefix(r->dir, r->prefix, sizeof r->prefix);
     return 0;
-}
-
-static int s_shm_left(const char *prefix) {
-    DIR *d = opendir("/dev/shm");
-    int n = 0;
-    size_t pl = strlen(prefix);
-    for (struct dirent *e; d && (e = readdir(d));)
-        if (!strncmp(e->d_name, prefix, pl) && e->d_name[pl] == '-') n++;
-    if (d) closedir(d);
-    return n;
 }
 
 /* stpipe-down, then no stage process of the run alive and no shm segment left. */
 static void s_down_and_check(run *r) {
+    int pids[512];
     char p[1100];
     snprintf(p, sizeof p, "%s/pids", r->dir);
-    int pids[512], n = 0;
-    FILE *f = fopen(p, "r");
-    assert_non_null(f);
-    char name[64];
-    while (n < 512 && fscanf(f, "%63s %d", name, &pids[n]) == 2)
-        n++;
-    fclose(f);
-    assert_int_equal(s_down(r->dir), 0);
+    assert_int_equal(access(p, R_OK), 0);
+    int n = th_pipe_pids(r->dir, pids, 512);
+    assert_int_equal(th_pipe_down(r->dir, 60), 0);
     s_current_dir[0] = 0;
     for (int i = 0; i < n; i++) {
-        char cp[64];
-        snprintf(cp, sizeof cp, "/proc/%d/cmdline", pids[i]);
-        char *cl = s_slurp(cp);
-        bool alive = cl && strstr(cl, "stpipe-") && strstr(cl, r->dir);
-        free(cl);
+        bool alive = th_stage_alive(pids[i], r->dir);
         if (alive) fprintf(stderr, "stage pid %d survived stpipe-down\n", pids[i]);
         assert_false(alive);
     }
-    assert_int_equal(s_shm_left(r->prefix), 0);
+    assert_int_equal(th_shm_count(r->prefix), 0);
     DIR *d = opendir(r->dir);
     for (struct dirent *e; d && (e = readdir(d));) {
         size_t l = strlen(e->d_name);
@@ -211,24 +86,25 @@ static void s_down_and_check(run *r) {
 static int s_ready_pid(const run *r, const char *stage) {
     char p[1200];
     snprintf(p, sizeof p, "%s/%s.ready", r->dir, stage);
-    char *s = s_slurp(p);
+    char *s = th_slurp(p, NULL);
     int pid = s ? atoi(s) : 0;
     free(s);
     return pid;
 }
 
 /* Starts a greedy generation (stdout ids -> out, stderr -> err); returns its pid. */
-static pid_t s_gen_start(const run *r, const golden *g, int n, const char *out, const char *err) {
+static pid_t s_gen_start(const run *r, const th_golden *g, int n, const char *out,
+                         const char *err) {
     char bin[1024], nbuf[16];
-    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(nbuf, sizeof nbuf, "%d", n);
     char *argv[] = {bin,  "generate", "--pipeline", (char *)r->dir, "--prompt-ids", (char *)g->ids,
                     "-n", nbuf,       "--ids",      "--quiet",      "--ignore-eos", NULL};
-    return s_spawn(argv, out, err);
+    return th_spawn(argv, out, err);
 }
 
 static int s_parse_ids(const char *path, int *ids, int cap) {
-    char *s = s_slurp(path);
+    char *s = th_slurp(path, NULL);
     int n = 0;
     for (char *p = s, *end; p && *p && n < cap; p = end) {
         long v = strtol(p, &end, 10);
@@ -241,11 +117,11 @@ static int s_parse_ids(const char *path, int *ids, int cap) {
 
 /* The next request after a fault: golden greedy ids. Retries while the stage restarts (a
  * request sent to a restarting coordinator fails cleanly; the retry must then succeed). */
-static bool s_next_ok(const run *r, const golden *g) {
+static bool s_next_ok(const run *r, const th_golden *g) {
     char out[1200];
     snprintf(out, sizeof out, "%s/next.out", r->dir);
     for (int attempt = 0; attempt < 3; attempt++) {
-        int rc = s_wait(s_gen_start(r, g, g->n_greedy, out, NULL), 120);
+        int rc = th_wait(s_gen_start(r, g, g->n_greedy, out, NULL), 120);
         int ids[512], n = s_parse_ids(out, ids, 512);
         bool ok = rc == 0 && n == g->n_greedy;
         for (int i = 0; ok && i < n; i++)
@@ -258,8 +134,8 @@ static bool s_next_ok(const run *r, const golden *g) {
 
 /* Waits until <stage>.ready names a pid other than old (the supervisor restarted it). */
 static int s_wait_restart(const run *r, const char *stage, int old, double timeout_s) {
-    double t0 = s_now();
-    while (s_now() - t0 < timeout_s) {
+    double t0 = th_now();
+    while (th_now() - t0 < timeout_s) {
         int p = s_ready_pid(r, stage);
         if (p > 0 && p != old && kill(p, 0) == 0) return p;
         usleep(20000);
@@ -274,13 +150,13 @@ typedef struct outcome {
 } outcome;
 
 static int s_rounds(void) {
-    int n = atoi(s_env("STP_FAULT_ROUNDS"));
+    int n = atoi(th_env("STP_FAULT_ROUNDS"));
     return n > 0 ? n : 5;
 }
 
 /* One fault (sig) on one stage during a long generation; updates o. */
-static void s_fault_once(const run *r, const golden *g, const char *stage, int sig, const int *ref,
-                         int n_ref, outcome *o) {
+static void s_fault_once(const run *r, const th_golden *g, const char *stage, int sig,
+                         const int *ref, int n_ref, outcome *o) {
     char out[1200], err[1200];
     snprintf(out, sizeof out, "%s/fault.out", r->dir);
     snprintf(err, sizeof err, "%s/fault.err", r->dir);
@@ -290,13 +166,13 @@ static void s_fault_once(const run *r, const golden *g, const char *stage, int s
     usleep(300000);
     int st;
     bool flight = waitpid(gen, &st, WNOHANG) == 0;
-    double t0 = s_now();
+    double t0 = th_now();
     assert_int_equal(kill(victim, sig), 0);
     o->injected++;
     o->in_flight += flight;
-    int rc = flight ? s_wait(gen, 180) : (WIFEXITED(st) ? WEXITSTATUS(st) : 128);
+    int rc = flight ? th_wait(gen, 180) : (WIFEXITED(st) ? WEXITSTATUS(st) : 128);
     int ids[N_LONG + 8], n = s_parse_ids(out, ids, N_LONG + 8);
-    char *emsg = s_slurp(err);
+    char *emsg = th_slurp(err, NULL);
     if (rc == 0 && n == n_ref && !memcmp(ids, ref, sizeof(int) * (size_t)n)) {
         o->completed++;
     } else if (rc > 0 && rc < 128 && emsg && strstr(emsg, "stpipe generate: ")) {
@@ -308,7 +184,7 @@ static void s_fault_once(const run *r, const golden *g, const char *stage, int s
     }
     free(emsg);
     int again = s_wait_restart(r, stage, victim, 120);
-    double dt = s_now() - t0;
+    double dt = th_now() - t0;
     if (dt > o->detect_s) o->detect_s = dt;
     if (o->injected == 1) o->first_s = dt;
     assert_true(again > 0);
@@ -317,14 +193,14 @@ static void s_fault_once(const run *r, const golden *g, const char *stage, int s
 }
 
 static void s_fault_case(int sig, const char *tag, const char *const *extra) {
-    golden g;
-    s_golden(&g, "tiny-dense-attn-f32");
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
     assert_int_equal(s_up(&r, &g, tag, extra), 0);
     /* the uninterrupted run: what a completed request must give */
     char out[1200];
     snprintf(out, sizeof out, "%s/ref.out", r.dir);
-    assert_int_equal(s_wait(s_gen_start(&r, &g, N_LONG, out, NULL), 180), 0);
+    assert_int_equal(th_wait(s_gen_start(&r, &g, N_LONG, out, NULL), 180), 0);
     static int ref[N_LONG + 8];
     int n_ref = s_parse_ids(out, ref, N_LONG + 8);
     assert_int_equal(n_ref, N_LONG);
@@ -370,8 +246,8 @@ static void test_fault_sigstop_each_stage(void **st) {
 
 static void test_fault_busy_queue(void **st) {
     (void)st;
-    golden g;
-    s_golden(&g, "tiny-dense-attn-f32");
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
     const char *extra[] = {"--queue", "2", NULL};
     assert_int_equal(s_up(&r, &g, "busy", extra), 0);
@@ -404,8 +280,8 @@ static void test_fault_busy_queue(void **st) {
         assert_int_equal(msg_send(s, NULL, 0, &m.base, &err), 0);
     }
     int done = 0, busy = 0, other = 0;
-    double t0 = s_now();
-    while (done + busy + other < N_REQ && s_now() - t0 < 120) {
+    double t0 = th_now();
+    while (done + busy + other < N_REQ && th_now() - t0 < 120) {
         bool rd;
         if (!msg_poll(&s, 1, &rd, 1000) || !rd) continue;
         msg_in in;
@@ -464,8 +340,8 @@ static long long s_bad_sum(void *zctx, const run *r, const char *stats_sock) {
 
 static void test_fault_security(void **st) {
     (void)st;
-    golden g;
-    s_golden(&g, "tiny-dense-attn-f32");
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     /* tcp: a wildcard address is refused without --bind-public; the default host is loopback */
     char ep[256];
     stp_err err = {0};
@@ -552,13 +428,13 @@ static void test_fault_security(void **st) {
     /* tcp client on 127.0.0.1 */
     char tcp[64], bin[1024], out[1200];
     snprintf(tcp, sizeof tcp, "tcp://127.0.0.1:%d", port);
-    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/tcp.out", r.dir);
     char nb[16];
     snprintf(nb, sizeof nb, "%d", g.n_greedy);
     char *argv[] = {bin, "generate", "--pipeline", tcp, "--prompt-ids", g.ids, "-n",
                     nb,  "--ids",    "--quiet",    NULL};
-    assert_int_equal(s_run(argv, out, 120), 0);
+    assert_int_equal(th_run(argv, out, 120), 0);
     int ids[512], n = s_parse_ids(out, ids, 512);
     assert_int_equal(n, g.n_greedy);
     for (int i = 0; i < n; i++)

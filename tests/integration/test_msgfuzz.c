@@ -32,61 +32,18 @@
 #include "msg/msg.h"
 #include "router.pb-c.h"
 #include "stats.pb-c.h"
+#include "th_pipeline.h"
+#include "th_proc.h"
 
 #define N_SOCK 4
 #define OVERSIZE_MAX (4u << 20)
-
-static const char *s_env(const char *k) {
-    const char *v = getenv(k);
-    return v ? v : "";
-}
-
-static double s_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int s_run(char *const argv[], const char *out_path, int timeout_s) {
-    pid_t p = fork();
-    if (p == 0) {
-        int fd = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd >= 0) dup2(fd, 1);
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    for (int i = 0; i < timeout_s * 50; i++) {
-        int st;
-        if (waitpid(p, &st, WNOHANG) == p) return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-        usleep(20000);
-    }
-    kill(p, SIGKILL);
-    waitpid(p, NULL, 0);
-    return -1;
-}
-
-static char *s_slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
-    if (b) b[n] = 0;
-    fclose(f);
-    return b;
-}
 
 static char s_dir[1024];
 
 static int s_teardown(void **st) {
     (void)st;
     if (!s_dir[0]) return 0;
-    char down[1024];
-    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
-    char *argv[] = {"bash", down, s_dir, NULL};
-    s_run(argv, NULL, 60);
+    th_pipe_down(s_dir, 60);
     s_dir[0] = 0;
     return 0;
 }
@@ -333,15 +290,15 @@ static uint64_t s_pong_nonce(int k, const uint8_t *d, size_t n) {
  * receive queue is dropped by the stage, by design). */
 static bool s_barrier(void **socks, double timeout_s, bool *got) {
     uint8_t b[64];
-    double t0 = s_now(), sent = 0;
+    double t0 = th_now(), sent = 0;
     int left = N_SOCK;
     for (int k = 0; k < N_SOCK; k++)
         got[k] = false;
-    while (left && s_now() - t0 < timeout_s) {
-        if (s_now() - sent > 2) {
+    while (left && th_now() - t0 < timeout_s) {
+        if (th_now() - sent > 2) {
             for (int k = 0; k < N_SOCK; k++)
                 if (!got[k]) zmq_send(socks[k], b, s_ping_msg(k, 0xf00d0000ull + k, b), 0);
-            sent = s_now();
+            sent = th_now();
         }
         bool rd[N_SOCK];
         if (!msg_poll(socks, N_SOCK, rd, 200)) continue;
@@ -407,7 +364,7 @@ static long long s_bad_sum(void *zctx, const char *dir, const char *stats_sock) 
 static int s_ready_pid(const char *dir, const char *stage) {
     char p[1200];
     snprintf(p, sizeof p, "%s/%s.ready", dir, stage);
-    char *s = s_slurp(p);
+    char *s = th_slurp(p, NULL);
     int pid = s ? atoi(s) : 0;
     free(s);
     return pid;
@@ -416,31 +373,11 @@ static int s_ready_pid(const char *dir, const char *stage) {
 static void test_msgfuzz_flood_every_socket(void **st) {
     (void)st;
     /* golden data */
-    char path[1024], model[1024], ids[4096];
-    snprintf(path, sizeof path, "%s/tiny-dense-attn-f32.short.json", s_env("STP_TEST_DATA"));
-    snprintf(model, sizeof model, "%s/tiny-dense-attn-f32.gguf", s_env("STP_TEST_DATA"));
-    json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    assert_non_null(j);
-    json_t *pi = json_object_get(j, "prompt_ids"), *gi = json_object_get(j, "greedy_ids");
-    size_t at = 0;
-    for (size_t i = 0; i < json_array_size(pi); i++)
-        at += (size_t)snprintf(ids + at, sizeof ids - at, i ? " %lld" : "%lld",
-                               (long long)json_integer_value(json_array_get(pi, i)));
-    int greedy[256], n_greedy = (int)json_array_size(gi);
-    for (int i = 0; i < n_greedy; i++)
-        greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
-    json_decref(j);
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     /* the pipeline */
-    snprintf(s_dir, sizeof s_dir, "%s/msgfuzz-%d", s_env("STP_TMP"), (int)getpid());
-    mkdir(s_env("STP_TMP"), 0700);
-    char up[1024];
-    snprintf(up, sizeof up, "%s/deploy/stpipe-up", s_env("STP_SOURCE_DIR"));
-    char *argv[] = {
-        "bash",      up,          "--model",   model,       "--run-dir",
-        s_dir,       "--workers", "1",         "--bin-dir", (char *)s_env("STP_BIN_DIR"),
-        "--timeout", "60",        "--threads", "1",         NULL};
-    assert_int_equal(s_run(argv, NULL, 120), 0);
+    th_pipe_dir(s_dir, sizeof s_dir, "msgfuzz", "flood");
+    assert_int_equal(th_pipe_up(s_dir, g.model, 1, 60, 120, NULL), 0);
     const char *socks[N_SOCK] = {"client", "attn", "storage", "expert-0"};
     const char *stages[N_SOCK] = {"coordinator", "attn", "storage", "expert-0"};
     const char *stats[N_SOCK] = {"stats-coordinator", "stats-attn", "stats-storage",
@@ -454,7 +391,7 @@ static void test_msgfuzz_flood_every_socket(void **st) {
         bad0[k] = s_bad_sum(zctx, s_dir, stats[k]);
         assert_true(bad0[k] >= 0);
     }
-    long n_msgs = atol(s_env("STP_FUZZ_MSGS"));
+    long n_msgs = atol(th_env("STP_FUZZ_MSGS"));
     if (n_msgs <= 0) n_msgs = 100000;
     uint8_t *buf = malloc(OVERSIZE_MAX), *valid = malloc(1 << 16);
     assert_non_null(buf);
@@ -464,7 +401,7 @@ static void test_msgfuzz_flood_every_socket(void **st) {
         buf[i] = (uint8_t)s_rng(&rng);
     void *out[N_SOCK] = {0};
     long kinds[5] = {0}, sent = 0, failed = 0;
-    double t0 = s_now();
+    double t0 = th_now();
     for (long i = 0; i < n_msgs; i++) {
         int k = (int)(i % N_SOCK);
         if (i % 20000 < N_SOCK) { /* a fresh sender (new peer identity) now and then */
@@ -514,14 +451,14 @@ static void test_msgfuzz_flood_every_socket(void **st) {
             failed++;
         if (i % 64 == 0) s_drain(out[k]);
     }
-    double t_send = s_now() - t0;
+    double t_send = th_now() - t0;
     /* wait until every stage has read everything (Ping barrier per sender) */
     bool got[N_SOCK];
     bool all = s_barrier(out, 120, got);
     for (int k = 0; k < N_SOCK; k++)
         if (!got[k]) fprintf(stderr, "msgfuzz: %s did not answer the barrier Ping\n", stages[k]);
     assert_true(all);
-    double t_all = s_now() - t0;
+    double t_all = th_now() - t0;
     for (int k = 0; k < N_SOCK; k++)
         zmq_close(out[k]);
     free(buf);
@@ -547,15 +484,15 @@ static void test_msgfuzz_flood_every_socket(void **st) {
     assert_true(sent > n_msgs * 9 / 10);
     /* still correct: golden greedy ids (retried while the fuzz requests drain from the queue) */
     char bin[1024], outp[1200], nb[16];
-    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(outp, sizeof outp, "%s/gen.out", s_dir);
-    snprintf(nb, sizeof nb, "%d", n_greedy);
-    char *gargv[] = {bin, "generate", "--pipeline", s_dir, "--prompt-ids", ids, "-n",
+    snprintf(nb, sizeof nb, "%d", g.n_greedy);
+    char *gargv[] = {bin, "generate", "--pipeline", s_dir, "--prompt-ids", g.ids, "-n",
                      nb,  "--ids",    "--quiet",    NULL};
     bool ok = false;
     for (int attempt = 0; attempt < 20 && !ok; attempt++) {
-        int rc = s_run(gargv, outp, 120);
-        char *s = s_slurp(outp);
+        int rc = th_run(gargv, outp, 120);
+        char *s = th_slurp(outp, NULL);
         int n = 0, got[512];
         for (char *p = s, *end; rc == 0 && p && *p && n < 512; p = end) {
             long v = strtol(p, &end, 10);
@@ -563,14 +500,11 @@ static void test_msgfuzz_flood_every_socket(void **st) {
             got[n++] = (int)v;
         }
         free(s);
-        ok = rc == 0 && n == n_greedy && !memcmp(got, greedy, sizeof(int) * (size_t)n);
+        ok = rc == 0 && n == g.n_greedy && !memcmp(got, g.greedy, sizeof(int) * (size_t)n);
         if (!ok) usleep(500000);
     }
     assert_true(ok);
-    char down[1024];
-    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
-    char *dargv[] = {"bash", down, s_dir, NULL};
-    assert_int_equal(s_run(dargv, NULL, 60), 0);
+    assert_int_equal(th_pipe_down(s_dir, 60), 0);
     s_dir[0] = 0;
     for (int k = 0; k < N_SOCK; k++)
         assert_int_not_equal(kill(pids[k], 0), 0);

@@ -31,77 +31,12 @@
 #include "msg/msg.h"
 #include "router.pb-c.h"
 #include "stats.pb-c.h"
-
-static const char *s_env(const char *k) {
-    const char *v = getenv(k);
-    return v ? v : "";
-}
-
-/* Runs argv with stdout to out_path (NULL: /dev/null) and a deadline; returns the exit status,
- * or -1 on timeout (the child is killed). */
-static int s_run(char *const argv[], const char *out_path, int timeout_s) {
-    pid_t p = fork();
-    if (p == 0) {
-        int fd = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd >= 0) dup2(fd, 1);
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    for (int i = 0; i < timeout_s * 20; i++) {
-        int st;
-        if (waitpid(p, &st, WNOHANG) == p) return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-        usleep(50000);
-    }
-    kill(p, SIGKILL);
-    waitpid(p, NULL, 0);
-    return -1;
-}
-
-static char *s_slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
-    if (b) b[n] = 0;
-    fclose(f);
-    if (len) *len = (size_t)n;
-    return b;
-}
-
-typedef struct golden {
-    char model[512];
-    char ids[4096]; /* "1 2 3" */
-    int greedy[256];
-    int n_greedy;
-} golden;
-
-static void s_golden(golden *g, const char *stem) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s.short.json", s_env("STP_TEST_DATA"), stem);
-    json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    assert_non_null(j);
-    snprintf(g->model, sizeof g->model, "%s/%s.gguf", s_env("STP_TEST_DATA"), stem);
-    json_t *pi = json_object_get(j, "prompt_ids");
-    size_t at = 0;
-    for (size_t i = 0; i < json_array_size(pi); i++)
-        at += (size_t)snprintf(g->ids + at, sizeof g->ids - at, i ? " %lld" : "%lld",
-                               (long long)json_integer_value(json_array_get(pi, i)));
-    json_t *gi = json_object_get(j, "greedy_ids");
-    g->n_greedy = (int)json_array_size(gi);
-    for (int i = 0; i < g->n_greedy; i++)
-        g->greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
-    json_decref(j);
-}
+#include "th_pipeline.h"
+#include "th_proc.h"
 
 typedef struct run {
     char dir[1024];
     char prefix[128];
-    int pids[32];
-    int n_pids;
 } run;
 
 /* The run of the current test, stopped by the teardown when an assertion left it running. */
@@ -110,88 +45,39 @@ static char s_current_dir[1024];
 static int s_teardown(void **st) {
     (void)st;
     if (!s_current_dir[0]) return 0;
-    char down[1024];
-    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
-    char *argv[] = {"bash", down, s_current_dir, NULL};
-    s_run(argv, NULL, 30);
+    th_pipe_down(s_current_dir, 30);
     s_current_dir[0] = 0;
     return 0;
 }
 
 static int s_up(run *r, const char *model, int workers, const char *tag) {
-    char up[1024], w[16], bin[1024];
-    snprintf(r->dir, sizeof r->dir, "%s/pipe-%s-%d", s_env("STP_TMP"), tag, (int)getpid());
+    th_pipe_dir(r->dir, sizeof r->dir, "pipe", tag);
     snprintf(s_current_dir, sizeof s_current_dir, "%s", r->dir);
-    mkdir(s_env("STP_TMP"), 0700);
-    snprintf(up, sizeof up, "%s/deploy/stpipe-up", s_env("STP_SOURCE_DIR"));
-    snprintf(w, sizeof w, "%d", workers);
-    snprintf(bin, sizeof bin, "%s", s_env("STP_BIN_DIR"));
-    char *argv[] = {"bash",      up,          "--model",   (char *)model, "--run-dir",
-                    r->dir,      "--workers", w,           "--bin-dir",   bin,
-                    "--timeout", "30",        "--threads", "1",           NULL};
-    int rc = s_run(argv, NULL, 60);
+    int rc = th_pipe_up(r->dir, model, workers, 30, 60, NULL);
     if (rc) return rc;
-    char p[1100];
-    snprintf(p, sizeof p, "%s/shm_prefix", r->dir);
-    char *s = s_slurp(p, NULL);
-    assert_non_null(s);
-    s[strcspn(s, "\n")] = 0;
-    snprintf(r->prefix, sizeof r->prefix, "%s", s);
-    free(s);
+    th_pipe_prefix(r->dir, r->prefix, sizeof r->prefix);
     return 0;
-}
-
-/* Reads RUN_DIR/pids (every stage process ever started, restarts included). */
-static void s_read_pids(run *r) {
-    char p[1100];
-    snprintf(p, sizeof p, "%s/pids", r->dir);
-    FILE *f = fopen(p, "r");
-    r->n_pids = 0;
-    if (!f) return;
-    char name[64];
-    int pid;
-    while (r->n_pids < 32 && fscanf(f, "%63s %d", name, &pid) == 2)
-        r->pids[r->n_pids++] = pid;
-    fclose(f);
-}
-
-static int s_shm_left(const char *prefix) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "ls /dev/shm 2>/dev/null | grep -c '^%s-'", prefix);
-    FILE *f = popen(cmd, "r");
-    int n = 0;
-    if (f) {
-        if (fscanf(f, "%d", &n) != 1) n = 0;
-        pclose(f);
-    }
-    return n;
 }
 
 /* stpipe-down, then: no stage process alive, no shm segment of the run. */
 static void s_down_and_check(run *r) {
-    s_read_pids(r);
-    assert_true(r->n_pids >= 4);
-    char down[1024];
-    snprintf(down, sizeof down, "%s/deploy/stpipe-down", s_env("STP_SOURCE_DIR"));
-    char *argv[] = {"bash", down, r->dir, NULL};
-    assert_int_equal(s_run(argv, NULL, 30), 0);
-    for (int i = 0; i < r->n_pids; i++) {
-        char p[64];
-        snprintf(p, sizeof p, "/proc/%d/cmdline", r->pids[i]);
-        char *cl = s_slurp(p, NULL);
-        bool alive = cl && strstr(cl, "stpipe-") != NULL;
-        free(cl);
-        if (alive) fprintf(stderr, "stage pid %d survived stpipe-down\n", r->pids[i]);
+    int pids[32];
+    int n = th_pipe_pids(r->dir, pids, 32);
+    assert_true(n >= 4);
+    assert_int_equal(th_pipe_down(r->dir, 30), 0);
+    for (int i = 0; i < n; i++) {
+        bool alive = th_stage_alive(pids[i], NULL);
+        if (alive) fprintf(stderr, "stage pid %d survived stpipe-down\n", pids[i]);
         assert_false(alive);
     }
-    assert_int_equal(s_shm_left(r->prefix), 0);
+    assert_int_equal(th_shm_count(r->prefix), 0);
 }
 
 /* Generates greedily through the pipeline; fills ids; returns the exit status. */
-static int s_generate(const run *r, const golden *g, int n, const char *logits_out, int *ids,
+static int s_generate(const run *r, const th_golden *g, int n, const char *logits_out, int *ids,
                       int *n_ids, const char *extra) {
     char bin[1024], out[1100], nbuf[16];
-    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/gen-%d.out", r->dir, (int)getpid());
     snprintf(nbuf, sizeof nbuf, "%d", n);
     char *argv[16] = {
@@ -204,8 +90,8 @@ static int s_generate(const run *r, const golden *g, int n, const char *logits_o
     }
     if (extra) argv[a++] = (char *)extra;
     argv[a] = NULL;
-    int rc = s_run(argv, out, 120);
-    char *s = s_slurp(out, NULL);
+    int rc = th_run(argv, out, 120);
+    char *s = th_slurp(out, NULL);
     *n_ids = 0;
     for (char *p = s, *end; p && *p && *n_ids < 4096; p = end) {
         long v = strtol(p, &end, 10);
@@ -217,8 +103,8 @@ static int s_generate(const run *r, const golden *g, int n, const char *logits_o
 }
 
 static void s_golden_case(const char *stem, int workers) {
-    golden g;
-    s_golden(&g, stem);
+    th_golden g;
+    th_golden_load(&g, stem);
     run r;
     char tag[128];
     snprintf(tag, sizeof tag, "%s-w%d", stem, workers);
@@ -234,12 +120,12 @@ static void s_golden_case(const char *stem, int workers) {
         assert_int_equal(ids[i], g.greedy[i]);
     /* logits: the in-process engine on the same prompt */
     char bin[1024];
-    snprintf(bin, sizeof bin, "%s/stpipe", s_env("STP_BIN_DIR"));
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     char *argv[] = {bin,     "generate", "--model",   g.model, "--prompt-ids", g.ids, "-n", "1",
                     "--ids", "--quiet",  "--threads", "1",     "--logits-out", il,    NULL};
-    assert_int_equal(s_run(argv, NULL, 60), 0);
+    assert_int_equal(th_run(argv, NULL, 60), 0);
     size_t lp = 0, li = 0;
-    char *bp = s_slurp(pl, &lp), *bi = s_slurp(il, &li);
+    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
     assert_non_null(bp);
     assert_non_null(bi);
     assert_true(lp > 0);
@@ -276,7 +162,7 @@ static void test_pipeline_hybrid_2_workers(void **st) {
 static int s_ready_pid(const run *r, const char *stage) {
     char p[1200];
     snprintf(p, sizeof p, "%s/%s.ready", r->dir, stage);
-    char *s = s_slurp(p, NULL);
+    char *s = th_slurp(p, NULL);
     int pid = s ? atoi(s) : 0;
     free(s);
     return pid;
@@ -286,8 +172,8 @@ static int s_ready_pid(const run *r, const char *stage) {
  * request in flight completes or fails cleanly, and the next request gives the golden ids. */
 static void test_pipeline_expert_crash_restart(void **st) {
     (void)st;
-    golden g;
-    s_golden(&g, "tiny-dense-attn-f32");
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
     assert_int_equal(s_up(&r, g.model, 2, "crash"), 0);
     int victim = s_ready_pid(&r, "expert-1");
@@ -371,8 +257,8 @@ static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const c
 
 static void test_pipeline_malformed_messages(void **st) {
     (void)st;
-    golden g;
-    s_golden(&g, "tiny-dense-attn-f32");
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
     assert_int_equal(s_up(&r, g.model, 1, "fuzz"), 0);
     void *zctx = zmq_ctx_new();

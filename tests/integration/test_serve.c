@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "th_gguf.h"
+#include "th_proc.h"
 
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define QWEN "tiny-qwen-vocab-q4_0-pure.gguf"
@@ -47,29 +48,10 @@ typedef struct http_resp {
 
 static server s_dense, s_qwen;
 
-static char *s_slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return strdup("");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)n + 1);
-    size_t r = fread(b, 1, (size_t)n, f);
-    b[r] = 0;
-    fclose(f);
-    return b;
-}
-
-static const char *s_bin(char *buf, size_t cap) {
-    const char *dir = getenv("STP_BIN_DIR");
-    snprintf(buf, cap, "%s/stpipe", dir && *dir ? dir : "build/bin");
-    return buf;
-}
-
 /* Starts `stpipe serve --model DATA/model --port 0 [extra...]` and waits for its port. */
 static int s_server_start(server *s, const char *model, const char *queue) {
     char bin[4096], mp[4096];
-    s_bin(bin, sizeof bin);
+    th_bin_path(bin, sizeof bin, "stpipe");
     th_data_path(mp, sizeof mp, model);
     th_tmp_path(s->err_path, sizeof s->err_path, queue[0] == '1' ? "serve1.err" : "serve8.err");
     const char *argv[] = {bin,       "serve", "--model",   mp,  "--port", "0",
@@ -83,7 +65,7 @@ static int s_server_start(server *s, const char *model, const char *queue) {
     posix_spawn_file_actions_destroy(&fa);
     if (rc) return -1;
     for (int i = 0; i < 600; i++) { /* up to 60 s (sanitizer builds load slowly) */
-        char *e = s_slurp(s->err_path);
+        char *e = th_slurp_str(s->err_path);
         const char *p = strstr(e, "listening on http://127.0.0.1:");
         if (p) {
             s->port = atoi(p + strlen("listening on http://127.0.0.1:"));
@@ -205,7 +187,7 @@ static json_t *s_json(const http_resp *h) {
 /* `stpipe generate` output (stdout) for args. */
 static char *s_generate(const char *const *args) {
     char bin[4096], po[4096];
-    s_bin(bin, sizeof bin);
+    th_bin_path(bin, sizeof bin, "stpipe");
     th_tmp_path(po, sizeof po, "serve_gen.out");
     const char *argv[32];
     int n = 0;
@@ -224,7 +206,7 @@ static char *s_generate(const char *const *args) {
     int st;
     waitpid(pid, &st, 0);
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    char *out = s_slurp(po);
+    char *out = th_slurp_str(po);
     size_t l = strlen(out);
     if (l && out[l - 1] == '\n') out[l - 1] = 0; /* generate ends with a newline */
     return out;
@@ -254,7 +236,7 @@ static int s_teardown(void **state) {
     (void)state;
     int a = s_server_stop(&s_dense), b = s_server_stop(&s_qwen);
     if (a != 0 || b != 0) {
-        char *e = s_slurp(s_dense.err_path);
+        char *e = th_slurp_str(s_dense.err_path);
         fprintf(stderr, "server exit codes %d %d; stderr: %s\n", a, b, e);
         free(e);
         return -1;

@@ -22,6 +22,8 @@
 #include <unistd.h>
 
 #include "gguf/gguf.h"
+#include "th_gguf.h"
+#include "th_proc.h"
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
@@ -36,16 +38,8 @@ static void data_path(char *buf, size_t cap, const char *rel) {
 }
 
 static uint8_t *read_whole(const char *path, size_t *size) {
-    FILE *fp = fopen(path, "rb");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    uint8_t *p = malloc((size_t)n);
+    uint8_t *p = (uint8_t *)th_slurp(path, size);
     assert_non_null(p);
-    assert_int_equal(fread(p, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *size = (size_t)n;
     return p;
 }
 

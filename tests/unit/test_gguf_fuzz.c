@@ -16,6 +16,8 @@
 #include <string.h>
 
 #include "gguf/gguf.h"
+#include "th_gguf.h"
+#include "th_proc.h"
 
 typedef struct fuzz_stats {
     int loaded;
@@ -30,19 +32,9 @@ static uint64_t rng_next(uint64_t *s) { /* xorshift64* */
 }
 
 static uint8_t *read_data(const char *rel, size_t *size) {
-    const char *dir = getenv("STP_TEST_DATA");
     char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir ? dir : "tests/data", rel);
-    FILE *fp = fopen(path, "rb");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    uint8_t *p = malloc((size_t)n);
+    uint8_t *p = (uint8_t *)th_slurp(th_data_path(path, sizeof path, rel), size);
     assert_non_null(p);
-    assert_int_equal(fread(p, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *size = (size_t)n;
     return p;
 }
 

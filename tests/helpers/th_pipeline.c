@@ -1,0 +1,115 @@
+/* th_pipeline: starting, inspecting and stopping pipeline runs in tests (see th_pipeline.h). */
+#include "th_pipeline.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "th_proc.h"
+
+void th_golden_load(th_golden *g, const char *stem) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s.short.json", th_env("STP_TEST_DATA"), stem);
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    assert_non_null(j);
+    snprintf(g->model, sizeof g->model, "%s/%s.gguf", th_env("STP_TEST_DATA"), stem);
+    json_t *pi = json_object_get(j, "prompt_ids");
+    size_t at = 0;
+    g->ids[0] = 0;
+    for (size_t i = 0; i < json_array_size(pi) && at < sizeof g->ids; i++)
+        at += (size_t)snprintf(g->ids + at, sizeof g->ids - at, i ? " %lld" : "%lld",
+                               (long long)json_integer_value(json_array_get(pi, i)));
+    json_t *gi = json_object_get(j, "greedy_ids");
+    g->n_greedy = (int)json_array_size(gi);
+    if (g->n_greedy > 256) g->n_greedy = 256;
+    for (int i = 0; i < g->n_greedy; i++)
+        g->greedy[i] = (int)json_integer_value(json_array_get(gi, (size_t)i));
+    json_decref(j);
+}
+
+const char *th_pipe_dir(char *buf, size_t cap, const char *kind, const char *tag) {
+    mkdir(th_env("STP_TMP"), 0700);
+    snprintf(buf, cap, "%s/%s-%s-%d", th_env("STP_TMP"), kind, tag, (int)getpid());
+    return buf;
+}
+
+int th_pipe_up(const char *dir, const char *model, int workers, int timeout_s, double run_timeout_s,
+               const char *const *extra) {
+    char up[1024], w[16], t[16];
+    snprintf(up, sizeof up, "%s/deploy/stpipe-up", th_env("STP_SOURCE_DIR"));
+    snprintf(w, sizeof w, "%d", workers);
+    snprintf(t, sizeof t, "%d", timeout_s);
+    char *argv[32] = {"bash",      up,
+                      "--model",   (char *)model,
+                      "--run-dir", (char *)dir,
+                      "--workers", w,
+                      "--bin-dir", (char *)th_env("STP_BIN_DIR"),
+                      "--timeout", t,
+                      "--threads", "1"};
+    int a = 14;
+    for (int i = 0; extra && extra[i] && a < 30; i++)
+        argv[a++] = (char *)extra[i];
+    argv[a] = NULL;
+    return th_run(argv, NULL, run_timeout_s);
+}
+
+int th_pipe_down(const char *dir, double timeout_s) {
+    char down[1024];
+    snprintf(down, sizeof down, "%s/deploy/stpipe-down", th_env("STP_SOURCE_DIR"));
+    char *argv[] = {"bash", down, (char *)dir, NULL};
+    return th_run(argv, NULL, timeout_s);
+}
+
+void th_pipe_prefix(const char *dir, char *buf, size_t cap) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/shm_prefix", dir);
+    char *s = th_slurp(p, NULL);
+    assert_non_null(s);
+    s[strcspn(s, "\n")] = 0;
+    snprintf(buf, cap, "%s", s);
+    free(s);
+}
+
+int th_pipe_pids(const char *dir, int *pids, int cap) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/pids", dir);
+    FILE *f = fopen(p, "r");
+    if (!f) return 0;
+    int n = 0;
+    char name[64];
+    while (n < cap && fscanf(f, "%63s %d", name, &pids[n]) == 2)
+        n++;
+    fclose(f);
+    return n;
+}
+
+bool th_stage_alive(int pid, const char *dir) {
+    char cp[64];
+    snprintf(cp, sizeof cp, "/proc/%d/cmdline", pid);
+    char *cl = th_slurp(cp, NULL);
+    bool alive = cl && strstr(cl, "stpipe-") && (!dir || strstr(cl, dir));
+    free(cl);
+    return alive;
+}
+
+int th_shm_count(const char *prefix) {
+    DIR *d = opendir("/dev/shm");
+    int n = 0;
+    size_t pl = strlen(prefix);
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (!strncmp(e->d_name, prefix, pl) && e->d_name[pl] == '-') n++;
+    if (d) closedir(d);
+    return n;
+}

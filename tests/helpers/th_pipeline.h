@@ -1,0 +1,39 @@
+/* th_pipeline: test helpers around the multi-process pipeline (deploy/stpipe-up and
+ * stpipe-down) and the golden JSONs it is checked against. Run directories are paths the
+ * caller owns (usually under $STP_TMP); nothing here keeps state between calls. */
+#ifndef TH_PIPELINE_H
+#define TH_PIPELINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* A golden case: $STP_TEST_DATA/<stem>.gguf and the prompt/greedy ids of <stem>.short.json. */
+typedef struct th_golden {
+    char model[512];
+    char ids[4096]; /* prompt ids as "1 2 3" */
+    int greedy[256];
+    int n_greedy;
+} th_golden;
+
+/* Loads <stem>.short.json (asserts it parses). */
+void th_golden_load(th_golden *g, const char *stem);
+
+/* "$STP_TMP/<kind>-<tag>-<pid>" into buf ($STP_TMP is created). */
+const char *th_pipe_dir(char *buf, size_t cap, const char *kind, const char *tag);
+
+/* bash deploy/stpipe-up --model M --run-dir D --workers W --bin-dir $STP_BIN_DIR --timeout T
+ * --threads 1 [extra...] with a deadline of run_timeout_s; returns the exit status. */
+int th_pipe_up(const char *dir, const char *model, int workers, int timeout_s, double run_timeout_s,
+               const char *const *extra);
+/* bash deploy/stpipe-down D; returns the exit status. */
+int th_pipe_down(const char *dir, double timeout_s);
+/* The run's shared-memory prefix (D/shm_prefix, first line) into buf; asserts it exists. */
+void th_pipe_prefix(const char *dir, char *buf, size_t cap);
+/* The pids in D/pids (every stage ever started); returns how many (0: no file). */
+int th_pipe_pids(const char *dir, int *pids, int cap);
+/* Whether pid runs a stage (cmdline has "stpipe-", and dir too when dir is not NULL). */
+bool th_stage_alive(int pid, const char *dir);
+/* /dev/shm entries named <prefix>-*. */
+int th_shm_count(const char *prefix);
+
+#endif
