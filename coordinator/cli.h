@@ -22,6 +22,8 @@ int cli_parse_int(const char *s, const char *what, long long min, long long max,
 int cli_parse_float(const char *s, const char *what, double *out);
 /* Parses "1 2 3" (spaces or commas) into a malloc'd array; returns count or -1 (message printed). */
 int cli_parse_ids(const char *s, int32_t **ids);
+/* A model_progress_fn: a bar on stderr when it is a terminal, nothing otherwise. */
+void cli_progress(void *ud, const char *what, double frac);
 /* Reads a whole file (or "-" for stdin) into a malloc'd NUL-terminated buffer. */
 char *cli_read_file(const char *path, size_t *len);
 

@@ -100,7 +100,7 @@ int cli_bench(int argc, char **argv) {
     int max_ctx = 1;
     for (int i = 0; i < n_pp; i++) max_ctx = pp[i] > max_ctx ? pp[i] : max_ctx;
     for (int i = 0; i < n_tg; i++) max_ctx = tg[i] + 1 > max_ctx ? tg[i] + 1 : max_ctx;
-    engine_params ep = {.n_threads = (int)threads, .n_ctx = max_ctx};
+    engine_params ep = {.n_threads = (int)threads, .n_ctx = max_ctx, .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
         model_close(&m);

@@ -247,7 +247,7 @@ int cli_generate(int argc, char **argv) {
         fprintf(stderr, "stpipe generate: the prompt is empty (no tokens)\n");
         goto out;
     }
-    engine_params ep = {.n_threads = (int)o.threads, .n_ctx = (int)o.ctx};
+    engine_params ep = {.n_threads = (int)o.threads, .n_ctx = (int)o.ctx, .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);
         goto out;

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 bool cli_opt_is(const char *arg, const char *name) {
     return arg && !strcmp(arg, name);
@@ -99,4 +100,14 @@ char *cli_read_file(const char *path, size_t *len) {
     buf[n] = 0;
     if (len) *len = n;
     return buf;
+}
+
+void cli_progress(void *ud, const char *what, double frac) {
+    (void)ud;
+    if (!isatty(2)) return;
+    int w = (int)(frac * 30 + 0.5);
+    fprintf(stderr, "\r%-28s [%-30.*s] %3d%%", what, w, "##############################",
+            (int)(frac * 100 + 0.5));
+    if (frac >= 1.0) fputc('\n', stderr);
+    fflush(stderr);
 }

@@ -71,8 +71,10 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         if (rc) goto fail;
     }
     if (!(p && p->lazy)) {
-        rc = model_pack_all((model *)m, e->tp, err);
-        if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, err);
+        model_progress_fn pf = p ? p->progress : NULL;
+        void *ud = p ? p->progress_ud : NULL;
+        rc = model_pack_all((model *)m, e->tp, pf, ud, err);
+        if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, pf, ud, err);
         if (rc) goto fail;
     }
     size_t TE = (size_t)n_ubatch * c->n_embd;

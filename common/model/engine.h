@@ -19,6 +19,8 @@ typedef struct engine_params {
     bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing; /* keep every matrix in the file's layout (for comparisons) */
     bool lazy;       /* build packed/neuron-major images on first use instead of at load */
+    model_progress_fn progress; /* optional: reports the load-time image building */
+    void *progress_ud;
 } engine_params;
 
 typedef struct engine_stats {

@@ -191,7 +191,7 @@ static void s_pack_worker(void *p, int ith, int nth) {
     }
 }
 
-int model_pack_all(model *m, threadpool *tp, stp_err *err) {
+int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *ud, stp_err *err) {
     if (!m->layers) return 0;
     int cap = 1 + 5 * m->cfg.n_layer;
     tensor_view **views = malloc(sizeof *views * (size_t)cap);
@@ -221,8 +221,13 @@ int model_pack_all(model *m, threadpool *tp, stp_err *err) {
             items[n_items++] = (pack_item){t, k};
         }
     }
-    pack_section s = {items, n_items};
-    threadpool_run(tp, s_pack_worker, &s);
+    /* in slices, so progress can be reported between them */
+    const long slice = n_items / 32 + 1;
+    for (long i = 0; i < n_items; i += slice) {
+        pack_section s = {items + i, n_items - i < slice ? n_items - i : slice};
+        threadpool_run(tp, s_pack_worker, &s);
+        if (progress) progress(ud, "packing Q4_0 weights", (double)(i + s.n) / n_items);
+    }
 out:
     free(items);
     free(views);

@@ -67,7 +67,11 @@ int model_enable_packing(model *m, int which, stp_err *err);
  * before handing work to a thread team); NULL if t is not packed. */
 const uint8_t *model_packed(const tensor_view *t, int64_t mat);
 size_t model_packed_bytes(const model *m);
-/* Builds every packed image now, split over the team (load time instead of first use). */
-int model_pack_all(model *m, threadpool *tp, stp_err *err);
+/* Progress of a long load step: frac in [0, 1]; called from the caller's thread. */
+typedef void (*model_progress_fn)(void *ud, const char *what, double frac);
+
+/* Builds every packed image now, split over the team (load time instead of first use).
+ * progress may be NULL. */
+int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *ud, stp_err *err);
 
 #endif

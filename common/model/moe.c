@@ -100,14 +100,15 @@ size_t moe_sparse_down_bytes(const moe_scratch *s) {
 typedef struct dt_build_section {
     moe_scratch *s;
     const model *m;
+    long first, n; /* images first..first+n-1 (layer * n_expert + expert) */
 } dt_build_section;
 
 static void s_dt_build_worker(void *p, int ith, int nth) {
     dt_build_section *d = p;
     const model_config *c = &d->m->cfg;
     long b, e;
-    threadpool_chunk((long)c->n_layer * c->n_expert, ith, nth, 1, &b, &e);
-    for (long i = b; i < e; i++) {
+    threadpool_chunk(d->n, ith, nth, 1, &b, &e);
+    for (long i = d->first + b; i < d->first + e; i++) {
         const tensor_view *down = &d->m->layers[i / c->n_expert].down_exps;
         down_t_build_expert(down, i % c->n_expert, d->s->dt_img[i]);
         /* the image replaces the file pages of this expert's down matrix */
@@ -118,7 +119,8 @@ static void s_dt_build_worker(void *p, int ith, int nth) {
     }
 }
 
-int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp, stp_err *err) {
+int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
+                              model_progress_fn progress, void *ud, stp_err *err) {
     if (!s->dt_img) return 0;
     const model_config *c = &m->cfg;
     for (long i = 0; i < (long)c->n_layer * c->n_expert; i++) {
@@ -127,8 +129,12 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp, st
         if (!s->dt_img[i]) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
         s->dt_bytes += s->dt_expert_bytes;
     }
-    dt_build_section d = {s, m};
-    threadpool_run(tp, s_dt_build_worker, &d);
+    const long total = (long)c->n_layer * c->n_expert, slice = total / 32 + 1;
+    for (long i = 0; i < total; i += slice) {
+        dt_build_section d = {s, m, i, total - i < slice ? total - i : slice};
+        threadpool_run(tp, s_dt_build_worker, &d);
+        if (progress) progress(ud, "neuron-major expert down", (double)(i + d.n) / total);
+    }
     return 0;
 }
 

@@ -22,7 +22,8 @@ size_t moe_scratch_bytes(const moe_scratch *s);
 int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err);
 size_t moe_sparse_down_bytes(const moe_scratch *s); /* images built so far */
 /* Builds every down_t image now, split over the team (load time instead of first use). */
-int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp, stp_err *err);
+int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
+                              model_progress_fn progress, void *ud, stp_err *err);
 
 /* h: (T, n_embd) normed FFN input; sel, w: (T, n_expert_used); out: (T, n_embd). */
 void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
