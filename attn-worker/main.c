@@ -6,6 +6,7 @@
 #include "msg/stage.h"
 
 int main(int argc, char **argv) {
+    if (stage_wants_help(argc, argv, "attn-worker", NULL)) return 0;
     stage_opts o;
     stp_err err = {0};
     if (stage_parse(&o, argc, argv, "attn-worker", &err) || stage_setup(&o, "attn-worker", &err)) {

@@ -92,7 +92,13 @@ int cli_stats(int argc, char **argv) {
             watch = true;
         else if (cli_opt_is(argv[i], "--json"))
             json = true;
-        else {
+        else if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
+            printf("usage: stpipe stats --run-dir DIR [--watch] [--json]\n"
+                   "  one table of every stage's counters and latency percentiles (p50/p90/p99),\n"
+                   "  read from the stages' read-only stats sockets; --watch refreshes it live,\n"
+                   "  --json prints one JSON document for scripts\n");
+            return 0;
+        } else {
             fprintf(stderr, "usage: stpipe stats --run-dir DIR [--watch] [--json]\n");
             return 2;
         }

@@ -6,6 +6,7 @@
 #include "msg/stage.h"
 
 int main(int argc, char **argv) {
+    if (stage_wants_help(argc, argv, "coordinator", NULL)) return 0;
     stage_opts o;
     stp_err err = {0};
     if (stage_parse(&o, argc, argv, "coordinator", &err) || stage_setup(&o, "coordinator", &err)) {

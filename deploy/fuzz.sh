@@ -8,6 +8,7 @@
 # tests/fuzz/crashes/TARGET/ once fixed: every run replays them first).
 # Environment: STP_FUZZ_BUILD (default build-fuzz), NICE (default 19).
 set -euo pipefail
+case "${1:-}" in -h | --help) echo "usage: deploy/fuzz.sh TARGET SECONDS   (TARGET: fuzz_gguf fuzz_tokenizer fuzz_msg all)"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 if (($# != 2)); then
   echo "usage: deploy/fuzz.sh TARGET SECONDS   (TARGET: fuzz_gguf fuzz_tokenizer fuzz_msg all)" >&2

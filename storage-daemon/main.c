@@ -33,6 +33,7 @@ static int s_take(int *argc, char **argv, const char *name, const char **val, st
 }
 
 int main(int argc, char **argv) {
+    if (stage_wants_help(argc, argv, "storage-daemon", "         [--memory-budget B] [--layout-dir DIR] [--cache-policy lru|lfu] [--pool-experts N]\n")) return 0;
     stage_opts o;
     storage_opts so = {0};
     stp_err err = {0};

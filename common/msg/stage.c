@@ -48,6 +48,16 @@ static int s_int(const char *v, const char *what, int lo, int hi, int *out, stp_
     return 0;
 }
 
+bool stage_wants_help(int argc, char **argv, const char *stage, const char *extra) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: stpipe-%s %s%s", stage, s_usage, extra ? extra : "");
+            printf("Started by deploy/stpipe-up (see deploy/README.md); not meant to be run by hand.\n");
+            return true;
+        }
+    return false;
+}
+
 int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err *err) {
     memset(o, 0, sizeof *o);
     o->numa_node = -1;

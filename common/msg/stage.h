@@ -45,6 +45,9 @@ typedef struct stage_opts {
 /* Parses the common options; unknown ones are an error. Returns 0, or STP_EINVAL (message in
  * err); "--help" gives STP_EINVAL with the usage text. */
 int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err *err);
+/* True (after printing the usage to stdout, with extra lines for stage-specific options) when
+ * argv asks for --help or -h: the process then exits 0. */
+bool stage_wants_help(int argc, char **argv, const char *stage, const char *extra);
 
 /* Death signal, parent check, SIGINT/SIGTERM handlers (set the stop flag), SIGPIPE ignored,
  * then pinning. */
