@@ -19,6 +19,8 @@ struct moe_scratch {
     uint8_t *xq_h2;      /* second copy when up's activation type differs from gate's */
     uint8_t *xq_a;       /* (T*K) quantized activations for down */
     size_t bytes;
+    uint8_t *pack_up, *pack_down; /* (n_expert) q4_0x16 images packed on the fly in prefill */
+    size_t pack_up_bytes, pack_down_bytes; /* per expert */
     uint8_t **dt_img;    /* (n_layer * n_expert) down_t images, NULL until built */
     size_t dt_expert_bytes, dt_bytes;
     int dt_n_layer;
@@ -63,6 +65,8 @@ void moe_scratch_destroy(moe_scratch **self_p) {
         for (int i = 0; i < s->dt_n_layer * s->X; i++) free(s->dt_img[i]);
         free(s->dt_img);
     }
+    free(s->pack_up);
+    free(s->pack_down);
     free(s->slot_tok);
     free(s->slot_of);
     free(s->grp_start);
@@ -193,6 +197,29 @@ static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scr
     return true;
 }
 
+/* Room to pack each expert's `up` and `down` in prefill (Q4_0 with 16-row groups only);
+ * returns false (and packs nothing) when not applicable or out of memory. */
+static bool s_pack_room(moe_scratch *s, const layer_weights *L) {
+    if (L->up_exps.type != STP_TYPE_Q4_0 || L->down_exps.type != STP_TYPE_Q4_0) return false;
+    size_t bu = kern_q4_0x16_size(L->up_exps.n_rows, L->up_exps.n_cols);
+    size_t bd = kern_q4_0x16_size(L->down_exps.n_rows, L->down_exps.n_cols);
+    if (!bu || !bd) return false;
+    if (!s->pack_up) {
+        s->pack_up_bytes = (bu + 63) & ~(size_t)63;
+        s->pack_down_bytes = (bd + 63) & ~(size_t)63;
+        s->pack_up = aligned_alloc(64, s->pack_up_bytes * (size_t)s->X);
+        s->pack_down = aligned_alloc(64, s->pack_down_bytes * (size_t)s->X);
+        if (!s->pack_up || !s->pack_down) {
+            free(s->pack_up);
+            free(s->pack_down);
+            s->pack_up = s->pack_down = NULL;
+            return false;
+        }
+        s->bytes += (s->pack_up_bytes + s->pack_down_bytes) * (size_t)s->X;
+    }
+    return true;
+}
+
 void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
                  const int32_t *sel, const float *w, float *out, moe_scratch *s,
                  engine_stats *stats) {
@@ -240,7 +267,9 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
     }
     ops_mm_run(cc, jobs, nj);
 
-    /* 4. up: only active rows for single-token groups, dense otherwise */
+    /* 4. up: only active rows for single-token groups, dense otherwise (groups of many tokens
+     * pack the expert's matrix on the fly for the faster kernel) */
+    const bool packing = T >= MM_PACK_MIN_VEC && s_pack_room(s, L);
     nj = 0;
     uint64_t active_total = 0;
     for (int e = 0; e < X; e++) {
@@ -248,6 +277,7 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         if (!n) continue;
         int s0 = s->grp_start[e];
         mm_job j = {.type = tu, .n_cols = E,
+                    .pack_scratch = packing ? s->pack_up + (size_t)e * s->pack_up_bytes : NULL,
                     .w = L->up_exps.data + (size_t)e * L->up_exps.mat_bytes,
                     .row_bytes = L->up_exps.row_bytes, .xq = xq_up + (size_t)s0 * su,
                     .xq_stride = su, .n_vec = n, .y = s->u + (size_t)s0 * F,
@@ -289,6 +319,7 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         if (!n) continue;
         int s0 = s->grp_start[e];
         jobs[nj++] = (mm_job){.type = td, .n_cols = F,
+                              .pack_scratch = packing ? s->pack_down + (size_t)e * s->pack_down_bytes : NULL,
                               .w = L->down_exps.data + (size_t)e * L->down_exps.mat_bytes,
                               .row_bytes = L->down_exps.row_bytes,
                               .xq = s->xq_a + (size_t)s0 * sd, .xq_stride = sd, .n_vec = n,

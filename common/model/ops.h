@@ -36,7 +36,13 @@ typedef struct mm_job {
     int64_t n_rows;         /* rows to compute: 0..n_rows-1, or rows[0..n_rows-1] */
     const int32_t *rows;    /* optional row subset (n_vec must be 1) */
     const uint8_t *wp;      /* optional q4_0x16 image of the same matrix (faster, same bits) */
+    uint8_t *pack_scratch;  /* optional: room for a q4_0x16 image of the matrix; a Q4_0 job with
+                             * many vectors and no wp packs its rows there first (each thread
+                             * its own row range) and runs the packed kernel: same bits */
 } mm_job;
+
+/* Fewest vectors for which packing a Q4_0 matrix on the fly pays for itself. */
+#define MM_PACK_MIN_VEC 8
 
 /* Runs all jobs (in one parallel section). */
 void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs);
