@@ -161,9 +161,7 @@ int model_enable_packing(model *m, int which, stp_err *err) {
     return 0;
 }
 
-/* Releases the whole pages of [p, p + n) from this process (file-backed: they stay in the page
- * cache, but no longer count against the process). */
-static void s_release_pages(const uint8_t *p, size_t n) {
+void model_release_pages(const uint8_t *p, size_t n) {
     const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t a = ((uintptr_t)p + pg - 1) & ~(pg - 1), b = ((uintptr_t)p + n) & ~(pg - 1);
     if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
@@ -187,7 +185,7 @@ static void s_pack_worker(void *p, int ith, int nth) {
         const tensor_view *t = s->items[i].t;
         const uint8_t *src = t->data + (size_t)s->items[i].mat * t->mat_bytes;
         kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, t->packed[s->items[i].mat]);
-        s_release_pages(src, t->mat_bytes);
+        model_release_pages(src, t->mat_bytes);
     }
 }
 
@@ -244,7 +242,7 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
         kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, img);
         t->packed[mat] = img;
         *t->packed_total += bytes;
-        s_release_pages(src, t->mat_bytes); /* the image replaces these file pages */
+        model_release_pages(src, t->mat_bytes); /* the image replaces these file pages */
     }
     return t->packed[mat];
 }

@@ -67,6 +67,9 @@ int model_enable_packing(model *m, int which, stp_err *err);
  * before handing work to a thread team); NULL if t is not packed. */
 const uint8_t *model_packed(const tensor_view *t, int64_t mat);
 size_t model_packed_bytes(const model *m);
+/* Releases the whole pages of [p, p + n) of the file mapping from this process (they stay in the
+ * page cache): called once a re-laid-out image has replaced them. */
+void model_release_pages(const uint8_t *p, size_t n);
 /* Progress of a long load step: frac in [0, 1]; called from the caller's thread. */
 typedef void (*model_progress_fn)(void *ud, const char *what, double frac);
 

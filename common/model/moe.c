@@ -3,7 +3,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "model/down_t.h"
 
@@ -116,10 +115,8 @@ static void s_dt_build_worker(void *p, int ith, int nth) {
         const tensor_view *down = &d->m->layers[i / c->n_expert].down_exps;
         down_t_build_expert(down, i % c->n_expert, d->s->dt_img[i]);
         /* the image replaces the file pages of this expert's down matrix */
-        const uint8_t *src = down->data + (size_t)(i % c->n_expert) * down->mat_bytes;
-        const uintptr_t pg = 4096;
-        uintptr_t a = ((uintptr_t)src + pg - 1) & ~(pg - 1), z = ((uintptr_t)src + down->mat_bytes) & ~(pg - 1);
-        if (z > a) madvise((void *)a, z - a, MADV_DONTNEED);
+        model_release_pages(down->data + (size_t)(i % c->n_expert) * down->mat_bytes,
+                            down->mat_bytes);
     }
 }
 
