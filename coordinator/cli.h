@@ -22,6 +22,11 @@ int cli_parse_int(const char *s, const char *what, long long min, long long max,
 int cli_parse_float(const char *s, const char *what, double *out);
 /* Parses "1 2 3" (spaces or commas) into a malloc'd array; returns count or -1 (message printed). */
 int cli_parse_ids(const char *s, int32_t **ids);
+/* If arg is a sampling option (--temp --top-k --top-p --min-p --repeat-penalty
+ * --presence-penalty --frequency-penalty --seed), parses its value v into sp and returns 1;
+ * 0 if arg is not one; -1 on a missing or bad value (message printed). */
+struct sampler_params;
+int cli_sampling_opt(const char *arg, const char *v, struct sampler_params *sp);
 /* A model_progress_fn: a bar on stderr when it is a terminal, nothing otherwise. */
 void cli_progress(void *ud, const char *what, double frac);
 /* Reads a whole file (or "-" for stdin) into a malloc'd NUL-terminated buffer. */

@@ -72,17 +72,18 @@ static int s_parse(int argc, char **argv, chat_opts *o) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        double d;
-        long long n;
 #define NEEDV                                                                                      \
     if (!v) {                                                                                      \
         fprintf(stderr, "stpipe chat: %s needs a value (see stpipe chat --help)\n", a);            \
         return 2;                                                                                  \
     }                                                                                              \
     i++;
-#define FLOATV(field)                                                                              \
-    NEEDV if (cli_parse_float(v, a, &d)) return 2;                                                 \
-    o->sp.field = (float)d;
+        int sr = cli_sampling_opt(a, v, &o->sp);
+        if (sr < 0) return 2;
+        if (sr > 0) {
+            i++;
+            continue;
+        }
         if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
             s_usage(stdout);
             return 1;
@@ -98,29 +99,10 @@ static int s_parse(int argc, char **argv, chat_opts *o) {
             NEEDV if (cli_parse_int(v, a, 16, 1 << 24, &o->ctx)) return 2;
         } else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
             NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
-        } else if (cli_opt_is(a, "--seed")) {
-            NEEDV if (cli_parse_int(v, a, 0, (1LL << 62), &n)) return 2;
-            o->sp.seed = (uint64_t)n;
-        } else if (cli_opt_is(a, "--top-k")) {
-            NEEDV if (cli_parse_int(v, a, 0, 1 << 24, &n)) return 2;
-            o->sp.top_k = (int)n;
-        } else if (cli_opt_is(a, "--temp")) {
-            FLOATV(temperature)
-        } else if (cli_opt_is(a, "--top-p")) {
-            FLOATV(top_p)
-        } else if (cli_opt_is(a, "--min-p")) {
-            FLOATV(min_p)
-        } else if (cli_opt_is(a, "--repeat-penalty")) {
-            FLOATV(repeat_penalty)
-        } else if (cli_opt_is(a, "--presence-penalty")) {
-            FLOATV(presence_penalty)
-        } else if (cli_opt_is(a, "--frequency-penalty")) {
-            FLOATV(frequency_penalty)
         } else {
             fprintf(stderr, "stpipe chat: unknown option '%s' (see stpipe chat --help)\n", a);
             return 2;
         }
-#undef FLOATV
 #undef NEEDV
     }
     if (!!o->model == !!o->pipeline) {

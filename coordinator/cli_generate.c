@@ -59,14 +59,18 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        double d;
-        long long n;
 #define NEEDV                                                                                      \
     if (!v) {                                                                                      \
         fprintf(stderr, "stpipe generate: %s needs a value\n", a);                                 \
         return 2;                                                                                  \
     }                                                                                              \
     i++;
+        int sr = cli_sampling_opt(a, v, &o->sp);
+        if (sr < 0) return 2;
+        if (sr > 0) {
+            i++;
+            continue;
+        }
         if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
             s_usage(stdout);
             return 1;
@@ -88,30 +92,6 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
             NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
         } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
             NEEDV if (cli_parse_int(v, a, 1, 1 << 24, &o->ctx)) return 2;
-        } else if (cli_opt_is(a, "--seed")) {
-            NEEDV if (cli_parse_int(v, a, 0, (1LL << 62), &n)) return 2;
-            o->sp.seed = (uint64_t)n;
-        } else if (cli_opt_is(a, "--top-k")) {
-            NEEDV if (cli_parse_int(v, a, 0, 1 << 24, &n)) return 2;
-            o->sp.top_k = (int)n;
-        } else if (cli_opt_is(a, "--temp")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.temperature = (float)d;
-        } else if (cli_opt_is(a, "--top-p")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.top_p = (float)d;
-        } else if (cli_opt_is(a, "--min-p")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.min_p = (float)d;
-        } else if (cli_opt_is(a, "--repeat-penalty")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.repeat_penalty = (float)d;
-        } else if (cli_opt_is(a, "--presence-penalty")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.presence_penalty = (float)d;
-        } else if (cli_opt_is(a, "--frequency-penalty")) {
-            NEEDV if (cli_parse_float(v, a, &d)) return 2;
-            o->sp.frequency_penalty = (float)d;
         } else {
             fprintf(stderr, "stpipe generate: unknown option '%s' (see stpipe generate --help)\n", a);
             return 2;

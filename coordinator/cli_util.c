@@ -1,5 +1,6 @@
 /* cli_util: option parsing helpers shared by the stpipe subcommands; see cli.h. */
 #include "cli.h"
+#include "model/sampler.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -110,4 +111,33 @@ void cli_progress(void *ud, const char *what, double frac) {
             (int)(frac * 100 + 0.5));
     if (frac >= 1.0) fputc('\n', stderr);
     fflush(stderr);
+}
+
+int cli_sampling_opt(const char *arg, const char *v, sampler_params *sp) {
+    static const char *const floats[] = {"--temp", "--top-p", "--min-p", "--repeat-penalty",
+                                         "--presence-penalty", "--frequency-penalty"};
+    float *const fdst[] = {&sp->temperature, &sp->top_p, &sp->min_p, &sp->repeat_penalty,
+                           &sp->presence_penalty, &sp->frequency_penalty};
+    int which = -1;
+    for (int i = 0; i < 6; i++)
+        if (cli_opt_is(arg, floats[i])) which = i;
+    bool is_int = cli_opt_is(arg, "--top-k") || cli_opt_is(arg, "--seed");
+    if (which < 0 && !is_int) return 0;
+    if (!v) {
+        fprintf(stderr, "stpipe: %s needs a value\n", arg);
+        return -1;
+    }
+    long long n;
+    double d;
+    if (which >= 0) {
+        if (cli_parse_float(v, arg, &d)) return -1;
+        *fdst[which] = (float)d;
+    } else if (cli_opt_is(arg, "--top-k")) {
+        if (cli_parse_int(v, arg, 0, 1 << 24, &n)) return -1;
+        sp->top_k = (int)n;
+    } else {
+        if (cli_parse_int(v, arg, 0, (1LL << 62), &n)) return -1;
+        sp->seed = (uint64_t)n;
+    }
+    return 1;
 }
