@@ -76,10 +76,23 @@ static void test_io_reads_every_path_on_disk(void **st) {
     unlink(path);
 }
 
+static void s_tmpfs_path(char *path, size_t cap) {
+    snprintf(path, cap, "/dev/shm/stp-io-test-%d", (int)getpid());
+}
+
+/* Removes the tmpfs file even when an assertion ended the test early. */
+static int s_tmpfs_teardown(void **st) {
+    (void)st;
+    char path[128];
+    s_tmpfs_path(path, sizeof path);
+    unlink(path);
+    return 0;
+}
+
 static void test_io_tmpfs_falls_back_to_buffered(void **st) {
     (void)st;
     char path[128];
-    snprintf(path, sizeof path, "/dev/shm/stp-io-test-%d", (int)getpid());
+    s_tmpfs_path(path, sizeof path);
     s_write(path);
     /* tmpfs refuses O_DIRECT at open (or at read time: the reader reopens buffered) */
     io_reader *r = NULL;
@@ -104,7 +117,7 @@ static void test_io_missing_file_is_an_error(void **st) {
 int main(void) {
     const struct CMUnitTest t[] = {
         cmocka_unit_test(test_io_reads_every_path_on_disk),
-        cmocka_unit_test(test_io_tmpfs_falls_back_to_buffered),
+        cmocka_unit_test_teardown(test_io_tmpfs_falls_back_to_buffered, s_tmpfs_teardown),
         cmocka_unit_test(test_io_missing_file_is_an_error),
     };
     return cmocka_run_group_tests(t, NULL, NULL);
