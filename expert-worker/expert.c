@@ -38,6 +38,7 @@ struct expert_worker {
     void *zctx, *sock, *pub;
     stats *st;
     bool down_t;     /* the pool's down parts are down_t images (POOL_DOWN_T) */
+    bool gate_x16;   /* the pool's gate parts are q4_0x16 images (POOL_GATE_X16) */
     int S;           /* max slots = n_ubatch * n_used */
     int32_t *slot_t; /* (S) token of each grouped slot */
     int32_t *slot_k; /* (S) k of each grouped slot */
@@ -79,6 +80,13 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
     if (!rc) rc = shm_region_open(&w->pool, name, false, err);
     if (!rc) rc = pool_check(&w->pool, c->n_layer, c->n_expert, err);
     if (!rc) w->down_t = (((const pool_header *)w->pool.base)->flags & POOL_DOWN_T) != 0;
+    if (!rc) w->gate_x16 = (((const pool_header *)w->pool.base)->flags & POOL_GATE_X16) != 0;
+    for (int il = 0; !rc && w->gate_x16 && il < c->n_layer; il++) {
+        const tensor_view *g = &w->m->layers[il].gate_exps;
+        if (g->type != STP_TYPE_Q4_0 || g->n_rows % 16 || !kern_q4_0x16_size(g->n_rows, g->n_cols))
+            rc = stp_err_set(err, STP_EUNSUPPORTED,
+                             "pool holds q4_0x16 gates this model cannot use");
+    }
     if (!rc && w->down_t && !layout_wants_down_t(w->m))
         rc = stp_err_set(err, STP_EUNSUPPORTED,
                          "pool holds neuron-major down images this CPU "
@@ -219,13 +227,15 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
     }
     const uint8_t *xq_up = up_shares ? w->xq_h : w->xq_h2;
     mm_job jobs[EXPERT_CHUNK];
-    /* gate */
+    /* gate (the q4_0x16 image when the pool has one: every row range ops_mm_run hands out is a
+     * multiple of 16 rows, so the packed kernel always runs; same bits as the GGUF rows) */
     for (int q = 0; q < ng; q++) {
         int s0 = gr[q].s0 - c0;
         const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
         jobs[q] = (mm_job){.type = tg,
                            .n_cols = E,
                            .w = base + off[0],
+                           .wp = w->gate_x16 ? base + off[0] : NULL,
                            .row_bytes = L->gate_exps.row_bytes,
                            .xq = w->xq_h + (size_t)s0 * sg,
                            .xq_stride = sg,

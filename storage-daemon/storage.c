@@ -11,6 +11,7 @@
 #include <zmq.h>
 
 #include "io/io.h"
+#include "kern/kern.h"
 #include "layout/layout.h"
 #include "model/attention.h"
 #include "model/kv_cache.h"
@@ -49,6 +50,8 @@ struct storage {
     uint64_t *freq_tick;
     uint64_t tick, gen;
     int n_used_frames;
+    bool gate_x16;     /* pool gates are q4_0x16 images (POOL_GATE_X16) */
+    uint8_t *gate_tmp; /* (largest gate) a read gate's GGUF rows while it is packed in place */
 };
 
 int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
@@ -178,6 +181,27 @@ static int s_victim(storage *s, const int32_t *need, int n_need) {
     return best;
 }
 
+/* Whether the pool stores gates as q4_0x16 images: every layer's gate Q4_0 and packable. */
+static bool s_wants_gate_x16(const model *m) {
+    for (int il = 0; il < m->cfg.n_layer; il++) {
+        const tensor_view *g = &m->layers[il].gate_exps;
+        if (g->type != STP_TYPE_Q4_0 || !kern_q4_0x16_size(g->n_rows, g->n_cols) ||
+            kern_q4_0x16_size(g->n_rows, g->n_cols) != g->mat_bytes)
+            return false;
+    }
+    return true;
+}
+
+/* Re-arranges entry e's freshly read gate (GGUF rows, as in the layout file) into its q4_0x16
+ * image in place, before the slot becomes READY (same bytes, same size). */
+static void s_pack_gate(storage *s, int e) {
+    const pool_header *h = (const pool_header *)s->pool.base;
+    const tensor_view *g = &s->m->layers[e / s->X].gate_exps;
+    uint8_t *dst = s->pool.base + h->slots[e].offset; /* gate is the slot's first part */
+    memcpy(s->gate_tmp, dst, g->mat_bytes);
+    kern_q4_0x16_pack(s->gate_tmp, g->row_bytes, g->n_rows, g->n_cols, dst);
+}
+
 /* Makes every needed entry resident (reads the missing ones); counts hits/misses. */
 static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, uint64_t *hits,
                            stp_err *err) {
@@ -231,8 +255,10 @@ static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, 
         int rc = io_read_all(s->io, reqs, nr, err);
         if (rc) return rc;
     }
-    for (int i = 0; i < nl; i++)
+    for (int i = 0; i < nl; i++) {
+        if (s->gate_x16) s_pack_gate(s, loading[i]);
         __atomic_store_n(&h->slots[loading[i]].state, POOL_READY, __ATOMIC_RELEASE);
+    }
     double us = msg_now_us() - t0;
     stats_add(s->st, "read.bytes", bytes);
     stats_add(s->st, "read.us", (uint64_t)us);
@@ -296,6 +322,15 @@ static int s_create_pool(storage *s, stp_err *err) {
     h->size = total;
     h->data_offset = pool_table_bytes(NL, X);
     h->flags = (s->lay->h.flags & LAYOUT_DOWN_T) ? POOL_DOWN_T : 0;
+    s->gate_x16 = s_wants_gate_x16(s->m);
+    if (s->gate_x16) {
+        size_t gmax = 0;
+        for (int il = 0; il < NL; il++)
+            if (s->m->layers[il].gate_exps.mat_bytes > gmax)
+                gmax = s->m->layers[il].gate_exps.mat_bytes;
+        if (!(s->gate_tmp = malloc(gmax))) return stp_err_set(err, STP_ENOMEM, "out of memory");
+        h->flags |= POOL_GATE_X16;
+    }
     stats_set(s->st, "pool.bytes", total);
     stats_set(s->st, "pool.frames", (uint64_t)s->plan.frames);
     stats_set(s->st, "budget.bytes", s->so.memory_budget);
@@ -370,6 +405,7 @@ void storage_destroy(storage **self_p) {
     free(s->last_use);
     free(s->freq);
     free(s->freq_tick);
+    free(s->gate_tmp);
     free(s);
     *self_p = NULL;
 }

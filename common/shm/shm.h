@@ -2,7 +2,8 @@
  *
  * The weight pool (created by the storage daemon, mapped read-only by expert workers): a header,
  * a slot table [layer][expert] and the slots' bytes. A slot holds one expert's gate | up | down
- * matrices, each 4 KiB aligned (down neuron-major when the header has POOL_DOWN_T). A slot is
+ * matrices, each 4 KiB aligned (down neuron-major when the header has POOL_DOWN_T, gate
+ * row-interleaved q4_0x16 when it has POOL_GATE_X16). A slot is
  * readable while its state is POOL_READY and its generation equals the one the daemon announced; a
  * streaming daemon (issue 6) bumps the generation before reusing a slot's bytes.
  *
@@ -26,18 +27,25 @@ typedef struct shm_region {
     char name[160];
     uint8_t *base;
     size_t size;
-    bool owner; /* created here: unlinked by shm_region_close */
+    bool owner;   /* created here: unlinked by shm_region_close */
+    uint64_t ino; /* inode of the mapped segment (shm_region_current) */
 } shm_region;
 
 int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err);
 /* Maps an existing segment (whole size); read-only unless writable. */
 int shm_region_open(shm_region *r, const char *name, bool writable, stp_err *err);
 void shm_region_close(shm_region *r);
+/* Whether the segment under r's name is still the one mapped (not unlinked and recreated by a
+ * restarted creator). One stat(2). */
+bool shm_region_current(const shm_region *r);
 
 /* ---- weight pool ---- */
 #define POOL_MAGIC 0x4c4f4f50u /* "POOL" */
 #define POOL_VERSION 2u
 #define POOL_DOWN_T 1u /* flags: down parts are down_t images (common/model/down_t.h) */
+/* flags: gate parts are q4_0x16 images (kern_q4_0x16_pack of the GGUF rows; same size), set
+ * when every layer's gate is Q4_0 with n_ff_exp % 16 == 0; up stays in GGUF rows */
+#define POOL_GATE_X16 2u
 #define POOL_ALIGN 4096u
 
 enum { POOL_EMPTY = 0, POOL_LOADING = 1, POOL_READY = 2 };
@@ -55,7 +63,7 @@ typedef struct pool_header {
     uint32_t n_layer, n_expert;
     uint64_t size;        /* whole segment */
     uint64_t data_offset; /* first slot byte */
-    uint64_t flags;       /* POOL_DOWN_T */
+    uint64_t flags;       /* POOL_DOWN_T | POOL_GATE_X16 */
     pool_slot slots[];    /* [layer * n_expert + expert] */
 } pool_header;
 
