@@ -35,6 +35,7 @@ struct attn_worker {
     int n_ctx, n_ubatch, n_past, n_workers;
     shm_region act;
     act_header *ah;
+    shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
     float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
     int32_t *sel;                         /* in the activation region */
     float *x, *ffn, *rlogits, *hn;        /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
@@ -141,6 +142,7 @@ void attn_worker_destroy(attn_worker **self_p) {
         msg_close(&a->exp[i]);
     if (a->zctx) zmq_ctx_term(a->zctx);
     shm_region_close(&a->act);
+    shm_region_close(&a->pool);
     threadpool_destroy(&a->tp);
     kv_cache_destroy(&a->kv);
     attn_scratch_destroy(&a->as);
@@ -195,6 +197,53 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     m.body_case = STP__ROUTER_MSG__BODY_DECISION;
     m.decision = &d;
     return msg_send(a->storage, NULL, 0, &m.base, err);
+}
+
+/* Maps the weight pool (again, when a restarted storage daemon recreated it); once per eval.
+ * Without a usable pool the residency fast path is off (every layer waits for Residency). */
+static void s_pool_refresh(attn_worker *a) {
+    if (a->pool.base && shm_region_current(&a->pool)) return;
+    shm_region_close(&a->pool);
+    char name[160];
+    stp_err e = {0};
+    if (stage_shm_name(name, sizeof name, a->o.run_dir, "pool", &e) ||
+        shm_region_open(&a->pool, name, false, &e) ||
+        pool_check(&a->pool, a->m->cfg.n_layer, a->m->cfg.n_expert, &e)) {
+        shm_region_close(&a->pool);
+        return;
+    }
+    stats_add(a->st, "pool.maps", 1);
+}
+
+/* Residency fast path: when the pool already shows every decided expert READY, their offsets
+ * and generations are what the daemon's Residency would say (only the daemon changes slots,
+ * and only for misses; a decision is never answered by evicting an expert it needs), so the
+ * layer need not wait for the reply. The expert workers re-check state and generation. */
+static bool s_pool_lookup(attn_worker *a, int il, const uint32_t *ex, int n, Stp__ExpertLoc *loc) {
+    if (!a->pool.base) return false;
+    const pool_header *ph = (const pool_header *)a->pool.base;
+    const uint32_t X = (uint32_t)a->m->cfg.n_expert;
+    for (int i = 0; i < n; i++) {
+        const pool_slot *sl = &ph->slots[(uint32_t)il * X + ex[i]];
+        if (__atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != POOL_READY) return false;
+        stp__expert_loc__init(&loc[i]);
+        loc[i].expert = ex[i];
+        loc[i].offset = sl->offset;
+        loc[i].generation = sl->generation;
+    }
+    return true;
+}
+
+/* Drops the Residency replies the fast path did not wait for (never blocks), so they cannot
+ * pile up in the socket. */
+static void s_drain_storage(attn_worker *a) {
+    stp_err e = {0};
+    for (int i = 0; i < 64; i++) {
+        msg_in in;
+        if (msg_recv(a->storage, false, &in, &e) <= 0) break;
+        msg_in_free(&in);
+        stats_add(a->st, "storage.async_replies", 1);
+    }
 }
 
 /* Waits for the Residency answering seq; fills loc[] in the decision's order. A daemon silent
@@ -419,7 +468,10 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         stats_latency(a->st, "attention", t2 - t1);
 
         Stp__ExpertLoc loc[STP_MAX_EXPERTS];
-        if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err))) return rc;
+        if (s_pool_lookup(a, il, ex, n, loc))
+            s_drain_storage(a);
+        else if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err)))
+            return rc;
         double t3 = msg_now_us();
         stats_latency(a->st, "residency_wait", t3 - t2);
         double compute_us = 0;
@@ -511,6 +563,7 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     double t0 = msg_now_us();
     a->ipc_us = 0;
     a->active = a->total = 0;
+    s_pool_refresh(a);
     stp_err err = {0};
     int rc = 0;
     for (int done = 0; done < n && !rc;) {

@@ -26,6 +26,8 @@ int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err
         return stp_err_set(err, STP_EIO, "shm %s: cannot size to %zu bytes: %s", name, size,
                            strerror(e));
     }
+    struct stat st;
+    r->ino = fstat(fd, &st) ? 0 : (uint64_t)st.st_ino;
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (p == MAP_FAILED) {
@@ -51,10 +53,19 @@ int shm_region_open(shm_region *r, const char *name, bool writable, stp_err *err
     void *p =
         mmap(NULL, (size_t)st.st_size, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
     close(fd);
+    r->ino = (uint64_t)st.st_ino;
     if (p == MAP_FAILED) return stp_err_set(err, STP_EIO, "mmap %s: %s", name, strerror(errno));
     r->base = p;
     r->size = (size_t)st.st_size;
     return 0;
+}
+
+bool shm_region_current(const shm_region *r) {
+    if (!r->base || r->name[0] != '/') return false;
+    char path[200];
+    snprintf(path, sizeof path, "/dev/shm%s", r->name);
+    struct stat st;
+    return !stat(path, &st) && (uint64_t)st.st_ino == r->ino;
 }
 
 void shm_region_close(shm_region *r) {
