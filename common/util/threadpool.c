@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SPIN_NS 200000L /* how long a waiter spins before sleeping */
+#define SPIN_NS_DEFAULT 200000L /* how long a waiter spins before sleeping */
 
 struct threadpool {
     int n;
@@ -25,6 +25,7 @@ struct threadpool {
     _Atomic int gen;      /* section generation (futex word for workers) */
     _Atomic int pending;  /* workers not yet done with the current section (futex word) */
     _Atomic int stop;
+    _Atomic long spin_ns;
     threadpool_fn fn;
     void *ctx;
 };
@@ -44,15 +45,15 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Waits until *addr != old, spinning first. */
-static void s_wait_change(_Atomic int *addr, int old) {
+/* Waits until *addr != old, spinning for up to spin_ns first. */
+static void s_wait_change(_Atomic int *addr, int old, long spin_ns) {
     long t0 = 0;
     for (int i = 0;; i++) {
         if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
         if ((i & 255) == 255) {
             long t = s_now_ns();
             if (!t0) t0 = t;
-            else if (t - t0 > SPIN_NS) break;
+            else if (t - t0 > spin_ns) break;
         }
         _mm_pause();
     }
@@ -66,7 +67,7 @@ static void *s_worker(void *p) {
     free(a);
     int seen = 0; /* gen is 0 at creation: a section started before this thread ran is not missed */
     for (;;) {
-        s_wait_change(&tp->gen, seen);
+        s_wait_change(&tp->gen, seen, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed));
         seen = atomic_load_explicit(&tp->gen, memory_order_acquire);
         if (atomic_load(&tp->stop)) break;
         tp->fn(tp->ctx, ith, tp->n);
@@ -83,6 +84,7 @@ int threadpool_new(threadpool **out, int n_threads, stp_err *err) {
     threadpool *tp = calloc(1, sizeof *tp);
     if (!tp) return stp_err_set(err, STP_ENOMEM, "threadpool: out of memory");
     tp->n = 1;
+    atomic_store(&tp->spin_ns, SPIN_NS_DEFAULT);
     tp->threads = calloc((size_t)n_threads, sizeof *tp->threads);
     if (!tp->threads) goto fail;
     for (int i = 1; i < n_threads; i++) {
@@ -115,6 +117,10 @@ void threadpool_destroy(threadpool **self_p) {
     *self_p = NULL;
 }
 
+void threadpool_set_spin_ns(threadpool *tp, long ns) {
+    if (tp) atomic_store(&tp->spin_ns, ns < 0 ? 0 : ns);
+}
+
 int threadpool_size(const threadpool *tp) {
     return tp ? tp->n : 1;
 }
@@ -133,7 +139,7 @@ void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx) {
     for (;;) {
         int p = atomic_load_explicit(&tp->pending, memory_order_acquire);
         if (p == 0) break;
-        s_wait_change(&tp->pending, p);
+        s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed));
     }
 }
 

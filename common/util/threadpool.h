@@ -15,6 +15,9 @@ typedef void (*threadpool_fn)(void *ctx, int ith, int nth);
 int threadpool_new(threadpool **out, int n_threads, stp_err *err);
 void threadpool_destroy(threadpool **self_p);
 int threadpool_size(const threadpool *tp);
+/* How long an idle thread spins before sleeping (default 200 µs, good while one process owns
+ * the cores; pipeline stages that hand the cores to each other use ~20 µs). */
+void threadpool_set_spin_ns(threadpool *tp, long ns);
 void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx);
 
 /* Splits [0, n) into nth nearly equal chunks (multiples of align when possible); thread ith's. */
