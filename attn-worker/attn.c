@@ -183,7 +183,7 @@ static void s_serve_busy(attn_worker *a) {
 }
 
 static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
-                           const uint32_t *cnt, int n, stp_err *err) {
+                           const uint32_t *cnt, int n, bool hint, stp_err *err) {
     Stp__RouterDecision d;
     stp__router_decision__init(&d);
     d.seq = seq;
@@ -197,7 +197,8 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     m.version = STP_PROTO_VERSION;
     m.body_case = STP__ROUTER_MSG__BODY_DECISION;
     m.decision = &d;
-    return msg_send(a->storage, NULL, 0, &m.base, err);
+    return hint ? msg_try_send(a->storage, NULL, 0, &m.base, err)
+                : msg_send(a->storage, NULL, 0, &m.base, err);
 }
 
 /* Maps the weight pool (again, when a restarted storage daemon recreated it); once per eval.
@@ -263,7 +264,7 @@ static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t
             stats_add(a->st, "decision.resends", 1);
             stage_log(STAGE, "storage daemon silent for %d ms on layer %d: resending", RETRY_MS,
                       il);
-            int rc = s_send_decision(a, seq, il, ex, cnt, n, err);
+            int rc = s_send_decision(a, seq, il, ex, cnt, n, false, err);
             if (rc) return rc;
             sent = now;
         }
@@ -457,7 +458,16 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
                 ex[n] = (uint32_t)e;
                 cnt[n++] = cnt_by[e];
             }
-        int rc = s_send_decision(a, seq, il, ex, cnt, n, err);
+        /* Every expert already resident: the decision is only a hint (usage for the cache
+         * policy), so a stopped or busy daemon must not hold the layer up; else it is a request
+         * the layer waits on. */
+        Stp__ExpertLoc loc[STP_MAX_EXPERTS];
+        const bool resident = s_pool_lookup(a, il, ex, n, loc);
+        int rc = s_send_decision(a, seq, il, ex, cnt, n, resident, err);
+        if (rc == STP_EBUSY && resident) {
+            stats_add(a->st, "decision.dropped", 1);
+            rc = 0;
+        }
         if (rc) return rc;
         double t1 = msg_now_us();
         stats_latency(a->st, "router", t1 - t0);
@@ -468,8 +478,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         double t2 = msg_now_us();
         stats_latency(a->st, "attention", t2 - t1);
 
-        Stp__ExpertLoc loc[STP_MAX_EXPERTS];
-        if (s_pool_lookup(a, il, ex, n, loc))
+        if (resident)
             s_drain_storage(a);
         else if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err)))
             return rc;

@@ -101,8 +101,8 @@ static void s_free_buf(void *data, void *hint) {
     free(data);
 }
 
-int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m,
-             stp_err *err) {
+static int s_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m,
+                  int flags, stp_err *err) {
     size_t len = protobuf_c_message_get_packed_size(m);
     uint8_t *buf = malloc(len ? len : 1);
     if (!buf) return stp_err_set(err, STP_ENOMEM, "msg_send: out of memory (%zu bytes)", len);
@@ -116,11 +116,24 @@ int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessag
     zmq_msg_t zm;
     zmq_msg_init_data(&zm, buf, len, s_free_buf, NULL);
     /* Blocks only at the high-water mark (a stopped peer), at most MSG_SEND_TIMEOUT_MS. */
-    if (zmq_msg_send(&zm, sock, 0) < 0) {
+    if (zmq_msg_send(&zm, sock, flags) < 0) {
+        int e = zmq_errno();
         zmq_msg_close(&zm);
-        return stp_err_set(err, STP_EIO, "send: %s", zmq_strerror(zmq_errno()));
+        if (e == EAGAIN && (flags & ZMQ_DONTWAIT))
+            return stp_err_set(err, STP_EBUSY, "send: the peer's queue is full");
+        return stp_err_set(err, STP_EIO, "send: %s", zmq_strerror(e));
     }
     return 0;
+}
+
+int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m,
+             stp_err *err) {
+    return s_send(sock, id, id_len, m, 0, err);
+}
+
+int msg_try_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m,
+                 stp_err *err) {
+    return s_send(sock, id, id_len, m, ZMQ_DONTWAIT, err);
 }
 
 void msg_in_free(msg_in *in) {

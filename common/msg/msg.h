@@ -54,6 +54,10 @@ int msg_bind_more(void *sock, const char *endpoint, stp_err *err);
 /* Packs m and sends it (prefixed by the peer id when id_len > 0). 0, STP_EPEER (a ROUTER's
  * peer is gone) or STP_EIO. */
 int msg_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m, stp_err *err);
+/* Like msg_send but never blocks: STP_EBUSY (nothing sent) when the peer's queue is full. For
+ * messages that are only hints (a router decision whose experts are all resident). */
+int msg_try_send(void *sock, const uint8_t *id, size_t id_len, const ProtobufCMessage *m,
+                 stp_err *err);
 
 /* Receives one whole message without waiting (call after zmq_poll says readable). router: the
  * socket is a ROUTER (first frame is the peer id). Returns 1 with *in filled (free with
