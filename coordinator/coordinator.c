@@ -22,6 +22,7 @@
 #define STAGE "coordinator"
 #define ATTN_TIMEOUT_MS 60000 /* an eval that takes longer fails the request */
 #define MAX_REBUILDS 4        /* attention-worker restarts one request survives */
+#define MAX_PEER_RETRIES 2    /* evals failed by a dead expert worker or daemon, retried */
 
 typedef struct job {
     uint8_t id[MSG_ID_MAX];
@@ -36,9 +37,10 @@ typedef struct active {
     sampler *smp;
     int32_t *ids; /* prompt, then the generated tokens (capacity n_ctx + 1) */
     int n_prompt, n_gen, n_past;
-    int n_sent;   /* tokens of the eval in flight */
-    int sent_pid; /* the attention worker's pid when it was sent (0: unknown) */
-    int rebuilds; /* KV-cache rebuilds after attention-worker restarts */
+    int n_sent;       /* tokens of the eval in flight */
+    int sent_pid;     /* the attention worker's pid when it was sent (0: unknown) */
+    int rebuilds;     /* KV-cache rebuilds after attention-worker restarts */
+    int peer_retries; /* of those, after a peer failure behind the attention worker */
     long long n_max;
     uint64_t seq;
     bool prompt_phase;
@@ -509,6 +511,13 @@ static void s_on_attn(coordinator *c, msg_in *in) {
     } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq &&
                m->error->code == STP_ERANGE && c->a.n_past > 0) {
         s_rebuild(c, m->error->what); /* a restarted worker is at position 0 */
+    } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq &&
+               (m->error->code == STP_EPEER || m->error->code == STP_ETIMEDOUT) &&
+               c->a.peer_retries < MAX_PEER_RETRIES) {
+        /* a stage behind the attention worker died or was restarted mid-eval: its KV cache
+         * may hold part of the eval, so start over from position 0 */
+        c->a.peer_retries++;
+        s_rebuild(c, m->error->what);
     } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq) {
         s_fail_active(c, m->error->code ? m->error->code : STP_EPEER, m->error->what);
     } else if (m->body_case == STP__EVAL_MSG__BODY_REPLY && m->reply->seq == c->a.seq) {

@@ -52,6 +52,9 @@ struct storage {
     int n_used_frames;
     bool gate_x16;     /* pool gates are q4_0x16 images (POOL_GATE_X16) */
     uint8_t *gate_tmp; /* (largest gate) a read gate's GGUF rows while it is packed in place */
+    int32_t held[STP_MAX_EXPERTS]; /* the last decision's entries: in use, never evicted */
+    int n_held;
+    uint8_t *prefetched; /* (NL * X) read by a prefetch and not used since */
 };
 
 int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
@@ -158,19 +161,27 @@ static void s_touch(storage *s, int entry) {
     s->freq_tick[entry] = s->tick;
 }
 
+static bool s_in(const int32_t *list, int n, int e) {
+    for (int i = 0; i < n; i++)
+        if (list[i] == e) return true;
+    return false;
+}
+
 /* A frame for a new entry: a free one, else the policy's victim among entries the current
- * decision (need[], n_need) does not use. -1 if none (cannot happen: frames >= n_expert). */
-static int s_victim(storage *s, const int32_t *need, int n_need) {
+ * decision (need[], n_need) does not use; for a prefetch (which runs while the expert workers
+ * compute the last decision) also not the last decision's nor any of the predicted layer's.
+ * -1 if none: never for a decision (frames >= n_expert); a prefetch then reads nothing more. */
+static int s_victim(storage *s, const int32_t *need, int n_need, bool prefetch) {
     if (s->n_used_frames < s->plan.frames) return s->n_used_frames++;
     int best = -1;
     double best_score = 0;
     uint64_t best_use = 0;
     for (int f = 0; f < s->plan.frames; f++) {
         int e = s->frame_owner[f];
-        bool needed = false;
-        for (int i = 0; i < n_need && !needed; i++)
-            needed = need[i] == e;
-        if (needed) continue;
+        if (s_in(need, n_need, e)) continue;
+        /* a prefetch keeps its own layer (the attention worker may have dispatched any of its
+         * READY experts before the layer's decision arrives) and the last decision */
+        if (prefetch && (e / s->X == need[0] / s->X || s_in(s->held, s->n_held, e))) continue;
         double sc = s->policy == POLICY_LFU ? s_score(s, e) : 0.0;
         if (best < 0 || sc < best_score || (sc == best_score && s->last_use[e] < best_use)) {
             best = f;
@@ -202,23 +213,29 @@ static void s_pack_gate(storage *s, int e) {
     kern_q4_0x16_pack(s->gate_tmp, g->row_bytes, g->n_rows, g->n_cols, dst);
 }
 
-/* Makes every needed entry resident (reads the missing ones); counts hits/misses. */
-static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, uint64_t *hits,
-                           stp_err *err) {
+/* Makes every needed entry resident (reads the missing ones); counts hits/misses. A prefetch
+ * (a prediction) touches no use counts and stops at the first entry it has no frame for. */
+static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, bool prefetch,
+                           uint64_t *hits, stp_err *err) {
     pool_header *h = (pool_header *)s->pool.base;
     io_req reqs[STP_MAX_EXPERTS * 8];
     int nr = 0, loading[STP_MAX_EXPERTS], nl = 0;
     uint64_t bytes = 0;
     *hits = 0;
-    s->tick++;
+    if (!prefetch) s->tick++;
     for (int i = 0; i < n; i++) {
         int e = need[i];
-        s_touch(s, e);
+        if (!prefetch) s_touch(s, e);
         if (s->entry_frame[e] >= 0) {
             (*hits)++;
+            if (!prefetch && s->prefetched[e]) {
+                s->prefetched[e] = 0;
+                stats_add(s->st, "prefetch.used", 1);
+            }
             continue;
         }
-        int f = s_victim(s, need, n);
+        int f = s_victim(s, need, n, prefetch);
+        if (f < 0 && prefetch) break;
         if (f < 0) return stp_err_set(err, STP_ERANGE, "pool: no free slot");
         int old = s->frame_owner[f];
         if (old >= 0) { /* invalidate before the bytes change */
@@ -227,7 +244,12 @@ static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, 
             os->generation = ++s->gen;
             s->entry_frame[old] = -1;
             stats_add(s->st, "cache.evictions", 1);
+            if (s->prefetched[old]) {
+                s->prefetched[old] = 0;
+                stats_add(s->st, "prefetch.wasted", 1);
+            }
         }
+        s->prefetched[e] = prefetch;
         s->frame_owner[f] = e;
         s->entry_frame[e] = f;
         pool_slot *sl = &h->slots[e];
@@ -262,6 +284,11 @@ static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, 
     double us = msg_now_us() - t0;
     stats_add(s->st, "read.bytes", bytes);
     stats_add(s->st, "read.us", (uint64_t)us);
+    if (prefetch) {
+        stats_add(s->st, "prefetch.reads", (uint64_t)nl);
+        stats_add(s->st, "prefetch.bytes", bytes);
+        return 0;
+    }
     stats_add(s->st, "cache.hits", *hits);
     stats_add(s->st, "cache.misses", (uint64_t)n - *hits);
     if (decode) {
@@ -304,7 +331,9 @@ static int s_create_pool(storage *s, stp_err *err) {
     s->last_use = calloc(n, sizeof(uint64_t));
     s->freq = calloc(n, sizeof(double));
     s->freq_tick = calloc(n, sizeof(uint64_t));
-    if (!s->frame_owner || !s->entry_frame || !s->last_use || !s->freq || !s->freq_tick)
+    s->prefetched = calloc(n, 1);
+    if (!s->frame_owner || !s->entry_frame || !s->last_use || !s->freq || !s->freq_tick ||
+        !s->prefetched)
         return stp_err_set(err, STP_ENOMEM, "out of memory");
     for (int f = 0; f < s->plan.frames; f++)
         s->frame_owner[f] = -1;
@@ -348,7 +377,7 @@ static int s_create_pool(storage *s, stp_err *err) {
             for (int x = 0; x < X; x++)
                 need[x] = il * X + x;
             uint64_t hits;
-            if ((rc = s_make_resident(s, need, X, false, &hits, err))) return rc;
+            if ((rc = s_make_resident(s, need, X, false, false, &hits, err))) return rc;
         }
         stage_log(STAGE, "all experts resident in %.2f s", (msg_now_us() - t0) * 1e-6);
     }
@@ -406,6 +435,7 @@ void storage_destroy(storage **self_p) {
     free(s->freq);
     free(s->freq_tick);
     free(s->gate_tmp);
+    free(s->prefetched);
     free(s);
     *self_p = NULL;
 }
@@ -463,7 +493,15 @@ static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, doubl
     bool decode = d->n_counts && total <= (uint64_t)s->m->cfg.n_expert_used;
     uint64_t hits = 0;
     stp_err e = {0};
-    if (s_make_resident(s, need, (int)d->n_experts, decode, &hits, &e)) {
+    if (d->prefetch) { /* a prediction: read what is missing, answer nothing */
+        stats_add(s->st, "msg.prefetch", 1);
+        if (s_make_resident(s, need, (int)d->n_experts, false, true, &hits, &e))
+            stage_log(STAGE, "prefetch: %s", e.msg);
+        return;
+    }
+    memcpy(s->held, need, d->n_experts * sizeof *need);
+    s->n_held = (int)d->n_experts;
+    if (s_make_resident(s, need, (int)d->n_experts, decode, false, &hits, &e)) {
         stage_log(STAGE, "%s", e.msg);
         return s_error(s, in, "read", d->seq, e.code ? e.code : STP_EIO, e.msg);
     }
