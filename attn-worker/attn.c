@@ -584,6 +584,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         /* The resident experts go to the workers now; the ones being read follow as a second
          * batch when the daemon's Residency says they are in. */
         int nb = 0;
+        double t3 = t2; /* the weights are all in */
         if (resident) {
             s_drain_storage(a);
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
@@ -598,6 +599,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
                 }
             if (np && (rc = s_dispatch(a, &a->batch[nb++], il, T, part, pcnt, np, err))) return rc;
             if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err))) return rc;
+            t3 = msg_now_us();
             np = 0;
             for (int i = 0; i < n; i++)
                 if (!ready[i]) {
@@ -606,7 +608,6 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
                 }
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, part, pcnt, np, err))) return rc;
         }
-        double t3 = msg_now_us();
         if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
         double t4 = msg_now_us();
         /* stall: the wait for weights not covered by the first batch's compute */

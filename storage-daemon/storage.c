@@ -390,7 +390,7 @@ int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_
     if (!s) return stp_err_set(err, STP_ENOMEM, "out of memory");
     s->o = *o;
     s->so = *so;
-    s->policy = so->policy && !strcmp(so->policy, "lru") ? POLICY_LRU : POLICY_LFU;
+    s->policy = so->policy && !strcmp(so->policy, "lfu") ? POLICY_LFU : POLICY_LRU;
     int rc = 0;
     if (so->policy && strcmp(so->policy, "lru") && strcmp(so->policy, "lfu"))
         rc = stp_err_set(err, STP_EINVAL, "cache policy '%s': lru or lfu", so->policy);

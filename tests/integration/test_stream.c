@@ -3,7 +3,8 @@
  * re-reads experts from the expert layout file, and `stpipe generate --pipeline` must still give
  * the golden greedy ids of a Q4_0 model (down streamed as neuron-major images), through io_uring
  * + O_DIRECT and through the pread fallback; a truncated layout file is rebuilt, not trusted; a
- * budget below the minimum is refused with a message naming the minimum. */
+ * budget below the minimum is refused with a message naming the minimum; the decode prefetch of
+ * the next layer's predicted experts reads ahead and keeps the ids. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -44,9 +45,14 @@ static int s_up(const char *model, const char *tag) {
     return th_pipe_up(s_dir, model, 2, 60, 90, NULL);
 }
 
+/* The storage daemon's counters after a run. */
+typedef struct counters {
+    uint64_t evictions, misses, pf_reads, pf_used;
+} counters;
+
 /* Generates the golden prompt's continuation and compares the ids; returns storage evictions
- * and misses from the stats. */
-static void s_check_golden(const char *stem, uint64_t *evictions, uint64_t *misses) {
+ * and reads (misses + prefetches) from the stats. */
+static void s_check_golden_c(const char *stem, counters *k) {
     char out[1200], n[16];
     th_golden g;
     th_golden_load(&g, stem);
@@ -74,11 +80,20 @@ static void s_check_golden(const char *stem, uint64_t *evictions, uint64_t *miss
     json_t *st = json_load_file(out, 0, &je);
     assert_non_null(st);
     json_t *c = json_object_get(json_object_get(st, "storage-daemon"), "counters");
-    *evictions = (uint64_t)json_integer_value(json_object_get(c, "cache.evictions"));
-    /* reads: the decisions' misses and the next-layer prefetches */
-    *misses = (uint64_t)json_integer_value(json_object_get(c, "cache.misses")) +
-              (uint64_t)json_integer_value(json_object_get(c, "prefetch.reads"));
+#define C(name) (uint64_t) json_integer_value(json_object_get(c, name))
+    k->evictions = C("cache.evictions");
+    k->misses = C("cache.misses");
+    k->pf_reads = C("prefetch.reads");
+    k->pf_used = C("prefetch.used");
+#undef C
     json_decref(st);
+}
+
+static void s_check_golden(const char *stem, uint64_t *evictions, uint64_t *reads) {
+    counters k;
+    s_check_golden_c(stem, &k);
+    *evictions = k.evictions;
+    *reads = k.misses + k.pf_reads; /* the decisions' misses and the next-layer prefetches */
 }
 
 static void s_stream_case(const char *stem, const char *io, const char *tag) {
@@ -130,6 +145,36 @@ static void test_stream_hybrid_f32_dense_down_golden(void **st) {
     s_stream_case("tiny-hybrid-attn-f32", "pread", "f32");
 }
 
+/* Decode prefetch: with half the experts in the pool, the attention worker's predictions of
+ * the next layer's experts are read ahead, most of them are then used, and the ids stay the
+ * golden ones; with --prefetch 0 (STP_PREFETCH) none are read. */
+static void test_stream_prefetch_reads_ahead_golden(void **st) {
+    (void)st;
+    char model[1024];
+    snprintf(model, sizeof model, "%s/tiny-dense-attn-q4_0-pure.gguf", th_env("STP_TEST_DATA"));
+    setenv("STP_POOL_EXPERTS", "16", 1); /* of 4 layers x 8 experts */
+    setenv("STP_CACHE_POLICY", "lru", 1);
+    const char *pf[2] = {"0", "2"};
+    for (int i = 0; i < 2; i++) {
+        setenv("STP_PREFETCH", pf[i], 1);
+        assert_int_equal(s_up(model, i ? "pf2" : "pf0"), 0);
+        counters k;
+        s_check_golden_c("tiny-dense-attn-q4_0-pure", &k);
+        printf("prefetch %s: misses %llu, prefetched %llu, of them used %llu, evictions %llu\n",
+               pf[i], (unsigned long long)k.misses, (unsigned long long)k.pf_reads,
+               (unsigned long long)k.pf_used, (unsigned long long)k.evictions);
+        if (i == 0) assert_int_equal(k.pf_reads, 0);
+        if (i == 1) {
+            assert_true(k.pf_reads > 0);
+            assert_true(k.pf_used * 2 > k.pf_reads); /* most predictions were right */
+        }
+        s_teardown(NULL);
+    }
+    unsetenv("STP_PREFETCH");
+    unsetenv("STP_POOL_EXPERTS");
+    unsetenv("STP_CACHE_POLICY");
+}
+
 static void test_stream_budget_too_small_is_refused_with_minimum(void **st) {
     (void)st;
     char model[1024];
@@ -154,6 +199,7 @@ int main(void) {
             test_stream_evicting_pool_gives_golden_ids_pread_and_rebuilds_truncated_layout,
             s_teardown),
         cmocka_unit_test_teardown(test_stream_hybrid_f32_dense_down_golden, s_teardown),
+        cmocka_unit_test_teardown(test_stream_prefetch_reads_ahead_golden, s_teardown),
         cmocka_unit_test_teardown(test_stream_budget_too_small_is_refused_with_minimum, s_teardown),
     };
     return cmocka_run_group_tests(t, NULL, NULL);
