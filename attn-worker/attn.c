@@ -27,6 +27,8 @@
     30000 /* then fail the eval (the coordinator retries it twice: > the                           \
            * supervisor's 30 s restart backoff) */
 
+typedef enum { DECISION_NEED, DECISION_HINT, DECISION_PREFETCH } decision_kind;
+
 /* One dispatch of a layer's experts: the resident ones go out at once, the ones the storage
  * daemon is still reading follow as a second batch when they are in. */
 typedef struct work_batch {
@@ -203,8 +205,10 @@ static void s_serve_busy(attn_worker *a) {
     }
 }
 
+/* A RouterDecision to the storage daemon: a need (blocking send), a hint (all resident: sent
+ * only if the queue has room) or a prefetch (the next layer's prediction, also never blocks). */
 static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
-                           const uint32_t *cnt, int n, bool hint, stp_err *err) {
+                           const uint32_t *cnt, int n, decision_kind kind, stp_err *err) {
     Stp__RouterDecision d;
     stp__router_decision__init(&d);
     d.seq = seq;
@@ -213,13 +217,14 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     d.experts = (uint32_t *)ex;
     d.n_counts = (size_t)n;
     d.counts = (uint32_t *)cnt;
+    d.prefetch = kind == DECISION_PREFETCH;
     Stp__RouterMsg m;
     stp__router_msg__init(&m);
     m.version = STP_PROTO_VERSION;
     m.body_case = STP__ROUTER_MSG__BODY_DECISION;
     m.decision = &d;
-    return hint ? msg_try_send(a->storage, NULL, 0, &m.base, err)
-                : msg_send(a->storage, NULL, 0, &m.base, err);
+    return kind != DECISION_NEED ? msg_try_send(a->storage, NULL, 0, &m.base, err)
+                                 : msg_send(a->storage, NULL, 0, &m.base, err);
 }
 
 /* Maps the weight pool (again, when a restarted storage daemon recreated it); once per eval.
@@ -292,23 +297,8 @@ static void s_prefetch(attn_worker *a, int il, const float *x) {
             missing |= __atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != POOL_READY;
         }
     if (!missing) return;
-    Stp__RouterDecision d;
-    stp__router_decision__init(&d);
-    d.seq = a->seq;
-    d.layer = (uint32_t)(il + 1);
-    d.n_experts = (size_t)n;
-    d.experts = ex;
-    d.n_counts = (size_t)n;
-    d.counts = cnt;
-    d.prefetch = true;
-    Stp__RouterMsg m;
-    stp__router_msg__init(&m);
-    m.version = STP_PROTO_VERSION;
-    m.body_case = STP__ROUTER_MSG__BODY_DECISION;
-    m.decision = &d;
-    stats_add(
-        a->st,
-        msg_try_send(a->storage, NULL, 0, &m.base, NULL) ? "prefetch.dropped" : "prefetch.sent", 1);
+    bool sent = !s_send_decision(a, a->seq, il + 1, ex, cnt, n, DECISION_PREFETCH, NULL);
+    stats_add(a->st, sent ? "prefetch.sent" : "prefetch.dropped", 1);
 }
 
 /* Drops the Residency replies the fast path did not wait for (never blocks), so they cannot
@@ -339,7 +329,7 @@ static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t
             stats_add(a->st, "decision.resends", 1);
             stage_log(STAGE, "storage daemon silent for %d ms on layer %d: resending", RETRY_MS,
                       il);
-            int rc = s_send_decision(a, seq, il, ex, cnt, n, false, err);
+            int rc = s_send_decision(a, seq, il, ex, cnt, n, DECISION_NEED, err);
             if (rc) return rc;
             sent = now;
         }
@@ -565,7 +555,8 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         bool ready[STP_MAX_EXPERTS];
         const int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
         const bool resident = n_ready == n;
-        int rc = s_send_decision(a, seq, il, ex, cnt, n, resident, err);
+        int rc =
+            s_send_decision(a, seq, il, ex, cnt, n, resident ? DECISION_HINT : DECISION_NEED, err);
         if (rc == STP_EBUSY && resident) {
             stats_add(a->st, "decision.dropped", 1);
             rc = 0;
