@@ -176,8 +176,12 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
             break;
         case STP__CLIENT_MSG__BODY_DONE: {
             const Stp__GenerateDone *d = r->done;
+            if (o->result)
+                *o->result = (pipeline_gen_result){d->n_prompt, d->n_gen, d->prompt_ms, d->gen_ms,
+                                                   d->ipc_ms};
             if (o->on_text) {
-                if (d->tail_text.len) o->on_text(o->ud, (const char *)d->tail_text.data, d->tail_text.len);
+                if (d->tail_text.len)
+                    o->on_text(o->ud, (const char *)d->tail_text.data, d->tail_text.len);
             } else if (o->ids_out) {
                 for (int i = 0; i < n_ids; i++)
                     printf(i ? " %d" : "%d", ids[i]);

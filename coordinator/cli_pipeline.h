@@ -11,6 +11,12 @@
 
 #include "model/sampler.h"
 
+/* What the coordinator's GenerateDone reported (times in ms). */
+typedef struct pipeline_gen_result {
+    int n_prompt, n_gen;
+    double prompt_ms, gen_ms, ipc_ms;
+} pipeline_gen_result;
+
 typedef struct pipeline_gen_opts {
     const char *run_dir;
     const int32_t *prompt_ids; /* either ids ... */
@@ -30,6 +36,7 @@ typedef struct pipeline_gen_opts {
     void (*on_text)(void *ud, const char *text, size_t len);
     void *ud;
     const volatile sig_atomic_t *cancel;
+    pipeline_gen_result *result; /* optional: filled when the request completes */
 } pipeline_gen_opts;
 
 /* Returns the process exit code (0 ok, 1 error). */

@@ -2,21 +2,30 @@
  * written with intrinsics in exactly the generic code's order of operations: the q·k dot as
  * four double partial sums over dims i mod 4 combined as (s0 + s1) + (s2 + s3), each product a
  * separate multiply and add (no fused multiply-add, as the generic C without contraction), and
- * the value sum per dimension in key order. So both builds give the same bits. */
+ * the value sum per dimension in key order. So both builds give the same bits. Four keys are
+ * scored at once (independent add chains: 1.4x faster prefill at 512 tokens on the 4b preset). */
 #include <immintrin.h>
 
 #include "model/attn_core.h"
 
-static inline double s_dot(const float *q, const float *k, int D) {
-    __m256d acc = _mm256_setzero_pd();
+/* q·k of four keys at once: four independent chains of adds (so the add latency is hidden),
+ * each in the generic order: partial sums over dims i mod 4, then (s0 + s1) + (s2 + s3). The
+ * products of two floats are exact in double, so mul + add = the generic code's bits. */
+static inline void s_dot4(const __m256d *qd, const float *const k[4], int D, double out[4]) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     for (int i = 0; i < D; i += 4) {
-        __m256d qv = _mm256_cvtps_pd(_mm_loadu_ps(q + i));
-        __m256d kv = _mm256_cvtps_pd(_mm_loadu_ps(k + i));
-        acc = _mm256_add_pd(acc, _mm256_mul_pd(qv, kv));
+        const __m256d q = qd[i / 4];
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(q, _mm256_cvtps_pd(_mm_loadu_ps(k[0] + i))));
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(q, _mm256_cvtps_pd(_mm_loadu_ps(k[1] + i))));
+        a2 = _mm256_add_pd(a2, _mm256_mul_pd(q, _mm256_cvtps_pd(_mm_loadu_ps(k[2] + i))));
+        a3 = _mm256_add_pd(a3, _mm256_mul_pd(q, _mm256_cvtps_pd(_mm_loadu_ps(k[3] + i))));
     }
-    double s[4];
-    _mm256_storeu_pd(s, acc);
-    return (s[0] + s[1]) + (s[2] + s[3]);
+    const __m256d acc[4] = {a0, a1, a2, a3};
+    for (int r = 0; r < 4; r++) {
+        double s[4];
+        _mm256_storeu_pd(s, acc[r]);
+        out[r] = (s[0] + s[1]) + (s[2] + s[3]);
+    }
 }
 
 void attn_head_avx2(const attn_head_args *a) {
@@ -24,11 +33,25 @@ void attn_head_avx2(const attn_head_args *a) {
     const double scale = 1.0 / sqrt((double)D);
     double *sc = a->sc;
     const int slot0 = a->lo % cap;
+    __m256d qd[256]; /* the query in double, once (D <= 1024) */
+    for (int i = 0; i < D; i += 4)
+        qd[i / 4] = _mm256_cvtps_pd(_mm_loadu_ps(a->q + i));
     double max = -INFINITY;
-    for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == cap ? 0 : slot + 1) {
-        const double w = s_dot(a->q, a->k + (size_t)slot * a->stride, D) * scale;
-        sc[j] = w;
-        max = w > max ? w : max;
+    for (int j = 0, slot = slot0; j < n; j += 4) {
+        const float *k[4];
+        const int m = n - j < 4 ? n - j : 4;
+        for (int r = 0; r < 4; r++) { /* past the end: repeat the last key (not stored) */
+            k[r] = a->k + (size_t)slot * a->stride;
+            if (r + 1 < m) slot = slot + 1 == cap ? 0 : slot + 1;
+        }
+        slot = slot + 1 == cap ? 0 : slot + 1;
+        double d[4];
+        s_dot4(qd, k, D, d);
+        for (int r = 0; r < m; r++) {
+            const double w = d[r] * scale;
+            sc[j + r] = w;
+            max = w > max ? w : max;
+        }
     }
     double sum = 0.0;
     for (int j = 0; j < n; j++) {
@@ -39,15 +62,19 @@ void attn_head_avx2(const attn_head_args *a) {
     for (int i0 = 0; i0 < D; i0 += 32) {
         const int w = D - i0 < 32 ? D - i0 : 32; /* a multiple of 4 */
         __m256d acc[8];
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_pd();
+        for (int r = 0; r < 8; r++)
+            acc[r] = _mm256_setzero_pd();
         for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == cap ? 0 : slot + 1) {
             const float *v = a->v + (size_t)slot * a->stride + i0;
             const __m256d wj = _mm256_set1_pd(sc[j]);
             for (int r = 0; r < w / 4; r++)
-                acc[r] = _mm256_add_pd(acc[r], _mm256_mul_pd(wj, _mm256_cvtps_pd(_mm_loadu_ps(v + 4 * r))));
+                acc[r] = _mm256_add_pd(acc[r],
+                                       _mm256_mul_pd(wj, _mm256_cvtps_pd(_mm_loadu_ps(v + 4 * r))));
         }
         double out[32];
-        for (int r = 0; r < w / 4; r++) _mm256_storeu_pd(out + 4 * r, acc[r]);
-        for (int i = 0; i < w; i++) a->out[i0 + i] = (float)(out[i] / sum);
+        for (int r = 0; r < w / 4; r++)
+            _mm256_storeu_pd(out + 4 * r, acc[r]);
+        for (int i = 0; i < w; i++)
+            a->out[i0 + i] = (float)(out[i] / sum);
     }
 }
