@@ -142,6 +142,37 @@ static void s_golden_case(const char *stem, int workers) {
     s_down_and_check(&r);
 }
 
+/* `stpipe bench --pipeline`: prompt and generation speed through a running pipeline, with the
+ * IPC share of decode and the stages' summed PSS, as JSON. */
+static void test_pipeline_bench(void **st) {
+    (void)st;
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
+    run r;
+    assert_int_equal(s_up(&r, g.model, 1, "bench"), 0);
+    char bin[1024], out[1100];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/bench.json", r.dir);
+    char *argv[] = {bin, "bench", "--pipeline", r.dir, "--model", g.model,  "-p",
+                    "8", "-n",    "6",          "-r",  "2",       "--json", NULL};
+    assert_int_equal(th_run(argv, out, 120), 0);
+    json_error_t je;
+    json_t *j = json_load_file(out, 0, &je);
+    assert_non_null(j);
+    assert_true(json_integer_value(json_object_get(j, "pss_bytes")) > 0);
+    json_t *res = json_object_get(j, "results");
+    assert_int_equal(json_array_size(res), 2);
+    json_t *pp = json_array_get(res, 0), *tg = json_array_get(res, 1);
+    assert_string_equal(json_string_value(json_object_get(pp, "test")), "pp8");
+    assert_string_equal(json_string_value(json_object_get(tg, "test")), "tg6");
+    assert_true(json_real_value(json_object_get(pp, "tokens_per_second")) > 0);
+    assert_true(json_real_value(json_object_get(tg, "tokens_per_second")) > 0);
+    double ipc = json_real_value(json_object_get(tg, "ipc_share"));
+    assert_true(ipc > 0 && ipc < 1);
+    json_decref(j);
+    s_down_and_check(&r);
+}
+
 static void test_pipeline_dense_1_worker(void **st) {
     (void)st;
     s_golden_case("tiny-dense-attn-f32", 1);
@@ -361,6 +392,7 @@ static void test_pipeline_malformed_messages(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pipeline_dense_1_worker, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_bench, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_dense_2_workers, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers, s_teardown),
