@@ -267,6 +267,11 @@ static int s_pool_lookup(attn_worker *a, int il, const uint32_t *ex, int n, Stp_
     return nr;
 }
 
+/* Every expert resident for good (POOL_COMPLETE): decisions would tell the daemon nothing. */
+static bool s_pool_complete(const attn_worker *a) {
+    return a->pool.base && (((const pool_header *)a->pool.base)->flags & POOL_COMPLETE);
+}
+
 /* Decode prefetch: the router of layer il + 1 applied to layer il's residual after attention
  * (x lacks only this layer's expert output) predicts the experts layer il + 1 will route to
  * (92% of the top-4 on the 4b preset; 81% from the residual before attention). Those not
@@ -275,7 +280,7 @@ static int s_pool_lookup(attn_worker *a, int il, const uint32_t *ex, int n, Stp_
 static void s_prefetch(attn_worker *a, int il, const float *x) {
     const model_config *c = &a->m->cfg;
     const int X = c->n_expert;
-    if (a->prefetch <= 0 || il + 1 >= c->n_layer || !a->pool.base) return;
+    if (a->prefetch <= 0 || il + 1 >= c->n_layer || !a->pool.base || s_pool_complete(a)) return;
     float lg[STP_MAX_EXPERTS];
     attention_router(&a->cc, a->m, il + 1, x, 1, lg, a->as);
     bool pick[STP_MAX_EXPERTS] = {0};
@@ -555,8 +560,11 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         bool ready[STP_MAX_EXPERTS];
         const int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
         const bool resident = n_ready == n;
-        int rc =
-            s_send_decision(a, seq, il, ex, cnt, n, resident ? DECISION_HINT : DECISION_NEED, err);
+        /* (with every expert resident for good there is nothing to tell: no message at all) */
+        int rc = resident && s_pool_complete(a)
+                     ? 0
+                     : s_send_decision(a, seq, il, ex, cnt, n,
+                                       resident ? DECISION_HINT : DECISION_NEED, err);
         if (rc == STP_EBUSY && resident) {
             stats_add(a->st, "decision.dropped", 1);
             rc = 0;

@@ -379,6 +379,7 @@ static int s_create_pool(storage *s, stp_err *err) {
             uint64_t hits;
             if ((rc = s_make_resident(s, need, X, false, false, &hits, err))) return rc;
         }
+        if (!stage_stopping()) h->flags |= POOL_COMPLETE; /* (read by others only after ready) */
         stage_log(STAGE, "all experts resident in %.2f s", (msg_now_us() - t0) * 1e-6);
     }
     return 0;

@@ -46,6 +46,9 @@ bool shm_region_current(const shm_region *r);
 /* flags: gate parts are q4_0x16 images (kern_q4_0x16_pack of the GGUF rows; same size), set
  * when every layer's gate is Q4_0 with n_ff_exp % 16 == 0; up stays in GGUF rows */
 #define POOL_GATE_X16 2u
+/* flags: every expert has its own slot and is READY (no budget, or one large enough): nothing
+ * is ever evicted, so router decisions carry no information for the daemon */
+#define POOL_COMPLETE 4u
 #define POOL_ALIGN 4096u
 
 enum { POOL_EMPTY = 0, POOL_LOADING = 1, POOL_READY = 2 };
@@ -63,7 +66,7 @@ typedef struct pool_header {
     uint32_t n_layer, n_expert;
     uint64_t size;        /* whole segment */
     uint64_t data_offset; /* first slot byte */
-    uint64_t flags;       /* POOL_DOWN_T | POOL_GATE_X16 */
+    uint64_t flags;       /* POOL_DOWN_T | POOL_GATE_X16 | POOL_COMPLETE */
     pool_slot slots[];    /* [layer * n_expert + expert] */
 } pool_header;
 
