@@ -18,7 +18,9 @@
 
 #define STAGE "expert-worker"
 /* Slots computed at a time: bounds the scratch (storage.c STORAGE_WORKER_CHUNK counts it). */
-#define EXPERT_CHUNK 64
+#define EXPERT_CHUNK 256
+#define EXPERT_PACKS                                                                               \
+    8 /* groups of >= MM_PACK_MIN_VEC slots of a chunk that pack (others: unpacked) */
 
 /* A run of slots of one expert (at most EXPERT_CHUNK). */
 typedef struct grp {
@@ -48,6 +50,11 @@ struct expert_worker {
     float *ys;       /* (CH, E) down outputs, grouped slot order */
     int32_t *active; /* (CH, F) */
     uint8_t *xq_h, *xq_h2, *xq_a;
+    /* q4_0x16 images packed on the fly for groups of >= MM_PACK_MIN_VEC slots (prefill): up
+     * from its GGUF rows, down from its down_t image; EXPERT_PACKS of each (0 bytes: the
+     * shape cannot be packed) */
+    uint8_t *pack_up, *pack_down;
+    size_t pack_up_bytes, pack_down_bytes;
     /* newest work done for the peer last_id: from that peer, older work is a stale resend and
      * equal work a duplicate (another peer's numbers are not comparable) */
     uint64_t last_seq;
@@ -67,6 +74,9 @@ static void s_free_scratch(expert_worker *w) {
     free(w->xq_h);
     free(w->xq_h2);
     free(w->xq_a);
+    free(w->pack_up);
+    free(w->pack_down);
+    w->pack_up = w->pack_down = NULL;
     w->slot_t = w->slot_k = w->active = NULL;
     w->grp = NULL;
     w->g = w->u = w->ys = NULL;
@@ -130,8 +140,14 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     w->xq_h = malloc(S * act);
     w->xq_h2 = malloc(S * act);
     w->xq_a = malloc(S * act);
+    /* (untouched until a prefill uses them) */
+    w->pack_up_bytes = kern_q4_0x16_size((int64_t)F, (int64_t)E);
+    w->pack_down_bytes = E % 16 == 0 ? kern_q4_0x16_size((int64_t)E, (int64_t)F) : 0;
+    if (w->pack_up_bytes) w->pack_up = malloc(EXPERT_PACKS * w->pack_up_bytes);
+    if (w->pack_down_bytes) w->pack_down = malloc(EXPERT_PACKS * w->pack_down_bytes);
     if (!w->slot_t || !w->slot_k || !w->grp || !w->g || !w->u || !w->ys || !w->active || !w->xq_h ||
-        !w->xq_h2 || !w->xq_a) {
+        !w->xq_h2 || !w->xq_a || (w->pack_up_bytes && !w->pack_up) ||
+        (w->pack_down_bytes && !w->pack_down)) {
         shm_region_close(&w->act);
         w->ah = NULL;
         s_free_scratch(w);
@@ -246,8 +262,9 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
                            .n_rows = F};
     }
     ops_mm_run(&w->cc, jobs, ng);
-    /* up: active rows only for single-token groups */
+    /* up: active rows only for single-token groups; groups of many tokens pack the matrix */
     uint64_t active_total = 0;
+    int n_pack = 0;
     for (int q = 0; q < ng; q++) {
         int n = gr[q].n, s0 = gr[q].s0 - c0;
         const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
@@ -261,6 +278,8 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
                      .y = w->u + (size_t)s0 * F,
                      .y_stride = (size_t)F,
                      .n_rows = F};
+        if (n >= MM_PACK_MIN_VEC && w->pack_up && n_pack < EXPERT_PACKS)
+            jb.pack_scratch = w->pack_up + (size_t)n_pack++ * w->pack_up_bytes;
         for (int s = s0; s < s0 + n; s++) {
             const float *g = w->g + (size_t)s * F;
             for (int i = 0; i < F; i++)
@@ -289,15 +308,35 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
     /* down: neuron-major images one slot at a time (the same bits as the dense product, idle
      * neurons skipped), else dense per group */
     if (dt) {
+        /* groups of many tokens: packed from the image, batched (the same bits) */
+        int nj = 0;
+        bool packed[EXPERT_CHUNK] = {false};
+        for (int q = 0; q < ng && td == STP_TYPE_Q4_0 && w->pack_down; q++) {
+            if (gr[q].n < MM_PACK_MIN_VEC || nj == EXPERT_PACKS) continue;
+            int s0 = gr[q].s0 - c0;
+            jobs[nj] = (mm_job){.type = td,
+                                .n_cols = F,
+                                .down_t = w->pool.base + wk->experts[gr[q].j]->offset + off[2],
+                                .pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes,
+                                .xq = w->xq_a + (size_t)s0 * sd,
+                                .xq_stride = sd,
+                                .n_vec = gr[q].n,
+                                .y = w->ys + (size_t)s0 * E,
+                                .y_stride = (size_t)E,
+                                .n_rows = E};
+            nj++;
+            packed[q] = true;
+        }
+        if (nj) ops_mm_run(&w->cc, jobs, nj);
         dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
         for (int q = 0; q < ng; q++)
-            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n; s++) {
+            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n && !packed[q]; s++) {
                 d.img[d.n] = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
                 d.xq[d.n] = w->xq_a + (size_t)s * sd;
                 d.y[d.n] = w->ys + (size_t)s * E;
                 d.n++;
             }
-        threadpool_run(w->tp, s_dt_worker, &d);
+        if (d.n) threadpool_run(w->tp, s_dt_worker, &d);
     } else {
         for (int q = 0; q < ng; q++) {
             int s0 = gr[q].s0 - c0;

@@ -25,8 +25,10 @@
 /* Private memory of one stage process outside what is estimated below (libraries, zmq,
  * stacks, heap), measured as PSS of idle stages: ~6-12 MiB each. */
 #define STORAGE_PROC_OVERHEAD (16ull << 20)
-/* Slots one expert worker computes at a time (expert.c EXPERT_CHUNK). */
-#define STORAGE_WORKER_CHUNK 64
+/* Slots one expert worker computes at a time and the q4_0x16 images of up and down it packs
+ * per chunk in a prefill (expert.c EXPERT_CHUNK, EXPERT_PACKS). */
+#define STORAGE_WORKER_CHUNK 256
+#define STORAGE_WORKER_PACKS 8
 #define STORAGE_LFU_HALF_LIFE 64 /* decisions of one layer (= decoded tokens) */
 #define STORAGE_READ_CHUNK (1u << 20)
 
@@ -113,7 +115,9 @@ int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts 
     act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
     p->act = ah.size;
     uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff_exp, wide = E > F ? E : F;
-    uint64_t worker = (uint64_t)STORAGE_WORKER_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64));
+    uint64_t worker =
+        (uint64_t)STORAGE_WORKER_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64)) +
+        (uint64_t)STORAGE_WORKER_PACKS * 2 * kern_q4_0x16_size((int64_t)F, (int64_t)E);
     /* attention worker scratch plus its residual/h/logit buffers */
     p->scratch = attn_scratch_bytes(as) + (uint64_t)p->n_ubatch * E * 4 * 4 +
                  (uint64_t)c->n_vocab * 4 * 2 + W * worker;

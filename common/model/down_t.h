@@ -32,6 +32,11 @@ static inline size_t down_t_group_bytes(int n_embd) {
     return (size_t)n_embd * 4 + 32 * (size_t)n_embd / 2;
 }
 
+/* Rows r0..r1 (multiples of 16) of the dense matrix in the q4_0x16 layout (kern.h): group
+ * r0/16 at dst, as kern_q4_0x16_pack would write them from the GGUF rows (same bytes). */
+void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64_t r1,
+                     uint8_t *dst);
+
 /* y[r0..r1) = W · a for rows r0..r1-1 (r1 <= n_embd/2 counts row pairs k and k + n_embd/2:
  * pass a range of k in [0, n_embd/2); rows k and k + n_embd/2 are produced together).
  * a: n_ff/32 Q8_0 blocks. Neurons with a zero quant and groups with no nonzero quant are

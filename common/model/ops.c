@@ -4,6 +4,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "model/down_t.h"
+
 typedef struct mm_section {
     const compute_ctx *cc;
     const mm_job *jobs;
@@ -14,7 +16,8 @@ typedef struct mm_section {
 static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, int64_t r1) {
     const kern_ops *ops = cc->ops;
     if (j->rows) {
-        ops->matvec_rows(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->rows + r0, r1 - r0, j->y);
+        ops->matvec_rows(j->type, j->n_cols, j->w, j->row_bytes, j->xq, j->rows + r0, r1 - r0,
+                         j->y);
         return;
     }
     if (j->wp && r0 % 16 == 0 && r1 % 16 == 0) {
@@ -25,12 +28,17 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
             ops->matvec_q4_0x16(j->n_cols, j->wp, j->xq, j->y + r0, r0 / 16, r1 / 16);
         return;
     }
-    if (j->pack_scratch && !j->rows && j->type == STP_TYPE_Q4_0 && j->n_vec >= MM_PACK_MIN_VEC &&
-        r0 % 16 == 0 && r1 % 16 == 0 && j->n_rows % 16 == 0) {
+    if (j->pack_scratch && !j->rows && j->type == STP_TYPE_Q4_0 &&
+        (j->n_vec >= MM_PACK_MIN_VEC || j->down_t) && r0 % 16 == 0 && r1 % 16 == 0 &&
+        j->n_rows % 16 == 0) {
         /* groups r0/16..r1/16 of the image depend only on rows r0..r1: pack just those */
         const size_t gstride = kern_q4_0x16_size(16, j->n_cols);
         uint8_t *dst = j->pack_scratch + (size_t)(r0 / 16) * gstride;
-        kern_q4_0x16_pack(j->w + (size_t)r0 * j->row_bytes, j->row_bytes, r1 - r0, j->n_cols, dst);
+        if (j->down_t)
+            down_t_pack_x16(j->down_t, (int)j->n_rows, (int)j->n_cols, r0, r1, dst);
+        else
+            kern_q4_0x16_pack(j->w + (size_t)r0 * j->row_bytes, j->row_bytes, r1 - r0, j->n_cols,
+                              dst);
         ops->matmat_q4_0x16(j->n_cols, dst, j->xq, j->xq_stride, j->n_vec, j->y + r0, j->y_stride,
                             0, (r1 - r0) / 16);
         return;
@@ -50,7 +58,8 @@ static void s_mm_worker(void *p, int ith, int nth) {
     /* Split the concatenated rows of all jobs evenly, in groups of 16 (the packed kernels'
      * row groups; every real matrix has a multiple of 16 rows). */
     int64_t rows_total = 0;
-    for (int i = 0; i < s->n_jobs; i++) rows_total += s->jobs[i].n_rows;
+    for (int i = 0; i < s->n_jobs; i++)
+        rows_total += s->jobs[i].n_rows;
     long b, e;
     threadpool_chunk((long)rows_total, ith, nth, 16, &b, &e);
     int64_t base = 0;
@@ -70,7 +79,8 @@ static void s_mm_worker(void *p, int ith, int nth) {
 void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
     mm_section s = {cc, jobs, n_jobs, 0};
     size_t bytes = 0;
-    for (int i = 0; i < n_jobs; i++) bytes += (size_t)jobs[i].n_rows * jobs[i].row_bytes;
+    for (int i = 0; i < n_jobs; i++)
+        bytes += (size_t)jobs[i].n_rows * jobs[i].row_bytes;
     if (bytes < MM_INLINE_BYTES) {
         s_mm_worker(&s, 0, 1);
         return;
@@ -81,7 +91,8 @@ void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
 size_t ops_quantize_acts(const compute_ctx *cc, stp_type wtype, const float *x, int64_t n, int T,
                          uint8_t *xq) {
     size_t stride = kern_act_size(wtype, n);
-    for (int t = 0; t < T; t++) cc->ops->quantize_act(wtype, x + (size_t)t * n, xq + t * stride, n);
+    for (int t = 0; t < T; t++)
+        cc->ops->quantize_act(wtype, x + (size_t)t * n, xq + t * stride, n);
     return stride;
 }
 
@@ -106,10 +117,12 @@ void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const 
 
 void ops_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     double sum = 0.0;
-    for (int i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+    for (int i = 0; i < n; i++)
+        sum += (double)(x[i] * x[i]);
     const float mean = (float)(sum / n);
     const float scale = 1.0f / sqrtf(mean + eps);
-    for (int i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
+    for (int i = 0; i < n; i++)
+        y[i] = (x[i] * scale) * w[i];
 }
 
 void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base) {
@@ -136,32 +149,38 @@ void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float
     const int X = cfg->n_expert, K = cfg->n_expert_used;
     float probs[STP_MAX_EXPERTS];
     if (cfg->gating == GATING_SIGMOID) {
-        for (int i = 0; i < X; i++) probs[i] = 1.0f / (1.0f + expf(-logits[i]));
+        for (int i = 0; i < X; i++)
+            probs[i] = 1.0f / (1.0f + expf(-logits[i]));
     } else {
         float max = -INFINITY;
-        for (int i = 0; i < X; i++) max = logits[i] > max ? logits[i] : max;
+        for (int i = 0; i < X; i++)
+            max = logits[i] > max ? logits[i] : max;
         double sum = 0.0;
         for (int i = 0; i < X; i++) {
             probs[i] = expf(logits[i] - max);
             sum += probs[i];
         }
         const float inv = (float)(1.0 / sum);
-        for (int i = 0; i < X; i++) probs[i] *= inv;
+        for (int i = 0; i < X; i++)
+            probs[i] *= inv;
     }
     /* top-k by probability; ties keep the lower expert index first */
     for (int k = 0; k < K; k++) {
         int best = -1;
         for (int i = 0; i < X; i++) {
             bool taken = false;
-            for (int j = 0; j < k; j++) taken = taken || sel[j] == i;
+            for (int j = 0; j < k; j++)
+                taken = taken || sel[j] == i;
             if (taken) continue;
             if (best < 0 || probs[i] > probs[best]) best = i;
         }
         sel[k] = best;
     }
     float sum = 0.0f;
-    for (int k = 0; k < K; k++) sum += probs[sel[k]];
-    for (int k = 0; k < K; k++) weight[k] = probs[sel[k]] / sum;
+    for (int k = 0; k < K; k++)
+        sum += probs[sel[k]];
+    for (int k = 0; k < K; k++)
+        weight[k] = probs[sel[k]] / sum;
 }
 
 void ops_embed(const compute_ctx *cc, const tensor_view *tok_embd, int32_t id, float *out) {

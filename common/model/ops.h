@@ -26,19 +26,21 @@ typedef struct compute_ctx {
 typedef struct mm_job {
     stp_type type;
     int64_t n_cols;
-    const uint8_t *w;       /* first row of the matrix */
+    const uint8_t *w; /* first row of the matrix */
     size_t row_bytes;
-    const uint8_t *xq;      /* quantized activations of vector 0 */
-    size_t xq_stride;       /* bytes between vectors */
+    const uint8_t *xq; /* quantized activations of vector 0 */
+    size_t xq_stride;  /* bytes between vectors */
     int n_vec;
-    float *y;               /* output of vector 0, indexed by row */
-    size_t y_stride;        /* floats between vectors */
-    int64_t n_rows;         /* rows to compute: 0..n_rows-1, or rows[0..n_rows-1] */
-    const int32_t *rows;    /* optional row subset (n_vec must be 1) */
-    const uint8_t *wp;      /* optional q4_0x16 image of the same matrix (faster, same bits) */
-    uint8_t *pack_scratch;  /* optional: room for a q4_0x16 image of the matrix; a Q4_0 job with
-                             * many vectors and no wp packs its rows there first (each thread
-                             * its own row range) and runs the packed kernel: same bits */
+    float *y;              /* output of vector 0, indexed by row */
+    size_t y_stride;       /* floats between vectors */
+    int64_t n_rows;        /* rows to compute: 0..n_rows-1, or rows[0..n_rows-1] */
+    const int32_t *rows;   /* optional row subset (n_vec must be 1) */
+    const uint8_t *wp;     /* optional q4_0x16 image of the same matrix (faster, same bits) */
+    uint8_t *pack_scratch; /* optional: room for a q4_0x16 image of the matrix; a Q4_0 job with
+                            * many vectors and no wp packs its rows there first (each thread
+                            * its own row range) and runs the packed kernel: same bits */
+    const uint8_t *down_t; /* optional, with pack_scratch: the matrix is this down_t image
+                            * (down_t.h; w unused), packed from it for any n_vec */
 } mm_job;
 
 /* Fewest vectors for which packing a Q4_0 matrix on the fly pays for itself. */

@@ -1,5 +1,6 @@
 /* test_down_t: the neuron-major `down` layout gives exactly the dense product (every kernel
- * level's Q4_0 matvec) for sparse and dense activations, and skips idle neurons. */
+ * level's Q4_0 matvec) for sparse and dense activations, and skips idle neurons; packed back
+ * into q4_0x16 it gives the bytes kern_q4_0x16_pack gives from the GGUF rows. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -50,6 +51,18 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     for (int l = 0; l < n; l++) {
         levels[l]->matvec(STP_TYPE_Q4_0, n_ff, w, rb, xq, ref, 0, n_embd);
         assert_memory_equal(y, ref, sizeof(float) * n_embd);
+    }
+    /* packed back into q4_0x16 (a prefill's batched path), in two row ranges as threads do:
+     * the same bytes as packing the GGUF rows */
+    if (n_embd % 32 == 0) {
+        size_t pb = kern_q4_0x16_size(n_embd, n_ff), half = kern_q4_0x16_size(16, n_ff);
+        uint8_t *p1 = malloc(pb), *p2 = malloc(pb);
+        kern_q4_0x16_pack(w, rb, n_embd, n_ff, p1);
+        down_t_pack_x16(img, n_embd, n_ff, 0, n_embd / 2, p2);
+        down_t_pack_x16(img, n_embd, n_ff, n_embd / 2, n_embd,
+                        p2 + (size_t)(n_embd / 2 / 16) * half);
+        assert_memory_equal(p1, p2, pb);
+        free(p1), free(p2);
     }
     free(w), free(row), free(xq), free(img), free(y), free(ref);
 }
