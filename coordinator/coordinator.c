@@ -23,6 +23,8 @@
 #define ATTN_TIMEOUT_MS 60000 /* an eval that takes longer fails the request */
 #define MAX_REBUILDS 4        /* attention-worker restarts one request survives */
 #define MAX_PEER_RETRIES 2    /* evals failed by a dead expert worker or daemon, retried */
+#define MAX_BUSY_RETRIES 600  /* "busy" answers to one request's evals, BUSY_RETRY_MS apart */
+#define BUSY_RETRY_MS 20
 
 typedef struct job {
     uint8_t id[MSG_ID_MAX];
@@ -41,6 +43,12 @@ typedef struct active {
     int sent_pid;     /* the attention worker's pid when it was sent (0: unknown) */
     int rebuilds;     /* KV-cache rebuilds after attention-worker restarts */
     int peer_retries; /* of those, after a peer failure behind the attention worker */
+    /* the eval in flight, to send again when the worker answers "busy" (it is still running
+     * an earlier eval of this request: a rebuild raced with a restart's Pong) */
+    const int32_t *sent_tokens;
+    int sent_pos0, busy_retries;
+    bool sent_all;
+    double busy_retry_at; /* 0: none pending */
     long long n_max;
     uint64_t seq;
     bool prompt_phase;
@@ -205,6 +213,10 @@ static int s_send_eval(coordinator *c, const int32_t *tokens, int n, int pos0, b
     q.pos0 = pos0;
     q.all_logits = all;
     a->n_sent = n;
+    a->sent_tokens = tokens;
+    a->sent_pos0 = pos0;
+    a->sent_all = all;
+    a->busy_retry_at = 0;
     a->sent_pid = c->attn_alive ? c->attn_pid : 0;
     Stp__EvalMsg m;
     stp__eval_msg__init(&m);
@@ -512,6 +524,13 @@ static void s_on_attn(coordinator *c, msg_in *in) {
                m->error->code == STP_ERANGE && c->a.n_past > 0) {
         s_rebuild(c, m->error->what); /* a restarted worker is at position 0 */
     } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq &&
+               m->error->code == STP_EBUSY && c->a.busy_retries < MAX_BUSY_RETRIES) {
+        /* the worker is still running an earlier eval of ours (its answer will be stale):
+         * send this one again shortly */
+        c->a.busy_retries++;
+        c->a.busy_retry_at = msg_now_us() + BUSY_RETRY_MS * 1e3;
+        stats_add(c->st, "attn.busy_retries", 1);
+    } else if (m->body_case == STP__EVAL_MSG__BODY_ERROR && m->error->seq == c->a.seq &&
                (m->error->code == STP_EPEER || m->error->code == STP_ETIMEDOUT) &&
                c->a.peer_retries < MAX_PEER_RETRIES) {
         /* a stage behind the attention worker died or was restarted mid-eval: its KV cache
@@ -585,7 +604,9 @@ int coordinator_run(coordinator *c, stp_err *err) {
     while (!stage_stopping()) {
         void *socks[2] = {c->client, c->attn};
         bool rd[2];
-        msg_poll(socks, 2, rd, c->hb_ms / 2 < 250 ? c->hb_ms / 2 : 250);
+        long wait_ms = c->hb_ms / 2 < 250 ? c->hb_ms / 2 : 250;
+        if (c->a.on && c->a.busy_retry_at) wait_ms = BUSY_RETRY_MS;
+        msg_poll(socks, 2, rd, wait_ms);
         for (int s = 0; s < 2; s++) {
             if (!rd[s]) continue;
             for (int i = 0; i < 64; i++) {
@@ -604,6 +625,9 @@ int coordinator_run(coordinator *c, stp_err *err) {
             }
         }
         s_heartbeat(c);
+        if (c->a.on && c->a.busy_retry_at && msg_now_us() >= c->a.busy_retry_at &&
+            s_send_eval(c, c->a.sent_tokens, c->a.n_sent, c->a.sent_pos0, c->a.sent_all))
+            s_fail_active(c, STP_EIO, "cannot reach the attention worker");
         if (c->a.on && (msg_now_us() - c->a.t_sent) * 1e-3 > ATTN_TIMEOUT_MS)
             s_fail_active(c, STP_ETIMEDOUT, "the attention worker did not answer in time");
         s_start_next(c);

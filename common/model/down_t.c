@@ -7,6 +7,17 @@
 
 #include "kern/kern_internal.h"
 
+/* f32 -> fp16 for a value that came from an fp16 (exact; no rounding case arises). */
+static inline stp_fp16 s_exact_fp16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, e = (u >> 23) & 0xFFu, m = u & 0x7FFFFFu;
+    if (e == 0) return (stp_fp16)sign;                                              /* zero */
+    if (e == 255) return (stp_fp16)(sign | 0x7C00u | (m >> 13) | (m ? 0x200u : 0)); /* inf, nan */
+    if (e >= 113) return (stp_fp16)(sign | ((e - 112) << 10) | (m >> 13));          /* normal */
+    return (stp_fp16)(sign | ((m | 0x800000u) >> (126 - e)));                       /* subnormal */
+}
+
 void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64_t r1,
                      uint8_t *dst) {
     const int H = n_embd / 2;
@@ -14,6 +25,10 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
     const size_t gstride = kern_q4_0x16_size(16, n_ff);
     for (int64_t q = r0 / 16; q < r1 / 16; q++) {
         uint8_t *G = dst + (size_t)(q - r0 / 16) * gstride;
+        /* rows 16q..16q+15 lie in one half (H is a multiple of 16): a neuron's nibbles of them
+         * are 16 consecutive bytes, low nibbles for the first half, high for the second */
+        const int k0 = (int)(16 * q) < H ? (int)(16 * q) : (int)(16 * q) - H;
+        const int sh = (int)(16 * q) < H ? 0 : 4;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *gi = img + (size_t)b * down_t_group_bytes(n_embd);
             const float *scales = (const float *)gi;
@@ -21,19 +36,23 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
             uint8_t *qs = G + kern_q4x16_qoff(b), *sc = G + kern_q4x16_soff(nb, b);
             for (int i = 0; i < 16; i++) {
                 /* the scale came from fp16 (widened exactly): back to the same fp16 bits */
-                const stp_fp16 d = kern_f32_to_fp16(scales[16 * q + i]);
+                const stp_fp16 d = s_exact_fp16(scales[16 * q + i]);
                 memcpy(sc + 2 * i, &d, 2);
             }
-            /* GGUF qs[m] of row r = nibble of neuron m | nibble of neuron m + 16 << 4; a
-             * neuron's nibbles of rows r (low half: r < H) are bytes r mod H, contiguous */
-            for (int m = 0; m < 16; m++) {
-                const uint8_t *lo = nib + (size_t)m * H, *hi = nib + (size_t)(m + 16) * H;
-                uint8_t *out = qs + 64 * (m / 4) + (m % 4);
-                for (int i = 0; i < 16; i++) {
-                    const int r = (int)(16 * q + i), k = r < H ? r : r - H, sh = r < H ? 0 : 4;
-                    out[4 * i] = (uint8_t)(((lo[k] >> sh) & 0x0F) | (((hi[k] >> sh) & 0x0F) << 4));
-                }
+            uint8_t t[32][16]; /* nibble of neuron j for row 16q + i */
+            for (int j = 0; j < 32; j++) {
+                memcpy(t[j], nib + (size_t)j * H + k0, 16);
+                for (int i = 0; i < 16; i++)
+                    t[j][i] = (uint8_t)((t[j][i] >> sh) & 0x0F);
             }
+            /* GGUF qs[m] of a row = neuron m | neuron m + 16 << 4; q4_0x16 keeps qs[4kk..4kk+3]
+             * of row i at 64 kk + 4 i */
+            for (int kk = 0; kk < 4; kk++)
+                for (int i = 0; i < 16; i++)
+                    for (int mm = 0; mm < 4; mm++) {
+                        const int m = 4 * kk + mm;
+                        qs[64 * kk + 4 * i + mm] = (uint8_t)(t[m][i] | (t[m + 16][i] << 4));
+                    }
         }
     }
 }

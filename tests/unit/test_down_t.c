@@ -24,7 +24,8 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     uint8_t *w = malloc(rb * n_embd);
     float *row = malloc(sizeof(float) * n_ff);
     for (int r = 0; r < n_embd; r++) {
-        for (int i = 0; i < n_ff; i++) row[i] = s_rand(&seed) * 0.05f;
+        for (int i = 0; i < n_ff; i++)
+            row[i] = s_rand(&seed) * 0.05f;
         kern_quantize_row_ref(STP_TYPE_Q4_0, row, w + (size_t)r * rb, n_ff);
     }
     int64_t active = 0;
@@ -35,10 +36,16 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     uint8_t *xq = malloc(kern_act_size(STP_TYPE_Q4_0, n_ff));
     kern_quantize_act_ref(STP_TYPE_Q4_0, row, xq, n_ff);
     const block_q8_0 *a = (const block_q8_0 *)xq;
-    for (int i = 0; i < n_ff; i++) active += a[i / 32].qs[i % 32] != 0;
+    for (int i = 0; i < n_ff; i++)
+        active += a[i / 32].qs[i % 32] != 0;
 
-    tensor_view tv = {.data = w, .type = STP_TYPE_Q4_0, .n_cols = n_ff, .n_rows = n_embd,
-                      .n_mat = 1, .row_bytes = rb, .mat_bytes = rb * n_embd};
+    tensor_view tv = {.data = w,
+                      .type = STP_TYPE_Q4_0,
+                      .n_cols = n_ff,
+                      .n_rows = n_embd,
+                      .n_mat = 1,
+                      .row_bytes = rb,
+                      .mat_bytes = rb * n_embd};
     uint8_t *img = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, n_embd, n_ff));
     down_t_build_expert(&tv, 0, img);
     float *y = malloc(sizeof(float) * n_embd), *ref = malloc(sizeof(float) * n_embd);
@@ -79,6 +86,41 @@ static void test_down_t_mostly_idle(void **state) {
     (void)state;
     s_check(512, 256, 95, 3);
 }
+/* Any fp16 scale (subnormal, zero, negative, large) survives the trip through the image's
+ * float32 scales back into the packed layout bit for bit. */
+static void test_down_t_pack_any_scale(void **state) {
+    (void)state;
+    if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* down_t_build_expert needs AVX2 */
+    const int n_embd = 512, n_ff = 256;
+    const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
+    uint8_t *w = malloc(rb * n_embd);
+    uint64_t seed = 7;
+    for (size_t i = 0; i < rb * n_embd; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        w[i] = (uint8_t)(seed >> 56);
+    }
+    for (int r = 0; r < n_embd; r++)
+        for (int b = 0; b < n_ff / 32; b++) {
+            block_q4_0 *blk = (block_q4_0 *)(w + (size_t)r * rb) + b;
+            if ((blk->d & 0x7C00) == 0x7C00) blk->d &= 0x83FF; /* no inf/nan: a subnormal */
+        }
+    tensor_view tv = {.data = w,
+                      .type = STP_TYPE_Q4_0,
+                      .n_cols = n_ff,
+                      .n_rows = n_embd,
+                      .n_mat = 1,
+                      .row_bytes = rb,
+                      .mat_bytes = rb * n_embd};
+    uint8_t *img = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, n_embd, n_ff));
+    down_t_build_expert(&tv, 0, img);
+    size_t pb = kern_q4_0x16_size(n_embd, n_ff);
+    uint8_t *p1 = malloc(pb), *p2 = malloc(pb);
+    kern_q4_0x16_pack(w, rb, n_embd, n_ff, p1);
+    down_t_pack_x16(img, n_embd, n_ff, 0, n_embd, p2);
+    assert_memory_equal(p1, p2, pb);
+    free(w), free(img), free(p1), free(p2);
+}
+
 static void test_down_t_unsupported_type(void **state) {
     (void)state;
     assert_int_equal(down_t_expert_bytes(STP_TYPE_Q8_0, 64, 32), 0);
@@ -91,6 +133,7 @@ int main(void) {
         cmocka_unit_test(test_down_t_dense_activation),
         cmocka_unit_test(test_down_t_half_idle),
         cmocka_unit_test(test_down_t_mostly_idle),
+        cmocka_unit_test(test_down_t_pack_any_scale),
         cmocka_unit_test(test_down_t_unsupported_type),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
