@@ -305,54 +305,48 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
             g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
         w->cc.ops->quantize_act(td, g, w->xq_a + (size_t)s * sd, F);
     }
-    /* down: neuron-major images one slot at a time (the same bits as the dense product, idle
-     * neurons skipped), else dense per group */
-    if (dt) {
-        /* groups of many tokens: packed from the image, batched (the same bits) */
-        int nj = 0;
-        bool packed[EXPERT_CHUNK] = {false};
-        for (int q = 0; q < ng && td == STP_TYPE_Q4_0 && w->pack_down; q++) {
-            if (gr[q].n < MM_PACK_MIN_VEC || nj == EXPERT_PACKS) continue;
-            int s0 = gr[q].s0 - c0;
-            jobs[nj] = (mm_job){.type = td,
-                                .n_cols = F,
-                                .down_t = w->pool.base + wk->experts[gr[q].j]->offset + off[2],
-                                .pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes,
-                                .xq = w->xq_a + (size_t)s0 * sd,
-                                .xq_stride = sd,
-                                .n_vec = gr[q].n,
-                                .y = w->ys + (size_t)s0 * E,
-                                .y_stride = (size_t)E,
-                                .n_rows = E};
-            nj++;
-            packed[q] = true;
+    /* down: with neuron-major images (dt), one slot at a time (the same bits as the dense
+     * product, idle neurons skipped) except groups of many tokens, which pack the image and
+     * run batched (the same bits); else dense per group */
+    int nj = 0;
+    bool batched[EXPERT_CHUNK] = {false};
+    for (int q = 0; q < ng; q++) {
+        const bool pack = dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC &&
+                          nj < EXPERT_PACKS;
+        if (dt && !pack) continue;
+        int s0 = gr[q].s0 - c0;
+        const uint8_t *img = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
+        jobs[nj] = (mm_job){.type = td,
+                            .n_cols = F,
+                            .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
+                            .xq = w->xq_a + (size_t)s0 * sd,
+                            .xq_stride = sd,
+                            .n_vec = gr[q].n,
+                            .y = w->ys + (size_t)s0 * E,
+                            .y_stride = (size_t)E,
+                            .n_rows = E};
+        if (pack) {
+            jobs[nj].down_t = img;
+            jobs[nj].pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes;
+        } else {
+            jobs[nj].w = img;
         }
-        if (nj) ops_mm_run(&w->cc, jobs, nj);
+        nj++;
+        batched[q] = true;
+    }
+    if (nj) ops_mm_run(&w->cc, jobs, nj);
+    if (dt) {
         dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
-        for (int q = 0; q < ng; q++)
-            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n && !packed[q]; s++) {
+        for (int q = 0; q < ng; q++) {
+            if (batched[q]) continue;
+            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n; s++) {
                 d.img[d.n] = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
                 d.xq[d.n] = w->xq_a + (size_t)s * sd;
                 d.y[d.n] = w->ys + (size_t)s * E;
                 d.n++;
             }
-        if (d.n) threadpool_run(w->tp, s_dt_worker, &d);
-    } else {
-        for (int q = 0; q < ng; q++) {
-            int s0 = gr[q].s0 - c0;
-            const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
-            jobs[q] = (mm_job){.type = td,
-                               .n_cols = F,
-                               .w = base + off[2],
-                               .row_bytes = L->down_exps.row_bytes,
-                               .xq = w->xq_a + (size_t)s0 * sd,
-                               .xq_stride = sd,
-                               .n_vec = gr[q].n,
-                               .y = w->ys + (size_t)s0 * E,
-                               .y_stride = (size_t)E,
-                               .n_rows = E};
         }
-        ops_mm_run(&w->cc, jobs, ng);
+        if (d.n) threadpool_run(w->tp, s_dt_worker, &d);
     }
     for (int s = 0; s < cs; s++)
         memcpy(yout + ((size_t)w->slot_t[c0 + s] * K + w->slot_k[c0 + s]) * E,

@@ -28,9 +28,8 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
             ops->matvec_q4_0x16(j->n_cols, j->wp, j->xq, j->y + r0, r0 / 16, r1 / 16);
         return;
     }
-    if (j->pack_scratch && !j->rows && j->type == STP_TYPE_Q4_0 &&
-        (j->n_vec >= MM_PACK_MIN_VEC || j->down_t) && r0 % 16 == 0 && r1 % 16 == 0 &&
-        j->n_rows % 16 == 0) {
+    if (j->pack_scratch && j->type == STP_TYPE_Q4_0 && (j->n_vec >= MM_PACK_MIN_VEC || j->down_t) &&
+        r0 % 16 == 0 && r1 % 16 == 0 && j->n_rows % 16 == 0) {
         /* groups r0/16..r1/16 of the image depend only on rows r0..r1: pack just those */
         const size_t gstride = kern_q4_0x16_size(16, j->n_cols);
         uint8_t *dst = j->pack_scratch + (size_t)(r0 / 16) * gstride;

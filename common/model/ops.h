@@ -40,7 +40,8 @@ typedef struct mm_job {
                             * many vectors and no wp packs its rows there first (each thread
                             * its own row range) and runs the packed kernel: same bits */
     const uint8_t *down_t; /* optional, with pack_scratch: the matrix is this down_t image
-                            * (down_t.h; w unused), packed from it for any n_vec */
+                            * (down_t.h; w unused, row_bytes still the Q4_0 row size: it sizes
+                            * the parallel section), packed from it for any n_vec */
 } mm_job;
 
 /* Fewest vectors for which packing a Q4_0 matrix on the fly pays for itself. */
