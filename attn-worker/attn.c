@@ -283,25 +283,18 @@ static void s_prefetch(attn_worker *a, int il, const float *x) {
     if (a->prefetch <= 0 || il + 1 >= c->n_layer || !a->pool.base || s_pool_complete(a)) return;
     float lg[STP_MAX_EXPERTS];
     attention_router(&a->cc, a->m, il + 1, x, 1, lg, a->as);
-    bool pick[STP_MAX_EXPERTS] = {0};
-    for (int k = 0; k < a->prefetch; k++) { /* top-prefetch by logit (the gating is monotone) */
-        int b = -1;
-        for (int e = 0; e < X; e++)
-            if (!pick[e] && (b < 0 || lg[e] > lg[b])) b = e;
-        pick[b] = true;
-    }
-    uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS];
+    int32_t top[STP_MAX_EXPERTS];
+    ops_top_k(lg, X, a->prefetch, top); /* by logit: the gating is monotone */
+    bool pick[STP_MAX_EXPERTS] = {false};
+    for (int k = 0; k < a->prefetch; k++)
+        pick[top[k]] = true;
+    uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS] = {0};
     int n = 0;
-    const pool_header *ph = (const pool_header *)a->pool.base;
-    bool missing = false;
-    for (int e = 0; e < X; e++)
-        if (pick[e]) {
-            ex[n] = (uint32_t)e;
-            cnt[n++] = 0;
-            const pool_slot *sl = &ph->slots[(uint32_t)(il + 1) * (uint32_t)X + (uint32_t)e];
-            missing |= __atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != POOL_READY;
-        }
-    if (!missing) return;
+    for (int e = 0; e < X; e++) /* a decision lists experts ascending */
+        if (pick[e]) ex[n++] = (uint32_t)e;
+    Stp__ExpertLoc loc[STP_MAX_EXPERTS];
+    bool ready[STP_MAX_EXPERTS];
+    if (s_pool_lookup(a, il + 1, ex, n, loc, ready) == n) return;
     bool sent = !s_send_decision(a, a->seq, il + 1, ex, cnt, n, DECISION_PREFETCH, NULL);
     stats_add(a->st, sent ? "prefetch.sent" : "prefetch.dropped", 1);
 }
@@ -439,6 +432,21 @@ static int s_dispatch(attn_worker *a, work_batch *b, int il, int T, const Stp__E
         b->n_pending++;
     }
     return 0;
+}
+
+/* s_dispatch of the experts i with ready[i] == want. */
+static int s_dispatch_where(attn_worker *a, work_batch *b, int il, int T, const Stp__ExpertLoc *loc,
+                            const uint32_t *cnt, const bool *ready, bool want, int n,
+                            stp_err *err) {
+    Stp__ExpertLoc part[STP_MAX_EXPERTS];
+    uint32_t pcnt[STP_MAX_EXPERTS];
+    int np = 0;
+    for (int i = 0; i < n; i++)
+        if (ready[i] == want) {
+            part[np] = loc[i];
+            pcnt[np++] = cnt[i];
+        }
+    return s_dispatch(a, b, il, T, part, pcnt, np, err);
 }
 
 /* Waits until every worker answered every dispatched batch (nb of them); a worker silent for
@@ -588,24 +596,13 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
             s_drain_storage(a);
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
         } else {
-            Stp__ExpertLoc part[STP_MAX_EXPERTS];
-            uint32_t pcnt[STP_MAX_EXPERTS];
-            int np = 0;
-            for (int i = 0; i < n; i++)
-                if (ready[i]) {
-                    part[np] = loc[i];
-                    pcnt[np++] = cnt[i];
-                }
-            if (np && (rc = s_dispatch(a, &a->batch[nb++], il, T, part, pcnt, np, err))) return rc;
+            if (n_ready &&
+                (rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, true, n, err)))
+                return rc;
             if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err))) return rc;
             t3 = msg_now_us();
-            np = 0;
-            for (int i = 0; i < n; i++)
-                if (!ready[i]) {
-                    part[np] = loc[i];
-                    pcnt[np++] = cnt[i];
-                }
-            if ((rc = s_dispatch(a, &a->batch[nb++], il, T, part, pcnt, np, err))) return rc;
+            if ((rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, false, n, err)))
+                return rc;
         }
         if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
         double t4 = msg_now_us();

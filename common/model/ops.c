@@ -144,6 +144,17 @@ void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base) {
     }
 }
 
+void ops_top_k(const float *v, int n, int k, int32_t *sel) {
+    bool taken[STP_MAX_EXPERTS] = {false};
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int i = 0; i < n; i++)
+            if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+        taken[best] = true;
+        sel[j] = best;
+    }
+}
+
 void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float *weight) {
     const int X = cfg->n_expert, K = cfg->n_expert_used;
     float probs[STP_MAX_EXPERTS];
@@ -163,18 +174,7 @@ void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float
         for (int i = 0; i < X; i++)
             probs[i] *= inv;
     }
-    /* top-k by probability; ties keep the lower expert index first */
-    for (int k = 0; k < K; k++) {
-        int best = -1;
-        for (int i = 0; i < X; i++) {
-            bool taken = false;
-            for (int j = 0; j < k; j++)
-                taken = taken || sel[j] == i;
-            if (taken) continue;
-            if (best < 0 || probs[i] > probs[best]) best = i;
-        }
-        sel[k] = best;
-    }
+    ops_top_k(probs, X, K, sel);
     float sum = 0.0f;
     for (int k = 0; k < K; k++)
         sum += probs[sel[k]];

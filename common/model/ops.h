@@ -63,6 +63,8 @@ void ops_rmsnorm(const float *x, const float *w, float *y, int n, float eps);
 /* Rotates n_heads heads of head_dim floats (contiguous) at position pos, NeoX pairing. */
 void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base);
 
+/* Indices of the k largest of v[0..n), largest first; ties keep the lower index first. */
+void ops_top_k(const float *v, int n, int k, int32_t *sel);
 /* From router logits (n_expert) to the selected experts and their weights (n_expert_used). */
 void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float *weight);
 
