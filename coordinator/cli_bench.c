@@ -57,6 +57,22 @@ static void s_usage(FILE *f) {
             "  --json     machine-readable output\n");
 }
 
+/* The benchmark prompt: n pseudo-random ids below V, the same for every run (malloc'd). */
+static int32_t *s_random_tokens(int n, int V) {
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)n);
+    uint64_t x = 42;
+    for (int i = 0; toks && i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        toks[i] = (int32_t)((x >> 33) % (uint64_t)V);
+    }
+    return toks;
+}
+
+/* Sample standard deviation from the sum and sum of squares of reps values. */
+static double s_sd(double sum, double sum2, int reps) {
+    return reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
+}
+
 static void s_discard(void *ud, const char *text, size_t len) {
     (void)ud, (void)text, (void)len;
 }
@@ -82,13 +98,8 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     int max_n = 1;
     for (int i = 0; i < n_pp; i++)
         max_n = pp[i] > max_n ? pp[i] : max_n;
-    int32_t *toks = malloc(sizeof(int32_t) * (size_t)max_n);
+    int32_t *toks = s_random_tokens(max_n, V);
     if (!toks) return 1;
-    uint64_t x = 42;
-    for (int i = 0; i < max_n; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        toks[i] = (int32_t)((x >> 33) % (uint64_t)V);
-    }
     pipeline_gen_opts o = {.run_dir = run_dir,
                            .parse_special = true,
                            .ignore_eos = true,
@@ -136,7 +147,7 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
             if (status) break;
             snprintf(res[nres].test, sizeof res[nres].test, "%s%d", kind == 0 ? "pp" : "tg", n);
             res[nres].mean = sum / reps;
-            res[nres].sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
+            res[nres].sd = s_sd(sum, sum2, reps);
             res[nres].ipc = kind == 1 ? ipc / reps : -1;
             nres++;
         }
@@ -252,12 +263,7 @@ int cli_bench(int argc, char **argv) {
     }
     const int V = m->cfg.n_vocab;
     float *logits = malloc(sizeof(float) * V);
-    int32_t *toks = malloc(sizeof(int32_t) * max_ctx);
-    uint64_t x = 42;
-    for (int i = 0; i < max_ctx; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        toks[i] = (int32_t)((x >> 33) % (uint64_t)V);
-    }
+    int32_t *toks = s_random_tokens(max_ctx, V);
     /* warm-up: touch the weights once so page-cache misses do not count */
     engine_eval(e, toks, 1, logits, false, &err);
     engine_reset(e);
@@ -295,7 +301,7 @@ int cli_bench(int argc, char **argv) {
             }
             r->reps = (int)reps;
             r->mean = sum / reps;
-            r->sd = reps > 1 ? sqrt(fmax(0, (sum2 - sum * sum / reps) / (reps - 1))) : 0;
+            r->sd = s_sd(sum, sum2, (int)reps);
             r->st = *engine_get_stats(e);
         }
     }
