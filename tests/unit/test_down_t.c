@@ -17,6 +17,32 @@ static float s_rand(uint64_t *s) {
     return (float)((*s >> 40) & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f;
 }
 
+/* The down_t image of a one-matrix Q4_0 stack w (n_embd rows of n_ff), malloc'd. */
+static uint8_t *s_image(const uint8_t *w, size_t rb, int n_embd, int n_ff) {
+    tensor_view tv = {.data = w,
+                      .type = STP_TYPE_Q4_0,
+                      .n_cols = n_ff,
+                      .n_rows = n_embd,
+                      .n_mat = 1,
+                      .row_bytes = rb,
+                      .mat_bytes = rb * n_embd};
+    uint8_t *img = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, n_embd, n_ff));
+    down_t_build_expert(&tv, 0, img);
+    return img;
+}
+
+/* The image packed back into q4_0x16 (a prefill's batched path), in two row ranges as threads
+ * do, gives the bytes kern_q4_0x16_pack gives from the GGUF rows. */
+static void s_check_pack(const uint8_t *w, size_t rb, const uint8_t *img, int n_embd, int n_ff) {
+    size_t pb = kern_q4_0x16_size(n_embd, n_ff), group = kern_q4_0x16_size(16, n_ff);
+    uint8_t *p1 = malloc(pb), *p2 = malloc(pb);
+    kern_q4_0x16_pack(w, rb, n_embd, n_ff, p1);
+    down_t_pack_x16(img, n_embd, n_ff, 0, n_embd / 2, p2);
+    down_t_pack_x16(img, n_embd, n_ff, n_embd / 2, n_embd, p2 + (size_t)(n_embd / 2 / 16) * group);
+    assert_memory_equal(p1, p2, pb);
+    free(p1), free(p2);
+}
+
 /* n_embd rows of n_ff; activation with `idle` percent of neurons exactly 0. */
 static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* down_t needs AVX2+FMA */
@@ -39,15 +65,7 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     for (int i = 0; i < n_ff; i++)
         active += a[i / 32].qs[i % 32] != 0;
 
-    tensor_view tv = {.data = w,
-                      .type = STP_TYPE_Q4_0,
-                      .n_cols = n_ff,
-                      .n_rows = n_embd,
-                      .n_mat = 1,
-                      .row_bytes = rb,
-                      .mat_bytes = rb * n_embd};
-    uint8_t *img = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, n_embd, n_ff));
-    down_t_build_expert(&tv, 0, img);
+    uint8_t *img = s_image(w, rb, n_embd, n_ff);
     float *y = malloc(sizeof(float) * n_embd), *ref = malloc(sizeof(float) * n_embd);
     /* in two thread-like halves of the row-pair range, as the engine splits it */
     int64_t c = down_t_matvec(img, n_embd, n_ff, a, y, 0, n_embd / 4);
@@ -59,18 +77,7 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
         levels[l]->matvec(STP_TYPE_Q4_0, n_ff, w, rb, xq, ref, 0, n_embd);
         assert_memory_equal(y, ref, sizeof(float) * n_embd);
     }
-    /* packed back into q4_0x16 (a prefill's batched path), in two row ranges as threads do:
-     * the same bytes as packing the GGUF rows */
-    if (n_embd % 32 == 0) {
-        size_t pb = kern_q4_0x16_size(n_embd, n_ff), half = kern_q4_0x16_size(16, n_ff);
-        uint8_t *p1 = malloc(pb), *p2 = malloc(pb);
-        kern_q4_0x16_pack(w, rb, n_embd, n_ff, p1);
-        down_t_pack_x16(img, n_embd, n_ff, 0, n_embd / 2, p2);
-        down_t_pack_x16(img, n_embd, n_ff, n_embd / 2, n_embd,
-                        p2 + (size_t)(n_embd / 2 / 16) * half);
-        assert_memory_equal(p1, p2, pb);
-        free(p1), free(p2);
-    }
+    if (n_embd % 32 == 0) s_check_pack(w, rb, img, n_embd, n_ff);
     free(w), free(row), free(xq), free(img), free(y), free(ref);
 }
 
@@ -104,21 +111,9 @@ static void test_down_t_pack_any_scale(void **state) {
             block_q4_0 *blk = (block_q4_0 *)(w + (size_t)r * rb) + b;
             if ((blk->d & 0x7C00) == 0x7C00) blk->d &= 0x83FF; /* no inf/nan: a subnormal */
         }
-    tensor_view tv = {.data = w,
-                      .type = STP_TYPE_Q4_0,
-                      .n_cols = n_ff,
-                      .n_rows = n_embd,
-                      .n_mat = 1,
-                      .row_bytes = rb,
-                      .mat_bytes = rb * n_embd};
-    uint8_t *img = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, n_embd, n_ff));
-    down_t_build_expert(&tv, 0, img);
-    size_t pb = kern_q4_0x16_size(n_embd, n_ff);
-    uint8_t *p1 = malloc(pb), *p2 = malloc(pb);
-    kern_q4_0x16_pack(w, rb, n_embd, n_ff, p1);
-    down_t_pack_x16(img, n_embd, n_ff, 0, n_embd, p2);
-    assert_memory_equal(p1, p2, pb);
-    free(w), free(img), free(p1), free(p2);
+    uint8_t *img = s_image(w, rb, n_embd, n_ff);
+    s_check_pack(w, rb, img, n_embd, n_ff);
+    free(w), free(img);
 }
 
 static void test_down_t_unsupported_type(void **state) {
