@@ -464,7 +464,9 @@ static int s_parse_tensor_infos(gguf_file *f, s_rd *r, uint64_t n_tensors) {
                                ", expected 1..%d",
                                f->name, name, dat, v, GGUF_MAX_DIMS);
         t->n_dims = (uint32_t)v;
-        int64_t nel = 1;
+        /* nel is the element count; span multiplies the nonzero dims, so no product of
+         * dims (rows = ne[1] * ne[2] * ne[3] included) can overflow even when ne[0] == 0 */
+        int64_t nel = 1, span = 1;
         bool ovf = false;
         for (int d = 0; d < GGUF_MAX_DIMS; d++)
             t->ne[d] = 1;
@@ -477,7 +479,8 @@ static int s_parse_tensor_infos(gguf_file *f, s_rd *r, uint64_t n_tensors) {
                                    "%s: tensor '%s' at offset 0x%zx: ne[%u] = %" PRId64
                                    " is negative",
                                    f->name, name, eat, d, t->ne[d]);
-            ovf = ovf || __builtin_mul_overflow(nel, t->ne[d], &nel);
+            ovf = __builtin_mul_overflow(nel, t->ne[d], &nel) ||
+                  __builtin_mul_overflow(span, t->ne[d] ? t->ne[d] : 1, &span);
             if (ovf)
                 return stp_err_set(r->err, STP_EFORMAT,
                                    "%s: tensor '%s' at offset 0x%zx: element count overflows "

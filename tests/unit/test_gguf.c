@@ -998,6 +998,19 @@ static void test_gguf_bad_tensor_infos(void **state) {
     tb_u64(&b, 0);
     tb_zeros(&b, 64);
     expect_refused(&b, at, "overflows");
+    /* an empty tensor (ne[0] = 0) whose row count ne[1] * ne[2] overflows int64: the
+     * element count is 0, but code that counts rows must not overflow (found by fuzz_gguf) */
+    tensor_prefix(&b, 1);
+    tb_str(&b, "w");
+    tb_u32(&b, 3);
+    tb_u64(&b, 0);
+    tb_u64(&b, 1ull << 62);
+    at = b.n;
+    tb_u64(&b, 4);
+    tb_u32(&b, STP_TYPE_F32);
+    tb_u64(&b, 0);
+    tb_zeros(&b, 64);
+    expect_refused(&b, at, "overflows");
     /* byte size overflowing (elements fit int64, bytes do not) */
     tensor_prefix(&b, 1);
     tb_str(&b, "w");
