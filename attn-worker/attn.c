@@ -15,13 +15,14 @@
 #include "model/kv_cache.h"
 #include "model/model.h"
 #include "model/ops.h"
+#include "msg/lane.h"
 #include "msg/msg.h"
 #include "router.pb-c.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
 
 #define STAGE "attn-worker"
-#define MAX_WORKERS 16 /* expert sockets + attn.sock fit in MSG_POLL_MAX */
+#define MAX_WORKERS LANE_MAX /* expert sockets + attn.sock fit in MSG_POLL_MAX */
 #define RETRY_MS 2000  /* resend work to a silent expert worker after this long */
 #define GIVEUP_MS                                                                                  \
     30000 /* then fail the eval (the coordinator retries it twice: > the                           \
@@ -38,6 +39,8 @@ typedef struct work_batch {
     Stp__ExpertLoc copies[STP_MAX_EXPERTS];
     Stp__ExpertLoc *lists[MAX_WORKERS][STP_MAX_EXPERTS];
     bool pending[MAX_WORKERS];
+    bool via_lane[MAX_WORKERS];  /* sent through the worker's lane (else its zmq socket) */
+    uint32_t lane_pos[MAX_WORKERS]; /* the lane entry it went into */
     double sent[MAX_WORKERS];
     double compute_us; /* longest worker compute of the batch */
 } work_batch;
@@ -53,6 +56,8 @@ struct attn_worker {
     int prefetch; /* decode: predicted experts of the next layer sent ahead (0: off) */
     shm_region act;
     act_header *ah;
+    lane_block *lanes; /* in the activation region; NULL: ZeroMQ only (STP_LANES=0) */
+    uint8_t *lane_buf; /* (LANE_MSG_MAX) a reply copied out of a lane */
     shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
     float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
     int32_t *sel;                         /* in the activation region */
@@ -127,6 +132,12 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->selw_shm = (float *)(a->act.base + lay.off_w);
     a->y = (float *)(a->act.base + lay.off_y);
     a->logits_shm = (float *)(a->act.base + lay.off_logits);
+    const char *ln = getenv("STP_LANES");
+    if (!(ln && !strcmp(ln, "0"))) a->lanes = (lane_block *)(a->act.base + lay.off_lanes);
+    if (!(a->lane_buf = malloc(LANE_MSG_MAX))) {
+        rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
+        goto fail;
+    }
     a->seq = (uint64_t)msg_now_us() << 8; /* increasing across restarts of this stage */
     /* sockets */
     a->zctx = zmq_ctx_new();
@@ -175,6 +186,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->rlogits);
     free(a->hn);
     free(a->xq);
+    free(a->lane_buf);
     model_close(&a->m);
     stats_destroy(&a->st);
     free(a);
@@ -368,21 +380,30 @@ static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t
     }
 }
 
-static int s_send_work(attn_worker *a, int wi, uint64_t seq, int il, int T, Stp__ExpertLoc **locs,
-                       int n, stp_err *err) {
+/* Sends batch b's work for worker wi: through its lane when the worker is attached to one
+ * (a store and a futex wake), else (not attached yet, ring full, STP_LANES=0) its zmq socket. */
+static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, stp_err *err) {
     Stp__ExpertWork w;
     stp__expert_work__init(&w);
-    w.seq = seq;
+    w.seq = b->seq;
     w.layer = (uint32_t)il;
-    w.n_tokens = (uint32_t)T;
-    w.n_experts = (size_t)n;
-    w.experts = locs;
+    w.n_tokens = (uint32_t)b->n_tokens;
+    w.n_experts = (size_t)b->nl[wi];
+    w.experts = b->lists[wi];
     w.act_epoch = a->ah->epoch;
     Stp__LayerMsg m;
     stp__layer_msg__init(&m);
     m.version = STP_PROTO_VERSION;
     m.body_case = STP__LAYER_MSG__BODY_WORK;
     m.work = &w;
+    lane_pair *lp = a->lanes ? &a->lanes->lanes[wi] : NULL;
+    if (lp && atomic_load_explicit(&lp->pid, memory_order_acquire) != 0 &&
+        lane_put(&lp->work, &m.base, NULL, &b->lane_pos[wi]) == 0) {
+        b->via_lane[wi] = true;
+        stats_add(a->st, "lane.work_sent", 1);
+        return 0;
+    }
+    b->via_lane[wi] = false;
     stats_add(a->st, "msg.work_sent", 1);
     return msg_send(a->exp[wi], NULL, 0, &m.base, err);
 }
@@ -425,7 +446,7 @@ static int s_dispatch(attn_worker *a, work_batch *b, int il, int T, const Stp__E
     for (int wi = 0; wi < NW; wi++) {
         b->pending[wi] = false;
         if (!b->nl[wi]) continue;
-        int rc = s_send_work(a, wi, b->seq, il, T, b->lists[wi], b->nl[wi], err);
+        int rc = s_send_work(a, wi, b, il, err);
         if (rc) return rc;
         b->pending[wi] = true;
         b->sent[wi] = t0;
@@ -449,82 +470,126 @@ static int s_dispatch_where(attn_worker *a, work_batch *b, int il, int T, const 
     return s_dispatch(a, b, il, T, part, pcnt, np, err);
 }
 
+/* One reply m (consumed) from worker wi for the batches bs: a batch's ExpertDone clears it, an
+ * error fails the layer, anything else is stale. 1: go on; <= 0: stop with that result. */
+static int s_on_reply(attn_worker *a, work_batch *bs, int nb, int wi, int il, Stp__LayerMsg *m,
+                      int *n_pending, stp_err *err) {
+    int res = 1;
+    work_batch *b = NULL;
+    for (int i = 0; i < nb && m && m->version == STP_PROTO_VERSION; i++) {
+        uint64_t seq = m->body_case == STP__LAYER_MSG__BODY_DONE    ? m->done->seq
+                       : m->body_case == STP__LAYER_MSG__BODY_ERROR ? m->error->seq
+                                                                    : 0;
+        if (bs[i].pending[wi] && seq == bs[i].seq) b = &bs[i];
+    }
+    if (!m || m->version != STP_PROTO_VERSION) {
+        if (stats_bad(a->st, "expert_reply"))
+            stage_log(STAGE, "invalid message from expert worker %d", wi);
+    } else if (b && m->body_case == STP__LAYER_MSG__BODY_ERROR) {
+        res = stp_err_set(err, STP_EPEER, "expert worker %d: %s", wi, m->error->what);
+    } else if (b && m->body_case == STP__LAYER_MSG__BODY_DONE && m->done->layer == (uint32_t)il) {
+        b->pending[wi] = false;
+        b->n_pending--;
+        (*n_pending)--;
+        if (m->done->compute_us > b->compute_us) b->compute_us = m->done->compute_us;
+        a->active += m->done->active_neurons;
+        a->total += m->done->total_neurons;
+    } else {
+        stats_add(a->st, "expert.stale_replies", 1);
+    }
+    if (m) stp__layer_msg__free_unpacked(m, NULL);
+    return res;
+}
+
+/* Batch b's work for worker wi again (it may have been restarted): a lane entry the worker has
+ * not taken yet is only rung again (a restarted worker takes it from the ring); taken work is
+ * sent again (the worker answers a duplicate without recomputing). */
+static int s_resend(attn_worker *a, work_batch *b, int wi, int il, stp_err *err) {
+    stats_add(a->st, "work.resends", 1);
+    stage_log(STAGE, "expert worker %d silent for %d ms on layer %d: resending", wi, RETRY_MS, il);
+    b->sent[wi] = msg_now_us();
+    if (b->via_lane[wi]) {
+        lane_ring *r = &a->lanes->lanes[wi].work;
+        if (!lane_taken(r, b->lane_pos[wi])) {
+            lane_wake(&r->head);
+            return 0;
+        }
+    }
+    return s_send_work(a, wi, b, il, err);
+}
+
+/* Takes every reply waiting in the workers' lanes (stale ones too, so a ring never fills). */
+static int s_drain_lanes(attn_worker *a, work_batch *bs, int nb, int il, int *n_pending,
+                         stp_err *err) {
+    for (int wi = 0; a->lanes && wi < a->n_workers; wi++) {
+        size_t len;
+        while (lane_take(&a->lanes->lanes[wi].done, a->lane_buf, &len)) {
+            stats_add(a->st, "lane.replies", 1);
+            Stp__LayerMsg *m = stp__layer_msg__unpack(NULL, len, a->lane_buf);
+            int res = s_on_reply(a, bs, nb, wi, il, m, n_pending, err);
+            if (res <= 0) return res;
+        }
+    }
+    return 1;
+}
+
 /* Waits until every worker answered every dispatched batch (nb of them); a worker silent for
- * RETRY_MS gets its work again (it may have been restarted), GIVEUP_MS fails the layer. */
+ * RETRY_MS gets its work again (it may have been restarted), GIVEUP_MS fails the layer. Lane
+ * replies are waited for on the lanes' bell (a futex), zmq replies with zmq_poll; attn.sock is
+ * served in between (at least every 20 ms), so heartbeats are answered during long layers. */
 static int s_collect(attn_worker *a, work_batch *bs, int nb, int il, stp_err *err) {
     const int NW = a->n_workers;
     const double t0 = msg_now_us();
+    double served = t0;
     int n_pending = 0;
     for (int i = 0; i < nb; i++)
         n_pending += bs[i].n_pending;
     while (n_pending) {
+        const uint32_t bell = a->lanes ? atomic_load(&a->lanes->bell) : 0;
+        int res = s_drain_lanes(a, bs, nb, il, &n_pending, err);
+        if (res <= 0) return res;
+        if (!n_pending) break;
         double now = msg_now_us();
         if ((now - t0) * 1e-3 > GIVEUP_MS || stage_stopping())
             return stp_err_set(err, STP_ETIMEDOUT,
                                "expert workers did not answer layer %d in %d ms", il, GIVEUP_MS);
         void *socks[MAX_WORKERS + 1];
         int idx[MAX_WORKERS], np = 0;
+        bool on_lane = false;
         for (int wi = 0; wi < NW; wi++) {
-            bool p = false;
-            for (int i = 0; i < nb; i++)
-                p |= bs[i].pending[wi];
-            if (p) {
+            bool z = false;
+            for (int i = 0; i < nb; i++) {
+                work_batch *b = &bs[i];
+                if (!b->pending[wi]) continue;
+                if ((now - b->sent[wi]) * 1e-3 > RETRY_MS && (res = s_resend(a, b, wi, il, err)))
+                    return res;
+                on_lane |= b->via_lane[wi];
+                z |= !b->via_lane[wi];
+            }
+            if (z) {
                 socks[np] = a->exp[wi];
                 idx[np++] = wi;
             }
         }
+        if (!np) { /* only lanes: sleep on their bell */
+            lane_wait(&a->lanes->bell, bell, 20);
+            if (msg_now_us() - served < 20e3) continue;
+            served = msg_now_us();
+            bool rd;
+            if (msg_poll(&a->sock, 1, &rd, 0) && rd) s_serve_busy(a);
+            continue;
+        }
         socks[np] = a->sock;
         bool rd[MAX_WORKERS + 1];
-        msg_poll(socks, np + 1, rd, 200);
+        msg_poll(socks, np + 1, rd, on_lane ? 1 : 200);
         if (rd[np]) s_serve_busy(a);
         for (int p = 0; p < np; p++) {
             int wi = idx[p];
-            if (!rd[p]) {
-                for (int i = 0; i < nb; i++) {
-                    work_batch *b = &bs[i];
-                    if (!b->pending[wi] || (msg_now_us() - b->sent[wi]) * 1e-3 <= RETRY_MS)
-                        continue;
-                    /* lost, or the worker restarted */
-                    stats_add(a->st, "work.resends", 1);
-                    stage_log(STAGE, "expert worker %d silent for %d ms on layer %d: resending", wi,
-                              RETRY_MS, il);
-                    int rc =
-                        s_send_work(a, wi, b->seq, il, b->n_tokens, b->lists[wi], b->nl[wi], err);
-                    if (rc) return rc;
-                    b->sent[wi] = msg_now_us();
-                }
-                continue;
-            }
             msg_in in;
-            if (msg_recv(a->exp[wi], false, &in, err) <= 0) continue;
+            if (!rd[p] || msg_recv(a->exp[wi], false, &in, err) <= 0) continue;
             Stp__LayerMsg *m = stp__layer_msg__unpack(NULL, in.len, in.data);
             msg_in_free(&in);
-            int res = 1;
-            work_batch *b = NULL;
-            for (int i = 0; i < nb && m && m->version == STP_PROTO_VERSION; i++) {
-                uint64_t seq = m->body_case == STP__LAYER_MSG__BODY_DONE    ? m->done->seq
-                               : m->body_case == STP__LAYER_MSG__BODY_ERROR ? m->error->seq
-                                                                            : 0;
-                if (bs[i].pending[wi] && seq == bs[i].seq) b = &bs[i];
-            }
-            if (!m || m->version != STP_PROTO_VERSION) {
-                if (stats_bad(a->st, "expert_reply"))
-                    stage_log(STAGE, "invalid message from expert worker %d", wi);
-            } else if (b && m->body_case == STP__LAYER_MSG__BODY_ERROR) {
-                res = stp_err_set(err, STP_EPEER, "expert worker %d: %s", wi, m->error->what);
-            } else if (b && m->body_case == STP__LAYER_MSG__BODY_DONE &&
-                       m->done->layer == (uint32_t)il) {
-                b->pending[wi] = false;
-                b->n_pending--;
-                n_pending--;
-                if (m->done->compute_us > b->compute_us) b->compute_us = m->done->compute_us;
-                a->active += m->done->active_neurons;
-                a->total += m->done->total_neurons;
-            } else {
-                stats_add(a->st, "expert.stale_replies", 1);
-            }
-            if (m) stp__layer_msg__free_unpacked(m, NULL);
-            if (res <= 0) return res;
+            if ((res = s_on_reply(a, bs, nb, wi, il, m, &n_pending, err)) <= 0) return res;
         }
     }
     return 0;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <zmq.h>
 
@@ -12,6 +13,7 @@
 #include "model/down_t.h"
 #include "model/model.h"
 #include "model/ops.h"
+#include "msg/lane.h"
 #include "msg/msg.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
@@ -37,6 +39,9 @@ struct expert_worker {
     compute_ctx cc;
     shm_region pool, act;
     const act_header *ah;
+    lane_pair *lane;        /* this worker's rings in the activation region (NULL: not mapped) */
+    _Atomic uint32_t *bell; /* the attention worker's doorbell for replies */
+    uint8_t *lane_buf;      /* (LANE_MSG_MAX) work copied out of the lane */
     void *zctx, *sock, *pub;
     stats *st;
     bool down_t;     /* the pool's down parts are down_t images (POOL_DOWN_T) */
@@ -104,10 +109,11 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
     return rc;
 }
 
-/* Maps the activation region (created by the attention worker, which starts after us) the
- * first time work arrives, and again when the work names a newer region. */
-static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
-    if (w->ah && w->ah->epoch == epoch) return 0;
+/* Maps the activation region (created by the attention worker, which starts after us) when work
+ * names a region other than the mapped one (epoch), or, with epoch NULL, whenever the region
+ * under the run's name is not the mapped one (s_attach); then takes this worker's lane. */
+static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
+    if (w->ah && (epoch ? w->ah->epoch == *epoch : shm_region_current(&w->act))) return 0;
     const model_config *c = &w->m->cfg;
     shm_region fresh;
     char name[160];
@@ -115,10 +121,10 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     if (rc) return rc;
     if ((rc = shm_region_open(&fresh, name, true, err))) return rc;
     rc = act_check(&fresh, c->n_embd, c->n_expert_used, c->n_vocab, err);
-    if (!rc && ((const act_header *)fresh.base)->epoch != epoch)
+    if (!rc && epoch && ((const act_header *)fresh.base)->epoch != *epoch)
         rc = stp_err_set(err, STP_EPROTO, "activation region epoch %llu, work names %llu",
                          (unsigned long long)((const act_header *)fresh.base)->epoch,
-                         (unsigned long long)epoch);
+                         (unsigned long long)*epoch);
     if (rc) { /* keep the current mapping: the work was wrong, not the region */
         shm_region_close(&fresh);
         return rc;
@@ -127,6 +133,8 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
     s_free_scratch(w);
     w->act = fresh;
     w->ah = (const act_header *)w->act.base;
+    w->lane = NULL;
+    w->bell = NULL;
     w->S = (int)w->ah->n_ubatch * c->n_expert_used;
     size_t S = EXPERT_CHUNK, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
     size_t act = (E > F ? E : F) * 4 + 64;
@@ -154,6 +162,12 @@ static int s_map_act(expert_worker *w, uint64_t epoch, stp_err *err) {
         return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
     }
     stats_add(w->st, "act.maps", 1);
+    if (w->o.index < LANE_MAX) { /* attach: from now on the attention worker uses the lane */
+        lane_block *lb = (lane_block *)(w->act.base + w->ah->off_lanes);
+        w->lane = &lb->lanes[w->o.index];
+        w->bell = &lb->bell;
+        atomic_store_explicit(&w->lane->pid, (int32_t)getpid(), memory_order_release);
+    }
     return 0;
 }
 
@@ -168,6 +182,8 @@ int expert_worker_new(expert_worker **out, const stage_opts *o, stp_err *err) {
     if (!rc) rc = threadpool_new(&w->tp, o->threads, err);
     if (!rc) threadpool_set_spin_ns(w->tp, STAGE_SPIN_NS); /* cores go to other stages between */
     if (!rc) rc = s_map_pool(w, err);
+    if (!rc && !(w->lane_buf = malloc(LANE_MSG_MAX)))
+        rc = stp_err_set(err, STP_ENOMEM, "out of memory");
     if (rc) goto fail;
     w->cc.ops = kern_ops_get();
     w->cc.tp = w->tp;
@@ -193,6 +209,9 @@ void expert_worker_destroy(expert_worker **self_p) {
     msg_close(&w->sock);
     msg_close(&w->pub);
     if (w->zctx) zmq_ctx_term(w->zctx);
+    if (w->lane) /* detach, unless a successor took the lane already */
+        atomic_compare_exchange_strong(&w->lane->pid, &(int32_t){(int32_t)getpid()}, 0);
+    free(w->lane_buf);
     shm_region_close(&w->pool);
     shm_region_close(&w->act);
     threadpool_destroy(&w->tp);
@@ -387,13 +406,17 @@ static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
     return S;
 }
 
-static void s_reply(expert_worker *w, const msg_in *in, Stp__LayerMsg *r) {
+/* Answers work the way it came: lane work (lane != NULL) into the lane's done ring (ringing the
+ * attention worker's bell), zmq work to its peer. */
+static void s_reply(expert_worker *w, const msg_in *in, lane_pair *lane, Stp__LayerMsg *r) {
     r->version = STP_PROTO_VERSION;
-    if (msg_send(w->sock, in->id, in->id_len, &r->base, NULL)) stats_add(w->st, "send_errors", 1);
+    if (lane ? lane_put(&lane->done, &r->base, w->bell, NULL) != 0
+             : msg_send(w->sock, in->id, in->id_len, &r->base, NULL) != 0)
+        stats_add(w->st, "send_errors", 1);
 }
 
-static void s_error(expert_worker *w, const msg_in *in, const char *kind, uint64_t seq, int code,
-                    const char *what) {
+static void s_error(expert_worker *w, const msg_in *in, lane_pair *lane, const char *kind,
+                    uint64_t seq, int code, const char *what) {
     if (stats_bad(w->st, kind)) stage_log(w->name, "invalid message (%s): %s", kind, what);
     Stp__StpError e;
     stp__stp_error__init(&e);
@@ -404,7 +427,7 @@ static void s_error(expert_worker *w, const msg_in *in, const char *kind, uint64
     stp__layer_msg__init(&r);
     r.body_case = STP__LAYER_MSG__BODY_ERROR;
     r.error = &e;
-    s_reply(w, in, &r);
+    s_reply(w, in, lane, &r);
 }
 
 /* Validates work against the model, the pool table and the selection in the activation
@@ -468,14 +491,15 @@ static const char *s_check_sel(const expert_worker *w, const Stp__ExpertWork *wk
     return "";
 }
 
-static void s_handle(expert_worker *w, msg_in *in) {
+/* One LayerMsg from a zmq peer, or from the lane (lane != NULL, in->id_len == 0). */
+static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
     double t0 = msg_now_us();
     Stp__LayerMsg *m = stp__layer_msg__unpack(NULL, in->len, in->data);
-    if (!m) return s_error(w, in, "undecodable", 0, STP_EPROTO, "not a LayerMsg");
+    if (!m) return s_error(w, in, lane, "undecodable", 0, STP_EPROTO, "not a LayerMsg");
     if (m->version != STP_PROTO_VERSION) {
         char b[96];
         snprintf(b, sizeof b, "protocol version %u, expected %u", m->version, STP_PROTO_VERSION);
-        s_error(w, in, "version", 0, STP_EPROTO, b);
+        s_error(w, in, lane, "version", 0, STP_EPROTO, b);
     } else if (m->body_case == STP__LAYER_MSG__BODY_PING) {
         Stp__Pong p;
         stp__pong__init(&p);
@@ -485,9 +509,9 @@ static void s_handle(expert_worker *w, msg_in *in) {
         stp__layer_msg__init(&r);
         r.body_case = STP__LAYER_MSG__BODY_PONG;
         r.pong = &p;
-        s_reply(w, in, &r);
+        s_reply(w, in, lane, &r);
     } else if (m->body_case != STP__LAYER_MSG__BODY_WORK) {
-        s_error(w, in, "unexpected", 0, STP_EPROTO, "expected ExpertWork or Ping");
+        s_error(w, in, lane, "unexpected", 0, STP_EPROTO, "expected ExpertWork or Ping");
     } else {
         const Stp__ExpertWork *wk = m->work;
         char buf[200];
@@ -503,13 +527,13 @@ static void s_handle(expert_worker *w, msg_in *in) {
         if (dup) { /* a resend of finished work: answer again */
             stats_add(w->st, "work.duplicate", 1);
         } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
-        } else if (s_map_act(w, wk->act_epoch, &me)) {
+        } else if (s_map_act(w, &wk->act_epoch, &me)) {
             bad = me.msg;
         } else {
             bad = s_check_sel(w, wk, buf, sizeof buf);
         }
         if (*bad) {
-            s_error(w, in, "work", wk->seq, STP_EPROTO, bad);
+            s_error(w, in, lane, "work", wk->seq, STP_EPROTO, bad);
         } else {
             uint64_t active = 0;
             int S = (int)w->last_slots;
@@ -531,7 +555,7 @@ static void s_handle(expert_worker *w, msg_in *in) {
             stp__layer_msg__init(&r);
             r.body_case = STP__LAYER_MSG__BODY_DONE;
             r.done = &d;
-            s_reply(w, in, &r);
+            s_reply(w, in, lane, &r);
             stats_add(w->st, "msg.work", 1);
             stats_add(w->st, "slots", (uint64_t)S);
             stats_add(w->st, "neurons.active", active);
@@ -544,28 +568,68 @@ out:
     stp__layer_msg__free_unpacked(m, NULL);
 }
 
+/* Handles the work waiting in this worker's lane; whether there was any. */
+static bool s_serve_lane(expert_worker *w) {
+    bool any = false;
+    msg_in in = {.id_len = 0, .data = w->lane_buf};
+    while (w->lane && lane_take(&w->lane->work, w->lane_buf, &in.len)) {
+        stats_add(w->st, "bytes.in", in.len);
+        stats_add(w->st, "lane.work", 1);
+        s_handle(w, &in, w->lane);
+        any = true;
+    }
+    return any;
+}
+
+/* Serves the zmq socket: waits up to timeout_ms, then handles what is there; whether there was
+ * anything. */
+static bool s_serve_sock(expert_worker *w, long timeout_ms) {
+    bool rd[1];
+    void *socks[1] = {w->sock};
+    double tw = msg_now_us();
+    if (!msg_poll(socks, 1, rd, timeout_ms) || !rd[0]) return false;
+    if (timeout_ms) stats_latency(w->st, "idle_wait", msg_now_us() - tw);
+    stp_err e2 = {0};
+    for (int i = 0; i < 64; i++) {
+        msg_in in;
+        int rc = msg_recv(w->sock, true, &in, &e2);
+        if (rc == 0) break;
+        stats_add(w->st, "bytes.in", in.len);
+        if (rc < 0) {
+            if (stats_bad(w->st, "frames")) stage_log(w->name, "invalid message: %s", e2.msg);
+        } else {
+            s_handle(w, &in, NULL);
+        }
+        msg_in_free(&in);
+    }
+    return true;
+}
+
+/* The loop: work from the lane once attached to the attention worker's region (a futex wait
+ * between layers), from the zmq socket before that and for pings and fallbacks. Every 250 ms the
+ * region is looked for (it appears after us, and a restarted attention worker makes a new one). */
 int expert_worker_run(expert_worker *w, stp_err *err) {
     (void)err;
     stp_err e2 = {0};
     if (stage_ready(w->o.run_dir, w->name, &e2)) stage_log(w->name, "%s", e2.msg);
+    double looked = 0;
     while (!stage_stopping()) {
-        bool rd[1];
-        void *socks[1] = {w->sock};
-        double tw = msg_now_us();
-        if (msg_poll(socks, 1, rd, 250) && rd[0]) {
-            stats_latency(w->st, "idle_wait", msg_now_us() - tw);
-            for (int i = 0; i < 64; i++) {
-                msg_in in;
-                int rc = msg_recv(w->sock, true, &in, &e2);
-                if (rc == 0) break;
-                stats_add(w->st, "bytes.in", in.len);
-                if (rc < 0) {
-                    if (stats_bad(w->st, "frames"))
-                        stage_log(w->name, "invalid message: %s", e2.msg);
-                } else {
-                    s_handle(w, &in);
-                }
-                msg_in_free(&in);
+        double now = msg_now_us();
+        if (now - looked > 250e3) {
+            looked = now;
+            s_map_act(w, NULL, &e2); /* absent or not yet valid: zmq work maps it later */
+        }
+        if (!w->lane) {
+            s_serve_sock(w, 250);
+        } else {
+            uint32_t seen = atomic_load_explicit(&w->lane->work.head, memory_order_acquire);
+            bool any = s_serve_lane(w);
+            any |= s_serve_sock(w, 0);
+            if (!any) {
+                double tw = msg_now_us();
+                lane_wait(&w->lane->work.head, seen, 50);
+                if (atomic_load_explicit(&w->lane->work.head, memory_order_acquire) != seen)
+                    stats_latency(w->st, "idle_wait", msg_now_us() - tw);
             }
         }
         stats_publish(w->st, w->pub, 500, false);

@@ -9,6 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "msg/lane.h"
+
 int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err) {
     memset(r, 0, sizeof *r);
     snprintf(r->name, sizeof r->name, "%s", name);
@@ -129,7 +131,8 @@ void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab
     h->off_w = s_al(h->off_sel + T * K * 4);
     h->off_y = s_al(h->off_w + T * K * 4);
     h->off_logits = s_al(h->off_y + T * K * E * 4);
-    h->size = s_al(h->off_logits + (uint64_t)n_vocab * 4);
+    h->off_lanes = s_al(h->off_logits + (uint64_t)n_vocab * 4);
+    h->size = s_al(h->off_lanes + sizeof(lane_block));
 }
 
 int act_check(const shm_region *r, int n_embd, int n_used, int n_vocab, stp_err *err) {

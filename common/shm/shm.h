@@ -9,8 +9,10 @@
  *
  * The activation region (created by the attention worker, mapped by expert workers and the
  * coordinator): h (n_ubatch x n_embd) normed FFN input, sel/w (n_ubatch x n_used) selection,
- * y (n_ubatch x n_used x n_embd) one expert output per (token, k) slot, logits (n_vocab).
- * Writers and readers hand over with zmq messages (a syscall each), which order the accesses.
+ * y (n_ubatch x n_used x n_embd) one expert output per (token, k) slot, logits (n_vocab), and
+ * the lanes (one pair of message rings per expert worker, common/msg/lane.h). Writers and
+ * readers hand over with lane or zmq messages (a release store or a syscall), which order the
+ * accesses.
  *
  * Segments are created 0600 with O_EXCL (a stale one of a crashed run is replaced) and unlinked
  * by their creator on close. */
@@ -82,12 +84,14 @@ int pool_check(const shm_region *r, int n_layer, int n_expert, stp_err *err);
 
 /* ---- activation region ---- */
 #define ACT_MAGIC 0x54434153u /* "SACT" */
-#define ACT_VERSION 1u
+#define ACT_VERSION 2u
 
 typedef struct act_header {
     uint32_t magic, version;
     uint32_t n_ubatch, n_embd, n_used, n_vocab;
-    uint64_t off_h, off_sel, off_w, off_y, off_logits, size;
+    uint64_t off_h, off_sel, off_w, off_y, off_logits;
+    uint64_t off_lanes; /* lane_block (common/msg/lane.h): the expert workers' rings */
+    uint64_t size;
     uint64_t epoch; /* set by the creator; messages name it so readers detect a new region */
 } act_header;
 

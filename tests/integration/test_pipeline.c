@@ -102,13 +102,20 @@ static int s_generate(const run *r, const th_golden *g, int n, const char *logit
     return rc;
 }
 
-static void s_golden_case(const char *stem, int workers) {
+static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter);
+
+/* Golden ids and logits through a pipeline of `workers` expert workers; lanes: the layer work
+ * goes through the shared-memory lanes (else STP_LANES=0: ZeroMQ only), checked in the stats. */
+static void s_golden_case(const char *stem, int workers, bool lanes) {
     th_golden g;
     th_golden_load(&g, stem);
     run r;
     char tag[128];
-    snprintf(tag, sizeof tag, "%s-w%d", stem, workers);
-    assert_int_equal(s_up(&r, g.model, workers, tag), 0);
+    snprintf(tag, sizeof tag, "%s-w%d%s", stem, workers, lanes ? "" : "-zmq");
+    if (!lanes) setenv("STP_LANES", "0", 1);
+    int up = s_up(&r, g.model, workers, tag);
+    unsetenv("STP_LANES");
+    assert_int_equal(up, 0);
     char pl[1200], il[1200];
     snprintf(pl, sizeof pl, "%s/pipe.logits", r.dir);
     snprintf(il, sizeof il, "%s/inproc.logits", r.dir);
@@ -139,6 +146,28 @@ static void s_golden_case(const char *stem, int workers) {
     free(bp);
     free(bi);
     assert_true(worst <= 1e-4);
+    /* which carrier the work took: every worker got lane work, or none did */
+    void *zctx = zmq_ctx_new();
+    uint64_t via_lane = 0, via_zmq = 0;
+    for (int i = 0; i < 10 && !(lanes ? via_lane : via_zmq); i++) {
+        via_lane = s_stat(zctx, &r, "stats-attn", "lane.work_sent");
+        via_zmq = s_stat(zctx, &r, "stats-attn", "msg.work_sent");
+    }
+    if (lanes) {
+        assert_true(via_lane > 0);
+        for (int wi = 0; wi < workers; wi++) {
+            char sock[32];
+            snprintf(sock, sizeof sock, "stats-expert-%d", wi);
+            uint64_t got = 0;
+            for (int i = 0; i < 10 && !got; i++)
+                got = s_stat(zctx, &r, sock, "lane.work");
+            assert_true(got > 0);
+        }
+    } else {
+        assert_int_equal(via_lane, 0);
+        assert_true(via_zmq > 0);
+    }
+    zmq_ctx_term(zctx);
     s_down_and_check(&r);
 }
 
@@ -175,19 +204,24 @@ static void test_pipeline_bench(void **st) {
 
 static void test_pipeline_dense_1_worker(void **st) {
     (void)st;
-    s_golden_case("tiny-dense-attn-f32", 1);
+    s_golden_case("tiny-dense-attn-f32", 1, true);
 }
 static void test_pipeline_dense_2_workers(void **st) {
     (void)st;
-    s_golden_case("tiny-dense-attn-f32", 2);
+    s_golden_case("tiny-dense-attn-f32", 2, true);
 }
 static void test_pipeline_hybrid_1_worker(void **st) {
     (void)st;
-    s_golden_case("tiny-hybrid-attn-f32", 1);
+    s_golden_case("tiny-hybrid-attn-f32", 1, true);
 }
 static void test_pipeline_hybrid_2_workers(void **st) {
     (void)st;
-    s_golden_case("tiny-hybrid-attn-f32", 2);
+    s_golden_case("tiny-hybrid-attn-f32", 2, true);
+}
+/* the ZeroMQ carrier (STP_LANES=0), which also serves until a worker attaches to its lane */
+static void test_pipeline_hybrid_2_workers_zmq(void **st) {
+    (void)st;
+    s_golden_case("tiny-hybrid-attn-f32", 2, false);
 }
 
 static int s_ready_pid(const run *r, const char *stage) {
@@ -396,6 +430,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_pipeline_dense_2_workers, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers_zmq, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_expert_crash_restart, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_malformed_messages, s_teardown),
     };

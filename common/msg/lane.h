@@ -1,0 +1,82 @@
+/* lane: the hot path's transport between the attention worker and one expert worker: two
+ * single-producer single-consumer rings of packed protobuf-c messages in the activation region,
+ * each with a futex doorbell, instead of a ZeroMQ socket.
+ *
+ * Why: a ZeroMQ message between two processes crosses four threads (sender, its I/O thread, the
+ * receiver's I/O thread, the receiver), so one ExpertWork/ExpertDone round trip is eight thread
+ * hand-overs, twice per layer per token; on 2 cores that measured ~95 us per layer (~8% of
+ * decode with one expert worker, ~20% with two). A lane hands a message over with one store and
+ * one FUTEX_WAKE: the receiving thread itself is woken.
+ *
+ * The messages are the same LayerMsg envelopes the ZeroMQ sockets carry (packed by
+ * protobuf-c, validated the same way on receipt); only the carrier differs. A message that does
+ * not fit an entry (LANE_MSG_MAX) or a full ring is the caller's cue to use ZeroMQ instead.
+ *
+ * Invariants
+ * 1. One producer and one consumer per ring. head counts entries put, tail entries taken
+ *    (uint32, wrapping); 0 <= head - tail <= LANE_DEPTH. The producer writes entry head % D,
+ *    then publishes head + 1 (release); the consumer copies entry tail % D out, then publishes
+ *    tail + 1 (release), so the producer never overwrites an entry being read.
+ * 2. A consumer trusts nothing in the ring: a length over LANE_MSG_MAX is taken as an empty
+ *    (undecodable) message, and the bytes are copied out before they are decoded.
+ * 3. Waiting is FUTEX_WAIT on a shared word with a timeout (never a busy spin); the waiter loads
+ *    the word before checking for work, so a put between the check and the wait is not lost.
+ * 4. The rings live in the attention worker's region: they survive an expert worker's restart
+ *    (the new process takes what its predecessor left), and a restarted attention worker makes a
+ *    new region (workers re-attach when shm_region_current says so). */
+#ifndef STP_LANE_H
+#define STP_LANE_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#define LANE_MAX 16      /* lanes in a region: one per expert worker index */
+#define LANE_DEPTH 4     /* entries per ring (a layer has at most 2 batches in flight) */
+#define LANE_MSG_MAX 4088u /* bytes of one packed message (64 experts of work take ~1.8 KB) */
+
+typedef struct lane_entry {
+    uint32_t len;
+    uint32_t pad;
+    uint8_t data[LANE_MSG_MAX];
+} lane_entry;
+
+typedef struct lane_ring {
+    _Alignas(64) _Atomic uint32_t head; /* entries put; the consumer's futex word */
+    _Alignas(64) _Atomic uint32_t tail; /* entries taken */
+    _Alignas(64) lane_entry e[LANE_DEPTH];
+} lane_ring;
+
+/* One expert worker's pair of rings. */
+typedef struct lane_pair {
+    _Alignas(64) _Atomic int32_t pid; /* the expert worker attached (0: none; use ZeroMQ) */
+    lane_ring work;                   /* attention worker -> expert worker */
+    lane_ring done;                   /* expert worker -> attention worker */
+} lane_pair;
+
+typedef struct lane_block {
+    /* bumped after every put into a done ring: the attention worker sleeps on this one word
+     * while it waits for several workers */
+    _Alignas(64) _Atomic uint32_t bell;
+    lane_pair lanes[LANE_MAX];
+} lane_block;
+
+/* Packs m into the ring's next entry, publishes it and wakes the consumer: the ring's head
+ * word, or *bell (incremented first) when bell is given. *pos (optional) receives the entry's
+ * position for lane_taken. 0, or STP_EBUSY when the ring is full or m is larger than
+ * LANE_MSG_MAX (nothing was put). */
+int lane_put(lane_ring *r, const ProtobufCMessage *m, _Atomic uint32_t *bell, uint32_t *pos);
+/* Copies the oldest entry into buf (LANE_MSG_MAX bytes) and frees it: 1 with *len set, 0 when
+ * the ring is empty. */
+int lane_take(lane_ring *r, uint8_t *buf, size_t *len);
+/* Whether the entry put at pos has been taken by the consumer. */
+bool lane_taken(const lane_ring *r, uint32_t pos);
+/* Sleeps until *word differs from seen, a wake, or timeout_ms (>= 0) passes. */
+void lane_wait(_Atomic uint32_t *word, uint32_t seen, int timeout_ms);
+/* Wakes every waiter on word. */
+void lane_wake(_Atomic uint32_t *word);
+
+#endif
