@@ -60,6 +60,9 @@ static int s_norm(model *m, const float **out, const char *name, float **owned_s
     return 0;
 }
 
+/* Tensors every layer has: attn_norm, q, k, v, output, ffn_norm, router, gate, up, down. */
+#define MODEL_LAYER_TENSORS 10
+
 int model_open(model **out, const char *path, stp_err *err) {
     *out = NULL;
     model *m = calloc(1, sizeof *m);
@@ -74,15 +77,9 @@ int model_open(model **out, const char *path, stp_err *err) {
                          path);
         goto fail;
     }
-    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
-    m->owned_norms = malloc(sizeof(float) * (size_t)c->n_embd * (2 * (size_t)c->n_layer + 1));
-    if (!m->layers || !m->owned_norms) {
-        rc = stp_err_set(err, STP_ENOMEM, "%s: out of memory", path);
-        goto fail;
-    }
-    float *slot = m->owned_norms;
     const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim,
                   KV = (int64_t)c->n_head_kv * c->head_dim, F = c->n_ff_exp, X = c->n_expert;
+    /* the embedding's shape bounds n_embd by the file's size before anything is sized by it */
     rc = s_view(m, &m->tok_embd, "token_embd.weight", (view_req){{E, c->n_vocab, 1}, 2}, err);
     if (rc) goto fail;
     if (c->tied) {
@@ -91,6 +88,20 @@ int model_open(model **out, const char *path, stp_err *err) {
         rc = s_view(m, &m->output, "output.weight", (view_req){{E, c->n_vocab, 1}, 2}, err);
         if (rc) goto fail;
     }
+    if ((size_t)c->n_layer * MODEL_LAYER_TENSORS > gguf_tensor_count(m->gguf)) {
+        rc = stp_err_set(err, STP_EFORMAT,
+                         "%s: block_count is %d but the file holds only %zu tensors (a layer "
+                         "has %d)",
+                         path, c->n_layer, gguf_tensor_count(m->gguf), MODEL_LAYER_TENSORS);
+        goto fail;
+    }
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    m->owned_norms = malloc(sizeof(float) * (size_t)c->n_embd * (2 * (size_t)c->n_layer + 1));
+    if (!m->layers || !m->owned_norms) {
+        rc = stp_err_set(err, STP_ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    float *slot = m->owned_norms;
     rc = s_norm(m, &m->output_norm, "output_norm.weight", &slot, err);
     if (rc) goto fail;
     for (int il = 0; il < c->n_layer; il++) {
