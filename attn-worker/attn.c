@@ -133,7 +133,10 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->y = (float *)(a->act.base + lay.off_y);
     a->logits_shm = (float *)(a->act.base + lay.off_logits);
     const char *ln = getenv("STP_LANES");
-    if (!(ln && !strcmp(ln, "0"))) a->lanes = (lane_block *)(a->act.base + lay.off_lanes);
+    if (!(ln && !strcmp(ln, "0"))) {
+        a->lanes = (lane_block *)(a->act.base + lay.off_lanes);
+        atomic_store(&a->lanes->active, 1);
+    }
     if (!(a->lane_buf = malloc(LANE_MSG_MAX))) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
@@ -397,15 +400,22 @@ static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, stp_err *e
     m.body_case = STP__LAYER_MSG__BODY_WORK;
     m.work = &w;
     lane_pair *lp = a->lanes ? &a->lanes->lanes[wi] : NULL;
-    if (lp && atomic_load_explicit(&lp->pid, memory_order_acquire) != 0 &&
-        lane_put(&lp->work, &m.base, NULL, &b->lane_pos[wi]) == 0) {
-        b->via_lane[wi] = true;
-        stats_add(a->st, "lane.work_sent", 1);
-        return 0;
+    const bool attached = lp && atomic_load_explicit(&lp->pid, memory_order_acquire) != 0;
+    if (attached) {
+        lane_expect(a->lanes, 1, false); /* before the worker can answer */
+        if (lane_send(&lp->work, &m.base, &b->lane_pos[wi]) == 0) {
+            b->via_lane[wi] = true;
+            stats_add(a->st, "lane.work_sent", 1);
+            return 0;
+        }
+        lane_expect(a->lanes, -1, false);
     }
     b->via_lane[wi] = false;
     stats_add(a->st, "msg.work_sent", 1);
-    return msg_send(a->exp[wi], NULL, 0, &m.base, err);
+    int rc = msg_send(a->exp[wi], NULL, 0, &m.base, err);
+    /* an attached worker sleeps on its lane: knock, so it looks at its socket now */
+    if (attached) lane_wake(&lp->work.head);
+    return rc;
 }
 
 /* Dispatches experts (loc[], cnt[], n) over the workers as one batch of work with its own
@@ -610,6 +620,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
     for (int il = 0; il < c->n_layer; il++) {
         const layer_weights *L = &m->layers[il];
         const uint64_t seq = ++a->seq;
+        if (a->lanes) lane_expect(a->lanes, 0, true); /* earlier layers' replies are not awaited */
         double t0 = msg_now_us();
         attention_router(&a->cc, m, il, a->x, T, a->rlogits, a->as);
         uint32_t cnt_by[STP_MAX_EXPERTS] = {0};

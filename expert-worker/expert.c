@@ -40,7 +40,7 @@ struct expert_worker {
     shm_region pool, act;
     const act_header *ah;
     lane_pair *lane;        /* this worker's rings in the activation region (NULL: not mapped) */
-    _Atomic uint32_t *bell; /* the attention worker's doorbell for replies */
+    lane_block *lanes;      /* the block lane lies in (its bell wakes the attention worker) */
     uint8_t *lane_buf;      /* (LANE_MSG_MAX) work copied out of the lane */
     void *zctx, *sock, *pub;
     stats *st;
@@ -134,7 +134,7 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
     w->act = fresh;
     w->ah = (const act_header *)w->act.base;
     w->lane = NULL;
-    w->bell = NULL;
+    w->lanes = NULL;
     w->S = (int)w->ah->n_ubatch * c->n_expert_used;
     size_t S = EXPERT_CHUNK, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
     size_t act = (E > F ? E : F) * 4 + 64;
@@ -162,10 +162,11 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
         return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
     }
     stats_add(w->st, "act.maps", 1);
-    if (w->o.index < LANE_MAX) { /* attach: from now on the attention worker uses the lane */
-        lane_block *lb = (lane_block *)(w->act.base + w->ah->off_lanes);
+    lane_block *lb = (lane_block *)(w->act.base + w->ah->off_lanes);
+    if (w->o.index < LANE_MAX && atomic_load(&lb->active)) {
+        /* attach: from now on the attention worker uses the lane */
         w->lane = &lb->lanes[w->o.index];
-        w->bell = &lb->bell;
+        w->lanes = lb;
         atomic_store_explicit(&w->lane->pid, (int32_t)getpid(), memory_order_release);
     }
     return 0;
@@ -410,7 +411,7 @@ static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
  * attention worker's bell), zmq work to its peer. */
 static void s_reply(expert_worker *w, const msg_in *in, lane_pair *lane, Stp__LayerMsg *r) {
     r->version = STP_PROTO_VERSION;
-    if (lane ? lane_put(&lane->done, &r->base, w->bell, NULL) != 0
+    if (lane ? lane_reply(w->lanes, &lane->done, &r->base) != 0
              : msg_send(w->sock, in->id, in->id_len, &r->base, NULL) != 0)
         stats_add(w->st, "send_errors", 1);
 }
@@ -628,8 +629,11 @@ int expert_worker_run(expert_worker *w, stp_err *err) {
             if (!any) {
                 double tw = msg_now_us();
                 lane_wait(&w->lane->work.head, seen, 50);
+                double waited = msg_now_us() - tw;
                 if (atomic_load_explicit(&w->lane->work.head, memory_order_acquire) != seen)
-                    stats_latency(w->st, "idle_wait", msg_now_us() - tw);
+                    stats_latency(w->st, "idle_wait", waited);
+                else if (waited < 45e3) /* a knock: zmq work is on its way to the socket */
+                    s_serve_sock(w, 5);
             }
         }
         stats_publish(w->st, w->pub, 500, false);

@@ -16,7 +16,7 @@ static long s_futex(_Atomic uint32_t *word, int op, uint32_t val, const struct t
     return syscall(SYS_futex, (uint32_t *)word, op, val, ts, NULL, 0);
 }
 
-int lane_put(lane_ring *r, const ProtobufCMessage *m, _Atomic uint32_t *bell, uint32_t *pos) {
+int lane_put(lane_ring *r, const ProtobufCMessage *m, uint32_t *pos) {
     size_t n = protobuf_c_message_get_packed_size(m);
     if (n > LANE_MSG_MAX) return STP_EBUSY;
     uint32_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
@@ -25,14 +25,30 @@ int lane_put(lane_ring *r, const ProtobufCMessage *m, _Atomic uint32_t *bell, ui
     lane_entry *e = &r->e[h % LANE_DEPTH];
     e->len = (uint32_t)protobuf_c_message_pack(m, e->data);
     atomic_store_explicit(&r->head, h + 1, memory_order_release);
-    if (bell) {
-        atomic_fetch_add_explicit(bell, 1, memory_order_release);
-        lane_wake(bell);
-    } else {
-        lane_wake(&r->head);
-    }
     if (pos) *pos = h;
     return 0;
+}
+
+int lane_send(lane_ring *r, const ProtobufCMessage *m, uint32_t *pos) {
+    int rc = lane_put(r, m, pos);
+    if (!rc) lane_wake(&r->head);
+    return rc;
+}
+
+int lane_reply(lane_block *b, lane_ring *r, const ProtobufCMessage *m) {
+    int rc = lane_put(r, m, NULL);
+    if (rc) return rc;
+    int32_t left = atomic_fetch_sub_explicit(&b->outstanding, 1, memory_order_acq_rel);
+    atomic_fetch_add_explicit(&b->bell, 1, memory_order_release);
+    if (left <= 1) lane_wake(&b->bell);
+    return 0;
+}
+
+void lane_expect(lane_block *b, int n, bool reset) {
+    if (reset)
+        atomic_store_explicit(&b->outstanding, n, memory_order_release);
+    else
+        atomic_fetch_add_explicit(&b->outstanding, n, memory_order_acq_rel);
 }
 
 int lane_take(lane_ring *r, uint8_t *buf, size_t *len) {

@@ -61,20 +61,35 @@ typedef struct lane_block {
     /* bumped after every put into a done ring: the attention worker sleeps on this one word
      * while it waits for several workers */
     _Alignas(64) _Atomic uint32_t bell;
+    /* 1: the attention worker sends layer work through the lanes (0: by zmq only, and expert
+     * workers do not attach, so they keep waiting on their sockets) */
+    _Atomic uint32_t active;
+    /* replies the attention worker still waits for (lane_expect); the reply that takes it to 0
+     * wakes it, the others only bump the bell: one wake-up per layer however many workers */
+    _Atomic int32_t outstanding;
     lane_pair lanes[LANE_MAX];
 } lane_block;
 
-/* Packs m into the ring's next entry, publishes it and wakes the consumer: the ring's head
- * word, or *bell (incremented first) when bell is given. *pos (optional) receives the entry's
- * position for lane_taken. 0, or STP_EBUSY when the ring is full or m is larger than
+/* Packs m into the ring's next entry and publishes it (no wake). *pos (optional) receives the
+ * entry's position for lane_taken. 0, or STP_EBUSY when the ring is full or m is larger than
  * LANE_MSG_MAX (nothing was put). */
-int lane_put(lane_ring *r, const ProtobufCMessage *m, _Atomic uint32_t *bell, uint32_t *pos);
+int lane_put(lane_ring *r, const ProtobufCMessage *m, uint32_t *pos);
+/* lane_put, then wakes the ring's consumer (who sleeps on head). */
+int lane_send(lane_ring *r, const ProtobufCMessage *m, uint32_t *pos);
+/* lane_put into a done ring of b, then bumps b's bell, waking the attention worker when this is
+ * the last reply it expects (or when it expects none: a late or unexpected reply wakes it too,
+ * which costs a look, never a hang). */
+int lane_reply(lane_block *b, lane_ring *r, const ProtobufCMessage *m);
+/* The attention worker is about to send n works through lanes: reset (the first batch of a
+ * layer: what an earlier layer left unanswered no longer counts) or add to the count. */
+void lane_expect(lane_block *b, int n, bool reset);
 /* Copies the oldest entry into buf (LANE_MSG_MAX bytes) and frees it: 1 with *len set, 0 when
  * the ring is empty. */
 int lane_take(lane_ring *r, uint8_t *buf, size_t *len);
 /* Whether the entry put at pos has been taken by the consumer. */
 bool lane_taken(const lane_ring *r, uint32_t pos);
-/* Sleeps until *word differs from seen, a wake, or timeout_ms (>= 0) passes. */
+/* Sleeps until *word differs from seen, a wake, or timeout_ms (>= 0) passes (waiters must not
+ * rely on being woken: a skipped wake costs at most the timeout). */
 void lane_wait(_Atomic uint32_t *word, uint32_t seen, int timeout_ms);
 /* Wakes every waiter on word. */
 void lane_wake(_Atomic uint32_t *word);

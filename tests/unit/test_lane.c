@@ -56,8 +56,8 @@ static void test_lane_order_and_full(void **st) {
     assert_int_equal(lane_take(r, buf, &len), 0); /* empty */
     uint32_t pos[LANE_DEPTH];
     for (int i = 0; i < LANE_DEPTH; i++)
-        assert_int_equal(lane_put(r, &s_ping(&m, &p, 100 + i)->base, NULL, &pos[i]), 0);
-    assert_int_equal(lane_put(r, &s_ping(&m, &p, 999)->base, NULL, NULL), STP_EBUSY); /* full */
+        assert_int_equal(lane_put(r, &s_ping(&m, &p, 100 + i)->base, &pos[i]), 0);
+    assert_int_equal(lane_send(r, &s_ping(&m, &p, 999)->base, NULL), STP_EBUSY); /* full */
     assert_false(lane_taken(r, pos[0]));
     for (int i = 0; i < LANE_DEPTH; i++) {
         assert_int_equal(lane_take(r, buf, &len), 1);
@@ -85,13 +85,15 @@ static void test_lane_oversized_and_corrupt(void **st) {
     m.version = STP_PROTO_VERSION;
     m.body_case = STP__LAYER_MSG__BODY_PONG;
     m.pong = &pong;
-    assert_int_equal(lane_put(r, &m.base, &b->bell, NULL), STP_EBUSY);
+    assert_int_equal(lane_reply(b, r, &m.base), STP_EBUSY);
     assert_int_equal(atomic_load(&r->head), 0);
     free(big);
     /* a length the producer never wrote is taken as an empty message, and the ring goes on */
     Stp__Ping p;
-    assert_int_equal(lane_put(r, &s_ping(&m, &p, 7)->base, &b->bell, NULL), 0);
+    lane_expect(b, 2, true);
+    assert_int_equal(lane_reply(b, r, &s_ping(&m, &p, 7)->base), 0);
     assert_int_equal(atomic_load(&b->bell), 1);
+    assert_int_equal(atomic_load(&b->outstanding), 1);
     r->e[0].len = 0xffffffffu;
     uint8_t buf[LANE_MSG_MAX];
     size_t len = 99;
@@ -100,7 +102,9 @@ static void test_lane_oversized_and_corrupt(void **st) {
     Stp__LayerMsg *e = stp__layer_msg__unpack(NULL, len, buf); /* the receiver refuses it */
     assert_true(!e || e->version != STP_PROTO_VERSION);
     if (e) stp__layer_msg__free_unpacked(e, NULL);
-    assert_int_equal(lane_put(r, &s_ping(&m, &p, 8)->base, &b->bell, NULL), 0);
+    assert_int_equal(lane_reply(b, r, &s_ping(&m, &p, 8)->base), 0);
+    assert_int_equal(atomic_load(&b->bell), 2);
+    assert_int_equal(atomic_load(&b->outstanding), 0);
     assert_int_equal(lane_take(r, buf, &len), 1);
     assert_int_equal(s_nonce(buf, len), 8);
     munmap(b, sizeof *b);
@@ -119,8 +123,8 @@ static void test_lane_wraps(void **st) {
     size_t len;
     uint32_t pos = 0;
     for (uint64_t i = 0; i < 3 * LANE_DEPTH; i++) {
-        assert_int_equal(lane_put(r, &s_ping(&m, &p, i)->base, NULL, &pos), 0);
-        assert_int_equal(lane_put(r, &s_ping(&m, &p, i + 1000)->base, NULL, NULL), 0);
+        assert_int_equal(lane_put(r, &s_ping(&m, &p, i)->base, &pos), 0);
+        assert_int_equal(lane_put(r, &s_ping(&m, &p, i + 1000)->base, NULL), 0);
         assert_int_equal(lane_take(r, buf, &len), 1);
         assert_int_equal(s_nonce(buf, len), i);
         assert_true(lane_taken(r, pos));
@@ -153,7 +157,7 @@ static void test_lane_two_processes(void **st) {
             if (n == 0) _exit(0);
             Stp__LayerMsg m;
             Stp__Ping p;
-            if (lane_put(&lp->done, &s_ping(&m, &p, n + 1)->base, &b->bell, NULL)) _exit(3);
+            if (lane_reply(b, &lp->done, &s_ping(&m, &p, n + 1)->base)) _exit(3);
         }
         _exit(2);
     }
@@ -162,7 +166,8 @@ static void test_lane_two_processes(void **st) {
     uint8_t buf[LANE_MSG_MAX];
     size_t len;
     for (uint64_t i = 1; i <= 2000; i++) {
-        assert_int_equal(lane_put(&lp->work, &s_ping(&m, &p, i * 10)->base, NULL, NULL), 0);
+        lane_expect(b, 1, true);
+        assert_int_equal(lane_send(&lp->work, &s_ping(&m, &p, i * 10)->base, NULL), 0);
         int waits = 0;
         for (;;) {
             uint32_t bell = atomic_load(&b->bell);
@@ -172,7 +177,7 @@ static void test_lane_two_processes(void **st) {
         }
         assert_int_equal(s_nonce(buf, len), i * 10 + 1);
     }
-    assert_int_equal(lane_put(&lp->work, &s_ping(&m, &p, 0)->base, NULL, NULL), 0);
+    assert_int_equal(lane_send(&lp->work, &s_ping(&m, &p, 0)->base, NULL), 0);
     int status = 0;
     assert_int_equal(waitpid(pid, &status, 0), pid);
     assert_true(WIFEXITED(status));
