@@ -664,6 +664,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         double t2 = msg_now_us();
         stats_latency(a->st, "attention", t2 - t1);
 
+        threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
         /* The resident experts go to the workers now; the ones being read follow as a second
          * batch when the daemon's Residency says they are in. */
         int nb = 0;

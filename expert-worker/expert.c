@@ -556,6 +556,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             stp__layer_msg__init(&r);
             r.body_case = STP__LAYER_MSG__BODY_DONE;
             r.done = &d;
+            threadpool_park(w->tp); /* the cores go back to the attention worker */
             s_reply(w, in, lane, &r);
             stats_add(w->st, "msg.work", 1);
             stats_add(w->st, "slots", (uint64_t)S);

@@ -26,6 +26,9 @@ struct threadpool {
     _Atomic int pending;  /* workers not yet done with the current section (futex word) */
     _Atomic int stop;
     _Atomic long spin_ns;
+    /* the generation threadpool_park was called after: a worker waiting for the section after
+     * that one sleeps at once instead of spinning (-1: never parked) */
+    _Atomic int park_gen;
     threadpool_fn fn;
     void *ctx;
 };
@@ -45,11 +48,12 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Waits until *addr != old, spinning for up to spin_ns first. */
-static void s_wait_change(_Atomic int *addr, int old, long spin_ns) {
+/* Waits until *addr != old, spinning for up to spin_ns first (not at all once *park == old). */
+static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int *park) {
     long t0 = 0;
     for (int i = 0;; i++) {
         if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+        if (park && atomic_load_explicit(park, memory_order_relaxed) == old) break;
         if ((i & 255) == 255) {
             long t = s_now_ns();
             if (!t0) t0 = t;
@@ -67,7 +71,8 @@ static void *s_worker(void *p) {
     free(a);
     int seen = 0; /* gen is 0 at creation: a section started before this thread ran is not missed */
     for (;;) {
-        s_wait_change(&tp->gen, seen, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed));
+        s_wait_change(&tp->gen, seen, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
+                      &tp->park_gen);
         seen = atomic_load_explicit(&tp->gen, memory_order_acquire);
         if (atomic_load(&tp->stop)) break;
         tp->fn(tp->ctx, ith, tp->n);
@@ -85,6 +90,7 @@ int threadpool_new(threadpool **out, int n_threads, stp_err *err) {
     if (!tp) return stp_err_set(err, STP_ENOMEM, "threadpool: out of memory");
     tp->n = 1;
     atomic_store(&tp->spin_ns, SPIN_NS_DEFAULT);
+    atomic_store(&tp->park_gen, -1);
     tp->threads = calloc((size_t)n_threads, sizeof *tp->threads);
     if (!tp->threads) goto fail;
     for (int i = 1; i < n_threads; i++) {
@@ -121,6 +127,12 @@ void threadpool_set_spin_ns(threadpool *tp, long ns) {
     if (tp) atomic_store(&tp->spin_ns, ns < 0 ? 0 : ns);
 }
 
+void threadpool_park(threadpool *tp) {
+    if (tp)
+        atomic_store_explicit(&tp->park_gen, atomic_load_explicit(&tp->gen, memory_order_acquire),
+                              memory_order_relaxed);
+}
+
 int threadpool_size(const threadpool *tp) {
     return tp ? tp->n : 1;
 }
@@ -139,7 +151,8 @@ void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx) {
     for (;;) {
         int p = atomic_load_explicit(&tp->pending, memory_order_acquire);
         if (p == 0) break;
-        s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed));
+        s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
+                      NULL);
     }
 }
 

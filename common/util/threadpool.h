@@ -18,6 +18,9 @@ int threadpool_size(const threadpool *tp);
 /* How long an idle thread spins before sleeping (default 200 µs, good while one process owns
  * the cores; pipeline stages that hand the cores to each other use ~20 µs). */
 void threadpool_set_spin_ns(threadpool *tp, long ns);
+/* Idle threads stop spinning now and sleep until the next section: for a stage that hands the
+ * cores to another process (the spin would take a core the other side needs). No-op on NULL. */
+void threadpool_park(threadpool *tp);
 void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx);
 
 /* Splits [0, n) into nth nearly equal chunks (multiples of align when possible); thread ith's. */

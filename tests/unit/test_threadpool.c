@@ -156,6 +156,32 @@ static void test_threadpool_idle_uses_no_cpu(void **state) {
     threadpool_destroy(&tp);
 }
 
+/* A pool told to spin for 10 s after a section stops spinning when parked. */
+static void test_threadpool_park_stops_the_spin(void **state) {
+    (void)state;
+    threadpool *tp = NULL;
+    stp_err err = {0};
+    if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
+    threadpool_set_spin_ns(tp, 10L * 1000 * 1000 * 1000);
+    sect s;
+    memset(&s, 0, sizeof s);
+    s.expect_nth = 2;
+    threadpool_run(tp, s_fn, &s);
+    threadpool_park(tp);
+    struct timespec d = {0, 20 * 1000 * 1000};
+    nanosleep(&d, NULL); /* the worker notices within a few hundred pause loops */
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    d.tv_nsec = 200 * 1000 * 1000;
+    nanosleep(&d, NULL);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+    if (cpu > 0.05) fail_msg("parked pool used %.3f s of CPU in 0.2 s", cpu);
+    threadpool_run(tp, s_fn, &s); /* still wakes up */
+    assert_int_equal(atomic_load(&s.calls[1]), 2);
+    threadpool_destroy(&tp);
+}
+
 static void test_threadpool_chunk_partition(void **state) {
     (void)state;
     const long aligns[] = {0, 1, 3, 4, 32};
@@ -191,6 +217,7 @@ int main(void) {
         cmocka_unit_test(test_threadpool_destroy_right_after_new),
         cmocka_unit_test(test_threadpool_chunked_sum),
         cmocka_unit_test(test_threadpool_idle_uses_no_cpu),
+        cmocka_unit_test(test_threadpool_park_stops_the_spin),
         cmocka_unit_test(test_threadpool_chunk_partition),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
