@@ -282,41 +282,46 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
                            .n_rows = F};
     }
     ops_mm_run(&w->cc, jobs, ng);
-    /* up: active rows only for single-token groups; groups of many tokens pack the matrix */
+    /* up: active rows only for single-token groups; groups of many tokens pack the matrix.
+     * At most EXPERT_PACKS groups pack at a time (bounded scratch): the groups run in waves of
+     * that many packing groups each. */
     uint64_t active_total = 0;
-    int n_pack = 0;
-    for (int q = 0; q < ng; q++) {
-        int n = gr[q].n, s0 = gr[q].s0 - c0;
-        const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
-        mm_job jb = {.type = tu,
-                     .n_cols = E,
-                     .w = base + off[1],
-                     .row_bytes = L->up_exps.row_bytes,
-                     .xq = xq_up + (size_t)s0 * su,
-                     .xq_stride = su,
-                     .n_vec = n,
-                     .y = w->u + (size_t)s0 * F,
-                     .y_stride = (size_t)F,
-                     .n_rows = F};
-        if (n >= MM_PACK_MIN_VEC && w->pack_up && n_pack < EXPERT_PACKS)
-            jb.pack_scratch = w->pack_up + (size_t)n_pack++ * w->pack_up_bytes;
-        for (int s = s0; s < s0 + n; s++) {
-            const float *g = w->g + (size_t)s * F;
-            for (int i = 0; i < F; i++)
-                active_total += g[i] > 0.0f;
+    for (int q = 0; q < ng;) {
+        int nj = 0, n_pack = 0;
+        for (; q < ng; q++) {
+            int n = gr[q].n, s0 = gr[q].s0 - c0;
+            const bool pack = n >= MM_PACK_MIN_VEC && w->pack_up;
+            if (pack && n_pack == EXPERT_PACKS) break; /* next wave */
+            const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
+            mm_job jb = {.type = tu,
+                         .n_cols = E,
+                         .w = base + off[1],
+                         .row_bytes = L->up_exps.row_bytes,
+                         .xq = xq_up + (size_t)s0 * su,
+                         .xq_stride = su,
+                         .n_vec = n,
+                         .y = w->u + (size_t)s0 * F,
+                         .y_stride = (size_t)F,
+                         .n_rows = F};
+            if (pack) jb.pack_scratch = w->pack_up + (size_t)n_pack++ * w->pack_up_bytes;
+            for (int s = s0; s < s0 + n; s++) {
+                const float *g = w->g + (size_t)s * F;
+                for (int i = 0; i < F; i++)
+                    active_total += g[i] > 0.0f;
+            }
+            if (n == 1) {
+                int32_t *a = w->active + (size_t)s0 * F;
+                int na = 0;
+                const float *g = w->g + (size_t)s0 * F;
+                for (int i = 0; i < F; i++)
+                    if (g[i] > 0.0f) a[na++] = i;
+                jb.rows = a;
+                jb.n_rows = na;
+            }
+            jobs[nj++] = jb;
         }
-        if (n == 1) {
-            int32_t *a = w->active + (size_t)s0 * F;
-            int na = 0;
-            const float *g = w->g + (size_t)s0 * F;
-            for (int i = 0; i < F; i++)
-                if (g[i] > 0.0f) a[na++] = i;
-            jb.rows = a;
-            jb.n_rows = na;
-        }
-        jobs[q] = jb;
+        ops_mm_run(&w->cc, jobs, nj);
     }
-    ops_mm_run(&w->cc, jobs, ng);
     /* ReGLU, quantized for down */
     for (int s = 0; s < cs; s++) {
         float *g = w->g + (size_t)s * F;
@@ -327,34 +332,36 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
     }
     /* down: with neuron-major images (dt), one slot at a time (the same bits as the dense
      * product, idle neurons skipped) except groups of many tokens, which pack the image and
-     * run batched (the same bits); else dense per group */
-    int nj = 0;
+     * run batched (the same bits), in waves of EXPERT_PACKS; else dense per group */
     bool batched[EXPERT_CHUNK] = {false};
-    for (int q = 0; q < ng; q++) {
-        const bool pack = dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC &&
-                          nj < EXPERT_PACKS;
-        if (dt && !pack) continue;
-        int s0 = gr[q].s0 - c0;
-        const uint8_t *img = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
-        jobs[nj] = (mm_job){.type = td,
-                            .n_cols = F,
-                            .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
-                            .xq = w->xq_a + (size_t)s0 * sd,
-                            .xq_stride = sd,
-                            .n_vec = gr[q].n,
-                            .y = w->ys + (size_t)s0 * E,
-                            .y_stride = (size_t)E,
-                            .n_rows = E};
-        if (pack) {
-            jobs[nj].down_t = img;
-            jobs[nj].pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes;
-        } else {
-            jobs[nj].w = img;
+    for (int q = 0; q < ng;) {
+        int nj = 0;
+        for (; q < ng; q++) {
+            const bool pack = dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC;
+            if (dt && !pack) continue;
+            if (pack && nj == EXPERT_PACKS) break; /* next wave */
+            int s0 = gr[q].s0 - c0;
+            const uint8_t *img = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
+            jobs[nj] = (mm_job){.type = td,
+                                .n_cols = F,
+                                .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
+                                .xq = w->xq_a + (size_t)s0 * sd,
+                                .xq_stride = sd,
+                                .n_vec = gr[q].n,
+                                .y = w->ys + (size_t)s0 * E,
+                                .y_stride = (size_t)E,
+                                .n_rows = E};
+            if (pack) {
+                jobs[nj].down_t = img;
+                jobs[nj].pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes;
+            } else {
+                jobs[nj].w = img;
+            }
+            nj++;
+            batched[q] = true;
         }
-        nj++;
-        batched[q] = true;
+        if (nj) ops_mm_run(&w->cc, jobs, nj);
     }
-    if (nj) ops_mm_run(&w->cc, jobs, nj);
     if (dt) {
         dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
         for (int q = 0; q < ng; q++) {
