@@ -394,6 +394,7 @@ static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, stp_err *e
     w.n_experts = (size_t)b->nl[wi];
     w.experts = b->lists[wi];
     w.act_epoch = a->ah->epoch;
+    w.sent_us = msg_now_us();
     Stp__LayerMsg m;
     stp__layer_msg__init(&m);
     m.version = STP_PROTO_VERSION;
@@ -502,6 +503,7 @@ static int s_on_reply(attn_worker *a, work_batch *bs, int nb, int wi, int il, St
         b->n_pending--;
         (*n_pending)--;
         if (m->done->compute_us > b->compute_us) b->compute_us = m->done->compute_us;
+        stats_handover(a->st, "handover.back", m->done->sent_us);
         a->active += m->done->active_neurons;
         a->total += m->done->total_neurons;
     } else {

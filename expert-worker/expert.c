@@ -532,6 +532,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             goto out;
         }
         bool dup = same_peer && wk->seq == w->last_seq;
+        stats_handover(w->st, "handover.in", wk->sent_us);
         if (dup) { /* a resend of finished work: answer again */
             stats_add(w->st, "work.duplicate", 1);
         } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
@@ -559,6 +560,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             d.active_neurons = active;
             d.total_neurons = (uint64_t)S * (uint64_t)w->m->cfg.n_ff_exp;
             d.compute_us = us;
+            d.sent_us = msg_now_us();
             Stp__LayerMsg r;
             stp__layer_msg__init(&r);
             r.body_case = STP__LAYER_MSG__BODY_DONE;

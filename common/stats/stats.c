@@ -120,6 +120,11 @@ static double s_quant(const latency *l, double q) {
     return l->max;
 }
 
+void stats_handover(stats *s, const char *name, double sent_us) {
+    double d = msg_now_us() - sent_us;
+    if (sent_us > 0 && d >= 0 && d < 10e6) stats_latency(s, name, d);
+}
+
 double stats_quantile(const stats *s, const char *name, double q) {
     for (int i = 0; i < s->n_l; i++)
         if (!strcmp(s->l[i].name, name)) return s_quant(&s->l[i], q);

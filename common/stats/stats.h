@@ -26,6 +26,9 @@ void stats_add(stats *s, const char *name, uint64_t v);
 void stats_set(stats *s, const char *name, uint64_t v); /* gauge */
 uint64_t stats_get(const stats *s, const char *name);
 void stats_latency(stats *s, const char *name, double us);
+/* Records now - sent_us (a sender's msg_now_us stamp) as a latency when it is plausible (the
+ * sender shares this host's monotonic clock: 0..10 s ago); else nothing. */
+void stats_handover(stats *s, const char *name, double sent_us);
 /* Quantile q (0..1) of a latency, in us (0 if none recorded). */
 double stats_quantile(const stats *s, const char *name, double q);
 
