@@ -57,6 +57,7 @@ struct attn_worker {
     shm_region act;
     act_header *ah;
     lane_block *lanes; /* in the activation region; NULL: ZeroMQ only (STP_LANES=0) */
+    _Atomic uint64_t *floor; /* the region's work floor (lane.h), with or without lanes */
     uint8_t *lane_buf; /* (LANE_MSG_MAX) a reply copied out of a lane */
     shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
     float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
@@ -132,6 +133,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->selw_shm = (float *)(a->act.base + lay.off_w);
     a->y = (float *)(a->act.base + lay.off_y);
     a->logits_shm = (float *)(a->act.base + lay.off_logits);
+    a->floor = &((lane_block *)(a->act.base + lay.off_lanes))->floor;
     const char *ln = getenv("STP_LANES");
     if (!(ln && !strcmp(ln, "0"))) {
         a->lanes = (lane_block *)(a->act.base + lay.off_lanes);
@@ -623,6 +625,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         const layer_weights *L = &m->layers[il];
         const uint64_t seq = ++a->seq;
         if (a->lanes) lane_expect(a->lanes, 0, true); /* earlier layers' replies are not awaited */
+        atomic_store_explicit(a->floor, seq, memory_order_release); /* earlier work is stale */
         double t0 = msg_now_us();
         attention_router(&a->cc, m, il, a->x, T, a->rlogits, a->as);
         uint32_t cnt_by[STP_MAX_EXPERTS] = {0};

@@ -538,6 +538,13 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
         } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
         } else if (s_map_act(w, &wk->act_epoch, &me)) {
             bad = me.msg;
+        } else if (wk->seq < atomic_load_explicit(
+                                &((lane_block *)(w->act.base + w->ah->off_lanes))->floor,
+                                memory_order_acquire)) {
+            /* work of a layer the attention worker has left (queued while this worker was
+             * down): computing it now would overwrite the current layer's y rows */
+            stats_add(w->st, "work.stale", 1);
+            goto out;
         } else {
             bad = s_check_sel(w, wk, buf, sizeof buf);
         }

@@ -67,6 +67,10 @@ typedef struct lane_block {
     /* replies the attention worker still waits for (lane_expect); the reply that takes it to 0
      * wakes it, the others only bump the bell: one wake-up per layer however many workers */
     _Atomic int32_t outstanding;
+    /* work whose seq is below this belongs to a layer the attention worker is done with (or
+     * gave up on): a worker that finds it later (left in a ring or a zmq queue while it was
+     * dead) drops it unread, so it cannot overwrite the current layer's outputs */
+    _Atomic uint64_t floor;
     lane_pair lanes[LANE_MAX];
 } lane_block;
 

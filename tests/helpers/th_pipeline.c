@@ -47,18 +47,20 @@ const char *th_pipe_dir(char *buf, size_t cap, const char *kind, const char *tag
 
 int th_pipe_up(const char *dir, const char *model, int workers, int timeout_s, double run_timeout_s,
                const char *const *extra) {
-    char up[1024], w[16], t[16];
+    char up[1024], w[16], t[16], me[16];
     snprintf(up, sizeof up, "%s/deploy/stpipe-up", th_env("STP_SOURCE_DIR"));
     snprintf(w, sizeof w, "%d", workers);
     snprintf(t, sizeof t, "%d", timeout_s);
+    snprintf(me, sizeof me, "%d", (int)getpid()); /* a test killed by a timeout leaves nothing */
     char *argv[32] = {"bash",      up,
                       "--model",   (char *)model,
                       "--run-dir", (char *)dir,
                       "--workers", w,
                       "--bin-dir", (char *)th_env("STP_BIN_DIR"),
                       "--timeout", t,
-                      "--threads", "1"};
-    int a = 14;
+                      "--threads", "1",
+                      "--owner-pid", me};
+    int a = 16;
     for (int i = 0; extra && extra[i] && a < 30; i++)
         argv[a++] = (char *)extra[i];
     argv[a] = NULL;

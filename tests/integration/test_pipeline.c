@@ -320,6 +320,54 @@ static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const c
     return v;
 }
 
+/* stpipe-up --owner-pid (the test helpers pass their own pid): when the owner exits without
+ * stopping the pipeline (a test killed by a timeout), the supervisor stops every stage and
+ * removes the run's shared memory. */
+static void test_pipeline_owner_gone(void **st) {
+    (void)st;
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
+    run r;
+    th_pipe_dir(r.dir, sizeof r.dir, "pipe", "owner");
+    snprintf(s_current_dir, sizeof s_current_dir, "%s", r.dir);
+    int up[2], go[2];
+    assert_int_equal(pipe(up), 0);
+    assert_int_equal(pipe(go), 0);
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) { /* the owner: starts the pipeline, then exits when told (no stpipe-down) */
+        char rc = th_pipe_up(r.dir, g.model, 1, 30, 60, NULL) ? 1 : 0, x;
+        if (write(up[1], &rc, 1) != 1 || read(go[0], &x, 1) < 0) _exit(2);
+        _exit(0);
+    }
+    char rc = 1;
+    assert_int_equal(read(up[0], &rc, 1), 1);
+    assert_int_equal(rc, 0);
+    th_pipe_prefix(r.dir, r.prefix, sizeof r.prefix);
+    int pids[32];
+    int n = th_pipe_pids(r.dir, pids, 32);
+    assert_true(n >= 4);
+    assert_int_equal(th_shm_count(r.prefix) > 0, 1);
+    assert_int_equal(write(go[1], "x", 1), 1);
+    int status = 0;
+    assert_int_equal(waitpid(child, &status, 0), child);
+    for (int i = 0; i < 2; i++) {
+        close(up[i]);
+        close(go[i]);
+    }
+    bool any = true;
+    for (int t = 0; t < 100 && any; t++) { /* the supervisor polls every 200 ms */
+        any = false;
+        for (int i = 0; i < n; i++)
+            any |= th_stage_alive(pids[i], NULL);
+        if (any) usleep(100 * 1000);
+    }
+    assert_false(any);
+    for (int t = 0; t < 50 && th_shm_count(r.prefix); t++) /* removed after the stages exit */
+        usleep(100 * 1000);
+    assert_int_equal(th_shm_count(r.prefix), 0);
+}
+
 static void test_pipeline_malformed_messages(void **st) {
     (void)st;
     th_golden g;
@@ -433,6 +481,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers_zmq, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_expert_crash_restart, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_malformed_messages, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_owner_gone, s_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
