@@ -23,7 +23,7 @@
 
 #define STAGE "attn-worker"
 #define MAX_WORKERS LANE_MAX /* expert sockets + attn.sock fit in MSG_POLL_MAX */
-#define RETRY_MS 2000  /* resend work to a silent expert worker after this long */
+#define RETRY_MS 2000        /* resend work to a silent expert worker after this long */
 #define GIVEUP_MS                                                                                  \
     30000 /* then fail the eval (the coordinator retries it twice: > the                           \
            * supervisor's 30 s restart backoff) */
@@ -39,7 +39,7 @@ typedef struct work_batch {
     Stp__ExpertLoc copies[STP_MAX_EXPERTS];
     Stp__ExpertLoc *lists[MAX_WORKERS][STP_MAX_EXPERTS];
     bool pending[MAX_WORKERS];
-    bool via_lane[MAX_WORKERS];  /* sent through the worker's lane (else its zmq socket) */
+    bool via_lane[MAX_WORKERS];     /* sent through the worker's lane (else its zmq socket) */
     uint32_t lane_pos[MAX_WORKERS]; /* the lane entry it went into */
     double sent[MAX_WORKERS];
     double compute_us; /* longest worker compute of the batch */
@@ -56,9 +56,9 @@ struct attn_worker {
     int prefetch; /* decode: predicted experts of the next layer sent ahead (0: off) */
     shm_region act;
     act_header *ah;
-    lane_block *lanes; /* in the activation region; NULL: ZeroMQ only (STP_LANES=0) */
+    lane_block *lanes;       /* in the activation region; NULL: ZeroMQ only (STP_LANES=0) */
     _Atomic uint64_t *floor; /* the region's work floor (lane.h), with or without lanes */
-    uint8_t *lane_buf; /* (LANE_MSG_MAX) a reply copied out of a lane */
+    uint8_t *lane_buf;       /* (LANE_MSG_MAX) a reply copied out of a lane */
     shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
     float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
     int32_t *sel;                         /* in the activation region */

@@ -39,9 +39,9 @@ struct expert_worker {
     compute_ctx cc;
     shm_region pool, act;
     const act_header *ah;
-    lane_pair *lane;        /* this worker's rings in the activation region (NULL: not mapped) */
-    lane_block *lanes;      /* the block lane lies in (its bell wakes the attention worker) */
-    uint8_t *lane_buf;      /* (LANE_MSG_MAX) work copied out of the lane */
+    lane_pair *lane;   /* this worker's rings in the activation region (NULL: not mapped) */
+    lane_block *lanes; /* the block lane lies in (its bell wakes the attention worker) */
+    uint8_t *lane_buf; /* (LANE_MSG_MAX) work copied out of the lane */
     void *zctx, *sock, *pub;
     stats *st;
     bool down_t;     /* the pool's down parts are down_t images (POOL_DOWN_T) */
@@ -337,7 +337,8 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
     for (int q = 0; q < ng;) {
         int nj = 0;
         for (; q < ng; q++) {
-            const bool pack = dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC;
+            const bool pack =
+                dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC;
             if (dt && !pack) continue;
             if (pack && nj == EXPERT_PACKS) break; /* next wave */
             int s0 = gr[q].s0 - c0;
@@ -538,9 +539,9 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
         } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
         } else if (s_map_act(w, &wk->act_epoch, &me)) {
             bad = me.msg;
-        } else if (wk->seq < atomic_load_explicit(
-                                &((lane_block *)(w->act.base + w->ah->off_lanes))->floor,
-                                memory_order_acquire)) {
+        } else if (wk->seq <
+                   atomic_load_explicit(&((lane_block *)(w->act.base + w->ah->off_lanes))->floor,
+                                        memory_order_acquire)) {
             /* work of a layer the attention worker has left (queued while this worker was
              * down): computing it now would overwrite the current layer's y rows */
             stats_add(w->st, "work.stale", 1);

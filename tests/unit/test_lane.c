@@ -19,8 +19,8 @@
 #include "util/stp_err.h"
 
 static lane_block *s_block(void) {
-    void *p = mmap(NULL, sizeof(lane_block), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-                   -1, 0);
+    void *p =
+        mmap(NULL, sizeof(lane_block), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     assert_true(p != MAP_FAILED);
     return p;
 }
