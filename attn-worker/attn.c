@@ -203,10 +203,10 @@ void attn_worker_destroy(attn_worker **self_p) {
 
 static void s_handle(attn_worker *a, msg_in *in, bool busy);
 
-/* Serves attn.sock while an eval waits on other stages: heartbeats are answered (the
- * coordinator must not mistake a long eval for a dead worker), anything else is validated as
- * usual and a second EvalRequest is refused as busy. */
-static void s_serve_busy(attn_worker *a) {
+/* Handles what waits on attn.sock. busy: an eval is waiting on other stages; heartbeats are
+ * still answered (the coordinator must not mistake a long eval for a dead worker), anything else
+ * is validated as usual and a second EvalRequest is refused as busy. */
+static void s_serve(attn_worker *a, bool busy) {
     stp_err e = {0};
     for (int i = 0; i < 16; i++) {
         msg_in in;
@@ -216,7 +216,7 @@ static void s_serve_busy(attn_worker *a) {
         if (rc < 0) {
             if (stats_bad(a->st, "frames")) stage_log(STAGE, "invalid message: %s", e.msg);
         } else {
-            s_handle(a, &in, true);
+            s_handle(a, &in, busy);
         }
         msg_in_free(&in);
     }
@@ -351,7 +351,7 @@ static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t
         void *socks[2] = {a->storage, a->sock};
         bool rd[2];
         if (!msg_poll(socks, 2, rd, left < 200 ? (long)left : 200)) continue;
-        if (rd[1]) s_serve_busy(a);
+        if (rd[1]) s_serve(a, true);
         if (!rd[0]) continue;
         msg_in in;
         int rc = msg_recv(a->storage, false, &in, err);
@@ -590,13 +590,13 @@ static int s_collect(attn_worker *a, work_batch *bs, int nb, int il, stp_err *er
             if (msg_now_us() - served < 20e3) continue;
             served = msg_now_us();
             bool rd;
-            if (msg_poll(&a->sock, 1, &rd, 0) && rd) s_serve_busy(a);
+            if (msg_poll(&a->sock, 1, &rd, 0) && rd) s_serve(a, true);
             continue;
         }
         socks[np] = a->sock;
         bool rd[MAX_WORKERS + 1];
         msg_poll(socks, np + 1, rd, on_lane ? 1 : 200);
-        if (rd[np]) s_serve_busy(a);
+        if (rd[np]) s_serve(a, true);
         for (int p = 0; p < np; p++) {
             int wi = idx[p];
             msg_in in;
@@ -863,20 +863,7 @@ int attn_worker_run(attn_worker *a, stp_err *err) {
     if (stage_ready(a->o.run_dir, "attn", &e2)) stage_log(STAGE, "%s", e2.msg);
     while (!stage_stopping()) {
         bool rd[1];
-        if (msg_poll(&a->sock, 1, rd, 250) && rd[0]) {
-            for (int i = 0; i < 16; i++) {
-                msg_in in;
-                int rc = msg_recv(a->sock, true, &in, &e2);
-                if (rc == 0) break;
-                stats_add(a->st, "bytes.in", in.len);
-                if (rc < 0) {
-                    if (stats_bad(a->st, "frames")) stage_log(STAGE, "invalid message: %s", e2.msg);
-                } else {
-                    s_handle(a, &in, false);
-                }
-                msg_in_free(&in);
-            }
-        }
+        if (msg_poll(&a->sock, 1, rd, 250) && rd[0]) s_serve(a, false);
         stats_publish(a->st, a->pub, 500, false);
     }
     stage_unready(a->o.run_dir, "attn");

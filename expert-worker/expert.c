@@ -22,7 +22,7 @@
 /* Slots computed at a time: bounds the scratch (storage.c STORAGE_WORKER_CHUNK counts it). */
 #define EXPERT_CHUNK 256
 #define EXPERT_PACKS                                                                               \
-    8 /* groups of >= MM_PACK_MIN_VEC slots of a chunk that pack (others: unpacked) */
+    8 /* packed experts in scratch: the packing groups of a chunk run in waves of this many */
 
 /* A run of slots of one expert (at most EXPERT_CHUNK). */
 typedef struct grp {
@@ -39,8 +39,8 @@ struct expert_worker {
     compute_ctx cc;
     shm_region pool, act;
     const act_header *ah;
-    lane_pair *lane;   /* this worker's rings in the activation region (NULL: not mapped) */
-    lane_block *lanes; /* the block lane lies in (its bell wakes the attention worker) */
+    lane_block *lanes; /* the mapped region's lanes: bell, work floor (NULL: not mapped) */
+    lane_pair *lane;   /* this worker's rings there, once attached (NULL: zmq only) */
     uint8_t *lane_buf; /* (LANE_MSG_MAX) work copied out of the lane */
     void *zctx, *sock, *pub;
     stats *st;
@@ -111,7 +111,8 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
 
 /* Maps the activation region (created by the attention worker, which starts after us) when work
  * names a region other than the mapped one (epoch), or, with epoch NULL, whenever the region
- * under the run's name is not the mapped one (s_attach); then takes this worker's lane. */
+ * under the run's name is not the mapped one (the run loop's look every 250 ms); then takes
+ * this worker's lane when the attention worker uses lanes. */
 static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
     if (w->ah && (epoch ? w->ah->epoch == *epoch : shm_region_current(&w->act))) return 0;
     const model_config *c = &w->m->cfg;
@@ -162,11 +163,10 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
         return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
     }
     stats_add(w->st, "act.maps", 1);
-    lane_block *lb = (lane_block *)(w->act.base + w->ah->off_lanes);
-    if (w->o.index < LANE_MAX && atomic_load(&lb->active)) {
+    w->lanes = (lane_block *)(w->act.base + w->ah->off_lanes);
+    if (w->o.index < LANE_MAX && atomic_load(&w->lanes->active)) {
         /* attach: from now on the attention worker uses the lane */
-        w->lane = &lb->lanes[w->o.index];
-        w->lanes = lb;
+        w->lane = &w->lanes->lanes[w->o.index];
         atomic_store_explicit(&w->lane->pid, (int32_t)getpid(), memory_order_release);
     }
     return 0;
@@ -304,19 +304,10 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
                          .y_stride = (size_t)F,
                          .n_rows = F};
             if (pack) jb.pack_scratch = w->pack_up + (size_t)n_pack++ * w->pack_up_bytes;
-            for (int s = s0; s < s0 + n; s++) {
-                const float *g = w->g + (size_t)s * F;
-                for (int i = 0; i < F; i++)
-                    active_total += g[i] > 0.0f;
-            }
+            active_total += ops_count_active(w->g + (size_t)s0 * F, (size_t)n, F);
             if (n == 1) {
-                int32_t *a = w->active + (size_t)s0 * F;
-                int na = 0;
-                const float *g = w->g + (size_t)s0 * F;
-                for (int i = 0; i < F; i++)
-                    if (g[i] > 0.0f) a[na++] = i;
-                jb.rows = a;
-                jb.n_rows = na;
+                jb.rows = w->active + (size_t)s0 * F;
+                jb.n_rows = ops_active_rows(w->g + (size_t)s0 * F, F, w->active + (size_t)s0 * F);
             }
             jobs[nj++] = jb;
         }
@@ -539,9 +530,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
         } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
         } else if (s_map_act(w, &wk->act_epoch, &me)) {
             bad = me.msg;
-        } else if (wk->seq <
-                   atomic_load_explicit(&((lane_block *)(w->act.base + w->ah->off_lanes))->floor,
-                                        memory_order_acquire)) {
+        } else if (wk->seq < atomic_load_explicit(&w->lanes->floor, memory_order_acquire)) {
             /* work of a layer the attention worker has left (queued while this worker was
              * down): computing it now would overwrite the current layer's y rows */
             stats_add(w->st, "work.stale", 1);

@@ -279,18 +279,10 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
                     .row_bytes = L->up_exps.row_bytes, .xq = xq_up + (size_t)s0 * su,
                     .xq_stride = su, .n_vec = n, .y = s->u + (size_t)s0 * F,
                     .y_stride = (size_t)F, .n_rows = F};
-        for (int slot = s0; slot < s0 + n; slot++) {
-            const float *g = s->g + (size_t)slot * F;
-            for (int i = 0; i < F; i++) active_total += g[i] > 0.0f;
-        }
+        active_total += ops_count_active(s->g + (size_t)s0 * F, (size_t)n, F);
         if (n == 1) {
-            int32_t *act = s->active + (size_t)s0 * F;
-            int na = 0;
-            const float *g = s->g + (size_t)s0 * F;
-            for (int i = 0; i < F; i++)
-                if (g[i] > 0.0f) act[na++] = i;
-            j.rows = act;
-            j.n_rows = na;
+            j.rows = s->active + (size_t)s0 * F;
+            j.n_rows = ops_active_rows(s->g + (size_t)s0 * F, F, s->active + (size_t)s0 * F);
         }
         jobs[nj++] = j;
     }

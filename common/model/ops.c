@@ -155,6 +155,20 @@ void ops_top_k(const float *v, int n, int k, int32_t *sel) {
     }
 }
 
+uint64_t ops_count_active(const float *g, size_t n, int F) {
+    uint64_t a = 0;
+    for (size_t i = 0; i < n * (size_t)F; i++)
+        a += g[i] > 0.0f;
+    return a;
+}
+
+int ops_active_rows(const float *g, int F, int32_t *rows) {
+    int na = 0;
+    for (int i = 0; i < F; i++)
+        if (g[i] > 0.0f) rows[na++] = i;
+    return na;
+}
+
 void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float *weight) {
     const int X = cfg->n_expert, K = cfg->n_expert_used;
     float probs[STP_MAX_EXPERTS];

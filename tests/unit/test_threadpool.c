@@ -133,6 +133,18 @@ static void test_threadpool_chunked_sum(void **state) {
     threadpool_destroy(&tp);
 }
 
+/* CPU seconds this process uses in 0.2 s, measured after 20 ms to settle. */
+static double s_idle_cpu(void) {
+    struct timespec d = {0, 20 * 1000 * 1000};
+    nanosleep(&d, NULL);
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    d.tv_nsec = 200 * 1000 * 1000;
+    nanosleep(&d, NULL);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    return (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+}
+
 static void test_threadpool_idle_uses_no_cpu(void **state) {
     (void)state;
     threadpool *tp = NULL;
@@ -142,14 +154,7 @@ static void test_threadpool_idle_uses_no_cpu(void **state) {
     memset(&s, 0, sizeof s);
     s.expect_nth = 2;
     threadpool_run(tp, s_fn, &s);
-    struct timespec d = {0, 20 * 1000 * 1000};
-    nanosleep(&d, NULL); /* past the spin phase */
-    struct timespec c0, c1;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    d.tv_nsec = 200 * 1000 * 1000;
-    nanosleep(&d, NULL);
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+    double cpu = s_idle_cpu(); /* past the spin phase */
     if (cpu > 0.05) fail_msg("idle pool used %.3f s of CPU in 0.2 s", cpu);
     threadpool_run(tp, s_fn, &s); /* still wakes up */
     assert_int_equal(atomic_load(&s.calls[1]), 2);
@@ -168,14 +173,7 @@ static void test_threadpool_park_stops_the_spin(void **state) {
     s.expect_nth = 2;
     threadpool_run(tp, s_fn, &s);
     threadpool_park(tp);
-    struct timespec d = {0, 20 * 1000 * 1000};
-    nanosleep(&d, NULL); /* the worker notices within a few hundred pause loops */
-    struct timespec c0, c1;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    d.tv_nsec = 200 * 1000 * 1000;
-    nanosleep(&d, NULL);
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+    double cpu = s_idle_cpu(); /* the worker notices within a few hundred pause loops */
     if (cpu > 0.05) fail_msg("parked pool used %.3f s of CPU in 0.2 s", cpu);
     threadpool_run(tp, s_fn, &s); /* still wakes up */
     assert_int_equal(atomic_load(&s.calls[1]), 2);
