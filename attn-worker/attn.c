@@ -1,6 +1,8 @@
 /* attn: attention worker layer loop, expert dispatch and message handling; see attn.h. */
 #include "attn.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +66,12 @@ struct attn_worker {
     int32_t *sel;                         /* in the activation region */
     float *x, *ffn, *rlogits, *hn;        /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
     uint8_t *xq;
+    /* token_embd rows are read with pread, not through the mapping: a touched mapped row
+     * brings in its whole (up to 2 MiB) page-cache folio, counted in this process's PSS, and a
+     * long conversation would map most of the table outside the memory budget */
+    int embd_fd;
+    uint64_t embd_off; /* file offset of token_embd's data */
+    uint8_t *embd_row;
     void *zctx, *sock, *storage, *pub;
     void *exp[MAX_WORKERS];
     stats *st;
@@ -81,6 +89,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     *out = NULL;
     attn_worker *a = calloc(1, sizeof *a);
     if (!a) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    a->embd_fd = -1;
     a->o = *o;
     a->n_workers = o->workers < MAX_WORKERS ? o->workers : MAX_WORKERS;
     const char *pf = getenv("STP_PREFETCH");
@@ -89,6 +98,13 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     if (!rc) rc = model_open(&a->m, o->model, err);
     if (rc) goto fail;
     const model_config *c = &a->m->cfg;
+    a->embd_fd = open(o->model, O_RDONLY | O_CLOEXEC);
+    if (a->embd_fd < 0) {
+        rc = stp_err_set(err, STP_EIO, "%s: %s", o->model, strerror(errno));
+        goto fail;
+    }
+    a->embd_off =
+        (uint64_t)((const uint8_t *)a->m->tok_embd.data - (const uint8_t *)gguf_base(a->m->gguf));
     if (a->prefetch < 0) a->prefetch = c->n_expert_used;
     if (a->prefetch > c->n_expert) a->prefetch = c->n_expert;
     a->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
@@ -115,7 +131,8 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->rlogits = malloc((size_t)a->n_ubatch * c->n_expert * sizeof(float));
     a->hn = malloc((size_t)E * sizeof(float));
     a->xq = malloc((size_t)E * 4 + 64);
-    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq) {
+    a->embd_row = malloc(a->m->tok_embd.row_bytes);
+    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq || !a->embd_row) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -191,6 +208,8 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->rlogits);
     free(a->hn);
     free(a->xq);
+    free(a->embd_row);
+    if (a->embd_fd >= 0) close(a->embd_fd);
     free(a->lane_buf);
     model_close(&a->m);
     stats_destroy(&a->st);
@@ -612,14 +631,34 @@ static int s_collect(attn_worker *a, work_batch *bs, int nb, int il, stp_err *er
 /* ---------------------------------------------------------------------------------------- */
 /* the layer loop */
 
+/* x = token_embd[id], the row read from the file (see embd_fd) */
+static int s_embed(attn_worker *a, int32_t id, float *x, stp_err *err) {
+    const tensor_view *t = &a->m->tok_embd;
+    uint64_t off = a->embd_off + (uint64_t)id * t->row_bytes;
+    size_t got = 0;
+    while (got < t->row_bytes) {
+        ssize_t n = pread(a->embd_fd, a->embd_row + got, t->row_bytes - got, (off_t)(off + got));
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) continue;
+            return stp_err_set(err, STP_EIO, "reading token %d's embedding: %s", id,
+                               n < 0 ? strerror(errno) : "end of file");
+        }
+        got += (size_t)n;
+    }
+    a->cc.ops->dequantize_row(t->type, a->embd_row, x, t->n_cols);
+    return 0;
+}
+
 static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_all, bool want_last,
                     stp_err *err) {
     const model *m = a->m;
     const model_config *c = &m->cfg;
     const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
     const int pos0 = a->n_past;
-    for (int t = 0; t < T; t++)
-        ops_embed(&a->cc, &m->tok_embd, tokens[t], a->x + (size_t)t * E);
+    for (int t = 0; t < T; t++) {
+        int rc = s_embed(a, tokens[t], a->x + (size_t)t * E, err);
+        if (rc) return rc;
+    }
 
     for (int il = 0; il < c->n_layer; il++) {
         const layer_weights *L = &m->layers[il];

@@ -2,7 +2,8 @@
  * a memory budget and answers residency questions (see README.md). Thin shell over storage.c:
  * it takes its own options (--memory-budget, --layout-dir, --cache-policy, --pool-experts, also
  * from the environment as STP_MEMORY_BUDGET, STP_LAYOUT_DIR, STP_CACHE_POLICY,
- * STP_POOL_EXPERTS) out of argv and leaves the common ones to stage_parse. */
+ * STP_POOL_EXPERTS; --trace-decisions FILE or STP_TRACE_DECISIONS) out of argv and leaves the
+ * common ones to stage_parse. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,17 +34,22 @@ static int s_take(int *argc, char **argv, const char *name, const char **val, st
 }
 
 int main(int argc, char **argv) {
-    if (stage_wants_help(argc, argv, "storage-daemon", "         [--memory-budget B] [--layout-dir DIR] [--cache-policy lru|lfu] [--pool-experts N]\n")) return 0;
+    if (stage_wants_help(argc, argv, "storage-daemon",
+                         "         [--memory-budget B] [--layout-dir DIR] [--cache-policy lru|lfu] "
+                         "[--pool-experts N]\n         [--trace-decisions FILE]\n"))
+        return 0;
     stage_opts o;
     storage_opts so = {0};
     stp_err err = {0};
     const char *budget = getenv("STP_MEMORY_BUDGET"), *frames = getenv("STP_POOL_EXPERTS");
     so.layout_dir = getenv("STP_LAYOUT_DIR");
     so.policy = getenv("STP_CACHE_POLICY");
+    so.trace = getenv("STP_TRACE_DECISIONS");
     int rc = s_take(&argc, argv, "--memory-budget", &budget, &err);
     if (!rc) rc = s_take(&argc, argv, "--layout-dir", &so.layout_dir, &err);
     if (!rc) rc = s_take(&argc, argv, "--cache-policy", &so.policy, &err);
     if (!rc) rc = s_take(&argc, argv, "--pool-experts", &frames, &err);
+    if (!rc) rc = s_take(&argc, argv, "--trace-decisions", &so.trace, &err);
     if (!rc && budget && *budget) rc = storage_parse_size(budget, &so.memory_budget, &err);
     if (!rc && frames && *frames) so.pool_experts = atoi(frames);
     if (rc || stage_parse(&o, argc, argv, "storage-daemon", &err) ||

@@ -3,6 +3,7 @@
 #include "storage.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,7 +30,10 @@
  * per chunk in a prefill (expert.c EXPERT_CHUNK, EXPERT_PACKS). */
 #define STORAGE_WORKER_CHUNK 256
 #define STORAGE_WORKER_PACKS 8
-#define STORAGE_LFU_HALF_LIFE 64 /* decisions of one layer (= decoded tokens) */
+/* lfu's half-life in decisions of one layer (= decoded tokens). Replaying a 4b-preset trace
+ * (bench/cache_sim.py, 289 frames): 16 reads 17.5 experts per token, 64 19.7, 256 22.4, lru
+ * 24.9: half of all expert uses repeat the previous token's, so recent counts matter most. */
+#define STORAGE_LFU_HALF_LIFE 16
 #define STORAGE_READ_CHUNK (1u << 20)
 
 enum { POLICY_LRU, POLICY_LFU };
@@ -45,6 +49,7 @@ struct storage {
     void *zctx, *sock, *pub;
     stats *st;
     int NL, X, policy;
+    double half_life;     /* lfu, in tokens */
     int32_t *frame_owner; /* (frames) entry (layer * X + expert) or -1 */
     int32_t *entry_frame; /* (NL * X) frame or -1 */
     uint64_t *last_use;   /* (NL * X) decision tick of the last use */
@@ -52,11 +57,10 @@ struct storage {
     uint64_t *freq_tick;
     uint64_t tick, gen;
     int n_used_frames;
-    bool gate_x16;     /* pool gates are q4_0x16 images (POOL_GATE_X16) */
-    uint8_t *gate_tmp; /* (largest gate) a read gate's GGUF rows while it is packed in place */
     int32_t held[STP_MAX_EXPERTS]; /* the last decision's entries: in use, never evicted */
     int n_held;
     uint8_t *prefetched; /* (NL * X) read by a prefetch and not used since */
+    FILE *trace;         /* decode decisions, a line each: "layer expert..." (--trace-decisions) */
 };
 
 int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
@@ -156,7 +160,7 @@ int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts 
 
 static double s_score(storage *s, int entry) {
     double age = (double)(s->tick - s->freq_tick[entry]);
-    return s->freq[entry] * exp2(-age / ((double)STORAGE_LFU_HALF_LIFE * s->NL));
+    return s->freq[entry] * exp2(-age / (s->half_life * s->NL));
 }
 
 static void s_touch(storage *s, int entry) {
@@ -194,27 +198,6 @@ static int s_victim(storage *s, const int32_t *need, int n_need, bool prefetch) 
         }
     }
     return best;
-}
-
-/* Whether the pool stores gates as q4_0x16 images: every layer's gate Q4_0 and packable. */
-static bool s_wants_gate_x16(const model *m) {
-    for (int il = 0; il < m->cfg.n_layer; il++) {
-        const tensor_view *g = &m->layers[il].gate_exps;
-        if (g->type != STP_TYPE_Q4_0 || !kern_q4_0x16_size(g->n_rows, g->n_cols) ||
-            kern_q4_0x16_size(g->n_rows, g->n_cols) != g->mat_bytes)
-            return false;
-    }
-    return true;
-}
-
-/* Re-arranges entry e's freshly read gate (GGUF rows, as in the layout file) into its q4_0x16
- * image in place, before the slot becomes READY (same bytes, same size). */
-static void s_pack_gate(storage *s, int e) {
-    const pool_header *h = (const pool_header *)s->pool.base;
-    const tensor_view *g = &s->m->layers[e / s->X].gate_exps;
-    uint8_t *dst = s->pool.base + h->slots[e].offset; /* gate is the slot's first part */
-    memcpy(s->gate_tmp, dst, g->mat_bytes);
-    kern_q4_0x16_pack(s->gate_tmp, g->row_bytes, g->n_rows, g->n_cols, dst);
 }
 
 /* Makes every needed entry resident (reads the missing ones); counts hits/misses. A prefetch
@@ -281,10 +264,8 @@ static int s_make_resident(storage *s, const int32_t *need, int n, bool decode, 
         int rc = io_read_all(s->io, reqs, nr, err);
         if (rc) return rc;
     }
-    for (int i = 0; i < nl; i++) {
-        if (s->gate_x16) s_pack_gate(s, loading[i]);
+    for (int i = 0; i < nl; i++)
         __atomic_store_n(&h->slots[loading[i]].state, POOL_READY, __ATOMIC_RELEASE);
-    }
     double us = msg_now_us() - t0;
     stats_add(s->st, "read.bytes", bytes);
     stats_add(s->st, "read.us", (uint64_t)us);
@@ -312,7 +293,7 @@ static int s_open_layout(storage *s, stp_err *err) {
     if (rc) return rc;
     bool rebuilt = false;
     double t0 = msg_now_us();
-    rc = layout_ensure(&s->lay, s->m, s->o.model, path, layout_wants_down_t(s->m), stderr, &rebuilt,
+    rc = layout_ensure(&s->lay, s->m, s->o.model, path, layout_wants_flags(s->m), stderr, &rebuilt,
                        err);
     if (rc) return rc;
     if (rebuilt) stage_log(STAGE, "built %s in %.1f s", path, (msg_now_us() - t0) * 1e-6);
@@ -355,15 +336,7 @@ static int s_create_pool(storage *s, stp_err *err) {
     h->size = total;
     h->data_offset = pool_table_bytes(NL, X);
     h->flags = (s->lay->h.flags & LAYOUT_DOWN_T) ? POOL_DOWN_T : 0;
-    s->gate_x16 = s_wants_gate_x16(s->m);
-    if (s->gate_x16) {
-        size_t gmax = 0;
-        for (int il = 0; il < NL; il++)
-            if (s->m->layers[il].gate_exps.mat_bytes > gmax)
-                gmax = s->m->layers[il].gate_exps.mat_bytes;
-        if (!(s->gate_tmp = malloc(gmax))) return stp_err_set(err, STP_ENOMEM, "out of memory");
-        h->flags |= POOL_GATE_X16;
-    }
+    if (s->lay->h.flags & LAYOUT_GATE_X16) h->flags |= POOL_GATE_X16;
     stats_set(s->st, "pool.bytes", total);
     stats_set(s->st, "pool.frames", (uint64_t)s->plan.frames);
     stats_set(s->st, "budget.bytes", s->so.memory_budget);
@@ -396,6 +369,8 @@ int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_
     s->o = *o;
     s->so = *so;
     s->policy = so->policy && !strcmp(so->policy, "lfu") ? POLICY_LFU : POLICY_LRU;
+    const char *hl = getenv("STP_LFU_HALF_LIFE"); /* for experiments (bench/cache_sim.py) */
+    s->half_life = hl && atof(hl) > 0 ? atof(hl) : STORAGE_LFU_HALF_LIFE;
     int rc = 0;
     if (so->policy && strcmp(so->policy, "lru") && strcmp(so->policy, "lfu"))
         rc = stp_err_set(err, STP_EINVAL, "cache policy '%s': lru or lfu", so->policy);
@@ -407,6 +382,8 @@ int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_
         rc = s_open_layout(s, err);
     }
     if (!rc) rc = s_create_pool(s, err);
+    if (!rc && so->trace && *so->trace && !(s->trace = fopen(so->trace, "a")))
+        rc = stp_err_set(err, STP_EIO, "--trace-decisions %s: %s", so->trace, strerror(errno));
     if (rc) goto fail;
     s->zctx = zmq_ctx_new();
     char ep[512];
@@ -439,8 +416,8 @@ void storage_destroy(storage **self_p) {
     free(s->last_use);
     free(s->freq);
     free(s->freq_tick);
-    free(s->gate_tmp);
     free(s->prefetched);
+    if (s->trace) fclose(s->trace);
     free(s);
     *self_p = NULL;
 }
@@ -503,6 +480,13 @@ static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, doubl
         if (s_make_resident(s, need, (int)d->n_experts, false, true, &hits, &e))
             stage_log(STAGE, "prefetch: %s", e.msg);
         return;
+    }
+    if (s->trace && decode) {
+        fprintf(s->trace, "%u", d->layer);
+        for (size_t i = 0; i < d->n_experts; i++)
+            fprintf(s->trace, " %u", d->experts[i]);
+        fputc('\n', s->trace);
+        if (d->layer + 1 == (uint32_t)s->NL) fflush(s->trace);
     }
     memcpy(s->held, need, d->n_experts * sizeof *need);
     s->n_held = (int)d->n_experts;

@@ -32,6 +32,7 @@ typedef struct storage_opts {
     const char *policy;     /* "lru" or "lfu" (NULL: lru) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
+    const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
 } storage_opts;
 
 /* What a budget leaves for the pool. Everything in bytes. */

@@ -63,12 +63,24 @@ bool layout_wants_down_t(const model *m) {
     return true;
 }
 
-void layout_matrix_bytes(const model *m, int layer, bool down_t, size_t bytes[3]) {
+uint32_t layout_wants_flags(const model *m) {
+    uint32_t f = layout_wants_down_t(m) ? LAYOUT_DOWN_T : 0;
+    bool gate_x16 = m->cfg.n_layer > 0;
+    for (int il = 0; il < m->cfg.n_layer; il++) {
+        const tensor_view *g = &m->layers[il].gate_exps;
+        size_t img = g->type == STP_TYPE_Q4_0 ? kern_q4_0x16_size(g->n_rows, g->n_cols) : 0;
+        if (!img || img != g->mat_bytes) gate_x16 = false;
+    }
+    return f | (gate_x16 ? LAYOUT_GATE_X16 : 0);
+}
+
+void layout_matrix_bytes(const model *m, int layer, uint32_t flags, size_t bytes[3]) {
     const layer_weights *L = &m->layers[layer];
     bytes[0] = L->gate_exps.mat_bytes;
     bytes[1] = L->up_exps.mat_bytes;
-    bytes[2] = down_t ? down_t_expert_bytes(L->down_exps.type, m->cfg.n_embd, m->cfg.n_ff_exp)
-                      : L->down_exps.mat_bytes;
+    bytes[2] = (flags & LAYOUT_DOWN_T)
+                   ? down_t_expert_bytes(L->down_exps.type, m->cfg.n_embd, m->cfg.n_ff_exp)
+                   : L->down_exps.mat_bytes;
 }
 
 /* Hash of what the records are made of: the expert tensors' names, types, shapes and places. */
@@ -89,7 +101,7 @@ static uint64_t s_tensor_hash(const model *m) {
 }
 
 /* The header and table a build of this model would write (checksum not set). */
-static int s_plan(layout *l, const model *m, const char *model_path, bool down_t, stp_err *err) {
+static int s_plan(layout *l, const model *m, const char *model_path, uint32_t flags, stp_err *err) {
     struct stat st;
     if (stat(model_path, &st))
         return stp_err_set(err, STP_EIO, "stat %s: %s", model_path, strerror(errno));
@@ -97,7 +109,7 @@ static int s_plan(layout *l, const model *m, const char *model_path, bool down_t
     memset(&l->h, 0, sizeof l->h);
     l->h.magic = LAYOUT_MAGIC;
     l->h.version = LAYOUT_VERSION;
-    l->h.flags = down_t ? LAYOUT_DOWN_T : 0;
+    l->h.flags = flags;
     l->h.n_layer = (uint32_t)NL;
     l->h.n_expert = (uint32_t)X;
     l->h.model_size = (uint64_t)st.st_size;
@@ -112,7 +124,7 @@ static int s_plan(layout *l, const model *m, const char *model_path, bool down_t
     uint64_t at = l->h.data_offset;
     for (int il = 0; il < NL; il++) {
         size_t b[3];
-        layout_matrix_bytes(m, il, down_t, b);
+        layout_matrix_bytes(m, il, flags, b);
         for (int x = 0; x < X; x++)
             for (int k = 0; k < 3; k++) {
                 layout_entry *e = &l->e[((size_t)il * X + x) * 3 + k];
@@ -151,8 +163,8 @@ static int s_read_full(int fd, void *dst, size_t n, uint64_t off) {
     return 0;
 }
 
-int layout_open(layout **out, const model *m, const char *model_path, const char *path, bool down_t,
-                stp_err *err) {
+int layout_open(layout **out, const model *m, const char *model_path, const char *path,
+                uint32_t flags, stp_err *err) {
     *out = NULL;
     layout *want = calloc(1, sizeof *want), *l = calloc(1, sizeof *l);
     int rc = 0, fd = -1;
@@ -160,7 +172,7 @@ int layout_open(layout **out, const model *m, const char *model_path, const char
         rc = stp_err_set(err, STP_ENOMEM, "layout: out of memory");
         goto out;
     }
-    if ((rc = s_plan(want, m, model_path, down_t, err))) goto out;
+    if ((rc = s_plan(want, m, model_path, flags, err))) goto out;
     fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st)) {
@@ -178,7 +190,7 @@ int layout_open(layout **out, const model *m, const char *model_path, const char
     else if (l->h.version != LAYOUT_VERSION)
         why = "another version";
     else if (l->h.flags != want->h.flags)
-        why = "built for another down layout";
+        why = "built for other matrix layouts (flags)";
     else if (l->h.n_layer != want->h.n_layer || l->h.n_expert != want->h.n_expert)
         why = "built for other dimensions";
     else if (l->h.model_size != want->h.model_size || l->h.model_mtime_ns != want->h.model_mtime_ns)
@@ -243,11 +255,11 @@ static void s_progress(FILE *f, bool tty, uint64_t done, uint64_t total, int *la
     fflush(f);
 }
 
-int layout_build(const model *m, const char *model_path, const char *path, bool down_t,
+int layout_build(const model *m, const char *model_path, const char *path, uint32_t flags,
                  FILE *progress, stp_err *err) {
     layout *l = calloc(1, sizeof *l);
     if (!l) return stp_err_set(err, STP_ENOMEM, "layout: out of memory");
-    int rc = s_plan(l, m, model_path, down_t, err);
+    int rc = s_plan(l, m, model_path, flags, err);
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
     int fd = -1, mfd = -1;
@@ -263,7 +275,7 @@ int layout_build(const model *m, const char *model_path, const char *path, bool 
     size_t maxrec = 0;
     for (int il = 0; il < NL; il++) {
         size_t b[3];
-        layout_matrix_bytes(m, il, down_t, b);
+        layout_matrix_bytes(m, il, flags, b);
         size_t r = s_al(b[0]) + s_al(b[1]) + s_al(b[2]);
         if (r > maxrec) maxrec = r;
     }
@@ -284,10 +296,13 @@ int layout_build(const model *m, const char *model_path, const char *path, bool 
             memset(buf, 0, span);
             for (int k = 0; k < 3; k++) {
                 uint8_t *dst = buf + (e[k].off - e[0].off);
-                if (k == 2 && down_t)
+                const uint8_t *src = tv[k]->data + (size_t)x * tv[k]->mat_bytes;
+                if (k == 2 && (flags & LAYOUT_DOWN_T))
                     down_t_build_expert(tv[2], x, dst);
+                else if (k == 0 && (flags & LAYOUT_GATE_X16))
+                    kern_q4_0x16_pack(src, tv[0]->row_bytes, tv[0]->n_rows, tv[0]->n_cols, dst);
                 else
-                    memcpy(dst, tv[k]->data + (size_t)x * tv[k]->mat_bytes, e[k].bytes);
+                    memcpy(dst, src, e[k].bytes);
             }
             if (s_write_full(fd, buf, span, e[0].off)) {
                 rc = stp_err_set(err, STP_EIO, "layout: write %s: %s", tmp, strerror(errno));
@@ -328,15 +343,15 @@ out:
 }
 
 int layout_ensure(layout **out, const model *m, const char *model_path, const char *path,
-                  bool down_t, FILE *progress, bool *rebuilt, stp_err *err) {
+                  uint32_t flags, FILE *progress, bool *rebuilt, stp_err *err) {
     if (rebuilt) *rebuilt = false;
     stp_err why = {0};
-    int rc = layout_open(out, m, model_path, path, down_t, &why);
+    int rc = layout_open(out, m, model_path, path, flags, &why);
     if (rc != STP_EFORMAT) return rc ? stp_err_set(err, rc, "%s", why.msg) : 0;
     if (progress) fprintf(progress, "%s: rebuilding\n", why.msg);
-    if ((rc = layout_build(m, model_path, path, down_t, progress, err))) return rc;
+    if ((rc = layout_build(m, model_path, path, flags, progress, err))) return rc;
     if (rebuilt) *rebuilt = true;
-    return layout_open(out, m, model_path, path, down_t, err);
+    return layout_open(out, m, model_path, path, flags, err);
 }
 
 uint64_t layout_record_off(const layout *l, int layer, int expert) {

@@ -5,10 +5,12 @@
  * Why: the storage daemon reads experts with O_DIRECT, which needs 4 KiB-aligned offsets and
  * lengths; in the GGUF an expert's matrices are neither aligned nor adjacent. Here one expert is
  * one contiguous record  [gate | pad][up | pad][down | pad], every part 4 KiB aligned, so one
- * read fills one pool slot (the pool uses the same part offsets: pool_slot_parts). gate and up
- * keep the GGUF row layout; a Q4_0 `down` is stored neuron-major (common/model/down_t.h:
- * down_t_build_expert), the layout the expert workers' sparse product reads, so a worker never
- * converts it and one neuron's weights are contiguous (sparse reads possible).
+ * read fills one pool slot (the pool uses the same part offsets: pool_slot_parts). `up` keeps
+ * the GGUF row layout (the sparse product reads active rows); a Q4_0 `down` is stored
+ * neuron-major (common/model/down_t.h: down_t_build_expert), the layout the expert workers'
+ * sparse product reads, so one neuron's weights are contiguous; a Q4_0 `gate` is stored as its
+ * row-interleaved q4_0x16 image (kern_q4_0x16_pack), the layout of the dense gate product. So
+ * neither the storage daemon nor a worker converts anything after a read.
  *
  * File: a 4 KiB header (magic, version, flags, dims, model file size + mtime, a hash of the
  * expert tensor infos, offsets, file size, checksum), then the entry table
@@ -30,7 +32,8 @@
 #define LAYOUT_MAGIC 0x5459414c50545353ull /* "SSTPLAYT" */
 #define LAYOUT_VERSION 1u
 #define LAYOUT_ALIGN 4096u
-#define LAYOUT_DOWN_T 1u /* flag: down stored as down_t images */
+#define LAYOUT_DOWN_T 1u   /* flag: down stored as down_t images */
+#define LAYOUT_GATE_X16 2u /* flag: gate stored as q4_0x16 images */
 
 enum { LAYOUT_GATE = 0, LAYOUT_UP = 1, LAYOUT_DOWN = 2 };
 
@@ -61,24 +64,28 @@ int layout_path(char *out, size_t cap, const char *model_path, const char *dir, 
 /* Whether a layout for this machine stores down as down_t (Q4_0 down everywhere and SIMD
  * kernels available). */
 bool layout_wants_down_t(const model *m);
+/* The LAYOUT_* flags a layout of this model is built with here: LAYOUT_DOWN_T as above,
+ * LAYOUT_GATE_X16 when every layer's gate is Q4_0 and packable. */
+uint32_t layout_wants_flags(const model *m);
 /* Opens and validates an existing file; STP_EFORMAT (reason in err) if it is missing, stale,
  * truncated or corrupt. */
-int layout_open(layout **out, const model *m, const char *model_path, const char *path, bool down_t,
-                stp_err *err);
+int layout_open(layout **out, const model *m, const char *model_path, const char *path,
+                uint32_t flags, stp_err *err);
 /* Builds path from the model (progress to `progress` if not NULL: a bar on a tty, a few lines
  * otherwise). */
-int layout_build(const model *m, const char *model_path, const char *path, bool down_t,
+int layout_build(const model *m, const char *model_path, const char *path, uint32_t flags,
                  FILE *progress, stp_err *err);
 /* layout_open, and layout_build + layout_open when the file is not trustworthy. *rebuilt says
  * whether it was (re)built. */
 int layout_ensure(layout **out, const model *m, const char *model_path, const char *path,
-                  bool down_t, FILE *progress, bool *rebuilt, stp_err *err);
+                  uint32_t flags, FILE *progress, bool *rebuilt, stp_err *err);
 void layout_close(layout **self_p);
 
 /* The record of (layer, expert): file offset of its gate and its span (4 KiB multiple). */
 uint64_t layout_record_off(const layout *l, int layer, int expert);
 uint64_t layout_record_bytes(const layout *l, int layer, int expert);
-/* The bytes of each matrix of a layer's experts as stored (down: down_t size if flagged). */
-void layout_matrix_bytes(const model *m, int layer, bool down_t, size_t bytes[3]);
+/* The bytes of each matrix of a layer's experts as stored (down: down_t size if flagged; a
+ * q4_0x16 gate image has the GGUF rows' size). */
+void layout_matrix_bytes(const model *m, int layer, uint32_t flags, size_t bytes[3]);
 
 #endif

@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kern/kern.h"
 #include "layout/layout.h"
 #include "model/down_t.h"
 
@@ -48,11 +49,12 @@ static void test_layout_records_match_model(void **st) {
     (void)st;
     s_setup_path();
     model *m = s_open();
-    bool dt = layout_wants_down_t(m), rebuilt = false;
+    uint32_t fl = layout_wants_flags(m);
+    bool rebuilt = false;
     layout *l = NULL;
     stp_err err = {0};
     unlink(s_path);
-    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, dt, NULL, &rebuilt, &err), 0);
+    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, fl, NULL, &rebuilt, &err), 0);
     assert_true(rebuilt);
     const int NL = m->cfg.n_layer, X = m->cfg.n_expert;
     FILE *f = fopen(s_path, "rb");
@@ -67,8 +69,11 @@ static void test_layout_records_match_model(void **st) {
                 uint8_t *got = malloc(e->bytes), *want = malloc(e->bytes);
                 fseek(f, (long)e->off, SEEK_SET);
                 assert_int_equal(fread(got, 1, e->bytes, f), e->bytes);
-                if (k == 2 && dt)
+                if (k == 2 && (fl & LAYOUT_DOWN_T))
                     down_t_build_expert(tv[2], x, want);
+                else if (k == 0 && (fl & LAYOUT_GATE_X16))
+                    kern_q4_0x16_pack(tv[0]->data + (size_t)x * tv[0]->mat_bytes, tv[0]->row_bytes,
+                                      tv[0]->n_rows, tv[0]->n_cols, want);
                 else
                     memcpy(want, tv[k]->data + (size_t)x * tv[k]->mat_bytes, e->bytes);
                 assert_memory_equal(got, want, e->bytes);
@@ -80,7 +85,7 @@ static void test_layout_records_match_model(void **st) {
     fclose(f);
     layout_close(&l);
     /* a second open trusts it */
-    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, dt, NULL, &rebuilt, &err), 0);
+    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, fl, NULL, &rebuilt, &err), 0);
     assert_false(rebuilt);
     layout_close(&l);
     model_close(&m);
@@ -90,18 +95,19 @@ static void test_layout_damaged_files_are_rebuilt(void **st) {
     (void)st;
     s_setup_path();
     model *m = s_open();
-    bool dt = layout_wants_down_t(m), rebuilt = false;
+    uint32_t fl = layout_wants_flags(m);
+    bool rebuilt = false;
     layout *l = NULL;
     stp_err err = {0};
-    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, dt, NULL, &rebuilt, &err), 0);
+    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, fl, NULL, &rebuilt, &err), 0);
     layout_close(&l);
     struct stat sb;
     assert_int_equal(stat(s_path, &sb), 0);
     /* truncated */
     assert_int_equal(truncate(s_path, sb.st_size - 4096), 0);
-    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, dt, &err), STP_EFORMAT);
+    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, fl, &err), STP_EFORMAT);
     assert_non_null(strstr(err.msg, "truncated"));
-    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, dt, NULL, &rebuilt, &err), 0);
+    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, fl, NULL, &rebuilt, &err), 0);
     assert_true(rebuilt);
     layout_close(&l);
     /* one table byte flipped */
@@ -111,17 +117,20 @@ static void test_layout_damaged_files_are_rebuilt(void **st) {
     b ^= 0x40;
     assert_int_equal(pwrite(fd, &b, 1, LAYOUT_ALIGN + 3), 1);
     close(fd);
-    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, dt, &err), STP_EFORMAT);
-    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, dt, NULL, &rebuilt, &err), 0);
+    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, fl, &err), STP_EFORMAT);
+    assert_int_equal(layout_ensure(&l, m, s_model_path(), s_path, fl, NULL, &rebuilt, &err), 0);
     assert_true(rebuilt);
     layout_close(&l);
-    /* another down layout than asked for */
-    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, !dt, &err), STP_EFORMAT);
+    /* other matrix layouts than asked for */
+    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, fl ^ LAYOUT_GATE_X16, &err),
+                     STP_EFORMAT);
+    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, fl ^ LAYOUT_DOWN_T, &err),
+                     STP_EFORMAT);
     /* not a layout at all */
     fd = open(s_path, O_RDWR);
     assert_int_equal(pwrite(fd, "garbage!", 8, 0), 8);
     close(fd);
-    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, dt, &err), STP_EFORMAT);
+    assert_int_equal(layout_open(&l, m, s_model_path(), s_path, fl, &err), STP_EFORMAT);
     assert_non_null(strstr(err.msg, "not a layout"));
     unlink(s_path);
     model_close(&m);
