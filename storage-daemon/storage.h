@@ -29,7 +29,7 @@ typedef struct storage storage;
 typedef struct storage_opts {
     uint64_t memory_budget; /* whole pipeline, bytes; 0 = unlimited */
     const char *layout_dir; /* NULL: next to the model */
-    const char *policy;     /* "lru" or "lfu" (NULL: lru) */
+    const char *policy;     /* "lfu" or "lru" (NULL: lfu) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */

@@ -96,11 +96,11 @@ static void s_check_golden(const char *stem, uint64_t *evictions, uint64_t *read
     *reads = k.misses + k.pf_reads; /* the decisions' misses and the next-layer prefetches */
 }
 
-static void s_stream_case(const char *stem, const char *io, const char *tag) {
+static void s_stream_case(const char *stem, const char *io, const char *policy, const char *tag) {
     char model[1024];
     snprintf(model, sizeof model, "%s/%s.gguf", th_env("STP_TEST_DATA"), stem);
     setenv("STP_POOL_EXPERTS", "1", 1); /* clamped up to one layer's experts */
-    setenv("STP_CACHE_POLICY", "lru", 1);
+    setenv("STP_CACHE_POLICY", policy, 1);
     setenv("STP_IO", io, 1);
     assert_int_equal(s_up(model, tag), 0);
     uint64_t ev = 0, miss = 0;
@@ -115,7 +115,7 @@ static void s_stream_case(const char *stem, const char *io, const char *tag) {
 
 static void test_stream_evicting_pool_gives_golden_ids_uring(void **st) {
     (void)st;
-    s_stream_case("tiny-dense-attn-q4_0-pure", "auto", "uring");
+    s_stream_case("tiny-dense-attn-q4_0-pure", "auto", "lru", "uring");
 }
 
 static void
@@ -131,7 +131,7 @@ test_stream_evicting_pool_gives_golden_ids_pread_and_rebuilds_truncated_layout(v
         if (!stat(g.gl_pathv[0], &sb)) assert_int_equal(truncate(g.gl_pathv[0], sb.st_size / 2), 0);
         globfree(&g);
     }
-    s_stream_case("tiny-dense-attn-q4_0-pure", "pread-buffered", "pread");
+    s_stream_case("tiny-dense-attn-q4_0-pure", "pread-buffered", "lfu", "pread");
     /* the rebuilt file has its full size again */
     assert_int_equal(glob(pat, 0, NULL, &g), 0);
     struct stat sb;
@@ -142,7 +142,7 @@ test_stream_evicting_pool_gives_golden_ids_pread_and_rebuilds_truncated_layout(v
 
 static void test_stream_hybrid_f32_dense_down_golden(void **st) {
     (void)st; /* F32 down stays in the GGUF row layout (no down_t) */
-    s_stream_case("tiny-hybrid-attn-f32", "pread", "f32");
+    s_stream_case("tiny-hybrid-attn-f32", "pread", "lfu", "f32");
 }
 
 /* Decode prefetch: with half the experts in the pool, the attention worker's predictions of
