@@ -686,7 +686,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
          * the layer waits on. */
         Stp__ExpertLoc loc[STP_MAX_EXPERTS];
         bool ready[STP_MAX_EXPERTS];
-        const int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
+        int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
         const bool resident = n_ready == n;
         /* (with every expert resident for good there is nothing to tell: no message at all) */
         int rc = resident && s_pool_complete(a)
@@ -716,7 +716,16 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         if (resident) {
             s_drain_storage(a);
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
+        } else if (s_pool_lookup(a, il, ex, n, loc, ready) == n) {
+            /* what was still being read at the decision landed during attention (a prefetch
+             * read): dispatch all now; the Residency reply is dropped later as stale */
+            stats_add(a->st, "residency.landed", 1);
+            if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
         } else {
+            /* (looked up again: experts whose read finished during attention go first) */
+            n_ready = 0;
+            for (int i = 0; i < n; i++)
+                n_ready += ready[i];
             if (n_ready &&
                 (rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, true, n, err)))
                 return rc;
