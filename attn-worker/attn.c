@@ -254,6 +254,7 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     d.n_counts = (size_t)n;
     d.counts = (uint32_t *)cnt;
     d.prefetch = kind == DECISION_PREFETCH;
+    d.hint = kind == DECISION_HINT;
     Stp__RouterMsg m;
     stp__router_msg__init(&m);
     m.version = STP_PROTO_VERSION;

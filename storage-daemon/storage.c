@@ -501,6 +501,10 @@ static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, doubl
         stage_log(STAGE, "%s", e.msg);
         return s_error(s, in, "read", d->seq, e.code ? e.code : STP_EIO, e.msg);
     }
+    if (d->hint) { /* (the attention worker computes them already; it wants no answer) */
+        stats_add(s->st, "msg.hint", 1);
+        return;
+    }
     const pool_header *h = (const pool_header *)s->pool.base;
     Stp__ExpertLoc locs[STP_MAX_EXPERTS], *lp[STP_MAX_EXPERTS];
     protobuf_c_boolean ready[STP_MAX_EXPERTS];
