@@ -20,10 +20,15 @@
 #include "tokenizer/tokenizer.h"
 
 #define STAGE "coordinator"
-#define ATTN_TIMEOUT_MS 60000 /* an eval that takes longer fails the request */
-#define MAX_REBUILDS 4        /* attention-worker restarts one request survives */
-#define MAX_PEER_RETRIES 2    /* evals failed by a dead expert worker or daemon, retried */
-#define MAX_BUSY_RETRIES 600  /* "busy" answers to one request's evals, BUSY_RETRY_MS apart */
+/* An eval that takes longer than 60 s plus 250 ms per token it carries fails the request (a
+ * dead or stopped attention worker is found sooner, by its heartbeats; this bounds a live one
+ * that stopped making progress). A 960-token prompt of the 21b preset under an 8 GiB budget
+ * took over 60 s on 2 cores: the prefill reads most experts once per micro-batch. */
+#define ATTN_TIMEOUT_MS 60000
+#define ATTN_TIMEOUT_PER_TOKEN_MS 250
+#define MAX_REBUILDS 4       /* attention-worker restarts one request survives */
+#define MAX_PEER_RETRIES 2   /* evals failed by a dead expert worker or daemon, retried */
+#define MAX_BUSY_RETRIES 600 /* "busy" answers to one request's evals, BUSY_RETRY_MS apart */
 #define BUSY_RETRY_MS 20
 
 typedef struct job {
@@ -628,7 +633,8 @@ int coordinator_run(coordinator *c, stp_err *err) {
         if (c->a.on && c->a.busy_retry_at && msg_now_us() >= c->a.busy_retry_at &&
             s_send_eval(c, c->a.sent_tokens, c->a.n_sent, c->a.sent_pos0, c->a.sent_all))
             s_fail_active(c, STP_EIO, "cannot reach the attention worker");
-        if (c->a.on && (msg_now_us() - c->a.t_sent) * 1e-3 > ATTN_TIMEOUT_MS)
+        if (c->a.on && (msg_now_us() - c->a.t_sent) * 1e-3 >
+                           ATTN_TIMEOUT_MS + (double)ATTN_TIMEOUT_PER_TOKEN_MS * c->a.n_sent)
             s_fail_active(c, STP_ETIMEDOUT, "the attention worker did not answer in time");
         s_start_next(c);
         stats_publish(c->st, c->pub, 500, false);
