@@ -22,6 +22,7 @@
 #include "router.pb-c.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
+#include "util/fileio.h"
 
 #define STAGE "attn-worker"
 #define MAX_WORKERS LANE_MAX /* expert sockets + attn.sock fit in MSG_POLL_MAX */
@@ -635,17 +636,11 @@ static int s_collect(attn_worker *a, work_batch *bs, int nb, int il, stp_err *er
 /* x = token_embd[id], the row read from the file (see embd_fd) */
 static int s_embed(attn_worker *a, int32_t id, float *x, stp_err *err) {
     const tensor_view *t = &a->m->tok_embd;
-    uint64_t off = a->embd_off + (uint64_t)id * t->row_bytes;
-    size_t got = 0;
-    while (got < t->row_bytes) {
-        ssize_t n = pread(a->embd_fd, a->embd_row + got, t->row_bytes - got, (off_t)(off + got));
-        if (n <= 0) {
-            if (n < 0 && errno == EINTR) continue;
-            return stp_err_set(err, STP_EIO, "reading token %d's embedding: %s", id,
-                               n < 0 ? strerror(errno) : "end of file");
-        }
-        got += (size_t)n;
-    }
+    ssize_t got = fileio_pread_full(a->embd_fd, a->embd_row, t->row_bytes,
+                                    a->embd_off + (uint64_t)id * t->row_bytes);
+    if (got != (ssize_t)t->row_bytes)
+        return stp_err_set(err, STP_EIO, "reading token %d's embedding: %s", id,
+                           got < 0 ? strerror(errno) : "end of file");
     a->cc.ops->dequantize_row(t->type, a->embd_row, x, t->n_cols);
     return 0;
 }

@@ -12,6 +12,7 @@
 
 #include "kern/kern.h"
 #include "model/down_t.h"
+#include "util/fileio.h"
 
 static uint64_t s_fnv(uint64_t h, const void *p, size_t n) {
     const uint8_t *b = p;
@@ -152,15 +153,9 @@ void layout_close(layout **self_p) {
     *self_p = NULL;
 }
 
+/* 0 when all n bytes at off were read */
 static int s_read_full(int fd, void *dst, size_t n, uint64_t off) {
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = pread(fd, (uint8_t *)dst + done, n - done, (off_t)(off + done));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return -1;
-        done += (size_t)r;
-    }
-    return 0;
+    return fileio_pread_full(fd, dst, n, off) == (ssize_t)n ? 0 : -1;
 }
 
 int layout_open(layout **out, const model *m, const char *model_path, const char *path,
