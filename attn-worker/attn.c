@@ -337,8 +337,8 @@ static void s_prefetch(attn_worker *a, int il, const float *x) {
     stats_add(a->st, sent ? "prefetch.sent" : "prefetch.dropped", 1);
 }
 
-/* Drops the Residency replies the fast path did not wait for (never blocks), so they cannot
- * pile up in the socket. */
+/* Drops the replies no layer waited for (never blocks), so they cannot pile up in the socket:
+ * the Residency of a layer whose reads landed during its attention, an error about a hint. */
 static void s_drain_storage(attn_worker *a) {
     stp_err e = {0};
     for (int i = 0; i < 64; i++) {
@@ -709,19 +709,14 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
          * batch when the daemon's Residency says they are in. */
         int nb = 0;
         double t3 = t2; /* the weights are all in */
-        if (resident) {
+        /* looked up again: a (prefetch) read may have landed during attention; when all did,
+         * the layer does not wait, and the Residency reply is dropped later as stale */
+        if (!resident && (n_ready = s_pool_lookup(a, il, ex, n, loc, ready)) == n)
+            stats_add(a->st, "residency.landed", 1);
+        if (n_ready == n) {
             s_drain_storage(a);
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
-        } else if (s_pool_lookup(a, il, ex, n, loc, ready) == n) {
-            /* what was still being read at the decision landed during attention (a prefetch
-             * read): dispatch all now; the Residency reply is dropped later as stale */
-            stats_add(a->st, "residency.landed", 1);
-            if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
         } else {
-            /* (looked up again: experts whose read finished during attention go first) */
-            n_ready = 0;
-            for (int i = 0; i < n; i++)
-                n_ready += ready[i];
             if (n_ready &&
                 (rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, true, n, err)))
                 return rc;
