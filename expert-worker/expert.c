@@ -96,12 +96,8 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
     if (!rc) rc = pool_check(&w->pool, c->n_layer, c->n_expert, err);
     if (!rc) w->down_t = (((const pool_header *)w->pool.base)->flags & POOL_DOWN_T) != 0;
     if (!rc) w->gate_x16 = (((const pool_header *)w->pool.base)->flags & POOL_GATE_X16) != 0;
-    for (int il = 0; !rc && w->gate_x16 && il < c->n_layer; il++) {
-        const tensor_view *g = &w->m->layers[il].gate_exps;
-        if (g->type != STP_TYPE_Q4_0 || g->n_rows % 16 || !kern_q4_0x16_size(g->n_rows, g->n_cols))
-            rc = stp_err_set(err, STP_EUNSUPPORTED,
-                             "pool holds q4_0x16 gates this model cannot use");
-    }
+    if (!rc && w->gate_x16 && !(layout_wants_flags(w->m) & LAYOUT_GATE_X16))
+        rc = stp_err_set(err, STP_EUNSUPPORTED, "pool holds q4_0x16 gates this model cannot use");
     if (!rc && w->down_t && !layout_wants_down_t(w->m))
         rc = stp_err_set(err, STP_EUNSUPPORTED,
                          "pool holds neuron-major down images this CPU "
