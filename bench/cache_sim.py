@@ -8,14 +8,15 @@ is farthest away), a lower bound for every real policy without prefetching; with
 read rate it bounds decode tok/s from above: tok/s <= disk MB/s / (MB/token).
 
 usage: cache_sim.py TRACE --frames N[,N...] [--expert-mb MB] [--warmup TOKENS] [--disk-mbs MB/s]
-                    [--n-expert X]
+                    [--n-expert X] [--half-life TOKENS] [--policies lru,lfu,pin,opt]
   TRACE        lines "layer expert expert ...", one per decode decision (layer 0 starts a token)
   --frames     pool slots to simulate (the daemon logs its count: "pool ...: N of M experts")
   --expert-mb  bytes of one expert record (default 2.06: the 4b preset in Q4_0)
   --warmup     tokens replayed before counting (default 32, as stpipe-membench)
   --disk-mbs   disk read rate for the tok/s bound (default: not printed)
-Policies: lru (the daemon's default), lfu (the daemon's: decayed use count, half-life 64
-tokens, ties by recency), pin (the experts most used over the whole trace pinned, the rest of
+  --half-life  lfu's half-life in tokens (default 16, the daemon's)
+Policies: lru (the daemon's `--cache-policy lru`), lfu (the daemon's default: decayed use
+count, ties by recency), pin (the experts most used over the whole trace pinned, the rest of
 the pool LRU: a clairvoyant static split), opt (Belady).
 """
 import argparse
@@ -47,7 +48,7 @@ def flatten(toks, X):
     return seq
 
 
-def sim(seq, frames, policy, warmup, X, half_life=64, pins=()):
+def sim(seq, frames, policy, warmup, X, half_life=16, pins=()):
     resident = set()
     last = {}
     freq, ftick = collections.defaultdict(float), {}
@@ -64,7 +65,9 @@ def sim(seq, frames, policy, warmup, X, half_life=64, pins=()):
         next_of = {}  # entry -> its next use index as of now
     misses = 0
     tokens_counted = set()
-    decay = 2.0 ** (-1.0 / (half_life * 32))  # per decision, as the daemon (32 layers)
+    # per decision, as the daemon: its tick counts decisions, n_layer of them per token
+    n_layer = 1 + max(e // X for _, need in seq for e in need)
+    decay = 2.0 ** (-1.0 / (half_life * n_layer))
     for i, (t, need) in enumerate(seq):
         count = t >= warmup
         if count:
@@ -105,6 +108,7 @@ def main():
     ap.add_argument("--disk-mbs", type=float, default=0)
     ap.add_argument("--n-expert", type=int, default=0)
     ap.add_argument("--policies", default="lru,lfu,pin,opt")
+    ap.add_argument("--half-life", type=float, default=16)
     a = ap.parse_args()
     toks = read_trace(a.trace)
     X = a.n_expert or 1 + max(e for d in toks for _, es in d for e in es)
@@ -124,7 +128,8 @@ def main():
             pins = ()
             if pol == "pin":  # the most used experts fill all but one layer's worth of slots
                 pins = [e for e, _ in uses.most_common(max(0, frames - X))]
-            m, nt = sim(seq, frames, "lru" if pol == "pin" else pol, a.warmup, X, pins=pins)
+            m, nt = sim(seq, frames, "lru" if pol == "pin" else pol, a.warmup, X,
+                        half_life=a.half_life, pins=pins)
             mpt = m / max(1, nt)
             line = (f"{frames:>7} {pol:>6} {mpt:>9.2f} {100 * (1 - mpt / per_tok):>7.1f} "
                     f"{mpt * a.expert_mb:>8.1f}")
