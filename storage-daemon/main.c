@@ -2,8 +2,9 @@
  * a memory budget and answers residency questions (see README.md). Thin shell over storage.c:
  * it takes its own options (--memory-budget, --layout-dir, --cache-policy, --pool-experts, also
  * from the environment as STP_MEMORY_BUDGET, STP_LAYOUT_DIR, STP_CACHE_POLICY,
- * STP_POOL_EXPERTS; --trace-decisions FILE or STP_TRACE_DECISIONS) out of argv and leaves the
- * common ones to stage_parse. */
+ * STP_POOL_EXPERTS; --trace-decisions FILE or STP_TRACE_DECISIONS; lfu's half-life from
+ * STP_LFU_HALF_LIFE only, for experiments) out of argv and leaves the common ones to
+ * stage_parse. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,8 @@ int main(int argc, char **argv) {
     so.layout_dir = getenv("STP_LAYOUT_DIR");
     so.policy = getenv("STP_CACHE_POLICY");
     so.trace = getenv("STP_TRACE_DECISIONS");
+    const char *hl = getenv("STP_LFU_HALF_LIFE"); /* for experiments (bench/cache_sim.py) */
+    if (hl && *hl) so.lfu_half_life = atof(hl);
     int rc = s_take(&argc, argv, "--memory-budget", &budget, &err);
     if (!rc) rc = s_take(&argc, argv, "--layout-dir", &so.layout_dir, &err);
     if (!rc) rc = s_take(&argc, argv, "--cache-policy", &so.policy, &err);

@@ -376,8 +376,7 @@ int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_
     s->o = *o;
     s->so = *so;
     s->policy = so->policy && !strcmp(so->policy, "lru") ? POLICY_LRU : POLICY_LFU;
-    const char *hl = getenv("STP_LFU_HALF_LIFE"); /* for experiments (bench/cache_sim.py) */
-    s->half_life = hl && atof(hl) > 0 ? atof(hl) : STORAGE_LFU_HALF_LIFE;
+    s->half_life = so->lfu_half_life > 0 ? so->lfu_half_life : STORAGE_LFU_HALF_LIFE;
     int rc = 0;
     if (so->policy && strcmp(so->policy, "lru") && strcmp(so->policy, "lfu"))
         rc = stp_err_set(err, STP_EINVAL, "cache policy '%s': lru or lfu", so->policy);

@@ -30,6 +30,7 @@ typedef struct storage_opts {
     uint64_t memory_budget; /* whole pipeline, bytes; 0 = unlimited */
     const char *layout_dir; /* NULL: next to the model */
     const char *policy;     /* "lfu" or "lru" (NULL: lfu) */
+    double lfu_half_life;   /* tokens (<= 0: STORAGE_LFU_HALF_LIFE) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
