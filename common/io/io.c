@@ -7,7 +7,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
+
+/* One request in flight: a copy of it, its progress (a short read is resubmitted for the rest)
+ * and the caller's tag. */
+typedef struct s_inflight {
+    io_req q;
+    size_t done;
+    uint64_t tag;
+    bool busy;
+} s_inflight;
 
 struct io_reader {
     int fd;
@@ -17,7 +27,19 @@ struct io_reader {
     int depth;
     uint64_t bytes;
     char path[256];
+    /* registered (fixed) buffers: consecutive pieces of [fixed_base, + n_fixed * IO_FIXED_MAX) */
+    uint8_t *fixed_base;
+    size_t fixed_len;
+    int n_fixed;
+    int efd; /* eventfd the ring signals on each completion (-1: none) */
+    int n_busy;
+    s_inflight *fl;     /* (depth) */
+    int *pread_rc;      /* (depth) without io_uring: each request's result */
+    stp_err *pread_err; /* (depth) */
 };
+
+/* The kernel's limit on one registered buffer. */
+#define IO_FIXED_MAX (1ull << 30)
 
 static int s_open_fd(io_reader *r, const char *path, bool want_direct, stp_err *err) {
     if (want_direct) {
@@ -48,7 +70,23 @@ int io_reader_open(io_reader **out, const char *path, int depth, stp_err *err) {
         free(r);
         return rc;
     }
-    if (want_uring && io_uring_queue_init((unsigned)r->depth, &r->ring, 0) == 0) r->uring = true;
+    r->efd = -1;
+    r->fl = calloc((size_t)r->depth, sizeof *r->fl);
+    r->pread_rc = calloc((size_t)r->depth, sizeof *r->pread_rc);
+    r->pread_err = calloc((size_t)r->depth, sizeof *r->pread_err);
+    if (!r->fl || !r->pread_rc || !r->pread_err) {
+        io_reader_close(&r);
+        return stp_err_set(err, STP_ENOMEM, "io reader: out of memory");
+    }
+    /* each request may need two entries at once (a resubmitted short read) */
+    if (want_uring && io_uring_queue_init((unsigned)r->depth * 2, &r->ring, 0) == 0) {
+        r->uring = true;
+        r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (r->efd >= 0 && io_uring_register_eventfd(&r->ring, r->efd) < 0) {
+            close(r->efd);
+            r->efd = -1;
+        }
+    }
     *out = r;
     return 0;
 }
@@ -56,15 +94,45 @@ int io_reader_open(io_reader **out, const char *path, int depth, stp_err *err) {
 void io_reader_close(io_reader **self_p) {
     io_reader *r = *self_p;
     if (!r) return;
+    while (r->n_busy > 0) { /* the buffers are the caller's: nothing may land after close */
+        io_done d[16];
+        io_reap(r, d, 16, true);
+    }
     if (r->uring) io_uring_queue_exit(&r->ring);
+    if (r->efd >= 0) close(r->efd);
     if (r->fd >= 0) close(r->fd);
+    free(r->fl);
+    free(r->pread_rc);
+    free(r->pread_err);
     free(r);
     *self_p = NULL;
 }
 
 const char *io_reader_mode(const io_reader *r) {
+    if (r->n_fixed) return r->direct ? "uring+direct+fixed" : "uring+fixed";
     return r->uring ? (r->direct ? "uring+direct" : "uring")
                     : (r->direct ? "pread+direct" : "pread");
+}
+
+int io_reader_register(io_reader *r, void *base, size_t len) {
+    if (!r->uring || r->n_fixed || !len) return -1;
+    const char *mode = getenv("STP_IO_FIXED");
+    if (mode && !strcmp(mode, "0")) return -1;
+    int n = (int)((len + IO_FIXED_MAX - 1) / IO_FIXED_MAX);
+    struct iovec *iov = calloc((size_t)n, sizeof *iov);
+    if (!iov) return -1;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = (uint8_t *)base + (size_t)i * IO_FIXED_MAX;
+        size_t left = len - (size_t)i * IO_FIXED_MAX;
+        iov[i].iov_len = left < IO_FIXED_MAX ? left : IO_FIXED_MAX;
+    }
+    int rc = io_uring_register_buffers(&r->ring, iov, (unsigned)n);
+    free(iov);
+    if (rc < 0) return -1; /* ENOMEM under RLIMIT_MEMLOCK without CAP_IPC_LOCK, old kernels */
+    r->fixed_base = base;
+    r->fixed_len = len;
+    r->n_fixed = n;
+    return 0;
 }
 
 bool io_reader_direct(const io_reader *r) {
@@ -104,46 +172,99 @@ static int s_pread_one(io_reader *r, const io_req *q, stp_err *err) {
     return 0;
 }
 
-/* One request in flight: its progress (a short read is resubmitted for the rest). */
-typedef struct s_inflight {
-    const io_req *q;
-    size_t done;
-} s_inflight;
-
 static void s_submit(io_reader *r, s_inflight *f) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    io_uring_prep_read(sqe, r->fd, (uint8_t *)f->q->dst + f->done, (unsigned)(f->q->len - f->done),
-                       f->q->off + f->done);
+    uint8_t *dst = (uint8_t *)f->q.dst + f->done;
+    unsigned len = (unsigned)(f->q.len - f->done);
+    /* inside one registered buffer: the kernel skips pinning the pages for this read */
+    size_t at = (size_t)(dst - r->fixed_base);
+    if (r->n_fixed && dst >= r->fixed_base && at + len <= r->fixed_len &&
+        at / IO_FIXED_MAX == (at + len - 1) / IO_FIXED_MAX)
+        io_uring_prep_read_fixed(sqe, r->fd, dst, len, f->q.off + f->done,
+                                 (int)(at / IO_FIXED_MAX));
+    else
+        io_uring_prep_read(sqe, r->fd, dst, len, f->q.off + f->done);
     io_uring_sqe_set_data(sqe, f);
 }
 
-static int s_uring_all(io_reader *r, const io_req *reqs, int n, stp_err *err) {
-    s_inflight fl[256];
-    memset(fl, 0, sizeof fl);
-    int next = 0, inflight = 0, rc = 0;
-    while (next < n || inflight) {
-        while (next < n && inflight < r->depth) {
-            s_inflight *f = NULL;
-            for (int i = 0; i < r->depth; i++)
-                if (!fl[i].q) {
-                    f = &fl[i];
-                    break;
-                }
-            f->q = &reqs[next++];
-            f->done = 0;
-            s_submit(r, f);
-            inflight++;
-        }
-        int s = io_uring_submit(&r->ring);
-        if (s < 0 && s != -EINTR) {
-            rc = stp_err_set(err, STP_EIO, "io_uring_submit: %s", strerror(-s));
-            break;
-        }
+static int s_check_aligned(const io_reader *r, const io_req *q, stp_err *err) {
+    if (r->direct && ((q->off | q->len | (uintptr_t)q->dst) & (IO_ALIGN - 1)))
+        return stp_err_set(err, STP_EINVAL,
+                           "read %s: request (offset %llu, %zu bytes) not %u-aligned", r->path,
+                           (unsigned long long)q->off, q->len, IO_ALIGN);
+    return 0;
+}
+
+int io_start(io_reader *r, const io_req *q, uint64_t tag, stp_err *err) {
+    int rc = s_check_aligned(r, q, err);
+    if (rc) return rc;
+    if (r->n_busy >= r->depth)
+        return stp_err_set(err, STP_EBUSY, "io: %d reads in flight", r->depth);
+    s_inflight *f = NULL;
+    for (int i = 0; i < r->depth && !f; i++)
+        if (!r->fl[i].busy) f = &r->fl[i];
+    *f = (s_inflight){*q, 0, tag, true};
+    r->n_busy++;
+    if (!r->uring) { /* read now; the completion is handed out by the next io_reap */
+        r->pread_rc[f - r->fl] = s_pread_one(r, q, &r->pread_err[f - r->fl]);
+        f->done = q->len;
+        return 0;
+    }
+    s_submit(r, f);
+    int s = io_uring_submit(&r->ring);
+    if (s < 0 && s != -EINTR && s != -EAGAIN && s != -EBUSY) {
+        /* (the sqe stays queued and goes with the next submit; report, do not lose track) */
+        return stp_err_set(err, STP_EIO, "io_uring_submit: %s", strerror(-s));
+    }
+    return 0;
+}
+
+int io_in_flight(const io_reader *r) {
+    return r->n_busy;
+}
+
+int io_capacity(const io_reader *r) {
+    return r->depth;
+}
+
+int io_fd(const io_reader *r) {
+    return r->efd;
+}
+
+/* Finishes f: a completion for the caller. */
+static void s_finish(io_reader *r, s_inflight *f, int rc, const char *msg, io_done *d) {
+    d->tag = f->tag;
+    d->rc = rc;
+    snprintf(d->msg, sizeof d->msg, "%s", rc ? msg : "");
+    if (!rc && !r->direct)
+        posix_fadvise(r->fd, (off_t)f->q.off, (off_t)f->q.len, POSIX_FADV_DONTNEED);
+    f->busy = false;
+    r->n_busy--;
+}
+
+int io_reap(io_reader *r, io_done *out, int max, bool wait) {
+    int n = 0;
+    if (r->efd >= 0) { /* clear the doorbell before looking: a later completion rings again */
+        uint64_t v;
+        ssize_t rd = read(r->efd, &v, sizeof v);
+        (void)rd;
+    }
+    if (!r->uring) {
+        for (int i = 0; i < r->depth && n < max; i++)
+            if (r->fl[i].busy)
+                s_finish(r, &r->fl[i], r->pread_rc[i], r->pread_err[i].msg, &out[n++]);
+        return n;
+    }
+    while (n < max && r->n_busy > 0) {
         struct io_uring_cqe *cqe;
-        int w = io_uring_wait_cqe(&r->ring, &cqe);
+        int w = (wait && n == 0) ? io_uring_wait_cqe(&r->ring, &cqe)
+                                 : io_uring_peek_cqe(&r->ring, &cqe);
         if (w == -EINTR) continue;
-        if (w < 0) {
-            rc = stp_err_set(err, STP_EIO, "io_uring_wait_cqe: %s", strerror(-w));
+        if (w == -EAGAIN) break; /* nothing completed (peek) */
+        if (w < 0) {             /* the ring itself failed: every request is lost */
+            for (int i = 0; i < r->depth && n < max; i++)
+                if (r->fl[i].busy)
+                    s_finish(r, &r->fl[i], STP_EIO, "io_uring_wait_cqe failed", &out[n++]);
             break;
         }
         s_inflight *f = io_uring_cqe_get_data(cqe);
@@ -151,57 +272,46 @@ static int s_uring_all(io_reader *r, const io_req *reqs, int n, stp_err *err) {
         io_uring_cqe_seen(&r->ring, cqe);
         if (res == -EINTR || res == -EAGAIN) {
             s_submit(r, f);
+            io_uring_submit(&r->ring);
             continue;
         }
-        if (res < 0 || (res == 0 && f->done < f->q->len)) {
+        if (res < 0 || (res == 0 && f->done < f->q.len)) {
             /* finish this one synchronously (handles EINVAL from O_DIRECT by reopening) */
-            if (!rc) {
-                io_req rest = {f->q->off + f->done, f->q->len - f->done,
-                               (uint8_t *)f->q->dst + f->done};
-                if (res < 0 && res != -EINVAL)
-                    rc = stp_err_set(err, STP_EIO, "read %s: %s", r->path, strerror(-res));
-                else
-                    rc = s_pread_one(r, &rest, err);
-            }
-            f->q = NULL;
-            inflight--;
+            stp_err e = {0};
+            int rc = 0;
+            io_req rest = {f->q.off + f->done, f->q.len - f->done, (uint8_t *)f->q.dst + f->done};
+            if (res < 0 && res != -EINVAL)
+                rc = stp_err_set(&e, STP_EIO, "read %s: %s", r->path, strerror(-res));
+            else
+                rc = s_pread_one(r, &rest, &e);
+            s_finish(r, f, rc, e.msg, &out[n++]);
             continue;
         }
         f->done += (size_t)res;
         r->bytes += (size_t)res;
-        if (f->done < f->q->len) {
+        if (f->done < f->q.len) {
             s_submit(r, f);
+            io_uring_submit(&r->ring);
         } else {
-            if (!r->direct)
-                posix_fadvise(r->fd, (off_t)f->q->off, (off_t)f->q->len, POSIX_FADV_DONTNEED);
-            f->q = NULL;
-            inflight--;
+            s_finish(r, f, 0, NULL, &out[n++]);
         }
-        if (rc) break;
     }
-    /* drain what is still in flight before returning an error (the buffers are the caller's) */
-    while (inflight > 0) {
-        struct io_uring_cqe *cqe;
-        io_uring_submit(&r->ring);
-        if (io_uring_wait_cqe(&r->ring, &cqe) < 0) break;
-        io_uring_cqe_seen(&r->ring, cqe);
-        inflight--;
-    }
-    return rc;
+    return n;
 }
 
 int io_read_all(io_reader *r, const io_req *reqs, int n, stp_err *err) {
     for (int i = 0; i < n; i++) {
-        const io_req *q = &reqs[i];
-        if (r->direct && ((q->off | q->len | (uintptr_t)q->dst) & (IO_ALIGN - 1)))
-            return stp_err_set(err, STP_EINVAL,
-                               "read %s: request %d (offset %llu, %zu bytes) not %u-aligned",
-                               r->path, i, (unsigned long long)q->off, q->len, IO_ALIGN);
-    }
-    if (r->uring) return s_uring_all(r, reqs, n, err);
-    for (int i = 0; i < n; i++) {
-        int rc = s_pread_one(r, &reqs[i], err);
+        int rc = s_check_aligned(r, &reqs[i], err);
         if (rc) return rc;
     }
-    return 0;
+    int next = 0, rc = 0;
+    io_done d[16];
+    while ((next < n && !rc) || r->n_busy) {
+        while (next < n && !rc && r->n_busy < r->depth)
+            rc = io_start(r, &reqs[next], (uint64_t)next, err), next++;
+        int got = io_reap(r, d, 16, true);
+        for (int i = 0; i < got; i++)
+            if (d[i].rc && !rc) rc = stp_err_set(err, d[i].rc, "%s", d[i].msg);
+    }
+    return rc;
 }
