@@ -7,12 +7,14 @@
  * Without a budget (or one large enough) every expert is read once at start and stays resident.
  * With one, the pool holds `frames` expert slots, at least one whole layer (a prefill may route
  * to every expert of a layer), and a cache policy picks the victims:
- *   lru  least recently used (the default: consecutive tokens reuse experts, and it measures
- *        better than lfu on the 4b preset);
- *   lfu  least frequently used with exponential decay (half-life STORAGE_LFU_HALF_LIFE
- *        decisions per layer), ties broken by recency.
+ *   lfu  (the default) least frequently used with exponential decay (half-life
+ *        STORAGE_LFU_HALF_LIFE tokens), ties broken by recency: it reads the fewest experts
+ *        on a replayed 4b-preset trace (README.md);
+ *   lru  least recently used.
  * A slot is reused only for an expert the current decision does not need (the previous layer's
- * work is finished when the next decision arrives: the attention worker is sequential).
+ * work is finished when the next decision arrives: the attention worker is sequential) and
+ * never while its read is queued or in flight. Reads are asynchronous: one expert at a time,
+ * decisions' before predictions'; a decision is answered when its last expert lands.
  * Prefetches (RouterDecision.prefetch: the next layer's predicted experts) are read after the
  * decision before them; they take no frame of the last decision (still being computed) nor of
  * their own layer (whose READY experts the attention worker may already have dispatched). */
