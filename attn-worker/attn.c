@@ -34,7 +34,8 @@
 typedef enum { DECISION_NEED, DECISION_HINT, DECISION_PREFETCH } decision_kind;
 
 /* One dispatch of a layer's experts: the resident ones go out at once, the ones the storage
- * daemon is still reading follow as a second batch when they are in. */
+ * daemon is still reading follow in more batches as they land (at most ATTN_BATCHES in all). */
+#define ATTN_BATCHES 4
 typedef struct work_batch {
     uint64_t seq; /* its own work sequence number (workers answer each batch) */
     int n_tokens, n_pending;
@@ -77,7 +78,7 @@ struct attn_worker {
     void *exp[MAX_WORKERS];
     stats *st;
     uint64_t seq; /* per-layer message sequence, increasing across restarts */
-    work_batch batch[2];
+    work_batch batch[ATTN_BATCHES];
     /* per-eval accumulators */
     double ipc_us;
     uint64_t active, total;
@@ -349,61 +350,39 @@ static void s_drain_storage(attn_worker *a) {
     }
 }
 
-/* Waits for the Residency answering seq; fills loc[] in the decision's order. A daemon silent
- * for RETRY_MS gets the decision again (it may have been restarted and lost it). */
-static int s_wait_residency(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
-                            const uint32_t *cnt, int n, Stp__ExpertLoc *loc, stp_err *err) {
-    double t0 = msg_now_us(), sent = t0;
-    for (;;) {
-        double now = msg_now_us();
-        double left = GIVEUP_MS - (now - t0) * 1e-3;
-        if (left <= 0 || stage_stopping())
-            return stp_err_set(err, STP_ETIMEDOUT,
-                               "the storage daemon did not answer for layer %d in %d ms", il,
-                               GIVEUP_MS);
-        if ((now - sent) * 1e-3 > RETRY_MS) {
-            stats_add(a->st, "decision.resends", 1);
-            stage_log(STAGE, "storage daemon silent for %d ms on layer %d: resending", RETRY_MS,
-                      il);
-            int rc = s_send_decision(a, seq, il, ex, cnt, n, DECISION_NEED, err);
-            if (rc) return rc;
-            sent = now;
-        }
-        void *socks[2] = {a->storage, a->sock};
-        bool rd[2];
-        if (!msg_poll(socks, 2, rd, left < 200 ? (long)left : 200)) continue;
-        if (rd[1]) s_serve(a, true);
-        if (!rd[0]) continue;
-        msg_in in;
-        int rc = msg_recv(a->storage, false, &in, err);
-        if (rc <= 0) continue;
-        Stp__RouterMsg *m = stp__router_msg__unpack(NULL, in.len, in.data);
-        msg_in_free(&in);
-        int res = 1; /* keep waiting */
-        if (!m || m->version != STP_PROTO_VERSION) {
-            if (stats_bad(a->st, "storage_reply"))
-                stage_log(STAGE, "invalid message from the storage daemon");
-        } else if (m->body_case == STP__ROUTER_MSG__BODY_ERROR && m->error->seq == seq) {
-            res = stp_err_set(err, STP_EPEER, "storage daemon: %s", m->error->what);
-        } else if (m->body_case == STP__ROUTER_MSG__BODY_RESIDENCY && m->residency->seq == seq) {
-            const Stp__Residency *r = m->residency;
-            if (r->layer != (uint32_t)il || r->n_experts != (size_t)n || r->n_ready != (size_t)n) {
-                res = stp_err_set(err, STP_EPROTO, "storage daemon: residency does not match");
-            } else {
-                res = 0;
-                for (int i = 0; i < n; i++) {
-                    loc[i] = *r->experts[i];
-                    if (!r->ready[i])
-                        res = stp_err_set(err, STP_EPEER, "expert %u of layer %d not resident",
-                                          loc[i].expert, il);
-                }
-            }
+/* One message waiting on the storage socket, for the decision seq of layer il (n experts):
+ * 0 with loc[] filled (its Residency), < 0 (its error, or a Residency that does not fit), 1
+ * (nothing, or something stale: dropped). */
+static int s_storage_reply(attn_worker *a, uint64_t seq, int il, int n, Stp__ExpertLoc *loc,
+                           stp_err *err) {
+    msg_in in;
+    if (msg_recv(a->storage, false, &in, err) <= 0) return 1;
+    Stp__RouterMsg *m = stp__router_msg__unpack(NULL, in.len, in.data);
+    msg_in_free(&in);
+    int res = 1;
+    if (!m || m->version != STP_PROTO_VERSION) {
+        if (stats_bad(a->st, "storage_reply"))
+            stage_log(STAGE, "invalid message from the storage daemon");
+    } else if (m->body_case == STP__ROUTER_MSG__BODY_ERROR && m->error->seq == seq) {
+        res = stp_err_set(err, STP_EPEER, "storage daemon: %s", m->error->what);
+    } else if (m->body_case == STP__ROUTER_MSG__BODY_RESIDENCY && m->residency->seq == seq) {
+        const Stp__Residency *r = m->residency;
+        if (r->layer != (uint32_t)il || r->n_experts != (size_t)n || r->n_ready != (size_t)n) {
+            res = stp_err_set(err, STP_EPROTO, "storage daemon: residency does not match");
         } else {
-            stats_add(a->st, "storage.stale_replies", 1);
+            res = 0;
+            for (int i = 0; i < n; i++) {
+                loc[i] = *r->experts[i];
+                if (!r->ready[i])
+                    res = stp_err_set(err, STP_EPEER, "expert %u of layer %d not resident",
+                                      loc[i].expert, il);
+            }
         }
-        if (m) stp__router_msg__free_unpacked(m, NULL);
-        if (res <= 0) return res;
+    } else {
+        stats_add(a->st, "storage.stale_replies", 1);
     }
+    if (m) stp__router_msg__free_unpacked(m, NULL);
+    return res;
 }
 
 /* Sends batch b's work for worker wi: through its lane when the worker is attached to one
@@ -502,6 +481,83 @@ static int s_dispatch_where(attn_worker *a, work_batch *b, int il, int T, const 
             pcnt[np++] = cnt[i];
         }
     return s_dispatch(a, b, il, T, part, pcnt, np, err);
+}
+
+/* Dispatches layer il's experts that are not out yet (out[i] false) as their reads land, in
+ * batches bs[*nb..]: the daemon bumps the pool's `landed` word after each read (shm.h), and
+ * the experts READY since the last look go out together, up to ATTN_BATCHES per layer (the
+ * last takes all the rest). The daemon's Residency (sent when all have landed) covers what the
+ * pool does not show: a pool not mapped or replaced by a restarted daemon, a failed read. A
+ * daemon silent for RETRY_MS gets the decision again (it may have been restarted and lost it).
+ * *t_last: when the last batch went out. */
+static int s_dispatch_landing(attn_worker *a, uint64_t seq, int il, int T, const uint32_t *ex,
+                              const uint32_t *cnt, int n, bool *out, work_batch *bs, int *nb,
+                              double *t_last, stp_err *err) {
+    const pool_header *ph = a->pool.base ? (const pool_header *)a->pool.base : NULL;
+    double t0 = msg_now_us(), sent = t0, served = t0;
+    Stp__ExpertLoc loc[STP_MAX_EXPERTS];
+    bool ready[STP_MAX_EXPERTS], go[STP_MAX_EXPERTS];
+    for (;;) {
+        const uint32_t seen = ph ? atomic_load_explicit(&ph->landed, memory_order_acquire) : 0;
+        int res = 1;
+        int n_out = 0, n_new = 0;
+        if (ph) {
+            s_pool_lookup(a, il, ex, n, loc, ready);
+        } else {
+            memset(ready, 0, (size_t)n * sizeof *ready);
+        }
+        /* the daemon's answer: every location it gives is good (READY when it was sent) */
+        bool rd[2] = {false, false};
+        void *socks[2] = {a->storage, a->sock};
+        if (msg_poll(socks, 2, rd, 0) && rd[0]) {
+            Stp__ExpertLoc rloc[STP_MAX_EXPERTS];
+            res = s_storage_reply(a, seq, il, n, rloc, err);
+            if (res < 0) return res;
+            if (res == 0)
+                for (int i = 0; i < n; i++)
+                    if (!out[i]) {
+                        loc[i] = rloc[i];
+                        ready[i] = true;
+                    }
+        }
+        for (int i = 0; i < n; i++) {
+            go[i] = !out[i] && ready[i];
+            n_out += out[i];
+            n_new += go[i];
+        }
+        if (n_new && (n_out + n_new == n || *nb < ATTN_BATCHES - 1)) {
+            int rc = s_dispatch_where(a, &bs[(*nb)++], il, T, loc, cnt, go, true, n, err);
+            if (rc) return rc;
+            for (int i = 0; i < n; i++)
+                out[i] |= go[i];
+            n_out += n_new;
+            *t_last = msg_now_us();
+        }
+        if (n_out == n) return 0;
+        double now = msg_now_us();
+        double left = GIVEUP_MS - (now - t0) * 1e-3;
+        if (left <= 0 || stage_stopping())
+            return stp_err_set(err, STP_ETIMEDOUT,
+                               "the storage daemon did not answer for layer %d in %d ms", il,
+                               GIVEUP_MS);
+        if ((now - sent) * 1e-3 > RETRY_MS) {
+            stats_add(a->st, "decision.resends", 1);
+            stage_log(STAGE, "storage daemon silent for %d ms on layer %d: resending", RETRY_MS,
+                      il);
+            int rc = s_send_decision(a, seq, il, ex, cnt, n, DECISION_NEED, err);
+            if (rc) return rc;
+            sent = now;
+        }
+        if (rd[1] || (now - served) * 1e-3 > 20) { /* heartbeats during a long wait */
+            served = now;
+            if (rd[1] || (msg_poll(&a->sock, 1, rd, 0) && rd[0])) s_serve(a, true);
+        }
+        if (res == 0) continue; /* (a Residency came: look again at once) */
+        if (ph)
+            lane_wait((_Atomic uint32_t *)&ph->landed, seen, 1); /* a read lands: woken */
+        else
+            msg_poll(socks, 1, rd, 200);
+    }
 }
 
 /* One reply m (consumed) from worker wi for the batches bs: a batch's ExpertDone clears it, an
@@ -705,32 +761,35 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         stats_latency(a->st, "attention", t2 - t1);
 
         threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
-        /* The resident experts go to the workers now; the ones being read follow as a second
-         * batch when the daemon's Residency says they are in. */
+        /* The resident experts go to the workers now; the ones being read follow as they
+         * land (s_dispatch_landing). */
         int nb = 0;
         double t3 = t2; /* the weights are all in */
         /* looked up again: a (prefetch) read may have landed during attention; when all did,
          * the layer does not wait, and the Residency reply is dropped later as stale */
         if (!resident && (n_ready = s_pool_lookup(a, il, ex, n, loc, ready)) == n)
             stats_add(a->st, "residency.landed", 1);
+        s_drain_storage(a);
         if (n_ready == n) {
-            s_drain_storage(a);
             if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
         } else {
             if (n_ready &&
                 (rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, true, n, err)))
                 return rc;
-            if ((rc = s_wait_residency(a, seq, il, ex, cnt, n, loc, err))) return rc;
-            t3 = msg_now_us();
-            if ((rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, false, n, err)))
+            if ((rc =
+                     s_dispatch_landing(a, seq, il, T, ex, cnt, n, ready, a->batch, &nb, &t3, err)))
                 return rc;
         }
         if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
         double t4 = msg_now_us();
-        /* stall: the wait for weights not covered by the first batch's compute */
-        double stall = (t3 - t2) - (nb == 2 ? a->batch[0].compute_us : 0);
+        /* stall: the wait for weights not covered by the earlier batches' compute */
+        double compute = 0, covered = 0;
+        for (int i = 0; i < nb; i++) {
+            compute += a->batch[i].compute_us;
+            if (i < nb - 1) covered += a->batch[i].compute_us;
+        }
+        double stall = (t3 - t2) - covered;
         if (stall < 0) stall = 0;
-        double compute = a->batch[0].compute_us + (nb == 2 ? a->batch[1].compute_us : 0);
         double ipc = (t4 - t2) - stall - compute;
         if (ipc < 0) ipc = 0;
         a->ipc_us += ipc;

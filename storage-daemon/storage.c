@@ -14,6 +14,7 @@
 #include "io/io.h"
 #include "kern/kern.h"
 #include "layout/layout.h"
+#include "msg/lane.h"
 #include "model/attention.h"
 #include "model/kv_cache.h"
 #include "msg/msg.h"
@@ -399,7 +400,7 @@ static int s_resident(const storage *s, const int32_t *need, int n) {
 static int s_reap(storage *s, bool wait) {
     pool_header *h = (pool_header *)s->pool.base;
     io_done d[32];
-    int got = io_reap(s->io, d, 32, wait), finished = 0;
+    int got = io_reap(s->io, d, 32, wait), finished = 0, landed = 0;
     for (int i = 0; i < got; i++) {
         int e = (int)d[i].tag;
         if (d[i].rc) {
@@ -417,7 +418,12 @@ static int s_reap(storage *s, bool wait) {
             s_release(s, e);
         } else {
             __atomic_store_n(&h->slots[e].state, POOL_READY, __ATOMIC_RELEASE);
+            landed++;
         }
+    }
+    if (landed) { /* the attention worker may be sleeping on it (shm.h) */
+        atomic_fetch_add_explicit(&h->landed, 1, memory_order_release);
+        lane_wake(&h->landed);
     }
     if (got) s_pump(s);
     return finished;

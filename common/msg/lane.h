@@ -35,7 +35,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #define LANE_MAX 16        /* lanes in a region: one per expert worker index */
-#define LANE_DEPTH 4       /* entries per ring (a layer has at most 2 batches in flight) */
+#define LANE_DEPTH 4       /* entries per ring (a layer has at most 4 batches: attn.c) */
 #define LANE_MSG_MAX 4088u /* bytes of one packed message (64 experts of work take ~1.8 KB) */
 
 typedef struct lane_entry {

@@ -21,6 +21,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "util/stp_err.h"
@@ -43,7 +44,7 @@ bool shm_region_current(const shm_region *r);
 
 /* ---- weight pool ---- */
 #define POOL_MAGIC 0x4c4f4f50u /* "POOL" */
-#define POOL_VERSION 2u
+#define POOL_VERSION 3u
 #define POOL_DOWN_T 1u /* flags: down parts are down_t images (common/model/down_t.h) */
 /* flags: gate parts are q4_0x16 images (kern_q4_0x16_pack of the GGUF rows; same size), set
  * when every layer's gate is Q4_0 with n_ff_exp % 16 == 0; up stays in GGUF rows */
@@ -69,7 +70,11 @@ typedef struct pool_header {
     uint64_t size;        /* whole segment */
     uint64_t data_offset; /* first slot byte */
     uint64_t flags;       /* POOL_DOWN_T | POOL_GATE_X16 | POOL_COMPLETE */
-    pool_slot slots[];    /* [layer * n_expert + expert] */
+    /* bumped, then futex-woken, after slots become READY: the attention worker sleeps on it
+     * while a layer's experts are being read and dispatches each as it lands */
+    _Atomic uint32_t landed;
+    uint32_t pad;
+    pool_slot slots[]; /* [layer * n_expert + expert] */
 } pool_header;
 
 /* Bytes of header + table, rounded to POOL_ALIGN. */
