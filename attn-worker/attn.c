@@ -31,7 +31,17 @@
     30000 /* then fail the eval (the coordinator retries it twice: > the                           \
            * supervisor's 30 s restart backoff) */
 
-typedef enum { DECISION_NEED, DECISION_HINT, DECISION_PREFETCH } decision_kind;
+/* need: the layer waits for the Residency; quiet: a need answered only with an error (the
+ * layer takes its experts from the pool table as they land); hint: all resident; prefetch: the
+ * next layer's prediction */
+typedef enum { DECISION_NEED, DECISION_QUIET, DECISION_HINT, DECISION_PREFETCH } decision_kind;
+
+/* A hint held back until the next message to the daemon (s_send_decision). */
+typedef struct pending_hint {
+    uint64_t seq;
+    int layer, n;
+    uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS];
+} pending_hint;
 
 /* One dispatch of a layer's experts: the resident ones go out at once, the ones the storage
  * daemon is still reading follow in more batches as they land (at most ATTN_BATCHES in all). */
@@ -79,6 +89,8 @@ struct attn_worker {
     stats *st;
     uint64_t seq; /* per-layer message sequence, increasing across restarts */
     work_batch batch[ATTN_BATCHES];
+    pending_hint *hints; /* (n_layer) held back, oldest first */
+    int n_hints;
     /* per-eval accumulators */
     double ipc_us;
     uint64_t active, total;
@@ -134,7 +146,8 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->hn = malloc((size_t)E * sizeof(float));
     a->xq = malloc((size_t)E * 4 + 64);
     a->embd_row = malloc(a->m->tok_embd.row_bytes);
-    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq || !a->embd_row) {
+    a->hints = calloc((size_t)c->n_layer, sizeof *a->hints);
+    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq || !a->embd_row || !a->hints) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -211,6 +224,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->hn);
     free(a->xq);
     free(a->embd_row);
+    free(a->hints);
     if (a->embd_fd >= 0) close(a->embd_fd);
     free(a->lane_buf);
     model_close(&a->m);
@@ -243,10 +257,8 @@ static void s_serve(attn_worker *a, bool busy) {
     }
 }
 
-/* A RouterDecision to the storage daemon: a need (blocking send), a hint (all resident: sent
- * only if the queue has room) or a prefetch (the next layer's prediction, also never blocks). */
-static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
-                           const uint32_t *cnt, int n, decision_kind kind, stp_err *err) {
+static int s_send_now(attn_worker *a, uint64_t seq, int il, const uint32_t *ex, const uint32_t *cnt,
+                      int n, decision_kind kind, stp_err *err) {
     Stp__RouterDecision d;
     stp__router_decision__init(&d);
     d.seq = seq;
@@ -257,13 +269,48 @@ static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t 
     d.counts = (uint32_t *)cnt;
     d.prefetch = kind == DECISION_PREFETCH;
     d.hint = kind == DECISION_HINT;
+    d.quiet = kind == DECISION_QUIET;
     Stp__RouterMsg m;
     stp__router_msg__init(&m);
     m.version = STP_PROTO_VERSION;
     m.body_case = STP__ROUTER_MSG__BODY_DECISION;
     m.decision = &d;
-    return kind != DECISION_NEED ? msg_try_send(a->storage, NULL, 0, &m.base, err)
-                                 : msg_send(a->storage, NULL, 0, &m.base, err);
+    bool blocking = kind == DECISION_NEED || kind == DECISION_QUIET;
+    return blocking ? msg_send(a->storage, NULL, 0, &m.base, err)
+                    : msg_try_send(a->storage, NULL, 0, &m.base, err);
+}
+
+/* Sends the held-back hints, oldest first (a hint that finds the daemon's queue full is
+ * dropped: it only counts uses). */
+static void s_flush_hints(attn_worker *a) {
+    for (int i = 0; i < a->n_hints; i++) {
+        const pending_hint *h = &a->hints[i];
+        if (s_send_now(a, h->seq, h->layer, h->ex, h->cnt, h->n, DECISION_HINT, NULL))
+            stats_add(a->st, "decision.dropped", 1);
+    }
+    a->n_hints = 0;
+}
+
+/* A RouterDecision to the storage daemon: a need or a quiet need (blocking send), a hint or a
+ * prefetch (never block). Hints are held back and go out, in order, right before the next
+ * other message (or at the end of the micro-batch): the daemon evicts only while it handles a
+ * need or a prefetch, so it has seen every earlier decision whenever it chooses a victim, and
+ * a run of resident layers costs the daemon and both zmq I/O threads one wake-up instead of
+ * one per layer (each wake-up on 2 cores pre-empts a compute thread). */
+static int s_send_decision(attn_worker *a, uint64_t seq, int il, const uint32_t *ex,
+                           const uint32_t *cnt, int n, decision_kind kind, stp_err *err) {
+    if (kind == DECISION_HINT) {
+        if (a->n_hints == a->m->cfg.n_layer) s_flush_hints(a);
+        pending_hint *h = &a->hints[a->n_hints++];
+        h->seq = seq;
+        h->layer = il;
+        h->n = n;
+        memcpy(h->ex, ex, (size_t)n * sizeof *ex);
+        memcpy(h->cnt, cnt, (size_t)n * sizeof *cnt);
+        return 0;
+    }
+    s_flush_hints(a);
+    return s_send_now(a, seq, il, ex, cnt, n, kind, err);
 }
 
 /* Maps the weight pool (again, when a restarted storage daemon recreated it); once per eval.
@@ -741,14 +788,12 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
         const bool resident = n_ready == n;
         /* (with every expert resident for good there is nothing to tell: no message at all) */
-        int rc = resident && s_pool_complete(a)
-                     ? 0
-                     : s_send_decision(a, seq, il, ex, cnt, n,
-                                       resident ? DECISION_HINT : DECISION_NEED, err);
-        if (rc == STP_EBUSY && resident) {
-            stats_add(a->st, "decision.dropped", 1);
-            rc = 0;
-        }
+        int rc = resident && s_pool_complete(a) ? 0
+                                                : s_send_decision(a, seq, il, ex, cnt, n,
+                                                                  resident       ? DECISION_HINT
+                                                                  : a->pool.base ? DECISION_QUIET
+                                                                                 : DECISION_NEED,
+                                                                  err);
         if (rc) return rc;
         double t1 = msg_now_us();
         stats_latency(a->st, "router", t1 - t0);
@@ -815,6 +860,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
             a->x[i] = a->ffn[i] + a->x[i];
         stats_latency(a->st, "layer", msg_now_us() - t0);
     }
+    s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     a->n_past += T;
     double tl = msg_now_us();
     for (int t = 0; t < T; t++) {

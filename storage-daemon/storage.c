@@ -63,6 +63,7 @@ typedef struct waiter {
     uint32_t experts[STP_MAX_EXPERTS];
     double t0;
     bool decode;
+    bool quiet; /* answered only with an error */
 } waiter;
 
 /* Entries to read, in order (each entry at most once in all queues). */
@@ -688,7 +689,10 @@ static void s_answer_waiters(storage *s) {
             continue;
         }
         if (res == 0) {
-            s_answer(s, w->id, w->id_len, w->seq, w->layer, w->experts, w->need, w->n, w->t0);
+            if (w->quiet)
+                stats_add(s->st, "msg.quiet", 1);
+            else
+                s_answer(s, w->id, w->id_len, w->seq, w->layer, w->experts, w->need, w->n, w->t0);
             if (w->decode) stats_add(s->st, "decode.read_us", (uint64_t)(msg_now_us() - w->t0));
         } else {
             stats_add(s->st, "bad.read", 1);
@@ -740,7 +744,12 @@ static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, doubl
         stats_add(s->st, "msg.hint", 1);
         return;
     }
+    const bool quiet = d->quiet; /* answered only with an error */
     int res = s_resident(s, need, n);
+    if (res == 0 && quiet) {
+        stats_add(s->st, "msg.quiet", 1);
+        return;
+    }
     if (res == 0) return s_answer(s, in->id, in->id_len, d->seq, d->layer, d->experts, need, n, t0);
     if (res < 0) {
         stats_add(s->st, "bad.read", 1);
@@ -758,6 +767,7 @@ static void s_decide(storage *s, msg_in *in, const Stp__RouterDecision *d, doubl
     memcpy(w->experts, d->experts, (size_t)n * sizeof *d->experts);
     w->t0 = t0;
     w->decode = decode;
+    w->quiet = quiet;
 }
 
 static void s_handle(storage *s, msg_in *in) {
