@@ -10,38 +10,43 @@
 #include "cli.h"
 #include "cli_pipeline.h"
 #include "model/engine.h"
+#include "model/kv_cache.h"
 #include "model/sampler.h"
 #include "tokenizer/tokenizer.h"
 
 typedef struct generate_opts {
     const char *model, *prompt, *prompt_ids, *prompt_file, *system, *logits_out, *pipeline;
-    bool chat, ids_out, ignore_eos, no_parse_special, quiet;
+    bool chat, ids_out, ignore_eos, no_parse_special, quiet, kv_f16;
     long long n_predict, threads, ctx;
     sampler_params sp;
 } generate_opts;
 
 static void s_usage(FILE *f) {
-    fprintf(f,
-            "usage: stpipe generate --model FILE (--prompt TEXT | --prompt-ids \"ID ...\" | --file F)\n"
-            "                       [options]\n"
-            "  --model FILE          SmallThinker GGUF file\n"
-            "  --prompt TEXT         prompt text (special tokens like <|im_start|> are parsed)\n"
-            "  --prompt-ids \"I ...\"  prompt as token ids (no tokenizer needed)\n"
-            "  --file F              read the prompt text from F (- for stdin)\n"
-            "  --chat                wrap the prompt as a ChatML user message (+ --system TEXT)\n"
-            "  --system TEXT         system message for --chat\n"
-            "  --n-predict N         tokens to generate (default 64; -1 = until end of text)\n"
-            "  --temp T              temperature (default 0 = greedy, ties to the lowest id)\n"
-            "  --top-k K --top-p P --min-p P   sampling filters (off by default)\n"
-            "  --repeat-penalty R --presence-penalty P --frequency-penalty F\n"
-            "  --seed S              random seed for sampling (default 24301)\n"
-            "  --threads N           compute threads (default 2)\n"
-            "  --ctx-size N          context length (default min(model, 4096))\n"
-            "  --ids                 print generated token ids on one line instead of text\n"
-            "  --ignore-eos          keep generating after an end-of-generation token\n"
-            "  --no-parse-special    treat <|...|> in the prompt as plain text\n"
-            "  --logits-out FILE     write float32 logits of every prompt position [n_prompt][n_vocab]\n"
-            "  --quiet               no timings on stderr\n");
+    fprintf(
+        f,
+        "usage: stpipe generate --model FILE (--prompt TEXT | --prompt-ids \"ID ...\" | --file F)\n"
+        "                       [options]\n"
+        "  --model FILE          SmallThinker GGUF file\n"
+        "  --prompt TEXT         prompt text (special tokens like <|im_start|> are parsed)\n"
+        "  --prompt-ids \"I ...\"  prompt as token ids (no tokenizer needed)\n"
+        "  --file F              read the prompt text from F (- for stdin)\n"
+        "  --chat                wrap the prompt as a ChatML user message (+ --system TEXT)\n"
+        "  --system TEXT         system message for --chat\n"
+        "  --n-predict N         tokens to generate (default 64; -1 = until end of text)\n"
+        "  --temp T              temperature (default 0 = greedy, ties to the lowest id)\n"
+        "  --top-k K --top-p P --min-p P   sampling filters (off by default)\n"
+        "  --repeat-penalty R --presence-penalty P --frequency-penalty F\n"
+        "  --seed S              random seed for sampling (default 24301)\n"
+        "  --threads N           compute threads (default 2)\n"
+        "  --ctx-size N          context length (default min(model, 4096))\n"
+        "  --cache-type T        KV cache f32 (default: llama.cpp's -ctk/-ctv f32 results) or\n"
+        "                        f16 (half the memory; llama.cpp's own default)\n"
+        "  --ids                 print generated token ids on one line instead of text\n"
+        "  --ignore-eos          keep generating after an end-of-generation token\n"
+        "  --no-parse-special    treat <|...|> in the prompt as plain text\n"
+        "  --logits-out FILE     write float32 logits of every prompt position "
+        "[n_prompt][n_vocab]\n"
+        "  --quiet               no timings on stderr\n");
 }
 
 static double s_now(void) {
@@ -74,32 +79,56 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
         if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
             s_usage(stdout);
             return 1;
-        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) { NEEDV o->model = v; }
-        else if (cli_opt_is(a, "--prompt") || cli_opt_is(a, "-p")) { NEEDV o->prompt = v; }
-        else if (cli_opt_is(a, "--prompt-ids")) { NEEDV o->prompt_ids = v; }
-        else if (cli_opt_is(a, "--file") || cli_opt_is(a, "-f")) { NEEDV o->prompt_file = v; }
-        else if (cli_opt_is(a, "--system")) { NEEDV o->system = v; }
-        else if (cli_opt_is(a, "--logits-out")) { NEEDV o->logits_out = v; }
-        else if (cli_opt_is(a, "--pipeline")) { NEEDV o->pipeline = v; }
-        else if (cli_opt_is(a, "--chat")) o->chat = true;
-        else if (cli_opt_is(a, "--ids")) o->ids_out = true;
-        else if (cli_opt_is(a, "--ignore-eos")) o->ignore_eos = true;
-        else if (cli_opt_is(a, "--no-parse-special")) o->no_parse_special = true;
-        else if (cli_opt_is(a, "--quiet")) o->quiet = true;
+        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) {
+            NEEDV o->model = v;
+        } else if (cli_opt_is(a, "--prompt") || cli_opt_is(a, "-p")) {
+            NEEDV o->prompt = v;
+        } else if (cli_opt_is(a, "--prompt-ids")) {
+            NEEDV o->prompt_ids = v;
+        } else if (cli_opt_is(a, "--file") || cli_opt_is(a, "-f")) {
+            NEEDV o->prompt_file = v;
+        } else if (cli_opt_is(a, "--system")) {
+            NEEDV o->system = v;
+        } else if (cli_opt_is(a, "--logits-out")) {
+            NEEDV o->logits_out = v;
+        } else if (cli_opt_is(a, "--pipeline")) {
+            NEEDV o->pipeline = v;
+        } else if (cli_opt_is(a, "--chat"))
+            o->chat = true;
+        else if (cli_opt_is(a, "--ids"))
+            o->ids_out = true;
+        else if (cli_opt_is(a, "--ignore-eos"))
+            o->ignore_eos = true;
+        else if (cli_opt_is(a, "--no-parse-special"))
+            o->no_parse_special = true;
+        else if (cli_opt_is(a, "--quiet"))
+            o->quiet = true;
         else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
             NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
         } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
             NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
         } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
             NEEDV if (cli_parse_int(v, a, 1, 1 << 24, &o->ctx)) return 2;
+        } else if (cli_opt_is(a, "--cache-type")) {
+            NEEDV stp_err e = {0};
+            if (kv_cache_parse_type(v, &o->kv_f16, &e)) {
+                fprintf(stderr, "stpipe generate: %s\n", e.msg);
+                return 2;
+            }
         } else {
-            fprintf(stderr, "stpipe generate: unknown option '%s' (see stpipe generate --help)\n", a);
+            fprintf(stderr, "stpipe generate: unknown option '%s' (see stpipe generate --help)\n",
+                    a);
             return 2;
         }
 #undef NEEDV
     }
     if (!o->model && !o->pipeline) {
         fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
+        return 2;
+    }
+    if (o->pipeline && o->kv_f16) {
+        fprintf(stderr, "stpipe generate: a pipeline's cache type is set when it starts "
+                        "(deploy/stpipe-up --cache-type f16)\n");
         return 2;
     }
     if (!!o->prompt + !!o->prompt_ids + !!o->prompt_file != 1) {
@@ -227,7 +256,10 @@ int cli_generate(int argc, char **argv) {
         fprintf(stderr, "stpipe generate: the prompt is empty (no tokens)\n");
         goto out;
     }
-    engine_params ep = {.n_threads = (int)o.threads, .n_ctx = (int)o.ctx, .progress = cli_progress};
+    engine_params ep = {.n_threads = (int)o.threads,
+                        .n_ctx = (int)o.ctx,
+                        .kv_f16 = o.kv_f16,
+                        .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);
         goto out;
@@ -269,7 +301,8 @@ int cli_generate(int argc, char **argv) {
         fclose(f);
         memmove(logits, logits + (size_t)(n_prompt - 1) * V, sizeof(float) * V);
     }
-    for (int i = 0; i < n_prompt; i++) sampler_accept(smp, ids[i]);
+    for (int i = 0; i < n_prompt; i++)
+        sampler_accept(smp, ids[i]);
 
     tok_stream ts;
     if (tok) tok_stream_init(&ts, tok);
@@ -299,7 +332,8 @@ int cli_generate(int argc, char **argv) {
     }
     double t_gen = s_now() - t0;
     if (o.ids_out) {
-        for (int i = 0; i < n_gen; i++) printf(i ? " %d" : "%d", gen[i]);
+        for (int i = 0; i < n_gen; i++)
+            printf(i ? " %d" : "%d", gen[i]);
         printf("\n");
     } else {
         size_t nb = tok_stream_flush(&ts, buf, sizeof buf);

@@ -157,7 +157,7 @@ int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts 
     p->non_expert = m->weight_bytes - m->expert_bytes;
     kv_cache *kv = NULL; /* calloc'd, never touched here */
     attn_scratch *as = NULL;
-    int rc = kv_cache_new(&kv, c, p->n_ctx, p->n_ubatch, err);
+    int rc = kv_cache_new(&kv, c, p->n_ctx, p->n_ubatch, o->kv_f16, err);
     if (!rc) rc = attn_scratch_new(&as, c, p->n_ubatch, p->n_ctx, 1, err);
     if (rc) {
         kv_cache_destroy(&kv);

@@ -26,7 +26,8 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     attn_scratch *s = calloc(1, sizeof *s);
     if (!s) return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");
     const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
-                 Q = (size_t)cfg->n_head * cfg->head_dim, KV = (size_t)cfg->n_head_kv * cfg->head_dim;
+                 Q = (size_t)cfg->n_head * cfg->head_dim,
+                 KV = (size_t)cfg->n_head_kv * cfg->head_dim;
     s->n_ubatch = n_ubatch;
     s->n_ctx = n_ctx;
     s->n_threads = n_threads;
@@ -39,7 +40,8 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->proj = malloc(T * E * sizeof(float));
     s->scores = malloc((size_t)n_threads * (size_t)n_ctx * sizeof(double));
     s->xq = malloc(xq_bytes);
-    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + 2 * (size_t)n_threads * n_ctx) * sizeof(float) + xq_bytes;
+    s->bytes =
+        (T * (2 * E + 2 * Q + 2 * KV) + 2 * (size_t)n_threads * n_ctx) * sizeof(float) + xq_bytes;
     if (!s->hn || !s->qkv || !s->o || !s->proj || !s->scores || !s->xq) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");
@@ -94,9 +96,15 @@ static void s_attend(const attn_section *a, int t, int h, double *sc) {
     const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
     const attn_head_args ha = {
         .q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)h * D,
-        .k = a->kvl->k + (size_t)g * D,
-        .v = a->kvl->v + (size_t)g * D,
-        .stride = KV, .cap = a->kvl->cap, .lo = lo, .hi = p, .D = D,
+        .k = a->kvl->k ? a->kvl->k + (size_t)g * D : NULL,
+        .v = a->kvl->v ? a->kvl->v + (size_t)g * D : NULL,
+        .kh = a->kvl->kh ? a->kvl->kh + (size_t)g * D : NULL,
+        .vh = a->kvl->vh ? a->kvl->vh + (size_t)g * D : NULL,
+        .stride = KV,
+        .cap = a->kvl->cap,
+        .lo = lo,
+        .hi = p,
+        .D = D,
         .out = a->o + (size_t)t * Q + (size_t)h * D,
         .sc = sc,
     };
@@ -111,11 +119,12 @@ static void s_attn_worker(void *p, int ith, int nth) {
     long b, e;
     threadpool_chunk((long)a->T * a->cfg->n_head, ith, nth, 1, &b, &e);
     double *sc = a->scores + (size_t)ith * a->n_ctx;
-    for (long i = b; i < e; i++) s_attend(a, (int)(i / a->cfg->n_head), (int)(i % a->cfg->n_head), sc);
+    for (long i = b; i < e; i++)
+        s_attend(a, (int)(i / a->cfg->n_head), (int)(i % a->cfg->n_head), sc);
 }
 
-void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x,
-                       int T, int pos0, attn_scratch *s) {
+void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
+                       int pos0, attn_scratch *s) {
     const model_config *c = &m->cfg;
     const layer_weights *L = &m->layers[il];
     const int E = c->n_embd, D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
@@ -144,9 +153,16 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
             xq += stride * T;
         }
         stride_prev = stride;
-        jobs[i] = (mm_job){.type = w->type, .n_cols = E, .w = w->data, .row_bytes = w->row_bytes,
-                           .xq = xqi, .xq_stride = stride, .n_vec = T, .y = s->qkv + off[i],
-                           .y_stride = (size_t)W, .n_rows = w->n_rows,
+        jobs[i] = (mm_job){.type = w->type,
+                           .n_cols = E,
+                           .w = w->data,
+                           .row_bytes = w->row_bytes,
+                           .xq = xqi,
+                           .xq_stride = stride,
+                           .n_vec = T,
+                           .y = s->qkv + off[i],
+                           .y_stride = (size_t)W,
+                           .n_rows = w->n_rows,
                            .wp = model_packed(w, 0)};
     }
     ops_mm_run(cc, jobs, 3);
@@ -159,14 +175,22 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
             ops_rope_neox(row + Q, c->n_head_kv, D, pos0 + t, c->rope_base);
         }
         int slot = kv_cache_slot(kvl, pos0 + t);
-        memcpy(kvl->k + (size_t)slot * KV, row + Q, sizeof(float) * KV);
-        memcpy(kvl->v + (size_t)slot * KV, row + Q + KV, sizeof(float) * KV);
+        if (kvl->k) {
+            memcpy(kvl->k + (size_t)slot * KV, row + Q, sizeof(float) * KV);
+            memcpy(kvl->v + (size_t)slot * KV, row + Q + KV, sizeof(float) * KV);
+        } else { /* float16 cache: rounded to nearest even, as ggml's F16 cache */
+            for (int i = 0; i < KV; i++) {
+                kvl->kh[(size_t)slot * KV + i] = kern_f32_to_fp16(row[Q + i]);
+                kvl->vh[(size_t)slot * KV + i] = kern_f32_to_fp16(row[Q + KV + i]);
+            }
+        }
     }
 
-    attn_section a = {c, kvl, s->qkv, s->o, s->scores, T, pos0, s->n_ctx,
-                      strcmp(cc->ops->level, "ref") != 0};
+    attn_section a = {
+        c, kvl, s->qkv, s->o, s->scores, T, pos0, s->n_ctx, strcmp(cc->ops->level, "ref") != 0};
     threadpool_run(cc->tp, s_attn_worker, &a);
 
     ops_matmul(cc, &L->wo, 0, s->o, T, s->proj, s->xq);
-    for (size_t i = 0; i < (size_t)T * E; i++) x[i] = s->proj[i] + x[i];
+    for (size_t i = 0; i < (size_t)T * E; i++)
+        x[i] = s->proj[i] + x[i];
 }

@@ -16,8 +16,8 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
 void attn_scratch_destroy(attn_scratch **self_p);
 size_t attn_scratch_bytes(const attn_scratch *s);
 
-void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x,
-                       int T, int pos0, attn_scratch *s);
+void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
+                       int pos0, attn_scratch *s);
 
 /* The router logits of layer il for T residual vectors: (T x n_expert), F32 weights. */
 void attention_router(const compute_ctx *cc, const model *m, int il, const float *x, int T,

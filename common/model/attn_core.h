@@ -2,23 +2,28 @@
  * (generic code) and by attention_avx2.c (built with AVX2+FMA and vectorised). Both builds
  * compute in the same order, so they give the same bits: scores q·k in double as four partial
  * sums (dims i mod 4), softmax with libm exp in double, the value sum in double per dimension
- * in key order, one rounding to float at the end. */
+ * in key order, one rounding to float at the end. A float16 cache (kh/vh instead of k/v) is
+ * widened to float exactly as it is read, so the arithmetic is the same. */
 #ifndef STP_ATTN_CORE_H
 #define STP_ATTN_CORE_H
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#include "kern/kern.h"
 
 typedef struct attn_head_args {
-    const float *q;   /* (D) query, rotated */
-    const float *k;   /* key of slot 0 for this kv head; slot s at k + s * stride */
-    const float *v;   /* value of slot 0 for this kv head */
-    int stride;       /* floats between slots */
-    int cap;          /* slots in the cache (position j lives in slot j % cap) */
-    int lo, hi;       /* positions attended: lo..hi inclusive */
-    int D;            /* head dim (multiple of 4; <= 1024) */
-    float *out;       /* (D) */
-    double *sc;       /* (hi - lo + 1) scratch */
+    const float *q;          /* (D) query, rotated */
+    const float *k;          /* key of slot 0 for this kv head; slot s at k + s * stride */
+    const float *v;          /* value of slot 0 for this kv head */
+    const uint16_t *kh, *vh; /* the same in a float16 cache (k and v NULL) */
+    int stride;              /* floats between slots */
+    int cap;                 /* slots in the cache (position j lives in slot j % cap) */
+    int lo, hi;              /* positions attended: lo..hi inclusive */
+    int D;                   /* head dim (multiple of 4; <= 1024) */
+    float *out;              /* (D) */
+    double *sc;              /* (hi - lo + 1) scratch */
 } attn_head_args;
 
 void attn_head_generic(const attn_head_args *a);
@@ -41,8 +46,12 @@ static inline void attn_core_head(const attn_head_args *a) {
     double *sc = a->sc;
     const int slot0 = a->lo % a->cap;
     double max = -INFINITY;
+    float wide[1024]; /* a float16 row, widened */
     for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
-        const float *k = a->k + (size_t)slot * a->stride;
+        const float *k = a->k ? a->k + (size_t)slot * a->stride : wide;
+        if (!a->k)
+            for (int i = 0; i < D; i++)
+                wide[i] = kern_fp16_to_f32(a->kh[(size_t)slot * a->stride + i]);
         const double w = attn_core_dot(a->q, k, D) * scale;
         sc[j] = w;
         max = w > max ? w : max;
@@ -53,13 +62,19 @@ static inline void attn_core_head(const attn_head_args *a) {
         sum += sc[j];
     }
     double acc[1024];
-    for (int i = 0; i < D; i++) acc[i] = 0.0;
+    for (int i = 0; i < D; i++)
+        acc[i] = 0.0;
     for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
-        const float *v = a->v + (size_t)slot * a->stride;
+        const float *v = a->v ? a->v + (size_t)slot * a->stride : wide;
+        if (!a->v)
+            for (int i = 0; i < D; i++)
+                wide[i] = kern_fp16_to_f32(a->vh[(size_t)slot * a->stride + i]);
         const double w = sc[j];
-        for (int i = 0; i < D; i++) acc[i] += w * (double)v[i];
+        for (int i = 0; i < D; i++)
+            acc[i] += w * (double)v[i];
     }
-    for (int i = 0; i < D; i++) a->out[i] = (float)(acc[i] / sum);
+    for (int i = 0; i < D; i++)
+        a->out[i] = (float)(acc[i] / sum);
 }
 
 #endif

@@ -46,7 +46,8 @@ int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0
     int16_t isum_lo[DOWN_T_MAX_EMBD / 2], isum_hi[DOWN_T_MAX_EMBD / 2]; /* rows k, k + H */
     float acc_lo[DOWN_T_MAX_EMBD / 2], acc_hi[DOWN_T_MAX_EMBD / 2];
     int64_t computed = 0;
-    for (int k = 0; k < n; k++) acc_lo[k] = acc_hi[k] = 0.0f;
+    for (int k = 0; k < n; k++)
+        acc_lo[k] = acc_hi[k] = 0.0f;
     for (int g = 0; g < n_ff / 32; g++) {
         const block_q8_0 *ab = &a[g];
         const uint8_t *gimg = img + (size_t)g * down_t_group_bytes(n_embd);

@@ -27,13 +27,13 @@ struct engine {
     attn_scratch *as;
     moe_scratch *ms;
     int n_ctx, n_ubatch, n_past;
-    float *x;        /* (n_ubatch, n_embd) residual */
-    float *h;        /* (n_ubatch, n_embd) normed */
-    float *ffn;      /* (n_ubatch, n_embd) */
-    float *rlogits;  /* (n_ubatch, n_expert) */
-    int32_t *sel;    /* (n_ubatch, n_expert_used) */
-    float *selw;     /* (n_ubatch, n_expert_used) */
-    uint8_t *xq;     /* LM-head activations */
+    float *x;       /* (n_ubatch, n_embd) residual */
+    float *h;       /* (n_ubatch, n_embd) normed */
+    float *ffn;     /* (n_ubatch, n_embd) */
+    float *rlogits; /* (n_ubatch, n_expert) */
+    int32_t *sel;   /* (n_ubatch, n_expert_used) */
+    float *selw;    /* (n_ubatch, n_expert_used) */
+    uint8_t *xq;    /* LM-head activations */
     engine_stats stats;
 };
 
@@ -56,7 +56,7 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     if (rc) goto fail;
     e->cc.ops = kern_ops_get();
     e->cc.tp = e->tp;
-    rc = kv_cache_new(&e->kv, c, n_ctx, n_ubatch, err);
+    rc = kv_cache_new(&e->kv, c, n_ctx, n_ubatch, p->kv_f16, err);
     if (rc) goto fail;
     rc = attn_scratch_new(&e->as, c, n_ubatch, n_ctx, n_threads, err);
     if (rc) goto fail;
@@ -134,7 +134,8 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
 
     engine_stats *st = &e->stats;
     uint64_t t0 = s_ns(), t1;
-    for (int t = 0; t < T; t++) ops_embed(&e->cc, &m->tok_embd, tokens[t], e->x + (size_t)t * E);
+    for (int t = 0; t < T; t++)
+        ops_embed(&e->cc, &m->tok_embd, tokens[t], e->x + (size_t)t * E);
     t1 = s_ns();
     st->ns_embed += t1 - t0;
 
@@ -154,7 +155,8 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
                       e->selw + (size_t)t * K);
         }
         moe_forward(&e->cc, m, il, e->h, T, e->sel, e->selw, e->ffn, e->ms, &e->stats);
-        for (size_t i = 0; i < (size_t)T * E; i++) e->x[i] = e->ffn[i] + e->x[i];
+        for (size_t i = 0; i < (size_t)T * E; i++)
+            e->x[i] = e->ffn[i] + e->x[i];
         t0 = t1;
         t1 = s_ns();
         st->ns_moe += t1 - t0;

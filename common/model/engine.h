@@ -13,9 +13,10 @@
 #include "model/model.h"
 
 typedef struct engine_params {
-    int n_threads; /* team size (>= 1) */
-    int n_ctx;     /* context length in tokens; 0 = min(model's, 4096) */
-    int n_ubatch;  /* tokens per forward micro-batch; 0 = 512 */
+    int n_threads;   /* team size (>= 1) */
+    int n_ctx;       /* context length in tokens; 0 = min(model's, 4096) */
+    int n_ubatch;    /* tokens per forward micro-batch; 0 = 512 */
+    bool kv_f16;     /* float16 KV cache (llama.cpp's -ctk/-ctv f16) instead of float32 */
     bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing; /* keep every matrix in the file's layout (for comparisons) */
     bool lazy;       /* build packed/neuron-major images on first use instead of at load */
@@ -24,10 +25,10 @@ typedef struct engine_params {
 } engine_params;
 
 typedef struct engine_stats {
-    uint64_t tokens;          /* tokens evaluated */
-    uint64_t neurons_total;   /* expert neurons evaluated (token x expert x n_ff) */
-    uint64_t neurons_active;  /* of which relu(gate) > 0 */
-    uint64_t down_neurons;    /* neurons whose `down` column was read (sparse down skips the rest) */
+    uint64_t tokens;         /* tokens evaluated */
+    uint64_t neurons_total;  /* expert neurons evaluated (token x expert x n_ff) */
+    uint64_t neurons_active; /* of which relu(gate) > 0 */
+    uint64_t down_neurons;   /* neurons whose `down` column was read (sparse down skips the rest) */
     uint64_t ns_embed, ns_router, ns_attn, ns_moe, ns_head; /* time per stage, nanoseconds */
 } engine_stats;
 
@@ -41,7 +42,7 @@ void engine_destroy(engine **self_p);
  * the context would overflow (nothing is changed then). */
 int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
                 stp_err *err);
-void engine_reset(engine *e);   /* forget the sequence (KV cache emptied) */
+void engine_reset(engine *e); /* forget the sequence (KV cache emptied) */
 int engine_n_past(const engine *e);
 int engine_n_ctx(const engine *e);
 size_t engine_kv_bytes(const engine *e);

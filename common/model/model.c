@@ -25,13 +25,15 @@ static int s_view(const model *m, tensor_view *v, const char *name, view_req req
                            path, name, tensor_type_name(t->type));
     int64_t ne[3] = {t->ne[0], t->n_dims > 1 ? t->ne[1] : 1, t->n_dims > 2 ? t->ne[2] : 1};
     bool ok = (int)t->n_dims <= req.n_dims && (t->n_dims < 4 || t->ne[3] == 1);
-    for (int i = 0; i < 3; i++) ok = ok && ne[i] == (i < req.n_dims ? req.ne[i] : 1);
+    for (int i = 0; i < 3; i++)
+        ok = ok && ne[i] == (i < req.n_dims ? req.ne[i] : 1);
     if (!ok)
-        return stp_err_set(err, STP_EFORMAT,
-                           "%s: tensor '%s' has shape [%lld, %lld, %lld], expected [%lld, %lld, %lld]",
-                           path, name, (long long)ne[0], (long long)ne[1], (long long)ne[2],
-                           (long long)req.ne[0], (long long)(req.n_dims > 1 ? req.ne[1] : 1),
-                           (long long)(req.n_dims > 2 ? req.ne[2] : 1));
+        return stp_err_set(
+            err, STP_EFORMAT,
+            "%s: tensor '%s' has shape [%lld, %lld, %lld], expected [%lld, %lld, %lld]", path, name,
+            (long long)ne[0], (long long)ne[1], (long long)ne[2], (long long)req.ne[0],
+            (long long)(req.n_dims > 1 ? req.ne[1] : 1),
+            (long long)(req.n_dims > 2 ? req.ne[2] : 1));
     snprintf(v->name, sizeof v->name, "%.*s", (int)(t->name.len < 63 ? t->name.len : 63),
              t->name.ptr);
     v->data = t->data;
@@ -73,8 +75,8 @@ int model_open(model **out, const char *path, stp_err *err) {
     if (rc) goto fail;
     const model_config *c = &m->cfg;
     if (gguf_tensor_count(m->gguf) == 0) {
-        rc = stp_err_set(err, STP_EFORMAT, "%s: the file holds no tensors (a vocabulary-only GGUF?)",
-                         path);
+        rc = stp_err_set(err, STP_EFORMAT,
+                         "%s: the file holds no tensors (a vocabulary-only GGUF?)", path);
         goto fail;
     }
     const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim,
@@ -126,8 +128,8 @@ int model_open(model **out, const char *path, stp_err *err) {
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", il);
         rc = s_norm(m, &L->ffn_norm, name, &slot, err);
         if (rc) goto fail;
-        m->expert_bytes += L->gate_exps.mat_bytes * X + L->up_exps.mat_bytes * X +
-                           L->down_exps.mat_bytes * X;
+        m->expert_bytes +=
+            L->gate_exps.mat_bytes * X + L->up_exps.mat_bytes * X + L->down_exps.mat_bytes * X;
     }
     for (size_t i = 0; i < gguf_tensor_count(m->gguf); i++)
         m->weight_bytes += gguf_tensor_at(m->gguf, i)->nbytes;
@@ -146,7 +148,8 @@ static int s_packable_views(model *m, int which, tensor_view **out, int cap) {
         layer_weights *L = &m->layers[il];
         tensor_view *attn[] = {&L->wq, &L->wk, &L->wv, &L->wo};
         if (which & MODEL_PACK_ATTN)
-            for (size_t i = 0; i < 4 && n < cap; i++) out[n++] = attn[i];
+            for (size_t i = 0; i < 4 && n < cap; i++)
+                out[n++] = attn[i];
         if ((which & MODEL_PACK_GATE) && n < cap) out[n++] = &L->gate_exps;
     }
     return n;
@@ -209,7 +212,8 @@ int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *u
     int rc = 0;
     if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
     int n = s_packable_views(m, MODEL_PACK_ALL, views, cap);
-    for (int i = 0; i < n; i++) cap_items += views[i]->packed ? views[i]->n_mat : 0;
+    for (int i = 0; i < n; i++)
+        cap_items += views[i]->packed ? views[i]->n_mat : 0;
     items = malloc(sizeof *items * (size_t)(cap_items ? cap_items : 1));
     if (!items) {
         rc = stp_err_set(err, STP_ENOMEM, "packing: out of memory");
@@ -270,7 +274,8 @@ void model_close(model **self_p) {
         int n = views ? s_packable_views(m, MODEL_PACK_ALL, views, 1 + 5 * m->cfg.n_layer) : 0;
         for (int i = 0; i < n; i++) {
             if (!views[i]->packed) continue;
-            for (int64_t k = 0; k < views[i]->n_mat; k++) free(views[i]->packed[k]);
+            for (int64_t k = 0; k < views[i]->n_mat; k++)
+                free(views[i]->packed[k]);
             free(views[i]->packed);
         }
         free(views);

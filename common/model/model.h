@@ -15,43 +15,43 @@
 #include "util/threadpool.h"
 
 typedef struct tensor_view {
-    char name[64];     /* GGUF tensor name, for messages */
+    char name[64]; /* GGUF tensor name, for messages */
     const uint8_t *data;
     stp_type type;
-    int64_t n_cols;    /* ne[0]: elements per row (the contiguous, reduced dimension) */
-    int64_t n_rows;    /* ne[1]: output rows */
-    int64_t n_mat;     /* ne[2]: matrices stacked (experts), 1 otherwise */
+    int64_t n_cols; /* ne[0]: elements per row (the contiguous, reduced dimension) */
+    int64_t n_rows; /* ne[1]: output rows */
+    int64_t n_mat;  /* ne[2]: matrices stacked (experts), 1 otherwise */
     size_t row_bytes;
-    size_t mat_bytes;  /* row_bytes * n_rows */
-    uint8_t **packed;  /* (n_mat) row-interleaved Q4_0 images (kern q4_0x16), built on first use
-                        * when packing is enabled and the matrix qualifies; else NULL */
+    size_t mat_bytes;     /* row_bytes * n_rows */
+    uint8_t **packed;     /* (n_mat) row-interleaved Q4_0 images (kern q4_0x16), built on first use
+                           * when packing is enabled and the matrix qualifies; else NULL */
     size_t *packed_total; /* the model's count of packed bytes (with packed) */
 } tensor_view;
 
 typedef struct layer_weights {
-    const float *attn_norm;  /* (n_embd) */
-    const float *ffn_norm;   /* (n_embd) */
-    tensor_view wq;          /* (n_head*head_dim rows, n_embd cols) */
-    tensor_view wk, wv;      /* (n_head_kv*head_dim, n_embd) */
-    tensor_view wo;          /* (n_embd, n_head*head_dim) */
-    tensor_view router;      /* (n_expert, n_embd) ffn_gate_inp */
-    tensor_view gate_exps;   /* (n_expert) x (n_ff_exp, n_embd) */
-    tensor_view up_exps;     /* (n_expert) x (n_ff_exp, n_embd) */
-    tensor_view down_exps;   /* (n_expert) x (n_embd, n_ff_exp) */
+    const float *attn_norm; /* (n_embd) */
+    const float *ffn_norm;  /* (n_embd) */
+    tensor_view wq;         /* (n_head*head_dim rows, n_embd cols) */
+    tensor_view wk, wv;     /* (n_head_kv*head_dim, n_embd) */
+    tensor_view wo;         /* (n_embd, n_head*head_dim) */
+    tensor_view router;     /* (n_expert, n_embd) ffn_gate_inp */
+    tensor_view gate_exps;  /* (n_expert) x (n_ff_exp, n_embd) */
+    tensor_view up_exps;    /* (n_expert) x (n_ff_exp, n_embd) */
+    tensor_view down_exps;  /* (n_expert) x (n_embd, n_ff_exp) */
 } layer_weights;
 
 typedef struct model {
     gguf_file *gguf;
     model_config cfg;
-    char warning[512];       /* non-fatal note from loading ("" if none) */
-    tensor_view tok_embd;    /* (n_vocab, n_embd) */
-    tensor_view output;      /* LM head: output.weight, or tok_embd when tied */
-    const float *output_norm;/* (n_embd) */
-    layer_weights *layers;   /* (n_layer) */
-    float *owned_norms;      /* converted norm vectors when not stored as F32 */
-    size_t weight_bytes;     /* all tensor bytes */
-    size_t expert_bytes;     /* the gate/up/down expert stacks */
-    size_t packed_bytes;     /* row-interleaved images built so far */
+    char warning[512];        /* non-fatal note from loading ("" if none) */
+    tensor_view tok_embd;     /* (n_vocab, n_embd) */
+    tensor_view output;       /* LM head: output.weight, or tok_embd when tied */
+    const float *output_norm; /* (n_embd) */
+    layer_weights *layers;    /* (n_layer) */
+    float *owned_norms;       /* converted norm vectors when not stored as F32 */
+    size_t weight_bytes;      /* all tensor bytes */
+    size_t expert_bytes;      /* the gate/up/down expert stacks */
+    size_t packed_bytes;      /* row-interleaved images built so far */
 } model;
 
 int model_open(model **out, const char *path, stp_err *err);

@@ -6,8 +6,8 @@
 
 #define ARCH "smallthinker"
 
-static int s_get_int(const gguf_file *g, const char *key, int *out, int min, int max,
-                     bool required, stp_err *err) {
+static int s_get_int(const gguf_file *g, const char *key, int *out, int min, int max, bool required,
+                     stp_err *err) {
     uint64_t v;
     int rc = gguf_get_u64(g, key, &v, err);
     if (rc == STP_EINVAL && !required) return 0;
@@ -56,8 +56,8 @@ int model_config_load(model_config *cfg, const gguf_file *g, char *warn, size_t 
     cfg->n_head_kv = -1;
     cfg->head_dim = -1;
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
-        rc = s_get_int(g, ints[i].key, ints[i].dst, ints[i].min, ints[i].max, ints[i].required,
-                       err);
+        rc =
+            s_get_int(g, ints[i].key, ints[i].dst, ints[i].min, ints[i].max, ints[i].required, err);
         if (rc) return rc;
     }
     if (cfg->n_head_kv < 0) cfg->n_head_kv = cfg->n_head;
@@ -81,8 +81,9 @@ int model_config_load(model_config *cfg, const gguf_file *g, char *warn, size_t 
         return stp_err_set(err, STP_EUNSUPPORTED, "%s: key_length %d != value_length %d",
                            gguf_path(g), cfg->head_dim, vlen);
     if (cfg->n_head % cfg->n_head_kv)
-        return stp_err_set(err, STP_EFORMAT, "%s: head_count %d is not a multiple of head_count_kv %d",
-                           gguf_path(g), cfg->n_head, cfg->n_head_kv);
+        return stp_err_set(err, STP_EFORMAT,
+                           "%s: head_count %d is not a multiple of head_count_kv %d", gguf_path(g),
+                           cfg->n_head, cfg->n_head_kv);
     if (cfg->head_dim % 2)
         return stp_err_set(err, STP_EFORMAT, "%s: key_length %d must be even for RoPE",
                            gguf_path(g), cfg->head_dim);

@@ -22,12 +22,12 @@ typedef struct model_config {
     int n_embd;
     int n_head;
     int n_head_kv;
-    int head_dim;        /* attention.key_length (== value_length) */
+    int head_dim; /* attention.key_length (== value_length) */
     int n_vocab;
     int n_ctx_train;
     int n_expert;
     int n_expert_used;
-    int n_ff_exp;        /* expert_feed_forward_length */
+    int n_ff_exp; /* expert_feed_forward_length */
     float rope_base;
     float rms_eps;
     model_gating gating;

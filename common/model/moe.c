@@ -8,19 +8,19 @@
 
 struct moe_scratch {
     int T, K, E, F, X;
-    int32_t *slot_tok;   /* (T*K) token of each (expert-grouped) slot */
-    int32_t *slot_of;    /* (T*K) slot of (t, k) */
-    int32_t *grp_start;  /* (X+1) first slot of each expert */
-    float *g, *u;        /* (T*K, F) */
-    float *y;            /* (T*K, E) expert outputs per slot */
-    int32_t *active;     /* (T*K, F) active neuron lists (single-vector groups) */
-    uint8_t *xq_h;       /* (T*K) quantized inputs for gate/up, grouped */
-    uint8_t *xq_h2;      /* second copy when up's activation type differs from gate's */
-    uint8_t *xq_a;       /* (T*K) quantized activations for down */
+    int32_t *slot_tok;  /* (T*K) token of each (expert-grouped) slot */
+    int32_t *slot_of;   /* (T*K) slot of (t, k) */
+    int32_t *grp_start; /* (X+1) first slot of each expert */
+    float *g, *u;       /* (T*K, F) */
+    float *y;           /* (T*K, E) expert outputs per slot */
+    int32_t *active;    /* (T*K, F) active neuron lists (single-vector groups) */
+    uint8_t *xq_h;      /* (T*K) quantized inputs for gate/up, grouped */
+    uint8_t *xq_h2;     /* second copy when up's activation type differs from gate's */
+    uint8_t *xq_a;      /* (T*K) quantized activations for down */
     size_t bytes;
     uint8_t *pack_up, *pack_down; /* (n_expert) q4_0x16 images packed on the fly in prefill */
     size_t pack_up_bytes, pack_down_bytes; /* per expert */
-    uint8_t **dt_img;    /* (n_layer * n_expert) down_t images, NULL until built */
+    uint8_t **dt_img; /* (n_layer * n_expert) down_t images, NULL until built */
     size_t dt_expert_bytes, dt_bytes;
     int dt_n_layer;
 };
@@ -61,7 +61,8 @@ void moe_scratch_destroy(moe_scratch **self_p) {
     moe_scratch *s = *self_p;
     if (!s) return;
     if (s->dt_img) {
-        for (int i = 0; i < s->dt_n_layer * s->X; i++) free(s->dt_img[i]);
+        for (int i = 0; i < s->dt_n_layer * s->X; i++)
+            free(s->dt_img[i]);
         free(s->dt_img);
     }
     free(s->pack_up);
@@ -159,8 +160,8 @@ static void s_dt_worker(void *p, int ith, int nth) {
 }
 
 /* The single-token down products of slots s0..s0+n over down_t images; false if unavailable. */
-static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scratch *s,
-                          size_t sd, engine_stats *stats) {
+static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scratch *s, size_t sd,
+                          engine_stats *stats) {
     const model_config *c = &m->cfg;
     const layer_weights *L = &m->layers[il];
     if (!s->dt_img || L->down_exps.type != STP_TYPE_Q4_0) return false;
@@ -188,7 +189,8 @@ static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scr
     threadpool_run(cc->tp, s_dt_worker, &d);
     if (stats) {
         int64_t sum = 0;
-        for (int i = 0; i < 64; i++) sum += d.computed[i];
+        for (int i = 0; i < 64; i++)
+            sum += d.computed[i];
         stats->down_neurons += (uint64_t)sum;
     }
     return true;
@@ -226,11 +228,15 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
     const int S = T * K;
 
     /* 1. group the (token, k) slots by expert (counting sort keeps token order) */
-    for (int e = 0; e <= X; e++) s->grp_start[e] = 0;
-    for (int i = 0; i < S; i++) s->grp_start[sel[i] + 1]++;
-    for (int e = 0; e < X; e++) s->grp_start[e + 1] += s->grp_start[e];
+    for (int e = 0; e <= X; e++)
+        s->grp_start[e] = 0;
+    for (int i = 0; i < S; i++)
+        s->grp_start[sel[i] + 1]++;
+    for (int e = 0; e < X; e++)
+        s->grp_start[e + 1] += s->grp_start[e];
     int32_t fill[STP_MAX_EXPERTS];
-    for (int e = 0; e < X; e++) fill[e] = s->grp_start[e];
+    for (int e = 0; e < X; e++)
+        fill[e] = s->grp_start[e];
     for (int i = 0; i < S; i++) {
         int slot = fill[sel[i]]++;
         s->slot_tok[slot] = i / K;
@@ -255,11 +261,16 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         int n = s->grp_start[e + 1] - s->grp_start[e];
         if (!n) continue;
         int s0 = s->grp_start[e];
-        jobs[nj++] = (mm_job){.type = tg, .n_cols = E,
+        jobs[nj++] = (mm_job){.type = tg,
+                              .n_cols = E,
                               .w = L->gate_exps.data + (size_t)e * L->gate_exps.mat_bytes,
                               .row_bytes = L->gate_exps.row_bytes,
-                              .xq = s->xq_h + (size_t)s0 * sg, .xq_stride = sg, .n_vec = n,
-                              .y = s->g + (size_t)s0 * F, .y_stride = (size_t)F, .n_rows = F,
+                              .xq = s->xq_h + (size_t)s0 * sg,
+                              .xq_stride = sg,
+                              .n_vec = n,
+                              .y = s->g + (size_t)s0 * F,
+                              .y_stride = (size_t)F,
+                              .n_rows = F,
                               .wp = model_packed(&L->gate_exps, e)};
     }
     ops_mm_run(cc, jobs, nj);
@@ -273,12 +284,17 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         int n = s->grp_start[e + 1] - s->grp_start[e];
         if (!n) continue;
         int s0 = s->grp_start[e];
-        mm_job j = {.type = tu, .n_cols = E,
+        mm_job j = {.type = tu,
+                    .n_cols = E,
                     .pack_scratch = packing ? s->pack_up + (size_t)e * s->pack_up_bytes : NULL,
                     .w = L->up_exps.data + (size_t)e * L->up_exps.mat_bytes,
-                    .row_bytes = L->up_exps.row_bytes, .xq = xq_up + (size_t)s0 * su,
-                    .xq_stride = su, .n_vec = n, .y = s->u + (size_t)s0 * F,
-                    .y_stride = (size_t)F, .n_rows = F};
+                    .row_bytes = L->up_exps.row_bytes,
+                    .xq = xq_up + (size_t)s0 * su,
+                    .xq_stride = su,
+                    .n_vec = n,
+                    .y = s->u + (size_t)s0 * F,
+                    .y_stride = (size_t)F,
+                    .n_rows = F};
         active_total += ops_count_active(s->g + (size_t)s0 * F, (size_t)n, F);
         if (n == 1) {
             j.rows = s->active + (size_t)s0 * F;
@@ -296,7 +312,8 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
     for (int slot = 0; slot < S; slot++) {
         float *g = s->g + (size_t)slot * F;
         const float *u = s->u + (size_t)slot * F;
-        for (int i = 0; i < F; i++) g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+        for (int i = 0; i < F; i++)
+            g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
         cc->ops->quantize_act(td, g, s->xq_a + (size_t)slot * sd, F);
     }
 
@@ -307,12 +324,18 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
         int n = s->grp_start[e + 1] - s->grp_start[e];
         if (!n) continue;
         int s0 = s->grp_start[e];
-        jobs[nj++] = (mm_job){.type = td, .n_cols = F,
-                              .pack_scratch = packing ? s->pack_down + (size_t)e * s->pack_down_bytes : NULL,
-                              .w = L->down_exps.data + (size_t)e * L->down_exps.mat_bytes,
-                              .row_bytes = L->down_exps.row_bytes,
-                              .xq = s->xq_a + (size_t)s0 * sd, .xq_stride = sd, .n_vec = n,
-                              .y = s->y + (size_t)s0 * E, .y_stride = (size_t)E, .n_rows = E};
+        jobs[nj++] =
+            (mm_job){.type = td,
+                     .n_cols = F,
+                     .pack_scratch = packing ? s->pack_down + (size_t)e * s->pack_down_bytes : NULL,
+                     .w = L->down_exps.data + (size_t)e * L->down_exps.mat_bytes,
+                     .row_bytes = L->down_exps.row_bytes,
+                     .xq = s->xq_a + (size_t)s0 * sd,
+                     .xq_stride = sd,
+                     .n_vec = n,
+                     .y = s->y + (size_t)s0 * E,
+                     .y_stride = (size_t)E,
+                     .n_rows = E};
     }
     ops_mm_run(cc, jobs, nj);
     if (stats) stats->down_neurons += (uint64_t)S * F;
@@ -325,9 +348,11 @@ combine:
             const float wk = w[t * K + k];
             const float *y = s->y + (size_t)s->slot_of[t * K + k] * E;
             if (k == 0)
-                for (int i = 0; i < E; i++) o[i] = y[i] * wk;
+                for (int i = 0; i < E; i++)
+                    o[i] = y[i] * wk;
             else
-                for (int i = 0; i < E; i++) o[i] += y[i] * wk;
+                for (int i = 0; i < E; i++)
+                    o[i] += y[i] * wk;
         }
     }
 }

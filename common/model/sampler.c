@@ -16,7 +16,7 @@ struct sampler {
     int n_vocab;
     uint64_t rng[2];
     cand *c;
-    int32_t *hist;  /* ring of the last penalty_last_n tokens */
+    int32_t *hist; /* ring of the last penalty_last_n tokens */
     int hist_n, hist_pos;
     int32_t *count; /* (n_vocab) occurrences in hist */
 };
@@ -141,7 +141,8 @@ static int s_candidates(sampler *s, const float *logits) {
             if (n < k) {
                 s->c[n++] = c;
                 if (n == k)
-                    for (int j = k / 2 - 1; j >= 0; j--) s_sift_down(s->c, k, j);
+                    for (int j = k / 2 - 1; j >= 0; j--)
+                        s_sift_down(s->c, k, j);
             } else if (s_worse(&s->c[0], &c)) {
                 s->c[0] = c;
                 s_sift_down(s->c, k, 0);
@@ -149,7 +150,8 @@ static int s_candidates(sampler *s, const float *logits) {
         }
     } else {
         float max = logits[0];
-        for (int i = 1; i < V; i++) max = logits[i] > max ? logits[i] : max;
+        for (int i = 1; i < V; i++)
+            max = logits[i] > max ? logits[i] : max;
         const float floor = max - 30.0f * (p->temperature > 1.0f ? p->temperature : 1.0f);
         for (int i = 0; i < V; i++)
             if (logits[i] >= floor) s->c[n++] = (cand){i, logits[i], 0};
@@ -168,7 +170,8 @@ int32_t sampler_sample(sampler *s, float *logits) {
             if (s->count[id] <= 0) continue;
             float *l = &logits[id];
             /* each distinct id once: mark by negating its count, restore below */
-            if (p->repeat_penalty != 1.0f) *l = *l > 0 ? *l / p->repeat_penalty : *l * p->repeat_penalty;
+            if (p->repeat_penalty != 1.0f)
+                *l = *l > 0 ? *l / p->repeat_penalty : *l * p->repeat_penalty;
             *l -= (float)s->count[id] * p->frequency_penalty + p->presence_penalty;
             s->count[id] = -s->count[id];
         }
@@ -184,7 +187,8 @@ int32_t sampler_sample(sampler *s, float *logits) {
         s->c[i].p = expf(s->c[i].logit - s->c[0].logit);
         sum += s->c[i].p;
     }
-    for (int i = 0; i < n; i++) s->c[i].p = (float)(s->c[i].p / sum);
+    for (int i = 0; i < n; i++)
+        s->c[i].p = (float)(s->c[i].p / sum);
     if (p->top_p < 1.0f) {
         double cum = 0;
         int keep = n;
@@ -200,7 +204,8 @@ int32_t sampler_sample(sampler *s, float *logits) {
     if (p->min_p > 0.0f) {
         float thr = s->c[0].p * p->min_p;
         int keep = 1;
-        while (keep < n && s->c[keep].p >= thr) keep++;
+        while (keep < n && s->c[keep].p >= thr)
+            keep++;
         n = keep;
     }
     /* temperature, then draw */

@@ -13,14 +13,14 @@
 #include "util/stp_err.h"
 
 typedef struct sampler_params {
-    float temperature;     /* <= 0: greedy */
-    int top_k;             /* <= 0: off */
-    float top_p;           /* >= 1: off */
-    float min_p;           /* <= 0: off */
-    float repeat_penalty;  /* 1: off */
+    float temperature;    /* <= 0: greedy */
+    int top_k;            /* <= 0: off */
+    float top_p;          /* >= 1: off */
+    float min_p;          /* <= 0: off */
+    float repeat_penalty; /* 1: off */
     float presence_penalty;
     float frequency_penalty;
-    int penalty_last_n;    /* tokens looked back for penalties */
+    int penalty_last_n; /* tokens looked back for penalties */
     uint64_t seed;
 } sampler_params;
 

@@ -19,6 +19,8 @@
 
 #include <numa.h>
 
+#include "model/kv_cache.h"
+
 /* The only mutable file-scope state: written by the signal handler, read by the main loop. */
 static volatile sig_atomic_t s_stop;
 
@@ -33,7 +35,8 @@ bool stage_stopping(void) {
 
 static const char s_usage[] =
     "options: --run-dir DIR --model FILE [--threads N] [--cpus LIST] [--numa-node N]\n"
-    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--parent-pid PID]\n"
+    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--cache-type f32|f16]\n"
+    "         [--parent-pid PID]\n"
     "         [--queue N] [--heartbeat-ms N] [--bind-tcp PORT|ADDR:PORT] [--bind-public]\n"
     "         [--verbose]\n";
 
@@ -52,7 +55,8 @@ bool stage_wants_help(int argc, char **argv, const char *stage, const char *extr
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: stpipe-%s %s%s", stage, s_usage, extra ? extra : "");
-            printf("Started by deploy/stpipe-up (see deploy/README.md); not meant to be run by hand.\n");
+            printf("Started by deploy/stpipe-up (see deploy/README.md); not meant to be run by "
+                   "hand.\n");
             return true;
         }
     return false;
@@ -95,6 +99,8 @@ int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err
             rc = s_int(v, a, 0, 1 << 24, &o->n_ctx, err);
         else if (!strcmp(a, "--ubatch"))
             rc = s_int(v, a, 0, 1 << 16, &o->n_ubatch, err);
+        else if (!strcmp(a, "--cache-type"))
+            rc = kv_cache_parse_type(v, &o->kv_f16, err);
         else if (!strcmp(a, "--parent-pid"))
             rc = s_int(v, a, 0, INT32_MAX, &o->parent_pid, err);
         else if (!strcmp(a, "--queue"))

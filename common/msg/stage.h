@@ -34,6 +34,7 @@ typedef struct stage_opts {
     int workers;      /* number of expert workers (attn-worker) */
     int n_ctx;        /* 0: model default (min(train, 4096)) */
     int n_ubatch;     /* 0: 512 */
+    bool kv_f16;      /* --cache-type f16: float16 KV cache (attention worker; the daemon's plan) */
     int parent_pid;   /* 0: unknown */
     int queue;        /* coordinator: queued requests before "busy" (0: 8) */
     bool verbose;

@@ -171,6 +171,55 @@ static void s_golden_case(const char *stem, int workers, bool lanes) {
     s_down_and_check(&r);
 }
 
+/* --cache-type f16 (stpipe-up, the attention worker's KV cache): the pipeline's prompt logits
+ * and greedy ids are the in-process engine's with the same cache type. */
+static void test_pipeline_f16_cache(void **st) {
+    (void)st;
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-f32");
+    run r;
+    const char *const extra[] = {"--cache-type", "f16", NULL};
+    th_pipe_dir(r.dir, sizeof r.dir, "pipe", "f16");
+    snprintf(s_current_dir, sizeof s_current_dir, "%s", r.dir);
+    assert_int_equal(th_pipe_up(r.dir, g.model, 1, 30, 60, extra), 0);
+    th_pipe_prefix(r.dir, r.prefix, sizeof r.prefix);
+    char pl[1200], il[1200], out[1200], bin[1024];
+    snprintf(pl, sizeof pl, "%s/pipe.logits", r.dir);
+    snprintf(il, sizeof il, "%s/inproc.logits", r.dir);
+    snprintf(out, sizeof out, "%s/inproc.ids", r.dir);
+    int ids[64], n = 0;
+    assert_int_equal(s_generate(&r, &g, 16, pl, ids, &n, NULL), 0);
+    assert_int_equal(n, 16);
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    char *argv[] = {bin,         "generate", "--model",      g.model, "--prompt-ids",
+                    g.ids,       "-n",       "16",           "--ids", "--quiet",
+                    "--threads", "1",        "--cache-type", "f16",   "--logits-out",
+                    il,          NULL};
+    assert_int_equal(th_run(argv, out, 60), 0);
+    char *txt = th_slurp(out, NULL);
+    assert_non_null(txt);
+    char *p = txt;
+    for (int i = 0; i < n; i++)
+        assert_int_equal(strtol(p, &p, 10), ids[i]);
+    free(txt);
+    size_t lp = 0, li = 0;
+    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
+    assert_non_null(bp);
+    assert_non_null(bi);
+    assert_true(lp > 0);
+    assert_int_equal(lp, li);
+    const float *fp = (const float *)bp, *fi = (const float *)bi;
+    double worst = 0;
+    for (size_t i = 0; i < lp / 4; i++) {
+        double d = fabs((double)fp[i] - fi[i]) / fmax(1.0, fabs((double)fi[i]));
+        if (d > worst) worst = d;
+    }
+    free(bp);
+    free(bi);
+    assert_true(worst <= 1e-4);
+    s_down_and_check(&r);
+}
+
 /* `stpipe bench --pipeline`: prompt and generation speed through a running pipeline, with the
  * IPC share of decode and the stages' summed PSS, as JSON. */
 static void test_pipeline_bench(void **st) {
@@ -474,6 +523,7 @@ static void test_pipeline_malformed_messages(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pipeline_dense_1_worker, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_f16_cache, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_bench, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_dense_2_workers, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),
