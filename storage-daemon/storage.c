@@ -101,6 +101,7 @@ struct storage {
      * prefetch) or in flight (chunks[e] reads outstanding) */
     read_queue demand, ahead;
     uint8_t *queued;      /* (NL * X) 1: in demand, 2: in ahead */
+    uint8_t *pf_queued;   /* (NL * X) queued by a prediction (its read counts as a prefetch) */
     uint8_t *chunks;      /* (NL * X) reads in flight */
     uint8_t *failed;      /* (NL * X) a read of the entry failed (answered when its last lands) */
     double *read_t0;      /* (NL * X) when its reads started */
@@ -300,6 +301,7 @@ static void s_assign(storage *s, int e, int f, bool prefetch) {
     const layout_entry *le = &s->lay->e[(size_t)e * 3];
     sl->bytes = le[2].off - le[0].off + le[2].bytes; /* = pool_slot_parts' total */
     s->queued[e] = prefetch ? 2 : 1;
+    s->pf_queued[e] = prefetch;
     s_queue_push(prefetch ? &s->ahead : &s->demand, e);
 }
 
@@ -330,7 +332,7 @@ static void s_pump(storage *s) {
         if (s->chunks[e]) {
             s->n_reading++;
             stats_add(s->st, "read.bytes", len);
-            if (s->prefetched[e]) {
+            if (s->pf_queued[e]) { /* (a prediction, maybe needed since: still its read) */
                 stats_add(s->st, "prefetch.reads", 1);
                 stats_add(s->st, "prefetch.bytes", len);
             }
@@ -464,6 +466,7 @@ static int s_create_pool(storage *s, stp_err *err) {
     s->freq_tick = calloc(n, sizeof(uint64_t));
     s->prefetched = calloc(n, 1);
     s->queued = calloc(n, 1);
+    s->pf_queued = calloc(n, 1);
     s->chunks = calloc(n, 1);
     s->failed = calloc(n, 1);
     s->read_t0 = calloc(n, sizeof(double));
@@ -472,8 +475,8 @@ static int s_create_pool(storage *s, stp_err *err) {
     s->demand.cap = s->ahead.cap = (int)n;
     s->free_frames = calloc((size_t)s->plan.frames, sizeof(int32_t));
     if (!s->frame_owner || !s->entry_frame || !s->last_use || !s->freq || !s->freq_tick ||
-        !s->prefetched || !s->queued || !s->chunks || !s->failed || !s->read_t0 || !s->demand.e ||
-        !s->ahead.e || !s->free_frames)
+        !s->prefetched || !s->queued || !s->pf_queued || !s->chunks || !s->failed || !s->read_t0 ||
+        !s->demand.e || !s->ahead.e || !s->free_frames)
         return stp_err_set(err, STP_ENOMEM, "out of memory");
     for (int f = 0; f < s->plan.frames; f++)
         s->frame_owner[f] = -1;
@@ -577,6 +580,7 @@ void storage_destroy(storage **self_p) {
     free(s->freq_tick);
     free(s->prefetched);
     free(s->queued);
+    free(s->pf_queued);
     free(s->chunks);
     free(s->failed);
     free(s->read_t0);
