@@ -105,6 +105,25 @@ static int s_map_pool(expert_worker *w, stp_err *err) {
     return rc;
 }
 
+/* The weight pool again when the storage daemon was restarted and made a new one (work the
+ * mapped pool cannot serve is the sign: the slot table it names is another pool's). True when
+ * a different pool is mapped now. Costs nothing on the hot path: only failed checks come here. */
+static bool s_remap_pool(expert_worker *w) {
+    if (shm_region_current(&w->pool)) return false;
+    shm_region keep = w->pool;
+    stp_err err = {0};
+    memset(&w->pool, 0, sizeof w->pool);
+    if (s_map_pool(w, &err)) { /* (not ready yet: the work fails, the layer is retried) */
+        shm_region_close(&w->pool);
+        w->pool = keep;
+        return false;
+    }
+    shm_region_close(&keep);
+    stats_add(w->st, "pool.maps", 1);
+    stage_log(w->name, "mapped the storage daemon's new weight pool");
+    return true;
+}
+
 /* Maps the activation region (created by the attention worker, which starts after us) when work
  * names a region other than the mapped one (epoch), or, with epoch NULL, whenever the region
  * under the run's name is not the mapped one (the run loop's look every 250 ms); then takes
@@ -523,7 +542,8 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
         stats_handover(w->st, "handover.in", wk->sent_us);
         if (dup) { /* a resend of finished work: answer again */
             stats_add(w->st, "work.duplicate", 1);
-        } else if (*(bad = s_check(w, wk, buf, sizeof buf))) {
+        } else if (*(bad = s_check(w, wk, buf, sizeof buf)) && !s_remap_pool(w)) {
+        } else if (*bad && *(bad = s_check(w, wk, buf, sizeof buf))) {
         } else if (s_map_act(w, &wk->act_epoch, &me)) {
             bad = me.msg;
         } else if (wk->seq < atomic_load_explicit(&w->lanes->floor, memory_order_acquire)) {

@@ -486,7 +486,6 @@ static int s_create_pool(storage *s, stp_err *err) {
     char name[160];
     if ((rc = stage_shm_name(name, sizeof name, s->o.run_dir, "pool", err))) return rc;
     if ((rc = shm_region_create(&s->pool, name, total, err))) return rc;
-    io_reader_register(s->io, s->pool.base, total); /* best effort: see io.h */
     pool_header *h = (pool_header *)s->pool.base;
     h->magic = POOL_MAGIC;
     h->version = POOL_VERSION;

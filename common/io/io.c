@@ -27,19 +27,12 @@ struct io_reader {
     int depth;
     uint64_t bytes;
     char path[256];
-    /* registered (fixed) buffers: consecutive pieces of [fixed_base, + n_fixed * IO_FIXED_MAX) */
-    uint8_t *fixed_base;
-    size_t fixed_len;
-    int n_fixed;
     int efd; /* eventfd the ring signals on each completion (-1: none) */
     int n_busy;
     s_inflight *fl;     /* (depth) */
     int *pread_rc;      /* (depth) without io_uring: each request's result */
     stp_err *pread_err; /* (depth) */
 };
-
-/* The kernel's limit on one registered buffer. */
-#define IO_FIXED_MAX (1ull << 30)
 
 static int s_open_fd(io_reader *r, const char *path, bool want_direct, stp_err *err) {
     if (want_direct) {
@@ -109,30 +102,8 @@ void io_reader_close(io_reader **self_p) {
 }
 
 const char *io_reader_mode(const io_reader *r) {
-    if (r->n_fixed) return r->direct ? "uring+direct+fixed" : "uring+fixed";
     return r->uring ? (r->direct ? "uring+direct" : "uring")
                     : (r->direct ? "pread+direct" : "pread");
-}
-
-int io_reader_register(io_reader *r, void *base, size_t len) {
-    if (!r->uring || r->n_fixed || !len) return -1;
-    const char *mode = getenv("STP_IO_FIXED");
-    if (mode && !strcmp(mode, "0")) return -1;
-    int n = (int)((len + IO_FIXED_MAX - 1) / IO_FIXED_MAX);
-    struct iovec *iov = calloc((size_t)n, sizeof *iov);
-    if (!iov) return -1;
-    for (int i = 0; i < n; i++) {
-        iov[i].iov_base = (uint8_t *)base + (size_t)i * IO_FIXED_MAX;
-        size_t left = len - (size_t)i * IO_FIXED_MAX;
-        iov[i].iov_len = left < IO_FIXED_MAX ? left : IO_FIXED_MAX;
-    }
-    int rc = io_uring_register_buffers(&r->ring, iov, (unsigned)n);
-    free(iov);
-    if (rc < 0) return -1; /* ENOMEM under RLIMIT_MEMLOCK without CAP_IPC_LOCK, old kernels */
-    r->fixed_base = base;
-    r->fixed_len = len;
-    r->n_fixed = n;
-    return 0;
 }
 
 bool io_reader_direct(const io_reader *r) {
@@ -174,16 +145,8 @@ static int s_pread_one(io_reader *r, const io_req *q, stp_err *err) {
 
 static void s_submit(io_reader *r, s_inflight *f) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    uint8_t *dst = (uint8_t *)f->q.dst + f->done;
-    unsigned len = (unsigned)(f->q.len - f->done);
-    /* inside one registered buffer: the kernel skips pinning the pages for this read */
-    size_t at = (size_t)(dst - r->fixed_base);
-    if (r->n_fixed && dst >= r->fixed_base && at + len <= r->fixed_len &&
-        at / IO_FIXED_MAX == (at + len - 1) / IO_FIXED_MAX)
-        io_uring_prep_read_fixed(sqe, r->fd, dst, len, f->q.off + f->done,
-                                 (int)(at / IO_FIXED_MAX));
-    else
-        io_uring_prep_read(sqe, r->fd, dst, len, f->q.off + f->done);
+    io_uring_prep_read(sqe, r->fd, (uint8_t *)f->q.dst + f->done, (unsigned)(f->q.len - f->done),
+                       f->q.off + f->done);
     io_uring_sqe_set_data(sqe, f);
 }
 

@@ -56,12 +56,7 @@ int io_reap(io_reader *r, io_done *out, int max, bool wait);
 int io_in_flight(const io_reader *r);
 int io_capacity(const io_reader *r);
 int io_fd(const io_reader *r);
-/* Registers [base, base + len) with io_uring as fixed buffers: reads into it then skip the
- * per-read page pinning (~100 us of kernel time per 2 MB O_DIRECT read, measured). The memory is
- * pinned (faulted in) now and stays so until close. Best effort: -1 (nothing changes) without
- * io_uring, when the kernel refuses (RLIMIT_MEMLOCK without CAP_IPC_LOCK) or STP_IO_FIXED=0. */
-int io_reader_register(io_reader *r, void *base, size_t len);
-/* "uring+direct+fixed", "uring+direct", "uring", "pread+direct" or "pread". */
+/* "uring+direct", "uring", "pread+direct" or "pread". */
 const char *io_reader_mode(const io_reader *r);
 bool io_reader_direct(const io_reader *r);
 /* Bytes read so far. */

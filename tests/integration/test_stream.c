@@ -4,7 +4,9 @@
  * the golden greedy ids of a Q4_0 model (down streamed as neuron-major images), through io_uring
  * + O_DIRECT and through the pread fallback; a truncated layout file is rebuilt, not trusted; a
  * budget below the minimum is refused with a message naming the minimum; the decode prefetch of
- * the next layer's predicted experts reads ahead and keeps the ids. */
+ * the next layer's predicted experts reads ahead and keeps the ids; a storage daemon killed
+ * between two requests is restarted with a new pool, which the expert workers map: the next
+ * request gives the same ids. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -192,6 +194,67 @@ static void test_stream_budget_too_small_is_refused_with_minimum(void **st) {
     s_teardown(NULL);
 }
 
+/* Generates n ids of the golden prompt through the pipeline into ids: how many, or -1 when the
+ * generation failed. */
+static int s_gen_ids(const th_golden *g, int n, int *ids) {
+    char bin[1024], out[1200], nb[16];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/gen.out", s_dir);
+    snprintf(nb, sizeof nb, "%d", n);
+    char *argv[] = {bin,  "generate", "--pipeline", s_dir,     "--prompt-ids", (char *)g->ids,
+                    "-n", nb,         "--ids",      "--quiet", "--ignore-eos", NULL};
+    int rc = th_wait(th_spawn(argv, out, NULL), 120);
+    char *txt = th_slurp(out, NULL);
+    int k = 0;
+    for (char *q = txt, *end; q && *q && k < n; q = end) {
+        long v = strtol(q, &end, 10);
+        if (end == q) break;
+        ids[k++] = (int)v;
+    }
+    free(txt);
+    return rc ? -1 : k;
+}
+
+static void test_stream_storage_restart_new_pool_same_ids(void **st) {
+    (void)st;
+    char model[1024];
+    snprintf(model, sizeof model, "%s/tiny-dense-attn-q4_0.gguf", th_env("STP_TEST_DATA"));
+    th_golden g;
+    th_golden_load(&g, "tiny-dense-attn-q4_0");
+    setenv("STP_POOL_EXPERTS", "1", 1); /* every layer streams */
+    unsetenv("STP_IO");
+    assert_int_equal(s_up(model, "restart"), 0);
+    enum { N = 200 };
+    static int ref[N], got[N];
+    assert_int_equal(s_gen_ids(&g, N, ref), N);
+    /* the daemon dies; the supervisor restarts it with a new, empty pool */
+    char rf[1100];
+    snprintf(rf, sizeof rf, "%s/storage.ready", s_dir);
+    char *old = th_slurp(rf, NULL);
+    assert_non_null(old);
+    assert_int_equal(kill(atoi(old), SIGKILL), 0);
+    char *now = NULL;
+    for (int i = 0; i < 300; i++, usleep(100000)) {
+        free(now);
+        now = th_slurp(rf, NULL);
+        if (now && atoi(now) > 0 && atoi(now) != atoi(old)) break;
+    }
+    assert_non_null(now);
+    assert_int_not_equal(atoi(now), atoi(old));
+    free(old);
+    free(now);
+    /* the same request through the new pool: the expert workers map it (before, every layer
+     * failed "not resident" against the dead daemon's pool for good) */
+    assert_int_equal(s_gen_ids(&g, N, got), N);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(got[i], ref[i]);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "grep -q 'new weight pool' %s/expert-*.log", s_dir);
+    assert_int_equal(system(cmd), 0);
+    s_teardown(NULL);
+    unsetenv("STP_POOL_EXPERTS");
+}
+
 int main(void) {
     const struct CMUnitTest t[] = {
         cmocka_unit_test_teardown(test_stream_evicting_pool_gives_golden_ids_uring, s_teardown),
@@ -201,6 +264,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_stream_hybrid_f32_dense_down_golden, s_teardown),
         cmocka_unit_test_teardown(test_stream_prefetch_reads_ahead_golden, s_teardown),
         cmocka_unit_test_teardown(test_stream_budget_too_small_is_refused_with_minimum, s_teardown),
+        cmocka_unit_test_teardown(test_stream_storage_restart_new_pool_same_ids, s_teardown),
     };
     return cmocka_run_group_tests(t, NULL, NULL);
 }
