@@ -591,24 +591,14 @@ void storage_destroy(storage **self_p) {
     *self_p = NULL;
 }
 
-static void s_reply(storage *s, const msg_in *in, Stp__RouterMsg *r) {
+/* Sends r (version set here) to the peer id of the socket. */
+static void s_send_to(storage *s, const uint8_t *id, size_t id_len, Stp__RouterMsg *r) {
     r->version = STP_PROTO_VERSION;
-    if (msg_send(s->sock, in->id, in->id_len, &r->base, NULL)) stats_add(s->st, "send_errors", 1);
+    if (msg_send(s->sock, id, id_len, &r->base, NULL)) stats_add(s->st, "send_errors", 1);
 }
 
-static void s_error(storage *s, const msg_in *in, const char *kind, uint64_t seq, int code,
-                    const char *what) {
-    if (stats_bad(s->st, kind)) stage_log(STAGE, "invalid message (%s): %s", kind, what);
-    Stp__StpError e;
-    stp__stp_error__init(&e);
-    e.code = code;
-    e.what = (char *)what;
-    e.seq = seq;
-    Stp__RouterMsg r;
-    stp__router_msg__init(&r);
-    r.body_case = STP__ROUTER_MSG__BODY_ERROR;
-    r.error = &e;
-    s_reply(s, in, &r);
+static void s_reply(storage *s, const msg_in *in, Stp__RouterMsg *r) {
+    s_send_to(s, in->id, in->id_len, r);
 }
 
 /* Validates a decision; "" when fine, else what is wrong. */
@@ -659,10 +649,9 @@ static void s_answer(storage *s, const uint8_t *id, size_t id_len, uint64_t seq,
     res.ready = ready;
     Stp__RouterMsg r;
     stp__router_msg__init(&r);
-    r.version = STP_PROTO_VERSION;
     r.body_case = STP__ROUTER_MSG__BODY_RESIDENCY;
     r.residency = &res;
-    if (msg_send(s->sock, id, id_len, &r.base, NULL)) stats_add(s->st, "send_errors", 1);
+    s_send_to(s, id, id_len, &r);
     stats_add(s->st, "msg.decision", 1);
     stats_latency(s->st, "decision", msg_now_us() - t0);
 }
@@ -676,10 +665,15 @@ static void s_error_to(storage *s, const uint8_t *id, size_t id_len, uint64_t se
     e.seq = seq;
     Stp__RouterMsg r;
     stp__router_msg__init(&r);
-    r.version = STP_PROTO_VERSION;
     r.body_case = STP__ROUTER_MSG__BODY_ERROR;
     r.error = &e;
-    if (msg_send(s->sock, id, id_len, &r.base, NULL)) stats_add(s->st, "send_errors", 1);
+    s_send_to(s, id, id_len, &r);
+}
+
+static void s_error(storage *s, const msg_in *in, const char *kind, uint64_t seq, int code,
+                    const char *what) {
+    if (stats_bad(s->st, kind)) stage_log(STAGE, "invalid message (%s): %s", kind, what);
+    s_error_to(s, in->id, in->id_len, seq, code, what);
 }
 
 /* Answers the waiting decisions whose experts all landed (or one of which failed). */

@@ -102,6 +102,26 @@ static int s_generate(const run *r, const th_golden *g, int n, const char *logit
     return rc;
 }
 
+/* The float32 logits files pl (pipeline) and il (in-process) have the same size and agree
+ * within 1e-4 relative (to max(1, |logit|)). */
+static void s_logits_match(const char *pl, const char *il) {
+    size_t lp = 0, li = 0;
+    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
+    assert_non_null(bp);
+    assert_non_null(bi);
+    assert_true(lp > 0);
+    assert_int_equal(lp, li);
+    const float *fp = (const float *)bp, *fi = (const float *)bi;
+    double worst = 0;
+    for (size_t i = 0; i < lp / 4; i++) {
+        double d = fabs((double)fp[i] - fi[i]) / fmax(1.0, fabs((double)fi[i]));
+        if (d > worst) worst = d;
+    }
+    free(bp);
+    free(bi);
+    assert_true(worst <= 1e-4);
+}
+
 static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter);
 
 /* Golden ids and logits through a pipeline of `workers` expert workers; lanes: the layer work
@@ -131,21 +151,7 @@ static void s_golden_case(const char *stem, int workers, bool lanes) {
     char *argv[] = {bin,     "generate", "--model",   g.model, "--prompt-ids", g.ids, "-n", "1",
                     "--ids", "--quiet",  "--threads", "1",     "--logits-out", il,    NULL};
     assert_int_equal(th_run(argv, NULL, 60), 0);
-    size_t lp = 0, li = 0;
-    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
-    assert_non_null(bp);
-    assert_non_null(bi);
-    assert_true(lp > 0);
-    assert_int_equal(lp, li);
-    const float *fp = (const float *)bp, *fi = (const float *)bi;
-    double worst = 0;
-    for (size_t i = 0; i < lp / 4; i++) {
-        double d = fabs((double)fp[i] - fi[i]) / fmax(1.0, fabs((double)fi[i]));
-        if (d > worst) worst = d;
-    }
-    free(bp);
-    free(bi);
-    assert_true(worst <= 1e-4);
+    s_logits_match(pl, il);
     /* which carrier the work took: every worker got lane work, or none did */
     void *zctx = zmq_ctx_new();
     uint64_t via_lane = 0, via_zmq = 0;
@@ -202,21 +208,7 @@ static void test_pipeline_f16_cache(void **st) {
     for (int i = 0; i < n; i++)
         assert_int_equal(strtol(p, &p, 10), ids[i]);
     free(txt);
-    size_t lp = 0, li = 0;
-    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
-    assert_non_null(bp);
-    assert_non_null(bi);
-    assert_true(lp > 0);
-    assert_int_equal(lp, li);
-    const float *fp = (const float *)bp, *fi = (const float *)bi;
-    double worst = 0;
-    for (size_t i = 0; i < lp / 4; i++) {
-        double d = fabs((double)fp[i] - fi[i]) / fmax(1.0, fabs((double)fi[i]));
-        if (d > worst) worst = d;
-    }
-    free(bp);
-    free(bi);
-    assert_true(worst <= 1e-4);
+    s_logits_match(pl, il);
     s_down_and_check(&r);
 }
 
