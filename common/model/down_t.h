@@ -22,6 +22,7 @@
 #include "model/model.h"
 
 #define DOWN_T_MAX_EMBD 8192
+#define DOWN_T_MAX_FF 8192
 
 /* Bytes of one expert's down_t image (0 if the type or shape is not supported). */
 size_t down_t_expert_bytes(stp_type type, int n_embd, int n_ff);
@@ -43,5 +44,12 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
  * skipped. Returns the number of neurons computed. */
 int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a, float *y,
                       int k0, int k1);
+/* The two implementations down_t_matvec chooses between by kernel level (same bits): avx2 for
+ * any range, avx512vnni (vpdpbusd over four neurons at a time) for whole 64-row blocks, the
+ * rest of the range through the avx2 one. Only for tests and benchmarks to call directly. */
+int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                           float *y, int k0, int k1);
+int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                             float *y, int k0, int k1);
 
 #endif

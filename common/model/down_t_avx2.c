@@ -11,7 +11,9 @@
 #include <string.h>
 
 size_t down_t_expert_bytes(stp_type type, int n_embd, int n_ff) {
-    if (type != STP_TYPE_Q4_0 || n_ff % 32 || n_embd % 2 || n_embd > DOWN_T_MAX_EMBD) return 0;
+    if (type != STP_TYPE_Q4_0 || n_ff % 32 || n_embd % 2 || n_embd > DOWN_T_MAX_EMBD ||
+        n_ff > DOWN_T_MAX_FF)
+        return 0;
     return (size_t)(n_ff / 32) * down_t_group_bytes(n_embd);
 }
 
@@ -40,8 +42,8 @@ void down_t_build_expert(const tensor_view *down, int64_t e, uint8_t *dst) {
     }
 }
 
-int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a, float *y,
-                      int k0, int k1) {
+int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                           float *y, int k0, int k1) {
     const int H = n_embd / 2, n = k1 - k0;
     int16_t isum_lo[DOWN_T_MAX_EMBD / 2], isum_hi[DOWN_T_MAX_EMBD / 2]; /* rows k, k + H */
     float acc_lo[DOWN_T_MAX_EMBD / 2], acc_hi[DOWN_T_MAX_EMBD / 2];
@@ -80,4 +82,13 @@ int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0
         y[k0 + k + H] = acc_hi[k];
     }
     return computed;
+}
+
+int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a, float *y,
+                      int k0, int k1) {
+    static _Atomic int vnni = -1; /* the kernel level decides, once */
+    int v = vnni;
+    if (v < 0) vnni = v = !strcmp(kern_ops_get()->level, "avx512vnni");
+    return v ? down_t_matvec_avx512(img, n_embd, n_ff, a, y, k0, k1)
+             : down_t_matvec_avx2(img, n_embd, n_ff, a, y, k0, k1);
 }

@@ -116,6 +116,56 @@ static void test_down_t_pack_any_scale(void **state) {
     free(w), free(img);
 }
 
+/* The avx512vnni kernel gives the avx2 kernel's bits over ranges that are not whole 64-row
+ * blocks (its tail goes through the avx2 one) and at the integer extremes: nibbles 0 and 15
+ * against qa = -127 and 127, every neuron active, so each row sum is the largest possible. */
+static void s_check_levels(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a) {
+    float *y1 = malloc(sizeof(float) * n_embd), *y2 = malloc(sizeof(float) * n_embd);
+    const int H = n_embd / 2, cut[] = {0, 80, 144, H - 17, H};
+    int64_t c1 = down_t_matvec_avx2(img, n_embd, n_ff, a, y1, 0, H), c2 = 0;
+    for (int i = 0; i + 1 < 5; i++)
+        c2 += down_t_matvec_avx512(img, n_embd, n_ff, a, y2, cut[i], cut[i + 1]);
+    assert_int_equal(c2, 4 * c1);
+    assert_memory_equal(y1, y2, sizeof(float) * n_embd);
+    free(y1), free(y2);
+}
+
+static void test_down_t_vnni_matches_avx2(void **state) {
+    (void)state;
+    if (strcmp(kern_ops_get()->level, "avx512vnni")) skip();
+    const int n_embd = 1536, n_ff = 768;
+    const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
+    uint8_t *w = malloc(rb * n_embd);
+    block_q8_0 *a = malloc(sizeof(block_q8_0) * (n_ff / 32));
+    uint64_t seed = 11;
+    for (int extreme = 0; extreme < 2; extreme++) {
+        for (size_t i = 0; i < rb * n_embd; i++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            w[i] = extreme ? ((seed >> 60) & 1 ? 0xFF : 0x00) : (uint8_t)(seed >> 56);
+        }
+        for (int r = 0; r < n_embd; r++)
+            for (int b = 0; b < n_ff / 32; b++) /* finite scales: 1.0 or a small random one */
+                ((block_q4_0 *)(w + (size_t)r * rb))[b].d = extreme ? 0x3C00 : (uint16_t)(
+                    0x2000 | ((r * 31 + b) & 0x3FF));
+        for (int b = 0; b < n_ff / 32; b++) {
+            a[b].d = 0x3C00;
+            for (int j = 0; j < 32; j++) {
+                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+                int v = (int)((seed >> 56) & 0xFF) - 128;
+                if (extreme)
+                    v = (seed >> 61) & 1 ? 127 : -127;
+                else if (b % 5 == 0 || (v > -40 && v < 40))
+                    v = 0; /* whole idle groups and a third idle neurons */
+                a[b].qs[j] = (int8_t)(v < -127 ? -127 : v);
+            }
+        }
+        uint8_t *img = s_image(w, rb, n_embd, n_ff);
+        s_check_levels(img, n_embd, n_ff, a);
+        free(img);
+    }
+    free(w), free(a);
+}
+
 static void test_down_t_unsupported_type(void **state) {
     (void)state;
     assert_int_equal(down_t_expert_bytes(STP_TYPE_Q8_0, 64, 32), 0);
@@ -129,6 +179,7 @@ int main(void) {
         cmocka_unit_test(test_down_t_half_idle),
         cmocka_unit_test(test_down_t_mostly_idle),
         cmocka_unit_test(test_down_t_pack_any_scale),
+        cmocka_unit_test(test_down_t_vnni_matches_avx2),
         cmocka_unit_test(test_down_t_unsupported_type),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
