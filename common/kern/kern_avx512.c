@@ -42,8 +42,12 @@ static inline __m512i s_load4x16(const uint8_t *p, size_t o0, size_t o1, size_t 
 }
 
 /* Rows at w + off[k] (k < 16) over blocks bl -> out[0..15]. */
+/* Rows at w + off[k]. Prefetch: with next == NULL, S_PF bytes ahead along each row (long,
+ * consecutive rows); else the whole of the next 16 rows (w + next[k], row_bytes each), a few
+ * lines per block step: listed rows are short and scattered, too short for S_PF to reach. */
 static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8_0 *x,
-                          const int32_t *bl, int64_t nact, float out[16]) {
+                          const int32_t *bl, int64_t nact, float out[16], const size_t *next,
+                          size_t row_bytes) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
     const __m512i vidx = _mm512_setr_epi32((int)off[0], (int)off[1], (int)off[2], (int)off[3],
                                            (int)off[4], (int)off[5], (int)off[6], (int)off[7],
@@ -61,9 +65,14 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
             _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, xlo), eight,
                                 xhi));
         const uint8_t *p = w + (size_t)b * sizeof(block_q4_0);
-        /* software prefetch, S_PF bytes ahead: half of the rows per block (36 < 64 bytes) */
-        for (int k = (int)(i & 1) * 8; k < (int)(i & 1) * 8 + 8; k++)
-            _mm_prefetch((const char *)(p + off[k] + S_PF), _MM_HINT_T0);
+        if (!next) { /* S_PF bytes ahead: half of the rows per block (36 < 64 bytes) */
+            for (int k = (int)(i & 1) * 8; k < (int)(i & 1) * 8 + 8; k++)
+                _mm_prefetch((const char *)(p + off[k] + S_PF), _MM_HINT_T0);
+        } else { /* lines [l0, l1) of the next rows' 16 * lpr */
+            const int64_t lpr = (int64_t)(row_bytes + 127) / 64, tot = 16 * lpr;
+            for (int64_t l = tot * i / nact; l < tot * (i + 1) / nact; l++)
+                _mm_prefetch((const char *)(w + next[l / lpr] + 64 * (l % lpr)), _MM_HINT_T1);
+        }
         __m512i a[4];
         for (int k = 0; k < 4; k++) { /* register k: rows k, 4+k, 8+k, 12+k */
             const __m512i q = s_load4x16(p + 2, off[k], off[4 + k], off[8 + k], off[12 + k]);
@@ -163,7 +172,7 @@ static void s_matvec_q(stp_type wtype, const void *w, size_t rb, const void *xq,
         for (int k = 0; k < per; k++)
             off[k] = (size_t)(k < nr ? k : nr - 1) * rb;
         if (wtype == STP_TYPE_Q4_0)
-            s_q4_0_rows16(wr, off, xq, bl, nact, out);
+            s_q4_0_rows16(wr, off, xq, bl, nact, out, NULL, 0);
         else
             s_q8_0_rows8(wr, off, xq, bl, nact, out);
         for (int k = 0; k < nr; k++)
@@ -209,6 +218,15 @@ static void s_matmat(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
     }
 }
 
+/* off[k] = byte offset of listed row i0 + k for k < per (the last listed row repeated past the
+ * end: computed, then dropped). */
+static void s_rows_off(const int32_t *rows, int64_t n_rows, int64_t i0, int per, size_t row_bytes,
+                       size_t off[16]) {
+    const int nr = n_rows - i0 >= per ? per : (int)(n_rows - i0);
+    for (int k = 0; k < per; k++)
+        off[k] = (size_t)rows[i0 + (k < nr ? k : nr - 1)] * row_bytes;
+}
+
 /* A row subset: groups of 16 (Q4_0) or 8 (Q8_0) listed rows through the same gather kernels. */
 static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                           const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
@@ -220,18 +238,20 @@ static void s_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_b
         return;
     }
     const int per = wtype == STP_TYPE_Q4_0 ? 16 : 8;
+    size_t offs[2][16]; /* this pass's rows and the next's (Q4_0 prefetches the next) */
     for (int64_t i = 0; i < n_rows; i += per) {
         const int nr = n_rows - i >= per ? per : (int)(n_rows - i);
-        size_t off[16];
+        size_t *off = offs[(i / per) & 1], *next = offs[(i / per + 1) & 1];
         float out[16];
-        for (int k = 0; k < per; k++)
-            off[k] = (size_t)rows[i + (k < nr ? k : nr - 1)] * row_bytes;
+        if (i == 0) s_rows_off(rows, n_rows, 0, per, row_bytes, off);
+        const bool more = i + per < n_rows;
+        if (more) s_rows_off(rows, n_rows, i + per, per, row_bytes, next);
         if (wtype == STP_TYPE_Q8_0 && nr == 1) {
             y[rows[i]] = s_q8_0_row1((const uint8_t *)w + off[0], xq, NULL, n / QK8_0);
             continue;
         }
         if (wtype == STP_TYPE_Q4_0)
-            s_q4_0_rows16(w, off, xq, NULL, n / QK8_0, out);
+            s_q4_0_rows16(w, off, xq, NULL, n / QK8_0, out, more ? next : NULL, row_bytes);
         else
             s_q8_0_rows8(w, off, xq, NULL, n / QK8_0, out);
         for (int k = 0; k < nr; k++)

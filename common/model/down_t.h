@@ -47,8 +47,8 @@ int64_t down_t_matvec(const uint8_t *img, int n_embd, int n_ff, const block_q8_0
 /* The two implementations down_t_matvec chooses between by kernel level (same bits): avx2 for
  * any range, avx512vnni (vpdpbusd over four neurons at a time) for whole 64-row blocks, the
  * rest of the range through the avx2 one. Only for tests and benchmarks to call directly. */
-int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
-                           float *y, int k0, int k1);
+int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a, float *y,
+                           int k0, int k1);
 int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
                              float *y, int k0, int k1);
 

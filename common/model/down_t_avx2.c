@@ -42,8 +42,8 @@ void down_t_build_expert(const tensor_view *down, int64_t e, uint8_t *dst) {
     }
 }
 
-int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
-                           float *y, int k0, int k1) {
+int64_t down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a, float *y,
+                           int k0, int k1) {
     const int H = n_embd / 2, n = k1 - k0;
     int16_t isum_lo[DOWN_T_MAX_EMBD / 2], isum_hi[DOWN_T_MAX_EMBD / 2]; /* rows k, k + H */
     float acc_lo[DOWN_T_MAX_EMBD / 2], acc_hi[DOWN_T_MAX_EMBD / 2];

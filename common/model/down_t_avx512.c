@@ -63,6 +63,26 @@ static inline void s_fma_rows(__m512i isum[4], int32_t sum_qa, const float *sc, 
     }
 }
 
+/* The 64-byte lines a group's product reads from rows [k0, k0 + n) and their + H partners: its
+ * scales, then each active neuron's bytes (one line per row block, 768 bytes apart for the 4b,
+ * which the hardware prefetchers do not follow on their own). Returns the count. */
+static int s_group_lines(const dt_group *G, const uint8_t *img, size_t gbytes, int k0, int n, int H,
+                         const char **out) {
+    const char *sc = (const char *)(img + (size_t)G->g * gbytes);
+    int m = 0;
+    for (int c = 0; c < 4 * n; c += 64) {
+        out[m++] = sc + 4 * (size_t)k0 + c;
+        out[m++] = sc + 4 * (size_t)(k0 + H) + c;
+    }
+    for (int j = 0; j < 4 * G->nq; j++) {
+        if (j && G->off[j] == G->off[j - 1]) continue; /* padding repeats a neuron */
+        const char *p = (const char *)G->nib + G->off[j] + k0;
+        for (int c = 0; c < n; c += 64)
+            out[m++] = p + c;
+    }
+    return m;
+}
+
 int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
                              float *y, int k0, int k1) {
     const int H = n_embd / 2, nblk = (k1 - k0) / 64, kb = k0 + 64 * nblk;
@@ -105,9 +125,20 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         memset(acc_lo, 0, sizeof(float) * n);
         memset(acc_hi, 0, sizeof(float) * n);
         /* group by group (in order: the float steps' order), each group's neurons streamed */
+        /* the next group's lines are prefetched a few per quad step of this one */
+        const char *pf[DOWN_T_MAX_EMBD / 16 + DOWN_T_MAX_EMBD / 4]; /* scales, neurons */
+        int npf = 0, ipf = 0;
+        if (ng) {
+            npf = s_group_lines(&groups[0], img, gbytes, k0, n, H, pf);
+            for (int j = 0; j < npf; j++)
+                _mm_prefetch(pf[j], _MM_HINT_T0);
+        }
         for (int i = 0; i < ng; i++) {
             const dt_group *G = &groups[i];
             const float *sc = (const float *)(img + (size_t)G->g * gbytes);
+            npf = ipf = 0;
+            if (i + 1 < ng) npf = s_group_lines(&groups[i + 1], img, gbytes, k0, n, H, pf);
+            const int per = (npf + G->nq * nblk - 1) / (G->nq * nblk);
             for (int blk = 0; blk < nblk; blk++) {
                 const int k = k0 + 64 * blk;
                 __m512i lo[4], hi[4];
@@ -121,6 +152,8 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
                     const __m512i vc = _mm512_loadu_si512(nib + o[2]);
                     const __m512i vd = _mm512_loadu_si512(nib + o[3]);
                     const __m512i w = _mm512_set1_epi32(G->w[q]);
+                    for (int e = 0; e < per && ipf < npf; e++)
+                        _mm_prefetch(pf[ipf++], _MM_HINT_T1);
                     s_quad(lo, _mm512_and_si512(va, m4), _mm512_and_si512(vb, m4),
                            _mm512_and_si512(vc, m4), _mm512_and_si512(vd, m4), w);
                     s_quad(hi, _mm512_and_si512(_mm512_srli_epi16(va, 4), m4),

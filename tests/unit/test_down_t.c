@@ -145,8 +145,8 @@ static void test_down_t_vnni_matches_avx2(void **state) {
         }
         for (int r = 0; r < n_embd; r++)
             for (int b = 0; b < n_ff / 32; b++) /* finite scales: 1.0 or a small random one */
-                ((block_q4_0 *)(w + (size_t)r * rb))[b].d = extreme ? 0x3C00 : (uint16_t)(
-                    0x2000 | ((r * 31 + b) & 0x3FF));
+                ((block_q4_0 *)(w + (size_t)r * rb))[b].d =
+                    extreme ? 0x3C00 : (uint16_t)(0x2000 | ((r * 31 + b) & 0x3FF));
         for (int b = 0; b < n_ff / 32; b++) {
             a[b].d = 0x3C00;
             for (int j = 0; j < 32; j++) {
