@@ -30,7 +30,7 @@
 #include "util/stp_err.h"
 
 #define LAYOUT_MAGIC 0x5459414c50545353ull /* "SSTPLAYT" */
-#define LAYOUT_VERSION 1u
+#define LAYOUT_VERSION 2u                  /* 2: down_t keeps fp16 scales */
 #define LAYOUT_ALIGN 4096u
 #define LAYOUT_DOWN_T 1u   /* flag: down stored as down_t images */
 #define LAYOUT_GATE_X16 2u /* flag: gate stored as q4_0x16 images */

@@ -7,17 +7,6 @@
 
 #include "kern/kern_internal.h"
 
-/* f32 -> fp16 for a value that came from an fp16 (exact; no rounding case arises). */
-static inline stp_fp16 s_exact_fp16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t sign = (u >> 16) & 0x8000u, e = (u >> 23) & 0xFFu, m = u & 0x7FFFFFu;
-    if (e == 0) return (stp_fp16)sign;                                              /* zero */
-    if (e == 255) return (stp_fp16)(sign | 0x7C00u | (m >> 13) | (m ? 0x200u : 0)); /* inf, nan */
-    if (e >= 113) return (stp_fp16)(sign | ((e - 112) << 10) | (m >> 13));          /* normal */
-    return (stp_fp16)(sign | ((m | 0x800000u) >> (126 - e)));                       /* subnormal */
-}
-
 void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64_t r1,
                      uint8_t *dst) {
     const int H = n_embd / 2;
@@ -31,15 +20,11 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
         const int sh = (int)(16 * q) < H ? 0 : 4;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *gi = img + (size_t)b * down_t_group_bytes(n_embd);
-            const float *scales = (const float *)gi;
-            const uint8_t *nib = gi + (size_t)n_embd * 4;
+            const stp_fp16 *scales = (const stp_fp16 *)gi;
+            const uint8_t *nib = gi + (size_t)n_embd * 2;
             uint8_t *qs = G + kern_q4x16_qoff(b), *sc = G + kern_q4x16_soff(nb, b);
-            for (int i = 0; i < 16; i++) {
-                /* the scale came from fp16 (widened exactly): back to the same fp16 bits */
-                const stp_fp16 d = s_exact_fp16(scales[16 * q + i]);
-                memcpy(sc + 2 * i, &d, 2);
-            }
-            uint8_t t[32][16]; /* nibble of neuron j for row 16q + i */
+            memcpy(sc, scales + 16 * q, 32); /* rows 16q..16q+15's fp16 scales, as they are */
+            uint8_t t[32][16];               /* nibble of neuron j for row 16q + i */
             for (int j = 0; j < 32; j++) {
                 memcpy(t[j], nib + (size_t)j * H + k0, 16);
                 for (int i = 0; i < 16; i++)

@@ -50,14 +50,15 @@ static inline void s_quad(__m512i acc[4], __m512i a, __m512i b, __m512i c, __m51
 }
 
 /* fma of the 64 rows' exact sums (in lane order, minus 8 * sum qa) into acc[0..64). */
-static inline void s_fma_rows(__m512i isum[4], int32_t sum_qa, const float *sc, float da,
+static inline void s_fma_rows(__m512i isum[4], int32_t sum_qa, const stp_fp16 *sc, float da,
                               float *acc) {
     __m512i rows[4];
     s_transpose_lanes(isum, rows);
     const __m512i off = _mm512_set1_epi32(8 * sum_qa);
     const __m512 vda = _mm512_set1_ps(da);
     for (int L = 0; L < 4; L++) {
-        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sc + 16 * L), vda);
+        const __m512 s =
+            _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16 * L))), vda);
         const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(rows[L], off));
         _mm512_storeu_ps(acc + 16 * L, _mm512_fmadd_ps(x, s, _mm512_loadu_ps(acc + 16 * L)));
     }
@@ -70,9 +71,9 @@ static int s_group_lines(const dt_group *G, const uint8_t *img, size_t gbytes, i
                          const char **out) {
     const char *sc = (const char *)(img + (size_t)G->g * gbytes);
     int m = 0;
-    for (int c = 0; c < 4 * n; c += 64) {
-        out[m++] = sc + 4 * (size_t)k0 + c;
-        out[m++] = sc + 4 * (size_t)(k0 + H) + c;
+    for (int c = 0; c < 2 * n; c += 64) {
+        out[m++] = sc + 2 * (size_t)k0 + c;
+        out[m++] = sc + 2 * (size_t)(k0 + H) + c;
     }
     for (int j = 0; j < 4 * G->nq; j++) {
         if (j && G->off[j] == G->off[j - 1]) continue; /* padding repeats a neuron */
@@ -116,7 +117,7 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
             }
             G->g = g, G->nq = n / 4, G->sum_qa = sum;
             G->da = kern_fp16_to_f32(ab->d);
-            G->nib = img + (size_t)g * gbytes + (size_t)n_embd * 4;
+            G->nib = img + (size_t)g * gbytes + (size_t)n_embd * 2;
             ng++;
         }
         const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -135,7 +136,7 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         }
         for (int i = 0; i < ng; i++) {
             const dt_group *G = &groups[i];
-            const float *sc = (const float *)(img + (size_t)G->g * gbytes);
+            const stp_fp16 *sc = (const stp_fp16 *)(img + (size_t)G->g * gbytes);
             npf = ipf = 0;
             if (i + 1 < ng) npf = s_group_lines(&groups[i + 1], img, gbytes, k0, n, H, pf);
             const int per = (npf + G->nq * nblk - 1) / (G->nq * nblk);

@@ -94,7 +94,7 @@ static void test_down_t_mostly_idle(void **state) {
     s_check(512, 256, 95, 3);
 }
 /* Any fp16 scale (subnormal, zero, negative, large) survives the trip through the image's
- * float32 scales back into the packed layout bit for bit. */
+ * fp16 scales back into the packed layout bit for bit. */
 static void test_down_t_pack_any_scale(void **state) {
     (void)state;
     if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* down_t_build_expert needs AVX2 */
