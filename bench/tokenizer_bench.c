@@ -37,7 +37,6 @@ static double s_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-
 /* Deterministic text of about size bytes: ~70% English and ~30% CJK sentences (by count). */
 static char *s_make_text(size_t size, size_t *len) {
     char *s = malloc(size + 256);

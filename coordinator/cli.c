@@ -23,7 +23,8 @@ static const cli_cmd s_cmds[] = {
 };
 
 static void s_usage(FILE *out) {
-    fprintf(out, "usage: stpipe COMMAND [options]   (stpipe COMMAND --help for details)\n\ncommands:\n");
+    fprintf(out,
+            "usage: stpipe COMMAND [options]   (stpipe COMMAND --help for details)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof s_cmds / sizeof s_cmds[0]; i++)
         fprintf(out, "  %-12s %s\n", s_cmds[i].name, s_cmds[i].help);
 }

@@ -17,10 +17,11 @@ int cli_chat(int argc, char **argv);
 int cli_serve(int argc, char **argv);
 
 /* Helpers shared by subcommands. */
-bool cli_opt_is(const char *arg, const char *name);           /* "--name" */
+bool cli_opt_is(const char *arg, const char *name); /* "--name" */
 int cli_parse_int(const char *s, const char *what, long long min, long long max, long long *out);
 int cli_parse_float(const char *s, const char *what, double *out);
-/* Parses "1 2 3" (spaces or commas) into a malloc'd array; returns count or -1 (message printed). */
+/* Parses "1 2 3" (spaces or commas) into a malloc'd array; returns count or -1 (message printed).
+ */
 int cli_parse_ids(const char *s, int32_t **ids);
 /* If arg is a sampling option (--temp --top-k --top-p --min-p --repeat-penalty
  * --presence-penalty --frequency-penalty --seed), parses its value v into sp and returns 1;

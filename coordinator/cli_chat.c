@@ -310,10 +310,15 @@ static int s_answer_pipeline(chat_state *c) {
     char *prompt = s_chatml(c);
     if (!prompt) return STP_ENOMEM;
     text_buf tb = {0};
-    pipeline_gen_opts po = {
-        .run_dir = c->o->pipeline, .prompt_text = prompt, .parse_special = true,
-        .n_predict = c->o->n_predict, .sp = c->o->sp, .quiet = true,
-        .on_text = s_collect, .ud = &tb, .cancel = &s_interrupted};
+    pipeline_gen_opts po = {.run_dir = c->o->pipeline,
+                            .prompt_text = prompt,
+                            .parse_special = true,
+                            .n_predict = c->o->n_predict,
+                            .sp = c->o->sp,
+                            .quiet = true,
+                            .on_text = s_collect,
+                            .ud = &tb,
+                            .cancel = &s_interrupted};
     po.sp.seed += c->n_msgs;
     s_interrupted = 0;
     struct timespec t0, t1;
@@ -364,8 +369,10 @@ int cli_chat(int argc, char **argv) {
                 "Ctrl-C stops an answer.\n",
                 c.b->name, backend_n_ctx(c.b));
     else if (c.tty)
-        fprintf(stderr, "stpipe chat: pipeline %s. /reset, /system TEXT, /quit; Ctrl-C stops "
-                        "an answer.\n", o.pipeline);
+        fprintf(stderr,
+                "stpipe chat: pipeline %s. /reset, /system TEXT, /quit; Ctrl-C stops "
+                "an answer.\n",
+                o.pipeline);
 
     char *line = NULL;
     size_t cap = 0;

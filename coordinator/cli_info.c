@@ -6,9 +6,10 @@
 #include "model/engine.h"
 
 static void s_usage(FILE *f) {
-    fprintf(f, "usage: stpipe info --model FILE [--ctx-size N] [--tensors]\n"
-               "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
-               "  in-process engine will use (weights mapped from the file + KV cache + scratch)\n");
+    fprintf(f,
+            "usage: stpipe info --model FILE [--ctx-size N] [--tensors]\n"
+            "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
+            "  in-process engine will use (weights mapped from the file + KV cache + scratch)\n");
 }
 
 static double s_mib(size_t b) {
@@ -65,7 +66,8 @@ int cli_info(int argc, char **argv) {
     else
         printf("attention       every layer RoPE + full causal\n");
     printf("rope base       %g, rms eps %g\n", c->rope_base, c->rms_eps);
-    printf("vocabulary      %d, LM head %s\n", c->n_vocab, c->tied ? "tied (token_embd)" : "output.weight");
+    printf("vocabulary      %d, LM head %s\n", c->n_vocab,
+           c->tied ? "tied (token_embd)" : "output.weight");
     printf("context         %d (trained)\n", c->n_ctx_train);
 
     /* tensor types */
@@ -81,7 +83,8 @@ int cli_info(int argc, char **argv) {
     }
     printf("tensor types   ");
     for (int ty = 0; ty < STP_TYPE_COUNT; ty++)
-        if (cnt_type[ty]) printf(" %s x%zu (%.1f MiB)", tensor_type_name(ty), cnt_type[ty], s_mib(per_type[ty]));
+        if (cnt_type[ty])
+            printf(" %s x%zu (%.1f MiB)", tensor_type_name(ty), cnt_type[ty], s_mib(per_type[ty]));
     printf("\n");
     printf("weights         %.1f MiB, of which experts %.1f MiB (%.1f%%)\n", s_mib(m->weight_bytes),
            s_mib(m->expert_bytes), 100.0 * m->expert_bytes / (double)m->weight_bytes);
@@ -96,11 +99,12 @@ int cli_info(int argc, char **argv) {
         model_close(&m);
         return 1;
     }
-    printf("memory          weights %.1f MiB (mapped) + KV cache %.1f MiB (ctx %d) + scratch %.1f MiB"
-           " = %.1f MiB\n",
-           s_mib(m->weight_bytes), s_mib(engine_kv_bytes(e)), engine_n_ctx(e),
-           s_mib(engine_scratch_bytes(e)),
-           s_mib(m->weight_bytes + engine_kv_bytes(e) + engine_scratch_bytes(e)));
+    printf(
+        "memory          weights %.1f MiB (mapped) + KV cache %.1f MiB (ctx %d) + scratch %.1f MiB"
+        " = %.1f MiB\n",
+        s_mib(m->weight_bytes), s_mib(engine_kv_bytes(e)), engine_n_ctx(e),
+        s_mib(engine_scratch_bytes(e)),
+        s_mib(m->weight_bytes + engine_kv_bytes(e) + engine_scratch_bytes(e)));
     engine_destroy(&e);
     model_close(&m);
     return 0;

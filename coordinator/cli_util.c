@@ -45,14 +45,17 @@ int cli_parse_ids(const char *s, int32_t **ids) {
     if (!v) return -1;
     const char *p = s;
     for (;;) {
-        while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n' || *p == '[' || *p == ']') p++;
+        while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n' || *p == '[' || *p == ']')
+            p++;
         if (!*p) break;
         char *end;
         errno = 0;
         long long x = strtoll(p, &end, 10);
         if (end == p || errno || x < 0 || x > INT32_MAX) {
-            fprintf(stderr, "stpipe: bad token id near '%.20s' (ids are non-negative integers "
-                            "separated by spaces)\n", p);
+            fprintf(stderr,
+                    "stpipe: bad token id near '%.20s' (ids are non-negative integers "
+                    "separated by spaces)\n",
+                    p);
             free(v);
             return -1;
         }
@@ -114,10 +117,15 @@ void cli_progress(void *ud, const char *what, double frac) {
 }
 
 int cli_sampling_opt(const char *arg, const char *v, sampler_params *sp) {
-    static const char *const floats[] = {"--temp", "--top-p", "--min-p", "--repeat-penalty",
-                                         "--presence-penalty", "--frequency-penalty"};
-    float *const fdst[] = {&sp->temperature, &sp->top_p, &sp->min_p, &sp->repeat_penalty,
-                           &sp->presence_penalty, &sp->frequency_penalty};
+    static const char *const floats[] = {"--temp",
+                                         "--top-p",
+                                         "--min-p",
+                                         "--repeat-penalty",
+                                         "--presence-penalty",
+                                         "--frequency-penalty"};
+    float *const fdst[] = {
+        &sp->temperature,      &sp->top_p, &sp->min_p, &sp->repeat_penalty, &sp->presence_penalty,
+        &sp->frequency_penalty};
     int which = -1;
     for (int i = 0; i < 6; i++)
         if (cli_opt_is(arg, floats[i])) which = i;

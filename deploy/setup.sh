@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config
       libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libnuma-dev
       libpcre2-dev libutf8proc-dev liburing-dev libjansson-dev libcmocka-dev libmicrohttpd-dev)
-if [[ "${1:-}" == "--with-clang" ]]; then PKGS+=(clang libclang-rt-14-dev); fi
+if [[ "${1:-}" == "--with-clang" ]]; then PKGS+=(clang libclang-rt-14-dev clang-format); fi
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 missing=()

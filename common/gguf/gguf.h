@@ -46,16 +46,16 @@ typedef struct gguf_str {
 typedef struct gguf_kv {
     gguf_str key;
     gguf_vtype type;
-    uint64_t offset;          /* byte offset of the key in the file (for error messages) */
+    uint64_t offset; /* byte offset of the key in the file (for error messages) */
     union {
-        uint64_t u64;         /* UINT8..UINT64, BOOL (0/1) */
-        int64_t i64;          /* INT8..INT64 */
-        double f64;           /* FLOAT32, FLOAT64 */
-        gguf_str str;         /* STRING */
+        uint64_t u64; /* UINT8..UINT64, BOOL (0/1) */
+        int64_t i64;  /* INT8..INT64 */
+        double f64;   /* FLOAT32, FLOAT64 */
+        gguf_str str; /* STRING */
         struct {
-            gguf_vtype type;  /* element type (never ARRAY: nested arrays are refused) */
-            uint64_t n;       /* element count */
-            const void *data; /* first element in the mapping (for numeric arrays) */
+            gguf_vtype type;      /* element type (never ARRAY: nested arrays are refused) */
+            uint64_t n;           /* element count */
+            const void *data;     /* first element in the mapping (for numeric arrays) */
             const gguf_str *strs; /* for STRING arrays: n decoded strings (owned by the file) */
         } arr;
     } v;
@@ -66,9 +66,9 @@ typedef struct gguf_tensor {
     uint32_t n_dims;
     int64_t ne[GGUF_MAX_DIMS]; /* ne[0] is contiguous; unused dims are 1 */
     stp_type type;
-    uint64_t offset;           /* absolute byte offset of the data in the file */
+    uint64_t offset; /* absolute byte offset of the data in the file */
     uint64_t nbytes;
-    const void *data;          /* inside the mapping */
+    const void *data; /* inside the mapping */
 } gguf_tensor;
 
 typedef struct gguf_file gguf_file;
@@ -76,7 +76,8 @@ typedef struct gguf_file gguf_file;
 /* Maps and validates path. On failure *out is NULL and err says file, problem and offset. */
 int gguf_open(gguf_file **out, const char *path, stp_err *err);
 /* Validates an in-memory image (not copied; must outlive the handle). name is used in errors. */
-int gguf_open_memory(gguf_file **out, const void *data, size_t size, const char *name, stp_err *err);
+int gguf_open_memory(gguf_file **out, const void *data, size_t size, const char *name,
+                     stp_err *err);
 void gguf_close(gguf_file **self_p);
 
 uint32_t gguf_version(const gguf_file *f);

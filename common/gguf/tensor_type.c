@@ -54,11 +54,16 @@ size_t tensor_type_row_size(uint32_t id, int64_t n) {
 
 bool tensor_type_supported(uint32_t id) {
     switch (id) {
-    case STP_TYPE_F32: case STP_TYPE_F16: case STP_TYPE_BF16: case STP_TYPE_Q8_0:
-    case STP_TYPE_Q4_0: case STP_TYPE_Q4_1: case STP_TYPE_Q3_K: case STP_TYPE_Q4_K:
-    case STP_TYPE_Q5_K: case STP_TYPE_Q6_K:
-        return true;
-    default:
-        return false;
+    case STP_TYPE_F32:
+    case STP_TYPE_F16:
+    case STP_TYPE_BF16:
+    case STP_TYPE_Q8_0:
+    case STP_TYPE_Q4_0:
+    case STP_TYPE_Q4_1:
+    case STP_TYPE_Q3_K:
+    case STP_TYPE_Q4_K:
+    case STP_TYPE_Q5_K:
+    case STP_TYPE_Q6_K: return true;
+    default: return false;
     }
 }

@@ -47,9 +47,9 @@ typedef enum stp_type {
 } stp_type;
 
 typedef struct stp_type_info {
-    const char *name;   /* "Q4_0"; NULL for an id that is not a type */
-    uint32_t blck;      /* elements per block */
-    uint32_t size;      /* bytes per block */
+    const char *name; /* "Q4_0"; NULL for an id that is not a type */
+    uint32_t blck;    /* elements per block */
+    uint32_t size;    /* bytes per block */
 } stp_type_info;
 
 /* NULL when id is not a known ggml type. */

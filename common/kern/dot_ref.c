@@ -272,5 +272,6 @@ void kern_matvec_sparse_ref(stp_type wtype, int64_t n, const void *w, size_t row
 void kern_matvec_rows_ref(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
                           const void *xq, const int32_t *rows, int64_t n_rows, float *y) {
     for (int64_t i = 0; i < n_rows; i++)
-        y[rows[i]] = kern_vec_dot_ref(wtype, n, (const uint8_t *)w + (size_t)rows[i] * row_bytes, xq);
+        y[rows[i]] =
+            kern_vec_dot_ref(wtype, n, (const uint8_t *)w + (size_t)rows[i] * row_bytes, xq);
 }

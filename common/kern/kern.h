@@ -152,8 +152,8 @@ typedef struct kern_ops {
                           int64_t r1);
     /* y[rows[i]] = W[rows[i]]·x for i < n_rows (a row subset, e.g. the active neurons of
      * `up`); same bits as matvec for those rows. */
-    void (*matvec_rows)(stp_type wtype, int64_t n, const void *w, size_t row_bytes,
-                        const void *xq, const int32_t *rows, int64_t n_rows, float *y);
+    void (*matvec_rows)(stp_type wtype, int64_t n, const void *w, size_t row_bytes, const void *xq,
+                        const int32_t *rows, int64_t n_rows, float *y);
     /* Q4_0 weights in the row-interleaved "q4_0x16" layout (kern_q4_0x16_pack; n_cols a
      * multiple of 32): y[16*(g - g0) + i] = row 16*g + i of W times x, for row groups g0..g1-1.
      * Bit-identical to matvec(STP_TYPE_Q4_0, ...) on the unpacked rows. */

@@ -43,7 +43,7 @@ int32_t tokenizer_n_vocab(const tokenizer *t);
 int32_t tokenizer_eos(const tokenizer *t); /* tokenizer.ggml.eos_token_id, -1 if absent */
 int tokenizer_token_type(const tokenizer *t, int32_t id);
 size_t tokenizer_max_token_bytes(const tokenizer *t);
-    /* longest token, in bytes (Qwen: 128) */ /* TOK_TYPE_*, 0 if id out of range */
+/* longest token, in bytes (Qwen: 128) */ /* TOK_TYPE_*, 0 if id out of range */
 
 /* Encodes len bytes of text (may hold NUL bytes and invalid UTF-8). *ids is malloc'd (caller
  * frees; NULL when *n_ids == 0). Empty text gives 0 ids. */

@@ -10,21 +10,21 @@
 
 enum {
     STP_OK = 0,
-    STP_ENOMEM = -10001,     /* allocation failed */
-    STP_EIO = -10002,        /* read/write/mmap failed */
-    STP_EFORMAT = -10003,    /* malformed file or value */
-    STP_EPROTO = -10004,     /* malformed or unexpected message */
-    STP_ETIMEDOUT = -10005,  /* a peer did not answer in time */
+    STP_ENOMEM = -10001,       /* allocation failed */
+    STP_EIO = -10002,          /* read/write/mmap failed */
+    STP_EFORMAT = -10003,      /* malformed file or value */
+    STP_EPROTO = -10004,       /* malformed or unexpected message */
+    STP_ETIMEDOUT = -10005,    /* a peer did not answer in time */
     STP_EUNSUPPORTED = -10006, /* valid but not supported (tensor type, architecture, template) */
-    STP_EINVAL = -10007,     /* bad argument from the caller or the user */
-    STP_ERANGE = -10008,     /* a value outside its allowed range (context full, id out of range) */
-    STP_EBUSY = -10009,      /* queue full */
-    STP_EPEER = -10010,      /* a peer process died or reported an error */
+    STP_EINVAL = -10007,       /* bad argument from the caller or the user */
+    STP_ERANGE = -10008, /* a value outside its allowed range (context full, id out of range) */
+    STP_EBUSY = -10009,  /* queue full */
+    STP_EPEER = -10010,  /* a peer process died or reported an error */
 };
 
 typedef struct stp_err {
-    int code;        /* last error code, 0 if none */
-    char msg[1024];  /* human-readable detail, NUL-terminated */
+    int code;       /* last error code, 0 if none */
+    char msg[1024]; /* human-readable detail, NUL-terminated */
 } stp_err;
 
 /* Records code and a printf-style message in err (err may be NULL); returns code. */

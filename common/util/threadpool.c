@@ -22,8 +22,8 @@
 struct threadpool {
     int n;
     pthread_t *threads;
-    _Atomic int gen;      /* section generation (futex word for workers) */
-    _Atomic int pending;  /* workers not yet done with the current section (futex word) */
+    _Atomic int gen;     /* section generation (futex word for workers) */
+    _Atomic int pending; /* workers not yet done with the current section (futex word) */
     _Atomic int stop;
     _Atomic long spin_ns;
     /* the generation threadpool_park was called after: a worker waiting for the section after
@@ -56,12 +56,15 @@ static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int 
         if (park && atomic_load_explicit(park, memory_order_relaxed) == old) break;
         if ((i & 255) == 255) {
             long t = s_now_ns();
-            if (!t0) t0 = t;
-            else if (t - t0 > spin_ns) break;
+            if (!t0)
+                t0 = t;
+            else if (t - t0 > spin_ns)
+                break;
         }
         _mm_pause();
     }
-    while (atomic_load_explicit(addr, memory_order_acquire) == old) s_futex(addr, FUTEX_WAIT, old);
+    while (atomic_load_explicit(addr, memory_order_acquire) == old)
+        s_futex(addr, FUTEX_WAIT, old);
 }
 
 static void *s_worker(void *p) {
@@ -117,7 +120,8 @@ void threadpool_destroy(threadpool **self_p) {
     atomic_store(&tp->stop, 1);
     atomic_fetch_add(&tp->gen, 1);
     s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
-    for (int i = 1; i < tp->n; i++) pthread_join(tp->threads[i], NULL);
+    for (int i = 1; i < tp->n; i++)
+        pthread_join(tp->threads[i], NULL);
     free(tp->threads);
     free(tp);
     *self_p = NULL;

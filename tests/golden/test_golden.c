@@ -58,7 +58,8 @@ static void test_golden_case(void **state) {
     json_t *jids = json_object_get(root, "prompt_ids");
     const int n = (int)json_array_size(jids);
     int32_t *ids = malloc(sizeof(int32_t) * n);
-    for (int i = 0; i < n; i++) ids[i] = (int32_t)json_integer_value(json_array_get(jids, i));
+    for (int i = 0; i < n; i++)
+        ids[i] = (int32_t)json_integer_value(json_array_get(jids, i));
 
     engine *e = NULL;
     engine_params ep = {.n_threads = 2, .n_ctx = n + 40};
@@ -105,7 +106,8 @@ static void test_golden_case(void **state) {
         if (rm > max_diff) max_diff = rm;
     }
     qsort(row_max, n_rows, sizeof(float), s_cmp_float);
-    float median = n_rows % 2 ? row_max[n_rows / 2] : 0.5f * (row_max[n_rows / 2 - 1] + row_max[n_rows / 2]);
+    float median =
+        n_rows % 2 ? row_max[n_rows / 2] : 0.5f * (row_max[n_rows / 2 - 1] + row_max[n_rows / 2]);
 
     /* greedy continuation */
     json_t *jg = json_object_get(root, "greedy_ids");
@@ -116,7 +118,8 @@ static void test_golden_case(void **state) {
     int first_diff = -1;
     for (int s = 0; s < G; s++) {
         int32_t id = sampler_argmax(last, V);
-        if (first_diff < 0 && id != (int32_t)json_integer_value(json_array_get(jg, s))) first_diff = s;
+        if (first_diff < 0 && id != (int32_t)json_integer_value(json_array_get(jg, s)))
+            first_diff = s;
         /* feed the golden token so later steps stay comparable after a flip */
         int32_t feed = (int32_t)json_integer_value(json_array_get(jg, s));
         if (s + 1 < G && engine_eval(e, &feed, 1, last, false, &err)) fail_msg("%s", err.msg);
@@ -146,8 +149,10 @@ static void test_golden_case(void **state) {
         greedy_must = true;
     } else if (!strcmp(ftype, "bf16")) {
         /* golden README: "BF16 rounding is coarse ... compare medians" */
-        if (!strcmp(case_name, "mixed")) assert_true(median <= 0.05f);
-        else assert_true(median <= (is_long ? 0.06f : 0.006f));
+        if (!strcmp(case_name, "mixed"))
+            assert_true(median <= 0.05f);
+        else
+            assert_true(median <= (is_long ? 0.06f : 0.006f));
         /* BF16 rounding flips are frequent: greedy ids must agree up to the first close call */
         assert_true(first_diff < 0 || first_diff >= small_margin);
     } else if (!strcmp(family, "tiny-kquant")) {

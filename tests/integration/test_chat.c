@@ -144,7 +144,8 @@ static void test_chat_end_of_input_and_usage(void **state) {
     th_run_out_free(&r);
     const char *a3[] = {"chat", "--model", "m.gguf", "--pipeline", "/tmp/x", NULL};
     r = s_run(a3, "");
-    assert_int_equal(r.status, 2); /* one backend or the other (tests/integration/test_chat_pipeline.c) */
+    assert_int_equal(r.status,
+                     2); /* one backend or the other (tests/integration/test_chat_pipeline.c) */
     assert_non_null(strstr(r.err, "give --model FILE or --pipeline RUN_DIR"));
     th_run_out_free(&r);
     const char *a4[] = {"chat", "--help", NULL};

@@ -33,13 +33,16 @@ static void test_chat_pipeline_matches_in_process(void **state) {
     char run[1024], model[1024], expect[4096];
     snprintf(run, sizeof run, "%s/chat-pipe-%d", tmp, (int)getpid());
     snprintf(model, sizeof model, "%s/tiny-qwen-vocab-q4_0-pure.gguf", data);
-    snprintf(s_cmd, sizeof s_cmd, "mkdir -p %s && %s/deploy/stpipe-up --model %s --run-dir %s "
-             "--workers 1 --threads 1 >/dev/null 2>&1", tmp, src, model, run);
+    snprintf(s_cmd, sizeof s_cmd,
+             "mkdir -p %s && %s/deploy/stpipe-up --model %s --run-dir %s "
+             "--workers 1 --threads 1 >/dev/null 2>&1",
+             tmp, src, model, run);
     assert_int_equal(system(s_cmd), 0);
 
     snprintf(s_cmd, sizeof s_cmd,
              "%s/stpipe generate --model %s --chat --system 'You are brief.' --prompt 'What is "
-             "the capital of France?' -n 12 --quiet", bin, model);
+             "the capital of France?' -n 12 --quiet",
+             bin, model);
     assert_int_equal(s_run(s_cmd, expect, sizeof expect), 0);
     expect[strcspn(expect, "\n")] = 0;
     assert_true(strlen(expect) > 0);
@@ -47,7 +50,8 @@ static void test_chat_pipeline_matches_in_process(void **state) {
     snprintf(s_cmd, sizeof s_cmd,
              "printf '/system You are brief.\\nWhat is the capital of France?\\nAnd of "
              "Italy?\\n/reset\\nHello\\n/quit\\n' | %s/stpipe chat --pipeline %s -n 12 --temp 0 "
-             "2>/dev/null", bin, run);
+             "2>/dev/null",
+             bin, run);
     int rc = s_run(s_cmd, s_out, sizeof s_out);
     snprintf(s_cmd, sizeof s_cmd, "%s/deploy/stpipe-down %s >/dev/null 2>&1", src, run);
     int down = system(s_cmd);

@@ -22,11 +22,13 @@ static void s_check(stp_type t, int64_t n, int64_t rows) {
     uint8_t *w = malloc(rb * rows);
     float *src = malloc(sizeof(float) * n);
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < n; i++) src[i] = s_rand(&seed);
+        for (int64_t i = 0; i < n; i++)
+            src[i] = s_rand(&seed);
         if (t == STP_TYPE_Q4_0 || t == STP_TYPE_Q8_0 || t == STP_TYPE_F16 || t == STP_TYPE_F32)
             assert_int_equal(kern_quantize_row_ref(t, src, w + r * rb, n), 0);
     }
-    for (int64_t i = 0; i < n; i++) src[i] = s_rand(&seed);
+    for (int64_t i = 0; i < n; i++)
+        src[i] = s_rand(&seed);
     uint8_t *xq = malloc(kern_act_size(t, n));
     int32_t *list = malloc(sizeof(int32_t) * rows);
     int64_t nl = 0;
