@@ -16,10 +16,10 @@
 #include "kern/kern_internal.h"
 #include "model/down_t.h"
 
-/* Rows k0 .. k0 + 64*nblk of y (and their + H partners) for the groups listed in gi[0..ng):
- * quad q of group i has neuron byte offsets off[i][4q..4q+3] and weights w[i][q]. */
+/* One group's active neurons, in quads: quad q has the neurons at nib + off[4q..4q+3] and the
+ * weights w[q]; the last quad is padded with neuron off[0] again at weight 0. */
 typedef struct dt_group {
-    int g, nq;          /* group index, quads */
+    int g, nq, na;      /* group index, quads, active neurons (off[na..4 nq) is padding) */
     int32_t sum_qa;     /* sum of the active neurons' qa */
     float da;           /* the activation block's scale */
     const uint8_t *nib; /* neuron 0's nibbles of this group */
@@ -75,8 +75,7 @@ static int s_group_lines(const dt_group *G, const uint8_t *img, size_t gbytes, i
         out[m++] = sc + 2 * (size_t)k0 + c;
         out[m++] = sc + 2 * (size_t)(k0 + H) + c;
     }
-    for (int j = 0; j < 4 * G->nq; j++) {
-        if (j && G->off[j] == G->off[j - 1]) continue; /* padding repeats a neuron */
+    for (int j = 0; j < G->na; j++) {
         const char *p = (const char *)G->nib + G->off[j] + k0;
         for (int c = 0; c < n; c += 64)
             out[m++] = p + c;
@@ -97,13 +96,12 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         for (int g = 0; g < ngroups; g++) {
             const block_q8_0 *ab = &a[g];
             dt_group *G = &groups[ng];
-            int n = 0, first = -1;
+            int n = 0;
             int32_t sum = 0;
             uint32_t w = 0;
             for (int j = 0; j < 32; j++) {
                 const int qa = ab->qs[j];
                 if (!qa) continue;
-                if (first < 0) first = j;
                 G->off[n] = j * H;
                 w |= (uint32_t)(uint8_t)qa << (8 * (n & 3));
                 sum += qa;
@@ -111,8 +109,9 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
             }
             if (!n) continue;
             computed += n;
-            while (n & 3) { /* pad: neuron `first` again, weight 0 */
-                G->off[n] = first * H;
+            G->na = n;
+            while (n & 3) { /* pad: the first active neuron again, weight 0 */
+                G->off[n] = G->off[0];
                 if ((++n & 3) == 0) G->w[n / 4 - 1] = (int32_t)w;
             }
             G->g = g, G->nq = n / 4, G->sum_qa = sum;
