@@ -14,7 +14,7 @@ usage: cache_sim.py TRACE --frames N[,N...] [--expert-mb MB] [--warmup TOKENS] [
   --expert-mb  bytes of one expert record (default 2.06: the 4b preset in Q4_0)
   --warmup     tokens replayed before counting (default 32, as stpipe-membench)
   --disk-mbs   disk read rate for the tok/s bound (default: not printed)
-  --half-life  lfu's half-life in tokens (default 16, the daemon's)
+  --half-life  lfu's half-life in tokens (default 32, the daemon's)
 Policies: lru (the daemon's `--cache-policy lru`), lfu (the daemon's default: decayed use
 count, ties by recency), pin (the experts most used over the whole trace pinned, the rest of
 the pool LRU: a clairvoyant static split), opt (Belady).
@@ -48,7 +48,7 @@ def flatten(toks, X):
     return seq
 
 
-def sim(seq, frames, policy, warmup, X, half_life=16, pins=()):
+def sim(seq, frames, policy, warmup, X, half_life=32, pins=()):
     resident = set()
     last = {}
     freq, ftick = collections.defaultdict(float), {}
@@ -108,7 +108,7 @@ def main():
     ap.add_argument("--disk-mbs", type=float, default=0)
     ap.add_argument("--n-expert", type=int, default=0)
     ap.add_argument("--policies", default="lru,lfu,pin,opt")
-    ap.add_argument("--half-life", type=float, default=16)
+    ap.add_argument("--half-life", type=float, default=32)
     a = ap.parse_args()
     toks = read_trace(a.trace)
     X = a.n_expert or 1 + max(e for d in toks for _, es in d for e in es)

@@ -39,8 +39,11 @@
 #define STORAGE_WORKER_PACKS 8
 /* lfu's half-life in decisions of one layer (= decoded tokens). Replaying a 4b-preset trace
  * (bench/cache_sim.py, 289 frames): 16 reads 17.5 experts per token, 64 19.7, 256 22.4, lru
- * 24.9: half of all expert uses repeat the previous token's, so recent counts matter most. */
-#define STORAGE_LFU_HALF_LIFE 16
+ * 24.9: half of all expert uses repeat the previous token's, so recent counts matter most. A
+ * fresh 1000-token trace at 302 frames: 8 19.3, 16 17.9, 32 17.4. In the daemon at 1 GiB (4
+ * rounds of 3 runs, alternating): 32 stalls 7.4-8.3 ms per token where 16 stalls 8.3-10.7,
+ * 20.6-21.6 against 17.6-21.0 tok/s for 0.6 MB/token more; equal at 0.75 and 1.5 GiB. */
+#define STORAGE_LFU_HALF_LIFE 32
 /* One read request. An expert (~2 MiB on the 4b preset) goes as four reads in flight at once:
  * it lands sooner than as two of 1 MiB (stall at 1 GiB 5.7-6.9 against 7.9-10.0 ms per token,
  * 4 runs alternating); 256 KiB measured no better. */
