@@ -124,8 +124,8 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         float acc_lo[DOWN_T_MAX_EMBD / 2], acc_hi[DOWN_T_MAX_EMBD / 2];
         memset(acc_lo, 0, sizeof(float) * n);
         memset(acc_hi, 0, sizeof(float) * n);
-        /* group by group (in order: the float steps' order), each group's neurons streamed */
-        /* the next group's lines are prefetched a few per quad step of this one */
+        /* group by group (in order: the float steps' order); the next group's lines are
+         * prefetched a few per quad step of this one */
         const char *pf[DOWN_T_MAX_EMBD / 16 + DOWN_T_MAX_EMBD / 4]; /* scales, neurons */
         int npf = 0, ipf = 0;
         if (ng) {
