@@ -90,6 +90,8 @@ struct attn_worker {
     uint64_t seq; /* per-layer message sequence, increasing across restarts */
     work_batch batch[ATTN_BATCHES];
     pending_hint *hints; /* (n_layer) held back, oldest first */
+    uint64_t *route;     /* (n_layer, n_expert) decode tokens routed to each expert: table
+                            route.decode of the stats (routing entropy in stpipe-membench) */
     int n_hints;
     /* per-eval accumulators */
     double ipc_us;
@@ -197,6 +199,11 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
             goto fail;
     }
     stats_set(a->st, "kv.bytes", a->kv->bytes);
+    if (!(a->route = calloc((size_t)c->n_layer * (size_t)c->n_expert, sizeof *a->route))) {
+        rc = stp_err_set(err, STP_ENOMEM, "out of memory");
+        goto fail;
+    }
+    stats_table(a->st, "route.decode", a->route, c->n_layer, c->n_expert);
     *out = a;
     return 0;
 fail:
@@ -225,6 +232,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->xq);
     free(a->embd_row);
     free(a->hints);
+    free(a->route);
     if (a->embd_fd >= 0) close(a->embd_fd);
     free(a->lane_buf);
     model_close(&a->m);
@@ -773,6 +781,9 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
             for (int k = 0; k < K; k++)
                 cnt_by[a->sel[t * K + k]]++;
         }
+        if (T == 1)
+            for (int k = 0; k < K; k++)
+                a->route[(size_t)il * X + (size_t)a->sel[k]]++;
         uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS];
         int n = 0;
         for (int e = 0; e < X; e++)

@@ -1,6 +1,7 @@
 /* cli_stats: `stpipe stats --run-dir D [--watch] [--json]`: subscribes to every stage's stats
  * socket (RUN_DIR/stats-*.sock, PUB, read-only), takes the newest report of each and prints one
- * table (latency quantiles per stage and message type, then counters), or JSON. */
+ * table (latency quantiles per stage and message type, then counters; a stage's tables only
+ * as their size and sum), or JSON (tables as arrays of rows). */
 #include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +53,14 @@ static void s_table(Stp__StatsReport **r, int n) {
         if (ev && nt)
             printf("%34s decode: %.2f ms/token, ipc %.3f ms/token = %.1f%% of decode\n", "",
                    ev * 1e-3 / nt, ipc * 1e-3 / nt, 100.0 * ipc / ev);
+        for (size_t j = 0; j < r[i]->n_tables; j++) {
+            const Stp__Table *t = r[i]->tables[j];
+            uint64_t sum = 0;
+            for (size_t k = 0; k < t->n_values; k++)
+                sum += t->values[k];
+            printf("%34s table %s: %u x %u, sum %llu (--json has it)\n", "", t->name, t->rows,
+                   t->cols, (unsigned long long)sum);
+        }
     }
 }
 
@@ -74,6 +83,24 @@ static void s_json(Stp__StatsReport **r, int n) {
         }
         json_object_set_new(st, "counters", cs);
         json_object_set_new(st, "latencies", ls);
+        if (r[i]->n_tables) {
+            json_t *ts = json_object();
+            for (size_t j = 0; j < r[i]->n_tables; j++) {
+                const Stp__Table *t = r[i]->tables[j];
+                json_t *rows = json_array();
+                for (uint32_t y = 0; y < t->rows; y++) {
+                    json_t *row = json_array();
+                    for (uint32_t x = 0; x < t->cols; x++) {
+                        size_t k = (size_t)y * t->cols + x;
+                        json_array_append_new(
+                            row, json_integer(k < t->n_values ? (json_int_t)t->values[k] : 0));
+                    }
+                    json_array_append_new(rows, row);
+                }
+                json_object_set_new(ts, t->name, rows);
+            }
+            json_object_set_new(st, "tables", ts);
+        }
         json_object_set_new(root, r[i]->stage, st);
     }
     char *s = json_dumps(root, JSON_INDENT(1) | JSON_SORT_KEYS);

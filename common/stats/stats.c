@@ -22,12 +22,19 @@ typedef struct latency {
     uint32_t b[STATS_BUCKETS];
 } latency;
 
+typedef struct table {
+    char name[48];
+    const uint64_t *v; /* (rows, cols), the caller's */
+    int rows, cols;
+} table;
+
 struct stats {
     char stage[48];
     double t0_us, last_pub_us;
-    int n_c, n_l;
+    int n_c, n_l, n_t;
     counter c[STATS_MAX_COUNTERS];
     latency l[STATS_MAX_LATENCIES];
+    table t[STATS_MAX_TABLES];
 };
 
 int stats_new(stats **out, const char *stage, stp_err *err) {
@@ -68,6 +75,20 @@ uint64_t stats_get(const stats *s, const char *name) {
     for (int i = 0; i < s->n_c; i++)
         if (!strcmp(s->c[i].name, name)) return s->c[i].v;
     return 0;
+}
+
+void stats_table(stats *s, const char *name, const uint64_t *v, int rows, int cols) {
+    table *t = NULL;
+    for (int i = 0; i < s->n_t; i++)
+        if (!strcmp(s->t[i].name, name)) t = &s->t[i];
+    if (!t) {
+        if (s->n_t == STATS_MAX_TABLES) return;
+        t = &s->t[s->n_t++];
+        snprintf(t->name, sizeof t->name, "%s", name);
+    }
+    t->v = v;
+    t->rows = rows > 0 && v ? rows : 0;
+    t->cols = cols > 0 && v ? cols : 0;
 }
 
 bool stats_bad(stats *s, const char *kind) {
@@ -155,6 +176,16 @@ int stats_publish(stats *s, void *pub, double interval_ms, bool force) {
         ls[i].sum_us = l->sum;
         lp[i] = &ls[i];
     }
+    Stp__Table ts[STATS_MAX_TABLES], *tp[STATS_MAX_TABLES];
+    for (int i = 0; i < s->n_t; i++) {
+        stp__table__init(&ts[i]);
+        ts[i].name = s->t[i].name;
+        ts[i].rows = (uint32_t)s->t[i].rows;
+        ts[i].cols = (uint32_t)s->t[i].cols;
+        ts[i].n_values = (size_t)s->t[i].rows * (size_t)s->t[i].cols;
+        ts[i].values = (uint64_t *)s->t[i].v;
+        tp[i] = &ts[i];
+    }
     Stp__StatsReport r;
     stp__stats_report__init(&r);
     r.version = STP_PROTO_VERSION;
@@ -165,5 +196,7 @@ int stats_publish(stats *s, void *pub, double interval_ms, bool force) {
     r.counters = cp;
     r.n_latencies = (size_t)s->n_l;
     r.latencies = lp;
+    r.n_tables = (size_t)s->n_t;
+    r.tables = tp;
     return msg_send(pub, NULL, 0, &r.base, NULL);
 }

@@ -16,6 +16,7 @@
 #define STATS_MAX_COUNTERS 64
 #define STATS_MAX_LATENCIES 24
 #define STATS_BUCKETS 256
+#define STATS_MAX_TABLES 4
 
 typedef struct stats stats;
 
@@ -31,6 +32,11 @@ void stats_latency(stats *s, const char *name, double us);
 void stats_handover(stats *s, const char *name, double sent_us);
 /* Quantile q (0..1) of a latency, in us (0 if none recorded). */
 double stats_quantile(const stats *s, const char *name, double q);
+
+/* Publishes the caller's rows x cols counters (row-major) as table `name` with every report.
+ * The caller owns v, keeps it alive as long as s and updates it from the stats' thread; a
+ * second call with the same name replaces the first. Beyond STATS_MAX_TABLES: ignored. */
+void stats_table(stats *s, const char *name, const uint64_t *v, int rows, int cols);
 
 /* Counts an invalid message of the given kind ("bad.<kind>"); true the first time, so the
  * caller logs each kind once. */
