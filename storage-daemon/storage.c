@@ -2,7 +2,6 @@
  * see storage.h and README.md. */
 #include "storage.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,31 +11,16 @@
 #include <zmq.h>
 
 #include "io/io.h"
-#include "kern/kern.h"
 #include "layout/layout.h"
 #include "msg/lane.h"
-#include "model/attention.h"
-#include "model/kv_cache.h"
 #include "msg/msg.h"
+#include "plan/budget.h"
 #include "router.pb-c.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
 
 #define STAGE "storage-daemon"
 #define MiB (1024.0 * 1024.0)
-/* Private memory of one stage process outside what is estimated below (libraries, zmq,
- * stacks, heap). Measured on the 4b preset at 1 GiB after a 900-token prompt and 120 decoded
- * tokens (context full): storage daemon 8.5 MiB PSS besides the pool, expert worker 4 MiB
- * besides its scratch, the attention worker's file pages 15 MiB (router and norms, counted
- * with the weights); the coordinator 19 MiB in all (the tokenizer ~ 100 B per vocabulary
- * entry). The whole pipeline then measured 392 MiB outside the pool where this plan
- * reserves 412 MiB. */
-#define STORAGE_PROC_OVERHEAD (12ull << 20)
-#define STORAGE_TOKENIZER_BYTES 140 /* per vocabulary entry */
-/* Slots one expert worker computes at a time and the q4_0x16 images of up and down it packs
- * per chunk in a prefill (expert.c EXPERT_CHUNK, EXPERT_PACKS). */
-#define STORAGE_WORKER_CHUNK 256
-#define STORAGE_WORKER_PACKS 8
 /* lfu's half-life in decisions of one layer (= decoded tokens). Replaying a 4b-preset trace
  * (bench/cache_sim.py, 289 frames): 16 reads 17.5 experts per token, 64 19.7, 256 22.4, lru
  * 24.9: half of all expert uses repeat the previous token's, so recent counts matter most. A
@@ -83,7 +67,7 @@ struct storage {
     model *m;
     layout *lay;
     io_reader *io;
-    storage_plan plan;
+    budget_plan plan;
     shm_region pool;
     void *zctx, *sock, *pub;
     stats *st;
@@ -115,100 +99,6 @@ struct storage {
     int n_waiters;
     char read_err[160]; /* the last failed read's message */
 };
-
-int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || !isfinite(v) || v < 0)
-        return stp_err_set(err, STP_EINVAL, "memory budget '%s': expected a size like 1G or 800M",
-                           s);
-    double mul = 1;
-    switch (toupper((unsigned char)*end)) {
-    case 'K':
-        mul = 1024.0;
-        end++;
-        break;
-    case 'M':
-        mul = MiB;
-        end++;
-        break;
-    case 'G':
-        mul = MiB * 1024;
-        end++;
-        break;
-    case 'T':
-        mul = MiB * 1024 * 1024;
-        end++;
-        break;
-    default: break;
-    }
-    if (!strcasecmp(end, "iB") || !strcasecmp(end, "B")) end += strlen(end);
-    if (*end) return stp_err_set(err, STP_EINVAL, "memory budget '%s': unknown unit", s);
-    *out = (uint64_t)(v * mul);
-    return 0;
-}
-
-int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
-                        uint64_t frame_bytes, storage_plan *p, stp_err *err) {
-    const model_config *c = &m->cfg;
-    memset(p, 0, sizeof *p);
-    p->frame_bytes = frame_bytes;
-    p->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
-    p->n_ubatch = o->n_ubatch > 0 ? o->n_ubatch : 512;
-    if (p->n_ubatch > p->n_ctx) p->n_ubatch = p->n_ctx;
-    const int NL = c->n_layer, X = c->n_expert, W = so->workers > 0 ? so->workers : 2;
-    /* the attention worker's weights (embeddings, attention, router, norms, LM head) */
-    p->non_expert = m->weight_bytes - m->expert_bytes;
-    kv_cache *kv = NULL; /* calloc'd, never touched here */
-    attn_scratch *as = NULL;
-    int rc = kv_cache_new(&kv, c, p->n_ctx, p->n_ubatch, o->kv_f16, err);
-    if (!rc) rc = attn_scratch_new(&as, c, p->n_ubatch, p->n_ctx, 1, err);
-    if (rc) {
-        kv_cache_destroy(&kv);
-        return rc;
-    }
-    p->kv = kv->bytes;
-    act_header ah;
-    act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
-    p->act = ah.size;
-    uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff_exp, wide = E > F ? E : F;
-    uint64_t worker =
-        (uint64_t)STORAGE_WORKER_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64)) +
-        (uint64_t)STORAGE_WORKER_PACKS * 2 * kern_q4_0x16_size((int64_t)F, (int64_t)E);
-    /* attention worker scratch plus its residual/h/logit buffers */
-    p->scratch = attn_scratch_bytes(as) + (uint64_t)p->n_ubatch * E * 4 * 4 +
-                 (uint64_t)c->n_vocab * 4 * 2 + W * worker;
-    attn_scratch_destroy(&as);
-    kv_cache_destroy(&kv);
-    /* four kinds of stages plus the workers; the coordinator's tokenizer */
-    p->overhead =
-        (uint64_t)(3 + W) * STORAGE_PROC_OVERHEAD + (uint64_t)c->n_vocab * STORAGE_TOKENIZER_BYTES;
-    uint64_t table = pool_table_bytes(NL, X);
-    uint64_t fixed = p->non_expert + p->kv + p->act + p->scratch + p->overhead + table;
-    p->minimum = fixed + (uint64_t)X * frame_bytes;
-    uint64_t all = (uint64_t)NL * X;
-    if (so->pool_experts > 0) {
-        p->frames = so->pool_experts < X ? X : so->pool_experts;
-        if ((uint64_t)p->frames > all) p->frames = (int)all;
-        return 0;
-    }
-    if (!so->memory_budget) {
-        p->frames = (int)all;
-        return 0;
-    }
-    if (so->memory_budget < p->minimum)
-        return stp_err_set(
-            err, STP_EINVAL,
-            "memory budget %.0f MiB is too small for %s at context %d: the minimum is %.0f MiB "
-            "(non-expert weights %.0f, KV cache %.0f, activations %.0f, scratch %.0f, processes "
-            "%.0f, one layer of experts %.0f MiB)",
-            so->memory_budget / MiB, o->model, p->n_ctx, p->minimum / MiB, p->non_expert / MiB,
-            p->kv / MiB, p->act / MiB, p->scratch / MiB, p->overhead / MiB,
-            (double)X * frame_bytes / MiB);
-    uint64_t n = (so->memory_budget - fixed) / frame_bytes;
-    p->frames = (int)(n > all ? all : n);
-    return 0;
-}
 
 /* ---- cache ---- */
 
@@ -459,8 +349,21 @@ static int s_create_pool(storage *s, stp_err *err) {
             uint64_t b = layout_record_bytes(s->lay, il, x);
             if (b > frame) frame = b;
         }
-    int rc = storage_plan_budget(s->m, &s->o, &s->so, frame, &s->plan, err);
-    if (rc) return rc;
+    /* the attention worker's thread count is not given to the daemon: planned for 1 (budget.h) */
+    budget_params bp = {.cfg = &s->m->cfg,
+                        .non_expert = s->m->weight_bytes - s->m->expert_bytes,
+                        .frame_bytes = frame,
+                        .n_ctx = s->o.n_ctx,
+                        .n_ubatch = s->o.n_ubatch,
+                        .kv_f16 = s->o.kv_f16,
+                        .n_seq = 1,
+                        .workers = s->so.workers > 0 ? s->so.workers : 2,
+                        .threads = 1,
+                        .budget = s->so.memory_budget,
+                        .pool_experts = s->so.pool_experts};
+    stp_err e2 = {0};
+    int rc = budget_plan_compute(&s->plan, &bp, &e2);
+    if (rc) return stp_err_set(err, rc, "%s: %s", s->o.model, e2.msg);
     size_t n = (size_t)NL * X;
     s->frame_owner = malloc((size_t)s->plan.frames * sizeof(int32_t));
     s->entry_frame = malloc(n * sizeof(int32_t));
@@ -485,7 +388,7 @@ static int s_create_pool(storage *s, stp_err *err) {
         s->frame_owner[f] = -1;
     for (size_t i = 0; i < n; i++)
         s->entry_frame[i] = -1;
-    size_t total = pool_table_bytes(NL, X) + (size_t)s->plan.frames * frame;
+    size_t total = s->plan.pool_bytes;
     char name[160];
     if ((rc = stage_shm_name(name, sizeof name, s->o.run_dir, "pool", err))) return rc;
     if ((rc = shm_region_create(&s->pool, name, total, err))) return rc;

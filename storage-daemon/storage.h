@@ -38,22 +38,6 @@ typedef struct storage_opts {
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
 } storage_opts;
 
-/* What a budget leaves for the pool. Everything in bytes. */
-typedef struct storage_plan {
-    uint64_t non_expert, kv, act, scratch, overhead; /* outside the pool */
-    uint64_t frame_bytes;                            /* one pool slot */
-    uint64_t minimum; /* the smallest budget: the above + one layer's experts + pool table */
-    int frames;       /* pool slots */
-    int n_ctx, n_ubatch;
-} storage_plan;
-
-/* Parses "1G", "800M", "1.5GiB", "123456" (K/M/G/T powers of 1024) into bytes. */
-int storage_parse_size(const char *s, uint64_t *out, stp_err *err);
-/* Sizes the pool for a budget (0: every expert); STP_EINVAL with the minimum in the message
- * when the budget is too small. */
-int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
-                        uint64_t frame_bytes, storage_plan *p, stp_err *err);
-
 int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_err *err);
 /* Serves until SIGINT/SIGTERM; 0 on a clean stop. */
 int storage_run(storage *s, stp_err *err);
