@@ -6,11 +6,9 @@
  *
  * Without a budget (or one large enough) every expert is read once at start and stays resident.
  * With one, the pool holds `frames` expert slots, at least one whole layer (a prefill may route
- * to every expert of a layer), and a cache policy picks the victims:
- *   lfu  (the default) least frequently used with exponential decay (half-life
- *        STORAGE_LFU_HALF_LIFE tokens), ties broken by recency: it reads the fewest experts
- *        on a replayed 4b-preset trace (README.md);
- *   lru  least recently used.
+ * to every expert of a layer). The daemon picks which READY slots may go (mechanism); a cache
+ * policy (common/cache: lfu, the default, with half-life CACHE_POLICY_HALF_LIFE tokens, or
+ * lru) picks the victim among them (policy).
  * A slot is reused only for an expert the current decision does not need (the previous layer's
  * work is finished when the next decision arrives: the attention worker is sequential) and
  * never while its read is queued or in flight. Reads are asynchronous: one expert at a time,
@@ -32,7 +30,7 @@ typedef struct storage_opts {
     uint64_t memory_budget; /* whole pipeline, bytes; 0 = unlimited */
     const char *layout_dir; /* NULL: next to the model */
     const char *policy;     /* "lfu" or "lru" (NULL: lfu) */
-    double lfu_half_life;   /* tokens (<= 0: STORAGE_LFU_HALF_LIFE) */
+    double lfu_half_life;   /* tokens (<= 0: CACHE_POLICY_HALF_LIFE) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
