@@ -1,25 +1,72 @@
-/* cli_info: `stpipe info`, what a model file holds and what running it will cost. */
+/* cli_info: `stpipe info`, what a model file holds and what running it will cost: in process
+ * (engine_new's own counts) and, with --memory-budget, the pipeline's plan (common/plan/budget.h:
+ * the same function the storage daemon sizes its pool by, so the two never disagree). */
 #include <stdio.h>
 #include <string.h>
 
 #include "cli.h"
+#include "layout/layout.h"
 #include "model/engine.h"
+#include "model/kv_cache.h"
+#include "plan/budget.h"
 
 static void s_usage(FILE *f) {
     fprintf(f,
-            "usage: stpipe info --model FILE [--ctx-size N] [--tensors]\n"
+            "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16] [--tensors]\n"
+            "                   [--memory-budget B [--workers N] [--threads N]]\n"
             "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
-            "  in-process engine will use (weights mapped from the file + KV cache + scratch)\n");
+            "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
+            "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
+            "  the storage daemon computes it: what each stage needs outside the expert pool,\n"
+            "  the minimum budget and the pool's frames (--workers: expert workers, default 1;\n"
+            "  --threads: the attention worker's, default 1 as the daemon plans). Exit status 1\n"
+            "  when the budget is below the minimum.\n");
 }
 
 static double s_mib(size_t b) {
     return (double)b / (1024.0 * 1024.0);
 }
 
+/* The pipeline's plan under --memory-budget; 1 when the budget is below the minimum. */
+static int s_print_plan(const model *m, const budget_params *bp) {
+    budget_plan p;
+    stp_err err = {0};
+    int rc = budget_plan_compute(&p, bp, &err);
+    printf("pipeline plan   budget %.1f MiB, context %d, KV cache %s, %d sequence%s, %d expert "
+           "worker%s, %d attention thread%s\n",
+           s_mib(p.budget), p.n_ctx, p.kv_f16 ? "f16" : "f32", p.n_seq, p.n_seq > 1 ? "s" : "",
+           p.workers, p.workers > 1 ? "s" : "", p.threads, p.threads > 1 ? "s" : "");
+    printf("  non-expert weights    %9.1f MiB (attention worker)\n", s_mib(p.non_expert));
+    printf("  KV cache              %9.1f MiB\n", s_mib(p.kv));
+    printf("  activation region     %9.1f MiB (ubatch %d)\n", s_mib(p.act), p.n_ubatch);
+    printf("  attention scratch     %9.1f MiB + buffers %.1f MiB\n", s_mib(p.attn_scratch),
+           s_mib(p.attn_buffers));
+    printf("  expert workers        %9.1f MiB (%d x %.1f MiB scratch)\n",
+           s_mib((size_t)p.workers * p.worker), p.workers, s_mib(p.worker));
+    printf("  processes             %9.1f MiB (%d stages + tokenizer)\n", s_mib(p.overhead),
+           3 + p.workers);
+    printf("  pool table            %9.1f MiB\n", s_mib(p.table));
+    printf("  fixed                 %9.1f MiB\n", s_mib(p.fixed));
+    printf("  minimum budget        %9.1f MiB (fixed + one layer: %d experts of %.2f MiB)\n",
+           s_mib(p.minimum), m->cfg.n_expert, s_mib(p.frame_bytes));
+    if (rc) {
+        printf("  pool                  none: the budget %.1f MiB is below the minimum %.1f MiB\n",
+               s_mib(p.budget), s_mib(p.minimum));
+        fprintf(stderr, "stpipe info: %s\n", err.msg);
+        return 1;
+    }
+    printf("  pool                  %9.1f MiB: %d of %d experts (%.1f%%)%s\n", s_mib(p.pool_bytes),
+           p.frames, p.all_frames, 100.0 * p.frames / p.all_frames,
+           p.frames == p.all_frames ? ", every expert resident" : ", the rest streamed");
+    return 0;
+}
+
 int cli_info(int argc, char **argv) {
     const char *path = NULL;
-    long long ctx = 0;
-    bool tensors = false;
+    long long ctx = 0, workers = 1, threads = 1;
+    bool tensors = false, kv_f16 = false;
+    uint64_t budget = 0;
+    stp_err err = {0};
     for (int i = 0; i < argc; i++) {
         if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
             s_usage(stdout);
@@ -28,10 +75,27 @@ int cli_info(int argc, char **argv) {
             path = argv[++i];
         } else if (cli_opt_is(argv[i], "--ctx-size") && i + 1 < argc) {
             if (cli_parse_int(argv[++i], "--ctx-size", 1, 1 << 24, &ctx)) return 2;
+        } else if (cli_opt_is(argv[i], "--cache-type") && i + 1 < argc) {
+            if (kv_cache_parse_type(argv[++i], &kv_f16, &err)) {
+                fprintf(stderr, "stpipe info: %s\n", err.msg);
+                return 2;
+            }
+        } else if (cli_opt_is(argv[i], "--memory-budget") && i + 1 < argc) {
+            if (budget_parse_size(argv[++i], &budget, &err) || !budget) {
+                fprintf(stderr, "stpipe info: %s\n", budget ? err.msg : "--memory-budget: > 0");
+                return 2;
+            }
+        } else if (cli_opt_is(argv[i], "--workers") && i + 1 < argc) {
+            if (cli_parse_int(argv[++i], "--workers", 1, 64, &workers)) return 2;
+        } else if (cli_opt_is(argv[i], "--threads") && i + 1 < argc) {
+            if (cli_parse_int(argv[++i], "--threads", 1, 256, &threads)) return 2;
         } else if (cli_opt_is(argv[i], "--tensors")) {
             tensors = true;
-        } else if (i + 1 == argc && (cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m") ||
-                                     cli_opt_is(argv[i], "--ctx-size"))) {
+        } else if (i + 1 == argc &&
+                   (cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m") ||
+                    cli_opt_is(argv[i], "--ctx-size") || cli_opt_is(argv[i], "--cache-type") ||
+                    cli_opt_is(argv[i], "--memory-budget") || cli_opt_is(argv[i], "--workers") ||
+                    cli_opt_is(argv[i], "--threads"))) {
             fprintf(stderr, "stpipe info: %s needs a value\n", argv[i]);
             return 2;
         } else {
@@ -44,7 +108,6 @@ int cli_info(int argc, char **argv) {
         s_usage(stderr);
         return 2;
     }
-    stp_err err = {0};
     model *m = NULL;
     if (model_open(&m, path, &err)) {
         fprintf(stderr, "stpipe info: %s\n", err.msg);
@@ -93,7 +156,7 @@ int cli_info(int argc, char **argv) {
            s_mib(active));
 
     engine *e = NULL;
-    engine_params ep = {.n_threads = 1, .n_ctx = (int)ctx};
+    engine_params ep = {.n_threads = 1, .n_ctx = (int)ctx, .kv_f16 = kv_f16};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe info: %s\n", err.msg);
         model_close(&m);
@@ -106,6 +169,19 @@ int cli_info(int argc, char **argv) {
         s_mib(engine_scratch_bytes(e)),
         s_mib(m->weight_bytes + engine_kv_bytes(e) + engine_scratch_bytes(e)));
     engine_destroy(&e);
+    int rc = 0;
+    if (budget) {
+        budget_params bp = {.cfg = c,
+                            .non_expert = m->weight_bytes - m->expert_bytes,
+                            .frame_bytes = layout_frame_bytes(m, layout_wants_flags(m)),
+                            .n_ctx = (int)ctx,
+                            .kv_f16 = kv_f16,
+                            .n_seq = 1,
+                            .workers = (int)workers,
+                            .threads = (int)threads,
+                            .budget = budget};
+        rc = s_print_plan(m, &bp);
+    }
     model_close(&m);
-    return 0;
+    return rc;
 }

@@ -11,6 +11,7 @@
 #include "layer.pb-c.h"
 #include "layout/layout.h"
 #include "model/down_t.h"
+#include "model/expert_chunk.h"
 #include "model/model.h"
 #include "model/ops.h"
 #include "msg/lane.h"
@@ -19,10 +20,10 @@
 #include "stats/stats.h"
 
 #define STAGE "expert-worker"
-/* Slots computed at a time: bounds the scratch (storage.c STORAGE_WORKER_CHUNK counts it). */
-#define EXPERT_CHUNK 256
-#define EXPERT_PACKS                                                                               \
-    8 /* packed experts in scratch: the packing groups of a chunk run in waves of this many */
+/* Slots computed at a time and packed experts per wave: model/expert_chunk.h (the pipeline's
+ * budget plan counts the scratch they imply). */
+#define EXPERT_CHUNK EXPERT_CHUNK_SLOTS
+#define EXPERT_PACKS EXPERT_CHUNK_PACKS
 
 /* A run of slots of one expert (at most EXPERT_CHUNK). */
 typedef struct grp {

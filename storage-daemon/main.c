@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "msg/stage.h"
+#include "plan/budget.h"
 #include "storage.h"
 
 static int s_take(int *argc, char **argv, const char *name, const char **val, stp_err *err) {
@@ -53,7 +54,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = s_take(&argc, argv, "--cache-policy", &so.policy, &err);
     if (!rc) rc = s_take(&argc, argv, "--pool-experts", &frames, &err);
     if (!rc) rc = s_take(&argc, argv, "--trace-decisions", &so.trace, &err);
-    if (!rc && budget && *budget) rc = storage_parse_size(budget, &so.memory_budget, &err);
+    if (!rc && budget && *budget) rc = budget_parse_size(budget, &so.memory_budget, &err);
     if (!rc && frames && *frames) so.pool_experts = atoi(frames);
     if (rc || stage_parse(&o, argc, argv, "storage-daemon", &err) ||
         stage_setup(&o, "storage-daemon", &err)) {

@@ -2,7 +2,6 @@
  * see storage.h and README.md. */
 #include "storage.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -11,39 +10,18 @@
 
 #include <zmq.h>
 
+#include "cache/cache_policy.h"
 #include "io/io.h"
-#include "kern/kern.h"
 #include "layout/layout.h"
 #include "msg/lane.h"
-#include "model/attention.h"
-#include "model/kv_cache.h"
 #include "msg/msg.h"
+#include "plan/budget.h"
 #include "router.pb-c.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
 
 #define STAGE "storage-daemon"
 #define MiB (1024.0 * 1024.0)
-/* Private memory of one stage process outside what is estimated below (libraries, zmq,
- * stacks, heap). Measured on the 4b preset at 1 GiB after a 900-token prompt and 120 decoded
- * tokens (context full): storage daemon 8.5 MiB PSS besides the pool, expert worker 4 MiB
- * besides its scratch, the attention worker's file pages 15 MiB (router and norms, counted
- * with the weights); the coordinator 19 MiB in all (the tokenizer ~ 100 B per vocabulary
- * entry). The whole pipeline then measured 392 MiB outside the pool where this plan
- * reserves 412 MiB. */
-#define STORAGE_PROC_OVERHEAD (12ull << 20)
-#define STORAGE_TOKENIZER_BYTES 140 /* per vocabulary entry */
-/* Slots one expert worker computes at a time and the q4_0x16 images of up and down it packs
- * per chunk in a prefill (expert.c EXPERT_CHUNK, EXPERT_PACKS). */
-#define STORAGE_WORKER_CHUNK 256
-#define STORAGE_WORKER_PACKS 8
-/* lfu's half-life in decisions of one layer (= decoded tokens). Replaying a 4b-preset trace
- * (bench/cache_sim.py, 289 frames): 16 reads 17.5 experts per token, 64 19.7, 256 22.4, lru
- * 24.9: half of all expert uses repeat the previous token's, so recent counts matter most. A
- * fresh 1000-token trace at 302 frames: 8 19.3, 16 17.9, 32 17.4. In the daemon at 1 GiB (4
- * rounds of 3 runs, alternating): 32 stalls 7.4-8.3 ms per token where 16 stalls 8.3-10.7,
- * 20.6-21.6 against 17.6-21.0 tok/s for 0.6 MB/token more; equal at 0.75 and 1.5 GiB. */
-#define STORAGE_LFU_HALF_LIFE 32
 /* One read request. An expert (~2 MiB on the 4b preset) goes as four reads in flight at once:
  * it lands sooner than as two of 1 MiB (stall at 1 GiB 5.7-6.9 against 7.9-10.0 ms per token,
  * 4 runs alternating); 256 KiB measured no better. */
@@ -75,26 +53,24 @@ typedef struct read_queue {
     int head, n, cap;
 } read_queue;
 
-enum { POLICY_LRU, POLICY_LFU };
-
 struct storage {
     stage_opts o;
     storage_opts so;
     model *m;
     layout *lay;
     io_reader *io;
-    storage_plan plan;
+    budget_plan plan;
     shm_region pool;
     void *zctx, *sock, *pub;
     stats *st;
-    int NL, X, policy;
+    int NL, X;
+    cache_policy_kind policy;
     double half_life;     /* lfu, in tokens */
+    cache_policy *pol;    /* victims (common/cache): ticks once per decision */
     int32_t *frame_owner; /* (frames) entry (layer * X + expert) or -1 */
     int32_t *entry_frame; /* (NL * X) frame or -1 */
-    uint64_t *last_use;   /* (NL * X) decision tick of the last use */
-    double *freq;         /* (NL * X) decayed use count as of freq_tick */
-    uint64_t *freq_tick;
-    uint64_t tick, gen;
+    int32_t *cand;        /* (frames) eviction candidates, frame order */
+    uint64_t gen;
     int n_used_frames;
     int32_t held[STP_MAX_EXPERTS]; /* the last decision's entries: in use, never evicted */
     int n_held;
@@ -116,112 +92,7 @@ struct storage {
     char read_err[160]; /* the last failed read's message */
 };
 
-int storage_parse_size(const char *s, uint64_t *out, stp_err *err) {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || !isfinite(v) || v < 0)
-        return stp_err_set(err, STP_EINVAL, "memory budget '%s': expected a size like 1G or 800M",
-                           s);
-    double mul = 1;
-    switch (toupper((unsigned char)*end)) {
-    case 'K':
-        mul = 1024.0;
-        end++;
-        break;
-    case 'M':
-        mul = MiB;
-        end++;
-        break;
-    case 'G':
-        mul = MiB * 1024;
-        end++;
-        break;
-    case 'T':
-        mul = MiB * 1024 * 1024;
-        end++;
-        break;
-    default: break;
-    }
-    if (!strcasecmp(end, "iB") || !strcasecmp(end, "B")) end += strlen(end);
-    if (*end) return stp_err_set(err, STP_EINVAL, "memory budget '%s': unknown unit", s);
-    *out = (uint64_t)(v * mul);
-    return 0;
-}
-
-int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
-                        uint64_t frame_bytes, storage_plan *p, stp_err *err) {
-    const model_config *c = &m->cfg;
-    memset(p, 0, sizeof *p);
-    p->frame_bytes = frame_bytes;
-    p->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
-    p->n_ubatch = o->n_ubatch > 0 ? o->n_ubatch : 512;
-    if (p->n_ubatch > p->n_ctx) p->n_ubatch = p->n_ctx;
-    const int NL = c->n_layer, X = c->n_expert, W = so->workers > 0 ? so->workers : 2;
-    /* the attention worker's weights (embeddings, attention, router, norms, LM head) */
-    p->non_expert = m->weight_bytes - m->expert_bytes;
-    kv_cache *kv = NULL; /* calloc'd, never touched here */
-    attn_scratch *as = NULL;
-    int rc = kv_cache_new(&kv, c, p->n_ctx, p->n_ubatch, o->kv_f16, err);
-    if (!rc) rc = attn_scratch_new(&as, c, p->n_ubatch, p->n_ctx, 1, err);
-    if (rc) {
-        kv_cache_destroy(&kv);
-        return rc;
-    }
-    p->kv = kv->bytes;
-    act_header ah;
-    act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
-    p->act = ah.size;
-    uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff_exp, wide = E > F ? E : F;
-    uint64_t worker =
-        (uint64_t)STORAGE_WORKER_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64)) +
-        (uint64_t)STORAGE_WORKER_PACKS * 2 * kern_q4_0x16_size((int64_t)F, (int64_t)E);
-    /* attention worker scratch plus its residual/h/logit buffers */
-    p->scratch = attn_scratch_bytes(as) + (uint64_t)p->n_ubatch * E * 4 * 4 +
-                 (uint64_t)c->n_vocab * 4 * 2 + W * worker;
-    attn_scratch_destroy(&as);
-    kv_cache_destroy(&kv);
-    /* four kinds of stages plus the workers; the coordinator's tokenizer */
-    p->overhead =
-        (uint64_t)(3 + W) * STORAGE_PROC_OVERHEAD + (uint64_t)c->n_vocab * STORAGE_TOKENIZER_BYTES;
-    uint64_t table = pool_table_bytes(NL, X);
-    uint64_t fixed = p->non_expert + p->kv + p->act + p->scratch + p->overhead + table;
-    p->minimum = fixed + (uint64_t)X * frame_bytes;
-    uint64_t all = (uint64_t)NL * X;
-    if (so->pool_experts > 0) {
-        p->frames = so->pool_experts < X ? X : so->pool_experts;
-        if ((uint64_t)p->frames > all) p->frames = (int)all;
-        return 0;
-    }
-    if (!so->memory_budget) {
-        p->frames = (int)all;
-        return 0;
-    }
-    if (so->memory_budget < p->minimum)
-        return stp_err_set(
-            err, STP_EINVAL,
-            "memory budget %.0f MiB is too small for %s at context %d: the minimum is %.0f MiB "
-            "(non-expert weights %.0f, KV cache %.0f, activations %.0f, scratch %.0f, processes "
-            "%.0f, one layer of experts %.0f MiB)",
-            so->memory_budget / MiB, o->model, p->n_ctx, p->minimum / MiB, p->non_expert / MiB,
-            p->kv / MiB, p->act / MiB, p->scratch / MiB, p->overhead / MiB,
-            (double)X * frame_bytes / MiB);
-    uint64_t n = (so->memory_budget - fixed) / frame_bytes;
-    p->frames = (int)(n > all ? all : n);
-    return 0;
-}
-
 /* ---- cache ---- */
-
-static double s_score(storage *s, int entry) {
-    double age = (double)(s->tick - s->freq_tick[entry]);
-    return s->freq[entry] * exp2(-age / (s->half_life * s->NL));
-}
-
-static void s_touch(storage *s, int entry) {
-    s->last_use[entry] = s->tick;
-    s->freq[entry] = s_score(s, entry) + 1.0;
-    s->freq_tick[entry] = s->tick;
-}
 
 static bool s_in(const int32_t *list, int n, int e) {
     for (int i = 0; i < n; i++)
@@ -232,28 +103,23 @@ static bool s_in(const int32_t *list, int n, int e) {
 /* A frame for a new entry: a free one, else the policy's victim among READY entries the
  * current decision (need[], n_need) does not use; for a prefetch (which runs while the expert
  * workers compute the last decision) also not the last decision's nor any of the predicted
- * layer's. Entries being read or queued are never victims. -1 if none. */
+ * layer's. Entries being read or queued are never victims. -1 if none. The mechanism picks the
+ * candidates (frame order); the policy picks among them. */
 static int s_victim(storage *s, const int32_t *need, int n_need, bool prefetch) {
     if (s->n_free) return s->free_frames[--s->n_free];
     if (s->n_used_frames < s->plan.frames) return s->n_used_frames++;
     const pool_header *h = (const pool_header *)s->pool.base;
-    int best = -1;
-    double best_score = 0;
-    uint64_t best_use = 0;
+    int n = 0;
     for (int f = 0; f < s->plan.frames; f++) {
         int e = s->frame_owner[f];
         if (e < 0 || h->slots[e].state != POOL_READY || s_in(need, n_need, e)) continue;
         /* a prefetch keeps its own layer (the attention worker may have dispatched any of its
          * READY experts before the layer's decision arrives) and the last decision */
         if (prefetch && (e / s->X == need[0] / s->X || s_in(s->held, s->n_held, e))) continue;
-        double sc = s->policy == POLICY_LFU ? s_score(s, e) : 0.0;
-        if (best < 0 || sc < best_score || (sc == best_score && s->last_use[e] < best_use)) {
-            best = f;
-            best_score = sc;
-            best_use = s->last_use[e];
-        }
+        s->cand[n++] = e;
     }
-    return best;
+    int v = cache_policy_victim(s->pol, s->cand, n);
+    return v < 0 ? -1 : s->entry_frame[s->cand[v]];
 }
 
 static void s_queue_push(read_queue *q, int32_t e) {
@@ -355,7 +221,7 @@ static int s_reap(storage *s, bool wait);
 static int s_make_resident(storage *s, const int32_t *need, int n, bool prefetch) {
     int misses = 0;
     if (!prefetch) {
-        s->tick++;
+        cache_policy_tick(s->pol);
         for (int i = 0; i < n; i++)
             if (s->queued[need[i]] == 2) { /* predicted, not started: now needed */
                 s->queued[need[i]] = 1;
@@ -371,7 +237,7 @@ static int s_make_resident(storage *s, const int32_t *need, int n, bool prefetch
     }
     for (int i = 0; i < n; i++) {
         int e = need[i];
-        if (!prefetch) s_touch(s, e);
+        if (!prefetch) cache_policy_touch(s->pol, e);
         if (s->entry_frame[e] >= 0) {
             if (!prefetch && s->prefetched[e]) {
                 s->prefetched[e] = 0;
@@ -459,14 +325,25 @@ static int s_create_pool(storage *s, stp_err *err) {
             uint64_t b = layout_record_bytes(s->lay, il, x);
             if (b > frame) frame = b;
         }
-    int rc = storage_plan_budget(s->m, &s->o, &s->so, frame, &s->plan, err);
-    if (rc) return rc;
+    /* the attention worker's thread count is not given to the daemon: planned for 1 (budget.h) */
+    budget_params bp = {.cfg = &s->m->cfg,
+                        .non_expert = s->m->weight_bytes - s->m->expert_bytes,
+                        .frame_bytes = frame,
+                        .n_ctx = s->o.n_ctx,
+                        .n_ubatch = s->o.n_ubatch,
+                        .kv_f16 = s->o.kv_f16,
+                        .n_seq = 1,
+                        .workers = s->so.workers > 0 ? s->so.workers : 2,
+                        .threads = 1,
+                        .budget = s->so.memory_budget,
+                        .pool_experts = s->so.pool_experts};
+    stp_err e2 = {0};
+    int rc = budget_plan_compute(&s->plan, &bp, &e2);
+    if (rc) return stp_err_set(err, rc, "%s: %s", s->o.model, e2.msg);
     size_t n = (size_t)NL * X;
     s->frame_owner = malloc((size_t)s->plan.frames * sizeof(int32_t));
     s->entry_frame = malloc(n * sizeof(int32_t));
-    s->last_use = calloc(n, sizeof(uint64_t));
-    s->freq = calloc(n, sizeof(double));
-    s->freq_tick = calloc(n, sizeof(uint64_t));
+    s->cand = malloc((size_t)s->plan.frames * sizeof(int32_t));
     s->prefetched = calloc(n, 1);
     s->queued = calloc(n, 1);
     s->pf_queued = calloc(n, 1);
@@ -477,15 +354,18 @@ static int s_create_pool(storage *s, stp_err *err) {
     s->ahead.e = calloc(n, sizeof(int32_t));
     s->demand.cap = s->ahead.cap = (int)n;
     s->free_frames = calloc((size_t)s->plan.frames, sizeof(int32_t));
-    if (!s->frame_owner || !s->entry_frame || !s->last_use || !s->freq || !s->freq_tick ||
-        !s->prefetched || !s->queued || !s->pf_queued || !s->chunks || !s->failed || !s->read_t0 ||
-        !s->demand.e || !s->ahead.e || !s->free_frames)
+    cache_policy_config pc = {
+        .kind = s->policy, .n_entries = NL * X, .half_life = s->half_life * NL};
+    if ((rc = cache_policy_new(&s->pol, &pc, err))) return rc;
+    if (!s->frame_owner || !s->entry_frame || !s->cand || !s->prefetched || !s->queued ||
+        !s->pf_queued || !s->chunks || !s->failed || !s->read_t0 || !s->demand.e || !s->ahead.e ||
+        !s->free_frames)
         return stp_err_set(err, STP_ENOMEM, "out of memory");
     for (int f = 0; f < s->plan.frames; f++)
         s->frame_owner[f] = -1;
     for (size_t i = 0; i < n; i++)
         s->entry_frame[i] = -1;
-    size_t total = pool_table_bytes(NL, X) + (size_t)s->plan.frames * frame;
+    size_t total = s->plan.pool_bytes;
     char name[160];
     if ((rc = stage_shm_name(name, sizeof name, s->o.run_dir, "pool", err))) return rc;
     if ((rc = shm_region_create(&s->pool, name, total, err))) return rc;
@@ -506,8 +386,7 @@ static int s_create_pool(storage *s, stp_err *err) {
               "pool %.1f MiB: %d of %d experts (%.2f MiB each), budget %.0f MiB (minimum %.0f), "
               "policy %s, reads %s",
               total / MiB, s->plan.frames, NL * X, frame / MiB, s->so.memory_budget / MiB,
-              s->plan.minimum / MiB, s->policy == POLICY_LRU ? "lru" : "lfu",
-              io_reader_mode(s->io));
+              s->plan.minimum / MiB, cache_policy_name(s->policy), io_reader_mode(s->io));
     if (s->plan.frames == NL * X) { /* everything fits: read it all now */
         double t0 = msg_now_us();
         for (int il = 0; il < NL && !stage_stopping(); il++) {
@@ -533,11 +412,10 @@ int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_
     if (!s) return stp_err_set(err, STP_ENOMEM, "out of memory");
     s->o = *o;
     s->so = *so;
-    s->policy = so->policy && !strcmp(so->policy, "lru") ? POLICY_LRU : POLICY_LFU;
-    s->half_life = so->lfu_half_life > 0 ? so->lfu_half_life : STORAGE_LFU_HALF_LIFE;
+    s->policy = CACHE_POLICY_LFU;
+    s->half_life = so->lfu_half_life > 0 ? so->lfu_half_life : CACHE_POLICY_HALF_LIFE;
     int rc = 0;
-    if (so->policy && strcmp(so->policy, "lru") && strcmp(so->policy, "lfu"))
-        rc = stp_err_set(err, STP_EINVAL, "cache policy '%s': lru or lfu", so->policy);
+    if (so->policy) rc = cache_policy_parse(so->policy, &s->policy, err);
     if (!rc) rc = stats_new(&s->st, STAGE, err);
     if (!rc) rc = model_open(&s->m, o->model, err);
     if (!rc) {
@@ -577,9 +455,8 @@ void storage_destroy(storage **self_p) {
     stats_destroy(&s->st);
     free(s->frame_owner);
     free(s->entry_frame);
-    free(s->last_use);
-    free(s->freq);
-    free(s->freq_tick);
+    free(s->cand);
+    cache_policy_destroy(&s->pol);
     free(s->prefetched);
     free(s->queued);
     free(s->pf_queued);

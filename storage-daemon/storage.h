@@ -6,11 +6,9 @@
  *
  * Without a budget (or one large enough) every expert is read once at start and stays resident.
  * With one, the pool holds `frames` expert slots, at least one whole layer (a prefill may route
- * to every expert of a layer), and a cache policy picks the victims:
- *   lfu  (the default) least frequently used with exponential decay (half-life
- *        STORAGE_LFU_HALF_LIFE tokens), ties broken by recency: it reads the fewest experts
- *        on a replayed 4b-preset trace (README.md);
- *   lru  least recently used.
+ * to every expert of a layer). The daemon picks which READY slots may go (mechanism); a cache
+ * policy (common/cache: lfu, the default, with half-life CACHE_POLICY_HALF_LIFE tokens, or
+ * lru) picks the victim among them (policy).
  * A slot is reused only for an expert the current decision does not need (the previous layer's
  * work is finished when the next decision arrives: the attention worker is sequential) and
  * never while its read is queued or in flight. Reads are asynchronous: one expert at a time,
@@ -32,27 +30,11 @@ typedef struct storage_opts {
     uint64_t memory_budget; /* whole pipeline, bytes; 0 = unlimited */
     const char *layout_dir; /* NULL: next to the model */
     const char *policy;     /* "lfu" or "lru" (NULL: lfu) */
-    double lfu_half_life;   /* tokens (<= 0: STORAGE_LFU_HALF_LIFE) */
+    double lfu_half_life;   /* tokens (<= 0: CACHE_POLICY_HALF_LIFE) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
 } storage_opts;
-
-/* What a budget leaves for the pool. Everything in bytes. */
-typedef struct storage_plan {
-    uint64_t non_expert, kv, act, scratch, overhead; /* outside the pool */
-    uint64_t frame_bytes;                            /* one pool slot */
-    uint64_t minimum; /* the smallest budget: the above + one layer's experts + pool table */
-    int frames;       /* pool slots */
-    int n_ctx, n_ubatch;
-} storage_plan;
-
-/* Parses "1G", "800M", "1.5GiB", "123456" (K/M/G/T powers of 1024) into bytes. */
-int storage_parse_size(const char *s, uint64_t *out, stp_err *err);
-/* Sizes the pool for a budget (0: every expert); STP_EINVAL with the minimum in the message
- * when the budget is too small. */
-int storage_plan_budget(const model *m, const stage_opts *o, const storage_opts *so,
-                        uint64_t frame_bytes, storage_plan *p, stp_err *err);
 
 int storage_new(storage **out, const stage_opts *o, const storage_opts *so, stp_err *err);
 /* Serves until SIGINT/SIGTERM; 0 on a clean stop. */

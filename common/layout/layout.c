@@ -84,6 +84,17 @@ void layout_matrix_bytes(const model *m, int layer, uint32_t flags, size_t bytes
                    : L->down_exps.mat_bytes;
 }
 
+uint64_t layout_frame_bytes(const model *m, uint32_t flags) {
+    uint64_t frame = 0;
+    for (int il = 0; il < m->cfg.n_layer; il++) {
+        size_t b[3];
+        layout_matrix_bytes(m, il, flags, b);
+        uint64_t r = s_al(b[0]) + s_al(b[1]) + s_al(b[2]); /* (parts back to back, aligned) */
+        if (r > frame) frame = r;
+    }
+    return frame;
+}
+
 /* Hash of what the records are made of: the expert tensors' names, types, shapes and places. */
 static uint64_t s_tensor_hash(const model *m) {
     uint64_t h = 0xcbf29ce484222325ull;

@@ -87,5 +87,8 @@ uint64_t layout_record_bytes(const layout *l, int layer, int expert);
 /* The bytes of each matrix of a layer's experts as stored (down: down_t size if flagged; a
  * q4_0x16 gate image has the GGUF rows' size). */
 void layout_matrix_bytes(const model *m, int layer, uint32_t flags, size_t bytes[3]);
+/* The largest record a layout of m with these flags holds (= the largest layout_record_bytes
+ * of the built file: one pool frame), computed without building or opening it. */
+uint64_t layout_frame_bytes(const model *m, uint32_t flags);
 
 #endif

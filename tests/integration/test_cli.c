@@ -1,5 +1,6 @@
 /* test_cli: the `stpipe` program end to end ($STP_BIN_DIR/stpipe): greedy generation and
- * --logits-out against the golden data of tiny-dense-attn-f32, `info` output, --help and usage
+ * --logits-out against the golden data of tiny-dense-attn-f32, `info` output (and the pipeline
+ * plan it prints under --memory-budget: the storage daemon's frames), --help and usage
  * errors (exit 2), runtime errors (exit 1, one line naming the file and the problem) for a
  * missing, truncated, foreign-architecture or unsupported-type GGUF and an oversized prompt,
  * and the tokenize / detokenize round trip. */
@@ -19,6 +20,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "layout/layout.h"
+#include "model/model.h"
+#include "plan/budget.h"
 #include "th_gguf.h"
 #include "th_proc.h"
 
@@ -201,6 +205,43 @@ static void test_cli_info_shapes(void **state) {
     assert_non_null(strstr(r.out, "blk.5.ffn_down_exps.weight"));
     assert_non_null(strstr(r.out, "(ctx 128)"));
     th_run_out_free(&r);
+}
+
+/* info --memory-budget prints the plan the daemon would make: three frames past the minimum
+ * give one layer + 3; a byte under the minimum is refused (exit 1) naming the minimum. */
+static void test_cli_info_memory_budget(void **state) {
+    (void)state;
+    char m[4096], arg[64], want[128];
+    th_data_path(m, sizeof m, "tiny-dense-attn-q4_0-pure.gguf");
+    model *mo = NULL;
+    stp_err err = {0};
+    if (model_open(&mo, m, &err)) fail_msg("%s", err.msg);
+    budget_params bp = {.cfg = &mo->cfg,
+                        .non_expert = mo->weight_bytes - mo->expert_bytes,
+                        .frame_bytes = layout_frame_bytes(mo, layout_wants_flags(mo)),
+                        .n_ctx = 128,
+                        .kv_f16 = true,
+                        .workers = 2};
+    budget_plan p;
+    assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
+    const int X = mo->cfg.n_expert, all = p.all_frames;
+    snprintf(arg, sizeof arg, "%llu", (unsigned long long)(p.minimum + 3 * p.frame_bytes));
+    const char *a[] = {"info", "--model",         m,   "--ctx-size", "128", "--cache-type",
+                       "f16",  "--memory-budget", arg, "--workers",  "2",   NULL};
+    th_run_out r = s_run(a);
+    s_expect(&r, 0, "info --memory-budget");
+    snprintf(want, sizeof want, ": %d of %d experts", X + 3, all);
+    if (!strstr(r.out, want)) fail_msg("info lacks '%s':\n%s", want, r.out);
+    snprintf(want, sizeof want, "minimum budget%17.1f MiB", p.minimum / (1024.0 * 1024.0));
+    if (!strstr(r.out, want)) fail_msg("info lacks '%s':\n%s", want, r.out);
+    assert_non_null(strstr(r.out, "context 128, KV cache f16, 1 sequence, 2 expert workers"));
+    th_run_out_free(&r);
+    snprintf(arg, sizeof arg, "%llu", (unsigned long long)(p.minimum - 1));
+    r = s_run(a);
+    s_expect_error(&r, "info under the minimum", "too small", "the minimum is");
+    assert_non_null(strstr(r.out, "is below the minimum"));
+    th_run_out_free(&r);
+    model_close(&mo);
 }
 
 static void test_cli_help_exits_0(void **state) {
@@ -428,6 +469,7 @@ int main(void) {
         cmocka_unit_test(test_cli_generate_logits_out),
         cmocka_unit_test(test_cli_generate_seeded_sampling),
         cmocka_unit_test(test_cli_info_shapes),
+        cmocka_unit_test(test_cli_info_memory_budget),
         cmocka_unit_test(test_cli_help_exits_0),
         cmocka_unit_test(test_cli_bad_usage_exits_2),
         cmocka_unit_test(test_cli_bad_prompt_ids_exit_2),

@@ -1,0 +1,79 @@
+/* budget: the pipeline's memory plan under a budget. Every stage's memory outside the expert
+ * weight pool (the attention worker's weights, KV caches and scratch, the activation region, the
+ * expert workers' scratch, per-process overheads) is computed from sizes, the same formulas the
+ * stages allocate by (tests/unit/test_budget.c compares with kv_cache and attn_scratch), and
+ * what the budget leaves is the pool: frames of one expert each.
+ *
+ * A pure function: nothing is allocated or read, so the storage daemon (which sizes the pool by
+ * it) and `stpipe info --memory-budget` (which prints it) give the same plan for the same
+ * inputs. What it leaves out: the expert worker's and the attention worker's small per-slot
+ * arrays are not itemized (the worker's count carries one spare row of n_ff_exp floats per slot,
+ * which covers them), and the attention worker's thread count is a parameter the daemon is not
+ * told (it plans for 1: 2 * n_ctx * 4 bytes per further thread, inside the process overhead).
+ * See common/plan/README.md. */
+#ifndef STP_BUDGET_H
+#define STP_BUDGET_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model/model_config.h"
+#include "util/stp_err.h"
+
+/* Private memory of one stage process outside what the plan itemizes (libraries, zmq, stacks,
+ * heap); see docs/BENCHMARKS.md for how it was measured. */
+#define BUDGET_PROC_OVERHEAD (12ull << 20)
+/* The coordinator's tokenizer, per vocabulary entry. */
+#define BUDGET_TOKENIZER_BYTES 140
+
+typedef struct budget_params {
+    const model_config *cfg;
+    uint64_t non_expert;  /* weight bytes outside the routed experts (the attention worker's) */
+    uint64_t frame_bytes; /* one pool slot: the largest expert record (layout_frame_bytes) */
+    int n_ctx;            /* 0: min(n_ctx_train, 4096) */
+    int n_ubatch;         /* 0: 512; at most n_ctx */
+    bool kv_f16;          /* --cache-type f16 */
+    int n_seq;            /* sequences, each with its own KV cache (0: 1) */
+    int workers;          /* expert workers (0: 1) */
+    int threads;          /* the attention worker's compute threads (0: 1) */
+    uint64_t budget;      /* the whole pipeline, bytes; 0: unlimited (every expert) */
+    int pool_experts;     /* > 0: this many frames whatever the budget (tests) */
+} budget_params;
+
+/* The plan. Bytes unless said otherwise. */
+typedef struct budget_plan {
+    int n_ctx, n_ubatch, n_seq, workers, threads; /* the parameters, defaults applied */
+    bool kv_f16;
+    uint64_t non_expert;   /* attention worker's weights */
+    uint64_t kv;           /* n_seq KV caches (= n_seq * budget_kv_bytes) */
+    uint64_t act;          /* the activation region (act_layout) */
+    uint64_t attn_scratch; /* = attn_scratch_bytes of the attention worker's scratch */
+    uint64_t attn_buffers; /* its residual / h / router buffers and logits */
+    uint64_t worker;       /* one expert worker's scratch */
+    uint64_t scratch;      /* attn_scratch + attn_buffers + workers * worker */
+    uint64_t overhead;     /* processes (3 + workers) and the coordinator's tokenizer */
+    uint64_t table;        /* the pool's header and slot table */
+    uint64_t fixed;        /* everything above: the budget's share outside the frames */
+    uint64_t frame_bytes;  /* one frame */
+    uint64_t minimum;      /* fixed + one layer of experts: the smallest budget that runs */
+    uint64_t budget;       /* as given (0: unlimited) */
+    int frames;            /* pool frames */
+    int all_frames;        /* n_layer * n_expert */
+    uint64_t pool_bytes;   /* table + frames * frame_bytes: the pool segment */
+} budget_plan;
+
+/* Bytes of one sequence's KV cache as kv_cache_new allocates it. */
+uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f16);
+/* Bytes of the attention scratch as attn_scratch_new allocates it. */
+uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads);
+/* One expert worker's scratch for its chunk sizes (model/expert_chunk.h). */
+uint64_t budget_worker_bytes(const model_config *c);
+
+/* Fills *p for the parameters. With a budget below the minimum the plan is still filled (frames
+ * 0) and STP_EINVAL comes back with the minimum and its parts in the message. */
+int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err);
+
+/* Parses "1G", "800M", "1.5GiB", "123456" (K/M/G/T powers of 1024) into bytes. */
+int budget_parse_size(const char *s, uint64_t *out, stp_err *err);
+
+#endif
