@@ -2,7 +2,9 @@
  * answers, stream chunks and errors. Pure functions over jansson; no I/O, no locks.
  * Unknown request fields are ignored (clients send many); wrong types are a 400 naming the
  * field. Defaults are the SmallThinker authors' sampling (temperature 0.6, top-k 20, top-p
- * 0.95). See docs/SERVER.md for the field list. */
+ * 0.95). Chat roles are system, user and assistant, spelled exactly (a role is written into the
+ * template, so anything else could open a turn of its own). A prompt text longer than the
+ * limit is refused (413) before it is tokenized. See docs/SERVER.md for the field list. */
 #include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
@@ -96,6 +98,20 @@ static int s_content(json_t *c, size_t i, char **out, char *msg, size_t cap) {
     return *out ? 0 : s_bad(msg, cap, "out of memory");
 }
 
+size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes) {
+    return (size_t)(n_ctx > 0 ? n_ctx : 1) * (max_token_bytes ? max_token_bytes : 1);
+}
+
+/* 413 when the prompt text is longer than the limit (it cannot fit the context). */
+static int s_too_long(size_t len, const http_api_limits *lim, char *msg, size_t cap) {
+    if (!lim->max_prompt_bytes || len <= lim->max_prompt_bytes) return 0;
+    s_bad(msg, cap,
+          "the prompt has %zu bytes of text, more than the %zu that %d tokens of context can "
+          "hold (shorten it, or restart the server with a larger --ctx-size)",
+          len, lim->max_prompt_bytes, lim->n_ctx);
+    return 413;
+}
+
 static int s_encode(http_job *job, const tokenizer *tok, const char *text, char *msg, size_t cap) {
     stp_err err = {0};
     size_t n = 0;
@@ -105,7 +121,13 @@ static int s_encode(http_job *job, const tokenizer *tok, const char *text, char 
     return 0;
 }
 
-static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok, char *msg, size_t cap) {
+/* The roles the ChatML template takes; compared whole, so no newline or marker can ride along. */
+static bool s_role_ok(const char *role) {
+    return !strcmp(role, "system") || !strcmp(role, "user") || !strcmp(role, "assistant");
+}
+
+static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
+                         const http_api_limits *lim, char *msg, size_t cap) {
     json_t *msgs = json_object_get(root, "messages");
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
         return s_bad(msg, cap,
@@ -123,6 +145,18 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok, char
             rc = s_bad(msg, cap, "messages[%zu] needs a \"role\" string", i);
             break;
         }
+        if (!s_role_ok(role)) {
+            char shown[40];
+            size_t k = 0;
+            for (const char *p = role; *p && k + 1 < sizeof shown; p++) /* printable ASCII only */
+                shown[k++] = *p >= 0x20 && *p < 0x7f && *p != '"' ? *p : '?';
+            shown[k] = 0;
+            rc = s_bad(msg, cap,
+                       "messages[%zu].role \"%s\" is not one of \"system\", \"user\", "
+                       "\"assistant\" (no tool turns in stpipe's ChatML template)",
+                       i, shown);
+            break;
+        }
         if ((rc = s_content(json_object_get(m, "content"), i, &owned[i], msg, cap))) break;
         cm[i] = (chat_msg){role, owned[i]};
     }
@@ -130,6 +164,7 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok, char
     stp_err err = {0};
     if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, &err))
         rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
+    if (!rc) rc = s_too_long(strlen(text), lim, msg, cap);
     if (!rc) rc = s_encode(job, tok, text, msg, cap);
     free(text);
     for (size_t i = 0; owned && i < n; i++)
@@ -139,12 +174,16 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok, char
     return rc;
 }
 
-static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok, int n_vocab,
-                               char *msg, size_t cap) {
+static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok,
+                               const http_api_limits *lim, char *msg, size_t cap) {
+    int n_vocab = tokenizer_n_vocab(tok), rc;
     json_t *p = json_object_get(root, "prompt");
     if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
         p = json_array_get(p, 0);
-    if (json_is_string(p)) return s_encode(job, tok, json_string_value(p), msg, cap);
+    if (json_is_string(p)) {
+        if ((rc = s_too_long(json_string_length(p), lim, msg, cap))) return rc;
+        return s_encode(job, tok, json_string_value(p), msg, cap);
+    }
     if (json_is_array(p) && json_array_size(p) > 0) { /* token ids */
         size_t n = json_array_size(p), i;
         json_t *v;
@@ -166,8 +205,10 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
 }
 
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
-                   const tokenizer *tok, int n_ctx, uint64_t default_seed, char *msg, size_t cap) {
+                   const tokenizer *tok, const http_api_limits *lim, uint64_t default_seed,
+                   char *msg, size_t cap) {
     json_error_t je;
+    const int n_ctx = lim->n_ctx;
     job->kind = kind;
     json_t *root = json_loadb(body, len, 0, &je);
     if (!root)
@@ -216,7 +257,7 @@ int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
     if (!set &&
         (rc = s_int(root, "max_completion_tokens", 1, 1 << 24, &max_tokens, &set, msg, cap)))
         goto out;
-    gp->max_tokens = (int)max_tokens; /* 0: until the context is full */
+    gp->max_tokens = set ? (int)max_tokens : lim->max_tokens_default; /* 0: until ctx is full */
     if ((rc = s_bool(root, "stream", &job->stream, msg, cap))) goto out;
     if ((rc = s_bool(root, "ignore_eos", &gp->ignore_eos, msg, cap))) goto out;
     if ((rc = s_bool(root, "return_tokens", &job->return_tokens, msg, cap))) goto out;
@@ -244,9 +285,8 @@ int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
         }
         gp->stop = (const char *const *)job->stop;
     }
-    rc = kind == HTTP_KIND_CHAT
-             ? s_chat_prompt(job, root, tok, msg, cap)
-             : s_completion_prompt(job, root, tok, tokenizer_n_vocab(tok), msg, cap);
+    rc = kind == HTTP_KIND_CHAT ? s_chat_prompt(job, root, tok, lim, msg, cap)
+                                : s_completion_prompt(job, root, tok, lim, msg, cap);
     if (rc) goto out;
     if (job->n_prompt == 0) {
         rc = s_bad(msg, cap, "the prompt is empty (no tokens)");
@@ -364,6 +404,17 @@ char *http_api_chunk(const http_job *job, const char *model, const char *text, s
 }
 
 char *http_api_error(const char *msg, const char *type, int code) {
-    return s_dump(json_pack("{s:{s:s, s:s, s:n, s:i}}", "error", "message", msg, "type", type,
-                            "param", "code", code));
+    size_t n = strlen(msg);
+    char *text = malloc(n + 1);
+    if (!text) return NULL;
+    memcpy(text, msg, n + 1);
+    json_t *probe = json_stringn(text, n); /* NULL when not UTF-8 */
+    if (!probe)                            /* keep ASCII, the rest becomes '?' */
+        for (size_t i = 0; i < n; i++)
+            if ((unsigned char)text[i] >= 0x80) text[i] = '?';
+    json_decref(probe);
+    char *out = s_dump(json_pack("{s:{s:s, s:s, s:n, s:i}}", "error", "message", text, "type", type,
+                                 "param", "code", code));
+    free(text);
+    return out;
 }

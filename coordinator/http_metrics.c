@@ -9,7 +9,7 @@
 
 #include "http_server.h"
 
-enum { N_ENDPOINTS = 6, N_CODES = 6, MAX_BUCKETS = 14 };
+enum { N_ENDPOINTS = 6, MIN_CODE = 100, MAX_CODE = 599, MAX_BUCKETS = 14 };
 
 typedef struct histo {
     const double *le; /* upper bounds, ascending; +Inf implied */
@@ -21,7 +21,6 @@ typedef struct histo {
 
 static const char *const s_endpoints[N_ENDPOINTS] = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "other"};
-static const int s_codes[N_CODES] = {200, 400, 404, 405, 413, 503};
 
 static const double s_le_seconds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                       1,     2.5,  5,     10,   30,  60,   120};
@@ -36,8 +35,9 @@ static const char *const s_stage_names[N_STAGES] = {"embed", "router", "attentio
 
 struct http_metrics {
     pthread_mutex_t mu;
-    uint64_t requests[N_ENDPOINTS][N_CODES + 1]; /* last column: other codes */
+    uint64_t requests[N_ENDPOINTS][MAX_CODE - MIN_CODE + 1]; /* by status code */
     uint64_t prompt_tokens, generated_tokens, finished[3];
+    uint64_t client_gone[2]; /* [0] while queued, [1] while running */
     int queue_waiting, queue_running;
     histo request_s, queue_s, first_token_s, prompt_tps, gen_tps, stage_ms[N_STAGES];
 };
@@ -82,16 +82,15 @@ void http_metrics_destroy(http_metrics **self_p) {
 }
 
 void http_metrics_request(http_metrics *m, const char *endpoint, int status) {
-    int e = N_ENDPOINTS - 1, c = N_CODES; /* "other" endpoint and code by default */
+    int e = N_ENDPOINTS - 1; /* "other" endpoint by default */
     for (int i = 0; i < N_ENDPOINTS - 1; i++)
         if (!strcmp(endpoint, s_endpoints[i])) {
             e = i;
             break;
         }
-    for (int i = 0; i < N_CODES; i++)
-        if (s_codes[i] == status) c = i;
+    if (status < MIN_CODE || status > MAX_CODE) return; /* HTTP has no such status */
     pthread_mutex_lock(&m->mu);
-    m->requests[e][c]++;
+    m->requests[e][status - MIN_CODE]++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -99,6 +98,12 @@ void http_metrics_queue(http_metrics *m, int waiting, int running) {
     pthread_mutex_lock(&m->mu);
     m->queue_waiting = waiting;
     m->queue_running = running;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void http_metrics_client_gone(http_metrics *m, bool running) {
+    pthread_mutex_lock(&m->mu);
+    m->client_gone[running]++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -186,11 +191,17 @@ char *http_metrics_render(http_metrics *m) {
     s_printf(&b, "# HELP stpipe_requests_total HTTP requests answered, by endpoint and status.\n"
                  "# TYPE stpipe_requests_total counter\n");
     for (int e = 0; e < N_ENDPOINTS; e++)
-        for (int c = 0; c <= N_CODES; c++)
-            if (m->requests[e][c] || (c == 0 && e < 2))
-                s_printf(&b, "stpipe_requests_total{endpoint=\"%s\",code=\"%s%d\"} %llu\n",
-                         s_endpoints[e], c == N_CODES ? "other" : "", c == N_CODES ? 0 : s_codes[c],
-                         (unsigned long long)m->requests[e][c]);
+        for (int c = MIN_CODE; c <= MAX_CODE; c++)
+            if (m->requests[e][c - MIN_CODE] || (c == 200 && e < 2))
+                s_printf(&b, "stpipe_requests_total{endpoint=\"%s\",code=\"%d\"} %llu\n",
+                         s_endpoints[e], c, (unsigned long long)m->requests[e][c - MIN_CODE]);
+    s_printf(&b,
+             "# HELP stpipe_client_disconnects_total Requests whose client closed the "
+             "connection before the answer was complete (the request was dropped or stopped).\n"
+             "# TYPE stpipe_client_disconnects_total counter\n"
+             "stpipe_client_disconnects_total{state=\"queued\"} %llu\n"
+             "stpipe_client_disconnects_total{state=\"running\"} %llu\n",
+             (unsigned long long)m->client_gone[0], (unsigned long long)m->client_gone[1]);
     s_printf(&b,
              "# HELP stpipe_prompt_tokens_total Prompt tokens evaluated.\n"
              "# TYPE stpipe_prompt_tokens_total counter\nstpipe_prompt_tokens_total %llu\n"

@@ -1,20 +1,29 @@
 /* http_server: libmicrohttpd daemon (a thread per connection), routing, the bounded request
  * queue and the single worker thread that owns the backend; see http_server.h.
  *
- * A generation request is parsed and tokenized on its connection thread (400 on any problem),
- * then queued (503 when queue_max jobs already wait). Non-streaming requests wait on the job's
- * condition variable for the whole answer; streaming ones get a chunked response whose reader
- * blocks until the worker appends server-sent events to the job. A client that goes away
- * raises the job's cancel flag (the worker stops at the next token). */
+ * Before the body is read a request must pass the guards (URL, route, CORS origin, API key,
+ * Content-Length): a refusal is answered at once and the body never read. A generation request
+ * is then parsed and tokenized on its connection thread (400/413 on any problem), and queued
+ * (503 when queue_max jobs already wait). The connection thread waits for the job in poll()
+ * on two descriptors: the job's eventfd (the worker adds to it on new output and when done)
+ * and the client's socket (a hang-up). Non-streaming requests wait for the whole answer;
+ * streaming ones get a chunked response whose reader waits for each server-sent event. A
+ * client that goes away cancels its job: a queued one leaves the queue, a running one stops at
+ * the next token. While a connection waits for its job the idle timeout is off (generating is
+ * not idling); it restarts when the wait ends. */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "http_server.h"
 
@@ -32,14 +41,30 @@ struct http_server {
     bool stopping;
     unsigned long long seq;
     http_metrics *metrics;
+    http_api_limits lim;
     int port;
 };
 
 typedef struct http_conn { /* one request on a connection */
+    int route;             /* index in s_routes, set when the request passed the guards */
+    bool answered;         /* refused before its body was read */
     char *body;
     size_t len, cap;
     bool too_big;
 } http_conn;
+
+static const struct route {
+    const char *path;
+    bool post;
+} s_routes[] = {{"/v1/chat/completions", true},
+                {"/v1/completions", true},
+                {"/v1/models", false},
+                {"/health", false},
+                {"/metrics", false}};
+enum { N_ROUTES = sizeof s_routes / sizeof s_routes[0] };
+
+/* Status counted (not sent) for a request whose client went away: nginx's "client closed". */
+#define HTTP_CLIENT_GONE 499
 
 /* ---- jobs -------------------------------------------------------------------------------------
  */
@@ -48,8 +73,42 @@ typedef struct http_conn { /* one request on a connection */
 static void s_job_unref(http_job *job) {
     if (--job->refs > 0) return;
     http_api_job_fini(job);
-    pthread_cond_destroy(&job->cond);
+    if (job->efd >= 0) close(job->efd);
     free(job);
+}
+
+/* Wakes the connection waiting for job (s_wait); call with s->mu held. */
+static void s_job_notify(http_job *job) {
+    uint64_t one = 1;
+    if (job->efd >= 0 && write(job->efd, &one, sizeof one) < 0) {
+        /* the counter cannot overflow at one per event; nothing else can fail here */
+    }
+}
+
+/* The client of job went away: cancel it (a queued job leaves the queue, a running one stops
+ * at its next token) and count it, once. Call with s->mu held. */
+static void s_job_abandon(http_server *s, http_job *job) {
+    if (job->done || job->cancel) return;
+    job->cancel = 1;
+    bool queued = job->queued;
+    if (queued) {
+        http_job **pp = &s->head, *prev = NULL;
+        while (*pp && *pp != job) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        if (*pp) {
+            *pp = job->next;
+            if (s->tail == job) s->tail = prev;
+            job->next = NULL;
+        }
+        job->queued = false;
+        job->done = true;
+        s->n_waiting--;
+        http_metrics_queue(s->metrics, s->n_waiting, s->running != NULL);
+        job->refs--; /* the worker's reference: it will never see the job */
+    }
+    http_metrics_client_gone(s->metrics, !queued);
 }
 
 /* Appends an SSE event (takes ownership of ev); call with s->mu held. */
@@ -71,7 +130,7 @@ static void s_job_append(http_job *job, char *ev) {
     memcpy(job->out + job->out_len, ev, n);
     job->out_len += n;
     free(ev);
-    pthread_cond_broadcast(&job->cond);
+    s_job_notify(job);
 }
 
 static int s_emit(void *ud, const char *text, size_t len) {
@@ -150,6 +209,7 @@ static void *s_worker(void *arg) {
         s->head = job->next;
         if (!s->head) s->tail = NULL;
         s->n_waiting--;
+        job->queued = false;
         s->running = job;
         if (s->stopping) job->cancel = 1;
         http_metrics_queue(s->metrics, s->n_waiting, 1);
@@ -157,7 +217,7 @@ static void *s_worker(void *arg) {
         s_run(s, job);
         pthread_mutex_lock(&s->mu);
         job->done = true;
-        pthread_cond_broadcast(&job->cond);
+        s_job_notify(job);
         s->running = NULL;
         http_metrics_queue(s->metrics, s->n_waiting, 0);
         s_job_unref(job);
@@ -167,6 +227,22 @@ static void *s_worker(void *arg) {
 }
 
 /* ---- responses ------------------------------------------------------------------------------ */
+
+/* CORS headers for the request's Origin (none unless --cors names it, or is "*"). */
+static void s_cors_headers(http_server *s, struct MHD_Connection *c, struct MHD_Response *r,
+                           bool preflight) {
+    if (!s->cfg.cors_origin) return;
+    const char *origin = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin");
+    const char *allow = http_guard_cors(s->cfg.cors_origin, origin);
+    MHD_add_response_header(r, "Vary", "Origin");
+    if (!allow) return;
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", allow);
+    if (preflight) {
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Content-Type, Authorization");
+        MHD_add_response_header(r, "Access-Control-Max-Age", "600");
+    }
+}
 
 static enum MHD_Result s_send(http_server *s, struct MHD_Connection *c, const char *endpoint,
                               int status, const char *ctype, char *body) {
@@ -183,7 +259,8 @@ static enum MHD_Result s_send(http_server *s, struct MHD_Connection *c, const ch
         return MHD_NO;
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
-    MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+    if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    s_cors_headers(s, c, r, false);
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
     MHD_destroy_response(r);
     http_metrics_request(s->metrics, endpoint, status);
@@ -192,24 +269,59 @@ static enum MHD_Result s_send(http_server *s, struct MHD_Connection *c, const ch
 
 static enum MHD_Result s_error(http_server *s, struct MHD_Connection *c, const char *endpoint,
                                int status, const char *msg) {
-    const char *type = status == 400 || status == 413 ? "invalid_request_error"
-                       : status == 404                ? "not_found_error"
-                       : status == 405                ? "invalid_request_error"
-                                                      : "server_error";
+    const char *type = status == 401                   ? "authentication_error"
+                       : status == 403                 ? "permission_error"
+                       : status == 404                 ? "not_found_error"
+                       : status >= 400 && status < 500 ? "invalid_request_error"
+                                                       : "server_error";
     return s_send(s, c, endpoint, status, "application/json", http_api_error(msg, type, status));
+}
+
+/* ---- waiting for a job ---------------------------------------------------------------------- */
+
+/* Waits until the job is done (or, for_data, has output not yet sent), or its client hangs
+ * up; then cancels the job and returns false. Call without s->mu. The eventfd keeps a count
+ * until read, so a wake-up between the check and poll() is not lost. */
+static bool s_wait(http_server *s, http_job *job, bool for_data) {
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        bool ready = job->done || (for_data && job->out_sent < job->out_len);
+        pthread_mutex_unlock(&s->mu);
+        if (ready) return true;
+        struct pollfd p[2] = {{.fd = job->efd, .events = POLLIN},
+                              {.fd = job->sock, .events = POLLRDHUP}};
+        int n = poll(p, job->sock >= 0 ? 2 : 1, -1);
+        if (n < 0 && errno != EINTR) return true; /* cannot watch: the caller reads on */
+        if (n <= 0) continue;
+        if (p[0].revents & POLLIN) {
+            uint64_t v;
+            if (read(job->efd, &v, sizeof v) < 0) { /* EAGAIN: another reader took it */
+            }
+        }
+        if (job->sock >= 0 && (p[1].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+            pthread_mutex_lock(&s->mu);
+            s_job_abandon(s, job);
+            pthread_mutex_unlock(&s->mu);
+            return false;
+        }
+    }
+}
+
+/* The idle timeout is off while the connection waits for its job, and restarts after. */
+static void s_timeout(http_server *s, struct MHD_Connection *c, bool waiting) {
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT,
+                              waiting ? 0u : (unsigned)s->cfg.idle_timeout);
 }
 
 static ssize_t s_reader(void *cls, uint64_t pos, char *buf, size_t max) {
     (void)pos;
     http_job *job = cls;
     http_server *s = job->srv;
+    s_timeout(s, job->conn, true);
+    bool alive = s_wait(s, job, true);
+    s_timeout(s, job->conn, false);
+    if (!alive) return MHD_CONTENT_READER_END_WITH_ERROR;
     pthread_mutex_lock(&s->mu);
-    while (job->out_sent == job->out_len && !job->done) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&job->cond, &s->mu, &ts);
-    }
     ssize_t n = MHD_CONTENT_READER_END_OF_STREAM;
     if (job->out_sent < job->out_len) {
         size_t k = job->out_len - job->out_sent;
@@ -227,7 +339,7 @@ static void s_reader_free(void *cls) {
     http_job *job = cls;
     http_server *s = job->srv;
     pthread_mutex_lock(&s->mu);
-    if (!job->done) job->cancel = 1; /* the client went away: stop generating */
+    s_job_abandon(s, job); /* the stream ended before the job did: the client went away */
     s_job_unref(job);
     pthread_mutex_unlock(&s->mu);
 }
@@ -236,14 +348,23 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
                                   http_kind kind, http_conn *hc) {
     if (hc->too_big) {
         char msg[128];
-        snprintf(msg, sizeof msg, "the request body is larger than %d bytes", s->cfg.max_body);
+        snprintf(msg, sizeof msg, "the request body is larger than %d bytes (--max-body)",
+                 s->cfg.max_body);
         return s_error(s, c, endpoint, 413, msg);
     }
     http_job *job = calloc(1, sizeof *job);
     if (!job) return s_error(s, c, endpoint, 500, "out of memory");
-    pthread_cond_init(&job->cond, NULL);
     job->srv = s;
     job->refs = 1;
+    job->conn = c;
+    job->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    job->sock = ci ? ci->connect_fd : -1;
+    if (job->efd < 0) {
+        s_job_unref(job);
+        return s_error(s, c, endpoint, 500, "cannot create an eventfd (out of descriptors?)");
+    }
     pthread_mutex_lock(&s->mu);
     unsigned long long seq = ++s->seq;
     pthread_mutex_unlock(&s->mu);
@@ -252,8 +373,8 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
              (unsigned long long)job->created, seq & 0xffff);
     char msg[768];
     uint64_t seed = (uint64_t)job->created * 0x9E3779B97F4A7C15ull + seq;
-    int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->b->tok,
-                                backend_n_ctx(s->b), seed, msg, sizeof msg);
+    int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->b->tok, &s->lim,
+                                seed, msg, sizeof msg);
     if (status) {
         pthread_mutex_lock(&s->mu);
         s_job_unref(job);
@@ -275,6 +396,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
         return s_error(s, c, endpoint, 503, msg);
     }
     job->refs = 2; /* this connection and the worker */
+    job->queued = true;
     if (s->tail)
         s->tail->next = job;
     else
@@ -283,8 +405,8 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     s->n_waiting++;
     http_metrics_queue(s->metrics, s->n_waiting, s->running != NULL);
     pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->mu);
     if (job->stream) {
-        pthread_mutex_unlock(&s->mu);
         struct MHD_Response *r =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, s_reader, job, s_reader_free);
         if (!r) {
@@ -293,20 +415,24 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
         }
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
         MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
-        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+        s_cors_headers(s, c, r, false);
         enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_OK, r);
         MHD_destroy_response(r);
         http_metrics_request(s->metrics, endpoint, 200);
         return ret;
     }
-    while (!job->done)
-        pthread_cond_wait(&job->cond, &s->mu);
-    pthread_mutex_unlock(&s->mu);
+    s_timeout(s, c, true);
+    bool alive = s_wait(s, job, false);
+    s_timeout(s, c, false);
     enum MHD_Result ret;
-    if (job->rc)
+    if (!alive) {
+        http_metrics_request(s->metrics, endpoint, HTTP_CLIENT_GONE);
+        ret = MHD_NO; /* close the connection: nobody reads it */
+    } else if (job->rc) {
         ret = s_error(s, c, endpoint, job->rc == STP_EBUSY ? 503 : 500, job->errmsg);
-    else
+    } else {
         ret = s_send(s, c, endpoint, 200, "application/json", http_api_response(job, s->b->name));
+    }
     pthread_mutex_lock(&s->mu);
     s_job_unref(job);
     pthread_mutex_unlock(&s->mu);
@@ -323,6 +449,72 @@ static char *s_models_json(http_server *s) {
     return out;
 }
 
+/* OPTIONS: the methods, and the CORS preflight answer when the origin is allowed. */
+static enum MHD_Result s_preflight(http_server *s, struct MHD_Connection *c, const char *endpoint) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Allow", "GET, POST, OPTIONS");
+    s_cors_headers(s, c, r, true);
+    enum MHD_Result ret = MHD_queue_response(c, 204, r);
+    MHD_destroy_response(r);
+    http_metrics_request(s->metrics, endpoint, 204);
+    return ret;
+}
+
+/* The checks made on the first call, before any of the body is read: a refusal is queued now
+ * (libmicrohttpd then never reads the body). Returns MHD_YES to go on reading. */
+static enum MHD_Result s_admit(http_server *s, struct MHD_Connection *c, const char *url,
+                               const char *method, http_conn *hc) {
+    hc->answered = true;
+    if (!http_guard_url_ok(url))
+        return s_error(s, c, "other", 400,
+                       "the URL is not valid: once percent-decoded it must be UTF-8 text "
+                       "without control characters");
+    int r = -1;
+    for (int i = 0; i < N_ROUTES; i++)
+        if (!strcmp(url, s_routes[i].path)) r = i;
+    const char *endpoint = r >= 0 ? s_routes[r].path : "other";
+    if (!strcmp(method, "OPTIONS")) return s_preflight(s, c, endpoint);
+    if (r < 0) {
+        char msg[600];
+        snprintf(msg, sizeof msg,
+                 "no endpoint %.400s (try POST /v1/chat/completions, POST /v1/completions, GET "
+                 "/v1/models, /health, /metrics)",
+                 url);
+        return s_error(s, c, endpoint, 404, msg);
+    }
+    bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    if (s_routes[r].post ? strcmp(method, "POST") : !get) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "%s needs %s", url, s_routes[r].post ? "POST" : "GET");
+        return s_error(s, c, endpoint, 405, msg);
+    }
+    if (!strncmp(url, "/v1/", 4)) {
+        const char *origin = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin");
+        if (origin && !http_guard_cors(s->cfg.cors_origin, origin))
+            return s_error(s, c, endpoint, 403,
+                           "cross-origin requests are not allowed from this origin (start the "
+                           "server with --cors ORIGIN to allow one)");
+        const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+        if (!http_guard_bearer_ok(auth, s->cfg.api_key))
+            return s_error(s, c, endpoint, 401,
+                           auth ? "invalid API key (send the server's key as Authorization: "
+                                  "Bearer KEY)"
+                                : "missing API key (send Authorization: Bearer KEY)");
+    }
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg.max_body) {
+        char msg[160];
+        snprintf(msg, sizeof msg,
+                 "the request body (%.20s bytes) is larger than %d bytes (--max-body)", cl,
+                 s->cfg.max_body);
+        return s_error(s, c, endpoint, 413, msg);
+    }
+    hc->answered = false;
+    hc->route = r;
+    return MHD_YES;
+}
+
 static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char *url,
                                  const char *method, const char *version, const char *upload,
                                  size_t *upload_size, void **con_cls) {
@@ -333,6 +525,10 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char
         hc = calloc(1, sizeof *hc);
         if (!hc) return MHD_NO;
         *con_cls = hc;
+        return s_admit(s, c, url, method, hc);
+    }
+    if (hc->answered) {
+        *upload_size = 0;
         return MHD_YES;
     }
     if (*upload_size) {
@@ -356,50 +552,14 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char
         hc->body[hc->len] = 0;
         return MHD_YES;
     }
-    bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
-    bool post = !strcmp(method, "POST");
-    if (!strcmp(method, "OPTIONS")) { /* CORS preflight */
-        struct MHD_Response *r = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
-        if (!r) return MHD_NO;
-        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
-        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
-        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Content-Type, Authorization");
-        enum MHD_Result ret = MHD_queue_response(c, 204, r);
-        MHD_destroy_response(r);
-        return ret;
-    }
-    static const struct route {
-        const char *path;
-        bool post;
-    } routes[] = {{"/v1/chat/completions", true},
-                  {"/v1/completions", true},
-                  {"/v1/models", false},
-                  {"/health", false},
-                  {"/metrics", false}};
-    int r = -1;
-    for (int i = 0; i < 5; i++)
-        if (!strcmp(url, routes[i].path)) r = i;
-    if (r < 0) {
-        char msg[600];
-        snprintf(msg, sizeof msg,
-                 "no endpoint %.400s (try POST /v1/chat/completions, POST /v1/completions, GET "
-                 "/v1/models, /health, /metrics)",
-                 url);
-        return s_error(s, c, "other", 404, msg);
-    }
-    if (routes[r].post ? !post : !get) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "%s needs %s", url, routes[r].post ? "POST" : "GET");
-        return s_error(s, c, url, 405, msg);
-    }
-    switch (r) {
-    case 0: return s_generate(s, c, routes[r].path, HTTP_KIND_CHAT, hc);
-    case 1: return s_generate(s, c, routes[r].path, HTTP_KIND_COMPLETION, hc);
-    case 2: return s_send(s, c, routes[r].path, 200, "application/json", s_models_json(s));
-    case 3:
-        return s_send(s, c, routes[r].path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+    const char *path = s_routes[hc->route].path;
+    switch (hc->route) {
+    case 0: return s_generate(s, c, path, HTTP_KIND_CHAT, hc);
+    case 1: return s_generate(s, c, path, HTTP_KIND_COMPLETION, hc);
+    case 2: return s_send(s, c, path, 200, "application/json", s_models_json(s));
+    case 3: return s_send(s, c, path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
     default:
-        return s_send(s, c, routes[r].path, 200, "text/plain; version=0.0.4; charset=utf-8",
+        return s_send(s, c, path, 200, "text/plain; version=0.0.4; charset=utf-8",
                       http_metrics_render(s->metrics));
     }
 }
@@ -417,6 +577,17 @@ static void s_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     }
 }
 
+/* URL decoding as libmicrohttpd's, except that a decoded NUL becomes DEL: the URL check then
+ * refuses it (400) instead of the path being cut short at the NUL. */
+static size_t s_unescape(void *cls, struct MHD_Connection *c, char *uri) {
+    (void)cls;
+    (void)c;
+    size_t n = MHD_http_unescape(uri);
+    for (size_t i = 0; i < n; i++)
+        if (!uri[i]) uri[i] = 0x7F;
+    return n;
+}
+
 /* ---- lifecycle ------------------------------------------------------------------------------ */
 
 int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
@@ -427,6 +598,14 @@ int http_server_new(http_server **out, const http_server_config *cfg, backend *b
     s->cfg = *cfg;
     if (s->cfg.queue_max < 0) s->cfg.queue_max = 0;
     if (s->cfg.max_body <= 0) s->cfg.max_body = 8 << 20;
+    if (s->cfg.idle_timeout <= 0) s->cfg.idle_timeout = 10;
+    if (s->cfg.max_connections <= 0) s->cfg.max_connections = 256;
+    if (s->cfg.max_tokens_default < 0) s->cfg.max_tokens_default = 1024;
+    if (s->cfg.api_key && !s->cfg.api_key[0]) s->cfg.api_key = NULL;
+    s->lim.n_ctx = backend_n_ctx(b);
+    s->lim.max_tokens_default = s->cfg.max_tokens_default;
+    s->lim.max_prompt_bytes =
+        http_api_prompt_bytes_max(s->lim.n_ctx, b->tok ? tokenizer_max_token_bytes(b->tok) : 1);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->wake, NULL);
     int rc;
@@ -464,8 +643,9 @@ int http_server_new(http_server **out, const http_server_config *cfg, backend *b
     s->worker_started = true;
     s->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, s_handler, s,
                             MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, s_completed, s,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600, MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->cfg.max_connections,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)s->cfg.idle_timeout,
+                            MHD_OPTION_UNESCAPE_CALLBACK, s_unescape, s, MHD_OPTION_END);
     if (!s->d) {
         rc = stp_err_set(err, STP_EIO,
                          "cannot listen on %s port %d (in use? try another --port, or --port 0 "
@@ -484,6 +664,10 @@ fail:
 
 int http_server_port(const http_server *s) {
     return s->port;
+}
+
+size_t http_server_prompt_bytes_max(const http_server *s) {
+    return s->lim.max_prompt_bytes;
 }
 
 void http_server_destroy(http_server **self_p) {

@@ -1,12 +1,15 @@
 /* http_server: the OpenAI-compatible HTTP front of `stpipe serve` (libmicrohttpd), its request
  * queue and the worker thread that runs every request on one backend, one at a time.
  *
- * Files: http_server.c (daemon, routing, queue, worker, SSE streaming), http_api.c (request
- * JSON -> http_job, responses and chunks), http_metrics.c (Prometheus counters/histograms).
+ * Files: http_server.c (daemon, routing, queue, worker, SSE streaming, client-gone watch),
+ * http_api.c (request JSON -> http_job, responses and chunks), http_guard.c (API key, CORS
+ * origin, URL checks), http_metrics.c (Prometheus counters/histograms).
  * Invariants: 1. only the worker thread touches the backend; 2. a job is freed when both the
  * connection and the worker have let go of it (refs, under the server mutex); 3. at most
- * queue_max jobs wait (the running one not counted), the next gets 503 at once. See
- * docs/SERVER.md. */
+ * queue_max jobs wait (the running one not counted), the next gets 503 at once; 4. the HTTP
+ * side knows a job only by its cancel flag and its output: a client that goes away raises the
+ * flag (a queued job leaves the queue at once), whatever runs the job stops at its next token.
+ * See docs/SERVER.md. */
 #ifndef STP_HTTP_SERVER_H
 #define STP_HTTP_SERVER_H
 
@@ -22,22 +25,33 @@
 /* ---- server --------------------------------------------------------------------------------- */
 
 typedef struct http_server_config {
-    const char *host; /* numeric IPv4/IPv6 address or "localhost"; NULL: 127.0.0.1 */
-    int port;         /* 0: any free port (see http_server_port) */
-    int queue_max;    /* jobs that may wait behind the running one */
-    int max_body;     /* largest request body in bytes */
+    const char *host;        /* numeric IPv4/IPv6 address or "localhost"; NULL: 127.0.0.1 */
+    int port;                /* 0: any free port (see http_server_port) */
+    int queue_max;           /* jobs that may wait behind the running one */
+    int max_body;            /* largest request body in bytes; <= 0: 8 MiB */
+    int idle_timeout;        /* seconds a connection may stay silent (not counting the time its
+                                answer is being generated); <= 0: 10 */
+    int max_connections;     /* open connections (one thread each); <= 0: 256 */
+    int max_tokens_default;  /* max_tokens of a request that names none; 0: until the context
+                                is full; < 0: 1024 */
+    const char *cors_origin; /* the one origin allowed cross-origin ("*": any); NULL: none */
+    const char *api_key;     /* required as "Authorization: Bearer KEY" on /v1/ paths; NULL: none */
 } http_server_config;
 
 typedef struct http_server http_server;
 
 int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err);
 int http_server_port(const http_server *s);
+/* Longest prompt text accepted (http_api_prompt_bytes_max of the context). */
+size_t http_server_prompt_bytes_max(const http_server *s);
 /* Cancels the running and queued jobs, stops the daemon and the worker. */
 void http_server_destroy(http_server **self_p);
 
 /* ---- jobs (http_api.c) ---------------------------------------------------------------------- */
 
 typedef enum http_kind { HTTP_KIND_CHAT, HTTP_KIND_COMPLETION } http_kind;
+
+struct MHD_Connection;
 
 typedef struct http_job {
     /* request, fixed once parsed */
@@ -54,8 +68,11 @@ typedef struct http_job {
     int refs;
     bool done;
     volatile sig_atomic_t cancel; /* client gone or server stopping */
-    pthread_cond_t cond;
-    char *out; /* SSE bytes produced (stream) */
+    bool queued;                  /* in the server's queue (not yet taken by the worker) */
+    int efd;                      /* eventfd: the worker adds 1 on new output and when done */
+    int sock;                     /* the client's socket (watched for a hang-up), -1 if unknown */
+    struct MHD_Connection *conn;  /* its connection (used on the connection's thread only) */
+    char *out;                    /* SSE bytes produced (stream) */
     size_t out_len, out_cap, out_sent;
     int rc; /* generation failure (negative STP_E*), 0 if fine */
     char errmsg[1024];
@@ -65,10 +82,21 @@ typedef struct http_job {
     struct http_server *srv; /* owner (its mutex guards the shared fields) */
 } http_job;
 
+typedef struct http_api_limits {
+    int n_ctx;               /* context per request (prompt + answer) */
+    int max_tokens_default;  /* max_tokens when the request names none; 0: until the context */
+    size_t max_prompt_bytes; /* prompt text longer than this: 413 before tokenizing */
+} http_api_limits;
+
+/* Longest prompt text that can fit n_ctx tokens: every token stands for at most
+ * max_token_bytes bytes of text, so a text longer than n_ctx * max_token_bytes bytes has more
+ * than n_ctx tokens. */
+size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes);
 /* Parses a request body into job (prompt tokens, parameters). Returns 0 or an HTTP status
- * (400) with msg filled. */
+ * (400, or 413 for a prompt over lim->max_prompt_bytes) with msg filled. */
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
-                   const tokenizer *tok, int n_ctx, uint64_t default_seed, char *msg, size_t cap);
+                   const tokenizer *tok, const http_api_limits *lim, uint64_t default_seed,
+                   char *msg, size_t cap);
 void http_api_job_fini(http_job *job);
 /* Complete JSON body of a non-streaming answer (malloc'd). */
 char *http_api_response(const http_job *job, const char *model);
@@ -76,9 +104,22 @@ char *http_api_response(const http_job *job, const char *model);
  * final chunk when finish is not NULL, or the usage chunk when usage. */
 char *http_api_chunk(const http_job *job, const char *model, const char *text, size_t len,
                      bool first, const char *finish, bool usage);
-/* {"error": {"message": msg, "type": type, "code": code}} (malloc'd). */
+/* {"error": {"message": msg, "type": type, "code": code}} (malloc'd); bytes of msg that are
+ * not UTF-8 text become '?'. */
 char *http_api_error(const char *msg, const char *type, int code);
 const char *http_api_finish_name(gen_finish f);
+
+/* ---- guards (http_guard.c) -------------------------------------------------------------------
+ */
+
+/* True when the Authorization header value is "Bearer <key>" (scheme case-insensitive); the
+ * key is compared in time independent of where it differs. */
+bool http_guard_bearer_ok(const char *authorization, const char *key);
+/* True when url (percent-decoded) is UTF-8 text without control characters. */
+bool http_guard_url_ok(const char *url);
+/* The Access-Control-Allow-Origin value for a request's Origin header (NULL when absent), or
+ * NULL: allowed is the configured origin (NULL: none, "*": any). */
+const char *http_guard_cors(const char *allowed, const char *origin);
 
 /* ---- metrics (http_metrics.c) -----------------------------------------------------------------
  */
@@ -92,6 +133,8 @@ void http_metrics_request(http_metrics *m, const char *endpoint, int status);
 /* Records one finished generation: queue wait, durations, tokens, stage time delta. */
 void http_metrics_generation(http_metrics *m, const http_job *job, const engine_stats *delta);
 void http_metrics_queue(http_metrics *m, int waiting, int running);
+/* Counts a request whose client went away before its answer was complete. */
+void http_metrics_client_gone(http_metrics *m, bool running);
 /* Prometheus text exposition (malloc'd). */
 char *http_metrics_render(http_metrics *m);
 
