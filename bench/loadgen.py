@@ -276,6 +276,7 @@ def run_request(target, body, timeout, deadline, clock=time.monotonic):
         try:
             conn.request("POST", target.base + "/v1/chat/completions", body=json.dumps(body),
                          headers=target.headers)
+            sock = conn.sock  # getresponse() drops conn.sock when the server says "close"
             resp = conn.getresponse()
         except (ConnectionError, socket.gaierror, OSError) as e:
             if isinstance(e, socket.timeout):
@@ -296,7 +297,7 @@ def run_request(target, body, timeout, deadline, clock=time.monotonic):
             if now >= deadline:
                 rec["status"] = "cut"
                 break
-            conn.sock.settimeout(min(timeout, deadline - now))
+            sock.settimeout(min(timeout, deadline - now))
             raw = resp.readline(1 << 20)
             if not raw:
                 data = sse.flush()
@@ -401,7 +402,7 @@ def run_step(target, args, clients, model, tag):
                 with lock:
                     records.append(rec)
                 if rec["status"] != "ok":
-                    return  # a broken conversation is not continued (its history is unknown)
+                    break  # a failed conversation is not continued; the next one starts
                 msgs.append({"role": "assistant", "content": rec["text"]})
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
