@@ -485,7 +485,9 @@ def parse_args(argv):
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--seed", type=int, default=1, help="request seeds and document order")
     ap.add_argument("--history-tokens", type=int, default=0,
-                    help="make each first user message a document of about N tokens")
+                    help="make each first user message a document of about N tokens of the "
+                         "Qwen vocabulary (real SmallThinker files; stpipe-genmodel's synthetic "
+                         "vocabulary makes ~2.3x as many: see the prompt tokens column)")
     ap.add_argument("--system", default="You are a helpful assistant.",
                     help="system message ('' for none)")
     ap.add_argument("--ignore-eos", action="store_true",
@@ -493,7 +495,8 @@ def parse_args(argv):
     ap.add_argument("--requests", type=int, default=200, help="at most N requests per step")
     ap.add_argument("--duration", type=float, default=600.0,
                     help="at most S seconds per step (then streams are cut)")
-    ap.add_argument("--timeout", type=float, default=120.0, help="longest wait for one read, s")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="longest wait for one read, s (a queued long prompt can take minutes)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the uncounted 8-token request sent before the first step")
     ap.add_argument("--model", default=None, help="model name to send (default: /v1/models id)")
