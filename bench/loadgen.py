@@ -474,7 +474,7 @@ def print_report(rep, out=sys.stdout):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="loadgen.py", description=__doc__.split("\n\n")[0],
+        prog="loadgen.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
     ap.add_argument("--clients", default="1,4", help="comma-separated client counts (one step each)")
