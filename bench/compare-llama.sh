@@ -2,18 +2,21 @@
 # compare-llama: stpipe beside llama.cpp on the same file and threads, run side by side.
 #
 # usage: bench/compare-llama.sh --model FILE --llama-bench PATH [--pipeline RUN_DIR]
-#                               [--rounds N] [-p N] [-n N] [--threads N] [--bin-dir DIR]
+#                               [--rounds N] [-p N] [-n N] [-d LIST] [--threads N] [--bin-dir DIR]
 #
 # This host's speed drifts by +-20% within minutes (other tenants), so one run of each engine
-# proves little. Each round runs llama-bench (-r 1) and then `stpipe bench` (-r 1) on the same
-# test, and prints both figures and their ratio; the summary gives the median of each engine
-# and the median of the per-round ratios (the figure to quote). With --pipeline the stpipe side
-# is a running pipeline (deploy/stpipe-up), else the in-process engine.
+# proves little. Each round runs llama-bench (-r 1) with flash attention off (-fa 0) and on
+# (-fa 1), then `stpipe bench` (-r 1) on the same test, and prints the figures and the ratio of
+# stpipe to the faster llama.cpp run of that round; the summary gives the median of each and
+# the median of the per-round ratios (the figure to quote). -d LIST (default 0) repeats all of
+# it at each context depth (llama-bench's -d: the test runs after a prompt of that many tokens,
+# not counted). With --pipeline the stpipe side is a running pipeline (deploy/stpipe-up, whose
+# context must hold the depth), else the in-process engine.
 # llama-bench is not part of stpipe: build llama.cpp yourself (outside this tree) and pass it.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN_DIR="$HERE/../build/bin"
-MODEL="" LLAMA="" PIPE="" ROUNDS=5 PP=0 TG=128 THREADS=2
+MODEL="" LLAMA="" PIPE="" ROUNDS=5 PP=0 TG=128 THREADS=2 DEPTHS=0
 while [ $# -gt 0 ]; do
   case $1 in
     --model) MODEL=$2; shift ;;
@@ -22,9 +25,10 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     -p) PP=$2; shift ;;
     -n) TG=$2; shift ;;
+    -d) DEPTHS=$2; shift ;;
     --threads) THREADS=$2; shift ;;
     --bin-dir) BIN_DIR=$2; shift ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "compare-llama: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -36,23 +40,38 @@ if [ -n "$PIPE" ]; then SIDE=(--pipeline "$PIPE" --model "$MODEL"); WHAT="pipeli
 else SIDE=(--model "$MODEL" --threads "$THREADS"); WHAT="in-process, $THREADS threads"; fi
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
-echo "model: $MODEL; test $TEST; stpipe $WHAT; llama-bench -t $THREADS"
-echo
-echo "| round | llama.cpp t/s | stpipe t/s | ratio |"
-echo "|---:|---:|---:|---:|"
-L=() S=() R=()
-for i in $(seq 1 "$ROUNDS"); do
-  l=$("$LLAMA" -m "$MODEL" -t "$THREADS" "${LARGS[@]}" -r 1 -o json 2>/dev/null |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])')
-  s=$("$BIN_DIR/stpipe" bench "${SIDE[@]}" "${SARGS[@]}" -r 1 --json 2>/dev/null |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["tokens_per_second"])')
-  r=$(python3 -c "print($s / $l)")
-  L+=("$l") S+=("$s") R+=("$r")
-  printf "| %d | %.2f | %.2f | %.2fx |\n" "$i" "$l" "$s" "$r"
-done
-python3 - "${L[*]}" "${S[*]}" "${R[*]}" <<'PY'
+echo "model: $MODEL; test $TEST; stpipe $WHAT; llama-bench -t $THREADS, -fa 0 and -fa 1"
+SUMMARY=()
+for D in ${DEPTHS//,/ }; do
+  echo
+  echo "depth $D"
+  echo
+  echo "| round | llama.cpp -fa 0 t/s | llama.cpp -fa 1 t/s | stpipe t/s | ratio to the faster |"
+  echo "|---:|---:|---:|---:|---:|"
+  L0=() L1=() S=() R=()
+  for i in $(seq 1 "$ROUNDS"); do
+    l0=$("$LLAMA" -m "$MODEL" -t "$THREADS" "${LARGS[@]}" -d "$D" -fa 0 -r 1 -o json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])')
+    l1=$("$LLAMA" -m "$MODEL" -t "$THREADS" "${LARGS[@]}" -d "$D" -fa 1 -r 1 -o json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])')
+    s=$("$BIN_DIR/stpipe" bench "${SIDE[@]}" "${SARGS[@]}" -d "$D" -r 1 --json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["tokens_per_second"])')
+    r=$(python3 -c "print($s / max($l0, $l1))")
+    L0+=("$l0") L1+=("$l1") S+=("$s") R+=("$r")
+    printf "| %d | %.2f | %.2f | %.2f | %.2fx |\n" "$i" "$l0" "$l1" "$s" "$r"
+  done
+  SUMMARY+=("$(python3 - "$D" "${L0[*]}" "${L1[*]}" "${S[*]}" "${R[*]}" <<'PY'
 import statistics, sys
-l, s, r = ([float(x) for x in a.split()] for a in sys.argv[1:4])
-print(f"\nmedian: llama.cpp {statistics.median(l):.2f} t/s, stpipe {statistics.median(s):.2f} t/s; "
-      f"median per-round ratio {statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x)")
+d = sys.argv[1]
+l0, l1, s, r = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+m = statistics.median
+print(f"| {d} | {m(l0):.2f} | {m(l1):.2f} | {m(s):.2f} | {m(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |")
 PY
+)")
+done
+echo
+echo "medians per depth ($TEST)"
+echo
+echo "| depth | llama.cpp -fa 0 | llama.cpp -fa 1 | stpipe | per-round ratio to the faster |"
+echo "|---:|---:|---:|---:|---:|"
+printf "%s\n" "${SUMMARY[@]}"

@@ -1,8 +1,11 @@
 /* cli_bench: `stpipe bench`, llama-bench-style throughput of prompt processing (pp) and token
  * generation (tg), with repetitions (mean +- sd), peak memory, the per-stage time split and the
- * machine it ran on. Markdown by default, --json for scripts. In-process engine, or a running
- * pipeline (--pipeline RUN_DIR: the coordinator's own prompt and generation times, the IPC share
- * of decode and the summed PSS of the stage processes). */
+ * machine it ran on. Markdown by default, --json for scripts (built with jansson, so any model
+ * path gives valid JSON). In-process engine, or a running pipeline (--pipeline RUN_DIR: the
+ * coordinator's own prompt and generation times, the IPC share of decode and the summed PSS of
+ * the stage processes). `-d LIST` runs every test after a prompt of that many tokens, as
+ * llama-bench's -d: its time is not counted (decode speed falls with the context, so a figure
+ * at an empty context alone hides the cost of attention over the cache). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +13,8 @@
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <jansson.h>
 
 #include "cli.h"
 #include "cli_pipeline.h"
@@ -19,7 +24,7 @@
 
 typedef struct bench_result {
     char test[32];
-    int n_tokens;
+    int n_tokens, depth;
     double mean, sd; /* tokens per second */
     engine_stats st; /* accumulated over repetitions */
     int reps;
@@ -47,14 +52,54 @@ static int s_parse_list(const char *s, int *out, int cap) {
 static void s_usage(FILE *f) {
     fprintf(f,
             "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
-            "                    [--threads N] [--json]\n"
+            "                    [-d 0,2048] [--threads N] [--json]\n"
             "  -p LIST    prompt sizes to time (batched prefill), default 64,512\n"
             "  -n LIST    generation lengths to time (one token per pass), default 128\n"
+            "  -d LIST    context depths: each test runs after a prompt of that many tokens,\n"
+            "             whose time is not counted (llama-bench's -d), default 0\n"
             "  -r N       repetitions per test (mean +- sd), default 3\n"
             "  --threads N  compute threads (default 2; in-process only)\n"
             "  --pipeline RUN_DIR  time a running pipeline (deploy/stpipe-up) instead; prompts\n"
             "             are random ids below 1000, or below the vocabulary with --model\n"
             "  --json     machine-readable output\n");
+}
+
+/* The name of a test, as llama-bench prints it: "tg128", "pp512 @ d2048". */
+static void s_test_name(char *out, size_t cap, bool pp, int n, int depth) {
+    if (depth > 0)
+        snprintf(out, cap, "%s%d @ d%d", pp ? "pp" : "tg", n, depth);
+    else
+        snprintf(out, cap, "%s%d", pp ? "pp" : "tg", n);
+}
+
+/* A JSON string of s; bytes that are not UTF-8 (a path may hold any) become '?'. */
+static json_t *s_json_str(const char *s) {
+    json_t *j = json_string(s);
+    if (j) return j;
+    char *c = strdup(s);
+    if (!c) return json_null();
+    for (unsigned char *p = (unsigned char *)c; *p; p++)
+        if (*p >= 0x80) *p = '?';
+    j = json_string(c);
+    free(c);
+    return j ? j : json_null();
+}
+
+/* The machine object of the JSON output. */
+static json_t *s_json_machine(const char *cpu, long ncpu, const char *level) {
+    json_t *mach = json_object();
+    json_object_set_new(mach, "cpu", s_json_str(cpu));
+    json_object_set_new(mach, "cores", json_integer(ncpu));
+    json_object_set_new(mach, "simd", json_string(level));
+    return mach;
+}
+
+/* Prints a JSON document on stdout and frees it. */
+static void s_json_print(json_t *root) {
+    char *txt = json_dumps(root, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
+    if (txt) printf("%s\n", txt);
+    free(txt);
+    json_decref(root);
 }
 
 /* The benchmark prompt: n pseudo-random ids below V, the same for every run (malloc'd). */
@@ -66,6 +111,19 @@ static int32_t *s_random_tokens(int n, int V) {
         toks[i] = (int32_t)((x >> 33) % (uint64_t)V);
     }
     return toks;
+}
+
+/* Adds one repetition's stage counters to the test's total. */
+static void s_stats_add(engine_stats *t, const engine_stats *s) {
+    t->tokens += s->tokens;
+    t->neurons_total += s->neurons_total;
+    t->neurons_active += s->neurons_active;
+    t->down_neurons += s->down_neurons;
+    t->ns_embed += s->ns_embed;
+    t->ns_router += s->ns_router;
+    t->ns_attn += s->ns_attn;
+    t->ns_moe += s->ns_moe;
+    t->ns_head += s->ns_head;
 }
 
 /* Sample standard deviation from the sum and sum of squares of reps values. */
@@ -92,12 +150,18 @@ static size_t s_pipeline_pss(const char *run_dir) {
     return total;
 }
 
-/* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. */
+/* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
+ * pp test sends d + n prompt ids of which the first d are evaluated before the coordinator's
+ * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
+ * generation only. */
 static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp, const int *tg,
-                            int n_tg, int reps, bool json) {
+                            int n_tg, const int *dp, int n_dp, int reps, bool json) {
     int max_n = 1;
-    for (int i = 0; i < n_pp; i++)
-        max_n = pp[i] > max_n ? pp[i] : max_n;
+    for (int di = 0; di < n_dp; di++) {
+        for (int i = 0; i < n_pp; i++)
+            max_n = dp[di] + pp[i] > max_n ? dp[di] + pp[i] : max_n;
+        max_n = dp[di] + 1 > max_n ? dp[di] + 1 : max_n;
+    }
     int32_t *toks = s_random_tokens(max_n, V);
     if (!toks) return 1;
     pipeline_gen_opts o = {.run_dir = run_dir,
@@ -110,8 +174,9 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     o.sp.temperature = 0;
     struct {
         char test[32];
+        int depth;
         double mean, sd, ipc;
-    } res[32];
+    } res[64];
     int nres = 0, status = 0;
     pipeline_gen_result gr;
     o.result = &gr;
@@ -122,39 +187,47 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
         free(toks);
         return 1;
     }
-    for (int kind = 0; kind < 2 && !status; kind++) {
-        int n_tests = kind == 0 ? n_pp : n_tg;
-        for (int ti = 0; ti < n_tests && nres < 32 && !status; ti++) {
-            int n = kind == 0 ? pp[ti] : tg[ti];
-            if (n <= 0) continue;
-            double sum = 0, sum2 = 0, ipc = 0;
-            for (int rep = 0; rep < reps && !status; rep++) {
-                /* pp: n prompt tokens, one generated (its time is the prefill); tg: one prompt
-                 * token, n + 1 generated (the first comes from the prefill) */
-                o.n_prompt = kind == 0 ? n : 1;
-                o.n_predict = kind == 0 ? 1 : n + 1;
-                memset(&gr, 0, sizeof gr);
-                if (cli_generate_pipeline(&o) || (kind == 0 ? gr.prompt_ms : gr.gen_ms) <= 0) {
-                    status = 1;
-                    break;
+    for (int di = 0; di < n_dp && !status; di++) {
+        const int d = dp[di];
+        for (int kind = 0; kind < 2 && !status; kind++) {
+            int n_tests = kind == 0 ? n_pp : n_tg;
+            for (int ti = 0; ti < n_tests && nres < 64 && !status; ti++) {
+                int n = kind == 0 ? pp[ti] : tg[ti];
+                if (n <= 0) continue;
+                double sum = 0, sum2 = 0, ipc = 0;
+                for (int rep = 0; rep < reps && !status; rep++) {
+                    /* pp: d + n prompt tokens (d untimed), one generated (its time is the
+                     * prefill); tg: d + 1 prompt tokens, n + 1 generated (the first comes from
+                     * the prefill) */
+                    o.n_prompt = kind == 0 ? d + n : d + 1;
+                    o.n_untimed = kind == 0 ? d : 0;
+                    o.n_predict = kind == 0 ? 1 : n + 1;
+                    memset(&gr, 0, sizeof gr);
+                    if (cli_generate_pipeline(&o) || (kind == 0 ? gr.prompt_ms : gr.gen_ms) <= 0) {
+                        status = 1;
+                        break;
+                    }
+                    double tps =
+                        kind == 0 ? n / (gr.prompt_ms * 1e-3) : (gr.n_gen - 1) / (gr.gen_ms * 1e-3);
+                    sum += tps;
+                    sum2 += tps * tps;
+                    if (kind == 1) ipc += gr.ipc_ms / gr.gen_ms;
                 }
-                double tps =
-                    kind == 0 ? n / (gr.prompt_ms * 1e-3) : (gr.n_gen - 1) / (gr.gen_ms * 1e-3);
-                sum += tps;
-                sum2 += tps * tps;
-                if (kind == 1) ipc += gr.ipc_ms / gr.gen_ms;
+                if (status) break;
+                s_test_name(res[nres].test, sizeof res[nres].test, kind == 0, n, d);
+                res[nres].depth = d;
+                res[nres].mean = sum / reps;
+                res[nres].sd = s_sd(sum, sum2, reps);
+                res[nres].ipc = kind == 1 ? ipc / reps : -1;
+                nres++;
             }
-            if (status) break;
-            snprintf(res[nres].test, sizeof res[nres].test, "%s%d", kind == 0 ? "pp" : "tg", n);
-            res[nres].mean = sum / reps;
-            res[nres].sd = s_sd(sum, sum2, reps);
-            res[nres].ipc = kind == 1 ? ipc / reps : -1;
-            nres++;
         }
     }
     free(toks);
     if (status) {
-        fprintf(stderr, "stpipe bench: the pipeline in %s failed a request\n", run_dir);
+        fprintf(stderr,
+                "stpipe bench: the pipeline in %s failed a request (a depth beyond its context?)\n",
+                run_dir);
         return 1;
     }
     char cpu[256];
@@ -162,16 +235,22 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     size_t pss = s_pipeline_pss(run_dir);
     if (json) {
-        printf("{\"machine\": {\"cpu\": \"%s\", \"cores\": %ld, \"simd\": \"%s\"}, "
-               "\"pipeline\": \"%s\", \"pss_bytes\": %zu, \"results\": [",
-               cpu, ncpu, kern_ops_get()->level, run_dir, pss);
+        json_t *root = json_object(), *arr = json_array();
+        json_object_set_new(root, "machine", s_json_machine(cpu, ncpu, kern_ops_get()->level));
+        json_object_set_new(root, "pipeline", s_json_str(run_dir));
+        json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
-            printf("%s{\"test\": \"%s\", \"tokens_per_second\": %.3f, \"sd\": %.3f, \"reps\": %d",
-                   i ? ", " : "", res[i].test, res[i].mean, res[i].sd, reps);
-            if (res[i].ipc >= 0) printf(", \"ipc_share\": %.4f", res[i].ipc);
-            printf("}");
+            json_t *r = json_object();
+            json_object_set_new(r, "test", json_string(res[i].test));
+            json_object_set_new(r, "depth", json_integer(res[i].depth));
+            json_object_set_new(r, "tokens_per_second", json_real(res[i].mean));
+            json_object_set_new(r, "sd", json_real(res[i].sd));
+            json_object_set_new(r, "reps", json_integer(reps));
+            if (res[i].ipc >= 0) json_object_set_new(r, "ipc_share", json_real(res[i].ipc));
+            json_array_append_new(arr, r);
         }
-        printf("]}\n");
+        json_object_set_new(root, "results", arr);
+        s_json_print(root);
     } else {
         printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, kern_ops_get()->level);
         printf("pipeline: %s, total PSS of the stages %.1f MiB\n\n", run_dir, pss / 1048576.0);
@@ -189,7 +268,7 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
 
 int cli_bench(int argc, char **argv) {
     const char *path = NULL, *run_dir = NULL;
-    int pp[16] = {64, 512}, tg[16] = {128}, n_pp = 2, n_tg = 1;
+    int pp[16] = {64, 512}, tg[16] = {128}, dp[16] = {0}, n_pp = 2, n_tg = 1, n_dp = 1;
     long long reps = 3, threads = 2;
     bool json = false;
     for (int i = 0; i < argc; i++) {
@@ -208,6 +287,9 @@ int cli_bench(int argc, char **argv) {
             i++;
         } else if (cli_opt_is(a, "-n") && v) {
             if ((n_tg = s_parse_list(v, tg, 16)) < 0) goto bad;
+            i++;
+        } else if (cli_opt_is(a, "-d") && v) {
+            if ((n_dp = s_parse_list(v, dp, 16)) <= 0) goto bad;
             i++;
         } else if (cli_opt_is(a, "-r") && v) {
             if (cli_parse_int(v, "-r", 1, 1000, &reps)) return 2;
@@ -238,7 +320,7 @@ int cli_bench(int argc, char **argv) {
             V = pm->cfg.n_vocab;
             model_close(&pm);
         }
-        return s_bench_pipeline(run_dir, V, pp, n_pp, tg, n_tg, (int)reps, json);
+        return s_bench_pipeline(run_dir, V, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json);
     }
     if (!path) {
         s_usage(stderr);
@@ -250,11 +332,14 @@ int cli_bench(int argc, char **argv) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
         return 1;
     }
-    int max_ctx = 1;
+    int max_ctx = 1, max_d = 0;
+    for (int i = 0; i < n_dp; i++)
+        max_d = dp[i] > max_d ? dp[i] : max_d;
     for (int i = 0; i < n_pp; i++)
         max_ctx = pp[i] > max_ctx ? pp[i] : max_ctx;
     for (int i = 0; i < n_tg; i++)
         max_ctx = tg[i] + 1 > max_ctx ? tg[i] + 1 : max_ctx;
+    max_ctx += max_d;
     engine_params ep = {.n_threads = (int)threads, .n_ctx = max_ctx, .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
@@ -268,41 +353,47 @@ int cli_bench(int argc, char **argv) {
     engine_eval(e, toks, 1, logits, false, &err);
     engine_reset(e);
 
-    bench_result res[32];
+    bench_result res[64];
     int nres = 0;
-    for (int kind = 0; kind < 2; kind++) {
-        int n_tests = kind == 0 ? n_pp : n_tg;
-        for (int ti = 0; ti < n_tests && nres < 32; ti++) {
-            int n = kind == 0 ? pp[ti] : tg[ti];
-            if (n <= 0) continue;
-            bench_result *r = &res[nres++];
-            memset(r, 0, sizeof *r);
-            snprintf(r->test, sizeof r->test, "%s%d", kind == 0 ? "pp" : "tg", n);
-            r->n_tokens = n;
-            double sum = 0, sum2 = 0;
-            engine_reset_stats(e);
-            for (int rep = 0; rep < reps; rep++) {
-                engine_reset(e);
-                double t0 = s_now();
-                int rc = 0;
-                if (kind == 0) {
-                    rc = engine_eval(e, toks, n, logits, false, &err);
-                } else {
-                    for (int i = 0; i < n && !rc; i++)
-                        rc = engine_eval(e, &toks[i], 1, logits, false, &err);
+    for (int di = 0; di < n_dp; di++) {
+        const int d = dp[di];
+        for (int kind = 0; kind < 2; kind++) {
+            int n_tests = kind == 0 ? n_pp : n_tg;
+            for (int ti = 0; ti < n_tests && nres < 64; ti++) {
+                int n = kind == 0 ? pp[ti] : tg[ti];
+                if (n <= 0) continue;
+                bench_result *r = &res[nres++];
+                memset(r, 0, sizeof *r);
+                s_test_name(r->test, sizeof r->test, kind == 0, n, d);
+                r->n_tokens = n;
+                r->depth = d;
+                double sum = 0, sum2 = 0;
+                engine_stats st = {0};
+                for (int rep = 0; rep < reps; rep++) {
+                    engine_reset(e);
+                    int rc = d > 0 ? engine_eval(e, toks, d, logits, false, &err) : 0;
+                    engine_reset_stats(e); /* the depth prompt is not counted */
+                    double t0 = s_now();
+                    if (kind == 0) {
+                        if (!rc) rc = engine_eval(e, toks + d, n, logits, false, &err);
+                    } else {
+                        for (int i = 0; i < n && !rc; i++)
+                            rc = engine_eval(e, &toks[d + i], 1, logits, false, &err);
+                    }
+                    if (rc) {
+                        fprintf(stderr, "stpipe bench: %s\n", err.msg);
+                        goto out;
+                    }
+                    double tps = n / (s_now() - t0);
+                    sum += tps;
+                    sum2 += tps * tps;
+                    s_stats_add(&st, engine_get_stats(e));
                 }
-                if (rc) {
-                    fprintf(stderr, "stpipe bench: %s\n", err.msg);
-                    goto out;
-                }
-                double tps = n / (s_now() - t0);
-                sum += tps;
-                sum2 += tps * tps;
+                r->reps = (int)reps;
+                r->mean = sum / reps;
+                r->sd = s_sd(sum, sum2, (int)reps);
+                r->st = st;
             }
-            r->reps = (int)reps;
-            r->mean = sum / reps;
-            r->sd = s_sd(sum, sum2, (int)reps);
-            r->st = *engine_get_stats(e);
         }
     }
 
@@ -314,23 +405,36 @@ int cli_bench(int argc, char **argv) {
     const char *level = kern_ops_get()->level;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     if (json) {
-        printf(
-            "{\"machine\": {\"cpu\": \"%s\", \"cores\": %ld, \"simd\": \"%s\"}, \"model\": \"%s\", "
-            "\"model_bytes\": %zu, \"threads\": %lld, \"peak_rss_bytes\": %ld, \"pss_bytes\": %zu, "
-            "\"results\": [",
-            cpu, ncpu, level, path, gguf_file_size(m->gguf), threads, ru.ru_maxrss * 1024L, pss);
+        json_t *root = json_object(), *arr = json_array();
+        json_object_set_new(root, "machine", s_json_machine(cpu, ncpu, level));
+        json_object_set_new(root, "model", s_json_str(path));
+        json_object_set_new(root, "model_bytes", json_integer((json_int_t)gguf_file_size(m->gguf)));
+        json_object_set_new(root, "threads", json_integer(threads));
+        json_object_set_new(root, "peak_rss_bytes", json_integer((json_int_t)ru.ru_maxrss * 1024));
+        json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
             const engine_stats *s = &res[i].st;
-            printf("%s{\"test\": \"%s\", \"tokens_per_second\": %.3f, \"sd\": %.3f, \"reps\": %d, "
-                   "\"ms_per_token\": {\"embed\": %.4f, \"router\": %.4f, \"attention\": %.4f, "
-                   "\"experts\": %.4f, \"lm_head\": %.4f}, \"neurons_idle\": %.4f}",
-                   i ? ", " : "", res[i].test, res[i].mean, res[i].sd, res[i].reps,
-                   s->ns_embed / 1e6 / s->tokens, s->ns_router / 1e6 / s->tokens,
-                   s->ns_attn / 1e6 / s->tokens, s->ns_moe / 1e6 / s->tokens,
-                   s->ns_head / 1e6 / s->tokens,
-                   s->neurons_total ? 1.0 - (double)s->neurons_active / s->neurons_total : 0.0);
+            const double tk = s->tokens ? (double)s->tokens : 1.0;
+            json_t *r = json_object(), *ms = json_object();
+            json_object_set_new(r, "test", json_string(res[i].test));
+            json_object_set_new(r, "depth", json_integer(res[i].depth));
+            json_object_set_new(r, "tokens_per_second", json_real(res[i].mean));
+            json_object_set_new(r, "sd", json_real(res[i].sd));
+            json_object_set_new(r, "reps", json_integer(res[i].reps));
+            json_object_set_new(ms, "embed", json_real(s->ns_embed / 1e6 / tk));
+            json_object_set_new(ms, "router", json_real(s->ns_router / 1e6 / tk));
+            json_object_set_new(ms, "attention", json_real(s->ns_attn / 1e6 / tk));
+            json_object_set_new(ms, "experts", json_real(s->ns_moe / 1e6 / tk));
+            json_object_set_new(ms, "lm_head", json_real(s->ns_head / 1e6 / tk));
+            json_object_set_new(r, "ms_per_token", ms);
+            json_object_set_new(r, "neurons_idle",
+                                json_real(s->neurons_total
+                                              ? 1.0 - (double)s->neurons_active / s->neurons_total
+                                              : 0.0));
+            json_array_append_new(arr, r);
         }
-        printf("]}\n");
+        json_object_set_new(root, "results", arr);
+        s_json_print(root);
     } else {
         printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, level);
         printf("model: %s (%.2f GiB), threads %lld, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,

@@ -65,6 +65,7 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
     rq.request_id = rid;
     rq.n_prompt_ids = o->prompt_ids ? (size_t)o->n_prompt : 0;
     rq.prompt_ids = (int32_t *)o->prompt_ids;
+    rq.n_untimed = o->n_untimed;
     rq.prompt_text = (char *)(o->prompt_text ? o->prompt_text : "");
     rq.chat = o->chat;
     rq.system = (char *)(o->system ? o->system : "");

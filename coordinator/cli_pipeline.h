@@ -21,6 +21,7 @@ typedef struct pipeline_gen_opts {
     const char *run_dir;
     const int32_t *prompt_ids; /* either ids ... */
     int n_prompt;
+    int n_untimed; /* leading prompt ids evaluated before the prompt clock starts (bench -d) */
     const char *prompt_text; /* ... or text, tokenized by the coordinator */
     bool chat;
     const char *system;

@@ -57,6 +57,7 @@ typedef struct active {
     long long n_max;
     uint64_t seq;
     bool prompt_phase;
+    bool depth_phase; /* the untimed prompt prefix (GenerateRequest.n_untimed) is in flight */
     double t_start, t_sent, t_prompt_ms, t_gen0, ipc_ms;
     tok_stream ts;
 } active;
@@ -343,7 +344,9 @@ static void s_start_next(coordinator *c) {
         for (int i = 0; i < a->n_prompt; i++)
             sampler_accept(a->smp, a->ids[i]);
         a->prompt_phase = true;
-        if (s_send_eval(c, a->ids, a->n_prompt, 0, r->want_prompt_logits))
+        a->depth_phase = r->n_untimed > 0 && r->n_untimed < a->n_prompt && !r->want_prompt_logits;
+        if (a->depth_phase ? s_send_eval(c, a->ids, r->n_untimed, 0, false)
+                           : s_send_eval(c, a->ids, a->n_prompt, 0, r->want_prompt_logits))
             s_fail_active(c, STP_EIO, "cannot reach the attention worker");
     }
 }
@@ -381,6 +384,13 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
     if (r->n_vocab != c->V || r->n_past != a->n_past + a->n_sent)
         return s_fail_active(c, STP_EPROTO, "the attention worker's reply does not match");
     a->n_past = r->n_past;
+    if (a->depth_phase) { /* the untimed prefix is in the cache: now time the rest */
+        a->depth_phase = false;
+        a->t_start = now;
+        if (s_send_eval(c, a->ids + a->n_past, a->n_prompt - a->n_past, a->n_past, false))
+            s_fail_active(c, STP_EIO, "cannot reach the attention worker");
+        return;
+    }
     if (!a->prompt_phase) a->ipc_ms += r->ipc_ms;
     if (r->act_epoch != c->act_epoch || !c->act.base) {
         char name[160];
@@ -471,6 +481,7 @@ static void s_rebuild(coordinator *c, const char *why) {
               (unsigned long long)a->rq->request_id, why, n, a->rebuilds);
     stats_add(c->st, "attn.rebuilds", 1);
     a->n_past = 0;
+    a->depth_phase = false;
     if (s_send_eval(c, a->ids, n, 0, a->prompt_phase && a->rq->want_prompt_logits))
         s_fail_active(c, STP_EIO, "cannot reach the attention worker");
 }

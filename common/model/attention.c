@@ -1,9 +1,20 @@
 /* attention: GQA self-attention with NeoX RoPE or NoPE, causal and sliding-window masks.
- * Projections round activations like ggml (kern_act_type); scores, softmax and the value sum
- * are computed in double and rounded once, which lands within a few ulps of llama.cpp's F32
- * cache path (its SIMD sums are near-exact too) and avoids rounding flips downstream. */
+ * Projections round activations like ggml (kern_act_type). Attention over the cache is
+ * attn_core.h's flash-style kernel: one read of each cached row per KV group, float SIMD inside
+ * position chunks, chunks merged in double in position order, one rounding at the end. Work is
+ * split over the threads by (token, KV group), or, when there are fewer of those than threads
+ * can share (decode), also by chunk, whose partials are merged after; both give the same bits.
+ * Memory is the cache plus per-thread tiles: no score row per position. */
 #include "model/attention.h"
 #include "model/attn_core.h"
+
+#define AF_W 4 /* 16-byte vectors: any x86-64 (and the ABI of a build without AVX) */
+#define AF_NAME attn_group_generic
+#define AF_FMA(a, b, c) ((a) * (b) + (c))
+#define AF_WIDEN(dst, src, n)                                                                      \
+    for (int i_ = 0; i_ < (n); i_++)                                                               \
+    (dst)[i_] = kern_fp16_to_f32((src)[i_])
+#include "model/attn_flash.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -11,14 +22,21 @@
 
 struct attn_scratch {
     int n_ubatch, n_ctx, n_threads;
-    float *hn;      /* (T, n_embd) normed input */
-    float *qkv;     /* (T, q_dim + 2 kv_dim) */
-    float *o;       /* (T, q_dim) attention output */
-    float *proj;    /* (T, n_embd) */
-    double *scores; /* (n_threads, n_ctx) */
-    uint8_t *xq;    /* quantized activations, T * max act size */
+    float *hn;   /* (T, n_embd) normed input */
+    float *qkv;  /* (T, q_dim + 2 kv_dim) */
+    float *o;    /* (T, q_dim) attention output */
+    float *proj; /* (T, n_embd) */
+    float *work; /* (n_threads, work_stride) kernel scratch, then the merge state */
+    size_t work_stride;
+    double *part; /* chunk partials when a token's chunks are split: (max_pairs, n_chunks, pw) */
+    int max_pairs, n_chunks;
+    uint8_t *xq; /* quantized activations, T * max act size */
     size_t bytes;
 };
+
+static size_t s_round16(size_t n) {
+    return (n + 15) & ~(size_t)15;
+}
 
 int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, int n_ctx,
                      int n_threads, stp_err *err) {
@@ -38,11 +56,19 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->qkv = malloc(T * (Q + 2 * KV) * sizeof(float));
     s->o = malloc(T * Q * sizeof(float));
     s->proj = malloc(T * E * sizeof(float));
-    s->scores = malloc((size_t)n_threads * (size_t)n_ctx * sizeof(double));
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
+    /* per thread: kernel scratch, one chunk partial, the merge state (doubles); 64-byte aligned */
+    s->work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
+                     s_round16(2 * attn_merge_doubles(G, D));
+    s->max_pairs = 2 * n_threads;
+    s->n_chunks = n_ctx / ATTN_CHUNK + 2;
+    const size_t part = (size_t)s->max_pairs * s->n_chunks * G * (D + 2);
+    s->work = aligned_alloc(64, (size_t)n_threads * s->work_stride * sizeof(float));
+    s->part = malloc(part * sizeof(double));
     s->xq = malloc(xq_bytes);
-    s->bytes =
-        (T * (2 * E + 2 * Q + 2 * KV) + 2 * (size_t)n_threads * n_ctx) * sizeof(float) + xq_bytes;
-    if (!s->hn || !s->qkv || !s->o || !s->proj || !s->scores || !s->xq) {
+    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + (size_t)n_threads * s->work_stride) * sizeof(float) +
+               part * sizeof(double) + xq_bytes;
+    if (!s->hn || !s->qkv || !s->o || !s->proj || !s->work || !s->part || !s->xq) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");
     }
@@ -57,7 +83,8 @@ void attn_scratch_destroy(attn_scratch **self_p) {
     free(s->qkv);
     free(s->o);
     free(s->proj);
-    free(s->scores);
+    free(s->work);
+    free(s->part);
     free(s->xq);
     free(s);
     *self_p = NULL;
@@ -72,30 +99,30 @@ void attention_router(const compute_ctx *cc, const model *m, int il, const float
     ops_matmul(cc, &m->layers[il].router, 0, x, T, logits, s->xq);
 }
 
-void attn_head_generic(const attn_head_args *a) {
-    attn_core_head(a);
-}
-
 typedef struct attn_section {
     const model_config *cfg;
     const kv_layer *kvl;
     const float *qkv;
     float *o;
-    double *scores;
-    int T, pos0, n_ctx;
-    bool simd; /* the CPU runs the AVX2+FMA build */
+    attn_scratch *s;
+    attn_group_fn fn;
+    int T, pos0;
+    bool split;    /* (token, group) pairs cut into chunks, partials merged after */
+    int unit0[65]; /* split: first unit of pair i (unit0[n_pairs] = all units) */
+    int n_pairs;
 } attn_section;
 
-/* One query head of one token: the generic build of attn_core.h (attention_avx2.c has the
- * AVX2+FMA build of the same code; both give the same bits). */
-static void s_attend(const attn_section *a, int t, int h, double *sc) {
+/* The kernel arguments of token t, KV group g (the chunk range is set by the caller). */
+static attn_group_args s_args(const attn_section *a, int t, int g, float *work) {
     const model_config *c = a->cfg;
-    const int D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
-    const int g = h / (c->n_head / c->n_head_kv);
+    const int D = c->head_dim, G = c->n_head / c->n_head_kv, Q = c->n_head * D,
+              KV = c->n_head_kv * D;
     const int p = a->pos0 + t;
     const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
-    const attn_head_args ha = {
-        .q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)h * D,
+    return (attn_group_args){
+        .q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)g * G * D,
+        .G = G,
+        .D = D,
         .k = a->kvl->k ? a->kvl->k + (size_t)g * D : NULL,
         .v = a->kvl->v ? a->kvl->v + (size_t)g * D : NULL,
         .kh = a->kvl->kh ? a->kvl->kh + (size_t)g * D : NULL,
@@ -104,23 +131,83 @@ static void s_attend(const attn_section *a, int t, int h, double *sc) {
         .cap = a->kvl->cap,
         .lo = lo,
         .hi = p,
-        .D = D,
-        .out = a->o + (size_t)t * Q + (size_t)h * D,
-        .sc = sc,
+        .work = work,
     };
-    if (a->simd)
-        attn_head_avx2(&ha);
-    else
-        attn_head_generic(&ha);
 }
 
+/* Units are dealt round-robin, so the long queries at the end of a causal batch are shared. */
 static void s_attn_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
-    long b, e;
-    threadpool_chunk((long)a->T * a->cfg->n_head, ith, nth, 1, &b, &e);
-    double *sc = a->scores + (size_t)ith * a->n_ctx;
-    for (long i = b; i < e; i++)
-        s_attend(a, (int)(i / a->cfg->n_head), (int)(i % a->cfg->n_head), sc);
+    const model_config *c = a->cfg;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, n_kv = c->n_head_kv;
+    float *work = a->s->work + (size_t)ith * a->s->work_stride;
+    double *part = (double *)(work + attn_work_floats(G, D)); /* this thread's chunk partial */
+    double *st = (double *)(work + attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)));
+    if (!a->split) {
+        for (int i = ith; i < a->T * n_kv; i += nth) {
+            const int t = i / n_kv, g = i % n_kv;
+            attn_group_args ga = s_args(a, t, g, work);
+            ga.m = part, ga.s = part + G, ga.acc = part + 2 * G;
+            attn_group_query(a->fn, &ga, st, a->o + (size_t)t * c->n_head * D + (size_t)g * G * D);
+        }
+        return;
+    }
+    for (int u = ith, i = 0; u < a->unit0[a->n_pairs]; u += nth) {
+        while (u >= a->unit0[i + 1])
+            i++;
+        attn_group_args ga = s_args(a, i / n_kv, i % n_kv, work);
+        const int ci = u - a->unit0[i];
+        ga.c0 = (ga.lo / ATTN_CHUNK + ci) * ATTN_CHUNK;
+        ga.c1 = ga.c0 + ATTN_CHUNK;
+        double *pp = a->s->part + ((size_t)i * a->s->n_chunks + ci) * G * (D + 2);
+        ga.m = pp, ga.s = pp + G, ga.acc = pp + 2 * G;
+        a->fn(&ga);
+    }
+}
+
+/* The kernel build of the compute level (the same level in process and in the pipeline). */
+static attn_group_fn s_kernel(const compute_ctx *cc) {
+    if (!strcmp(cc->ops->level, "avx512vnni")) return attn_group_avx512;
+    if (!strcmp(cc->ops->level, "avx2")) return attn_group_avx2;
+    return attn_group_generic;
+}
+
+/* Attention of the T tokens' query heads over the cache (keys and values already appended). */
+static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_layer *kvl, int T,
+                         int pos0, attn_scratch *s) {
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, n_kv = c->n_head_kv;
+    const int nth = threadpool_size(cc->tp);
+    attn_section a = {.cfg = c,
+                      .kvl = kvl,
+                      .qkv = s->qkv,
+                      .o = s->o,
+                      .s = s,
+                      .fn = s_kernel(cc),
+                      .T = T,
+                      .pos0 = pos0,
+                      .n_pairs = T * n_kv};
+    /* few (token, group) pairs for the threads: each pair's chunks become units of their own */
+    a.split = nth > 1 && a.n_pairs < 2 * nth && a.n_pairs <= s->max_pairs && a.n_pairs <= 64;
+    if (a.split) {
+        a.unit0[0] = 0;
+        for (int i = 0; i < a.n_pairs; i++) {
+            const attn_group_args ga = s_args(&a, i / n_kv, i % n_kv, NULL);
+            a.unit0[i + 1] = a.unit0[i] + ga.hi / ATTN_CHUNK - ga.lo / ATTN_CHUNK + 1;
+        }
+        a.split = a.unit0[a.n_pairs] > a.n_pairs; /* else nothing to cut */
+    }
+    threadpool_run(cc->tp, s_attn_worker, &a);
+    if (!a.split) return;
+    double *st = (double *)(s->work + attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)));
+    for (int i = 0; i < a.n_pairs; i++) {
+        const int t = i / n_kv, g = i % n_kv;
+        attn_merge_init(st, G, D);
+        for (int ci = 0; ci < a.unit0[i + 1] - a.unit0[i]; ci++) {
+            const double *pp = s->part + ((size_t)i * s->n_chunks + ci) * G * (D + 2);
+            attn_merge_add(st, G, D, pp, pp + G, pp + 2 * G);
+        }
+        attn_merge_out(st, G, D, s->o + (size_t)t * c->n_head * D + (size_t)g * G * D);
+    }
 }
 
 void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
@@ -186,9 +273,7 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
         }
     }
 
-    attn_section a = {
-        c, kvl, s->qkv, s->o, s->scores, T, pos0, s->n_ctx, strcmp(cc->ops->level, "ref") != 0};
-    threadpool_run(cc->tp, s_attn_worker, &a);
+    s_attend_all(cc, c, kvl, T, pos0, s);
 
     ops_matmul(cc, &L->wo, 0, s->o, T, s->proj, s->xq);
     for (size_t i = 0; i < (size_t)T * E; i++)

@@ -1,9 +1,20 @@
-/* attn_core: the inner loop of attention for one query head, included twice: by attention.c
- * (generic code) and by attention_avx2.c (built with AVX2+FMA and vectorised). Both builds
- * compute in the same order, so they give the same bits: scores q·k in double as four partial
- * sums (dims i mod 4), softmax with libm exp in double, the value sum in double per dimension
- * in key order, one rounding to float at the end. A float16 cache (kh/vh instead of k/v) is
- * widened to float exactly as it is read, so the arithmetic is the same. */
+/* attn_core: attention over the KV cache for the query heads of one KV group, flash-attention
+ * style. Why: the group's heads share every key and value row they read (GQA), one pass over the
+ * cache with a running max and sum needs no score row per query, and fixed position chunks let
+ * threads split one token's attention without changing its bits.
+ *
+ * A query (token at position p, the G heads of KV group g) attends positions lo..hi. Positions
+ * are cut into chunks of ATTN_CHUNK at absolute multiples, each chunk into tiles of ATTN_TILE.
+ * The chunk kernel (attn_group_{generic,avx2,avx512}, built from attn_flash.h) returns the
+ * chunk's partial result: per head the max m, the sum s of exp(score - m) and the value sum acc.
+ * Scores, exp and each tile's sums are float SIMD; the max is raised once per tile and each
+ * tile's sums are added to s and acc in double (a float running sum over thousands of positions
+ * drifted 0.13 logits at 4k context on golden B long; rounding the result near-exactly keeps
+ * Q8_0 rounding flips downstream as rare as llama.cpp's near-exact sums do). attn_merge_add()
+ * folds chunks, always in position order, in double, and attn_merge_out() rounds once. The bits of
+ * a query depend only on its q, the cache and lo..hi: not on the thread count, on which thread ran
+ * a chunk, nor on batched prefill vs token-by-token decode. attn_head_ref() is the plain reference
+ * (two passes, all in double) the tests hold the kernels to. */
 #ifndef STP_ATTN_CORE_H
 #define STP_ATTN_CORE_H
 
@@ -13,68 +24,107 @@
 
 #include "kern/kern.h"
 
-typedef struct attn_head_args {
-    const float *q;          /* (D) query, rotated */
-    const float *k;          /* key of slot 0 for this kv head; slot s at k + s * stride */
-    const float *v;          /* value of slot 0 for this kv head */
+#define ATTN_TILE 32   /* positions per online-softmax step */
+#define ATTN_CHUNK 256 /* positions per partial result (a multiple of ATTN_TILE) */
+
+typedef struct attn_group_args {
+    const float *q;          /* (G, D) the group's query heads, rotated, contiguous */
+    int G, D;                /* heads in the group; head dim (multiple of 4, <= 1024) */
+    const float *k, *v;      /* key / value of slot 0 for this kv head; slot s at + s * stride */
     const uint16_t *kh, *vh; /* the same in a float16 cache (k and v NULL) */
-    int stride;              /* floats between slots */
+    int stride;              /* elements between slots */
     int cap;                 /* slots in the cache (position j lives in slot j % cap) */
-    int lo, hi;              /* positions attended: lo..hi inclusive */
-    int D;                   /* head dim (multiple of 4; <= 1024) */
-    float *out;              /* (D) */
-    double *sc;              /* (hi - lo + 1) scratch */
-} attn_head_args;
+    int lo, hi;              /* positions the query attends: lo..hi inclusive */
+    int c0, c1;              /* the chunk: positions c0..c1-1 */
+    double *m, *s, *acc;     /* out: the chunk's partial, (G), (G), (G, D) */
+    float *work;             /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
+} attn_group_args;
 
-void attn_head_generic(const attn_head_args *a);
-void attn_head_avx2(const attn_head_args *a);
+typedef void (*attn_group_fn)(const attn_group_args *a);
+void attn_group_generic(const attn_group_args *a);
+void attn_group_avx2(const attn_group_args *a);
+void attn_group_avx512(const attn_group_args *a);
 
-static inline double attn_core_dot(const float *q, const float *k, int D) {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (int i = 0; i < D; i += 4) {
-        s0 += (double)q[i] * (double)k[i];
-        s1 += (double)q[i + 1] * (double)k[i + 1];
-        s2 += (double)q[i + 2] * (double)k[i + 2];
-        s3 += (double)q[i + 3] * (double)k[i + 3];
-    }
-    return (s0 + s1) + (s2 + s3);
+/* Floats of scratch a chunk kernel needs (scores of a tile, a tile of widened f16 rows). */
+static inline size_t attn_work_floats(int G, int D) {
+    return ((size_t)G * ATTN_TILE + 2 * (size_t)ATTN_TILE * D + 15) & ~(size_t)15;
 }
 
-static inline void attn_core_head(const attn_head_args *a) {
-    const int D = a->D, n = a->hi - a->lo + 1;
-    const double scale = 1.0 / sqrt((double)D);
-    double *sc = a->sc;
-    const int slot0 = a->lo % a->cap;
-    double max = -INFINITY;
-    float wide[1024]; /* a float16 row, widened */
-    for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
-        const float *k = a->k ? a->k + (size_t)slot * a->stride : wide;
-        if (!a->k)
-            for (int i = 0; i < D; i++)
-                wide[i] = kern_fp16_to_f32(a->kh[(size_t)slot * a->stride + i]);
-        const double w = attn_core_dot(a->q, k, D) * scale;
-        sc[j] = w;
-        max = w > max ? w : max;
+/* The merge state of one query in double: M (G), S (G), A (G, D). */
+static inline size_t attn_merge_doubles(int G, int D) {
+    return 2 * (size_t)G + (size_t)G * D;
+}
+
+static inline void attn_merge_init(double *st, int G, int D) {
+    for (int h = 0; h < G; h++)
+        st[h] = -INFINITY, st[G + h] = 0.0;
+    for (size_t i = 0; i < (size_t)G * D; i++)
+        st[2 * G + i] = 0.0;
+}
+
+/* Folds one chunk's partial (m, s, acc) into the state. Chunks must come in position order. */
+static inline void attn_merge_add(double *st, int G, int D, const double *m, const double *s,
+                                  const double *acc) {
+    for (int h = 0; h < G; h++) {
+        if (m[h] == -INFINITY) continue; /* no position of this chunk */
+        const double mn = st[h] > m[h] ? st[h] : m[h];
+        const double a1 = exp(st[h] - mn), a2 = exp(m[h] - mn);
+        st[h] = mn;
+        st[G + h] = st[G + h] * a1 + s[h] * a2;
+        double *A = st + 2 * G + (size_t)h * D;
+        const double *x = acc + (size_t)h * D;
+        for (int i = 0; i < D; i++)
+            A[i] = A[i] * a1 + x[i] * a2;
     }
-    double sum = 0.0;
+}
+
+/* out (G, D) = A / S, rounded once. */
+static inline void attn_merge_out(const double *st, int G, int D, float *out) {
+    for (int h = 0; h < G; h++)
+        for (int i = 0; i < D; i++)
+            out[(size_t)h * D + i] = (float)(st[2 * G + (size_t)h * D + i] / st[G + h]);
+}
+
+/* One whole query: every chunk of lo..hi in order through fn, merged in st
+ * (attn_merge_doubles), the result in out (G, D). a->m, a->s, a->acc receive each chunk. */
+static inline void attn_group_query(attn_group_fn fn, attn_group_args *a, double *st, float *out) {
+    attn_merge_init(st, a->G, a->D);
+    for (int c = a->lo / ATTN_CHUNK; c <= a->hi / ATTN_CHUNK; c++) {
+        a->c0 = c * ATTN_CHUNK;
+        a->c1 = a->c0 + ATTN_CHUNK;
+        fn(a);
+        attn_merge_add(st, a->G, a->D, a->m, a->s, a->acc);
+    }
+    attn_merge_out(st, a->G, a->D, out);
+}
+
+/* The reference for one head h of a: scores, softmax (libm exp) and the value sum in double,
+ * in position order, two passes; sc holds hi - lo + 1 doubles. */
+static inline void attn_head_ref(const attn_group_args *a, int h, float *out, double *sc) {
+    const int D = a->D, n = a->hi - a->lo + 1;
+    const float *q = a->q + (size_t)h * D;
+    const double scale = 1.0 / sqrt((double)D);
+    double max = -INFINITY, sum = 0.0;
+    for (int j = 0; j < n; j++) {
+        const size_t row = (size_t)((a->lo + j) % a->cap) * a->stride;
+        double d = 0.0;
+        for (int i = 0; i < D; i++)
+            d += (double)q[i] * (double)(a->k ? a->k[row + i] : kern_fp16_to_f32(a->kh[row + i]));
+        sc[j] = d * scale;
+        max = sc[j] > max ? sc[j] : max;
+    }
     for (int j = 0; j < n; j++) {
         sc[j] = exp(sc[j] - max);
         sum += sc[j];
     }
-    double acc[1024];
-    for (int i = 0; i < D; i++)
-        acc[i] = 0.0;
-    for (int j = 0, slot = slot0; j < n; j++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
-        const float *v = a->v ? a->v + (size_t)slot * a->stride : wide;
-        if (!a->v)
-            for (int i = 0; i < D; i++)
-                wide[i] = kern_fp16_to_f32(a->vh[(size_t)slot * a->stride + i]);
-        const double w = sc[j];
-        for (int i = 0; i < D; i++)
-            acc[i] += w * (double)v[i];
+    for (int i = 0; i < D; i++) {
+        double acc = 0.0;
+        for (int j = 0; j < n; j++) {
+            const size_t row = (size_t)((a->lo + j) % a->cap) * a->stride;
+            acc += sc[j] * (double)(a->v ? a->v[row + i] : kern_fp16_to_f32(a->vh[row + i]));
+        }
+        out[i] = (float)(acc / sum);
     }
-    for (int i = 0; i < D; i++)
-        a->out[i] = (float)(acc[i] / sum);
 }
 
 #endif

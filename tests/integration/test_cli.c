@@ -3,7 +3,8 @@
  * plan it prints under --memory-budget: the storage daemon's frames), --help and usage
  * errors (exit 2), runtime errors (exit 1, one line naming the file and the problem) for a
  * missing, truncated, foreign-architecture or unsupported-type GGUF and an oversized prompt,
- * and the tokenize / detokenize round trip. */
+ * the tokenize / detokenize round trip, and `bench --json -d` (valid JSON for a model path with a
+ * quote in it; one result per test and depth). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -244,6 +245,40 @@ static void test_cli_info_memory_budget(void **state) {
     model_close(&mo);
 }
 
+/* `stpipe bench --json -d`: JSON built by a library (a '"' in the model path stays valid), one
+ * result per (depth, test) in order, named as llama-bench names them. */
+static void test_cli_bench_json_depth(void **state) {
+    (void)state;
+    char m[4096], dir[] = "/tmp/stp-bench-XXXXXX", link[4200];
+    th_data_path(m, sizeof m, DENSE);
+    assert_non_null(mkdtemp(dir));
+    snprintf(link, sizeof link, "%s/a\"b.gguf", dir);
+    assert_int_equal(symlink(m, link), 0);
+    const char *a[] = {"bench", "--model", link, "-p", "4",      "-n", "3",
+                       "-d",    "0,5",     "-r", "1",  "--json", NULL};
+    th_run_out r = s_run(a);
+    s_expect(&r, 0, "bench --json -d");
+    json_error_t je;
+    json_t *j = json_loads(r.out, 0, &je);
+    if (!j) fail_msg("bench --json: %s\n%s", je.text, r.out);
+    assert_string_equal(json_string_value(json_object_get(j, "model")), link);
+    json_t *res = json_object_get(j, "results");
+    const char *names[] = {"pp4", "tg3", "pp4 @ d5", "tg3 @ d5"};
+    assert_int_equal(json_array_size(res), 4);
+    for (int i = 0; i < 4; i++) {
+        json_t *t = json_array_get(res, i);
+        assert_string_equal(json_string_value(json_object_get(t, "test")), names[i]);
+        assert_int_equal(json_integer_value(json_object_get(t, "depth")), i < 2 ? 0 : 5);
+        assert_true(json_real_value(json_object_get(t, "tokens_per_second")) > 0);
+        assert_true(
+            json_real_value(json_object_get(json_object_get(t, "ms_per_token"), "attention")) > 0);
+    }
+    json_decref(j);
+    th_run_out_free(&r);
+    unlink(link);
+    rmdir(dir);
+}
+
 static void test_cli_help_exits_0(void **state) {
     (void)state;
     const char *cmds[] = {"generate", "info", "tokenize", "detokenize", "bench"};
@@ -480,6 +515,7 @@ int main(void) {
         cmocka_unit_test(test_cli_prompt_longer_than_context),
         cmocka_unit_test(test_cli_gating_guess_warns),
         cmocka_unit_test(test_cli_tokenize_roundtrip),
+        cmocka_unit_test(test_cli_bench_json_depth),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

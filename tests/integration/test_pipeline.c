@@ -212,7 +212,8 @@ static void test_pipeline_f16_cache(void **st) {
     s_down_and_check(&r);
 }
 
-/* `stpipe bench --pipeline`: prompt and generation speed through a running pipeline, with the
+/* `stpipe bench --pipeline -d`: prompt and generation speed through a running pipeline, at depth
+ * 0 and after 5 tokens (the coordinator evaluates them before its prompt clock starts), with the
  * IPC share of decode and the stages' summed PSS, as JSON. */
 static void test_pipeline_bench(void **st) {
     (void)st;
@@ -223,22 +224,26 @@ static void test_pipeline_bench(void **st) {
     char bin[1024], out[1100];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/bench.json", r.dir);
-    char *argv[] = {bin, "bench", "--pipeline", r.dir, "--model", g.model,  "-p",
-                    "8", "-n",    "6",          "-r",  "2",       "--json", NULL};
+    char *argv[] = {bin,  "bench", "--pipeline", r.dir, "--model", g.model, "-p",     "8",
+                    "-n", "6",     "-r",         "2",   "-d",      "0,5",   "--json", NULL};
     assert_int_equal(th_run(argv, out, 120), 0);
     json_error_t je;
     json_t *j = json_load_file(out, 0, &je);
     assert_non_null(j);
     assert_true(json_integer_value(json_object_get(j, "pss_bytes")) > 0);
     json_t *res = json_object_get(j, "results");
-    assert_int_equal(json_array_size(res), 2);
-    json_t *pp = json_array_get(res, 0), *tg = json_array_get(res, 1);
-    assert_string_equal(json_string_value(json_object_get(pp, "test")), "pp8");
-    assert_string_equal(json_string_value(json_object_get(tg, "test")), "tg6");
-    assert_true(json_real_value(json_object_get(pp, "tokens_per_second")) > 0);
-    assert_true(json_real_value(json_object_get(tg, "tokens_per_second")) > 0);
-    double ipc = json_real_value(json_object_get(tg, "ipc_share"));
-    assert_true(ipc > 0 && ipc < 1);
+    assert_int_equal(json_array_size(res), 4); /* pp8, tg6, then both after 5 tokens */
+    const char *names[] = {"pp8", "tg6", "pp8 @ d5", "tg6 @ d5"};
+    for (int i = 0; i < 4; i++) {
+        json_t *t = json_array_get(res, i);
+        assert_string_equal(json_string_value(json_object_get(t, "test")), names[i]);
+        assert_int_equal(json_integer_value(json_object_get(t, "depth")), i < 2 ? 0 : 5);
+        assert_true(json_real_value(json_object_get(t, "tokens_per_second")) > 0);
+        if (i % 2) {
+            double ipc = json_real_value(json_object_get(t, "ipc_share"));
+            assert_true(ipc > 0 && ipc < 1);
+        }
+    }
     json_decref(j);
     s_down_and_check(&r);
 }

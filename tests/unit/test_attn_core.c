@@ -1,12 +1,19 @@
-/* test_attn_core: the AVX2 build of one attention head gives the same bits as the generic build
- * (ring-buffer wrap, windows, several head sizes), with a float32 and with a float16 cache; a
- * float16 cache gives the bits of a float32 cache holding the same (rounded) values. */
+/* test_attn_core: the flash-style attention kernels (attn_core.h: generic, AVX2 and AVX-512
+ * builds, whichever the CPU runs) against the double-precision two-pass reference attn_head_ref,
+ * on ragged lengths (1 position, tile and chunk edges, several chunks), sliding windows and
+ * ring-buffer wrap, group sizes 1, 6 and 7, head sizes 16..128, scores that rise along the
+ * context (the running max is raised and the sums rescaled many times), a float32 and a float16
+ * cache; a float16 cache gives the bits of a float32 cache holding the same rounded values, and
+ * a query computed chunk by chunk in any order of chunks, merged in position order, gives the
+ * bits of the whole query (what lets threads split a token's chunks). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,67 +25,140 @@ static float s_rand(uint64_t *s) {
     return (float)((*s >> 40) & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f;
 }
 
-static void s_check(int D, int cap, int lo, int hi, uint64_t seed) {
-    if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* no AVX2 on this CPU */
-    const int stride = 3 * D;
-    float *q = malloc(sizeof(float) * D), *k = malloc(sizeof(float) * cap * stride),
-          *v = malloc(sizeof(float) * cap * stride), *o1 = malloc(sizeof(float) * D),
-          *o2 = malloc(sizeof(float) * D);
-    double *sc = malloc(sizeof(double) * (hi - lo + 1));
-    for (int i = 0; i < D; i++)
-        q[i] = s_rand(&seed) * 3;
-    for (int i = 0; i < cap * stride; i++)
-        k[i] = s_rand(&seed) * 3, v[i] = s_rand(&seed);
-    attn_head_args a = {.q = q,
-                        .k = k + D,
-                        .v = v + D,
-                        .stride = stride,
-                        .cap = cap,
-                        .lo = lo,
-                        .hi = hi,
-                        .D = D,
-                        .out = o1,
-                        .sc = sc};
-    attn_head_generic(&a);
-    a.out = o2;
-    attn_head_avx2(&a);
-    assert_memory_equal(o1, o2, sizeof(float) * D);
-    /* the same cache in float16: both builds agree, and equal float32 rounded the same way */
-    uint16_t *kh = malloc(sizeof(uint16_t) * cap * stride),
-             *vh = malloc(sizeof(uint16_t) * cap * stride);
-    for (int i = 0; i < cap * stride; i++) {
-        kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
-        k[i] = kern_fp16_to_f32(kh[i]), v[i] = kern_fp16_to_f32(vh[i]);
+typedef struct level {
+    const char *name;
+    attn_group_fn fn;
+} level;
+
+/* The kernel builds this CPU runs: the generic one always, the others where kern has them. */
+static int s_levels(level *out) {
+    int n = 0;
+    out[n++] = (level){"generic", attn_group_generic};
+    const kern_ops *all[8];
+    const int n_ops = kern_ops_all(all, 8);
+    for (int i = 0; i < n_ops; i++) {
+        if (!strcmp(all[i]->level, "avx2")) out[n++] = (level){"avx2", attn_group_avx2};
+        if (!strcmp(all[i]->level, "avx512vnni")) out[n++] = (level){"avx512", attn_group_avx512};
     }
-    a.out = o1;
-    attn_head_generic(&a); /* float32 holding the rounded values */
-    attn_head_args ah = a;
-    ah.k = ah.v = NULL;
-    ah.kh = kh + D, ah.vh = vh + D;
-    ah.out = o2;
-    attn_head_generic(&ah);
-    assert_memory_equal(o1, o2, sizeof(float) * D);
-    attn_head_avx2(&ah);
-    assert_memory_equal(o1, o2, sizeof(float) * D);
-    free(q), free(k), free(v), free(o1), free(o2), free(sc), free(kh), free(vh);
+    return n;
 }
 
-static void test_attn_core_full(void **state) {
-    (void)state;
-    s_check(128, 600, 0, 599, 1);
-    s_check(16, 40, 0, 0, 2);
-    s_check(64, 300, 0, 170, 3);
+/* One query of G heads over positions lo..hi of a cache of cap slots, at every level. rise > 0
+ * makes later keys score higher (the running max keeps rising). */
+static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t seed) {
+    const int stride = 3 * G * D; /* other groups' rows in between, as in the real cache */
+    const size_t nc = (size_t)cap * stride;
+    float *q = malloc(sizeof(float) * G * D), *k = malloc(sizeof(float) * nc),
+          *v = malloc(sizeof(float) * nc), *ref = malloc(sizeof(float) * G * D),
+          *o1 = malloc(sizeof(float) * G * D), *o2 = malloc(sizeof(float) * G * D);
+    double *part = malloc(sizeof(double) * G * (D + 2));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D));
+    double *sc = malloc(sizeof(double) * (hi - lo + 1)),
+           *st = malloc(sizeof(double) * attn_merge_doubles(G, D));
+    uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
+    for (int i = 0; i < G * D; i++)
+        q[i] = s_rand(&seed) * 3;
+    for (size_t i = 0; i < nc; i++) {
+        const int pos_rank = (int)((i / stride - lo % cap + cap) % cap); /* ~ position - lo */
+        k[i] = s_rand(&seed) * 3 * (1.0f + rise * pos_rank / cap), v[i] = s_rand(&seed);
+    }
+    for (int half = 0; half < 2; half++) {
+        if (half) /* the same values rounded to float16, in both layouts */
+            for (size_t i = 0; i < nc; i++) {
+                kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
+                k[i] = kern_fp16_to_f32(kh[i]), v[i] = kern_fp16_to_f32(vh[i]);
+            }
+        attn_group_args a = {.q = q,
+                             .G = G,
+                             .D = D,
+                             .k = k + D,
+                             .v = v + D,
+                             .stride = stride,
+                             .cap = cap,
+                             .lo = lo,
+                             .hi = hi,
+                             .m = part,
+                             .s = part + G,
+                             .acc = part + 2 * G,
+                             .work = work};
+        double max_ref = 0;
+        for (int h = 0; h < G; h++)
+            attn_head_ref(&a, h, ref + (size_t)h * D, sc);
+        for (int i = 0; i < G * D; i++)
+            max_ref = fmax(max_ref, fabs(ref[i]));
+        assert_true(max_ref > 0.01); /* a real average, not all zero */
+        level lv[3];
+        const int n_lv = s_levels(lv);
+        for (int l = 0; l < n_lv; l++) {
+            attn_group_args b = a;
+            attn_group_query(lv[l].fn, &b, st, o1);
+            for (int i = 0; i < G * D; i++)
+                if (!(fabsf(o1[i] - ref[i]) <= 2e-6f + 2e-5f * fabsf(ref[i])))
+                    fail_msg("%s G%d D%d cap%d %d..%d %s: out[%d] %.9g, reference %.9g", lv[l].name,
+                             G, D, cap, lo, hi, half ? "f16" : "f32", i, o1[i], ref[i]);
+            if (half) { /* the float16 cache: the bits of the float32 one holding its values */
+                b = a;
+                b.k = b.v = NULL;
+                b.kh = kh + D, b.vh = vh + D;
+                attn_group_query(lv[l].fn, &b, st, o2);
+                assert_memory_equal(o1, o2, sizeof(float) * G * D);
+            }
+            /* chunks computed last to first, kept, then merged in order: the same bits */
+            const int c_first = lo / ATTN_CHUNK, n_ch = hi / ATTN_CHUNK - c_first + 1;
+            double *parts = malloc(sizeof(double) * n_ch * G * (D + 2));
+            for (int ci = n_ch - 1; ci >= 0; ci--) {
+                b = a;
+                double *pp = parts + (size_t)ci * G * (D + 2);
+                b.m = pp, b.s = pp + G, b.acc = pp + 2 * G;
+                b.c0 = (c_first + ci) * ATTN_CHUNK, b.c1 = b.c0 + ATTN_CHUNK;
+                lv[l].fn(&b);
+            }
+            attn_merge_init(st, G, D);
+            for (int ci = 0; ci < n_ch; ci++) {
+                const double *pp = parts + (size_t)ci * G * (D + 2);
+                attn_merge_add(st, G, D, pp, pp + G, pp + 2 * G);
+            }
+            attn_merge_out(st, G, D, o2);
+            assert_memory_equal(o1, o2, sizeof(float) * G * D);
+            free(parts);
+        }
+    }
+    free(q), free(k), free(v), free(ref), free(o1), free(o2), free(part), free(work), free(sc),
+        free(st), free(kh), free(vh);
 }
-static void test_attn_core_ring_wrap(void **state) {
+
+static void test_attn_core_ragged(void **state) {
     (void)state;
-    s_check(128, 100, 950, 1030, 4); /* positions wrap around the ring */
-    s_check(36, 17, 33, 49, 5);      /* D not a multiple of 32 */
+    s_check(6, 128, 1200, 0, 0, 0, 1);     /* one position */
+    s_check(6, 128, 1200, 0, 31, 0, 2);    /* one tile */
+    s_check(6, 128, 1200, 0, 32, 0, 3);    /* a tile and one */
+    s_check(6, 128, 1200, 0, 255, 0, 4);   /* one chunk */
+    s_check(7, 128, 1200, 0, 256, 0, 5);   /* a chunk and one */
+    s_check(1, 64, 1200, 0, 1030, 0, 6);   /* several chunks, one head */
+    s_check(6, 128, 1200, 5, 777, 0, 7);   /* starts inside a tile */
+    s_check(2, 16, 300, 0, 170, 0, 8);     /* small heads */
+    s_check(3, 36, 80, 17, 49, 0, 9);      /* D not a multiple of the vector width */
+    s_check(6, 128, 2100, 0, 2047, 0, 10); /* a long context */
+}
+
+static void test_attn_core_rising_scores(void **state) {
+    (void)state;
+    s_check(6, 128, 1200, 0, 1100, 2.0f, 11);
+    s_check(7, 64, 600, 3, 599, 4.0f, 12);
+}
+
+static void test_attn_core_window_ring(void **state) {
+    (void)state;
+    s_check(6, 128, 100, 950, 1030, 0, 13);  /* positions wrap around a ring of 100 */
+    s_check(7, 128, 600, 4000, 4511, 0, 14); /* a 512 window in a 600-slot ring, 3 chunks */
+    s_check(3, 36, 17, 33, 49, 0, 15);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_attn_core_full),
-        cmocka_unit_test(test_attn_core_ring_wrap),
+        cmocka_unit_test(test_attn_core_ragged),
+        cmocka_unit_test(test_attn_core_rising_scores),
+        cmocka_unit_test(test_attn_core_window_ring),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
