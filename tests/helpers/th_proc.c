@@ -43,15 +43,24 @@ const char *th_bin_path(char *buf, size_t cap, const char *prog) {
 char *th_slurp(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    if (n < 0) n = 0;
-    char *b = malloc((size_t)n + 1);
-    size_t r = b ? fread(b, 1, (size_t)n, f) : 0;
-    if (b) b[r] = 0;
+    /* read to EOF: /proc files report size 0 */
+    size_t cap = 4096, n = 0;
+    char *b = malloc(cap + 1);
+    while (b) {
+        n += fread(b + n, 1, cap - n, f);
+        if (n < cap) break;
+        char *nb = realloc(b, 2 * cap + 1);
+        if (!nb) {
+            free(b);
+            b = NULL;
+            break;
+        }
+        b = nb;
+        cap *= 2;
+    }
     fclose(f);
-    if (len) *len = r;
+    if (b) b[n] = 0;
+    if (len) *len = b ? n : 0;
     return b;
 }
 
