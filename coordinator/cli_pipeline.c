@@ -188,7 +188,7 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
                     printf(i ? " %d" : "%d", ids[i]);
                 printf("\n");
             } else {
-                fwrite(d->tail_text.data, 1, d->tail_text.len, stdout);
+                if (d->tail_text.len) fwrite(d->tail_text.data, 1, d->tail_text.len, stdout);
                 printf("\n");
             }
             if (!o->quiet) {

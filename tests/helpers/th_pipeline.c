@@ -97,7 +97,10 @@ int th_pipe_pids(const char *dir, int *pids, int cap) {
 bool th_stage_alive(int pid, const char *dir) {
     char cp[64];
     snprintf(cp, sizeof cp, "/proc/%d/cmdline", pid);
-    char *cl = th_slurp(cp, NULL);
+    size_t len = 0;
+    char *cl = th_slurp(cp, &len);
+    for (size_t i = 0; cl && i < len; i++) /* the arguments are NUL-separated */
+        if (!cl[i]) cl[i] = ' ';
     bool alive = cl && strstr(cl, "stpipe-") && (!dir || strstr(cl, dir));
     free(cl);
     return alive;

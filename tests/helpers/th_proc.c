@@ -8,11 +8,13 @@
 #include <cmocka.h>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,15 +43,24 @@ const char *th_bin_path(char *buf, size_t cap, const char *prog) {
 char *th_slurp(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    if (n < 0) n = 0;
-    char *b = malloc((size_t)n + 1);
-    size_t r = b ? fread(b, 1, (size_t)n, f) : 0;
-    if (b) b[r] = 0;
+    /* read to EOF: /proc files report size 0 */
+    size_t cap = 4096, n = 0;
+    char *b = malloc(cap + 1);
+    while (b) {
+        n += fread(b + n, 1, cap - n, f);
+        if (n < cap) break;
+        char *nb = realloc(b, 2 * cap + 1);
+        if (!nb) {
+            free(b);
+            b = NULL;
+            break;
+        }
+        b = nb;
+        cap *= 2;
+    }
     fclose(f);
-    if (len) *len = r;
+    if (b) b[n] = 0;
+    if (len) *len = b ? n : 0;
     return b;
 }
 
@@ -73,18 +84,80 @@ pid_t th_spawn(char *const argv[], const char *out_path, const char *err_path) {
     return p;
 }
 
+static int s_status(int st) {
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+int th_exited(pid_t p) {
+    int st;
+    return p > 0 && waitpid(p, &st, WNOHANG) == p ? s_status(st) : -1;
+}
+
 int th_wait(pid_t p, double timeout_s) {
-    if (p < 0) return -1;
-    double t0 = th_now();
-    while (th_now() - t0 < timeout_s) {
-        int st;
-        if (waitpid(p, &st, WNOHANG) == p)
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        usleep(20000);
+    if (p <= 0) return -1;
+    int fd = (int)syscall(SYS_pidfd_open, p, 0), st;
+    double end = th_now() + timeout_s;
+    for (;;) {
+        if (waitpid(p, &st, WNOHANG) == p) {
+            if (fd >= 0) close(fd);
+            return s_status(st);
+        }
+        double left = end - th_now();
+        if (left <= 0) break;
+        if (fd >= 0) { /* readable when p exits */
+            struct pollfd pf = {.fd = fd, .events = POLLIN};
+            poll(&pf, 1, (int)(left * 1000) + 1);
+        } else { /* no pidfd (kernel < 5.3): check again shortly */
+            struct timespec d = {0, 2 * 1000 * 1000};
+            nanosleep(&d, NULL);
+        }
     }
+    if (fd >= 0) close(fd);
     kill(p, SIGKILL);
     waitpid(p, NULL, 0);
     return -1;
+}
+
+bool th_wait_until(bool (*cond)(void *ctx), void *ctx, double timeout_s) {
+    double end = th_now() + timeout_s;
+    long ms = 1;
+    for (;;) {
+        if (cond(ctx)) return true;
+        if (th_now() >= end) return false;
+        struct timespec d = {0, ms * 1000 * 1000};
+        nanosleep(&d, NULL);
+        if (ms < 20) ms *= 2;
+    }
+}
+
+/* Whether pid still runs: a child of ours that exited is seen without reaping it (WNOWAIT). */
+static bool s_running(pid_t pid) {
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0) return si.si_pid == 0;
+    return kill(pid, 0) == 0;
+}
+
+typedef struct s_file_has {
+    const char *path, *needle;
+    pid_t pid;
+    bool gone;
+} s_file_has;
+
+static bool s_file_has_cond(void *ctx) {
+    s_file_has *c = ctx;
+    bool ended = c->pid > 0 && !s_running(c->pid); /* before the read: what it wrote counts */
+    size_t len = 0;
+    char *s = th_slurp(c->path, &len);
+    bool ok = s && (*c->needle ? strstr(s, c->needle) != NULL : len > 0);
+    free(s);
+    if (!ok && ended) c->gone = true;
+    return ok || c->gone;
+}
+
+bool th_wait_file_has(const char *path, const char *needle, pid_t pid, double timeout_s) {
+    s_file_has c = {path, needle ? needle : "", pid, false};
+    return th_wait_until(s_file_has_cond, &c, timeout_s) && !c.gone;
 }
 
 int th_run(char *const argv[], const char *out_path, double timeout_s) {

@@ -6,6 +6,7 @@
 #ifndef TH_PROC_H
 #define TH_PROC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -24,8 +25,18 @@ char *th_slurp_str(const char *path);
 /* Starts argv (PATH searched) with stdout to out_path (NULL: /dev/null) and stderr to err_path
  * (NULL: inherited); returns the pid or -1. */
 pid_t th_spawn(char *const argv[], const char *out_path, const char *err_path);
-/* Waits for p up to timeout_s: the exit status, 128 + signal, or -1 on timeout (then killed). */
+/* Waits for p up to timeout_s: the exit status, 128 + signal, or -1 on timeout (then killed).
+ * Woken by the exit itself (a pidfd), not by polling. */
 int th_wait(pid_t p, double timeout_s);
+/* The exit status of p if it has ended (reaped), else -1 (it still runs). */
+int th_exited(pid_t p);
+
+/* Waits until cond(ctx) holds, checking it again after 1, 2, 4 ... (at most 20) ms, up to
+ * timeout_s; returns whether it held. The wait for a condition a test cannot be woken by. */
+bool th_wait_until(bool (*cond)(void *ctx), void *ctx, double timeout_s);
+/* Waits until the file at path contains needle ("": until it is not empty); false on timeout,
+ * or as soon as pid (when > 0) has exited without writing it. */
+bool th_wait_file_has(const char *path, const char *needle, pid_t pid, double timeout_s);
 /* th_wait(th_spawn(argv, out_path, NULL), timeout_s). */
 int th_run(char *const argv[], const char *out_path, double timeout_s);
 

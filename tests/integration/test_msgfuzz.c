@@ -325,15 +325,50 @@ static void s_drain(void *s) {
     }
 }
 
-/* Sends without waiting for a reply; at the high-water mark drains and retries briefly. */
+/* Sends without waiting for a reply; at the high-water mark drains what came back and waits
+ * (up to 0.2 s) for the socket to take messages again. */
 static bool s_send(void *s, const void *buf, size_t len) {
-    for (int i = 0; i < 200; i++) {
+    double end = th_now() + 0.2;
+    for (;;) {
         if (zmq_send(s, buf, len, ZMQ_DONTWAIT) >= 0) return true;
-        if (zmq_errno() != EAGAIN) return false;
+        if (zmq_errno() != EAGAIN || th_now() >= end) return false;
         s_drain(s);
-        usleep(1000);
+        zmq_pollitem_t it = {s, 0, ZMQ_POLLOUT | ZMQ_POLLIN, 0};
+        zmq_poll(&it, 1, (long)((end - th_now()) * 1000) + 1);
     }
-    return false;
+}
+
+/* The coordinator has finished every request it accepted (received = done + failed +
+ * cancelled in its newest stats report). */
+static bool s_coord_idle(void *ctx) {
+    const char *dir = ctx;
+    char ep[1200];
+    stp_err err = {0};
+    msg_endpoint(ep, sizeof ep, dir, "stats-coordinator", &err);
+    void *zctx = zmq_ctx_new();
+    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
+    bool idle = false, rd;
+    if (s) {
+        zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
+        msg_in in;
+        if (msg_poll(&s, 1, &rd, 3000) && rd && msg_recv(s, false, &in, &err) > 0) {
+            Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
+            uint64_t got = 0, ended = 0;
+            for (size_t i = 0; rep && i < rep->n_counters; i++) {
+                const char *n = rep->counters[i]->name;
+                if (!strcmp(n, "requests.received")) got = rep->counters[i]->value;
+                if (!strcmp(n, "requests.done") || !strcmp(n, "requests.failed") ||
+                    !strcmp(n, "requests.cancelled"))
+                    ended += rep->counters[i]->value;
+            }
+            idle = rep && got == ended;
+            if (rep) stp__stats_report__free_unpacked(rep, NULL);
+            msg_in_free(&in);
+        }
+        zmq_close(s);
+    }
+    zmq_ctx_term(zctx);
+    return idle;
 }
 
 static long long s_bad_sum(void *zctx, const char *dir, const char *stats_sock) {
@@ -482,28 +517,26 @@ static void test_msgfuzz_flood_every_socket(void **st) {
     }
     zmq_ctx_term(zctx);
     assert_true(sent > n_msgs * 9 / 10);
-    /* still correct: golden greedy ids (retried while the fuzz requests drain from the queue) */
+    /* still correct: golden greedy ids, once the requests among the fuzz have drained */
+    assert_true(th_wait_until(s_coord_idle, s_dir, 120));
     char bin[1024], outp[1200], nb[16];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(outp, sizeof outp, "%s/gen.out", s_dir);
     snprintf(nb, sizeof nb, "%d", g.n_greedy);
     char *gargv[] = {bin, "generate", "--pipeline", s_dir, "--prompt-ids", g.ids, "-n",
                      nb,  "--ids",    "--quiet",    NULL};
-    bool ok = false;
-    for (int attempt = 0; attempt < 20 && !ok; attempt++) {
-        int rc = th_run(gargv, outp, 120);
-        char *s = th_slurp(outp, NULL);
-        int n = 0, got[512];
-        for (char *p = s, *end; rc == 0 && p && *p && n < 512; p = end) {
-            long v = strtol(p, &end, 10);
-            if (end == p) break;
-            got[n++] = (int)v;
-        }
-        free(s);
-        ok = rc == 0 && n == g.n_greedy && !memcmp(got, g.greedy, sizeof(int) * (size_t)n);
-        if (!ok) usleep(500000);
+    int rc = th_run(gargv, outp, 120);
+    char *s = th_slurp(outp, NULL);
+    int n_ids = 0, ids[512];
+    for (char *p = s, *end; rc == 0 && p && *p && n_ids < 512; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        ids[n_ids++] = (int)v;
     }
-    assert_true(ok);
+    free(s);
+    assert_int_equal(rc, 0);
+    assert_int_equal(n_ids, g.n_greedy);
+    assert_memory_equal(ids, g.greedy, sizeof(int) * (size_t)n_ids);
     assert_int_equal(th_pipe_down(s_dir, 60), 0);
     s_dir[0] = 0;
     for (int k = 0; k < N_SOCK; k++)

@@ -39,11 +39,15 @@ typedef struct run {
     char prefix[128];
 } run;
 
-/* The run of the current test, stopped by the teardown when an assertion left it running. */
+/* The run of the current test, stopped by the teardown when an assertion left it running, and
+ * a generation the test started (killed and reaped by the teardown). */
 static char s_current_dir[1024];
+static pid_t s_gen_pid;
 
 static int s_teardown(void **st) {
     (void)st;
+    if (s_gen_pid > 0) th_wait(s_gen_pid, 0); /* kills and reaps it */
+    s_gen_pid = 0;
     if (!s_current_dir[0]) return 0;
     th_pipe_down(s_current_dir, 30);
     s_current_dir[0] = 0;
@@ -279,37 +283,75 @@ static int s_ready_pid(const run *r, const char *stage) {
     return pid;
 }
 
-/* kill -9 of an expert worker during a long generation: the supervisor restarts it, the
- * request in flight completes or fails cleanly, and the next request gives the golden ids. */
+/* Starts a greedy generation of n tokens whose text goes to out as it is generated (flushed per
+ * token: the test sees the request in flight); returns its pid. */
+static pid_t s_gen_text_start(const run *r, const th_golden *g, int n, const char *out,
+                              const char *err) {
+    char bin[1024], nbuf[16];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(nbuf, sizeof nbuf, "%d", n);
+    char *argv[] = {bin,
+                    "generate",
+                    "--pipeline",
+                    (char *)r->dir,
+                    "--prompt-ids",
+                    (char *)g->ids,
+                    "-n",
+                    nbuf,
+                    "--quiet",
+                    "--ignore-eos",
+                    NULL};
+    return th_spawn(argv, out, err);
+}
+
+typedef struct restart_wait {
+    const run *r;
+    int old, now;
+} restart_wait;
+
+static bool s_restarted(void *ctx) {
+    restart_wait *w = ctx;
+    w->now = s_ready_pid(w->r, "expert-1");
+    return w->now > 0 && w->now != w->old;
+}
+
+/* kill -9 of an expert worker while a long generation is in flight (its first tokens are out,
+ * it has not ended): the supervisor restarts the worker, the attention worker resends the work,
+ * and the request completes with the text of an uninterrupted run; the next request gives the
+ * golden ids. */
 static void test_pipeline_expert_crash_restart(void **st) {
     (void)st;
+    enum { N = 1000 }; /* ~0.5 s of decoding on this model: the fault lands mid-request */
     th_golden g;
     th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
     assert_int_equal(s_up(&r, g.model, 2, "crash"), 0);
+    char ref[1200], out[1200], err[1200];
+    snprintf(ref, sizeof ref, "%s/ref.txt", r.dir);
+    snprintf(out, sizeof out, "%s/fault.txt", r.dir);
+    snprintf(err, sizeof err, "%s/fault.err", r.dir);
+    assert_int_equal(th_wait(s_gen_text_start(&r, &g, N, ref, NULL), 120), 0);
+    char *want = th_slurp(ref, NULL);
+    assert_non_null(want);
+    assert_true(strlen(want) > 0);
     int victim = s_ready_pid(&r, "expert-1");
     assert_true(victim > 0);
-    pid_t gen = fork();
-    if (gen == 0) {
-        int ids[4096], n;
-        int rc = s_generate(&r, &g, 3000, NULL, ids, &n, "--ignore-eos");
-        _exit(rc == 0 ? 0 : 1);
-    }
-    usleep(400000);
+    s_gen_pid = s_gen_text_start(&r, &g, N, out, err);
+    assert_true(s_gen_pid > 0);
+    assert_true(th_wait_file_has(out, "", s_gen_pid, 60)); /* its first tokens are out */
+    if (th_exited(s_gen_pid) >= 0) fail_msg("the generation ended before the fault");
     assert_int_equal(kill(victim, SIGKILL), 0);
-    /* the in-flight request ends (completes after the worker is back, or fails) */
-    int stg = 0;
-    for (int i = 0; i < 1200 && waitpid(gen, &stg, WNOHANG) != gen; i++)
-        usleep(50000);
-    assert_true(WIFEXITED(stg));
-    /* restarted with a new pid */
-    int again = 0;
-    for (int i = 0; i < 200; i++) {
-        again = s_ready_pid(&r, "expert-1");
-        if (again > 0 && again != victim) break;
-        usleep(50000);
-    }
-    assert_true(again > 0 && again != victim);
+    int rc = th_wait(s_gen_pid, 120); /* -1: still running at the deadline (then killed) */
+    s_gen_pid = 0;
+    char *got = th_slurp(out, NULL), *emsg = th_slurp_str(err);
+    if (rc != 0) fail_msg("the request in flight ended with %d: %s", rc, emsg);
+    free(emsg);
+    assert_non_null(got);
+    assert_string_equal(got, want);
+    free(got);
+    free(want);
+    restart_wait w = {&r, victim, 0}; /* restarted with a new pid */
+    assert_true(th_wait_until(s_restarted, &w, 30));
     int ids[4096], n = 0;
     assert_int_equal(s_generate(&r, &g, g.n_greedy, NULL, ids, &n, NULL), 0);
     assert_int_equal(n, g.n_greedy);
@@ -366,6 +408,23 @@ static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const c
     return v;
 }
 
+typedef struct stages_gone {
+    const int *pids;
+    int n;
+    const char *prefix;
+} stages_gone;
+
+static bool s_stages_gone(void *ctx) {
+    stages_gone *w = ctx;
+    for (int i = 0; i < w->n; i++)
+        if (th_stage_alive(w->pids[i], NULL)) return false;
+    return true;
+}
+
+static bool s_shm_gone(void *ctx) {
+    return th_shm_count(((stages_gone *)ctx)->prefix) == 0;
+}
+
 /* stpipe-up --owner-pid (the test helpers pass their own pid): when the owner exits without
  * stopping the pipeline (a test killed by a timeout), the supervisor stops every stage and
  * removes the run's shared memory. */
@@ -401,17 +460,10 @@ static void test_pipeline_owner_gone(void **st) {
         close(up[i]);
         close(go[i]);
     }
-    bool any = true;
-    for (int t = 0; t < 100 && any; t++) { /* the supervisor polls every 200 ms */
-        any = false;
-        for (int i = 0; i < n; i++)
-            any |= th_stage_alive(pids[i], NULL);
-        if (any) usleep(100 * 1000);
-    }
-    assert_false(any);
-    for (int t = 0; t < 50 && th_shm_count(r.prefix); t++) /* removed after the stages exit */
-        usleep(100 * 1000);
-    assert_int_equal(th_shm_count(r.prefix), 0);
+    stages_gone w = {pids, n, r.prefix};
+    assert_true(th_wait_until(s_stages_gone, &w, 10)); /* the supervisor polls every 200 ms */
+    /* removed after the stages exit */
+    assert_true(th_wait_until(s_shm_gone, &w, 5));
 }
 
 static void test_pipeline_malformed_messages(void **st) {

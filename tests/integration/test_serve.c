@@ -28,6 +28,7 @@
 
 #include "th_gguf.h"
 #include "th_proc.h"
+#include "th_skip.h"
 
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define QWEN "tiny-qwen-vocab-q4_0-pure.gguf"
@@ -64,41 +65,26 @@ static int s_server_start(server *s, const char *model, const char *queue) {
     int rc = posix_spawn(&s->pid, bin, &fa, NULL, (char *const *)argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     if (rc) return -1;
-    for (int i = 0; i < 600; i++) { /* up to 60 s (sanitizer builds load slowly) */
-        char *e = th_slurp_str(s->err_path);
-        const char *p = strstr(e, "listening on http://127.0.0.1:");
-        if (p) {
-            s->port = atoi(p + strlen("listening on http://127.0.0.1:"));
-            free(e);
-            return 0;
-        }
-        free(e);
-        int st;
-        if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
-            s->pid = 0;
-            return -1;
-        }
-        usleep(100000);
+    /* up to 60 s (sanitizer builds load slowly); false at once when the server exits */
+    const char *ready = "listening on http://127.0.0.1:";
+    if (!th_wait_file_has(s->err_path, ready, s->pid, 60)) {
+        th_wait(s->pid, 0); /* reaped, killed first if it still runs */
+        s->pid = 0;
+        return -1;
     }
-    return -1;
+    char *e = th_slurp_str(s->err_path);
+    s->port = atoi(strstr(e, ready) + strlen(ready));
+    free(e);
+    return 0;
 }
 
 /* SIGTERM, then wait up to 20 s (SIGKILL after). Returns the exit status or -1. */
 static int s_server_stop(server *s) {
     if (s->pid <= 0) return -1;
     kill(s->pid, SIGTERM);
-    int st = 0;
-    for (int i = 0; i < 200; i++) {
-        if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
-            s->pid = 0;
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        }
-        usleep(100000);
-    }
-    kill(s->pid, SIGKILL);
-    waitpid(s->pid, &st, 0);
+    int rc = th_wait(s->pid, 20);
     s->pid = 0;
-    return -1;
+    return rc;
 }
 
 /* ---- the HTTP client ------------------------------------------------------------------------ */
@@ -427,7 +413,7 @@ static void test_serve_stop_string(void **state) {
         at = 0; /* pick the first two ASCII bytes instead */
     while (at + 1 < tl && ((unsigned char)text[at] >= 0x80 || (unsigned char)text[at + 1] >= 0x80))
         at++;
-    if (at + 1 >= tl) skip();
+    if (at + 1 >= tl) th_cannot_run("no two adjacent ASCII bytes in %s", text);
     memcpy(stop, text + at, 2);
     size_t first = (size_t)(strstr(text, stop) - text);
     char body[256];
@@ -448,6 +434,15 @@ static void test_serve_stop_string(void **state) {
     s_resp_free(&h2);
 }
 
+/* The server's metrics say a request runs. */
+static bool s_first_runs(void *ctx) {
+    (void)ctx;
+    http_resp m = s_http(s_qwen.port, "GET", "/metrics", NULL);
+    bool running = strstr(m.body, "\nstpipe_queue_running 1") != NULL;
+    s_resp_free(&m);
+    return running;
+}
+
 static void test_serve_queue_full_is_503(void **state) {
     (void)state;
     /* --queue 1: one request runs, one waits, the rest are refused at once */
@@ -458,14 +453,7 @@ static void test_serve_queue_full_is_503(void **state) {
     fds[0] = s_connect(s_qwen.port);
     assert_true(fds[0] >= 0);
     s_send_req(fds[0], "POST", "/v1/completions", body);
-    for (int i = 0;; i++) { /* wait until the first one runs */
-        http_resp m = s_http(s_qwen.port, "GET", "/metrics", NULL);
-        bool running = strstr(m.body, "\nstpipe_queue_running 1") != NULL;
-        s_resp_free(&m);
-        if (running) break;
-        if (i == 500) fail_msg("the first request never started");
-        usleep(10000);
-    }
+    if (!th_wait_until(s_first_runs, NULL, 5)) fail_msg("the first request never started");
     for (int i = 1; i < N; i++) {
         fds[i] = s_connect(s_qwen.port);
         assert_true(fds[i] >= 0);

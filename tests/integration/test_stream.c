@@ -52,6 +52,23 @@ typedef struct counters {
     uint64_t evictions, misses, pf_reads, pf_used;
 } counters;
 
+typedef struct stats_wait {
+    const char *bin, *out;
+    json_t *st; /* `stpipe stats --json` with a storage-daemon report */
+} stats_wait;
+
+static bool s_storage_stats(void *ctx) {
+    stats_wait *w = ctx;
+    char *argv[] = {(char *)w->bin, "stats", "--run-dir", s_dir, "--json", NULL};
+    if (th_run(argv, w->out, 30)) return false;
+    json_error_t je;
+    w->st = json_load_file(w->out, 0, &je);
+    if (w->st && json_object_get(w->st, "storage-daemon")) return true;
+    json_decref(w->st);
+    w->st = NULL;
+    return false;
+}
+
 /* Generates the golden prompt's continuation and compares the ids; returns storage evictions
  * and reads (misses + prefetches) from the stats. */
 static void s_check_golden_c(const char *stem, counters *k) {
@@ -73,14 +90,12 @@ static void s_check_golden_c(const char *stem, counters *k) {
         assert_int_equal(v, g.greedy[i]);
     }
     free(got);
-    /* the storage daemon's counters */
-    usleep(700000);
-    char *sargv[] = {gen, "stats", "--run-dir", s_dir, "--json", NULL};
+    /* the storage daemon's counters: `stpipe stats` subscribes now, so the report it gets was
+     * published after the generation ended */
     snprintf(out, sizeof out, "%s.stats", s_dir);
-    assert_int_equal(th_run(sargv, out, 30), 0);
-    json_error_t je;
-    json_t *st = json_load_file(out, 0, &je);
-    assert_non_null(st);
+    stats_wait w = {gen, out, NULL};
+    assert_true(th_wait_until(s_storage_stats, &w, 30));
+    json_t *st = w.st;
     json_t *c = json_object_get(json_object_get(st, "storage-daemon"), "counters");
 #define C(name) (uint64_t) json_integer_value(json_object_get(c, name))
     k->evictions = C("cache.evictions");
@@ -215,6 +230,20 @@ static int s_gen_ids(const th_golden *g, int n, int *ids) {
     return rc ? -1 : k;
 }
 
+typedef struct restart_wait {
+    const char *ready; /* the storage daemon's ready file */
+    int old;
+} restart_wait;
+
+/* The ready file names a pid other than the killed one. */
+static bool s_restarted(void *ctx) {
+    restart_wait *w = ctx;
+    char *now = th_slurp(w->ready, NULL);
+    int p = now ? atoi(now) : 0;
+    free(now);
+    return p > 0 && p != w->old;
+}
+
 static void test_stream_storage_restart_new_pool_same_ids(void **st) {
     (void)st;
     char model[1024];
@@ -233,16 +262,9 @@ static void test_stream_storage_restart_new_pool_same_ids(void **st) {
     char *old = th_slurp(rf, NULL);
     assert_non_null(old);
     assert_int_equal(kill(atoi(old), SIGKILL), 0);
-    char *now = NULL;
-    for (int i = 0; i < 300; i++, usleep(100000)) {
-        free(now);
-        now = th_slurp(rf, NULL);
-        if (now && atoi(now) > 0 && atoi(now) != atoi(old)) break;
-    }
-    assert_non_null(now);
-    assert_int_not_equal(atoi(now), atoi(old));
+    restart_wait w = {rf, atoi(old)};
+    assert_true(th_wait_until(s_restarted, &w, 30));
     free(old);
-    free(now);
     /* the same request through the new pool: the expert workers map it (before, every layer
      * failed "not resident" against the dead daemon's pool for good) */
     assert_int_equal(s_gen_ids(&g, N, got), N);

@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <cmocka.h>
 
@@ -19,6 +20,7 @@
 
 #include "kern/kern.h"
 #include "model/attn_core.h"
+#include "th_skip.h"
 
 static float s_rand(uint64_t *s) {
     *s = *s * 6364136223846793005ull + 1442695040888963407ull;
@@ -36,10 +38,16 @@ static int s_levels(level *out) {
     out[n++] = (level){"generic", attn_group_generic};
     const kern_ops *all[8];
     const int n_ops = kern_ops_all(all, 8);
+    bool avx2 = false, avx512 = false;
     for (int i = 0; i < n_ops; i++) {
-        if (!strcmp(all[i]->level, "avx2")) out[n++] = (level){"avx2", attn_group_avx2};
-        if (!strcmp(all[i]->level, "avx512vnni")) out[n++] = (level){"avx512", attn_group_avx512};
+        if (!strcmp(all[i]->level, "avx2"))
+            out[n++] = (level){"avx2", attn_group_avx2}, avx2 = true;
+        if (!strcmp(all[i]->level, "avx512vnni"))
+            out[n++] = (level){"avx512", attn_group_avx512}, avx512 = true;
     }
+    /* a build this CPU cannot run is a CPU-feature skip: printed and counted */
+    if (!avx2) th_cpu_skip_note("test_attn_core", "avx2");
+    if (!avx512) th_cpu_skip_note("test_attn_core", "avx512vnni");
     return n;
 }
 
@@ -160,5 +168,5 @@ int main(void) {
         cmocka_unit_test(test_attn_core_rising_scores),
         cmocka_unit_test(test_attn_core_window_ring),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return th_exit_code(cmocka_run_group_tests(tests, NULL, NULL));
 }

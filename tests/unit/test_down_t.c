@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "model/down_t.h"
+#include "th_skip.h"
 
 static float s_rand(uint64_t *s) {
     *s = *s * 6364136223846793005ull + 1442695040888963407ull;
@@ -44,8 +45,8 @@ static void s_check_pack(const uint8_t *w, size_t rb, const uint8_t *img, int n_
 }
 
 /* n_embd rows of n_ff; activation with `idle` percent of neurons exactly 0. */
+/* (callers first th_need_kern_level("avx2"): down_t needs AVX2+FMA) */
 static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
-    if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* down_t needs AVX2+FMA */
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
     float *row = malloc(sizeof(float) * n_ff);
@@ -83,21 +84,24 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
 
 static void test_down_t_dense_activation(void **state) {
     (void)state;
+    th_need_kern_level("avx2");
     s_check(256, 128, 0, 1);
 }
 static void test_down_t_half_idle(void **state) {
     (void)state;
+    th_need_kern_level("avx2");
     s_check(1536, 768, 50, 2);
 }
 static void test_down_t_mostly_idle(void **state) {
     (void)state;
+    th_need_kern_level("avx2");
     s_check(512, 256, 95, 3);
 }
 /* Any fp16 scale (subnormal, zero, negative, large) survives the trip through the image's
  * fp16 scales back into the packed layout bit for bit. */
 static void test_down_t_pack_any_scale(void **state) {
     (void)state;
-    if (!strcmp(kern_ops_get()->level, "ref")) skip(); /* down_t_build_expert needs AVX2 */
+    th_need_kern_level("avx2"); /* down_t_build_expert needs AVX2 */
     const int n_embd = 512, n_ff = 256;
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
@@ -132,7 +136,7 @@ static void s_check_levels(const uint8_t *img, int n_embd, int n_ff, const block
 
 static void test_down_t_vnni_matches_avx2(void **state) {
     (void)state;
-    if (strcmp(kern_ops_get()->level, "avx512vnni")) skip();
+    th_need_kern_level("avx512vnni");
     const int n_embd = 1536, n_ff = 768;
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
@@ -182,5 +186,5 @@ int main(void) {
         cmocka_unit_test(test_down_t_vnni_matches_avx2),
         cmocka_unit_test(test_down_t_unsupported_type),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return th_exit_code(cmocka_run_group_tests(tests, NULL, NULL));
 }

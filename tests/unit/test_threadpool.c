@@ -7,10 +7,16 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
+#include "th_proc.h"
 #include "util/threadpool.h"
 
 #define MAXT 8
@@ -133,13 +139,33 @@ static void test_threadpool_chunked_sum(void **state) {
     threadpool_destroy(&tp);
 }
 
-/* CPU seconds this process uses in 0.2 s, measured after 20 ms to settle. */
+/* Every thread but this one is asleep (state S or D in /proc/self/task/<tid>/stat). */
+static bool s_others_asleep(void *ctx) {
+    (void)ctx;
+    DIR *d = opendir("/proc/self/task");
+    bool asleep = d != NULL;
+    for (struct dirent *e; asleep && (e = readdir(d));) {
+        if (e->d_name[0] == '.' || atoi(e->d_name) == (int)syscall(SYS_gettid)) continue;
+        char p[300], st[512];
+        snprintf(p, sizeof p, "/proc/self/task/%s/stat", e->d_name);
+        FILE *f = fopen(p, "r");
+        if (!f) continue; /* the thread ended */
+        size_t n = fread(st, 1, sizeof st - 1, f);
+        fclose(f);
+        st[n] = 0;
+        const char *c = strrchr(st, ')'); /* "tid (comm) S ..." */
+        asleep = c && (c[2] == 'S' || c[2] == 'D');
+    }
+    if (d) closedir(d);
+    return asleep;
+}
+
+/* CPU seconds this process uses in 0.2 s, measured once the pool's threads sleep (past their
+ * spin); the 0.2 s is the measurement window, not a wait for anything. */
 static double s_idle_cpu(void) {
-    struct timespec d = {0, 20 * 1000 * 1000};
-    nanosleep(&d, NULL);
-    struct timespec c0, c1;
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the pool's threads never slept");
+    struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    d.tv_nsec = 200 * 1000 * 1000;
     nanosleep(&d, NULL);
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
     return (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
