@@ -38,6 +38,38 @@ static size_t s_round16(size_t n) {
     return (n + 15) & ~(size_t)15;
 }
 
+/* The sizes of one scratch's parts, in elements; attn_scratch_new allocates exactly these and
+ * attn_scratch_size (the budget plan's figure) adds them up. */
+typedef struct scratch_dims {
+    size_t tok_floats; /* hn, qkv, o, proj */
+    size_t work_stride, max_pairs, n_chunks, part_doubles, xq_bytes;
+} scratch_dims;
+
+static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads) {
+    const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
+                 Q = (size_t)cfg->n_head * cfg->head_dim,
+                 KV = (size_t)cfg->n_head_kv * cfg->head_dim;
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
+    const size_t widest = E > Q ? E : Q;
+    scratch_dims d;
+    d.tok_floats = T * (2 * E + 2 * Q + 2 * KV);
+    /* per thread: kernel scratch, one chunk partial, the merge state (doubles); 64-byte aligned */
+    d.work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
+                    s_round16(2 * attn_merge_doubles(G, D));
+    d.max_pairs = 2 * (size_t)n_threads;
+    d.n_chunks = (size_t)n_ctx / ATTN_CHUNK + 2;
+    d.part_doubles = d.max_pairs * d.n_chunks * G * (D + 2);
+    /* the largest activation format is F32 (4 bytes/elem); q, k, v may each need their own copy */
+    d.xq_bytes = 3 * T * (widest * 4 + 64);
+    return d;
+}
+
+size_t attn_scratch_size(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads) {
+    const scratch_dims d = s_dims(cfg, n_ubatch, n_ctx, n_threads);
+    return (d.tok_floats + (size_t)n_threads * d.work_stride) * sizeof(float) +
+           d.part_doubles * sizeof(double) + d.xq_bytes;
+}
+
 int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, int n_ctx,
                      int n_threads, stp_err *err) {
     *out = NULL;
@@ -46,28 +78,21 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
                  Q = (size_t)cfg->n_head * cfg->head_dim,
                  KV = (size_t)cfg->n_head_kv * cfg->head_dim;
+    const scratch_dims d = s_dims(cfg, n_ubatch, n_ctx, n_threads);
     s->n_ubatch = n_ubatch;
     s->n_ctx = n_ctx;
     s->n_threads = n_threads;
-    size_t widest = E > Q ? E : Q;
-    /* the largest activation format is F32 (4 bytes/elem) */
-    size_t xq_bytes = 3 * T * (widest * 4 + 64); /* q, k, v may each need their own copy */
     s->hn = malloc(T * E * sizeof(float));
     s->qkv = malloc(T * (Q + 2 * KV) * sizeof(float));
     s->o = malloc(T * Q * sizeof(float));
     s->proj = malloc(T * E * sizeof(float));
-    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
-    /* per thread: kernel scratch, one chunk partial, the merge state (doubles); 64-byte aligned */
-    s->work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
-                     s_round16(2 * attn_merge_doubles(G, D));
-    s->max_pairs = 2 * n_threads;
-    s->n_chunks = n_ctx / ATTN_CHUNK + 2;
-    const size_t part = (size_t)s->max_pairs * s->n_chunks * G * (D + 2);
+    s->work_stride = d.work_stride;
+    s->max_pairs = (int)d.max_pairs;
+    s->n_chunks = (int)d.n_chunks;
     s->work = aligned_alloc(64, (size_t)n_threads * s->work_stride * sizeof(float));
-    s->part = malloc(part * sizeof(double));
-    s->xq = malloc(xq_bytes);
-    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + (size_t)n_threads * s->work_stride) * sizeof(float) +
-               part * sizeof(double) + xq_bytes;
+    s->part = malloc(d.part_doubles * sizeof(double));
+    s->xq = malloc(d.xq_bytes);
+    s->bytes = attn_scratch_size(cfg, n_ubatch, n_ctx, n_threads);
     if (!s->hn || !s->qkv || !s->o || !s->proj || !s->work || !s->part || !s->xq) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");

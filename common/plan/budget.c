@@ -8,6 +8,7 @@
 #include <strings.h>
 
 #include "kern/kern.h"
+#include "model/attention.h"
 #include "model/expert_chunk.h"
 #include "shm/shm.h"
 
@@ -29,13 +30,7 @@ uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f1
 }
 
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads) {
-    /* attn_scratch_new: normed input, q/k/v, output and projection per token in float, a row
-     * of double scores per thread, and three quantized activation copies (F32 at most) */
-    const uint64_t T = (uint64_t)n_ubatch, E = (uint64_t)c->n_embd,
-                   Q = (uint64_t)c->n_head * c->head_dim, KV = (uint64_t)c->n_head_kv * c->head_dim;
-    const uint64_t widest = E > Q ? E : Q;
-    return (T * (2 * E + 2 * Q + 2 * KV) + 2 * (uint64_t)threads * (uint64_t)n_ctx) * 4 +
-           3 * T * (widest * 4 + 64);
+    return attn_scratch_size(c, n_ubatch, n_ctx, threads); /* the attention module's own count */
 }
 
 uint64_t budget_worker_bytes(const model_config *c) {
