@@ -126,8 +126,8 @@ th_http_resp th_http_read(int fd) {
     return h;
 }
 
-th_http_resp th_http(int port, const char *method, const char *path, const char *headers,
-                     const char *body) {
+bool th_http_send(int fd, const char *method, const char *path, const char *headers,
+                  const char *body) {
     size_t bl = body ? strlen(body) : 0;
     size_t cap = strlen(path) + (headers ? strlen(headers) : 0) + 256;
     char *head = malloc(cap);
@@ -135,18 +135,17 @@ th_http_resp th_http(int port, const char *method, const char *path, const char 
                      "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n%s\r\n",
                      method, path, bl, headers ? headers : "");
-    th_http_resp h = {0};
-    int fd = th_http_connect(port);
-    if (fd >= 0) {
-        th_http_write(fd, head, (size_t)n);
-        if (bl) th_http_write(fd, body, bl);
-        h = th_http_read(fd);
-    } else {
-        h.headers = strdup("");
-        h.body = strdup("");
-    }
+    bool ok = th_http_write(fd, head, (size_t)n) && (!bl || th_http_write(fd, body, bl));
     free(head);
-    return h;
+    return ok;
+}
+
+th_http_resp th_http(int port, const char *method, const char *path, const char *headers,
+                     const char *body) {
+    int fd = th_http_connect(port);
+    if (fd < 0) return (th_http_resp){0, strdup(""), strdup("")};
+    th_http_send(fd, method, path, headers, body);
+    return th_http_read(fd);
 }
 
 th_http_resp th_http_raw(int port, const char *raw, size_t len) {

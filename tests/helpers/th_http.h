@@ -31,10 +31,14 @@ typedef struct th_http_resp {
 int th_http_connect(int port);
 /* Writes all of buf (false if the peer closed first). */
 bool th_http_write(int fd, const void *buf, size_t len);
+/* Writes one request on fd: method, path, extra header lines (each ending "\r\n", may be
+ * NULL), body (may be NULL); Connection: close. False if the peer closed first. */
+bool th_http_send(int fd, const char *method, const char *path, const char *headers,
+                  const char *body);
 /* Reads the response until the server closes, closes fd, and decodes it. */
 th_http_resp th_http_read(int fd);
-/* One request: method, path, extra header lines (each ending "\r\n", may be NULL), body (may
- * be NULL). Connection: close. */
+/* One request (th_http_send) on a new connection, and its answer (status 0 when the
+ * connection fails). */
 th_http_resp th_http(int port, const char *method, const char *path, const char *headers,
                      const char *body);
 /* Sends raw bytes as they are and reads the answer. */
