@@ -325,7 +325,6 @@ static int s_create_pool(storage *s, stp_err *err) {
             uint64_t b = layout_record_bytes(s->lay, il, x);
             if (b > frame) frame = b;
         }
-    /* the attention worker's thread count is not given to the daemon: planned for 1 (budget.h) */
     budget_params bp = {.cfg = &s->m->cfg,
                         .non_expert = s->m->weight_bytes - s->m->expert_bytes,
                         .frame_bytes = frame,
@@ -334,7 +333,7 @@ static int s_create_pool(storage *s, stp_err *err) {
                         .kv_f16 = s->o.kv_f16,
                         .n_seq = 1,
                         .workers = s->so.workers > 0 ? s->so.workers : 2,
-                        .threads = 1,
+                        .threads = s->so.attn_threads > 0 ? s->so.attn_threads : 1,
                         .budget = s->so.memory_budget,
                         .pool_experts = s->so.pool_experts};
     stp_err e2 = {0};

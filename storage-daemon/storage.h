@@ -33,6 +33,7 @@ typedef struct storage_opts {
     double lfu_half_life;   /* tokens (<= 0: CACHE_POLICY_HALF_LIFE) */
     int pool_experts;       /* > 0: this many pool slots regardless of the budget (tests) */
     int workers;            /* expert workers in the pipeline (for the estimate; 0: 2) */
+    int attn_threads;       /* the attention worker's compute threads (for the plan; 0: 1) */
     const char *trace;      /* append each decode decision to this file (bench/cache_sim.py) */
 } storage_opts;
 

@@ -8,8 +8,8 @@
  * it) and `stpipe info --memory-budget` (which prints it) give the same plan for the same
  * inputs. What it leaves out: the expert worker's and the attention worker's small per-slot
  * arrays are not itemized (the worker's count carries one spare row of n_ff_exp floats per slot,
- * which covers them), and the attention worker's thread count is a parameter the daemon is not
- * told (it plans for 1: 2 * n_ctx * 4 bytes per further thread, inside the process overhead).
+ * which covers them); the attention worker's thread count reaches the daemon as
+ * --attn-threads (stpipe-up passes its --threads), each thread's attention work area counted.
  * See common/plan/README.md. */
 #ifndef STP_BUDGET_H
 #define STP_BUDGET_H
