@@ -9,6 +9,7 @@
 
 #include "cli.h"
 #include "cli_pipeline.h"
+#include "gen/token_step.h"
 #include "model/engine.h"
 #include "model/kv_cache.h"
 #include "model/sampler.h"
@@ -230,7 +231,7 @@ int cli_generate(int argc, char **argv) {
     model *m = NULL;
     tokenizer *tok = NULL;
     engine *e = NULL;
-    sampler *smp = NULL;
+    token_step *step = NULL;
     int32_t *ids = NULL, *gen = NULL;
     float *logits = NULL;
     int status = 1;
@@ -272,12 +273,15 @@ int cli_generate(int argc, char **argv) {
                 n_prompt, engine_n_ctx(e), m->cfg.n_ctx_train);
         goto out;
     }
-    if (sampler_new(&smp, &o.sp, V, &err)) {
+    long long n_max = o.n_predict < 0 ? engine_n_ctx(e) - n_prompt : o.n_predict;
+    token_step_params tp = {
+        .sp = o.sp, .n_vocab = V, .max_tokens = n_max, .ignore_eos = o.ignore_eos, .tok = tok};
+    tp.no_text = o.ids_out;
+    if (token_step_new(&step, &tp, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);
         goto out;
     }
     logits = malloc(sizeof(float) * (size_t)V * (o.logits_out ? (size_t)n_prompt : 1));
-    long long n_max = o.n_predict < 0 ? engine_n_ctx(e) - n_prompt : o.n_predict;
     gen = malloc(sizeof(int32_t) * (size_t)(n_max > 0 ? n_max : 1));
     if (!logits || !gen) {
         fprintf(stderr, "stpipe generate: out of memory\n");
@@ -301,31 +305,28 @@ int cli_generate(int argc, char **argv) {
         fclose(f);
         memmove(logits, logits + (size_t)(n_prompt - 1) * V, sizeof(float) * V);
     }
-    for (int i = 0; i < n_prompt; i++)
-        sampler_accept(smp, ids[i]);
+    token_step_prompt(step, ids, n_prompt);
 
-    tok_stream ts;
-    if (tok) tok_stream_init(&ts, tok);
-    char buf[1024];
+    token_step_out so;
     int n_gen = 0;
     t0 = s_now();
-    while (n_gen < n_max) {
-        int32_t id = sampler_sample(smp, logits);
-        gen[n_gen++] = id;
-        sampler_accept(smp, id);
-        bool eog = tok && tokenizer_is_eog(tok, id);
-        if (!o.ids_out && !eog) {
-            size_t nb = tok_stream_push(&ts, id, buf, sizeof buf);
-            fwrite(buf, 1, nb, stdout);
+    for (;;) {
+        if (token_step_next(step, logits, &so)) {
+            fprintf(stderr, "\nstpipe generate: out of memory\n");
+            goto out;
+        }
+        if (so.id < 0) break; /* --n-predict 0 */
+        gen[n_gen++] = so.id;
+        if (so.len) {
+            fwrite(so.text, 1, so.len, stdout);
             fflush(stdout);
         }
-        if (eog && !o.ignore_eos) break;
-        if (n_gen == n_max) break;
+        if (so.finish) break;
         if (engine_n_past(e) >= engine_n_ctx(e)) {
             fprintf(stderr, "\nstpipe generate: context full after %d tokens\n", n_gen);
             break;
         }
-        if (engine_eval(e, &id, 1, logits, false, &err)) {
+        if (engine_eval(e, &so.id, 1, logits, false, &err)) {
             fprintf(stderr, "\nstpipe generate: %s\n", err.msg);
             goto out;
         }
@@ -336,8 +337,8 @@ int cli_generate(int argc, char **argv) {
             printf(i ? " %d" : "%d", gen[i]);
         printf("\n");
     } else {
-        size_t nb = tok_stream_flush(&ts, buf, sizeof buf);
-        fwrite(buf, 1, nb, stdout);
+        if (token_step_end(step, &so)) goto out;
+        fwrite(so.text, 1, so.len, stdout);
         printf("\n");
     }
     if (!o.quiet) {
@@ -355,7 +356,7 @@ out:
     free(ids);
     free(gen);
     free(logits);
-    sampler_destroy(&smp);
+    token_step_destroy(&step);
     engine_destroy(&e);
     tokenizer_destroy(&tok);
     model_close(&m);

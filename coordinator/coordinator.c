@@ -12,8 +12,8 @@
 
 #include "client.pb-c.h"
 #include "eval.pb-c.h"
+#include "gen/token_step.h"
 #include "model/model.h"
-#include "model/sampler.h"
 #include "msg/msg.h"
 #include "shm/shm.h"
 #include "stats/stats.h"
@@ -41,8 +41,8 @@ typedef struct active {
     bool on;
     job j;
     const Stp__GenerateRequest *rq;
-    sampler *smp;
-    int32_t *ids; /* prompt, then the generated tokens (capacity n_ctx + 1) */
+    token_step *step; /* sampling, end of generation, text */
+    int32_t *ids;     /* prompt, then the generated tokens (capacity n_ctx + 1) */
     int n_prompt, n_gen, n_past;
     int n_sent;       /* tokens of the eval in flight */
     int sent_pid;     /* the attention worker's pid when it was sent (0: unknown) */
@@ -54,12 +54,10 @@ typedef struct active {
     int sent_pos0, busy_retries;
     bool sent_all;
     double busy_retry_at; /* 0: none pending */
-    long long n_max;
     uint64_t seq;
     bool prompt_phase;
     bool depth_phase; /* the untimed prompt prefix (GenerateRequest.n_untimed) is in flight */
     double t_start, t_sent, t_prompt_ms, t_gen0, ipc_ms;
-    tok_stream ts;
 } active;
 
 struct coordinator {
@@ -147,7 +145,7 @@ static void s_active_end(coordinator *c) {
     active *a = &c->a;
     if (!a->on) return;
     s_job_free(&a->j);
-    sampler_destroy(&a->smp);
+    token_step_destroy(&a->step);
     free(a->ids);
     memset(a, 0, sizeof *a);
 }
@@ -257,7 +255,32 @@ static const char *s_check_request(const coordinator *c, const Stp__GenerateRequ
     return "";
 }
 
-/* Starts the next queued request (tokenize, sampler, prompt eval). */
+/* The active request's token step: its sampling, max tokens, eos and whether it wants text. */
+static int s_step_new(coordinator *c, stp_err *err) {
+    active *a = &c->a;
+    const Stp__GenerateRequest *r = a->rq;
+    token_step_params tp = {.n_vocab = c->V,
+                            .max_tokens = r->n_predict < 0 ? c->n_ctx - a->n_prompt : r->n_predict,
+                            .ignore_eos = r->ignore_eos,
+                            .tok = c->tok,
+                            .no_text = !r->want_text};
+    sampler_params_default(&tp.sp);
+    if (r->sampling) {
+        const Stp__SamplingParams *s = r->sampling;
+        tp.sp.temperature = s->temperature;
+        tp.sp.top_k = s->top_k;
+        tp.sp.top_p = s->top_p;
+        tp.sp.min_p = s->min_p;
+        tp.sp.repeat_penalty = s->repeat_penalty;
+        tp.sp.presence_penalty = s->presence_penalty;
+        tp.sp.frequency_penalty = s->frequency_penalty;
+        tp.sp.penalty_last_n = s->penalty_last_n;
+        tp.sp.seed = s->seed;
+    }
+    return token_step_new(&a->step, &tp, err);
+}
+
+/* Starts the next queued request (tokenize, token step, prompt eval). */
 static void s_start_next(coordinator *c) {
     while (!c->a.on && c->q_len) {
         job j = c->queue[c->q_head];
@@ -272,24 +295,6 @@ static void s_start_next(coordinator *c) {
         a->t_start = msg_now_us();
         const Stp__GenerateRequest *r = a->rq;
         stp_err err = {0};
-        sampler_params sp;
-        sampler_params_default(&sp);
-        if (r->sampling) {
-            const Stp__SamplingParams *s = r->sampling;
-            sp.temperature = s->temperature;
-            sp.top_k = s->top_k;
-            sp.top_p = s->top_p;
-            sp.min_p = s->min_p;
-            sp.repeat_penalty = s->repeat_penalty;
-            sp.presence_penalty = s->presence_penalty;
-            sp.frequency_penalty = s->frequency_penalty;
-            sp.penalty_last_n = s->penalty_last_n;
-            sp.seed = s->seed;
-        }
-        if (sampler_new(&a->smp, &sp, c->V, &err)) {
-            s_fail_active(c, STP_EINVAL, err.msg);
-            continue;
-        }
         if (r->n_prompt_ids) {
             a->n_prompt = (int)r->n_prompt_ids;
             a->ids = malloc(sizeof(int32_t) * (r->n_prompt_ids > (size_t)c->n_ctx
@@ -339,10 +344,11 @@ static void s_start_next(coordinator *c) {
             s_fail_active(c, STP_ERANGE, b);
             continue;
         }
-        a->n_max = r->n_predict < 0 ? c->n_ctx - a->n_prompt : r->n_predict;
-        if (c->tok) tok_stream_init(&a->ts, c->tok);
-        for (int i = 0; i < a->n_prompt; i++)
-            sampler_accept(a->smp, a->ids[i]);
+        if (s_step_new(c, &err)) {
+            s_fail_active(c, STP_EINVAL, err.msg);
+            continue;
+        }
+        token_step_prompt(a->step, a->ids, a->n_prompt);
         a->prompt_phase = true;
         a->depth_phase = r->n_untimed > 0 && r->n_untimed < a->n_prompt && !r->want_prompt_logits;
         if (a->depth_phase ? s_send_eval(c, a->ids, r->n_untimed, 0, false)
@@ -351,12 +357,13 @@ static void s_start_next(coordinator *c) {
     }
 }
 
+/* Ends the active request; the text the token step still held goes out as the tail. */
 static void s_done(coordinator *c, const char *reason) {
     active *a = &c->a;
     Stp__GenerateDone d;
     stp__generate_done__init(&d);
-    char tail[64];
-    size_t nt = c->tok && a->rq->want_text ? tok_stream_flush(&a->ts, tail, sizeof tail) : 0;
+    token_step_out end;
+    if (token_step_end(a->step, &end)) end.len = 0;
     d.request_id = a->rq->request_id;
     d.n_prompt = a->n_prompt;
     d.n_gen = a->n_gen;
@@ -364,8 +371,8 @@ static void s_done(coordinator *c, const char *reason) {
     d.gen_ms = a->t_gen0 ? (msg_now_us() - a->t_gen0) * 1e-3 : 0;
     d.ipc_ms = a->ipc_ms;
     d.stop_reason = (char *)reason;
-    d.tail_text.data = (uint8_t *)tail;
-    d.tail_text.len = nt;
+    d.tail_text.data = (uint8_t *)end.text;
+    d.tail_text.len = end.len;
     Stp__ClientMsg m;
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_DONE;
@@ -430,22 +437,20 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
         a->prompt_phase = false;
         a->t_gen0 = now;
     }
-    if (a->n_gen >= a->n_max) return s_done(c, "length");
-    int32_t id = sampler_sample(a->smp, c->logits);
-    sampler_accept(a->smp, id);
+    token_step_out so;
+    if (token_step_next(a->step, c->logits, &so))
+        return s_fail_active(c, STP_ENOMEM, "out of memory");
+    if (so.id < 0) return s_done(c, "length"); /* n_predict 0 */
+    int32_t id = so.id;
     a->n_gen++;
-    bool eog = c->tok && tokenizer_is_eog(c->tok, id);
-    char text[1024];
-    size_t nt = 0;
-    if (c->tok && a->rq->want_text && !eog) nt = tok_stream_push(&a->ts, id, text, sizeof text);
     Stp__TokenEvent te;
     stp__token_event__init(&te);
     te.request_id = a->rq->request_id;
     te.index = a->n_gen - 1;
     te.id = id;
-    te.eog = eog;
-    te.text.data = (uint8_t *)text;
-    te.text.len = nt;
+    te.eog = so.eog;
+    te.text.data = (uint8_t *)so.text;
+    te.text.len = so.len;
     Stp__ClientMsg m;
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_TOKEN;
@@ -458,8 +463,8 @@ static void s_on_reply(coordinator *c, const Stp__EvalReply *r) {
     }
     a->ids[a->n_prompt + a->n_gen - 1] = id;
     stats_add(c->st, "tokens.generated", 1);
-    if (eog && !a->rq->ignore_eos) return s_done(c, "eog");
-    if (a->n_gen >= a->n_max) return s_done(c, "length");
+    if (so.finish == TOKEN_FINISH_EOS) return s_done(c, "eog");
+    if (so.finish) return s_done(c, "length");
     if (a->n_past >= c->n_ctx) return s_done(c, "context");
     if (s_send_eval(c, &id, 1, a->n_past, false))
         s_fail_active(c, STP_EIO, "cannot reach the attention worker");
