@@ -368,7 +368,8 @@ static bool s_pool_complete(const attn_worker *a) {
 
 /* Decode prefetch: the router of layer il + 1 applied to layer il's residual after attention
  * (x lacks only this layer's expert output) predicts the experts layer il + 1 will route to
- * (92% of the top-4 on the 4b preset; 81% from the residual before attention). Those not
+ * (most of the top-4 on the 4b preset, more than from the residual before attention:
+ * docs/BENCHMARKS.md). Those not
  * resident go to the daemon now, as a hint it reads while this layer's experts and the next
  * attention run. */
 static void s_prefetch(attn_worker *a, int il, const float *x) {

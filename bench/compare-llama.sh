@@ -4,7 +4,7 @@
 # usage: bench/compare-llama.sh --model FILE --llama-bench PATH [--pipeline RUN_DIR]
 #                               [--rounds N] [-p N] [-n N] [-d LIST] [--threads N] [--bin-dir DIR]
 #
-# This host's speed drifts by +-20% within minutes (other tenants), so one run of each engine
+# This host's speed drifts a lot within minutes (other tenants), so one run of each engine
 # proves little. Each round runs llama-bench (-r 1) with flash attention off (-fa 0) and on
 # (-fa 1), then `stpipe bench` (-r 1) on the same test, and prints the figures and the ratio of
 # stpipe to the faster llama.cpp run of that round; the summary gives the median of each and

@@ -23,11 +23,12 @@
 #define STAGE "storage-daemon"
 #define MiB (1024.0 * 1024.0)
 /* One read request. An expert (~2 MiB on the 4b preset) goes as four reads in flight at once:
- * it lands sooner than as two of 1 MiB (stall at 1 GiB 5.7-6.9 against 7.9-10.0 ms per token,
- * 4 runs alternating); 256 KiB measured no better. */
+ * it lands sooner than as two of 1 MiB (less stall per token at 1 GiB), and 256 KiB was no
+ * better (docs/BENCHMARKS.md). */
 #define STORAGE_READ_CHUNK (1u << 19)
-/* Experts read at once. The disk gains nothing from a deeper queue (1 MiB reads: 1.34 GB/s two
- * at a time, 1.07 eight at a time) and a demand read would wait behind more prefetches. */
+/* Experts read at once. The disk gains nothing from a deeper queue (1 MiB reads were slower
+ * eight at a time than two: docs/BENCHMARKS.md) and a demand read would wait behind more
+ * prefetches. */
 #define STORAGE_READS_AHEAD 1
 /* Decisions waiting for their reads at once (the attention worker is sequential: one, plus a
  * resend or a restarted worker's). */

@@ -295,8 +295,8 @@ static void s_matvec_sparse(stp_type wtype, int64_t n, const void *w, size_t row
  * sequential fma of the reference. Up to 4 vectors share each weight load (matmat). */
 
 /* Software prefetch along the packed stream, per block pair (9 lines): into L1 4 pairs ahead and
- * into L2 14 pairs ahead. Measured on the 2-core AVX-512 VM: none 7 GB/s, L1 only 9.5 GB/s,
- * both 11.2 GB/s (1 thread, DRAM-bound; a bare AVX-512 read loop gets 11-12 GB/s there). */
+ * into L2 14 pairs ahead. Both levels were faster than L1 only, and L1 only faster than none,
+ * reaching the bare read loop's memory limit (docs/BENCHMARKS.md, kernels). */
 #ifndef S_X16_PF
 #define S_X16_PF (4 * KERN_Q4X16_PAIR)
 #endif

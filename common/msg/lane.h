@@ -4,9 +4,9 @@
  *
  * Why: a ZeroMQ message between two processes crosses four threads (sender, its I/O thread, the
  * receiver's I/O thread, the receiver), so one ExpertWork/ExpertDone round trip is eight thread
- * hand-overs, twice per layer per token; on 2 cores that measured ~95 us per layer (~8% of
- * decode with one expert worker, ~20% with two). A lane hands a message over with one store and
- * one FUTEX_WAKE: the receiving thread itself is woken.
+ * hand-overs, twice per layer per token; on 2 cores that was a noticeable share of decode time,
+ * larger with two expert workers than with one (docs/BENCHMARKS.md). A lane hands a message
+ * over with one store and one FUTEX_WAKE: the receiving thread itself is woken.
  *
  * The messages are the same LayerMsg envelopes the ZeroMQ sockets carry (packed by
  * protobuf-c, validated the same way on receipt); only the carrier differs. A message that does

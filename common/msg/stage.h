@@ -15,7 +15,8 @@
  *    older than STAGE_LIVENESS intervals and restarts it, as after a crash. */
 #ifndef STP_STAGE_H
 /* Spin of a stage's compute team before sleeping: short, since between sections the cores are
- * needed by the other stages (measured: 200 µs -> 20 µs gave ~10% decode on 2 cores). */
+ * needed by the other stages (shorter than the thread pool's default decoded faster on 2 cores:
+ * docs/BENCHMARKS.md). */
 #define STAGE_SPIN_NS 20000L
 #define STP_STAGE_H
 
