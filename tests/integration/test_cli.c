@@ -315,7 +315,9 @@ static void test_cli_bench_json_depth(void **state) {
     assert_string_equal(json_string_value(json_object_get(j, "model")), link);
     json_t *res = json_object_get(j, "results");
     json_t *rbw = json_object_get(json_object_get(j, "machine"), "read_bandwidth");
-    const double bw = json_real_value(json_object_get(rbw, "gbps_n_threads"));
+    const double bw = json_real_value(json_object_get(rbw, "roofline_gbps"));
+    assert_true(bw == fmax(json_real_value(json_object_get(rbw, "gbps_n_threads")),
+                           json_real_value(json_object_get(rbw, "gbps_1_thread"))));
     if (!(bw > 0.2 && bw < 2000)) fail_msg("bench: implausible read bandwidth %g GB/s", bw);
     assert_true(json_real_value(json_object_get(rbw, "gbps_1_thread")) > 0.2);
     const double steal =
