@@ -8,8 +8,8 @@
  * at an empty context alone hides the cost of attention over the cache). The header gives the
  * host's read bandwidth (util/membw.h, 1 and N threads) and the CPU steal of the run; each
  * in-process tg test is followed by its roofline: per decode stage the bytes read per token
- * (model/roofline.h) and the share of the bandwidth (the larger of the 1- and N-thread figures) its measured
- * time achieves. */
+ * (model/roofline.h) and the share of the bandwidth (the larger of the 1- and N-thread
+ * figures) its measured time achieves. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
