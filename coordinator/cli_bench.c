@@ -5,12 +5,17 @@
  * coordinator's own prompt and generation times, the IPC share of decode and the summed PSS of
  * the stage processes). `-d LIST` runs every test after a prompt of that many tokens, as
  * llama-bench's -d: its time is not counted (decode speed falls with the context, so a figure
- * at an empty context alone hides the cost of attention over the cache). */
+ * at an empty context alone hides the cost of attention over the cache). The header gives the
+ * host's read bandwidth (util/membw.h, 1 and N threads) and the CPU steal of the run; each
+ * in-process tg test is followed by its roofline: per decode stage the bytes read per token
+ * (model/roofline.h) and the share of the bandwidth (the larger of the 1- and N-thread
+ * figures) its measured time achieves. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -20,6 +25,8 @@
 #include "cli_pipeline.h"
 #include "kern/kern.h"
 #include "model/engine.h"
+#include "model/roofline.h"
+#include "util/membw.h"
 #include "util/sysinfo.h"
 
 typedef struct bench_result {
@@ -28,7 +35,17 @@ typedef struct bench_result {
     double mean, sd; /* tokens per second */
     engine_stats st; /* accumulated over repetitions */
     int reps;
+    bool tg;
+    roofline_bytes rb; /* tg: bytes per token per stage */
 } bench_result;
+
+/* What the header reports beside the machine: the bandwidth test and the run's CPU steal. */
+typedef struct bench_host {
+    membw_result bw; /* gbps_n == 0: not measured */
+    double roof;     /* the yardstick: max(gbps_1, gbps_n), 0 if not measured */
+    sysinfo_cpu_time t0;
+    double steal; /* share of the run's CPU time, 0..1 */
+} bench_host;
 
 static double s_now(void) {
     struct timespec ts;
@@ -58,10 +75,19 @@ static void s_usage(FILE *f) {
             "  -d LIST    context depths: each test runs after a prompt of that many tokens,\n"
             "             whose time is not counted (llama-bench's -d), default 0\n"
             "  -r N       repetitions per test (mean +- sd), default 3\n"
-            "  --threads N  compute threads (default 2; in-process only)\n"
+            "  --threads N  compute threads (default 2; in-process only) and threads of the\n"
+            "             bandwidth test\n"
             "  --pipeline RUN_DIR  time a running pipeline (deploy/stpipe-up) instead; prompts\n"
             "             are random ids below 1000, or below the vocabulary with --model\n"
-            "  --json     machine-readable output\n");
+            "  --json     machine-readable output\n"
+            "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
+            "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
+            "CPU steal %% of the run (/proc/stat). Each in-process tg test is followed by its\n"
+            "roofline: per decode stage (attention with its KV reads, router, experts, LM head)\n"
+            "ms and MB read per token, the GB/s that makes and its share of the roofline, the\n"
+            "larger of the two bandwidths (N threads can read at least as fast as one; a pass\n"
+            "another process disturbed is slower). Not with --pipeline (its stages' times are\n"
+            "not split the same way).\n");
 }
 
 /* The name of a test, as llama-bench prints it: "tg128", "pp512 @ d2048". */
@@ -85,13 +111,162 @@ static json_t *s_json_str(const char *s) {
     return j ? j : json_null();
 }
 
-/* The machine object of the JSON output. */
-static json_t *s_json_machine(const char *cpu, long ncpu, const char *level) {
-    json_t *mach = json_object();
+/* The machine object of the JSON output (with the bandwidth test and the run's steal). */
+static json_t *s_json_machine(const char *cpu, long ncpu, const char *level, const bench_host *h) {
+    json_t *mach = json_object(), *bw = json_object();
     json_object_set_new(mach, "cpu", s_json_str(cpu));
     json_object_set_new(mach, "cores", json_integer(ncpu));
     json_object_set_new(mach, "simd", json_string(level));
+    json_object_set_new(bw, "gbps_1_thread", json_real(h->bw.gbps_1));
+    json_object_set_new(bw, "gbps_n_threads", json_real(h->bw.gbps_n));
+    json_object_set_new(bw, "threads", json_integer(h->bw.n_threads));
+    json_object_set_new(bw, "buffer_bytes", json_integer((json_int_t)h->bw.bytes));
+    json_object_set_new(bw, "roofline_gbps", json_real(h->roof));
+    json_object_set_new(mach, "read_bandwidth", bw);
+    json_object_set_new(mach, "steal_share", json_real(h->steal));
     return mach;
+}
+
+/* What the bandwidth test's child process writes back through its pipe. */
+typedef struct s_membw_reply {
+    int rc;
+    membw_result bw;
+    char msg[sizeof(((stp_err *)0)->msg)];
+} s_membw_reply;
+
+/* The bandwidth test itself (in the child of s_host_begin). */
+static int s_membw(int n_threads, membw_result *bw, stp_err *err) {
+    threadpool *tp = NULL;
+    int rc = threadpool_new(&tp, n_threads, err);
+    if (!rc) rc = membw_measure(tp, 0, 5, bw, err);
+    threadpool_destroy(&tp);
+    return rc;
+}
+
+/* Measures the read bandwidth on 1 and n threads and starts the steal clock. The test runs in a
+ * child process, so its buffer (256 MiB or more) stays out of the peak RSS reported for the
+ * engine; called before any thread exists. A failure leaves the figures at 0 and says so on
+ * stderr (the benchmark itself still runs). */
+static void s_host_begin(bench_host *h, int n_threads) {
+    memset(h, 0, sizeof *h);
+    sysinfo_cpu_time_read(&h->t0);
+    stp_err err = {0};
+    int fd[2];
+    pid_t pid = -1;
+    if (pipe(fd) == 0) {
+        fflush(NULL);
+        pid = fork();
+        if (pid == 0) {
+            close(fd[0]);
+            membw_result bw;
+            int rc = s_membw(n_threads, &bw, &err);
+            s_membw_reply msg = {.rc = rc, .bw = bw};
+            snprintf(msg.msg, sizeof msg.msg, "%s", err.msg);
+            ssize_t w = write(fd[1], &msg, sizeof msg);
+            _exit(w == (ssize_t)sizeof msg ? 0 : 1);
+        }
+        close(fd[1]);
+        if (pid > 0) {
+            s_membw_reply msg;
+            ssize_t n = read(fd[0], &msg, sizeof msg);
+            waitpid(pid, NULL, 0);
+            if (n == (ssize_t)sizeof msg && !msg.rc)
+                h->bw = msg.bw;
+            else
+                fprintf(stderr, "stpipe bench: no bandwidth figure: %s\n",
+                        n == (ssize_t)sizeof msg ? msg.msg : "the test process failed");
+        }
+        close(fd[0]);
+    }
+    if (pid < 0 && s_membw(n_threads, &h->bw, &err)) /* no pipe or fork: test in process */
+        fprintf(stderr, "stpipe bench: no bandwidth figure: %s\n", err.msg);
+    h->roof = h->bw.gbps_n > h->bw.gbps_1 ? h->bw.gbps_n : h->bw.gbps_1;
+}
+
+static void s_host_end(bench_host *h) {
+    sysinfo_cpu_time t1;
+    if (!sysinfo_cpu_time_read(&t1)) h->steal = sysinfo_steal_share(&h->t0, &t1);
+}
+
+/* The header line of the machine, in both modes. */
+static void s_print_machine(const char *cpu, long ncpu, const char *level, const bench_host *h) {
+    printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, level);
+    printf("read bandwidth: %.1f GB/s on 1 thread, %.1f GB/s on %d (best of 5 over %zu MiB); "
+           "CPU steal %.1f%% during the run\n",
+           h->bw.gbps_1, h->bw.gbps_n, h->bw.n_threads, h->bw.bytes >> 20, 100.0 * h->steal);
+}
+
+/* Achieved GB/s of `bytes` in `ms`, and its share of the roofline (0 if unknown). */
+static double s_gbps(double bytes, double ms) {
+    return ms > 0 ? bytes / (ms * 1e-3) * 1e-9 : 0;
+}
+static double s_share(const bench_host *h, double gbps) {
+    return h->roof > 0 ? gbps / h->roof : 0;
+}
+
+/* The ms per token of each roofline stage from a test's counters. */
+static void s_stage_ms(const engine_stats *s, double ms[ROOFLINE_N]) {
+    const double tk = s->tokens ? (double)s->tokens : 1.0;
+    ms[ROOFLINE_ATTN] = s->ns_attn / 1e6 / tk;
+    ms[ROOFLINE_ROUTER] = s->ns_router / 1e6 / tk;
+    ms[ROOFLINE_EXPERTS] = s->ns_moe / 1e6 / tk;
+    ms[ROOFLINE_HEAD] = s->ns_head / 1e6 / tk;
+}
+
+/* The roofline object of a tg result: per stage ms, bytes, GB/s and share; plus the total. */
+static json_t *s_json_roofline(const bench_result *r, const bench_host *h) {
+    json_t *o = json_object(), *stages = json_object();
+    double ms[ROOFLINE_N], ms_sum = 0, b_sum = 0;
+    s_stage_ms(&r->st, ms);
+    const double tk = r->st.tokens ? (double)r->st.tokens : 1.0;
+    for (int i = 0; i < ROOFLINE_N; i++) {
+        json_t *st = json_object();
+        const double g = s_gbps(r->rb.stage[i], ms[i]);
+        json_object_set_new(st, "ms_per_token", json_real(ms[i]));
+        json_object_set_new(st, "bytes_per_token", json_real(r->rb.stage[i]));
+        if (i == ROOFLINE_ATTN)
+            json_object_set_new(st, "kv_bytes_per_token", json_real(r->rb.attn_kv));
+        json_object_set_new(st, "gbps", json_real(g));
+        json_object_set_new(st, "roofline_share", json_real(s_share(h, g)));
+        json_object_set_new(stages, roofline_stage_name(i), st);
+        ms_sum += ms[i];
+        b_sum += r->rb.stage[i];
+    }
+    json_object_set_new(o, "bandwidth_gbps", json_real(h->roof));
+    json_object_set_new(o, "positions", json_pack("[i,i]", r->depth, r->depth + r->n_tokens - 1));
+    json_object_set_new(o, "neurons_active_per_token", json_real(r->st.neurons_active / tk));
+    json_object_set_new(o, "down_neurons_per_token", json_real(r->st.down_neurons / tk));
+    json_object_set_new(o, "stages", stages);
+    json_object_set_new(o, "total_ms_per_token", json_real(ms_sum));
+    json_object_set_new(o, "total_bytes_per_token", json_real(b_sum));
+    json_object_set_new(o, "total_gbps", json_real(s_gbps(b_sum, ms_sum)));
+    json_object_set_new(o, "total_roofline_share", json_real(s_share(h, s_gbps(b_sum, ms_sum))));
+    return o;
+}
+
+/* The roofline table of a tg result (markdown). */
+static void s_print_roofline(const bench_result *r, const bench_host *h) {
+    static const char *const label[ROOFLINE_N] = {"attention", "router", "experts", "LM head"};
+    double ms[ROOFLINE_N], ms_sum = 0, b_sum = 0;
+    s_stage_ms(&r->st, ms);
+    printf("\nroofline of %s (positions %d..%d, %.1f GB/s = 100%%):\n\n", r->test, r->depth,
+           r->depth + r->n_tokens - 1, h->roof);
+    printf("| stage | ms/token | MB/token | GB/s | %% of roofline |\n");
+    printf("| --- | ---: | ---: | ---: | ---: |\n");
+    for (int i = 0; i < ROOFLINE_N; i++) {
+        const double g = s_gbps(r->rb.stage[i], ms[i]);
+        if (i == ROOFLINE_ATTN)
+            printf("| attention (KV %.2f MB) ", r->rb.attn_kv / 1e6);
+        else
+            printf("| %s ", label[i]);
+        printf("| %.3f | %.2f | %.1f | %.0f%% |\n", ms[i], r->rb.stage[i] / 1e6, g,
+               100.0 * s_share(h, g));
+        ms_sum += ms[i];
+        b_sum += r->rb.stage[i];
+    }
+    const double g = s_gbps(b_sum, ms_sum);
+    printf("| total | %.3f | %.2f | %.1f | %.0f%% |\n", ms_sum, b_sum / 1e6, g,
+           100.0 * s_share(h, g));
 }
 
 /* Prints a JSON document on stdout and frees it. */
@@ -155,7 +330,8 @@ static size_t s_pipeline_pss(const char *run_dir) {
  * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
  * generation only. */
 static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp, const int *tg,
-                            int n_tg, const int *dp, int n_dp, int reps, bool json) {
+                            int n_tg, const int *dp, int n_dp, int reps, bool json,
+                            bench_host *host) {
     int max_n = 1;
     for (int di = 0; di < n_dp; di++) {
         for (int i = 0; i < n_pp; i++)
@@ -234,9 +410,11 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     sysinfo_cpu_model(cpu, sizeof cpu);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     size_t pss = s_pipeline_pss(run_dir);
+    s_host_end(host);
     if (json) {
         json_t *root = json_object(), *arr = json_array();
-        json_object_set_new(root, "machine", s_json_machine(cpu, ncpu, kern_ops_get()->level));
+        json_object_set_new(root, "machine",
+                            s_json_machine(cpu, ncpu, kern_ops_get()->level, host));
         json_object_set_new(root, "pipeline", s_json_str(run_dir));
         json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
@@ -252,8 +430,10 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
         json_object_set_new(root, "results", arr);
         s_json_print(root);
     } else {
-        printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, kern_ops_get()->level);
-        printf("pipeline: %s, total PSS of the stages %.1f MiB\n\n", run_dir, pss / 1048576.0);
+        s_print_machine(cpu, ncpu, kern_ops_get()->level, host);
+        printf("pipeline: %s, total PSS of the stages %.1f MiB\n", run_dir, pss / 1048576.0);
+        printf("(no per-stage roofline through the pipeline: run the same tests with --model "
+               "alone for it)\n\n");
         printf("| test | t/s | IPC share of decode |\n| ---: | ---: | ---: |\n");
         for (int i = 0; i < nres; i++) {
             printf("| %s | %.2f ± %.2f | ", res[i].test, res[i].mean, res[i].sd);
@@ -309,6 +489,8 @@ int cli_bench(int argc, char **argv) {
         return 2;
     }
     stp_err err = {0};
+    bench_host host;
+    s_host_begin(&host, (int)threads);
     if (run_dir) {
         int V = 1000;
         if (path) {
@@ -320,7 +502,7 @@ int cli_bench(int argc, char **argv) {
             V = pm->cfg.n_vocab;
             model_close(&pm);
         }
-        return s_bench_pipeline(run_dir, V, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json);
+        return s_bench_pipeline(run_dir, V, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json, &host);
     }
     if (!path) {
         s_usage(stderr);
@@ -393,6 +575,9 @@ int cli_bench(int argc, char **argv) {
                 r->mean = sum / reps;
                 r->sd = s_sd(sum, sum2, (int)reps);
                 r->st = st;
+                r->tg = kind == 1;
+                /* the bench's cache is float32 (engine_params.kv_f16 unset) */
+                if (r->tg) roofline_decode_bytes(m, d, n, sizeof(float), &st, &r->rb);
             }
         }
     }
@@ -404,9 +589,10 @@ int cli_bench(int argc, char **argv) {
     size_t pss = sysinfo_pss(0);
     const char *level = kern_ops_get()->level;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    s_host_end(&host);
     if (json) {
         json_t *root = json_object(), *arr = json_array();
-        json_object_set_new(root, "machine", s_json_machine(cpu, ncpu, level));
+        json_object_set_new(root, "machine", s_json_machine(cpu, ncpu, level, &host));
         json_object_set_new(root, "model", s_json_str(path));
         json_object_set_new(root, "model_bytes", json_integer((json_int_t)gguf_file_size(m->gguf)));
         json_object_set_new(root, "threads", json_integer(threads));
@@ -431,12 +617,13 @@ int cli_bench(int argc, char **argv) {
                                 json_real(s->neurons_total
                                               ? 1.0 - (double)s->neurons_active / s->neurons_total
                                               : 0.0));
+            if (res[i].tg) json_object_set_new(r, "roofline", s_json_roofline(&res[i], &host));
             json_array_append_new(arr, r);
         }
         json_object_set_new(root, "results", arr);
         s_json_print(root);
     } else {
-        printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, level);
+        s_print_machine(cpu, ncpu, level, &host);
         printf("model: %s (%.2f GiB), threads %lld, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,
                gguf_file_size(m->gguf) / 1073741824.0, threads, ru.ru_maxrss / 1024.0,
                pss / 1048576.0);
@@ -452,6 +639,8 @@ int cli_bench(int argc, char **argv) {
                    s->neurons_total ? 100.0 * (1.0 - (double)s->neurons_active / s->neurons_total)
                                     : 0.0);
         }
+        for (int i = 0; i < nres; i++)
+            if (res[i].tg) s_print_roofline(&res[i], &host);
     }
 out:
     free(logits);

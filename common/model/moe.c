@@ -188,10 +188,12 @@ static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scr
     }
     threadpool_run(cc->tp, s_dt_worker, &d);
     if (stats) {
-        int64_t sum = 0;
+        /* every thread walks the same neurons (the set depends on the activation only) over its
+         * own rows: the count is one thread's, not the sum over the team */
+        int64_t most = 0;
         for (int i = 0; i < 64; i++)
-            sum += d.computed[i];
-        stats->down_neurons += (uint64_t)sum;
+            most = d.computed[i] > most ? d.computed[i] : most;
+        stats->down_neurons += (uint64_t)most;
     }
     return true;
 }

@@ -1,4 +1,4 @@
-/* sysinfo: CPU model and PSS from /proc; see sysinfo.h. */
+/* sysinfo: CPU model, PSS and CPU steal from /proc; see sysinfo.h. */
 #include "util/sysinfo.h"
 
 #include <stdio.h>
@@ -35,4 +35,25 @@ size_t sysinfo_pss(int pid) {
         if (sscanf(line, "Pss: %zu kB", &kb) == 1) break;
     fclose(f);
     return kb * 1024;
+}
+
+int sysinfo_cpu_time_read(sysinfo_cpu_time *out) {
+    memset(out, 0, sizeof *out);
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return -1;
+    unsigned long long v[8] = {0};
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+                   &v[4], &v[5], &v[6], &v[7]);
+    fclose(f);
+    if (n < 4) return -1;
+    /* user nice system idle iowait irq softirq steal; guest time is already inside user */
+    for (int i = 0; i < n; i++)
+        out->total += v[i];
+    out->steal = n >= 8 ? v[7] : 0;
+    return 0;
+}
+
+double sysinfo_steal_share(const sysinfo_cpu_time *a, const sysinfo_cpu_time *b) {
+    if (b->total <= a->total || b->steal < a->steal) return 0;
+    return (double)(b->steal - a->steal) / (double)(b->total - a->total);
 }

@@ -4,7 +4,8 @@
  * errors (exit 2), runtime errors (exit 1, one line naming the file and the problem) for a
  * missing, truncated, foreign-architecture or unsupported-type GGUF and an oversized prompt,
  * the tokenize / detokenize round trip, and `bench --json -d` (valid JSON for a model path with a
- * quote in it; one result per test and depth). */
+ * quote in it; one result per test and depth; the read bandwidth, the run's steal and, per tg
+ * test, the roofline with bytes per stage equal to a hand count from the tiny model's shapes). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -245,6 +246,56 @@ static void test_cli_info_memory_budget(void **state) {
     model_close(&mo);
 }
 
+static double s_num(json_t *o, const char *k) {
+    json_t *v = json_object_get(o, k);
+    if (!json_is_number(v)) fail_msg("bench --json: no number '%s'", k);
+    return json_number_value(v);
+}
+
+/* The roofline of a tg test of n tokens after depth d on the tiny F32 model, against bytes
+ * counted by hand from its shapes (every weight 4 bytes an element, the cache f32): attention
+ * wq, wo (E x H*D), wk, wv (E x Hkv*D) per layer plus K and V of the attended positions
+ * (d+1 .. d+n, no window: their mean is d + (n+1)/2); router X x E; experts the gate of K
+ * experts in full, up for the active neurons the bench reports, down for every neuron (F32 has
+ * no sparse down: K*F per layer); LM head V x E (tied). */
+static void s_check_roofline(const char *path, json_t *rl, int d, int n, double bw) {
+    if (!json_is_object(rl)) fail_msg("tg result without a roofline object");
+    model *mo = NULL;
+    stp_err err = {0};
+    assert_int_equal(model_open(&mo, path, &err), 0);
+    const model_config *c = &mo->cfg;
+    assert_int_equal(c->sliding_window, 0);
+    const double L = c->n_layer, E = c->n_embd, H = c->n_head, Hkv = c->n_head_kv, D = c->head_dim,
+                 X = c->n_expert, K = c->n_expert_used, F = c->n_ff_exp, V = c->n_vocab;
+    model_close(&mo);
+    const double kv = L * (d + (n + 1) / 2.0) * Hkv * D * 2 * 4;
+    const double attn = L * (2 * E * H * D + 2 * E * Hkv * D) * 4 + kv;
+    const double router = L * X * E * 4, head = V * E * 4;
+    const double active = s_num(rl, "neurons_active_per_token");
+    assert_true(active > 0 && active < L * K * F); /* ReGLU: some rows skipped, some computed */
+    assert_true(s_num(rl, "down_neurons_per_token") == L * K * F);
+    const double experts = L * K * F * E * 4 + active * E * 4 + L * K * F * E * 4;
+    json_t *st = json_object_get(rl, "stages");
+    const char *names[] = {"attention", "router", "experts", "lm_head"};
+    const double want[] = {attn, router, experts, head};
+    double total = 0;
+    for (int i = 0; i < 4; i++) {
+        json_t *o = json_object_get(st, names[i]);
+        const double b = s_num(o, "bytes_per_token"), ms = s_num(o, "ms_per_token");
+        if (fabs(b - want[i]) > 1e-6 * want[i])
+            fail_msg("roofline %s at d%d: %.1f bytes/token, by hand %.1f", names[i], d, b, want[i]);
+        assert_true(ms > 0);
+        const double g = b / (ms * 1e-3) * 1e-9;
+        assert_true(fabs(s_num(o, "gbps") - g) <= 1e-6 * g);
+        assert_true(fabs(s_num(o, "roofline_share") - g / bw) <= 1e-6 * g / bw);
+        total += b;
+    }
+    assert_true(fabs(s_num(json_object_get(st, "attention"), "kv_bytes_per_token") - kv) <=
+                1e-6 * kv);
+    assert_true(fabs(s_num(rl, "total_bytes_per_token") - total) <= 1e-6 * total);
+    assert_true(s_num(rl, "bandwidth_gbps") == bw);
+}
+
 /* `stpipe bench --json -d`: JSON built by a library (a '"' in the model path stays valid), one
  * result per (depth, test) in order, named as llama-bench names them. */
 static void test_cli_bench_json_depth(void **state) {
@@ -263,6 +314,15 @@ static void test_cli_bench_json_depth(void **state) {
     if (!j) fail_msg("bench --json: %s\n%s", je.text, r.out);
     assert_string_equal(json_string_value(json_object_get(j, "model")), link);
     json_t *res = json_object_get(j, "results");
+    json_t *rbw = json_object_get(json_object_get(j, "machine"), "read_bandwidth");
+    const double bw = json_real_value(json_object_get(rbw, "roofline_gbps"));
+    assert_true(bw == fmax(json_real_value(json_object_get(rbw, "gbps_n_threads")),
+                           json_real_value(json_object_get(rbw, "gbps_1_thread"))));
+    if (!(bw > 0.2 && bw < 2000)) fail_msg("bench: implausible read bandwidth %g GB/s", bw);
+    assert_true(json_real_value(json_object_get(rbw, "gbps_1_thread")) > 0.2);
+    const double steal =
+        json_real_value(json_object_get(json_object_get(j, "machine"), "steal_share"));
+    assert_true(steal >= 0 && steal <= 1);
     const char *names[] = {"pp4", "tg3", "pp4 @ d5", "tg3 @ d5"};
     assert_int_equal(json_array_size(res), 4);
     for (int i = 0; i < 4; i++) {
@@ -272,6 +332,10 @@ static void test_cli_bench_json_depth(void **state) {
         assert_true(json_real_value(json_object_get(t, "tokens_per_second")) > 0);
         assert_true(
             json_real_value(json_object_get(json_object_get(t, "ms_per_token"), "attention")) > 0);
+        if (i % 2 == 0)
+            assert_null(json_object_get(t, "roofline")); /* pp tests have none */
+        else
+            s_check_roofline(m, json_object_get(t, "roofline"), i < 2 ? 0 : 5, 3, bw);
     }
     json_decref(j);
     th_run_out_free(&r);

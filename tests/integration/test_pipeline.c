@@ -235,6 +235,10 @@ static void test_pipeline_bench(void **st) {
     json_t *j = json_load_file(out, 0, &je);
     assert_non_null(j);
     assert_true(json_integer_value(json_object_get(j, "pss_bytes")) > 0);
+    /* the host's read bandwidth in the header here too (no per-stage roofline through the
+     * pipeline) */
+    json_t *bw = json_object_get(json_object_get(j, "machine"), "read_bandwidth");
+    assert_true(json_real_value(json_object_get(bw, "roofline_gbps")) > 0.2);
     json_t *res = json_object_get(j, "results");
     assert_int_equal(json_array_size(res), 4); /* pp8, tg6, then both after 5 tokens */
     const char *names[] = {"pp8", "tg6", "pp8 @ d5", "tg6 @ d5"};
