@@ -240,6 +240,7 @@ void expert_worker_destroy(expert_worker **self_p) {
 
 /* One single-token down product per slot over down_t images, rows split over the team. */
 typedef struct dt_section {
+    const kern_ops *ops;
     const uint8_t *img[EXPERT_CHUNK];
     const uint8_t *xq[EXPERT_CHUNK];
     float *y[EXPERT_CHUNK];
@@ -251,8 +252,8 @@ static void s_dt_worker(void *p, int ith, int nth) {
     long k0, k1;
     threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
     for (int i = 0; i < d->n && k0 < k1; i++)
-        down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i], (int)k0,
-                      (int)k1);
+        d->ops->down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i],
+                              (int)k0, (int)k1);
 }
 
 /* Steps 2-6 for the groups g[0..ng) whose slots lie in [c0, c0 + EXPERT_CHUNK). */
@@ -370,7 +371,7 @@ static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork 
         if (nj) ops_mm_run(&w->cc, jobs, nj);
     }
     if (dt) {
-        dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
+        dt_section d = {.ops = w->cc.ops, .n = 0, .n_embd = E, .n_ff = F};
         for (int q = 0; q < ng; q++) {
             if (batched[q]) continue;
             for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n; s++) {

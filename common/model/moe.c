@@ -141,6 +141,7 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
 }
 
 typedef struct dt_section {
+    const kern_ops *ops;
     const uint8_t *img[STP_MAX_EXPERTS];
     const uint8_t *xq[STP_MAX_EXPERTS];
     float *y[STP_MAX_EXPERTS];
@@ -154,8 +155,8 @@ static void s_dt_worker(void *p, int ith, int nth) {
     threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
     int64_t c = 0;
     for (int i = 0; i < d->n && k0 < k1; i++)
-        c += down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i],
-                           (int)k0, (int)k1);
+        c += d->ops->down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i],
+                                   d->y[i], (int)k0, (int)k1);
     if (ith < 64) d->computed[ith] = c;
 }
 
@@ -167,6 +168,7 @@ static bool s_down_sparse(const compute_ctx *cc, const model *m, int il, moe_scr
     if (!s->dt_img || L->down_exps.type != STP_TYPE_Q4_0) return false;
     dt_section d;
     memset(&d, 0, sizeof d);
+    d.ops = cc->ops;
     d.n_embd = c->n_embd;
     d.n_ff = c->n_ff_exp;
     for (int e = 0; e < c->n_expert; e++) {
