@@ -1,4 +1,5 @@
-/* expert: expert worker compute and message loop; see expert.h and README.md. */
+/* expert: the expert worker's message loop, work validation, pool and activation-region mappings;
+ * the computation is common/model/expert_ffn.c. See expert.h and README.md. */
 #include "expert.h"
 
 #include <stdio.h>

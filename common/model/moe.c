@@ -1,4 +1,5 @@
-/* moe: routed ReGLU experts, grouped by expert, sparse `up` for single tokens; see moe.h. */
+/* moe: routed ReGLU experts in process: slots grouped by expert, the FFN by expert_ffn_run over
+ * the mapped GGUF (and down_t images built here), then the weighted sum in k order; see moe.h. */
 #include "model/moe.h"
 
 #include <stdlib.h>

@@ -1,9 +1,9 @@
-/* moe: the routed ReGLU experts of one layer for a micro-batch.
+/* moe: the routed ReGLU experts of one layer for a micro-batch, in process.
  *
  * out[t] = sum_k w[t][k] * down_e · (relu(gate_e · h[t]) * (up_e · h[t])), e = sel[t][k],
  * summed in k order as ggml does. Tokens are grouped by expert so each expert's weights are read
- * once per batch. For a single token, rows of `up` whose gate is not positive are skipped: a
- * neuron with relu(gate) == 0 contributes exactly 0, so skipping it changes no bit. */
+ * once per batch; the FFN itself is expert_ffn_run (the expert worker's too) over the mapped
+ * file's matrices and, when enabled, the neuron-major down_t images this scratch owns. */
 #ifndef STP_MOE_H
 #define STP_MOE_H
 
