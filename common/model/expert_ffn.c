@@ -167,9 +167,10 @@ static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *
     return active;
 }
 
-/* down: runs of many slots as batched jobs (packed from the GGUF rows or from the down_t image,
- * in waves of EXPERT_FFN_PACKS); with a down_t image, the other runs one slot at a time, idle
- * neurons skipped; without, dense. Returns the neurons computed. */
+/* down: runs of many slots as batched jobs, in waves of EXPERT_FFN_PACKS, packed from the GGUF
+ * rows when the caller has them (a plain byte shuffle), else from the down_t image; with a
+ * down_t image, the other runs one slot at a time, idle neurons skipped; without, dense.
+ * Returns the neurons computed. */
 static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
                        const ffn_run *r, int nr) {
     const stp_type td = L->down_exps.type;
@@ -182,7 +183,7 @@ static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights
         int nj = 0, n_pack = 0;
         for (; q < nr; q++) {
             const int n = r[q].n, l0 = r[q].l0;
-            const uint8_t *img = r[q].w->down_t;
+            const uint8_t *img = r[q].w->down_t, *rows = r[q].w->down;
             const bool pack = td == STP_TYPE_Q4_0 && f->pack_down && n >= MM_PACK_MIN_VEC;
             if (img && !pack) { /* single-slot products, after the waves */
                 for (int l = l0; l < l0 + n; l++, d.n++) {
@@ -195,7 +196,7 @@ static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights
             if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
             mm_job j = {.type = td,
                         .n_cols = F,
-                        .w = img ? NULL : r[q].w->down,
+                        .w = rows,
                         .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
                         .xq = f->xq_a + (size_t)l0 * sd,
                         .xq_stride = sd,
@@ -203,7 +204,7 @@ static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights
                         .y = f->ys + (size_t)l0 * E,
                         .y_stride = (size_t)E,
                         .n_rows = E,
-                        .down_t = img};
+                        .down_t = rows ? NULL : img};
             if (pack) j.pack_scratch = f->pack_down + (size_t)n_pack++ * f->pack_down_bytes;
             jobs[nj++] = j;
             computed += (uint64_t)n * F;

@@ -24,8 +24,9 @@ typedef struct expert_ffn_weights {
     const uint8_t *gate;     /* (n_ff rows of n_embd) GGUF rows, or the image when gate_x16 */
     const uint8_t *gate_x16; /* optional q4_0x16 image of gate (same bits, faster) */
     const uint8_t *up;       /* (n_ff rows of n_embd) GGUF rows */
-    const uint8_t *down;     /* (n_embd rows of n_ff) GGUF rows; unused when down_t is set */
-    const uint8_t *down_t;   /* optional neuron-major image of down (down_t.h) */
+    const uint8_t *down;     /* (n_embd rows of n_ff) GGUF rows; may be NULL when down_t is set */
+    const uint8_t *down_t;   /* optional neuron-major image of down (down_t.h): single-slot
+                              * products use it; batched ones pack the rows when given */
 } expert_ffn_weights;
 
 /* Slots s0..s0+n-1 all belong to the expert whose matrices are w. */

@@ -2,8 +2,9 @@
  * for every slot, the bits of a plain per-slot product (dense matvecs of gate, up and down)
  * through every path it picks: a group longer than a chunk (split at 256), more packing runs
  * than one wave holds, single slots with sparse `up`, down from GGUF rows or from down_t images
- * (single-slot sparse products and packed-back batches), gate from rows or its q4_0x16 image,
- * on 1 and 2 threads; outputs land in the rows y_row names, and the statistics count. */
+ * (single-slot sparse products, batches packed from the rows or back from the image), gate
+ * from rows or its q4_0x16 image, on 1 and 2 threads; outputs land in the rows y_row names,
+ * and the statistics count. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -97,7 +98,10 @@ static void s_check(int threads, bool images) {
                                       : L.gate_exps.data + (size_t)e * L.gate_exps.mat_bytes,
                   .gate_x16 = gate_x16[e],
                   .up = L.up_exps.data + (size_t)e * L.up_exps.mat_bytes,
-                  .down = dt[e] ? NULL : L.down_exps.data + (size_t)e * L.down_exps.mat_bytes,
+                  /* with images: the rows too for even experts (in process: batched runs
+                   * pack the rows), only the image for odd ones (a pool slot) */
+                  .down =
+                      dt[e] && e % 2 ? NULL : L.down_exps.data + (size_t)e * L.down_exps.mat_bytes,
                   .down_t = dt[e]},
             .s0 = s0,
             .n = k_n[e]};
