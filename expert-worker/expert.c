@@ -1,4 +1,5 @@
-/* expert: expert worker compute and message loop; see expert.h and README.md. */
+/* expert: the expert worker's message loop, work validation, pool and activation-region mappings;
+ * the computation is common/model/expert_ffn.c. See expert.h and README.md. */
 #include "expert.h"
 
 #include <stdio.h>
@@ -11,7 +12,7 @@
 #include "layer.pb-c.h"
 #include "layout/layout.h"
 #include "model/down_t.h"
-#include "model/expert_chunk.h"
+#include "model/expert_ffn.h"
 #include "model/model.h"
 #include "model/ops.h"
 #include "msg/lane.h"
@@ -20,17 +21,6 @@
 #include "stats/stats.h"
 
 #define STAGE "expert-worker"
-/* Slots computed at a time and packed experts per wave: model/expert_chunk.h (the pipeline's
- * budget plan counts the scratch they imply). */
-#define EXPERT_CHUNK EXPERT_CHUNK_SLOTS
-#define EXPERT_PACKS EXPERT_CHUNK_PACKS
-
-/* A run of slots of one expert (at most EXPERT_CHUNK). */
-typedef struct grp {
-    int j;  /* index in the work's expert list */
-    int s0; /* first slot (global grouped order) */
-    int n;
-} grp;
 
 struct expert_worker {
     stage_opts o;
@@ -45,22 +35,13 @@ struct expert_worker {
     uint8_t *lane_buf; /* (LANE_MSG_MAX) work copied out of the lane */
     void *zctx, *sock, *pub;
     stats *st;
-    bool down_t;     /* the pool's down parts are down_t images (POOL_DOWN_T) */
-    bool gate_x16;   /* the pool's gate parts are q4_0x16 images (POOL_GATE_X16) */
-    int S;           /* max slots = n_ubatch * n_used */
-    int32_t *slot_t; /* (S) token of each grouped slot */
-    int32_t *slot_k; /* (S) k of each grouped slot */
-    grp *grp;        /* (S) runs of one expert's slots */
-    /* per chunk of EXPERT_CHUNK slots: */
-    float *g, *u;    /* (CH, F) */
-    float *ys;       /* (CH, E) down outputs, grouped slot order */
-    int32_t *active; /* (CH, F) */
-    uint8_t *xq_h, *xq_h2, *xq_a;
-    /* q4_0x16 images packed on the fly for groups of >= MM_PACK_MIN_VEC slots (prefill): up
-     * from its GGUF rows, down from its down_t image; EXPERT_PACKS of each (0 bytes: the
-     * shape cannot be packed) */
-    uint8_t *pack_up, *pack_down;
-    size_t pack_up_bytes, pack_down_bytes;
+    bool down_t;             /* the pool's down parts are down_t images (POOL_DOWN_T) */
+    bool gate_x16;           /* the pool's gate parts are q4_0x16 images (POOL_GATE_X16) */
+    int S;                   /* max slots = n_ubatch * n_used */
+    int32_t *slot_t;         /* (S) token of each grouped slot */
+    int32_t *slot_row;       /* (S) its row of y in the activation region: t * n_used + k */
+    expert_ffn_group *group; /* (n_expert) the work's experts: their slots and pool images */
+    expert_ffn *ffn;         /* the FFN's chunk scratch */
     /* newest work done for the peer last_id: from that peer, older work is a stale resend and
      * equal work a duplicate (another peer's numbers are not comparable) */
     uint64_t last_seq;
@@ -71,22 +52,8 @@ struct expert_worker {
 
 static void s_free_scratch(expert_worker *w) {
     free(w->slot_t);
-    free(w->slot_k);
-    free(w->grp);
-    free(w->g);
-    free(w->u);
-    free(w->ys);
-    free(w->active);
-    free(w->xq_h);
-    free(w->xq_h2);
-    free(w->xq_a);
-    free(w->pack_up);
-    free(w->pack_down);
-    w->pack_up = w->pack_down = NULL;
-    w->slot_t = w->slot_k = w->active = NULL;
-    w->grp = NULL;
-    w->g = w->u = w->ys = NULL;
-    w->xq_h = w->xq_h2 = w->xq_a = NULL;
+    free(w->slot_row);
+    w->slot_t = w->slot_row = NULL;
 }
 
 static int s_map_pool(expert_worker *w, stp_err *err) {
@@ -153,26 +120,9 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
     w->lane = NULL;
     w->lanes = NULL;
     w->S = (int)w->ah->n_ubatch * c->n_expert_used;
-    size_t S = EXPERT_CHUNK, F = (size_t)c->n_ff_exp, E = (size_t)c->n_embd;
-    size_t act = (E > F ? E : F) * 4 + 64;
     w->slot_t = malloc((size_t)w->S * sizeof(int32_t));
-    w->slot_k = malloc((size_t)w->S * sizeof(int32_t));
-    w->grp = malloc((size_t)w->S * sizeof(grp));
-    w->g = malloc(S * F * sizeof(float));
-    w->u = malloc(S * F * sizeof(float));
-    w->ys = malloc(S * E * sizeof(float));
-    w->active = malloc(S * F * sizeof(int32_t));
-    w->xq_h = malloc(S * act);
-    w->xq_h2 = malloc(S * act);
-    w->xq_a = malloc(S * act);
-    /* (untouched until a prefill uses them) */
-    w->pack_up_bytes = kern_q4_0x16_size((int64_t)F, (int64_t)E);
-    w->pack_down_bytes = E % 16 == 0 ? kern_q4_0x16_size((int64_t)E, (int64_t)F) : 0;
-    if (w->pack_up_bytes) w->pack_up = malloc(EXPERT_PACKS * w->pack_up_bytes);
-    if (w->pack_down_bytes) w->pack_down = malloc(EXPERT_PACKS * w->pack_down_bytes);
-    if (!w->slot_t || !w->slot_k || !w->grp || !w->g || !w->u || !w->ys || !w->active || !w->xq_h ||
-        !w->xq_h2 || !w->xq_a || (w->pack_up_bytes && !w->pack_up) ||
-        (w->pack_down_bytes && !w->pack_down)) {
+    w->slot_row = malloc((size_t)w->S * sizeof(int32_t));
+    if (!w->slot_t || !w->slot_row) {
         shm_region_close(&w->act);
         w->ah = NULL;
         s_free_scratch(w);
@@ -199,6 +149,9 @@ int expert_worker_new(expert_worker **out, const stage_opts *o, stp_err *err) {
     if (!rc) rc = threadpool_new(&w->tp, o->threads, err);
     if (!rc) threadpool_set_spin_ns(w->tp, STAGE_SPIN_NS); /* cores go to other stages between */
     if (!rc) rc = s_map_pool(w, err);
+    if (!rc) rc = expert_ffn_new(&w->ffn, &w->m->cfg, err);
+    if (!rc && !(w->group = malloc(sizeof(expert_ffn_group) * (size_t)w->m->cfg.n_expert)))
+        rc = stp_err_set(err, STP_ENOMEM, "out of memory");
     if (!rc && !(w->lane_buf = malloc(LANE_MSG_MAX)))
         rc = stp_err_set(err, STP_ENOMEM, "out of memory");
     if (rc) goto fail;
@@ -235,190 +188,51 @@ void expert_worker_destroy(expert_worker **self_p) {
     model_close(&w->m);
     stats_destroy(&w->st);
     s_free_scratch(w);
+    expert_ffn_destroy(&w->ffn);
+    free(w->group);
     free(w);
     *self_p = NULL;
 }
 
-/* One single-token down product per slot over down_t images, rows split over the team. */
-typedef struct dt_section {
-    const uint8_t *img[EXPERT_CHUNK];
-    const uint8_t *xq[EXPERT_CHUNK];
-    float *y[EXPERT_CHUNK];
-    int n, n_embd, n_ff;
-} dt_section;
-
-static void s_dt_worker(void *p, int ith, int nth) {
-    dt_section *d = p;
-    long k0, k1;
-    threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
-    for (int i = 0; i < d->n && k0 < k1; i++)
-        down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i], d->y[i], (int)k0,
-                      (int)k1);
-}
-
-/* Steps 2-6 for the groups g[0..ng) whose slots lie in [c0, c0 + EXPERT_CHUNK). */
-static uint64_t s_compute_chunk(expert_worker *w, int il, const Stp__ExpertWork *wk, const grp *gr,
-                                int ng, int c0, int cs) {
-    const model_config *c = &w->m->cfg;
-    const layer_weights *L = &w->m->layers[il];
-    const int K = c->n_expert_used, E = c->n_embd, F = c->n_ff_exp;
-    uint8_t *act = w->act.base;
-    const float *h = (const float *)(act + w->ah->off_h);
-    float *yout = (float *)(act + w->ah->off_y);
-    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
-    const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
-    const bool up_shares = kern_act_type(tu) == kern_act_type(tg);
-    const bool dt = w->down_t;
-    size_t off[3], sb;
-    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes,
-                    dt ? down_t_expert_bytes(td, E, F) : L->down_exps.mat_bytes, off, &sb);
-    /* quantize inputs (local slot s = global c0 + s) */
-    for (int s = 0; s < cs; s++) {
-        const float *hv = h + (size_t)w->slot_t[c0 + s] * E;
-        w->cc.ops->quantize_act(tg, hv, w->xq_h + (size_t)s * sg, E);
-        if (!up_shares) w->cc.ops->quantize_act(tu, hv, w->xq_h2 + (size_t)s * su, E);
-    }
-    const uint8_t *xq_up = up_shares ? w->xq_h : w->xq_h2;
-    mm_job jobs[EXPERT_CHUNK];
-    /* gate (the q4_0x16 image when the pool has one: every row range ops_mm_run hands out is a
-     * multiple of 16 rows, so the packed kernel always runs; same bits as the GGUF rows) */
-    for (int q = 0; q < ng; q++) {
-        int s0 = gr[q].s0 - c0;
-        const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
-        jobs[q] = (mm_job){.type = tg,
-                           .n_cols = E,
-                           .w = base + off[0],
-                           .wp = w->gate_x16 ? base + off[0] : NULL,
-                           .row_bytes = L->gate_exps.row_bytes,
-                           .xq = w->xq_h + (size_t)s0 * sg,
-                           .xq_stride = sg,
-                           .n_vec = gr[q].n,
-                           .y = w->g + (size_t)s0 * F,
-                           .y_stride = (size_t)F,
-                           .n_rows = F};
-    }
-    ops_mm_run(&w->cc, jobs, ng);
-    /* up: active rows only for single-token groups; groups of many tokens pack the matrix.
-     * At most EXPERT_PACKS groups pack at a time (bounded scratch): the groups run in waves of
-     * that many packing groups each. */
-    uint64_t active_total = 0;
-    for (int q = 0; q < ng;) {
-        int nj = 0, n_pack = 0;
-        for (; q < ng; q++) {
-            int n = gr[q].n, s0 = gr[q].s0 - c0;
-            const bool pack = n >= MM_PACK_MIN_VEC && w->pack_up;
-            if (pack && n_pack == EXPERT_PACKS) break; /* next wave */
-            const uint8_t *base = w->pool.base + wk->experts[gr[q].j]->offset;
-            mm_job jb = {.type = tu,
-                         .n_cols = E,
-                         .w = base + off[1],
-                         .row_bytes = L->up_exps.row_bytes,
-                         .xq = xq_up + (size_t)s0 * su,
-                         .xq_stride = su,
-                         .n_vec = n,
-                         .y = w->u + (size_t)s0 * F,
-                         .y_stride = (size_t)F,
-                         .n_rows = F};
-            if (pack) jb.pack_scratch = w->pack_up + (size_t)n_pack++ * w->pack_up_bytes;
-            active_total += ops_count_active(w->g + (size_t)s0 * F, (size_t)n, F);
-            if (n == 1) {
-                jb.rows = w->active + (size_t)s0 * F;
-                jb.n_rows = ops_active_rows(w->g + (size_t)s0 * F, F, w->active + (size_t)s0 * F);
-            }
-            jobs[nj++] = jb;
-        }
-        ops_mm_run(&w->cc, jobs, nj);
-    }
-    /* ReGLU, quantized for down */
-    for (int s = 0; s < cs; s++) {
-        float *g = w->g + (size_t)s * F;
-        const float *u = w->u + (size_t)s * F;
-        for (int i = 0; i < F; i++)
-            g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
-        w->cc.ops->quantize_act(td, g, w->xq_a + (size_t)s * sd, F);
-    }
-    /* down: with neuron-major images (dt), one slot at a time (the same bits as the dense
-     * product, idle neurons skipped) except groups of many tokens, which pack the image and
-     * run batched (the same bits), in waves of EXPERT_PACKS; else dense per group */
-    bool batched[EXPERT_CHUNK] = {false};
-    for (int q = 0; q < ng;) {
-        int nj = 0;
-        for (; q < ng; q++) {
-            const bool pack =
-                dt && td == STP_TYPE_Q4_0 && w->pack_down && gr[q].n >= MM_PACK_MIN_VEC;
-            if (dt && !pack) continue;
-            if (pack && nj == EXPERT_PACKS) break; /* next wave */
-            int s0 = gr[q].s0 - c0;
-            const uint8_t *img = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
-            jobs[nj] = (mm_job){.type = td,
-                                .n_cols = F,
-                                .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
-                                .xq = w->xq_a + (size_t)s0 * sd,
-                                .xq_stride = sd,
-                                .n_vec = gr[q].n,
-                                .y = w->ys + (size_t)s0 * E,
-                                .y_stride = (size_t)E,
-                                .n_rows = E};
-            if (pack) {
-                jobs[nj].down_t = img;
-                jobs[nj].pack_scratch = w->pack_down + (size_t)nj * w->pack_down_bytes;
-            } else {
-                jobs[nj].w = img;
-            }
-            nj++;
-            batched[q] = true;
-        }
-        if (nj) ops_mm_run(&w->cc, jobs, nj);
-    }
-    if (dt) {
-        dt_section d = {.n = 0, .n_embd = E, .n_ff = F};
-        for (int q = 0; q < ng; q++) {
-            if (batched[q]) continue;
-            for (int s = gr[q].s0 - c0; s < gr[q].s0 - c0 + gr[q].n; s++) {
-                d.img[d.n] = w->pool.base + wk->experts[gr[q].j]->offset + off[2];
-                d.xq[d.n] = w->xq_a + (size_t)s * sd;
-                d.y[d.n] = w->ys + (size_t)s * E;
-                d.n++;
-            }
-        }
-        if (d.n) threadpool_run(w->tp, s_dt_worker, &d);
-    }
-    for (int s = 0; s < cs; s++)
-        memcpy(yout + ((size_t)w->slot_t[c0 + s] * K + w->slot_k[c0 + s]) * E,
-               w->ys + (size_t)s * E, (size_t)E * sizeof(float));
-    return active_total;
-}
-
 /* Computes the slots of the listed experts; returns slots done. Inputs validated by caller.
- * Slots are grouped by expert (list order, tokens in order) and computed EXPERT_CHUNK at a time,
- * so the scratch is small whatever the micro-batch (splitting a group changes no bit: every
- * row's dot product is the same for 1 or n vectors). */
+ * Slots are grouped by expert (list order, tokens in order), each expert's matrices are its
+ * pool slot's images, and the FFN is moe_forward's (expert_ffn_run), outputs straight into the
+ * activation region's y rows. */
 static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
                      uint64_t *active_out) {
-    const int K = w->m->cfg.n_expert_used;
+    const model_config *c = &w->m->cfg;
+    const layer_weights *L = &w->m->layers[il];
+    const int K = c->n_expert_used;
     const int32_t *sel = (const int32_t *)(w->act.base + w->ah->off_sel);
-    int S = 0, ng = 0;
+    size_t off[3], sb;
+    pool_slot_parts(L->gate_exps.mat_bytes, L->up_exps.mat_bytes,
+                    w->down_t ? down_t_expert_bytes(L->down_exps.type, c->n_embd, c->n_ff_exp)
+                              : L->down_exps.mat_bytes,
+                    off, &sb);
+    int S = 0;
     for (int j = 0; j < (int)wk->n_experts; j++) {
-        int g0 = S;
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++)
-                if (sel[t * K + k] == (int32_t)wk->experts[j]->expert) {
-                    w->slot_t[S] = t;
-                    w->slot_k[S] = k;
-                    S++;
-                }
-        for (int s = g0; s < S; s += EXPERT_CHUNK)
-            w->grp[ng++] = (grp){j, s, S - s < EXPERT_CHUNK ? S - s : EXPERT_CHUNK};
+        const int32_t e = (int32_t)wk->experts[j]->expert;
+        const uint8_t *base = w->pool.base + wk->experts[j]->offset;
+        expert_ffn_group *g = &w->group[j];
+        *g = (expert_ffn_group){.w = {.gate = base + off[0],
+                                      .gate_x16 = w->gate_x16 ? base + off[0] : NULL,
+                                      .up = base + off[1],
+                                      .down = w->down_t ? NULL : base + off[2],
+                                      .down_t = w->down_t ? base + off[2] : NULL},
+                                .s0 = S};
+        for (int i = 0; i < T * K; i++)
+            if (sel[i] == e) {
+                w->slot_t[S] = i / K;
+                w->slot_row[S++] = i;
+            }
+        g->n = S - g->s0;
     }
-    uint64_t active = 0;
-    for (int q0 = 0; q0 < ng;) {
-        int q1 = q0, cs = 0;
-        while (q1 < ng && cs + w->grp[q1].n <= EXPERT_CHUNK)
-            cs += w->grp[q1++].n;
-        active += s_compute_chunk(w, il, wk, w->grp + q0, q1 - q0, w->grp[q0].s0, cs);
-        q0 = q1;
-    }
-    *active_out = active;
+    uint8_t *act = w->act.base;
+    expert_ffn_stats st = {0, 0};
+    expert_ffn_run(w->ffn, &w->cc, L, w->group, (int)wk->n_experts,
+                   (const float *)(act + w->ah->off_h), w->slot_t, (float *)(act + w->ah->off_y),
+                   w->slot_row, &st);
+    *active_out = st.active;
     return S;
 }
 

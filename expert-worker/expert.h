@@ -1,9 +1,9 @@
 /* expert: the expert worker's logic. Given layer l and a list of experts (with their pool
  * offsets), it computes, for every (token, k) slot whose selected expert is in the list,
- * y = down_e · (relu(gate_e · h_t) * (up_e · h_t)) into the activation region: the same kernels
- * and grouping as the in-process moe_forward (tokens grouped by expert in token order, `up`
- * only on active rows for single-token groups), so outputs are bit-identical. The attention
- * worker sums them in k order. */
+ * y = down_e · (relu(gate_e · h_t) * (up_e · h_t)) into the activation region by the
+ * in-process engine's own function (expert_ffn_run, tokens grouped by expert in token order)
+ * over the pool slots' images, so outputs are bit-identical. What is its own: the message loop,
+ * validation, the pool and region mappings. The attention worker sums the outputs in k order. */
 #ifndef STP_EXPERT_H
 #define STP_EXPERT_H
 

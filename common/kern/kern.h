@@ -124,6 +124,24 @@ void kern_matvec_q4_0x16_ref(int64_t n_cols, const void *wp, const void *xq, flo
 void kern_matmat_q4_0x16_ref(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
                              int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1);
 
+/* ---- neuron-major Q4_0 `down` ("down_t"; built by common/model/down_t.h) ------------------ *
+ * The same values as a Q4_0 matrix of n_embd rows by n_ff columns, regrouped per group g of 32
+ * columns (neurons): [ the n_embd rows' fp16 scales of g ][ neuron 0: n_embd/2 bytes ] ...
+ * [ neuron 31 ], a neuron's byte k holding row k's nibble (low) and row k + n_embd/2's (high).
+ * The product y = W·a (a: n_ff/32 Q8_0 blocks) is, per row r and group g in order,
+ *   acc_r = fmaf((float) sum_j (q[r][j] - 8) * qa[j], d[r][g] * d_a[g], acc_r),
+ * the integer sums and fused steps of the Q4_0 matvec: skipping neurons with qa == 0 and groups
+ * with no active neuron changes no bit. */
+#define KERN_DOWN_T_MAX_EMBD 8192
+#define KERN_DOWN_T_MAX_FF 8192
+/* Bytes of one group (32 neurons) of an image. */
+static inline size_t kern_down_t_group_bytes(int n_embd) {
+    return (size_t)n_embd * 2 + 32 * (size_t)n_embd / 2;
+}
+/* Reference version of kern_ops' down_t_matvec (same contract). */
+int64_t kern_down_t_matvec_ref(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                               float *y, int k0, int k1);
+
 /* ---- dispatched operations ------------------------------------------------------------------ */
 
 /* Function table filled once per process with the best variant this CPU supports. */
@@ -164,6 +182,11 @@ typedef struct kern_ops {
      * once for up to 32 vectors. Bit-identical to matmat(STP_TYPE_Q4_0, ...). */
     void (*matmat_q4_0x16)(int64_t n_cols, const void *wp, const void *xq, size_t xq_stride,
                            int64_t n_vec, float *y, size_t y_stride, int64_t g0, int64_t g1);
+    /* The down_t product (see above) for row pairs k and k + n_embd/2, k in [k0, k1) (k1 <=
+     * n_embd/2; rows k0.. and k0 + n_embd/2.. of y are written); returns the neurons computed
+     * (active neurons of the active groups). Bit-identical at every level. */
+    int64_t (*down_t_matvec)(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                             float *y, int k0, int k1);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

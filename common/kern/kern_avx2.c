@@ -569,4 +569,5 @@ const kern_ops kern_ops_avx2_table = {
     .matvec_rows = kern_avx2_matvec_rows,
     .matvec_q4_0x16 = s_matvec_x16,
     .matmat_q4_0x16 = s_matmat_x16,
+    .down_t_matvec = kern_down_t_matvec_avx2,
 };

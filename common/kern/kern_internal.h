@@ -123,8 +123,12 @@ static inline void kern_q4x16_drive(int64_t n_cols, const void *wp, const void *
 extern const kern_ops kern_ops_ref_table;
 extern const kern_ops kern_ops_avx2_table;
 extern const kern_ops kern_ops_avx512_table;
+int64_t kern_down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                                  float *y, int k0, int k1);
 
 /* The avx2 entry points, reused by the avx512 table for the types it does not specialise. */
+int64_t kern_down_t_matvec_avx2(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                                float *y, int k0, int k1);
 void kern_avx2_quantize_act(stp_type wtype, const float *x, void *xq, int64_t n);
 float kern_avx2_vec_dot(stp_type wtype, int64_t n, const void *w_row, const void *xq);
 void kern_avx2_matvec_rows(stp_type wtype, int64_t n, const void *w, size_t row_bytes,

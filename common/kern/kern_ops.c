@@ -28,6 +28,7 @@ const kern_ops kern_ops_ref_table = {
     .matvec_rows = kern_matvec_rows_ref,
     .matvec_q4_0x16 = kern_matvec_q4_0x16_ref,
     .matmat_q4_0x16 = kern_matmat_q4_0x16_ref,
+    .down_t_matvec = kern_down_t_matvec_ref,
 };
 
 enum { LEVEL_REF = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };

@@ -1,11 +1,44 @@
-/* down_t (generic build): packing a neuron-major `down` image back into the row-interleaved
- * q4_0x16 layout, so a prefill (many tokens per expert) can run the batched packed kernel on
- * an expert whose pool slot holds only the down_t image. Plain C: no SIMD flags needed. */
+/* down_t: building the neuron-major `down` image of an expert from its GGUF rows, and packing
+ * an image back into the row-interleaved q4_0x16 layout, so a prefill (many tokens per expert)
+ * can run the batched packed kernel on an expert whose pool slot holds only the down_t image.
+ * Plain C, byte moves only: any CPU (the products are in common/kern). See down_t.h. */
 #include "model/down_t.h"
 
 #include <string.h>
 
 #include "kern/kern_internal.h"
+
+size_t down_t_expert_bytes(stp_type type, int n_embd, int n_ff) {
+    if (type != STP_TYPE_Q4_0 || n_ff % 32 || n_embd % 2 || n_embd > KERN_DOWN_T_MAX_EMBD ||
+        n_ff > KERN_DOWN_T_MAX_FF)
+        return 0;
+    return (size_t)(n_ff / 32) * kern_down_t_group_bytes(n_embd);
+}
+
+void down_t_build_expert(const tensor_view *down, int64_t e, uint8_t *dst) {
+    const int n_embd = (int)down->n_rows, n_ff = (int)down->n_cols, H = n_embd / 2;
+    const uint8_t *base = down->data + (size_t)e * down->mat_bytes;
+    for (int g = 0; g < n_ff / 32; g++) {
+        uint8_t *img = dst + (size_t)g * kern_down_t_group_bytes(n_embd);
+        stp_fp16 *scales = (stp_fp16 *)img;
+        uint8_t *nib = img + (size_t)n_embd * 2;
+        for (int r = 0; r < n_embd; r++) {
+            const block_q4_0 *b = (const block_q4_0 *)(base + (size_t)r * down->row_bytes) + g;
+            scales[r] = b->d;
+        }
+        for (int j = 0; j < 32; j++) {
+            uint8_t *nj = nib + (size_t)j * H;
+            for (int k = 0; k < H; k++) {
+                const block_q4_0 *lo = (const block_q4_0 *)(base + (size_t)k * down->row_bytes) + g;
+                const block_q4_0 *hi =
+                    (const block_q4_0 *)(base + (size_t)(k + H) * down->row_bytes) + g;
+                uint8_t ql = j < 16 ? lo->qs[j] & 0x0F : lo->qs[j - 16] >> 4;
+                uint8_t qh = j < 16 ? hi->qs[j] & 0x0F : hi->qs[j - 16] >> 4;
+                nj[k] = (uint8_t)(ql | (qh << 4));
+            }
+        }
+    }
+}
 
 void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64_t r1,
                      uint8_t *dst) {
@@ -19,7 +52,7 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
         const int k0 = (int)(16 * q) < H ? (int)(16 * q) : (int)(16 * q) - H;
         const int sh = (int)(16 * q) < H ? 0 : 4;
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *gi = img + (size_t)b * down_t_group_bytes(n_embd);
+            const uint8_t *gi = img + (size_t)b * kern_down_t_group_bytes(n_embd);
             const stp_fp16 *scales = (const stp_fp16 *)gi;
             const uint8_t *nib = gi + (size_t)n_embd * 2;
             uint8_t *qs = G + kern_q4x16_qoff(b), *sc = G + kern_q4x16_soff(nb, b);

@@ -1,9 +1,9 @@
-/* moe: the routed ReGLU experts of one layer for a micro-batch.
+/* moe: the routed ReGLU experts of one layer for a micro-batch, in process.
  *
  * out[t] = sum_k w[t][k] * down_e · (relu(gate_e · h[t]) * (up_e · h[t])), e = sel[t][k],
  * summed in k order as ggml does. Tokens are grouped by expert so each expert's weights are read
- * once per batch. For a single token, rows of `up` whose gate is not positive are skipped: a
- * neuron with relu(gate) == 0 contributes exactly 0, so skipping it changes no bit. */
+ * once per batch; the FFN itself is expert_ffn_run (the expert worker's too) over the mapped
+ * file's matrices and, when enabled, the neuron-major down_t images this scratch owns. */
 #ifndef STP_MOE_H
 #define STP_MOE_H
 
@@ -16,9 +16,10 @@ int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, st
 void moe_scratch_destroy(moe_scratch **self_p);
 size_t moe_scratch_bytes(const moe_scratch *s);
 
-/* Switches single-token `down` products to the neuron-major down_t layout (see down_t.h),
- * built lazily per (layer, expert) from m's weights on first use. Only Q4_0 `down` on CPUs with
- * AVX2+FMA; otherwise a no-op. Results are bit-identical to the dense path. */
+/* Switches the `down` products to neuron-major down_t images (see down_t.h), built lazily per
+ * (layer, expert) from m's weights on first use: single-slot products skip idle neurons, runs
+ * of many slots pack the image back into q4_0x16. Only Q4_0 `down` at a SIMD kernel level (the
+ * reference level keeps the file's rows); otherwise a no-op. The same bits as the dense path. */
 int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err);
 size_t moe_sparse_down_bytes(const moe_scratch *s); /* images built so far */
 /* Builds every down_t image now, split over the team (load time instead of first use). */

@@ -9,7 +9,7 @@
 
 #include "kern/kern.h"
 #include "model/attention.h"
-#include "model/expert_chunk.h"
+#include "model/expert_ffn.h"
 #include "shm/shm.h"
 
 #define MiB (1024.0 * 1024.0)
@@ -38,8 +38,8 @@ uint64_t budget_worker_bytes(const model_config *c) {
      * one covers the per-slot index arrays), a down output row, three quantized activations;
      * then the packed up and down images of one wave */
     const uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff_exp, wide = E > F ? E : F;
-    return (uint64_t)EXPERT_CHUNK_SLOTS * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64)) +
-           (uint64_t)EXPERT_CHUNK_PACKS * 2 * kern_q4_0x16_size((int64_t)F, (int64_t)E);
+    return (uint64_t)EXPERT_FFN_CHUNK * (4 * F * 4 + E * 4 + 3 * (wide * 4 + 64)) +
+           (uint64_t)EXPERT_FFN_PACKS * 2 * kern_q4_0x16_size((int64_t)F, (int64_t)E);
 }
 
 /* ---- the plan ---- */

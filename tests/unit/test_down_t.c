@@ -1,9 +1,11 @@
 /* test_down_t: the neuron-major `down` layout gives exactly the dense product (every kernel
- * level's Q4_0 matvec) for sparse and dense activations, and skips idle neurons; packed back
- * into q4_0x16 it gives the bytes kern_q4_0x16_pack gives from the GGUF rows. */
+ * level's Q4_0 matvec) through every level's kern_ops down_t_matvec, reference included, for
+ * sparse and dense activations, and skips idle neurons; packed back into q4_0x16 it gives the
+ * bytes kern_q4_0x16_pack gives from the GGUF rows. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <cmocka.h>
 
@@ -45,7 +47,6 @@ static void s_check_pack(const uint8_t *w, size_t rb, const uint8_t *img, int n_
 }
 
 /* n_embd rows of n_ff; activation with `idle` percent of neurons exactly 0. */
-/* (callers first th_need_kern_level("avx2"): down_t needs AVX2+FMA) */
 static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
@@ -68,14 +69,19 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
 
     uint8_t *img = s_image(w, rb, n_embd, n_ff);
     float *y = malloc(sizeof(float) * n_embd), *ref = malloc(sizeof(float) * n_embd);
-    /* in two thread-like halves of the row-pair range, as the engine splits it */
-    int64_t c = down_t_matvec(img, n_embd, n_ff, a, y, 0, n_embd / 4);
-    c += down_t_matvec(img, n_embd, n_ff, a, y, n_embd / 4, n_embd / 2);
-    assert_int_equal(c, 2 * active);
     const kern_ops *levels[4];
     int n = kern_ops_all(levels, 4);
+    levels[0]->matvec(STP_TYPE_Q4_0, n_ff, w, rb, xq, ref, 0, n_embd);
     for (int l = 0; l < n; l++) {
-        levels[l]->matvec(STP_TYPE_Q4_0, n_ff, w, rb, xq, ref, 0, n_embd);
+        float *dense = malloc(sizeof(float) * n_embd);
+        levels[l]->matvec(STP_TYPE_Q4_0, n_ff, w, rb, xq, dense, 0, n_embd);
+        assert_memory_equal(dense, ref, sizeof(float) * n_embd);
+        free(dense);
+        /* in two thread-like halves of the row-pair range, as the engine splits it */
+        memset(y, 0xFF, sizeof(float) * n_embd);
+        int64_t c = levels[l]->down_t_matvec(img, n_embd, n_ff, a, y, 0, n_embd / 4);
+        c += levels[l]->down_t_matvec(img, n_embd, n_ff, a, y, n_embd / 4, n_embd / 2);
+        assert_int_equal(c, 2 * active);
         assert_memory_equal(y, ref, sizeof(float) * n_embd);
     }
     if (n_embd % 32 == 0) s_check_pack(w, rb, img, n_embd, n_ff);
@@ -84,24 +90,20 @@ static void s_check(int n_embd, int n_ff, int idle, uint64_t seed) {
 
 static void test_down_t_dense_activation(void **state) {
     (void)state;
-    th_need_kern_level("avx2");
     s_check(256, 128, 0, 1);
 }
 static void test_down_t_half_idle(void **state) {
     (void)state;
-    th_need_kern_level("avx2");
     s_check(1536, 768, 50, 2);
 }
 static void test_down_t_mostly_idle(void **state) {
     (void)state;
-    th_need_kern_level("avx2");
     s_check(512, 256, 95, 3);
 }
 /* Any fp16 scale (subnormal, zero, negative, large) survives the trip through the image's
  * fp16 scales back into the packed layout bit for bit. */
 static void test_down_t_pack_any_scale(void **state) {
     (void)state;
-    th_need_kern_level("avx2"); /* down_t_build_expert needs AVX2 */
     const int n_embd = 512, n_ff = 256;
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
@@ -120,23 +122,37 @@ static void test_down_t_pack_any_scale(void **state) {
     free(w), free(img);
 }
 
-/* The avx512vnni kernel gives the avx2 kernel's bits over ranges that are not whole 64-row
- * blocks (its tail goes through the avx2 one) and at the integer extremes: nibbles 0 and 15
- * against qa = -127 and 127, every neuron active, so each row sum is the largest possible. */
+/* Every level gives the reference's bits over ranges that are not whole 64-row blocks (the
+ * avx512vnni kernel's tail goes through the avx2 one) and at the integer extremes: nibbles 0
+ * and 15 against qa = -127 and 127, every neuron active, so each row sum is the largest
+ * possible. */
 static void s_check_levels(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a) {
     float *y1 = malloc(sizeof(float) * n_embd), *y2 = malloc(sizeof(float) * n_embd);
     const int H = n_embd / 2, cut[] = {0, 80, 144, H - 17, H};
-    int64_t c1 = down_t_matvec_avx2(img, n_embd, n_ff, a, y1, 0, H), c2 = 0;
-    for (int i = 0; i + 1 < 5; i++)
-        c2 += down_t_matvec_avx512(img, n_embd, n_ff, a, y2, cut[i], cut[i + 1]);
-    assert_int_equal(c2, 4 * c1);
-    assert_memory_equal(y1, y2, sizeof(float) * n_embd);
+    const kern_ops *levels[4];
+    int n = kern_ops_all(levels, 4);
+    /* a level this CPU cannot run is a CPU-feature skip: printed and counted */
+    const char *want[] = {"avx2", "avx512vnni"};
+    for (int w = 0; w < 2; w++) {
+        bool have = false;
+        for (int l = 0; l < n; l++)
+            have |= !strcmp(levels[l]->level, want[w]);
+        if (!have) th_cpu_skip_note("test_down_t_levels_match_ref", want[w]);
+    }
+    int64_t c1 = levels[0]->down_t_matvec(img, n_embd, n_ff, a, y1, 0, H);
+    for (int l = 1; l < n; l++) {
+        int64_t c2 = 0;
+        memset(y2, 0xFF, sizeof(float) * n_embd);
+        for (int i = 0; i + 1 < 5; i++)
+            c2 += levels[l]->down_t_matvec(img, n_embd, n_ff, a, y2, cut[i], cut[i + 1]);
+        assert_int_equal(c2, 4 * c1);
+        assert_memory_equal(y1, y2, sizeof(float) * n_embd);
+    }
     free(y1), free(y2);
 }
 
-static void test_down_t_vnni_matches_avx2(void **state) {
+static void test_down_t_levels_match_ref(void **state) {
     (void)state;
-    th_need_kern_level("avx512vnni");
     const int n_embd = 1536, n_ff = 768;
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n_ff);
     uint8_t *w = malloc(rb * n_embd);
@@ -183,7 +199,7 @@ int main(void) {
         cmocka_unit_test(test_down_t_half_idle),
         cmocka_unit_test(test_down_t_mostly_idle),
         cmocka_unit_test(test_down_t_pack_any_scale),
-        cmocka_unit_test(test_down_t_vnni_matches_avx2),
+        cmocka_unit_test(test_down_t_levels_match_ref),
         cmocka_unit_test(test_down_t_unsupported_type),
     };
     return th_exit_code(cmocka_run_group_tests(tests, NULL, NULL));

@@ -1,5 +1,5 @@
 /* down_t (avx512vnni level): the ReGLU-sparse down product over the neuron-major image with
- * vpdpbusd, four neurons at a time. See down_t.h for the layout and the float order.
+ * vpdpbusd, four neurons at a time. See kern.h for the layout and the float order.
  *
  * For 64 row pairs (k, k + n_embd/2) and a quad of active neurons A..D of group g, the four
  * neurons' nibble bytes are interleaved (unpack 8 then 16 bits) so each dword holds one row's
@@ -9,12 +9,12 @@
  * [0-3 | 16-19 | 32-35 | 48-51] in the first accumulator, [4-7 | ...] in the second, ...; a
  * 4x4 transpose of 128-bit lanes restores row order before the float step, which is then
  * acc_r = fma((float)isum_r, d[r][g] * d_a[g], acc_r) per group in order, as in down_t_avx2.c.
- * Ranges of k that are not a whole number of 64-blocks finish in the avx2 kernel. */
+ * Ranges of k that are not a whole number of 64-blocks finish in the avx2 kernel (this level's
+ * table holds avx2's entries for everything it does not specialise, and the same bits). */
 #include <immintrin.h>
 #include <string.h>
 
 #include "kern/kern_internal.h"
-#include "model/down_t.h"
 
 /* One group's active neurons, in quads: quad q has the neurons at nib + off[4q..4q+3] and the
  * weights w[q]; the last quad is padded with neuron off[0] again at weight 0. */
@@ -83,15 +83,15 @@ static int s_group_lines(const dt_group *G, const uint8_t *img, size_t gbytes, i
     return m;
 }
 
-int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
-                             float *y, int k0, int k1) {
+int64_t kern_down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
+                                  float *y, int k0, int k1) {
     const int H = n_embd / 2, nblk = (k1 - k0) / 64, kb = k0 + 64 * nblk;
-    const size_t gbytes = down_t_group_bytes(n_embd);
+    const size_t gbytes = kern_down_t_group_bytes(n_embd);
     int64_t computed = 0;
     if (nblk > 0) {
         /* the active neurons of each group, in quads (the last padded with qa = 0) */
         const int ngroups = n_ff / 32;
-        dt_group groups[DOWN_T_MAX_FF / 32];
+        dt_group groups[KERN_DOWN_T_MAX_FF / 32];
         int ng = 0;
         for (int g = 0; g < ngroups; g++) {
             const block_q8_0 *ab = &a[g];
@@ -121,12 +121,12 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         }
         const __m512i m4 = _mm512_set1_epi8(0x0F);
         const int n = 64 * nblk;
-        float acc_lo[DOWN_T_MAX_EMBD / 2], acc_hi[DOWN_T_MAX_EMBD / 2];
+        float acc_lo[KERN_DOWN_T_MAX_EMBD / 2], acc_hi[KERN_DOWN_T_MAX_EMBD / 2];
         memset(acc_lo, 0, sizeof(float) * n);
         memset(acc_hi, 0, sizeof(float) * n);
         /* group by group (in order: the float steps' order); the next group's lines are
          * prefetched a few per quad step of this one */
-        const char *pf[DOWN_T_MAX_EMBD / 16 + DOWN_T_MAX_EMBD / 4]; /* scales, neurons */
+        const char *pf[KERN_DOWN_T_MAX_EMBD / 16 + KERN_DOWN_T_MAX_EMBD / 4]; /* scales, neurons */
         int npf = 0, ipf = 0;
         if (ng) {
             npf = s_group_lines(&groups[0], img, gbytes, k0, n, H, pf);
@@ -169,7 +169,7 @@ int64_t down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, const blo
         memcpy(y + k0 + H, acc_hi, sizeof(float) * n);
     }
     if (kb < k1) {
-        const int64_t c = down_t_matvec_avx2(img, n_embd, n_ff, a, y, kb, k1);
+        const int64_t c = kern_down_t_matvec_avx2(img, n_embd, n_ff, a, y, kb, k1);
         if (nblk == 0) computed = c;
     }
     return computed;

@@ -1,0 +1,277 @@
+/* expert_ffn: the routed experts' FFN over slots, chunked, with packing waves; see
+ * expert_ffn.h. Every path (packed, row subset, down_t) gives the dense product's bits
+ * (README.md invariants 4 and 8), so the choices here are speed only. */
+#include "model/expert_ffn.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/down_t.h"
+
+struct expert_ffn {
+    int E, F;
+    float *g, *u;                 /* (CHUNK, F) gate, then the ReGLU activation; up */
+    float *ys;                    /* (CHUNK, E) down outputs in chunk order */
+    int32_t *active;              /* (CHUNK, F) active neurons of single-slot runs */
+    uint8_t *xq_h, *xq_h2, *xq_a; /* (CHUNK) quantized inputs of gate, up (if its format
+                                   * differs), down */
+    uint8_t *pack_up, *pack_down; /* (PACKS) q4_0x16 images, 64-byte aligned; NULL: the shape
+                                   * cannot be packed */
+    size_t pack_up_bytes, pack_down_bytes; /* per image, rounded up to 64 */
+    size_t bytes;
+};
+
+/* A run of one expert's slots inside a chunk. */
+typedef struct ffn_run {
+    const expert_ffn_weights *w;
+    int s0; /* first slot (caller's numbering) */
+    int l0; /* its row in the chunk's scratch */
+    int n;
+} ffn_run;
+
+static uint8_t *s_alloc_packs(size_t image, size_t *stride) {
+    *stride = (image + 63) & ~(size_t)63;
+    return image ? aligned_alloc(64, *stride * EXPERT_FFN_PACKS) : NULL;
+}
+
+int expert_ffn_new(expert_ffn **out, const model_config *cfg, stp_err *err) {
+    *out = NULL;
+    expert_ffn *f = calloc(1, sizeof *f);
+    if (!f) return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
+    const size_t S = EXPERT_FFN_CHUNK, E = (size_t)cfg->n_embd, F = (size_t)cfg->n_ff_exp;
+    const size_t act = (E > F ? E : F) * 4 + 64; /* F32 activations are the widest format */
+    f->E = cfg->n_embd;
+    f->F = cfg->n_ff_exp;
+    f->g = malloc(S * F * sizeof(float));
+    f->u = malloc(S * F * sizeof(float));
+    f->ys = malloc(S * E * sizeof(float));
+    f->active = malloc(S * F * sizeof(int32_t));
+    f->xq_h = malloc(S * act);
+    f->xq_h2 = malloc(S * act);
+    f->xq_a = malloc(S * act);
+    const size_t up = kern_q4_0x16_size((int64_t)F, (int64_t)E);
+    /* a down_t image packs back by halves of n_embd rows: each half whole 16-row groups */
+    const size_t down = E % 32 == 0 ? kern_q4_0x16_size((int64_t)E, (int64_t)F) : 0;
+    f->pack_up = s_alloc_packs(up, &f->pack_up_bytes);
+    f->pack_down = s_alloc_packs(down, &f->pack_down_bytes);
+    f->bytes = S * (3 * F + E) * 4 + 3 * S * act +
+               EXPERT_FFN_PACKS * (f->pack_up_bytes + f->pack_down_bytes);
+    if (!f->g || !f->u || !f->ys || !f->active || !f->xq_h || !f->xq_h2 || !f->xq_a ||
+        (up && !f->pack_up) || (down && !f->pack_down)) {
+        expert_ffn_destroy(&f);
+        return stp_err_set(err, STP_ENOMEM, "expert scratch: out of memory");
+    }
+    *out = f;
+    return 0;
+}
+
+void expert_ffn_destroy(expert_ffn **self_p) {
+    expert_ffn *f = *self_p;
+    if (!f) return;
+    free(f->g);
+    free(f->u);
+    free(f->ys);
+    free(f->active);
+    free(f->xq_h);
+    free(f->xq_h2);
+    free(f->xq_a);
+    free(f->pack_up);
+    free(f->pack_down);
+    free(f);
+    *self_p = NULL;
+}
+
+size_t expert_ffn_bytes(const expert_ffn *f) {
+    return f ? f->bytes : 0;
+}
+
+/* The single-slot down products over down_t images, rows split over the team. */
+typedef struct dt_section {
+    const kern_ops *ops;
+    const uint8_t *img[EXPERT_FFN_CHUNK];
+    const uint8_t *xq[EXPERT_FFN_CHUNK];
+    float *y[EXPERT_FFN_CHUNK];
+    int n, n_embd, n_ff;
+    int64_t computed[64]; /* per thread */
+} dt_section;
+
+static void s_dt_worker(void *p, int ith, int nth) {
+    dt_section *d = p;
+    long k0, k1;
+    threadpool_chunk(d->n_embd / 2, ith, nth, 16, &k0, &k1);
+    int64_t c = 0;
+    for (int i = 0; i < d->n && k0 < k1; i++)
+        c += d->ops->down_t_matvec(d->img[i], d->n_embd, d->n_ff, (const block_q8_0 *)d->xq[i],
+                                   d->y[i], (int)k0, (int)k1);
+    if (ith < 64) d->computed[ith] = c;
+}
+
+/* gate for every run, one section (the q4_0x16 image when given: every row range ops_mm_run
+ * hands out is a multiple of 16 rows, so the packed kernel always runs). */
+static void s_gate(expert_ffn *f, const compute_ctx *cc, const layer_weights *L, const ffn_run *r,
+                   int nr) {
+    const stp_type tg = L->gate_exps.type;
+    const size_t sg = kern_act_size(tg, f->E);
+    mm_job jobs[EXPERT_FFN_CHUNK];
+    for (int q = 0; q < nr; q++)
+        jobs[q] = (mm_job){.type = tg,
+                           .n_cols = f->E,
+                           .w = r[q].w->gate,
+                           .wp = r[q].w->gate_x16,
+                           .row_bytes = L->gate_exps.row_bytes,
+                           .xq = f->xq_h + (size_t)r[q].l0 * sg,
+                           .xq_stride = sg,
+                           .n_vec = r[q].n,
+                           .y = f->g + (size_t)r[q].l0 * f->F,
+                           .y_stride = (size_t)f->F,
+                           .n_rows = f->F};
+    ops_mm_run(cc, jobs, nr);
+}
+
+/* up: only the active rows for single-slot runs; runs of many slots pack the matrix, at most
+ * EXPERT_FFN_PACKS at a time (waves). Returns the active neurons. */
+static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *L, const ffn_run *r,
+                     int nr) {
+    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type;
+    const size_t su = kern_act_size(tu, f->E);
+    const uint8_t *xq_up = kern_act_type(tu) == kern_act_type(tg) ? f->xq_h : f->xq_h2;
+    const int F = f->F;
+    mm_job jobs[EXPERT_FFN_CHUNK];
+    uint64_t active = 0;
+    for (int q = 0; q < nr;) {
+        int nj = 0, n_pack = 0;
+        for (; q < nr; q++) {
+            const int n = r[q].n, l0 = r[q].l0;
+            const bool pack = tu == STP_TYPE_Q4_0 && f->pack_up && n >= MM_PACK_MIN_VEC;
+            if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
+            mm_job j = {.type = tu,
+                        .n_cols = f->E,
+                        .w = r[q].w->up,
+                        .row_bytes = L->up_exps.row_bytes,
+                        .xq = xq_up + (size_t)l0 * su,
+                        .xq_stride = su,
+                        .n_vec = n,
+                        .y = f->u + (size_t)l0 * F,
+                        .y_stride = (size_t)F,
+                        .n_rows = F};
+            if (pack) j.pack_scratch = f->pack_up + (size_t)n_pack++ * f->pack_up_bytes;
+            active += ops_count_active(f->g + (size_t)l0 * F, (size_t)n, F);
+            if (n == 1) {
+                j.rows = f->active + (size_t)l0 * F;
+                j.n_rows = ops_active_rows(f->g + (size_t)l0 * F, F, f->active + (size_t)l0 * F);
+            }
+            jobs[nj++] = j;
+        }
+        ops_mm_run(cc, jobs, nj);
+    }
+    return active;
+}
+
+/* down: runs of many slots as batched jobs, in waves of EXPERT_FFN_PACKS, packed from the GGUF
+ * rows when the caller has them (a plain byte shuffle), else from the down_t image; with a
+ * down_t image, the other runs one slot at a time, idle neurons skipped; without, dense.
+ * Returns the neurons computed. */
+static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
+                       const ffn_run *r, int nr) {
+    const stp_type td = L->down_exps.type;
+    const size_t sd = kern_act_size(td, f->F);
+    const int E = f->E, F = f->F;
+    mm_job jobs[EXPERT_FFN_CHUNK];
+    uint64_t computed = 0;
+    dt_section d = {.ops = cc->ops, .n = 0, .n_embd = E, .n_ff = F};
+    for (int q = 0; q < nr;) {
+        int nj = 0, n_pack = 0;
+        for (; q < nr; q++) {
+            const int n = r[q].n, l0 = r[q].l0;
+            const uint8_t *img = r[q].w->down_t, *rows = r[q].w->down;
+            const bool pack = td == STP_TYPE_Q4_0 && f->pack_down && n >= MM_PACK_MIN_VEC;
+            if (img && !pack) { /* single-slot products, after the waves */
+                for (int l = l0; l < l0 + n; l++, d.n++) {
+                    d.img[d.n] = img;
+                    d.xq[d.n] = f->xq_a + (size_t)l * sd;
+                    d.y[d.n] = f->ys + (size_t)l * E;
+                }
+                continue;
+            }
+            if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
+            mm_job j = {.type = td,
+                        .n_cols = F,
+                        .w = rows,
+                        .row_bytes = L->down_exps.row_bytes, /* also sizes the section */
+                        .xq = f->xq_a + (size_t)l0 * sd,
+                        .xq_stride = sd,
+                        .n_vec = n,
+                        .y = f->ys + (size_t)l0 * E,
+                        .y_stride = (size_t)E,
+                        .n_rows = E,
+                        .down_t = rows ? NULL : img};
+            if (pack) j.pack_scratch = f->pack_down + (size_t)n_pack++ * f->pack_down_bytes;
+            jobs[nj++] = j;
+            computed += (uint64_t)n * F;
+        }
+        if (nj) ops_mm_run(cc, jobs, nj);
+    }
+    if (d.n) {
+        threadpool_run(cc->tp, s_dt_worker, &d);
+        /* every thread walks the same neurons (the set depends on the activation only) over its
+         * own rows: the count is one thread's, not the sum over the team */
+        int64_t most = 0;
+        for (int i = 0; i < 64; i++)
+            most = d.computed[i] > most ? d.computed[i] : most;
+        computed += (uint64_t)most;
+    }
+    return computed;
+}
+
+/* One chunk: runs r[0..nr), cs slots in all. */
+static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L, const ffn_run *r,
+                    int nr, int cs, const float *h, const int32_t *tok, float *y,
+                    const int32_t *y_row, expert_ffn_stats *st) {
+    const int E = f->E, F = f->F;
+    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
+    const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
+    const bool up_shares = kern_act_type(tu) == kern_act_type(tg);
+    for (int q = 0; q < nr; q++)
+        for (int i = 0; i < r[q].n; i++) {
+            const float *hv = h + (size_t)tok[r[q].s0 + i] * E;
+            const int l = r[q].l0 + i;
+            cc->ops->quantize_act(tg, hv, f->xq_h + (size_t)l * sg, E);
+            if (!up_shares) cc->ops->quantize_act(tu, hv, f->xq_h2 + (size_t)l * su, E);
+        }
+    s_gate(f, cc, L, r, nr);
+    const uint64_t active = s_up(f, cc, L, r, nr);
+    for (int l = 0; l < cs; l++) { /* ReGLU, quantized for down */
+        float *g = f->g + (size_t)l * F;
+        const float *u = f->u + (size_t)l * F;
+        for (int i = 0; i < F; i++)
+            g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+        cc->ops->quantize_act(td, g, f->xq_a + (size_t)l * sd, F);
+    }
+    const uint64_t down = s_down(f, cc, L, r, nr);
+    for (int q = 0; q < nr; q++)
+        for (int i = 0; i < r[q].n; i++)
+            memcpy(y + (size_t)y_row[r[q].s0 + i] * E, f->ys + (size_t)(r[q].l0 + i) * E,
+                   (size_t)E * sizeof(float));
+    if (st) {
+        st->active += active;
+        st->down += down;
+    }
+}
+
+void expert_ffn_run(expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
+                    const expert_ffn_group *groups, int ng, const float *h, const int32_t *tok,
+                    float *y, const int32_t *y_row, expert_ffn_stats *st) {
+    ffn_run r[EXPERT_FFN_CHUNK];
+    int nr = 0, cs = 0;
+    for (int q = 0; q < ng; q++)
+        for (int s = groups[q].s0, end = s + groups[q].n; s < end; s += EXPERT_FFN_CHUNK) {
+            const int n = end - s < EXPERT_FFN_CHUNK ? end - s : EXPERT_FFN_CHUNK;
+            if (cs + n > EXPERT_FFN_CHUNK) { /* this run starts the next chunk */
+                s_chunk(f, cc, L, r, nr, cs, h, tok, y, y_row, st);
+                nr = cs = 0;
+            }
+            r[nr++] = (ffn_run){&groups[q].w, s, cs, n};
+            cs += n;
+        }
+    if (nr) s_chunk(f, cc, L, r, nr, cs, h, tok, y, y_row, st);
+}

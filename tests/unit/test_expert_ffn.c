@@ -1,0 +1,162 @@
+/* test_expert_ffn: expert_ffn_run (the FFN both moe_forward and the expert worker run) gives,
+ * for every slot, the bits of a plain per-slot product (dense matvecs of gate, up and down)
+ * through every path it picks: a group longer than a chunk (split at 256), more packing runs
+ * than one wave holds, single slots with sparse `up`, down from GGUF rows or from down_t images
+ * (single-slot sparse products, batches packed from the rows or back from the image), gate
+ * from rows or its q4_0x16 image, on 1 and 2 threads; outputs land in the rows y_row names,
+ * and the statistics count. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/down_t.h"
+#include "model/expert_ffn.h"
+
+enum { E = 256, F = 128, X = 12, T = 64 };
+/* slots per expert: one group longer than a chunk, single slots, ten packing runs */
+static const int k_n[X] = {300, 1, 9, 10, 10, 10, 10, 10, 10, 10, 10, 3};
+
+static float s_rand(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((*s >> 40) & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f;
+}
+
+/* A (X, rows, cols) Q4_0 stack of random weights as a tensor view (data malloc'd). */
+static tensor_view s_stack(int rows, int cols, uint64_t *seed) {
+    const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, cols);
+    uint8_t *w = malloc(rb * rows * X);
+    float *row = malloc(sizeof(float) * cols);
+    for (int r = 0; r < rows * X; r++) {
+        for (int i = 0; i < cols; i++)
+            row[i] = s_rand(seed) * 0.1f;
+        kern_quantize_row_ref(STP_TYPE_Q4_0, row, w + (size_t)r * rb, cols);
+    }
+    free(row);
+    return (tensor_view){.data = w,
+                         .type = STP_TYPE_Q4_0,
+                         .n_cols = cols,
+                         .n_rows = rows,
+                         .n_mat = X,
+                         .row_bytes = rb,
+                         .mat_bytes = rb * rows};
+}
+
+/* Slot s's output by dense matvecs, one vector at a time; its active neurons. */
+static uint64_t s_reference(const kern_ops *ops, const layer_weights *L, int e, const float *h,
+                            float *y) {
+    uint8_t xq[E * 2], aq[F * 2];
+    float g[F], u[F];
+    ops->quantize_act(STP_TYPE_Q4_0, h, xq, E);
+    ops->matvec(STP_TYPE_Q4_0, E, L->gate_exps.data + (size_t)e * L->gate_exps.mat_bytes,
+                L->gate_exps.row_bytes, xq, g, 0, F);
+    ops->matvec(STP_TYPE_Q4_0, E, L->up_exps.data + (size_t)e * L->up_exps.mat_bytes,
+                L->up_exps.row_bytes, xq, u, 0, F);
+    uint64_t active = 0;
+    for (int i = 0; i < F; i++) {
+        active += g[i] > 0.0f;
+        g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+    }
+    ops->quantize_act(STP_TYPE_Q4_0, g, aq, F);
+    ops->matvec(STP_TYPE_Q4_0, F, L->down_exps.data + (size_t)e * L->down_exps.mat_bytes,
+                L->down_exps.row_bytes, aq, y, 0, E);
+    return active;
+}
+
+static void s_check(int threads, bool images) {
+    const kern_ops *ops = kern_ops_get();
+    uint64_t seed = 5;
+    layer_weights L = {.gate_exps = s_stack(F, E, &seed),
+                       .up_exps = s_stack(F, E, &seed),
+                       .down_exps = s_stack(E, F, &seed)};
+    float *h = malloc(sizeof(float) * T * E);
+    for (int i = 0; i < T * E; i++)
+        h[i] = s_rand(&seed);
+    int S = 0;
+    for (int e = 0; e < X; e++)
+        S += k_n[e];
+    int32_t *tok = malloc(sizeof(int32_t) * S), *y_row = malloc(sizeof(int32_t) * S);
+    float *y = malloc(sizeof(float) * S * E), *ref = malloc(sizeof(float) * S * E);
+    expert_ffn_group groups[X];
+    uint8_t *gate_x16[X], *dt[X];
+    uint64_t active = 0;
+    for (int e = 0, s0 = 0; e < X; s0 += k_n[e++]) {
+        gate_x16[e] = dt[e] = NULL;
+        if (images) {
+            gate_x16[e] = aligned_alloc(64, kern_q4_0x16_size(F, E));
+            kern_q4_0x16_pack(L.gate_exps.data + (size_t)e * L.gate_exps.mat_bytes,
+                              L.gate_exps.row_bytes, F, E, gate_x16[e]);
+            dt[e] = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, E, F));
+            down_t_build_expert(&L.down_exps, e, dt[e]);
+        }
+        groups[e] = (expert_ffn_group){
+            .w = {.gate = gate_x16[e] ? gate_x16[e]
+                                      : L.gate_exps.data + (size_t)e * L.gate_exps.mat_bytes,
+                  .gate_x16 = gate_x16[e],
+                  .up = L.up_exps.data + (size_t)e * L.up_exps.mat_bytes,
+                  /* with images: the rows too for even experts (in process: batched runs
+                   * pack the rows), only the image for odd ones (a pool slot) */
+                  .down =
+                      dt[e] && e % 2 ? NULL : L.down_exps.data + (size_t)e * L.down_exps.mat_bytes,
+                  .down_t = dt[e]},
+            .s0 = s0,
+            .n = k_n[e]};
+        for (int s = s0; s < s0 + k_n[e]; s++) {
+            tok[s] = (s * 7) % T;
+            y_row[s] = S - 1 - s; /* outputs land in the rows named, here reversed */
+            active += s_reference(ops, &L, e, h + (size_t)tok[s] * E, ref + (size_t)y_row[s] * E);
+        }
+    }
+    model_config cfg = {.n_embd = E, .n_ff_exp = F};
+    expert_ffn *f = NULL;
+    stp_err err = {0};
+    assert_int_equal(expert_ffn_new(&f, &cfg, &err), 0);
+    threadpool *tp = NULL;
+    assert_int_equal(threadpool_new(&tp, threads, &err), 0);
+    compute_ctx cc = {.ops = ops, .tp = tp};
+    expert_ffn_stats st = {0, 0};
+    memset(y, 0xFF, sizeof(float) * S * E);
+    expert_ffn_run(f, &cc, &L, groups, X, h, tok, y, y_row, &st);
+    assert_memory_equal(y, ref, sizeof(float) * S * E);
+    assert_int_equal(st.active, active);
+    if (!images) assert_int_equal(st.down, (uint64_t)S * F);
+    assert_true(st.down > 0 && st.down <= (uint64_t)S * F);
+    threadpool_destroy(&tp);
+    expert_ffn_destroy(&f);
+    assert_null(f);
+    for (int e = 0; e < X; e++)
+        free(gate_x16[e]), free(dt[e]);
+    free((void *)L.gate_exps.data), free((void *)L.up_exps.data), free((void *)L.down_exps.data);
+    free(h), free(tok), free(y_row), free(y), free(ref);
+}
+
+static void test_expert_ffn_rows_one_thread(void **state) {
+    (void)state;
+    s_check(1, false);
+}
+static void test_expert_ffn_rows_two_threads(void **state) {
+    (void)state;
+    s_check(2, false);
+}
+static void test_expert_ffn_images_one_thread(void **state) {
+    (void)state;
+    s_check(1, true);
+}
+static void test_expert_ffn_images_two_threads(void **state) {
+    (void)state;
+    s_check(2, true);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_expert_ffn_rows_one_thread),
+        cmocka_unit_test(test_expert_ffn_rows_two_threads),
+        cmocka_unit_test(test_expert_ffn_images_one_thread),
+        cmocka_unit_test(test_expert_ffn_images_two_threads),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
