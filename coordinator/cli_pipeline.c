@@ -87,8 +87,16 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
     }
     /* Liveness (MDP style): after hb ms without a message the client pings; a coordinator
      * silent for STAGE_LIVENESS intervals is dead, one that no longer knows the request was
-     * restarted. Progress: no token for `timeout` ms fails too. */
+     * restarted. Progress: no token for `timeout` ms fails too; until the first token the
+     * prompt's evaluation (one message, no events) is allowed 250 ms more per prompt token (a
+     * floor of 4 tokens/s: a long prompt under a memory budget streams every expert), counting a
+     * text prompt's bytes as its tokens (never fewer). */
     int timeout = o->timeout_ms > 0 ? o->timeout_ms : 120000;
+    const double n_units =
+        o->prompt_ids    ? (double)o->n_prompt
+        : o->prompt_text ? (double)strlen(o->prompt_text) + (o->system ? strlen(o->system) : 0)
+                         : 0.0;
+    const double prefill_allow_ms = 250.0 * n_units;
     int hb = s_heartbeat_ms(o->run_dir);
     double last_rx = msg_now_us(), last_progress = last_rx, last_ping = last_rx;
     uint64_t nonce = 0;
@@ -102,7 +110,7 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
             status = 0;
             break;
         }
-        if ((now - last_progress) * 1e-3 > timeout) {
+        if ((now - last_progress) * 1e-3 > timeout + (n_ids == 0 ? prefill_allow_ms : 0)) {
             fprintf(stderr, "\nstpipe generate: no progress from the pipeline in %s within %d s\n",
                     o->run_dir, timeout / 1000);
             break;
