@@ -1,4 +1,5 @@
-/* attn: attention worker layer loop, expert dispatch and message handling; see attn.h. */
+/* attn: the attention worker: the seam that runs common/model's layer loop (forward_ubatch)
+ * with the expert workers (decisions, residency, dispatch), and message handling; see attn.h. */
 #include "attn.h"
 
 #include <errno.h>
@@ -14,6 +15,7 @@
 #include "eval.pb-c.h"
 #include "layer.pb-c.h"
 #include "model/attention.h"
+#include "model/forward.h"
 #include "model/kv_cache.h"
 #include "model/model.h"
 #include "model/ops.h"
@@ -59,6 +61,16 @@ typedef struct work_batch {
     double compute_us; /* longest worker compute of the batch */
 } work_batch;
 
+/* The layer being run: what s_routed decided before attention, for s_run after it. */
+typedef struct layer_plan {
+    uint64_t seq; /* the decision's sequence number */
+    int n, n_ready;
+    bool resident; /* every expert READY when the decision went out */
+    uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS]; /* experts ascending, tokens on each */
+    Stp__ExpertLoc loc[STP_MAX_EXPERTS];
+    bool ready[STP_MAX_EXPERTS];
+} layer_plan;
+
 struct attn_worker {
     stage_opts o;
     model *m;
@@ -89,6 +101,7 @@ struct attn_worker {
     stats *st;
     uint64_t seq; /* per-layer message sequence, increasing across restarts */
     work_batch batch[ATTN_BATCHES];
+    layer_plan cur;
     pending_hint *hints; /* (n_layer) held back, oldest first */
     uint64_t *route;     /* (n_layer, n_expert) decode tokens routed to each expert: table
                             route.decode of the stats (routing entropy in stpipe-membench) */
@@ -743,7 +756,7 @@ static int s_collect(attn_worker *a, work_batch *bs, int nb, int il, stp_err *er
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* the layer loop */
+/* the layer loop's seam and the micro-batch */
 
 /* x = token_embd[id], the row read from the file (see embd_fd) */
 static int s_embed(attn_worker *a, int32_t id, float *x, stp_err *err) {
@@ -757,121 +770,130 @@ static int s_embed(attn_worker *a, int32_t id, float *x, stp_err *err) {
     return 0;
 }
 
+/* The seam, before attention: layer il's routing (sel/w, already in the activation region) is
+ * known. The decision goes to the storage daemon now, so its reads overlap the attention: a
+ * hint when the pool shows every expert READY (nothing at all when every expert is resident for
+ * good), else a quiet need (the layer takes its experts from the pool table as they land), or a
+ * need the layer waits on when no pool is mapped. */
+static int s_routed(void *ctx, int il, int T, const int32_t *sel, const float *w, stp_err *err) {
+    (void)w;
+    attn_worker *a = ctx;
+    const model_config *c = &a->m->cfg;
+    const int K = c->n_expert_used, X = c->n_expert;
+    layer_plan *p = &a->cur;
+    p->seq = ++a->seq;
+    if (a->lanes) lane_expect(a->lanes, 0, true); /* earlier layers' replies are not awaited */
+    atomic_store_explicit(a->floor, p->seq, memory_order_release); /* earlier work is stale */
+    uint32_t cnt_by[STP_MAX_EXPERTS] = {0};
+    for (int i = 0; i < T * K; i++)
+        cnt_by[sel[i]]++;
+    if (T == 1)
+        for (int k = 0; k < K; k++)
+            a->route[(size_t)il * X + (size_t)sel[k]]++;
+    p->n = 0;
+    for (int e = 0; e < X; e++)
+        if (cnt_by[e]) {
+            p->ex[p->n] = (uint32_t)e;
+            p->cnt[p->n++] = cnt_by[e];
+        }
+    p->n_ready = s_pool_lookup(a, il, p->ex, p->n, p->loc, p->ready);
+    p->resident = p->n_ready == p->n;
+    if (p->resident && s_pool_complete(a)) return 0;
+    return s_send_decision(a, p->seq, il, p->ex, p->cnt, p->n,
+                           p->resident    ? DECISION_HINT
+                           : a->pool.base ? DECISION_QUIET
+                                          : DECISION_NEED,
+                           err);
+}
+
+/* The seam after attention: layer il's experts on h (in the activation region) by the expert
+ * workers. The resident experts go out at once, the ones being read follow as they land
+ * (s_dispatch_landing); then out = sum over k, in k order, of w_k * y_k, as moe_forward sums.
+ * In decode, x (the residual after attention) first predicts the next layer's experts. */
+static int s_run(void *ctx, int il, int T, const float *x, const float *h, const int32_t *sel,
+                 const float *w, float *out, stp_err *err) {
+    (void)h;
+    (void)sel;
+    attn_worker *a = ctx;
+    const int E = a->m->cfg.n_embd, K = a->m->cfg.n_expert_used;
+    layer_plan *p = &a->cur;
+    if (T == 1) s_prefetch(a, il, x);
+    double t2 = msg_now_us();
+    threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
+    int nb = 0, rc;
+    double t3 = t2; /* the weights are all in */
+    /* looked up again: a (prefetch) read may have landed during attention; when all did, the
+     * layer does not wait, and the Residency reply is dropped later as stale */
+    if (!p->resident && (p->n_ready = s_pool_lookup(a, il, p->ex, p->n, p->loc, p->ready)) == p->n)
+        stats_add(a->st, "residency.landed", 1);
+    s_drain_storage(a);
+    if (p->n_ready == p->n) {
+        if ((rc = s_dispatch(a, &a->batch[nb++], il, T, p->loc, p->cnt, p->n, err))) return rc;
+    } else {
+        if (p->n_ready && (rc = s_dispatch_where(a, &a->batch[nb++], il, T, p->loc, p->cnt,
+                                                 p->ready, true, p->n, err)))
+            return rc;
+        if ((rc = s_dispatch_landing(a, p->seq, il, T, p->ex, p->cnt, p->n, p->ready, a->batch, &nb,
+                                     &t3, err)))
+            return rc;
+    }
+    if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
+    double t4 = msg_now_us();
+    /* stall: the wait for weights not covered by the earlier batches' compute */
+    double compute = 0, covered = 0;
+    for (int i = 0; i < nb; i++) {
+        compute += a->batch[i].compute_us;
+        if (i < nb - 1) covered += a->batch[i].compute_us;
+    }
+    double stall = (t3 - t2) - covered;
+    if (stall < 0) stall = 0;
+    double ipc = (t4 - t2) - stall - compute;
+    if (ipc < 0) ipc = 0;
+    a->ipc_us += ipc;
+    stats_latency(a->st, "residency_wait", stall);
+    stats_latency(a->st, "experts_wait", t4 - t3);
+    stats_latency(a->st, "layer_ipc", ipc);
+
+    for (int t = 0; t < T; t++) {
+        float *o = out + (size_t)t * E;
+        for (int k = 0; k < K; k++) {
+            const float wk = w[t * K + k];
+            const float *y = a->y + ((size_t)t * K + k) * E;
+            if (k == 0)
+                for (int i = 0; i < E; i++)
+                    o[i] = y[i] * wk;
+            else
+                for (int i = 0; i < E; i++)
+                    o[i] += y[i] * wk;
+        }
+    }
+    return 0;
+}
+
+static void s_timed(void *ctx, int il, const forward_layer_ns *t) {
+    (void)il;
+    attn_worker *a = ctx;
+    stats_latency(a->st, "router", (double)t->router * 1e-3);
+    stats_latency(a->st, "attention", (double)t->attn * 1e-3);
+    stats_latency(a->st, "layer", (double)(t->router + t->attn + t->experts) * 1e-3);
+}
+
+/* One micro-batch: embeddings, common/model's layer loop with the expert workers as its seam,
+ * the LM head on the rows asked for (the last one also into the activation region). */
 static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_all, bool want_last,
                     stp_err *err) {
     const model *m = a->m;
     const model_config *c = &m->cfg;
-    const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
-    const int pos0 = a->n_past;
+    const int E = c->n_embd;
     for (int t = 0; t < T; t++) {
         int rc = s_embed(a, tokens[t], a->x + (size_t)t * E, err);
         if (rc) return rc;
     }
-
-    for (int il = 0; il < c->n_layer; il++) {
-        const layer_weights *L = &m->layers[il];
-        const uint64_t seq = ++a->seq;
-        if (a->lanes) lane_expect(a->lanes, 0, true); /* earlier layers' replies are not awaited */
-        atomic_store_explicit(a->floor, seq, memory_order_release); /* earlier work is stale */
-        double t0 = msg_now_us();
-        attention_router(&a->cc, m, il, a->x, T, a->rlogits, a->as);
-        uint32_t cnt_by[STP_MAX_EXPERTS] = {0};
-        for (int t = 0; t < T; t++) {
-            ops_route(c, a->rlogits + (size_t)t * X, a->sel + (size_t)t * K,
-                      a->selw_shm + (size_t)t * K);
-            for (int k = 0; k < K; k++)
-                cnt_by[a->sel[t * K + k]]++;
-        }
-        if (T == 1)
-            for (int k = 0; k < K; k++)
-                a->route[(size_t)il * X + (size_t)a->sel[k]]++;
-        uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS];
-        int n = 0;
-        for (int e = 0; e < X; e++)
-            if (cnt_by[e]) {
-                ex[n] = (uint32_t)e;
-                cnt[n++] = cnt_by[e];
-            }
-        /* Every expert already resident: the decision is only a hint (usage for the cache
-         * policy), so a stopped or busy daemon must not hold the layer up; else it is a request
-         * the layer waits on. */
-        Stp__ExpertLoc loc[STP_MAX_EXPERTS];
-        bool ready[STP_MAX_EXPERTS];
-        int n_ready = s_pool_lookup(a, il, ex, n, loc, ready);
-        const bool resident = n_ready == n;
-        /* (with every expert resident for good there is nothing to tell: no message at all) */
-        int rc = resident && s_pool_complete(a) ? 0
-                                                : s_send_decision(a, seq, il, ex, cnt, n,
-                                                                  resident       ? DECISION_HINT
-                                                                  : a->pool.base ? DECISION_QUIET
-                                                                                 : DECISION_NEED,
-                                                                  err);
-        if (rc) return rc;
-        double t1 = msg_now_us();
-        stats_latency(a->st, "router", t1 - t0);
-
-        attention_forward(&a->cc, m, a->kv, il, a->x, T, pos0, a->as);
-        if (T == 1) s_prefetch(a, il, a->x); /* x: layer il's residual after attention */
-        for (int t = 0; t < T; t++)
-            ops_rmsnorm(a->x + (size_t)t * E, L->ffn_norm, a->h + (size_t)t * E, E, c->rms_eps);
-        double t2 = msg_now_us();
-        stats_latency(a->st, "attention", t2 - t1);
-
-        threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
-        /* The resident experts go to the workers now; the ones being read follow as they
-         * land (s_dispatch_landing). */
-        int nb = 0;
-        double t3 = t2; /* the weights are all in */
-        /* looked up again: a (prefetch) read may have landed during attention; when all did,
-         * the layer does not wait, and the Residency reply is dropped later as stale */
-        if (!resident && (n_ready = s_pool_lookup(a, il, ex, n, loc, ready)) == n)
-            stats_add(a->st, "residency.landed", 1);
-        s_drain_storage(a);
-        if (n_ready == n) {
-            if ((rc = s_dispatch(a, &a->batch[nb++], il, T, loc, cnt, n, err))) return rc;
-        } else {
-            if (n_ready &&
-                (rc = s_dispatch_where(a, &a->batch[nb++], il, T, loc, cnt, ready, true, n, err)))
-                return rc;
-            if ((rc =
-                     s_dispatch_landing(a, seq, il, T, ex, cnt, n, ready, a->batch, &nb, &t3, err)))
-                return rc;
-        }
-        if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
-        double t4 = msg_now_us();
-        /* stall: the wait for weights not covered by the earlier batches' compute */
-        double compute = 0, covered = 0;
-        for (int i = 0; i < nb; i++) {
-            compute += a->batch[i].compute_us;
-            if (i < nb - 1) covered += a->batch[i].compute_us;
-        }
-        double stall = (t3 - t2) - covered;
-        if (stall < 0) stall = 0;
-        double ipc = (t4 - t2) - stall - compute;
-        if (ipc < 0) ipc = 0;
-        a->ipc_us += ipc;
-        stats_latency(a->st, "residency_wait", stall);
-        stats_latency(a->st, "experts_wait", t4 - t3);
-        stats_latency(a->st, "layer_ipc", ipc);
-
-        /* weighted sum in k order, then the residual, as moe_forward and the engine do */
-        for (int t = 0; t < T; t++) {
-            float *o = a->ffn + (size_t)t * E;
-            for (int k = 0; k < K; k++) {
-                const float wk = a->selw_shm[t * K + k];
-                const float *y = a->y + ((size_t)t * K + k) * E;
-                if (k == 0)
-                    for (int i = 0; i < E; i++)
-                        o[i] = y[i] * wk;
-                else
-                    for (int i = 0; i < E; i++)
-                        o[i] += y[i] * wk;
-            }
-        }
-        for (size_t i = 0; i < (size_t)T * E; i++)
-            a->x[i] = a->ffn[i] + a->x[i];
-        stats_latency(a->st, "layer", msg_now_us() - t0);
-    }
+    const forward_state fs = {&a->cc, m,      a->kv,      a->as,  a->x,
+                              a->h,   a->ffn, a->rlogits, a->sel, a->selw_shm};
+    const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
+    int rc = forward_ubatch(&fs, T, a->n_past, &fx, err);
+    if (rc) return rc;
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     a->n_past += T;
     double tl = msg_now_us();
@@ -879,8 +901,7 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         bool last = t == T - 1;
         if (!logits_all && !(want_last && last)) continue;
         float *dst = logits_all ? logits_all + (size_t)t * c->n_vocab : a->logits_shm;
-        ops_rmsnorm(a->x + (size_t)t * E, m->output_norm, a->hn, E, c->rms_eps);
-        ops_matmul(&a->cc, &m->output, 0, a->hn, 1, dst, a->xq);
+        forward_head(&a->cc, m, a->x + (size_t)t * E, a->hn, a->xq, dst);
         if (logits_all && last && want_last)
             memcpy(a->logits_shm, dst, (size_t)c->n_vocab * sizeof(float));
     }

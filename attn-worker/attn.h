@@ -1,15 +1,16 @@
 /* attn: the attention worker's logic. It holds the embeddings, attention weights, router, LM
- * head and the KV cache of the one sequence being generated, and runs the layer loop of the
- * in-process engine with the MoE step farmed out:
+ * head and the KV cache of the one sequence being generated, and runs common/model's layer loop
+ * (forward_ubatch, the in-process engine's) with the experts farmed out through its seam:
  *   x = token_embd[tokens]
- *   for each layer l:
- *     r = router · x; sel, w = top-k(gate(r))    -> RouterDecision(l) to the storage daemon
- *     x = x + attention(rmsnorm(x) * attn_norm)      (the daemon makes experts resident meanwhile)
- *     h = rmsnorm(x) * ffn_norm  into shared memory; wait for Residency(l)
- *     ExpertWork(l, experts) to each expert worker; wait for every ExpertDone
- *     x = (sum_k w_k * y_k, in k order) + x
- *   logits = output · (rmsnorm(x) * output_norm)
- * The float operations are the engine's, in the engine's order, so results are bit-identical. */
+ *   for each layer l (forward_ubatch):
+ *     r = router · x; sel, w = top-k(gate(r))
+ *     seam routed: RouterDecision(l) to the storage daemon (it makes experts resident meanwhile)
+ *     x = x + attention(rmsnorm(x) * attn_norm); h = rmsnorm(x) * ffn_norm into shared memory
+ *     seam run: ExpertWork(l, experts) to the expert workers as they are resident; wait for
+ *               every ExpertDone; out = sum_k w_k * y_k, in k order
+ *     x = out + x
+ *   logits = output · (rmsnorm(x) * output_norm)   (forward_head)
+ * The loop is the engine's and the seam gives moe_forward's bits, so results are bit-identical. */
 #ifndef STP_ATTN_H
 #define STP_ATTN_H
 

@@ -2,18 +2,18 @@
  *
  * Per micro-batch of T tokens at positions pos0..pos0+T-1:
  *   x = token_embd[tokens]
- *   for each layer: r = router · x (raw residual, before attn_norm)
- *                   x = x + attention(rmsnorm(x) * attn_norm)
- *                   sel, w = top-k(gate(r));  x = x + moe(rmsnorm(x) * ffn_norm, sel, w)
- *   logits = output · (rmsnorm(x) * output_norm)
+ *   forward_ubatch: for each layer: r = router · x (raw residual, before attn_norm)
+ *                   sel, w = top-k(gate(r));  x = x + attention(rmsnorm(x) * attn_norm)
+ *                   x = x + moe(rmsnorm(x) * ffn_norm, sel, w)   (the seam: moe_forward)
+ *   logits = output · (rmsnorm(x) * output_norm)                  (forward_head)
  * Invariant: n_past only advances after a whole eval succeeded. */
 #include "model/engine.h"
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "model/attention.h"
+#include "model/forward.h"
 #include "model/kv_cache.h"
 #include "model/moe.h"
 #include "model/ops.h"
@@ -114,63 +114,51 @@ void engine_destroy(engine **self_p) {
     *self_p = NULL;
 }
 
-static uint64_t s_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+/* The seam in process: a layer's experts are moe_forward over the mapped weights. */
+static int s_run_experts(void *ctx, int il, int T, const float *x, const float *h,
+                         const int32_t *sel, const float *w, float *out, stp_err *err) {
+    (void)x;
+    (void)err;
+    engine *e = ctx;
+    moe_forward(&e->cc, e->m, il, h, T, sel, w, out, e->ms, &e->stats);
+    return 0;
 }
 
-/* LM head for one normed vector: logits = output · h (rows split over the team). */
-static void s_lm_head(engine *e, const float *h, float *logits) {
-    ops_matmul(&e->cc, &e->m->output, 0, h, 1, logits, e->xq);
+static void s_timed(void *ctx, int il, const forward_layer_ns *t) {
+    (void)il;
+    engine_stats *st = &((engine *)ctx)->stats;
+    st->ns_router += t->router;
+    st->ns_attn += t->attn;
+    st->ns_moe += t->experts;
 }
 
 static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, bool all_logits,
                      bool last_chunk) {
     const model *m = e->m;
     const model_config *c = &m->cfg;
-    const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
-    const int pos0 = e->n_past;
-
+    const int E = c->n_embd;
     engine_stats *st = &e->stats;
-    uint64_t t0 = s_ns(), t1;
+
+    uint64_t t0 = forward_now_ns();
     for (int t = 0; t < T; t++)
         ops_embed(&e->cc, &m->tok_embd, tokens[t], e->x + (size_t)t * E);
-    t1 = s_ns();
-    st->ns_embed += t1 - t0;
+    st->ns_embed += forward_now_ns() - t0;
 
-    for (int il = 0; il < c->n_layer; il++) {
-        const layer_weights *L = &m->layers[il];
-        t0 = t1;
-        attention_router(&e->cc, m, il, e->x, T, e->rlogits, e->as);
-        t1 = s_ns();
-        st->ns_router += t1 - t0;
-        attention_forward(&e->cc, m, e->kv, il, e->x, T, pos0, e->as);
-        t0 = t1;
-        t1 = s_ns();
-        st->ns_attn += t1 - t0;
-        for (int t = 0; t < T; t++) {
-            ops_rmsnorm(e->x + (size_t)t * E, L->ffn_norm, e->h + (size_t)t * E, E, c->rms_eps);
-            ops_route(c, e->rlogits + (size_t)t * X, e->sel + (size_t)t * K,
-                      e->selw + (size_t)t * K);
-        }
-        moe_forward(&e->cc, m, il, e->h, T, e->sel, e->selw, e->ffn, e->ms, &e->stats);
-        for (size_t i = 0; i < (size_t)T * E; i++)
-            e->x[i] = e->ffn[i] + e->x[i];
-        t0 = t1;
-        t1 = s_ns();
-        st->ns_moe += t1 - t0;
-    }
+    const forward_state fs = {&e->cc, m,      e->kv,      e->as,  e->x,
+                              e->h,   e->ffn, e->rlogits, e->sel, e->selw};
+    const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
+    forward_ubatch(&fs, T, e->n_past, &fx, NULL); /* moe_forward cannot fail */
 
     e->n_past += T;
     e->stats.tokens += (uint64_t)T;
     if (!logits) return;
+    t0 = forward_now_ns();
     for (int t = 0; t < T; t++) {
         if (!all_logits && !(last_chunk && t == T - 1)) continue;
-        ops_rmsnorm(e->x + (size_t)t * E, m->output_norm, e->h, E, c->rms_eps);
-        s_lm_head(e, e->h, all_logits ? logits + (size_t)t * c->n_vocab : logits);
+        forward_head(&e->cc, m, e->x + (size_t)t * E, e->h, e->xq,
+                     all_logits ? logits + (size_t)t * c->n_vocab : logits);
     }
-    st->ns_head += s_ns() - t1;
+    st->ns_head += forward_now_ns() - t0;
 }
 
 int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,

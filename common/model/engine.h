@@ -2,8 +2,9 @@
  *
  * One engine holds one sequence: its KV caches (full for global layers, a ring of the window
  * for sliding-window layers), scratch activations for a micro-batch of tokens, and a thread team.
- * engine_eval appends tokens at positions n_past.. and returns logits. The layer steps are
- * exposed in layer_ops.h so the pipeline stages run exactly the same code. */
+ * engine_eval appends tokens at positions n_past.. and returns logits. The layer loop is
+ * forward.h's, with moe_forward as its expert seam; the attention worker runs the same loop with
+ * the expert workers as the seam, so both give the same bits. */
 #ifndef STP_ENGINE_H
 #define STP_ENGINE_H
 

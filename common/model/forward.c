@@ -1,0 +1,58 @@
+/* forward: the layer loop of one micro-batch, with the experts behind a seam; see forward.h.
+ * Written once so that the engine and the attention worker give the same bits by construction:
+ * both run this loop, only fx->run differs (moe_forward, or expert workers doing the same
+ * products and this loop's caller summing in moe_forward's order). */
+#include "model/forward.h"
+
+#include <time.h>
+
+uint64_t forward_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int forward_ubatch(const forward_state *s, int T, int pos0, const forward_experts *fx,
+                   stp_err *err) {
+    const model *m = s->m;
+    const model_config *c = &m->cfg;
+    const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
+
+    for (int il = 0; il < c->n_layer; il++) {
+        const layer_weights *L = &m->layers[il];
+        forward_layer_ns ns;
+        uint64_t t0 = forward_now_ns();
+
+        /* router on the raw residual: the experts are known before attention */
+        attention_router(s->cc, m, il, s->x, T, s->rlogits, s->as);
+        for (int t = 0; t < T; t++)
+            ops_route(c, s->rlogits + (size_t)t * X, s->sel + (size_t)t * K,
+                      s->selw + (size_t)t * K);
+        int rc = fx->routed ? fx->routed(fx->ctx, il, T, s->sel, s->selw, err) : 0;
+        if (rc) return rc;
+        uint64_t t1 = forward_now_ns();
+        ns.router = t1 - t0;
+
+        /* x += attention(rmsnorm(x) * attn_norm); h = rmsnorm(x) * ffn_norm */
+        attention_forward(s->cc, m, s->kv, il, s->x, T, pos0, s->as);
+        for (int t = 0; t < T; t++)
+            ops_rmsnorm(s->x + (size_t)t * E, L->ffn_norm, s->h + (size_t)t * E, E, c->rms_eps);
+        uint64_t t2 = forward_now_ns();
+        ns.attn = t2 - t1;
+
+        /* x += experts(h) */
+        if ((rc = fx->run(fx->ctx, il, T, s->x, s->h, s->sel, s->selw, s->ffn, err))) return rc;
+        for (size_t i = 0; i < (size_t)T * E; i++)
+            s->x[i] = s->ffn[i] + s->x[i];
+        ns.experts = forward_now_ns() - t2;
+        if (fx->timed) fx->timed(fx->ctx, il, &ns);
+    }
+    return 0;
+}
+
+void forward_head(const compute_ctx *cc, const model *m, const float *x, float *hn, uint8_t *xq,
+                  float *logits) {
+    const model_config *c = &m->cfg;
+    ops_rmsnorm(x, m->output_norm, hn, c->n_embd, c->rms_eps);
+    ops_matmul(cc, &m->output, 0, hn, 1, logits, xq);
+}

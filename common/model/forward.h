@@ -1,0 +1,81 @@
+/* forward: the layer loop of one micro-batch, the one copy both ways of running share.
+ *
+ * The in-process engine and the pipeline's attention worker run the same loop; they differ only
+ * in how a layer's experts are computed, which is the seam `forward_experts`: in process it is
+ * moe_forward, in the attention worker the dispatch to the expert workers (lanes or ZeroMQ) with
+ * the storage daemon's residency. Per layer il, for T tokens at positions pos0..pos0+T-1:
+ *
+ *   r = router_il · x                 (raw residual, before attn_norm)
+ *   sel, w = top-k(gate(r))           -> fx->routed(il, sel, w)   (before attention)
+ *   x += attention_il(rmsnorm(x) * attn_norm)
+ *   h  = rmsnorm(x) * ffn_norm
+ *   out = sum_k w_k * expert_k(h)     -> fx->run(il, x, h, sel, w, out)
+ *   x += out                          (out + x, the order ggml adds in)
+ *
+ * Embeddings come before (the engine reads token_embd through the mapping, the attention worker
+ * by pread) and the LM head after (forward_head): the callers place their inputs and logits
+ * differently, the arithmetic of both is one function each. */
+#ifndef STP_FORWARD_H
+#define STP_FORWARD_H
+
+#include <stdint.h>
+
+#include "model/attention.h"
+#include "model/kv_cache.h"
+#include "model/model.h"
+#include "model/ops.h"
+
+/* What one layer's phases took, in nanoseconds (for the callers' statistics). */
+typedef struct forward_layer_ns {
+    uint64_t router;  /* router product, routing, fx->routed */
+    uint64_t attn;    /* attention and the FFN norm */
+    uint64_t experts; /* fx->run and the residual */
+} forward_layer_ns;
+
+/* The seam: how a layer's experts are run. */
+typedef struct forward_experts {
+    void *ctx;
+    /* Optional. Layer il's routing is known (sel, w: (T, n_expert_used)) and its attention has
+     * not run yet: the pipeline asks the storage daemon for missing experts here, so their reads
+     * overlap the attention. Non-zero fails the micro-batch. */
+    int (*routed)(void *ctx, int il, int T, const int32_t *sel, const float *w, stp_err *err);
+    /* Required. out (T, n_embd) = sum over k, in k order, of w[t][k] * expert sel[t][k] (h[t]).
+     * x is the residual after attention (without this layer's experts; the pipeline predicts
+     * the next layer's experts from it), h the normed FFN input. Non-zero fails the
+     * micro-batch. */
+    int (*run)(void *ctx, int il, int T, const float *x, const float *h, const int32_t *sel,
+               const float *w, float *out, stp_err *err);
+    /* Optional. Layer il is done; t: its phases. */
+    void (*timed)(void *ctx, int il, const forward_layer_ns *t);
+} forward_experts;
+
+/* The state the loop works on: the caller's, allocated for n_ubatch tokens. */
+typedef struct forward_state {
+    const compute_ctx *cc;
+    const model *m;
+    kv_cache *kv;
+    attn_scratch *as;
+    float *x;       /* (n_ubatch, n_embd) residual: the embeddings in, the last hidden state out */
+    float *h;       /* (n_ubatch, n_embd) normed FFN input */
+    float *ffn;     /* (n_ubatch, n_embd) the experts' output */
+    float *rlogits; /* (n_ubatch, n_expert) router logits */
+    int32_t *sel;   /* (n_ubatch, n_expert_used) chosen experts */
+    float *selw;    /* (n_ubatch, n_expert_used) their weights */
+} forward_state;
+
+/* Runs every layer over s->x (T tokens at positions pos0..): the KV caches get the T tokens'
+ * keys and values, s->x becomes the last layer's output. Returns the first non-zero result of
+ * a seam function (the caches then hold a partial micro-batch: the caller must not advance its
+ * position). */
+int forward_ubatch(const forward_state *s, int T, int pos0, const forward_experts *fx,
+                   stp_err *err);
+
+/* logits (n_vocab) = output · (rmsnorm(x) * output_norm) for one hidden state x (n_embd); hn
+ * (n_embd) and xq (n_embd * 4 + 64 bytes) are scratch. */
+void forward_head(const compute_ctx *cc, const model *m, const float *x, float *hn, uint8_t *xq,
+                  float *logits);
+
+/* Monotonic clock, nanoseconds. */
+uint64_t forward_now_ns(void);
+
+#endif
