@@ -121,8 +121,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->embd_fd = -1;
     a->o = *o;
     a->n_workers = o->workers < MAX_WORKERS ? o->workers : MAX_WORKERS;
-    const char *pf = getenv("STP_PREFETCH");
-    a->prefetch = pf && *pf ? atoi(pf) : -1; /* -1: n_expert_used, once the model is open */
+    a->prefetch = o->prefetch; /* --prefetch / STP_PREFETCH; -1: n_expert_used, once open */
     int rc = stats_new(&a->st, STAGE, err);
     if (!rc) rc = model_open(&a->m, o->model, err);
     if (rc) goto fail;

@@ -1,73 +1,58 @@
 /* stpipe-storage-daemon: owns the expert weights, streams them into a shared-memory pool under
  * a memory budget and answers residency questions (see README.md). Thin shell over storage.c:
- * it takes its own options (--memory-budget, --layout-dir, --cache-policy, --pool-experts, also
- * from the environment as STP_MEMORY_BUDGET, STP_LAYOUT_DIR, STP_CACHE_POLICY,
- * STP_POOL_EXPERTS; --attn-threads N, the attention worker's threads, for the plan;
- * --trace-decisions FILE or STP_TRACE_DECISIONS; lfu's half-life from
- * STP_LFU_HALF_LIFE only, for experiments) out of argv and leaves the common ones to
- * stage_parse. */
+ * its own options (s_opts below: --memory-budget, --layout-dir, --cache-policy, --pool-experts,
+ * --attn-threads, --trace-decisions, and STP_LFU_HALF_LIFE, environment only, for experiments),
+ * each also from its STP_* variable, are taken out of argv by opt_parse; the common ones are left
+ * to stage_parse. The environment is read there and nowhere else. */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "msg/stage.h"
+#include "opt/opt.h"
 #include "plan/budget.h"
 #include "storage.h"
 
-static int s_take(int *argc, char **argv, const char *name, const char **val, stp_err *err) {
-    for (int i = 1; i < *argc; i++) {
-        size_t n = strlen(name);
-        const char *v = NULL;
-        int used = 0;
-        if (!strcmp(argv[i], name)) {
-            if (i + 1 >= *argc) return stp_err_set(err, STP_EINVAL, "%s needs a value", name);
-            v = argv[i + 1];
-            used = 2;
-        } else if (!strncmp(argv[i], name, n) && argv[i][n] == '=') {
-            v = argv[i] + n + 1;
-            used = 1;
-        }
-        if (!used) continue;
-        *val = v;
-        memmove(&argv[i], &argv[i + used], (size_t)(*argc - i - used + 1) * sizeof *argv);
-        *argc -= used;
-        i--;
-    }
-    return 0;
+static int s_size(const char *v, void *field, stp_err *err) {
+    return *v ? budget_parse_size(v, (uint64_t *)field, err) : 0; /* "": unlimited */
 }
 
+#define F(x) offsetof(storage_opts, x)
+static const opt_def s_opts[] = {
+    {"--memory-budget", "STP_MEMORY_BUDGET", OPT_FN, 0, 0, NULL, "B",
+     "whole pipeline's memory (4G, 512M; none: unlimited)", F(memory_budget), s_size},
+    {"--layout-dir", "STP_LAYOUT_DIR", OPT_STR, 0, 0, NULL, "DIR",
+     "expert layout file's directory (none: next to the model)", F(layout_dir), NULL},
+    {"--cache-policy", "STP_CACHE_POLICY", OPT_STR, 0, 0, NULL, "lru|lfu", "pool eviction policy",
+     F(policy), NULL},
+    {"--pool-experts", "STP_POOL_EXPERTS", OPT_INT, 0, 1 << 20, "0", "N",
+     "pool slots regardless of the budget (0: from the budget)", F(pool_experts), NULL},
+    {"--attn-threads", NULL, OPT_INT, 1, 256, NULL, "N", "the attention worker's threads (plan)",
+     F(attn_threads), NULL},
+    {"--trace-decisions", "STP_TRACE_DECISIONS", OPT_STR, 0, 0, NULL, "FILE",
+     "append each decode decision (bench/cache_sim.py)", F(trace), NULL},
+    {NULL, "STP_LFU_HALF_LIFE", OPT_DOUBLE, 0, 1e9, NULL, "T",
+     "lfu's half-life in tokens (experiments; 0: default)", F(lfu_half_life), NULL},
+};
+#undef F
+#define S_NOPTS (sizeof s_opts / sizeof s_opts[0])
+
 int main(int argc, char **argv) {
-    if (stage_wants_help(
-            argc, argv, "storage-daemon",
-            "         [--memory-budget B] [--layout-dir DIR] [--cache-policy lru|lfu] "
-            "[--pool-experts N]\n         [--attn-threads N] [--trace-decisions FILE]\n"))
-        return 0;
+    char *extra = NULL;
+    size_t extra_len = 0;
+    FILE *f = open_memstream(&extra, &extra_len);
+    if (f) {
+        opt_help(s_opts, S_NOPTS, f);
+        fclose(f);
+    }
+    bool help = stage_wants_help(argc, argv, "storage-daemon", extra);
+    free(extra);
+    if (help) return 0;
     stage_opts o;
     storage_opts so = {0};
     stp_err err = {0};
-    const char *budget = getenv("STP_MEMORY_BUDGET"), *frames = getenv("STP_POOL_EXPERTS");
-    const char *attn_threads = NULL;
-    so.layout_dir = getenv("STP_LAYOUT_DIR");
-    so.policy = getenv("STP_CACHE_POLICY");
-    so.trace = getenv("STP_TRACE_DECISIONS");
-    const char *hl = getenv("STP_LFU_HALF_LIFE"); /* for experiments (bench/cache_sim.py) */
-    if (hl && *hl) so.lfu_half_life = atof(hl);
-    int rc = s_take(&argc, argv, "--memory-budget", &budget, &err);
-    if (!rc) rc = s_take(&argc, argv, "--layout-dir", &so.layout_dir, &err);
-    if (!rc) rc = s_take(&argc, argv, "--cache-policy", &so.policy, &err);
-    if (!rc) rc = s_take(&argc, argv, "--pool-experts", &frames, &err);
-    if (!rc) rc = s_take(&argc, argv, "--trace-decisions", &so.trace, &err);
-    if (!rc) rc = s_take(&argc, argv, "--attn-threads", &attn_threads, &err);
-    if (!rc && attn_threads) {
-        char *end;
-        long v = strtol(attn_threads, &end, 10);
-        if (*end || v < 1 || v > 256)
-            rc = stp_err_set(&err, STP_EINVAL, "--attn-threads: expected 1..256, got '%s'",
-                             attn_threads);
-        so.attn_threads = (int)v;
-    }
-    if (!rc && budget && *budget) rc = budget_parse_size(budget, &so.memory_budget, &err);
-    if (!rc && frames && *frames) so.pool_experts = atoi(frames);
+    int rc = opt_parse(s_opts, S_NOPTS, &so, &argc, argv, OPT_KEEP_UNKNOWN, &err);
     if (rc || stage_parse(&o, argc, argv, "storage-daemon", &err) ||
         stage_setup(&o, "storage-daemon", &err)) {
         fprintf(stderr, "stpipe-storage-daemon: %s\n", err.msg);

@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include <numa.h>
 
 #include "model/kv_cache.h"
+#include "opt/opt.h"
 
 /* The only mutable file-scope state: written by the signal handler, read by the main loop. */
 static volatile sig_atomic_t s_stop;
@@ -33,28 +35,50 @@ bool stage_stopping(void) {
     return s_stop != 0;
 }
 
-static const char s_usage[] =
-    "options: --run-dir DIR --model FILE [--threads N] [--cpus LIST] [--numa-node N]\n"
-    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--cache-type f32|f16]\n"
-    "         [--parent-pid PID]\n"
-    "         [--queue N] [--heartbeat-ms N] [--bind-tcp PORT|ADDR:PORT] [--bind-public]\n"
-    "         [--verbose]\n";
-
-static int s_int(const char *v, const char *what, int lo, int hi, int *out, stp_err *err) {
-    char *end = NULL;
-    errno = 0;
-    long x = v ? strtol(v, &end, 10) : 0;
-    if (!v || errno || end == v || *end || x < lo || x > hi)
-        return stp_err_set(err, STP_EINVAL, "%s needs an integer in %d..%d (got '%s')", what, lo,
-                           hi, v ? v : "");
-    *out = (int)x;
-    return 0;
+static int s_cache_type(const char *v, void *field, stp_err *err) {
+    return kv_cache_parse_type(v, (bool *)field, err);
 }
+
+#define F(x) offsetof(stage_opts, x)
+/* Every stage takes every common option; a stage ignores what it does not use. */
+static const opt_def s_opts[] = {
+    {"--run-dir", NULL, OPT_STR, 0, 0, NULL, "DIR", "run directory (sockets, ready files)",
+     F(run_dir), NULL},
+    {"--model", NULL, OPT_STR, 0, 0, NULL, "FILE", "GGUF model", F(model), NULL},
+    {"--threads", NULL, OPT_INT, 1, 256, "1", "N", "compute threads", F(threads), NULL},
+    {"--cpus", NULL, OPT_STR, 0, 0, NULL, "LIST", "pin to these cores (0-3,6)", F(cpus), NULL},
+    {"--numa-node", NULL, OPT_INT, -1, 1023, "-1", "N", "bind to a NUMA node (-1: none)",
+     F(numa_node), NULL},
+    {"--index", NULL, OPT_INT, 0, 255, "0", "I", "expert worker index", F(index), NULL},
+    {"--workers", NULL, OPT_INT, 1, 64, "1", "N", "number of expert workers", F(workers), NULL},
+    {"--ctx-size", NULL, OPT_INT, 0, 1 << 24, "0", "N", "context (0: min(train, 4096))", F(n_ctx),
+     NULL},
+    {"--ubatch", NULL, OPT_INT, 0, 1 << 16, "0", "N", "micro-batch (0: 512)", F(n_ubatch), NULL},
+    {"--cache-type", NULL, OPT_FN, 0, 0, "f32", "f32|f16", "KV cache type", F(kv_f16),
+     s_cache_type},
+    {"--parent-pid", NULL, OPT_INT, 0, INT32_MAX, "0", "PID", "supervisor (0: unknown)",
+     F(parent_pid), NULL},
+    {"--queue", NULL, OPT_INT, 0, 4096, "0", "N", "coordinator: queued requests (0: 8)", F(queue),
+     NULL},
+    {"--heartbeat-ms", NULL, OPT_INT, 50, 60000, "0", "N",
+     "heartbeat interval (0: RUN_DIR/heartbeat_ms or 1000)", F(heartbeat_ms), NULL},
+    {"--bind-tcp", NULL, OPT_STR, 0, 0, NULL, "PORT|ADDR:PORT", "coordinator: also serve on tcp",
+     F(bind_tcp), NULL},
+    {"--bind-public", NULL, OPT_FLAG, 0, 0, NULL, NULL, "allow a wildcard --bind-tcp address",
+     F(bind_public), NULL},
+    {"--prefetch", "STP_PREFETCH", OPT_INT, -1, 1024, "-1", "N",
+     "attn-worker: experts sent ahead per layer (-1: n_expert_used, 0: off)", F(prefetch), NULL},
+    {"--verbose", NULL, OPT_FLAG, 0, 0, NULL, NULL, "log more", F(verbose), NULL},
+};
+#undef F
+#define S_NOPTS (sizeof s_opts / sizeof s_opts[0])
 
 bool stage_wants_help(int argc, char **argv, const char *stage, const char *extra) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: stpipe-%s %s%s", stage, s_usage, extra ? extra : "");
+            printf("usage: stpipe-%s --run-dir DIR --model FILE [options]\noptions:\n", stage);
+            opt_help(s_opts, S_NOPTS, stdout);
+            if (extra) fputs(extra, stdout);
             printf("Started by deploy/stpipe-up (see deploy/README.md); not meant to be run by "
                    "hand.\n");
             return true;
@@ -64,57 +88,16 @@ bool stage_wants_help(int argc, char **argv, const char *stage, const char *extr
 
 int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err *err) {
     memset(o, 0, sizeof *o);
-    o->numa_node = -1;
-    o->threads = 1;
-    o->workers = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int rc = 0;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h"))
-            return stp_err_set(err, STP_EINVAL, "usage: stpipe-%s %s", stage, s_usage);
-        else if (!strcmp(a, "--verbose")) {
-            o->verbose = true;
-            continue;
-        } else if (!strcmp(a, "--bind-public")) {
-            o->bind_public = true;
-            continue;
-        }
-        if (!v) return stp_err_set(err, STP_EINVAL, "%s needs a value\n%s", a, s_usage);
-        i++;
-        if (!strcmp(a, "--run-dir"))
-            o->run_dir = v;
-        else if (!strcmp(a, "--model"))
-            o->model = v;
-        else if (!strcmp(a, "--cpus"))
-            o->cpus = v;
-        else if (!strcmp(a, "--numa-node"))
-            rc = s_int(v, a, -1, 1023, &o->numa_node, err);
-        else if (!strcmp(a, "--threads"))
-            rc = s_int(v, a, 1, 256, &o->threads, err);
-        else if (!strcmp(a, "--index"))
-            rc = s_int(v, a, 0, 255, &o->index, err);
-        else if (!strcmp(a, "--workers"))
-            rc = s_int(v, a, 1, 64, &o->workers, err);
-        else if (!strcmp(a, "--ctx-size"))
-            rc = s_int(v, a, 0, 1 << 24, &o->n_ctx, err);
-        else if (!strcmp(a, "--ubatch"))
-            rc = s_int(v, a, 0, 1 << 16, &o->n_ubatch, err);
-        else if (!strcmp(a, "--cache-type"))
-            rc = kv_cache_parse_type(v, &o->kv_f16, err);
-        else if (!strcmp(a, "--parent-pid"))
-            rc = s_int(v, a, 0, INT32_MAX, &o->parent_pid, err);
-        else if (!strcmp(a, "--queue"))
-            rc = s_int(v, a, 0, 4096, &o->queue, err);
-        else if (!strcmp(a, "--heartbeat-ms"))
-            rc = s_int(v, a, 50, 60000, &o->heartbeat_ms, err);
-        else if (!strcmp(a, "--bind-tcp"))
-            o->bind_tcp = v;
-        else
-            return stp_err_set(err, STP_EINVAL, "unknown option '%s'\n%s", a, s_usage);
-        if (rc) return rc;
-    }
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
+            return stp_err_set(err, STP_EINVAL,
+                               "usage: stpipe-%s --run-dir DIR --model FILE "
+                               "[options] (--help lists them)",
+                               stage);
+    int rc = opt_parse(s_opts, S_NOPTS, o, &argc, argv, 0, err);
+    if (rc) return rc;
     if (!o->run_dir || !o->model)
-        return stp_err_set(err, STP_EINVAL, "--run-dir and --model are required\n%s", s_usage);
+        return stp_err_set(err, STP_EINVAL, "--run-dir and --model are required (see --help)");
     if (!o->heartbeat_ms) o->heartbeat_ms = stage_heartbeat_ms(o->run_dir);
     return 0;
 }

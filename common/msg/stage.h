@@ -42,12 +42,14 @@ typedef struct stage_opts {
     int heartbeat_ms;     /* peer heartbeat interval (0: RUN_DIR/heartbeat_ms or 1000) */
     const char *bind_tcp; /* coordinator: also serve clients on tcp (PORT or ADDR:PORT) */
     bool bind_public;     /* allow a wildcard address in bind_tcp (0.0.0.0, *, ::) */
+    int prefetch; /* attn-worker: experts sent ahead per layer (-1: n_expert_used; STP_PREFETCH) */
 } stage_opts;
 
 #define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */
 #define STAGE_HEARTBEAT_MS_DEF 1000 /* default heartbeat interval */
 
-/* Parses the common options; unknown ones are an error. Returns 0, or STP_EINVAL (message in
+/* Parses the common options (the table in stage.c, common/opt: defaults, then the environment,
+ * then argv); unknown ones are an error. Returns 0, or STP_EINVAL (message in
  * err); "--help" gives STP_EINVAL with the usage text. */
 int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err *err);
 /* True (after printing the usage to stdout, with extra lines for stage-specific options) when

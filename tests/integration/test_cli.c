@@ -390,7 +390,7 @@ static void test_cli_bad_usage_exits_2(void **state) {
     }
 }
 
-/* BUG (coordinator/cli_generate.c, cli_generate): a malformed --prompt-ids value ("1 x") is a
+/* BUG (cli/cli_generate.c, cli_generate): a malformed --prompt-ids value ("1 x") is a
  * usage error, but it is parsed only after the model is loaded (s_prompt_ids) and the failure
  * exits 1 (status stays 1 at `if (n_prompt < 0) goto out;`), while detokenize exits 2 for the
  * same mistake. Fix: parse --prompt-ids in s_parse (store the ids in generate_opts) and return 2
