@@ -18,6 +18,7 @@
 #include "model/forward.h"
 #include "model/kv_cache.h"
 #include "model/model.h"
+#include "model/moe.h"
 #include "model/ops.h"
 #include "msg/lane.h"
 #include "msg/msg.h"
@@ -853,19 +854,7 @@ static int s_run(void *ctx, int il, int T, const float *x, const float *h, const
     stats_latency(a->st, "experts_wait", t4 - t3);
     stats_latency(a->st, "layer_ipc", ipc);
 
-    for (int t = 0; t < T; t++) {
-        float *o = out + (size_t)t * E;
-        for (int k = 0; k < K; k++) {
-            const float wk = w[t * K + k];
-            const float *y = a->y + ((size_t)t * K + k) * E;
-            if (k == 0)
-                for (int i = 0; i < E; i++)
-                    o[i] = y[i] * wk;
-            else
-                for (int i = 0; i < E; i++)
-                    o[i] += y[i] * wk;
-        }
-    }
+    moe_weighted_sum(out, a->y, w, T, K, E);
     return 0;
 }
 

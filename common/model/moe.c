@@ -184,17 +184,21 @@ void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, 
     }
 
     /* 3. weighted sum in k order */
+    moe_weighted_sum(out, s->y, w, T, K, E);
+}
+
+void moe_weighted_sum(float *out, const float *y, const float *w, int T, int K, int E) {
     for (int t = 0; t < T; t++) {
         float *o = out + (size_t)t * E;
         for (int k = 0; k < K; k++) {
             const float wk = w[t * K + k];
-            const float *y = s->y + ((size_t)t * K + k) * E;
+            const float *yk = y + ((size_t)t * K + k) * E;
             if (k == 0)
                 for (int i = 0; i < E; i++)
-                    o[i] = y[i] * wk;
+                    o[i] = yk[i] * wk;
             else
                 for (int i = 0; i < E; i++)
-                    o[i] += y[i] * wk;
+                    o[i] += yk[i] * wk;
         }
     }
 }

@@ -27,6 +27,9 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
                               model_progress_fn progress, void *ud, stp_err *err);
 
 /* h: (T, n_embd) normed FFN input; sel, w: (T, n_expert_used); out: (T, n_embd). */
+/* out[t] = sum over k of w[t*K + k] * y[(t*K + k)], rows of E floats, added in k order (the
+ * first product assigned, not added to 0): the one rounding order both carriers use. */
+void moe_weighted_sum(float *out, const float *y, const float *w, int T, int K, int E);
 void moe_forward(const compute_ctx *cc, const model *m, int il, const float *h, int T,
                  const int32_t *sel, const float *w, float *out, moe_scratch *s,
                  engine_stats *stats);

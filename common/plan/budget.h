@@ -66,7 +66,8 @@ typedef struct budget_plan {
 uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f16);
 /* Bytes of the attention scratch as attn_scratch_new allocates it. */
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads);
-/* One expert worker's scratch for its chunk sizes (EXPERT_FFN_CHUNK/PACKS of model/expert_ffn.h). */
+/* One expert worker's scratch for its chunk sizes (EXPERT_FFN_CHUNK/PACKS of model/expert_ffn.h).
+ */
 uint64_t budget_worker_bytes(const model_config *c);
 
 /* Fills *p for the parameters. With a budget below the minimum the plan is still filled (frames
