@@ -2,7 +2,8 @@
  * and included by each build: attention.c (generic, AF_W 4, multiply then add), attention_avx2.c
  * (AF_W 8, fused multiply-add) and attention_avx512.c (AF_W 16, fused). The includer defines
  * AF_W (floats per vector), AF_NAME (the function), AF_FMA(a, b, c) = a * b + c on af_v and
- * AF_WIDEN(dst, src, n) (n float16 to float). The levels sum in different orders, so their bits
+ * AF_WIDEN(dst, src, n) (n float16 to float); Q8_0 rows are dequantized by attn_dequant_q8_0,
+ * exactly, into the same tile buffers. The levels sum in different orders, so their bits
  * differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives the
  * same bits at any thread count, batched or not.
  *
@@ -148,16 +149,23 @@ void AF_NAME(const attn_group_args *a) {
             if (a->k) {
                 kr[r] = a->k + off, vr[r] = a->v + off;
             } else {
-                AF_WIDEN(kbuf + (size_t)r * D, a->kh + off, D);
+                if (a->kh)
+                    AF_WIDEN(kbuf + (size_t)r * D, a->kh + off, D);
+                else
+                    attn_dequant_q8_0(kbuf + (size_t)r * D, a->kq + off / QK8_0, a->qoff, D);
                 kr[r] = kbuf + (size_t)r * D, vr[r] = vbuf + (size_t)r * D;
             }
         }
         for (int r = 0; r < n; r++)
             for (int h = 0; h < G; h++)
                 sc[h * ATTN_TILE + r] = s_af_dot(a->q + (size_t)h * D, kr[r], D) * scale;
-        if (!a->k)
+        if (a->vh)
             for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
                 AF_WIDEN(vbuf + (size_t)r * D, a->vh + (size_t)slot * a->stride, D);
+        else if (a->vq)
+            for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
+                attn_dequant_q8_0(vbuf + (size_t)r * D, a->vq + (size_t)slot * a->stride / QK8_0,
+                                  a->qoff, D);
         for (int h = 0; h < G; h++) {
             float *p = sc + h * ATTN_TILE;
             float mt = -INFINITY;

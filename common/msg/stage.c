@@ -35,7 +35,7 @@ bool stage_stopping(void) {
 
 static const char s_usage[] =
     "options: --run-dir DIR --model FILE [--threads N] [--cpus LIST] [--numa-node N]\n"
-    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--cache-type f32|f16]\n"
+    "         [--index I] [--workers N] [--ctx-size N] [--ubatch N] [--cache-type f32|f16|q8_0]\n"
     "         [--parent-pid PID]\n"
     "         [--queue N] [--heartbeat-ms N] [--bind-tcp PORT|ADDR:PORT] [--bind-public]\n"
     "         [--verbose]\n";
@@ -100,7 +100,7 @@ int stage_parse(stage_opts *o, int argc, char **argv, const char *stage, stp_err
         else if (!strcmp(a, "--ubatch"))
             rc = s_int(v, a, 0, 1 << 16, &o->n_ubatch, err);
         else if (!strcmp(a, "--cache-type"))
-            rc = kv_cache_parse_type(v, &o->kv_f16, err);
+            rc = kv_cache_parse_type(v, &o->kv_type, err);
         else if (!strcmp(a, "--parent-pid"))
             rc = s_int(v, a, 0, INT32_MAX, &o->parent_pid, err);
         else if (!strcmp(a, "--queue"))

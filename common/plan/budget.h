@@ -9,7 +9,8 @@
  * inputs. What it leaves out: the expert worker's and the attention worker's small per-slot
  * arrays are not itemized (the worker's count carries one spare row of n_ff_exp floats per slot,
  * which covers them), and the attention worker's thread count is a parameter the daemon is not
- * told (it plans for 1: 2 * n_ctx * 4 bytes per further thread, inside the process overhead).
+ * told (it plans for 1: a few KiB of tiles and 2 * (n_ctx / 256 + 2) chunk
+ * partials per further thread, inside the process overhead).
  * See common/plan/README.md. */
 #ifndef STP_BUDGET_H
 #define STP_BUDGET_H
@@ -17,6 +18,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "model/kv_cache.h"
 #include "model/model_config.h"
 #include "util/stp_err.h"
 
@@ -32,7 +34,7 @@ typedef struct budget_params {
     uint64_t frame_bytes; /* one pool slot: the largest expert record (layout_frame_bytes) */
     int n_ctx;            /* 0: min(n_ctx_train, 4096) */
     int n_ubatch;         /* 0: 512; at most n_ctx */
-    bool kv_f16;          /* --cache-type f16 */
+    kv_dtype kv_type;     /* --cache-type f32|f16|q8_0 */
     int n_seq;            /* sequences, each with its own KV cache (0: 1) */
     int workers;          /* expert workers (0: 1) */
     int threads;          /* the attention worker's compute threads (0: 1) */
@@ -43,7 +45,7 @@ typedef struct budget_params {
 /* The plan. Bytes unless said otherwise. */
 typedef struct budget_plan {
     int n_ctx, n_ubatch, n_seq, workers, threads; /* the parameters, defaults applied */
-    bool kv_f16;
+    kv_dtype kv_type;
     uint64_t non_expert;   /* attention worker's weights */
     uint64_t kv;           /* n_seq KV caches (= n_seq * budget_kv_bytes) */
     uint64_t act;          /* the activation region (act_layout) */
@@ -63,7 +65,7 @@ typedef struct budget_plan {
 } budget_plan;
 
 /* Bytes of one sequence's KV cache as kv_cache_new allocates it. */
-uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f16);
+uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtype type);
 /* Bytes of the attention scratch as attn_scratch_new allocates it. */
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads);
 /* One expert worker's scratch for its chunk sizes (model/expert_chunk.h). */

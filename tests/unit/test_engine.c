@@ -106,7 +106,7 @@ static void test_engine_f16_cache(void **state) {
     stp_err err = {0};
     engine_params p = {.n_threads = 2, .n_ctx = 256};
     if (engine_new(&e, m, &p, &err)) fail_msg("%s", err.msg);
-    p.kv_f16 = true;
+    p.kv_type = KV_F16;
     if (engine_new(&h, m, &p, &err) || engine_new(&h2, m, &p, &err)) fail_msg("%s", err.msg);
     assert_int_equal(engine_kv_bytes(h) * 2, engine_kv_bytes(e));
     float *l32 = s_batched(e, t, N, V), *l16 = s_batched(h, t, N, V),
