@@ -1,7 +1,7 @@
 /* test_engine: engine_eval's contract on the tiny F32 models: batched prefill equals
  * token-by-token decoding (1e-5), micro-batch chunking equals one batch, reset + re-eval and
  * 1 vs 2 threads reproduce logits bit for bit, f16 and q8_0 KV caches stay within measured bounds
- * of the f32 cache (q8_0 on the golden long prompts), context overflow and bad ids fail with
+ * of the f32 cache, context overflow and bad ids fail with
  * STP_ERANGE changing nothing, and sliding-window layers (a copy of the hybrid model with a
  * window of 5) give the same logits whatever the KV ring size. */
 #include <stdarg.h>
@@ -16,14 +16,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <jansson.h>
-
 #include "model/engine.h"
 #include "th_gguf.h"
 
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define HYBRID "tiny-hybrid-attn-f32.gguf"
 #define NTOK 40
+#define BOUND_Q8 8.0f /* measured 4.9 (f16: 0.046) */
 
 static model *s_open(const char *file) {
     char p[4096];
@@ -123,94 +122,32 @@ static void test_engine_f16_cache(void **state) {
     model_close(&m);
 }
 
-static int s_cmp_float(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
-static int s_argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
-
-/* The prompt ids of a golden case (tests/data/<stem>.json); *n receives their count. */
-static int32_t *s_golden_ids(const char *stem, int *n) {
-    char name[256], p[4096];
-    snprintf(name, sizeof name, "%s.json", stem);
-    json_error_t jerr;
-    json_t *root = json_load_file(th_data_path(p, sizeof p, name), 0, &jerr);
-    if (!root) fail_msg("%s: %s", p, jerr.text);
-    json_t *jids = json_object_get(root, "prompt_ids");
-    *n = (int)json_array_size(jids);
-    int32_t *ids = malloc(sizeof(int32_t) * (size_t)*n);
-    for (int i = 0; i < *n; i++)
-        ids[i] = (int32_t)json_integer_value(json_array_get(jids, i));
-    json_decref(root);
-    assert_true(*n > 1000);
-    return ids;
-}
-
-/* A Q8_0 KV cache (--cache-type q8_0) against the float32 cache on the golden long prompts (A:
- * 1075 tokens; B: 4389, past the 4096 window, so its sliding-window layers run on rings): the
- * logits of every position stay within the bounds below (measured: see docs/BENCHMARKS.md), the
- * cache takes 34/128 of the bytes, and batched prefill equals token-by-token decode. */
-static void s_q8_0_long(const char *file, const char *stem, float max_bound, float median_bound,
-                        double top1_min) {
-    model *m = s_open(file);
-    const int V = m->cfg.n_vocab;
-    int n;
-    int32_t *t = s_golden_ids(stem, &n);
-    engine *e = NULL, *q = NULL;
+/* A Q8_0 KV cache (--cache-type q8_0): 34/128 of the f32 cache's bytes; on 145 tokens of the
+ * golden dense model the logits move from the f32 cache's by more than zero and less than the
+ * bound (measured 4.9, where f16 moves them 0.046: Q8_0 keeps ~8 bits per value, and this random
+ * model amplifies; the golden long prompts are test_kv_long's), and batched evaluation
+ * still equals token-by-token. */
+static void test_engine_q8_0_cache(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    const int V = m->cfg.n_vocab, N = 145;
+    int32_t t[145];
+    s_tokens(t, N, V, 7);
+    engine *e = NULL, *q = NULL, *q2 = NULL;
     stp_err err = {0};
-    engine_params p = {.n_threads = 2, .n_ctx = n + 8};
+    engine_params p = {.n_threads = 2, .n_ctx = 256};
     if (engine_new(&e, m, &p, &err)) fail_msg("%s", err.msg);
     p.kv_type = KV_Q8_0;
-    if (engine_new(&q, m, &p, &err)) fail_msg("%s", err.msg);
+    if (engine_new(&q, m, &p, &err) || engine_new(&q2, m, &p, &err)) fail_msg("%s", err.msg);
     assert_int_equal(engine_kv_bytes(q) * 128, engine_kv_bytes(e) * 34);
-    float *l32 = s_batched(e, t, n, V), *l8 = s_batched(q, t, n, V);
-    float *row = malloc(sizeof(float) * (size_t)n), max = 0;
-    int top1 = 0;
-    for (int i = 0; i < n; i++) {
-        row[i] = s_max_diff(l32 + (size_t)i * V, l8 + (size_t)i * V, (size_t)V);
-        max = row[i] > max || row[i] != row[i] ? row[i] : max;
-        top1 += s_argmax(l32 + (size_t)i * V, V) == s_argmax(l8 + (size_t)i * V, V);
-    }
-    qsort(row, (size_t)n, sizeof(float), s_cmp_float);
-    const float median = row[n / 2];
-    print_message("%s q8_0 vs f32 cache, %d positions: max |dlogit| %.4g, median of row max %.4g, "
-                  "top-1 %d of %d\n",
-                  stem, n, max, median, top1, n);
-    if (!(max > 0 && max <= max_bound && median <= median_bound))
-        fail_msg("%s: q8_0 vs f32 cache: max %g (bound %g), median %g (bound %g)", stem, max,
-                 max_bound, median, median_bound);
-    if (!(top1 >= top1_min * n)) fail_msg("%s: top-1 agreement %d of %d", stem, top1, n);
-    /* batched prefill and token by token over 300 positions: the same logits */
-    engine_reset(q);
-    const int N = 300;
-    float *b8 = s_batched(q, t, N, V);
-    engine *q2 = NULL;
-    if (engine_new(&q2, m, &p, &err)) fail_msg("%s", err.msg);
-    float *s8 = s_stepwise(q2, t, N, V);
-    const float d = s_max_diff(b8, s8, (size_t)N * V);
+    float *l32 = s_batched(e, t, N, V), *l8 = s_batched(q, t, N, V), *s8 = s_stepwise(q2, t, N, V);
+    float d = s_max_diff(l32, l8, (size_t)N * V);
+    if (!(d > 0 && d <= BOUND_Q8)) fail_msg("q8_0 vs f32 cache: max logit diff %g", d);
+    d = s_max_diff(l8, s8, (size_t)N * V);
     if (!(d <= 1e-5f)) fail_msg("q8_0 cache: batched vs token-by-token max diff %g", d);
-    free(b8), free(s8), free(row), free(l32), free(l8), free(t);
+    free(l32), free(l8), free(s8);
     engine_destroy(&e), engine_destroy(&q), engine_destroy(&q2);
     model_close(&m);
-}
-
-static void test_engine_q8_0_cache_long_dense(void **state) {
-    (void)state;
-    /* measured 6.3 / 0.34 / 981 of 1075 (the f16 cache: 1.9 / 0.013 / 1071) */
-    s_q8_0_long(DENSE, "tiny-dense-attn-f32.long", 10, 0.5f, 0.85);
-}
-
-static void test_engine_q8_0_cache_long_hybrid(void **state) {
-    (void)state;
-    /* measured 25 / 2.9 / 3388 of 4389 (the f16 cache: 24 / 0.098 / 4334): the B model amplifies
-     * any change (llama.cpp's own q4_0 file moves its long logits by median 4.9) */
-    s_q8_0_long(HYBRID, "tiny-hybrid-attn-f32.long", 40, 4, 0.70);
 }
 
 static void test_engine_batched_equals_stepwise_dense(void **state) {
@@ -511,8 +448,7 @@ int main(void) {
         cmocka_unit_test(test_engine_bad_token_id),
         cmocka_unit_test(test_engine_new_checks),
         cmocka_unit_test(test_engine_f16_cache),
-        cmocka_unit_test(test_engine_q8_0_cache_long_dense),
-        cmocka_unit_test(test_engine_q8_0_cache_long_hybrid),
+        cmocka_unit_test(test_engine_q8_0_cache),
         cmocka_unit_test(test_engine_sliding_window_ring),
         cmocka_unit_test(test_engine_synthetic_64_experts),
         cmocka_unit_test(test_engine_head_dim_over_max_refused),
