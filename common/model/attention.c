@@ -38,6 +38,33 @@ static size_t s_round16(size_t n) {
     return (n + 15) & ~(size_t)15;
 }
 
+/* Floats per thread: kernel scratch, one chunk partial, the merge state (doubles). */
+static size_t s_work_stride(const model_config *cfg) {
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
+    return attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
+           s_round16(2 * attn_merge_doubles(G, D));
+}
+
+/* Doubles of chunk partials: 2 * n_threads (token, group) pairs of n_ctx / ATTN_CHUNK + 2. */
+static size_t s_part_doubles(const model_config *cfg, int n_ctx, int n_threads) {
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
+    return (size_t)(2 * n_threads) * (size_t)(n_ctx / ATTN_CHUNK + 2) * G * (D + 2);
+}
+
+/* The largest activation format is F32 (4 bytes/elem); q, k, v may each need their own copy. */
+static size_t s_xq_bytes(const model_config *cfg, int n_ubatch) {
+    const size_t E = (size_t)cfg->n_embd, Q = (size_t)cfg->n_head * cfg->head_dim;
+    return 3 * (size_t)n_ubatch * ((E > Q ? E : Q) * 4 + 64);
+}
+
+size_t attn_scratch_size(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads) {
+    const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
+                 Q = (size_t)cfg->n_head * cfg->head_dim,
+                 KV = (size_t)cfg->n_head_kv * cfg->head_dim;
+    return (T * (2 * E + 2 * Q + 2 * KV) + (size_t)n_threads * s_work_stride(cfg)) * sizeof(float) +
+           s_part_doubles(cfg, n_ctx, n_threads) * sizeof(double) + s_xq_bytes(cfg, n_ubatch);
+}
+
 int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, int n_ctx,
                      int n_threads, stp_err *err) {
     *out = NULL;
@@ -49,25 +76,17 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->n_ubatch = n_ubatch;
     s->n_ctx = n_ctx;
     s->n_threads = n_threads;
-    size_t widest = E > Q ? E : Q;
-    /* the largest activation format is F32 (4 bytes/elem) */
-    size_t xq_bytes = 3 * T * (widest * 4 + 64); /* q, k, v may each need their own copy */
     s->hn = malloc(T * E * sizeof(float));
     s->qkv = malloc(T * (Q + 2 * KV) * sizeof(float));
     s->o = malloc(T * Q * sizeof(float));
     s->proj = malloc(T * E * sizeof(float));
-    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
-    /* per thread: kernel scratch, one chunk partial, the merge state (doubles); 64-byte aligned */
-    s->work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
-                     s_round16(2 * attn_merge_doubles(G, D));
+    s->work_stride = s_work_stride(cfg); /* a multiple of 16 floats: 64-byte aligned rows */
     s->max_pairs = 2 * n_threads;
     s->n_chunks = n_ctx / ATTN_CHUNK + 2;
-    const size_t part = (size_t)s->max_pairs * s->n_chunks * G * (D + 2);
     s->work = aligned_alloc(64, (size_t)n_threads * s->work_stride * sizeof(float));
-    s->part = malloc(part * sizeof(double));
-    s->xq = malloc(xq_bytes);
-    s->bytes = (T * (2 * E + 2 * Q + 2 * KV) + (size_t)n_threads * s->work_stride) * sizeof(float) +
-               part * sizeof(double) + xq_bytes;
+    s->part = malloc(s_part_doubles(cfg, n_ctx, n_threads) * sizeof(double));
+    s->xq = malloc(s_xq_bytes(cfg, n_ubatch));
+    s->bytes = attn_scratch_size(cfg, n_ubatch, n_ctx, n_threads);
     if (!s->hn || !s->qkv || !s->o || !s->proj || !s->work || !s->part || !s->xq) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");

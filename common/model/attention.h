@@ -15,6 +15,8 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
                      int n_threads, stp_err *err);
 void attn_scratch_destroy(attn_scratch **self_p);
 size_t attn_scratch_bytes(const attn_scratch *s);
+/* What attn_scratch_new allocates for these arguments, without allocating (the budget plan). */
+size_t attn_scratch_size(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads);
 
 void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
                        int pos0, attn_scratch *s);

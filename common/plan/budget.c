@@ -8,7 +8,7 @@
 #include <strings.h>
 
 #include "kern/kern.h"
-#include "model/attn_core.h"
+#include "model/attention.h"
 #include "model/expert_chunk.h"
 #include "shm/shm.h"
 
@@ -31,21 +31,7 @@ uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtyp
 }
 
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads) {
-    /* attn_scratch_new: normed input, q/k/v, output and projection per token in float; per
-     * thread the chunk kernel's tiles, a chunk partial and the merge state (in floats, each
-     * rounded up to 16); the chunk partials of split decode (2 * threads (token, group) pairs,
-     * n_ctx / ATTN_CHUNK + 2 chunks, doubles); three quantized activation copies (F32 at most) */
-    const uint64_t T = (uint64_t)n_ubatch, E = (uint64_t)c->n_embd,
-                   Q = (uint64_t)c->n_head * c->head_dim, KV = (uint64_t)c->n_head_kv * c->head_dim;
-    const uint64_t widest = E > Q ? E : Q;
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim;
-    const uint64_t r16 = ~(uint64_t)15;
-    const uint64_t work = attn_work_floats(G, D) + ((2 * (uint64_t)G * (D + 2) + 15) & r16) +
-                          ((2 * (uint64_t)attn_merge_doubles(G, D) + 15) & r16);
-    const uint64_t part =
-        2 * (uint64_t)threads * (uint64_t)(n_ctx / ATTN_CHUNK + 2) * (uint64_t)G * (D + 2);
-    return (T * (2 * E + 2 * Q + 2 * KV) + (uint64_t)threads * work) * 4 + part * 8 +
-           3 * T * (widest * 4 + 64);
+    return attn_scratch_size(c, n_ubatch, n_ctx, threads); /* attention.c's own count */
 }
 
 uint64_t budget_worker_bytes(const model_config *c) {
