@@ -152,7 +152,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
      * experts' weights are the storage daemon's, never touched here */
     if ((rc = model_enable_packing(a->m, MODEL_PACK_ATTN | MODEL_PACK_HEAD, err))) goto fail;
     if ((rc = model_pack_all(a->m, a->tp, NULL, NULL, err))) goto fail;
-    if ((rc = kv_cache_new(&a->kv, c, a->n_ctx, a->n_ubatch, o->kv_f16, err))) goto fail;
+    if ((rc = kv_cache_new(&a->kv, c, a->n_ctx, a->n_ubatch, o->kv_type, err))) goto fail;
     if ((rc = attn_scratch_new(&a->as, c, a->n_ubatch, a->n_ctx, o->threads, err))) goto fail;
     const int E = c->n_embd, K = c->n_expert_used;
     a->x = malloc((size_t)a->n_ubatch * E * sizeof(float));

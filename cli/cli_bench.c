@@ -69,7 +69,7 @@ static int s_parse_list(const char *s, int *out, int cap) {
 static void s_usage(FILE *f) {
     fprintf(f,
             "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
-            "                    [-d 0,2048] [--threads N] [--json]\n"
+            "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0] [--json]\n"
             "  -p LIST    prompt sizes to time (batched prefill), default 64,512\n"
             "  -n LIST    generation lengths to time (one token per pass), default 128\n"
             "  -d LIST    context depths: each test runs after a prompt of that many tokens,\n"
@@ -77,6 +77,8 @@ static void s_usage(FILE *f) {
             "  -r N       repetitions per test (mean +- sd), default 3\n"
             "  --threads N  compute threads (default 2; in-process only) and threads of the\n"
             "             bandwidth test\n"
+            "  --cache-type T  KV cache f32 (default), f16 or q8_0 (in-process only; a\n"
+            "             pipeline's is set by deploy/stpipe-up --cache-type)\n"
             "  --pipeline RUN_DIR  time a running pipeline (deploy/stpipe-up) instead; prompts\n"
             "             are random ids below 1000, or below the vocabulary with --model\n"
             "  --json     machine-readable output\n"
@@ -451,6 +453,7 @@ int cli_bench(int argc, char **argv) {
     int pp[16] = {64, 512}, tg[16] = {128}, dp[16] = {0}, n_pp = 2, n_tg = 1, n_dp = 1;
     long long reps = 3, threads = 2;
     bool json = false;
+    kv_dtype kv_type = KV_F32;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
@@ -476,6 +479,13 @@ int cli_bench(int argc, char **argv) {
             i++;
         } else if ((cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) && v) {
             if (cli_parse_int(v, "--threads", 1, 256, &threads)) return 2;
+            i++;
+        } else if (cli_opt_is(a, "--cache-type") && v) {
+            stp_err e = {0};
+            if (kv_cache_parse_type(v, &kv_type, &e)) {
+                fprintf(stderr, "stpipe bench: %s\n", e.msg);
+                return 2;
+            }
             i++;
         } else if (cli_opt_is(a, "--json")) {
             json = true;
@@ -522,7 +532,8 @@ int cli_bench(int argc, char **argv) {
     for (int i = 0; i < n_tg; i++)
         max_ctx = tg[i] + 1 > max_ctx ? tg[i] + 1 : max_ctx;
     max_ctx += max_d;
-    engine_params ep = {.n_threads = (int)threads, .n_ctx = max_ctx, .progress = cli_progress};
+    engine_params ep = {
+        .n_threads = (int)threads, .n_ctx = max_ctx, .kv_type = kv_type, .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
         model_close(&m);

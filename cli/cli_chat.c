@@ -26,6 +26,7 @@ typedef struct chat_opts {
     const char *model, *system, *pipeline;
     long long threads, ctx, n_predict;
     sampler_params sp;
+    kv_dtype kv_type;
 } chat_opts;
 
 typedef struct chat_state {
@@ -51,6 +52,7 @@ static void s_usage(FILE *f) {
             "  --seed S              random seed (default: from the clock)\n"
             "  --threads N           compute threads (default 2)\n"
             "  --ctx-size N          context length (default min(model, 4096))\n"
+            "  --cache-type T        KV cache f32 (default), f16 or q8_0 (--model only)\n"
             "In the chat: /reset forgets the conversation, /system TEXT sets the system message\n"
             "(and resets), /quit exits. Ctrl-C stops an answer; twice at the prompt exits.\n");
 }
@@ -97,6 +99,12 @@ static int s_parse(int argc, char **argv, chat_opts *o) {
             NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
         } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
             NEEDV if (cli_parse_int(v, a, 16, 1 << 24, &o->ctx)) return 2;
+        } else if (cli_opt_is(a, "--cache-type")) {
+            NEEDV stp_err e = {0};
+            if (kv_cache_parse_type(v, &o->kv_type, &e)) {
+                fprintf(stderr, "stpipe chat: %s\n", e.msg);
+                return 2;
+            }
         } else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
             NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
         } else {
@@ -349,8 +357,10 @@ int cli_chat(int argc, char **argv) {
     if (rc) return rc == 1 ? 0 : rc;
     stp_err err = {0};
     chat_state c = {.o = &o, .pending = -1, .tty = isatty(0)};
-    backend_engine_params bp = {
-        .model_path = o.model, .n_threads = (int)o.threads, .n_ctx = (int)o.ctx};
+    backend_engine_params bp = {.model_path = o.model,
+                                .n_threads = (int)o.threads,
+                                .n_ctx = (int)o.ctx,
+                                .kv_type = o.kv_type};
     if (o.model && backend_engine_new(&c.b, &bp, &err)) {
         fprintf(stderr, "stpipe chat: %s\n", err.msg);
         return 1;

@@ -17,7 +17,8 @@
 
 typedef struct generate_opts {
     const char *model, *prompt, *prompt_ids, *prompt_file, *system, *logits_out, *pipeline;
-    bool chat, ids_out, ignore_eos, no_parse_special, quiet, kv_f16;
+    bool chat, ids_out, ignore_eos, no_parse_special, quiet;
+    kv_dtype kv_type;
     long long n_predict, threads, ctx;
     sampler_params sp;
 } generate_opts;
@@ -41,7 +42,8 @@ static void s_usage(FILE *f) {
         "  --threads N           compute threads (default 2)\n"
         "  --ctx-size N          context length (default min(model, 4096))\n"
         "  --cache-type T        KV cache f32 (default: llama.cpp's -ctk/-ctv f32 results) or\n"
-        "                        f16 (half the memory; llama.cpp's own default)\n"
+        "                        f16 (half the memory; llama.cpp's own default) or q8_0 (27%%\n"
+        "                        of f32's memory; llama.cpp's -ctk q8_0 -ctv q8_0)\n"
         "  --ids                 print generated token ids on one line instead of text\n"
         "  --ignore-eos          keep generating after an end-of-generation token\n"
         "  --no-parse-special    treat <|...|> in the prompt as plain text\n"
@@ -112,7 +114,7 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
             NEEDV if (cli_parse_int(v, a, 1, 1 << 24, &o->ctx)) return 2;
         } else if (cli_opt_is(a, "--cache-type")) {
             NEEDV stp_err e = {0};
-            if (kv_cache_parse_type(v, &o->kv_f16, &e)) {
+            if (kv_cache_parse_type(v, &o->kv_type, &e)) {
                 fprintf(stderr, "stpipe generate: %s\n", e.msg);
                 return 2;
             }
@@ -127,7 +129,7 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
         fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
         return 2;
     }
-    if (o->pipeline && o->kv_f16) {
+    if (o->pipeline && o->kv_type != KV_F32) {
         fprintf(stderr, "stpipe generate: a pipeline's cache type is set when it starts "
                         "(deploy/stpipe-up --cache-type f16)\n");
         return 2;
@@ -259,7 +261,7 @@ int cli_generate(int argc, char **argv) {
     }
     engine_params ep = {.n_threads = (int)o.threads,
                         .n_ctx = (int)o.ctx,
-                        .kv_f16 = o.kv_f16,
+                        .kv_type = o.kv_type,
                         .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);

@@ -11,16 +11,17 @@
 #include "plan/budget.h"
 
 static void s_usage(FILE *f) {
-    fprintf(f,
-            "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16] [--tensors]\n"
-            "                   [--memory-budget B [--workers N] [--threads N]]\n"
-            "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
-            "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
-            "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
-            "  the storage daemon computes it: what each stage needs outside the expert pool,\n"
-            "  the minimum budget and the pool's frames (--workers: expert workers, default 1;\n"
-            "  --threads: the attention worker's, default 1 as the daemon plans). Exit status 1\n"
-            "  when the budget is below the minimum.\n");
+    fprintf(
+        f,
+        "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16|q8_0] [--tensors]\n"
+        "                   [--memory-budget B [--workers N] [--threads N]]\n"
+        "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
+        "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
+        "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
+        "  the storage daemon computes it: what each stage needs outside the expert pool,\n"
+        "  the minimum budget and the pool's frames (--workers: expert workers, default 1;\n"
+        "  --threads: the attention worker's, default 1 as the daemon plans). Exit status 1\n"
+        "  when the budget is below the minimum.\n");
 }
 
 static double s_mib(size_t b) {
@@ -34,7 +35,7 @@ static int s_print_plan(const model *m, const budget_params *bp) {
     int rc = budget_plan_compute(&p, bp, &err);
     printf("pipeline plan   budget %.1f MiB, context %d, KV cache %s, %d sequence%s, %d expert "
            "worker%s, %d attention thread%s\n",
-           s_mib(p.budget), p.n_ctx, p.kv_f16 ? "f16" : "f32", p.n_seq, p.n_seq > 1 ? "s" : "",
+           s_mib(p.budget), p.n_ctx, kv_cache_type_name(p.kv_type), p.n_seq, p.n_seq > 1 ? "s" : "",
            p.workers, p.workers > 1 ? "s" : "", p.threads, p.threads > 1 ? "s" : "");
     printf("  non-expert weights    %9.1f MiB (attention worker)\n", s_mib(p.non_expert));
     printf("  KV cache              %9.1f MiB\n", s_mib(p.kv));
@@ -64,7 +65,8 @@ static int s_print_plan(const model *m, const budget_params *bp) {
 int cli_info(int argc, char **argv) {
     const char *path = NULL;
     long long ctx = 0, workers = 1, threads = 1;
-    bool tensors = false, kv_f16 = false;
+    bool tensors = false;
+    kv_dtype kv_type = KV_F32;
     uint64_t budget = 0;
     stp_err err = {0};
     for (int i = 0; i < argc; i++) {
@@ -76,7 +78,7 @@ int cli_info(int argc, char **argv) {
         } else if (cli_opt_is(argv[i], "--ctx-size") && i + 1 < argc) {
             if (cli_parse_int(argv[++i], "--ctx-size", 1, 1 << 24, &ctx)) return 2;
         } else if (cli_opt_is(argv[i], "--cache-type") && i + 1 < argc) {
-            if (kv_cache_parse_type(argv[++i], &kv_f16, &err)) {
+            if (kv_cache_parse_type(argv[++i], &kv_type, &err)) {
                 fprintf(stderr, "stpipe info: %s\n", err.msg);
                 return 2;
             }
@@ -156,7 +158,7 @@ int cli_info(int argc, char **argv) {
            s_mib(active));
 
     engine *e = NULL;
-    engine_params ep = {.n_threads = 1, .n_ctx = (int)ctx, .kv_f16 = kv_f16};
+    engine_params ep = {.n_threads = 1, .n_ctx = (int)ctx, .kv_type = kv_type};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe info: %s\n", err.msg);
         model_close(&m);
@@ -175,7 +177,7 @@ int cli_info(int argc, char **argv) {
                             .non_expert = m->weight_bytes - m->expert_bytes,
                             .frame_bytes = layout_frame_bytes(m, layout_wants_flags(m)),
                             .n_ctx = (int)ctx,
-                            .kv_f16 = kv_f16,
+                            .kv_type = kv_type,
                             .n_seq = 1,
                             .workers = (int)workers,
                             .threads = (int)threads,

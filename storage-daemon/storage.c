@@ -331,7 +331,7 @@ static int s_create_pool(storage *s, stp_err *err) {
                         .frame_bytes = frame,
                         .n_ctx = s->o.n_ctx,
                         .n_ubatch = s->o.n_ubatch,
-                        .kv_f16 = s->o.kv_f16,
+                        .kv_type = s->o.kv_type,
                         .n_seq = 1,
                         .workers = s->so.workers > 0 ? s->so.workers : 2,
                         .threads = s->so.attn_threads > 0 ? s->so.attn_threads : 1,

@@ -152,6 +152,9 @@ static attn_group_args s_args(const attn_section *a, int t, int g, float *work) 
         .v = a->kvl->v ? a->kvl->v + (size_t)g * D : NULL,
         .kh = a->kvl->kh ? a->kvl->kh + (size_t)g * D : NULL,
         .vh = a->kvl->vh ? a->kvl->vh + (size_t)g * D : NULL,
+        .kq = a->kvl->kq,
+        .vq = a->kvl->vq,
+        .qoff = g * D,
         .stride = KV,
         .cap = a->kvl->cap,
         .lo = lo,
@@ -286,16 +289,7 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
             ops_rope_neox(row, c->n_head, D, pos0 + t, c->rope_base);
             ops_rope_neox(row + Q, c->n_head_kv, D, pos0 + t, c->rope_base);
         }
-        int slot = kv_cache_slot(kvl, pos0 + t);
-        if (kvl->k) {
-            memcpy(kvl->k + (size_t)slot * KV, row + Q, sizeof(float) * KV);
-            memcpy(kvl->v + (size_t)slot * KV, row + Q + KV, sizeof(float) * KV);
-        } else { /* float16 cache: rounded to nearest even, as ggml's F16 cache */
-            for (int i = 0; i < KV; i++) {
-                kvl->kh[(size_t)slot * KV + i] = kern_f32_to_fp16(row[Q + i]);
-                kvl->vh[(size_t)slot * KV + i] = kern_f32_to_fp16(row[Q + KV + i]);
-            }
-        }
+        kv_cache_store(kv, kvl, kv_cache_slot(kvl, pos0 + t), row + Q, row + Q + KV);
     }
 
     s_attend_all(cc, c, kvl, T, pos0, s);

@@ -28,16 +28,19 @@
 #define ATTN_CHUNK 256 /* positions per partial result (a multiple of ATTN_TILE) */
 
 typedef struct attn_group_args {
-    const float *q;          /* (G, D) the group's query heads, rotated, contiguous */
-    int G, D;                /* heads in the group; head dim (multiple of 4, <= 1024) */
-    const float *k, *v;      /* key / value of slot 0 for this kv head; slot s at + s * stride */
-    const uint16_t *kh, *vh; /* the same in a float16 cache (k and v NULL) */
-    int stride;              /* elements between slots */
-    int cap;                 /* slots in the cache (position j lives in slot j % cap) */
-    int lo, hi;              /* positions the query attends: lo..hi inclusive */
-    int c0, c1;              /* the chunk: positions c0..c1-1 */
-    double *m, *s, *acc;     /* out: the chunk's partial, (G), (G), (G, D) */
-    float *work;             /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
+    const float *q;            /* (G, D) the group's query heads, rotated, contiguous */
+    int G, D;                  /* heads in the group; head dim (multiple of 4, <= 1024) */
+    const float *k, *v;        /* key / value of slot 0 for this kv head; slot s at + s * stride */
+    const uint16_t *kh, *vh;   /* the same in a float16 cache (k and v NULL) */
+    const block_q8_0 *kq, *vq; /* a Q8_0 cache: slot 0's row (all kv heads; k, v, kh, vh NULL) */
+    int qoff;                  /* Q8_0: this kv head's first element in a row (blocks of 32 over
+                                * the row, as ggml's, so one may straddle two heads if D < 32) */
+    int stride;                /* elements between slots */
+    int cap;                   /* slots in the cache (position j lives in slot j % cap) */
+    int lo, hi;                /* positions the query attends: lo..hi inclusive */
+    int c0, c1;                /* the chunk: positions c0..c1-1 */
+    double *m, *s, *acc;       /* out: the chunk's partial, (G), (G), (G, D) */
+    float *work;               /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
 } attn_group_args;
 
 typedef void (*attn_group_fn)(const attn_group_args *a);
@@ -45,7 +48,34 @@ void attn_group_generic(const attn_group_args *a);
 void attn_group_avx2(const attn_group_args *a);
 void attn_group_avx512(const attn_group_args *a);
 
-/* Floats of scratch a chunk kernel needs (scores of a tile, a tile of widened f16 rows). */
+/* Elements e0..e0+n-1 of a Q8_0 row as floats: d * q, exact in float (an 8-bit integer times a
+ * half has at most 19 significant bits), so every build gets the same floats and the kernel's
+ * Q8_0 path gives the bits of its float32 path fed the dequantized cache. */
+static inline void attn_dequant_q8_0(float *dst, const block_q8_0 *row, size_t e0, int n) {
+    for (int i = 0; i < n;) {
+        const size_t e = e0 + (size_t)i;
+        const int j0 = (int)(e % QK8_0), m = QK8_0 - j0 < n - i ? QK8_0 - j0 : n - i;
+        const block_q8_0 *b = row + e / QK8_0;
+        const float d = kern_fp16_to_f32(b->d);
+        for (int j = 0; j < m; j++)
+            dst[i + j] = (float)b->qs[j0 + j] * d;
+        i += m;
+    }
+}
+
+/* Element i (counted from slot 0's first element of this kv head) of the cache in whichever type
+ * is set (Q8_0: qoff elements further from the row base). */
+static inline float attn_cache_elem(const float *f, const uint16_t *h, const block_q8_0 *q,
+                                    int qoff, size_t i) {
+    if (f) return f[i];
+    if (h) return kern_fp16_to_f32(h[i]);
+    float x;
+    attn_dequant_q8_0(&x, q, (size_t)qoff + i, 1);
+    return x;
+}
+
+/* Floats of scratch a chunk kernel needs (scores of a tile, a tile of widened f16 or
+ * dequantized Q8_0 rows). */
 static inline size_t attn_work_floats(int G, int D) {
     return ((size_t)G * ATTN_TILE + 2 * (size_t)ATTN_TILE * D + 15) & ~(size_t)15;
 }
@@ -109,7 +139,7 @@ static inline void attn_head_ref(const attn_group_args *a, int h, float *out, do
         const size_t row = (size_t)((a->lo + j) % a->cap) * a->stride;
         double d = 0.0;
         for (int i = 0; i < D; i++)
-            d += (double)q[i] * (double)(a->k ? a->k[row + i] : kern_fp16_to_f32(a->kh[row + i]));
+            d += (double)q[i] * (double)attn_cache_elem(a->k, a->kh, a->kq, a->qoff, row + i);
         sc[j] = d * scale;
         max = sc[j] > max ? sc[j] : max;
     }
@@ -121,7 +151,7 @@ static inline void attn_head_ref(const attn_group_args *a, int h, float *out, do
         double acc = 0.0;
         for (int j = 0; j < n; j++) {
             const size_t row = (size_t)((a->lo + j) % a->cap) * a->stride;
-            acc += sc[j] * (double)(a->v ? a->v[row + i] : kern_fp16_to_f32(a->vh[row + i]));
+            acc += sc[j] * (double)attn_cache_elem(a->v, a->vh, a->vq, a->qoff, row + i);
         }
         out[i] = (float)(acc / sum);
     }

@@ -2,9 +2,10 @@
  * and included by each build: attention.c (generic, AF_W 4, multiply then add), attention_avx2.c
  * (AF_W 8, fused multiply-add) and attention_avx512.c (AF_W 16, fused). The includer defines
  * AF_W (floats per vector), AF_NAME (the function), AF_FMA(a, b, c) = a * b + c on af_v and
- * AF_WIDEN(dst, src, n) (n float16 to float). The levels sum in different orders, so their bits
- * differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives the
- * same bits at any thread count, batched or not.
+ * AF_WIDEN(dst, src, n) (n float16 to float); Q8_0 rows are dequantized exactly (d * q, the
+ * floats of attn_dequant_q8_0) into the same tile buffers. The levels sum in different orders, so
+ * their bits differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives
+ * the same bits at any thread count, batched or not.
  *
  * Per tile of ATTN_TILE positions: the G heads' scores (q·k over D in AF_W lanes, reduced in a
  * fixed tree, times 1/sqrt(D)), each head's max raised (acc and s, double, scaled by
@@ -125,6 +126,24 @@ static inline void s_af_values(const float *const *vr, int n, int D, const float
     }
 }
 
+/* n values of a Q8_0 row from element e0 as floats, d * q: whole blocks AF_W lanes at a time
+ * (the products are exact, so the same floats as attn_dequant_q8_0, which takes the rest). */
+static inline void s_af_dequant(float *dst, const block_q8_0 *row, size_t e0, int n) {
+    if (e0 % QK8_0 || n % QK8_0) {
+        attn_dequant_q8_0(dst, row, e0, n);
+        return;
+    }
+    typedef int8_t af_vb __attribute__((vector_size(AF_W), aligned(1), may_alias));
+    const block_q8_0 *b = row + e0 / QK8_0;
+    for (int i = 0; i < n / QK8_0; i++) {
+        const af_v d = s_af_splat(kern_fp16_to_f32(b[i].d));
+        for (int j = 0; j < QK8_0; j += AF_W) {
+            const af_vi q = __builtin_convertvector(*(const af_vb *)(b[i].qs + j), af_vi);
+            s_af_store(dst + i * QK8_0 + j, __builtin_convertvector(q, af_v) * d);
+        }
+    }
+}
+
 void AF_NAME(const attn_group_args *a) {
     const int G = a->G, D = a->D, cap = a->cap;
     const int j_begin = a->lo > a->c0 ? a->lo : a->c0;
@@ -148,16 +167,23 @@ void AF_NAME(const attn_group_args *a) {
             if (a->k) {
                 kr[r] = a->k + off, vr[r] = a->v + off;
             } else {
-                AF_WIDEN(kbuf + (size_t)r * D, a->kh + off, D);
+                if (a->kh)
+                    AF_WIDEN(kbuf + (size_t)r * D, a->kh + off, D);
+                else
+                    s_af_dequant(kbuf + (size_t)r * D, a->kq + off / QK8_0, a->qoff, D);
                 kr[r] = kbuf + (size_t)r * D, vr[r] = vbuf + (size_t)r * D;
             }
         }
         for (int r = 0; r < n; r++)
             for (int h = 0; h < G; h++)
                 sc[h * ATTN_TILE + r] = s_af_dot(a->q + (size_t)h * D, kr[r], D) * scale;
-        if (!a->k)
+        if (a->vh)
             for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
                 AF_WIDEN(vbuf + (size_t)r * D, a->vh + (size_t)slot * a->stride, D);
+        else if (a->vq)
+            for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
+                s_af_dequant(vbuf + (size_t)r * D, a->vq + (size_t)slot * a->stride / QK8_0,
+                             a->qoff, D);
         for (int h = 0; h < G; h++) {
             float *p = sc + h * ATTN_TILE;
             float mt = -INFINITY;

@@ -56,7 +56,7 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     if (rc) goto fail;
     e->cc.ops = kern_ops_get();
     e->cc.tp = e->tp;
-    rc = kv_cache_new(&e->kv, c, n_ctx, n_ubatch, p->kv_f16, err);
+    rc = kv_cache_new(&e->kv, c, n_ctx, n_ubatch, p ? p->kv_type : KV_F32, err);
     if (rc) goto fail;
     rc = attn_scratch_new(&e->as, c, n_ubatch, n_ctx, n_threads, err);
     if (rc) goto fail;

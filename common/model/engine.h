@@ -11,16 +11,17 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "model/kv_cache.h"
 #include "model/model.h"
 
 typedef struct engine_params {
-    int n_threads;   /* team size (>= 1) */
-    int n_ctx;       /* context length in tokens; 0 = min(model's, 4096) */
-    int n_ubatch;    /* tokens per forward micro-batch; 0 = 512 */
-    bool kv_f16;     /* float16 KV cache (llama.cpp's -ctk/-ctv f16) instead of float32 */
-    bool dense_down; /* disable the neuron-sparse down layout (for comparisons) */
-    bool no_packing; /* keep every matrix in the file's layout (for comparisons) */
-    bool lazy;       /* build packed/neuron-major images on first use instead of at load */
+    int n_threads;    /* team size (>= 1) */
+    int n_ctx;        /* context length in tokens; 0 = min(model's, 4096) */
+    int n_ubatch;     /* tokens per forward micro-batch; 0 = 512 */
+    kv_dtype kv_type; /* KV cache f32 (0), f16 or q8_0 (llama.cpp's -ctk/-ctv) */
+    bool dense_down;  /* disable the neuron-sparse down layout (for comparisons) */
+    bool no_packing;  /* keep every matrix in the file's layout (for comparisons) */
+    bool lazy;        /* build packed/neuron-major images on first use instead of at load */
     model_progress_fn progress; /* optional: reports the load-time image building */
     void *progress_ud;
 } engine_params;

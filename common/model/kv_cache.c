@@ -1,37 +1,41 @@
-/* kv_cache: full caches for global layers, rings for sliding-window layers; see kv_cache.h. */
+/* kv_cache: full caches for global layers, rings for sliding-window layers, in f32, f16 or Q8_0;
+ * see kv_cache.h. */
 #include "model/kv_cache.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatch, bool f16,
+int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
                  stp_err *err) {
     *out = NULL;
+    if (type == KV_Q8_0 && cfg->n_head_kv * cfg->head_dim % QK8_0)
+        return stp_err_set(err, STP_EINVAL,
+                           "kv cache: q8_0 needs n_head_kv * head_dim a multiple of %d (%d)", QK8_0,
+                           cfg->n_head_kv * cfg->head_dim);
     kv_cache *c = calloc(1, sizeof *c);
     if (!c) return stp_err_set(err, STP_ENOMEM, "kv cache: out of memory");
     c->n_layer = cfg->n_layer;
     c->n_ctx = n_ctx;
     c->kv_dim = cfg->n_head_kv * cfg->head_dim;
-    c->f16 = f16;
+    c->type = type;
     c->layers = calloc((size_t)cfg->n_layer, sizeof *c->layers);
     if (!c->layers) goto fail;
+    const size_t row = kv_cache_row_bytes(type, c->kv_dim);
     for (int il = 0; il < cfg->n_layer; il++) {
         kv_layer *l = &c->layers[il];
         l->window = model_config_layer_window(cfg, il);
         l->cap = n_ctx;
         if (l->window > 0 && l->window + n_ubatch < n_ctx) l->cap = l->window + n_ubatch;
-        size_t n = (size_t)l->cap * (size_t)c->kv_dim;
-        if (f16) {
-            l->kh = malloc(n * sizeof(uint16_t));
-            l->vh = malloc(n * sizeof(uint16_t));
-            if (!l->kh || !l->vh) goto fail;
-            c->bytes += 2 * n * sizeof(uint16_t);
-        } else {
-            l->k = malloc(n * sizeof(float));
-            l->v = malloc(n * sizeof(float));
-            if (!l->k || !l->v) goto fail;
-            c->bytes += 2 * n * sizeof(float);
-        }
+        const size_t n = (size_t)l->cap * row;
+        void *k = malloc(n), *v = malloc(n);
+        if (type == KV_F16)
+            l->kh = k, l->vh = v;
+        else if (type == KV_Q8_0)
+            l->kq = k, l->vq = v;
+        else
+            l->k = k, l->v = v;
+        if (!k || !v) goto fail;
+        c->bytes += 2 * n;
     }
     *out = c;
     return 0;
@@ -49,16 +53,41 @@ void kv_cache_destroy(kv_cache **self_p) {
             free(c->layers[il].v);
             free(c->layers[il].kh);
             free(c->layers[il].vh);
+            free(c->layers[il].kq);
+            free(c->layers[il].vq);
         }
     free(c->layers);
     free(c);
     *self_p = NULL;
 }
 
-int kv_cache_parse_type(const char *s, bool *f16, stp_err *err) {
-    if (!strcmp(s, "f32") || !strcmp(s, "f16")) {
-        *f16 = !strcmp(s, "f16");
-        return 0;
+void kv_cache_store(const kv_cache *c, kv_layer *l, int slot, const float *k, const float *v) {
+    const size_t n = (size_t)c->kv_dim, at = (size_t)slot * n;
+    if (c->type == KV_F32) {
+        memcpy(l->k + at, k, n * sizeof(float));
+        memcpy(l->v + at, v, n * sizeof(float));
+    } else if (c->type == KV_F16) { /* rounded to nearest even, as ggml's F16 cache */
+        for (size_t i = 0; i < n; i++) {
+            l->kh[at + i] = kern_f32_to_fp16(k[i]);
+            l->vh[at + i] = kern_f32_to_fp16(v[i]);
+        }
+    } else { /* ggml-cpu's quantize_row_q8_0 on x86 = the Q8_0 activation quantizer */
+        kern_quantize_act_ref(STP_TYPE_Q8_0, k, l->kq + at / QK8_0, (int64_t)n);
+        kern_quantize_act_ref(STP_TYPE_Q8_0, v, l->vq + at / QK8_0, (int64_t)n);
     }
-    return stp_err_set(err, STP_EINVAL, "cache type '%s': f32 or f16", s);
+}
+
+static const char *const s_names[] = {"f32", "f16", "q8_0"};
+
+const char *kv_cache_type_name(kv_dtype type) {
+    return (unsigned)type < 3 ? s_names[type] : "?";
+}
+
+int kv_cache_parse_type(const char *s, kv_dtype *type, stp_err *err) {
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(s, s_names[i])) {
+            *type = (kv_dtype)i;
+            return 0;
+        }
+    return stp_err_set(err, STP_EINVAL, "cache type '%s': f32, f16 or q8_0", s);
 }

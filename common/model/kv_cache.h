@@ -1,7 +1,11 @@
 /* kv_cache: per-layer keys and values of one sequence, in float32 (as llama.cpp with -ctk f32,
- * the default: the golden data's setting) or float16 (as llama.cpp's own default, -ctk f16: half
+ * the default: the golden data's setting), float16 (as llama.cpp's own default, -ctk f16: half
  * the memory, so a memory budget leaves more room to the expert cache; keys and values are
- * rounded to nearest even when stored and widened exactly when read).
+ * rounded to nearest even when stored and widened exactly when read) or Q8_0 (llama.cpp's
+ * -ctk q8_0 -ctv q8_0: 34 bytes per 32 values, 27% of f32; each row quantized in blocks of 32
+ * as ggml's CPU backend stores a Q8_0 cache row on x86, quantize_row_q8_0: d = fp16(amax/127),
+ * q = round-half-even(x * 127/amax), the repo's Q8_0 activation quantizer; read back exactly as
+ * d * q).
  *
  * Global (full-attention) layers keep every position: slot = pos. Sliding-window layers keep a
  * ring of window + n_ubatch slots: slot = pos % cap. The extra n_ubatch slots let a whole
@@ -14,14 +18,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kern/kern.h"
 #include "model/model_config.h"
 #include "util/stp_err.h"
 
+typedef enum kv_dtype { KV_F32 = 0, KV_F16, KV_Q8_0 } kv_dtype;
+
 typedef struct kv_layer {
-    float *k; /* (cap, n_head_kv*head_dim); NULL in a float16 cache */
+    float *k; /* (cap, n_head_kv*head_dim); NULL unless a float32 cache */
     float *v;
-    uint16_t *kh; /* (cap, n_head_kv*head_dim) IEEE half; NULL in a float32 cache */
+    uint16_t *kh; /* (cap, n_head_kv*head_dim) IEEE half; NULL unless a float16 cache */
     uint16_t *vh;
+    block_q8_0 *kq; /* (cap, n_head_kv*head_dim/32) blocks; NULL unless a Q8_0 cache */
+    block_q8_0 *vq;
     int cap;    /* slots */
     int window; /* 0: full attention */
 } kv_layer;
@@ -30,19 +39,36 @@ typedef struct kv_cache {
     int n_layer;
     int n_ctx;
     int kv_dim; /* n_head_kv * head_dim */
-    bool f16;
+    kv_dtype type;
     kv_layer *layers;
     size_t bytes;
 } kv_cache;
 
-int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatch, bool f16,
+/* Bytes of one slot's keys (or values) of kv_dim elements in type t (Q8_0: 34 per 32). */
+static inline size_t kv_cache_row_bytes(kv_dtype t, int kv_dim) {
+    switch (t) {
+    case KV_F16: return (size_t)kv_dim * 2;
+    case KV_Q8_0: return (size_t)(kv_dim / QK8_0) * sizeof(block_q8_0);
+    default: return (size_t)kv_dim * 4;
+    }
+}
+
+/* STP_EINVAL for a Q8_0 cache whose row (n_head_kv * head_dim) is not a multiple of 32. Blocks
+ * run over the row as in ggml's cache tensor; with head_dim < 32 a block spans two KV heads
+ * (llama.cpp refuses such a cache; the tiny test models have head_dim 16). */
+int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
                  stp_err *err);
-/* "f32" or "f16" -> *f16; STP_EINVAL (with the accepted names) otherwise. */
-int kv_cache_parse_type(const char *s, bool *f16, stp_err *err);
+/* "f32", "f16" or "q8_0" -> *type; STP_EINVAL (with the accepted names) otherwise. */
+int kv_cache_parse_type(const char *s, kv_dtype *type, stp_err *err);
+/* "f32", "f16", "q8_0". */
+const char *kv_cache_type_name(kv_dtype type);
 void kv_cache_destroy(kv_cache **self_p);
 /* Slot of position pos in layer l. */
 static inline int kv_cache_slot(const kv_layer *l, int pos) {
     return pos % l->cap;
 }
+/* Stores one position's keys and values (kv_dim floats each) in slot, converted to the cache
+ * type (rounding as the header says). */
+void kv_cache_store(const kv_cache *c, kv_layer *l, int slot, const float *k, const float *v);
 
 #endif

@@ -36,7 +36,7 @@ bool stage_stopping(void) {
 }
 
 static int s_cache_type(const char *v, void *field, stp_err *err) {
-    return kv_cache_parse_type(v, (bool *)field, err);
+    return kv_cache_parse_type(v, (kv_dtype *)field, err);
 }
 
 #define F(x) offsetof(stage_opts, x)
@@ -54,7 +54,7 @@ static const opt_def s_opts[] = {
     {"--ctx-size", NULL, OPT_INT, 0, 1 << 24, "0", "N", "context (0: min(train, 4096))", F(n_ctx),
      NULL},
     {"--ubatch", NULL, OPT_INT, 0, 1 << 16, "0", "N", "micro-batch (0: 512)", F(n_ubatch), NULL},
-    {"--cache-type", NULL, OPT_FN, 0, 0, "f32", "f32|f16", "KV cache type", F(kv_f16),
+    {"--cache-type", NULL, OPT_FN, 0, 0, "f32", "f32|f16|q8_0", "KV cache type", F(kv_type),
      s_cache_type},
     {"--parent-pid", NULL, OPT_INT, 0, INT32_MAX, "0", "PID", "supervisor (0: unknown)",
      F(parent_pid), NULL},

@@ -23,6 +23,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "model/kv_cache.h"
 #include "util/stp_err.h"
 
 typedef struct stage_opts {
@@ -35,7 +36,7 @@ typedef struct stage_opts {
     int workers;      /* number of expert workers (attn-worker) */
     int n_ctx;        /* 0: model default (min(train, 4096)) */
     int n_ubatch;     /* 0: 512 */
-    bool kv_f16;      /* --cache-type f16: float16 KV cache (attention worker; the daemon's plan) */
+    kv_dtype kv_type; /* --cache-type f32|f16|q8_0 (attention worker; the daemon's plan) */
     int parent_pid;   /* 0: unknown */
     int queue;        /* coordinator: queued requests before "busy" (0: 8) */
     bool verbose;

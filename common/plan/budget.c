@@ -16,15 +16,16 @@
 
 /* ---- what each stage allocates ---- */
 
-uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f16) {
+uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtype type) {
     /* kv_cache_new: keys and values of cap slots per layer; a sliding-window layer's ring has
-     * window + n_ubatch slots when that is fewer than n_ctx */
-    const uint64_t kv_dim = (uint64_t)c->n_head_kv * c->head_dim, elem = f16 ? 2 : 4;
+     * window + n_ubatch slots when that is fewer than n_ctx; a slot's row is kv_dim values of
+     * 4 (f32), 2 (f16) or 34/32 (q8_0) bytes */
+    const uint64_t row = kv_cache_row_bytes(type, c->n_head_kv * c->head_dim);
     uint64_t bytes = 0;
     for (int il = 0; il < c->n_layer; il++) {
         int window = model_config_layer_window(c, il), cap = n_ctx;
         if (window > 0 && window + n_ubatch < n_ctx) cap = window + n_ubatch;
-        bytes += 2 * (uint64_t)cap * kv_dim * elem;
+        bytes += 2 * (uint64_t)cap * row;
     }
     return bytes;
 }
@@ -53,13 +54,13 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     p->n_seq = bp->n_seq > 0 ? bp->n_seq : 1;
     p->workers = bp->workers > 0 ? bp->workers : 1;
     p->threads = bp->threads > 0 ? bp->threads : 1;
-    p->kv_f16 = bp->kv_f16;
+    p->kv_type = bp->kv_type;
     p->budget = bp->budget;
     p->frame_bytes = bp->frame_bytes;
     const int NL = c->n_layer, X = c->n_expert;
     const uint64_t E = (uint64_t)c->n_embd;
     p->non_expert = bp->non_expert;
-    p->kv = (uint64_t)p->n_seq * budget_kv_bytes(c, p->n_ctx, p->n_ubatch, p->kv_f16);
+    p->kv = (uint64_t)p->n_seq * budget_kv_bytes(c, p->n_ctx, p->n_ubatch, p->kv_type);
     act_header ah;
     act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
     p->act = ah.size;

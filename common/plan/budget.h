@@ -17,6 +17,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "model/kv_cache.h"
 #include "model/model_config.h"
 #include "util/stp_err.h"
 
@@ -32,7 +33,7 @@ typedef struct budget_params {
     uint64_t frame_bytes; /* one pool slot: the largest expert record (layout_frame_bytes) */
     int n_ctx;            /* 0: min(n_ctx_train, 4096) */
     int n_ubatch;         /* 0: 512; at most n_ctx */
-    bool kv_f16;          /* --cache-type f16 */
+    kv_dtype kv_type;     /* --cache-type f32|f16|q8_0 */
     int n_seq;            /* sequences, each with its own KV cache (0: 1) */
     int workers;          /* expert workers (0: 1) */
     int threads;          /* the attention worker's compute threads (0: 1) */
@@ -43,7 +44,7 @@ typedef struct budget_params {
 /* The plan. Bytes unless said otherwise. */
 typedef struct budget_plan {
     int n_ctx, n_ubatch, n_seq, workers, threads; /* the parameters, defaults applied */
-    bool kv_f16;
+    kv_dtype kv_type;
     uint64_t non_expert;   /* attention worker's weights */
     uint64_t kv;           /* n_seq KV caches (= n_seq * budget_kv_bytes) */
     uint64_t act;          /* the activation region (act_layout) */
@@ -63,7 +64,7 @@ typedef struct budget_plan {
 } budget_plan;
 
 /* Bytes of one sequence's KV cache as kv_cache_new allocates it. */
-uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, bool f16);
+uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtype type);
 /* Bytes of the attention scratch as attn_scratch_new allocates it. */
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads);
 /* One expert worker's scratch for its chunk sizes (EXPERT_FFN_CHUNK/PACKS of model/expert_ffn.h).

@@ -222,7 +222,7 @@ static void test_cli_info_memory_budget(void **state) {
                         .non_expert = mo->weight_bytes - mo->expert_bytes,
                         .frame_bytes = layout_frame_bytes(mo, layout_wants_flags(mo)),
                         .n_ctx = 128,
-                        .kv_f16 = true,
+                        .kv_type = KV_F16,
                         .workers = 2};
     budget_plan p;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);

@@ -181,15 +181,15 @@ static void s_golden_case(const char *stem, int workers, bool lanes) {
     s_down_and_check(&r);
 }
 
-/* --cache-type f16 (stpipe-up, the attention worker's KV cache): the pipeline's prompt logits
- * and greedy ids are the in-process engine's with the same cache type. */
-static void test_pipeline_f16_cache(void **st) {
-    (void)st;
+/* --cache-type T (stpipe-up, the attention worker's KV cache): the pipeline's prompt logits
+ * are the in-process engine's with the same cache type bit for bit (both run attention_forward
+ * over the same kv_cache code), and so are the greedy ids. */
+static void s_cache_type_case(const char *type) {
     th_golden g;
     th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
-    const char *const extra[] = {"--cache-type", "f16", NULL};
-    th_pipe_dir(r.dir, sizeof r.dir, "pipe", "f16");
+    const char *const extra[] = {"--cache-type", type, NULL};
+    th_pipe_dir(r.dir, sizeof r.dir, "pipe", type);
     snprintf(s_current_dir, sizeof s_current_dir, "%s", r.dir);
     assert_int_equal(th_pipe_up(r.dir, g.model, 1, 30, 60, extra), 0);
     th_pipe_prefix(r.dir, r.prefix, sizeof r.prefix);
@@ -201,9 +201,9 @@ static void test_pipeline_f16_cache(void **st) {
     assert_int_equal(s_generate(&r, &g, 16, pl, ids, &n, NULL), 0);
     assert_int_equal(n, 16);
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
-    char *argv[] = {bin,         "generate", "--model",      g.model, "--prompt-ids",
-                    g.ids,       "-n",       "16",           "--ids", "--quiet",
-                    "--threads", "1",        "--cache-type", "f16",   "--logits-out",
+    char *argv[] = {bin,         "generate", "--model",      g.model,      "--prompt-ids",
+                    g.ids,       "-n",       "16",           "--ids",      "--quiet",
+                    "--threads", "1",        "--cache-type", (char *)type, "--logits-out",
                     il,          NULL};
     assert_int_equal(th_run(argv, out, 60), 0);
     char *txt = th_slurp(out, NULL);
@@ -213,7 +213,24 @@ static void test_pipeline_f16_cache(void **st) {
         assert_int_equal(strtol(p, &p, 10), ids[i]);
     free(txt);
     s_logits_match(pl, il);
+    size_t lp = 0, li = 0;
+    char *bp = th_slurp(pl, &lp), *bi = th_slurp(il, &li);
+    assert_non_null(bp);
+    assert_non_null(bi);
+    assert_int_equal(lp, li);
+    assert_memory_equal(bp, bi, lp);
+    free(bp), free(bi);
     s_down_and_check(&r);
+}
+
+static void test_pipeline_f16_cache(void **st) {
+    (void)st;
+    s_cache_type_case("f16");
+}
+
+static void test_pipeline_q8_0_cache(void **st) {
+    (void)st;
+    s_cache_type_case("q8_0");
 }
 
 /* `stpipe bench --pipeline -d`: prompt and generation speed through a running pipeline, at depth
@@ -577,6 +594,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pipeline_dense_1_worker, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_f16_cache, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_q8_0_cache, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_bench, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_dense_2_workers, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),

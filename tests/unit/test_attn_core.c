@@ -2,8 +2,10 @@
  * builds, whichever the CPU runs) against the double-precision two-pass reference attn_head_ref,
  * on ragged lengths (1 position, tile and chunk edges, several chunks), sliding windows and
  * ring-buffer wrap, group sizes 1, 6 and 7, head sizes 16..128, scores that rise along the
- * context (the running max is raised and the sums rescaled many times), a float32 and a float16
- * cache; a float16 cache gives the bits of a float32 cache holding the same rounded values, and
+ * context (the running max is raised and the sums rescaled many times), a float32, a float16 and
+ * a Q8_0 cache; a float16 or Q8_0 cache gives the bits of a float32 cache holding the same rounded
+ * values (Q8_0 blocks over the whole row, straddling two heads when D < 32, as kv_cache stores
+ * them), and
  * a query computed chunk by chunk in any order of chunks, merged in position order, gives the
  * bits of the whole query (what lets threads split a token's chunks). */
 #include <stdarg.h>
@@ -14,6 +16,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,18 +67,42 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
     double *sc = malloc(sizeof(double) * (hi - lo + 1)),
            *st = malloc(sizeof(double) * attn_merge_doubles(G, D));
     uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
+    const bool q8ok = stride % QK8_0 == 0; /* a cache row of whole blocks (kv_cache_new's rule) */
+    block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
+               *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
     for (int i = 0; i < G * D; i++)
         q[i] = s_rand(&seed) * 3;
     for (size_t i = 0; i < nc; i++) {
         const int pos_rank = (int)((i / stride - lo % cap + cap) % cap); /* ~ position - lo */
         k[i] = s_rand(&seed) * 3 * (1.0f + rise * pos_rank / cap), v[i] = s_rand(&seed);
     }
-    for (int half = 0; half < 2; half++) {
-        if (half) /* the same values rounded to float16, in both layouts */
+    for (int half = 0; half < 3; half++) {
+        if (half == 2 && !q8ok) break;
+        if (half == 1) /* the same values rounded to float16, in both layouts */
             for (size_t i = 0; i < nc; i++) {
                 kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
                 k[i] = kern_fp16_to_f32(kh[i]), v[i] = kern_fp16_to_f32(vh[i]);
             }
+        if (half == 2) { /* quantized row by row as kv_cache_store does, and dequantized */
+            for (int r = 0; r < cap; r++) {
+                kern_quantize_act_ref(STP_TYPE_Q8_0, k + (size_t)r * stride,
+                                      kq + (size_t)r * stride / QK8_0, stride);
+                kern_quantize_act_ref(STP_TYPE_Q8_0, v + (size_t)r * stride,
+                                      vq + (size_t)r * stride / QK8_0, stride);
+            }
+            double err = 0;
+            for (size_t i = 0; i < nc; i++) {
+                const block_q8_0 *bk = kq + i / QK8_0, *bv = vq + i / QK8_0;
+                const float k8 = (float)bk->qs[i % QK8_0] * kern_fp16_to_f32(bk->d),
+                            v8 = (float)bv->qs[i % QK8_0] * kern_fp16_to_f32(bv->d);
+                err = fmax(err, fabs(k8 - k[i]) / (fabs(kern_fp16_to_f32(bk->d)) + 1e-30));
+                err = fmax(err, fabs(v8 - v[i]) / (fabs(kern_fp16_to_f32(bv->d)) + 1e-30));
+                k[i] = k8, v[i] = v8;
+            }
+            /* half a step, plus d rounded to fp16 (127 * 2^-11 of a step at most): rounded, not cut
+             */
+            assert_true(err > 0.2 && err < 0.57);
+        }
         attn_group_args a = {.q = q,
                              .G = G,
                              .D = D,
@@ -103,13 +130,26 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
             for (int i = 0; i < G * D; i++)
                 if (!(fabsf(o1[i] - ref[i]) <= 2e-6f + 2e-5f * fabsf(ref[i])))
                     fail_msg("%s G%d D%d cap%d %d..%d %s: out[%d] %.9g, reference %.9g", lv[l].name,
-                             G, D, cap, lo, hi, half ? "f16" : "f32", i, o1[i], ref[i]);
-            if (half) { /* the float16 cache: the bits of the float32 one holding its values */
+                             G, D, cap, lo, hi,
+                             half == 2 ? "q8_0"
+                             : half    ? "f16"
+                                       : "f32",
+                             i, o1[i], ref[i]);
+            if (half) { /* the float16 / Q8_0 cache: the bits of the float32 one holding its values
+                         */
                 b = a;
                 b.k = b.v = NULL;
-                b.kh = kh + D, b.vh = vh + D;
+                if (half == 1)
+                    b.kh = kh + D, b.vh = vh + D;
+                else
+                    b.kq = kq, b.vq = vq, b.qoff = D;
                 attn_group_query(lv[l].fn, &b, st, o2);
                 assert_memory_equal(o1, o2, sizeof(float) * G * D);
+                /* and the reference reads the same values from it */
+                float *r2 = malloc(sizeof(float) * D);
+                attn_head_ref(&b, G - 1, r2, sc);
+                assert_memory_equal(r2, ref + (size_t)(G - 1) * D, sizeof(float) * D);
+                free(r2);
             }
             /* chunks computed last to first, kept, then merged in order: the same bits */
             const int c_first = lo / ATTN_CHUNK, n_ch = hi / ATTN_CHUNK - c_first + 1;
@@ -132,7 +172,7 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
         }
     }
     free(q), free(k), free(v), free(ref), free(o1), free(o2), free(part), free(work), free(sc),
-        free(st), free(kh), free(vh);
+        free(st), free(kh), free(vh), free(kq), free(vq);
 }
 
 static void test_attn_core_ragged(void **state) {

@@ -71,12 +71,12 @@ static void test_budget_kv_bytes_equal_kv_cache(void **st) {
         model *m = s_open(models[mi]);
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 3; j++)
-                for (int f16 = 0; f16 < 2; f16++) {
+                for (int ty = KV_F32; ty <= KV_Q8_0; ty++) {
                     kv_cache *kv = NULL;
                     stp_err err = {0};
                     int u = ub[j] < ctx[i] ? ub[j] : ctx[i];
-                    assert_int_equal(kv_cache_new(&kv, &m->cfg, ctx[i], u, f16, &err), 0);
-                    assert_int_equal(budget_kv_bytes(&m->cfg, ctx[i], u, f16), kv->bytes);
+                    assert_int_equal(kv_cache_new(&kv, &m->cfg, ctx[i], u, ty, &err), 0);
+                    assert_int_equal(budget_kv_bytes(&m->cfg, ctx[i], u, ty), kv->bytes);
                     for (int il = 0; il < kv->n_layer; il++)
                         rings += kv->layers[il].cap < ctx[i];
                     kv_cache_destroy(&kv);
@@ -217,10 +217,13 @@ static void test_budget_plan_parameters(void **st) {
     assert_int_equal(p.attn_scratch, attn_scratch_size(&c, 8, 100, 3));
     assert_true(p.attn_scratch > one.attn_scratch);
     bp.threads = 1;
-    bp.kv_f16 = true;
+    bp.kv_type = KV_F16;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
     assert_int_equal(p.kv * 2, one.kv);
-    bp.kv_f16 = false;
+    bp.kv_type = KV_Q8_0; /* 34 bytes per 32 values: 34/128 of f32's */
+    assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
+    assert_int_equal(p.kv * 128, one.kv * 34);
+    bp.kv_type = KV_F32;
     bp.n_ctx = 0;
     bp.n_ubatch = 0;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);

@@ -1,6 +1,7 @@
 /* test_engine: engine_eval's contract on the tiny F32 models: batched prefill equals
  * token-by-token decoding (1e-5), micro-batch chunking equals one batch, reset + re-eval and
- * 1 vs 2 threads reproduce logits bit for bit, context overflow and bad ids fail with
+ * 1 vs 2 threads reproduce logits bit for bit, f16 and q8_0 KV caches stay within measured bounds
+ * of the f32 cache, context overflow and bad ids fail with
  * STP_ERANGE changing nothing, and sliding-window layers (a copy of the hybrid model with a
  * window of 5) give the same logits whatever the KV ring size. */
 #include <stdarg.h>
@@ -21,6 +22,7 @@
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define HYBRID "tiny-hybrid-attn-f32.gguf"
 #define NTOK 40
+#define BOUND_Q8 8.0f /* measured 4.9 (f16: 0.046) */
 
 static model *s_open(const char *file) {
     char p[4096];
@@ -106,7 +108,7 @@ static void test_engine_f16_cache(void **state) {
     stp_err err = {0};
     engine_params p = {.n_threads = 2, .n_ctx = 256};
     if (engine_new(&e, m, &p, &err)) fail_msg("%s", err.msg);
-    p.kv_f16 = true;
+    p.kv_type = KV_F16;
     if (engine_new(&h, m, &p, &err) || engine_new(&h2, m, &p, &err)) fail_msg("%s", err.msg);
     assert_int_equal(engine_kv_bytes(h) * 2, engine_kv_bytes(e));
     float *l32 = s_batched(e, t, N, V), *l16 = s_batched(h, t, N, V),
@@ -117,6 +119,34 @@ static void test_engine_f16_cache(void **state) {
     if (!(d <= 1e-5f)) fail_msg("f16 cache: batched vs token-by-token max diff %g", d);
     free(l32), free(l16), free(s16);
     engine_destroy(&e), engine_destroy(&h), engine_destroy(&h2);
+    model_close(&m);
+}
+
+/* A Q8_0 KV cache (--cache-type q8_0): 34/128 of the f32 cache's bytes; on 145 tokens of the
+ * golden dense model the logits move from the f32 cache's by more than zero and less than the
+ * bound (measured 4.9, where f16 moves them 0.046: Q8_0 keeps ~8 bits per value, and this random
+ * model amplifies; the golden long prompts are test_kv_long's), and batched evaluation
+ * still equals token-by-token. */
+static void test_engine_q8_0_cache(void **state) {
+    (void)state;
+    model *m = s_open(DENSE);
+    const int V = m->cfg.n_vocab, N = 145;
+    int32_t t[145];
+    s_tokens(t, N, V, 7);
+    engine *e = NULL, *q = NULL, *q2 = NULL;
+    stp_err err = {0};
+    engine_params p = {.n_threads = 2, .n_ctx = 256};
+    if (engine_new(&e, m, &p, &err)) fail_msg("%s", err.msg);
+    p.kv_type = KV_Q8_0;
+    if (engine_new(&q, m, &p, &err) || engine_new(&q2, m, &p, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(engine_kv_bytes(q) * 128, engine_kv_bytes(e) * 34);
+    float *l32 = s_batched(e, t, N, V), *l8 = s_batched(q, t, N, V), *s8 = s_stepwise(q2, t, N, V);
+    float d = s_max_diff(l32, l8, (size_t)N * V);
+    if (!(d > 0 && d <= BOUND_Q8)) fail_msg("q8_0 vs f32 cache: max logit diff %g", d);
+    d = s_max_diff(l8, s8, (size_t)N * V);
+    if (!(d <= 1e-5f)) fail_msg("q8_0 cache: batched vs token-by-token max diff %g", d);
+    free(l32), free(l8), free(s8);
+    engine_destroy(&e), engine_destroy(&q), engine_destroy(&q2);
     model_close(&m);
 }
 
@@ -418,6 +448,7 @@ int main(void) {
         cmocka_unit_test(test_engine_bad_token_id),
         cmocka_unit_test(test_engine_new_checks),
         cmocka_unit_test(test_engine_f16_cache),
+        cmocka_unit_test(test_engine_q8_0_cache),
         cmocka_unit_test(test_engine_sliding_window_ring),
         cmocka_unit_test(test_engine_synthetic_64_experts),
         cmocka_unit_test(test_engine_head_dim_over_max_refused),
