@@ -35,7 +35,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     for (size_t i = 0; i < sizeof s_cmds / sizeof s_cmds[0]; i++)
-        if (!strcmp(argv[1], s_cmds[i].name)) return s_cmds[i].run(argc - 2, argv + 2);
+        if (!strcmp(argv[1], s_cmds[i].name)) return s_cmds[i].run(argc - 1, argv + 1);
     fprintf(stderr, "stpipe: unknown command '%s'\n", argv[1]);
     s_usage(stderr);
     return 2;

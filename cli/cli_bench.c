@@ -53,43 +53,78 @@ static double s_now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static int s_parse_list(const char *s, int *out, int cap) {
-    int n = 0;
-    while (*s && n < cap) {
+/* A list of sizes ("64,512"): up to 16 integers in 0..2^20. */
+typedef struct bench_list {
+    int v[16];
+    int n;
+} bench_list;
+
+static int s_list(const char *s, void *field, stp_err *err) {
+    bench_list *l = field;
+    l->n = 0;
+    while (*s && l->n < 16) {
         char *end;
         long v = strtol(s, &end, 10);
-        if (end == s || v < 0 || v > 1 << 20) return -1;
-        out[n++] = (int)v;
+        if (end == s || v < 0 || v > 1 << 20 || (*end && *end != ','))
+            return stp_err_set(err, STP_EINVAL, "up to 16 integers in 0..1048576, commas between");
+        l->v[l->n++] = (int)v;
         s = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') return -1;
     }
-    return n;
+    return 0;
 }
 
+static int s_list_nonempty(const char *s, void *field, stp_err *err) {
+    int rc = s_list(s, field, err);
+    if (!rc && !((bench_list *)field)->n) rc = stp_err_set(err, STP_EINVAL, "at least one depth");
+    return rc;
+}
+
+typedef struct bench_opts {
+    const char *model, *pipeline;
+    bool help, json;
+    bench_list pp, tg, dp;
+    int reps, threads;
+    kv_dtype kv_type;
+} bench_opts;
+
+#define F(x) offsetof(bench_opts, x)
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(bench_opts),
+    CLI_OPT_MODEL(bench_opts, "SmallThinker GGUF file"),
+    CLI_OPT_PIPELINE(bench_opts, "time a running pipeline (deploy/stpipe-up) instead; prompts "
+                                 "are random ids below 1000, or below the vocabulary with --model"),
+    {"-p", NULL, OPT_FN, 0, 0, "64,512", "LIST", "prompt sizes to time (batched prefill)", F(pp),
+     s_list, NULL},
+    {"-n", NULL, OPT_FN, 0, 0, "128", "LIST", "generation lengths to time (one token per pass)",
+     F(tg), s_list, NULL},
+    {"-d", NULL, OPT_FN, 0, 0, "0", "LIST",
+     "context depths: each test runs after a prompt of that many tokens, whose time is not "
+     "counted (llama-bench's -d)",
+     F(dp), s_list_nonempty, NULL},
+    {"-r", NULL, OPT_INT, 1, 1000, "3", "N", "repetitions per test (mean +- sd)", F(reps), NULL,
+     NULL},
+    CLI_OPT_THREADS(bench_opts, "2",
+                    "compute threads (in-process only) and threads of the bandwidth test"),
+    CLI_OPT_CACHE_TYPE(bench_opts, "KV cache f32, f16 or q8_0 (in-process only; a pipeline's is "
+                                   "set by deploy/stpipe-up --cache-type)"),
+    {"--json", NULL, OPT_FLAG, 0, 0, NULL, NULL, "machine-readable output", F(json), NULL, NULL},
+};
+#undef F
+
 static void s_usage(FILE *f) {
-    fprintf(f,
-            "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
-            "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0] [--json]\n"
-            "  -p LIST    prompt sizes to time (batched prefill), default 64,512\n"
-            "  -n LIST    generation lengths to time (one token per pass), default 128\n"
-            "  -d LIST    context depths: each test runs after a prompt of that many tokens,\n"
-            "             whose time is not counted (llama-bench's -d), default 0\n"
-            "  -r N       repetitions per test (mean +- sd), default 3\n"
-            "  --threads N  compute threads (default 2; in-process only) and threads of the\n"
-            "             bandwidth test\n"
-            "  --cache-type T  KV cache f32 (default), f16 or q8_0 (in-process only; a\n"
-            "             pipeline's is set by deploy/stpipe-up --cache-type)\n"
-            "  --pipeline RUN_DIR  time a running pipeline (deploy/stpipe-up) instead; prompts\n"
-            "             are random ids below 1000, or below the vocabulary with --model\n"
-            "  --json     machine-readable output\n"
-            "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
-            "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
-            "CPU steal %% of the run (/proc/stat). Each in-process tg test is followed by its\n"
-            "roofline: per decode stage (attention with its KV reads, router, experts, LM head)\n"
-            "ms and MB read per token, the GB/s that makes and its share of the roofline, the\n"
-            "larger of the two bandwidths (N threads can read at least as fast as one; a pass\n"
-            "another process disturbed is slower). Not with --pipeline (its stages' times are\n"
-            "not split the same way).\n");
+    cli_opts_help(
+        f,
+        "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
+        "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0] [--json]\n",
+        s_opts, CLI_NOPTS(s_opts),
+        "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
+        "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
+        "CPU steal % of the run (/proc/stat). Each in-process tg test is followed by its\n"
+        "roofline: per decode stage (attention with its KV reads, router, experts, LM head)\n"
+        "ms and MB read per token, the GB/s that makes and its share of the roofline, the\n"
+        "larger of the two bandwidths (N threads can read at least as fast as one; a pass\n"
+        "another process disturbed is slower). Not with --pipeline (its stages' times are\n"
+        "not split the same way).\n");
 }
 
 /* The name of a test, as llama-bench prints it: "tg128", "pp512 @ d2048". */
@@ -449,55 +484,15 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
 }
 
 int cli_bench(int argc, char **argv) {
-    const char *path = NULL, *run_dir = NULL;
-    int pp[16] = {64, 512}, tg[16] = {128}, dp[16] = {0}, n_pp = 2, n_tg = 1, n_dp = 1;
-    long long reps = 3, threads = 2;
-    bool json = false;
-    kv_dtype kv_type = KV_F32;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
-            s_usage(stdout);
-            return 0;
-        } else if ((cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) && v) {
-            path = v;
-            i++;
-        } else if (cli_opt_is(a, "--pipeline") && v) {
-            run_dir = v;
-            i++;
-        } else if (cli_opt_is(a, "-p") && v) {
-            if ((n_pp = s_parse_list(v, pp, 16)) < 0) goto bad;
-            i++;
-        } else if (cli_opt_is(a, "-n") && v) {
-            if ((n_tg = s_parse_list(v, tg, 16)) < 0) goto bad;
-            i++;
-        } else if (cli_opt_is(a, "-d") && v) {
-            if ((n_dp = s_parse_list(v, dp, 16)) <= 0) goto bad;
-            i++;
-        } else if (cli_opt_is(a, "-r") && v) {
-            if (cli_parse_int(v, "-r", 1, 1000, &reps)) return 2;
-            i++;
-        } else if ((cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) && v) {
-            if (cli_parse_int(v, "--threads", 1, 256, &threads)) return 2;
-            i++;
-        } else if (cli_opt_is(a, "--cache-type") && v) {
-            stp_err e = {0};
-            if (kv_cache_parse_type(v, &kv_type, &e)) {
-                fprintf(stderr, "stpipe bench: %s\n", e.msg);
-                return 2;
-            }
-            i++;
-        } else if (cli_opt_is(a, "--json")) {
-            json = true;
-        } else {
-            goto bad;
-        }
-        continue;
-    bad:
-        fprintf(stderr, "stpipe bench: bad option '%s'\n", a);
-        s_usage(stderr);
-        return 2;
-    }
+    bench_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("bench", s_opts, CLI_NOPTS(s_opts), &o, argc, argv, s_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    const char *path = o.model, *run_dir = o.pipeline;
+    const int *pp = o.pp.v, *tg = o.tg.v, *dp = o.dp.v;
+    const int n_pp = o.pp.n, n_tg = o.tg.n, n_dp = o.dp.n, reps = o.reps, threads = o.threads;
+    const bool json = o.json;
+    const kv_dtype kv_type = o.kv_type;
     stp_err err = {0};
     bench_host host;
     s_host_begin(&host, (int)threads);
@@ -635,7 +630,7 @@ int cli_bench(int argc, char **argv) {
         s_json_print(root);
     } else {
         s_print_machine(cpu, ncpu, level, &host);
-        printf("model: %s (%.2f GiB), threads %lld, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,
+        printf("model: %s (%.2f GiB), threads %d, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,
                gguf_file_size(m->gguf) / 1073741824.0, threads, ru.ru_maxrss / 1024.0,
                pss / 1048576.0);
         printf(

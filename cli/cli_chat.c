@@ -24,10 +24,24 @@ static volatile sig_atomic_t s_interrupted; /* set by SIGINT, cleared by the loo
 
 typedef struct chat_opts {
     const char *model, *system, *pipeline;
-    long long threads, ctx, n_predict;
+    bool help;
+    int threads, ctx, n_predict;
     sampler_params sp;
     kv_dtype kv_type;
 } chat_opts;
+
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(chat_opts),
+    CLI_OPT_MODEL(chat_opts, "SmallThinker GGUF file (in-process engine)"),
+    CLI_OPT_PIPELINE(chat_opts, "chat through a running pipeline (deploy/stpipe-up)"),
+    {"--system", NULL, OPT_STR, 0, 0, NULL, "TEXT", "system message", offsetof(chat_opts, system),
+     NULL, NULL},
+    CLI_OPT_N_PREDICT(chat_opts, "1024", "max tokens per answer (-1 = until the context is full)"),
+    CLI_OPTS_SAMPLING(chat_opts, "0.6", "20", "0.95", "-1", "random seed (-1 = from the clock)"),
+    CLI_OPT_THREADS(chat_opts, "2", "compute threads"),
+    CLI_OPT_CTX(chat_opts, 16),
+    CLI_OPT_CACHE_TYPE(chat_opts, "KV cache f32, f16 or q8_0 (--model only)"),
+};
 
 typedef struct chat_state {
     backend *b;
@@ -39,22 +53,10 @@ typedef struct chat_state {
 } chat_state;
 
 static void s_usage(FILE *f) {
-    fprintf(f,
-            "usage: stpipe chat --model FILE [options]\n"
-            "  --model FILE          SmallThinker GGUF file (in-process engine)\n"
-            "  --pipeline RUN_DIR    chat through a running pipeline (deploy/stpipe-up)\n"
-            "  --system TEXT         system message\n"
-            "  -n, --n-predict N     max tokens per answer (default 1024; -1 = until the context "
-            "is full)\n"
-            "  --temp T              temperature (default 0.6; 0 = greedy)\n"
-            "  --top-k K             (default 20)   --top-p P (default 0.95)   --min-p P (off)\n"
-            "  --repeat-penalty R --presence-penalty P --frequency-penalty F   (off)\n"
-            "  --seed S              random seed (default: from the clock)\n"
-            "  --threads N           compute threads (default 2)\n"
-            "  --ctx-size N          context length (default min(model, 4096))\n"
-            "  --cache-type T        KV cache f32 (default), f16 or q8_0 (--model only)\n"
-            "In the chat: /reset forgets the conversation, /system TEXT sets the system message\n"
-            "(and resets), /quit exits. Ctrl-C stops an answer; twice at the prompt exits.\n");
+    cli_opts_help(f, "usage: stpipe chat --model FILE [options]\n", s_opts, CLI_NOPTS(s_opts),
+                  "In the chat: /reset forgets the conversation, /system TEXT sets the system "
+                  "message\n(and resets), /quit exits. Ctrl-C stops an answer; twice at the "
+                  "prompt exits.\n");
 }
 
 static void s_on_sigint(int sig) {
@@ -65,54 +67,10 @@ static void s_on_sigint(int sig) {
 static int s_parse(int argc, char **argv, chat_opts *o) {
     memset(o, 0, sizeof *o);
     sampler_params_default(&o->sp);
-    o->sp.temperature = 0.6f;
-    o->sp.top_k = 20;
-    o->sp.top_p = 0.95f;
-    o->sp.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
-    o->threads = 2;
-    o->n_predict = 1024;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define NEEDV                                                                                      \
-    if (!v) {                                                                                      \
-        fprintf(stderr, "stpipe chat: %s needs a value (see stpipe chat --help)\n", a);            \
-        return 2;                                                                                  \
-    }                                                                                              \
-    i++;
-        int sr = cli_sampling_opt(a, v, &o->sp);
-        if (sr < 0) return 2;
-        if (sr > 0) {
-            i++;
-            continue;
-        }
-        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
-            s_usage(stdout);
-            return 1;
-        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) {
-            NEEDV o->model = v;
-        } else if (cli_opt_is(a, "--system")) {
-            NEEDV o->system = v;
-        } else if (cli_opt_is(a, "--pipeline")) {
-            NEEDV o->pipeline = v;
-        } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
-            NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
-        } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
-            NEEDV if (cli_parse_int(v, a, 16, 1 << 24, &o->ctx)) return 2;
-        } else if (cli_opt_is(a, "--cache-type")) {
-            NEEDV stp_err e = {0};
-            if (kv_cache_parse_type(v, &o->kv_type, &e)) {
-                fprintf(stderr, "stpipe chat: %s\n", e.msg);
-                return 2;
-            }
-        } else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
-            NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
-        } else {
-            fprintf(stderr, "stpipe chat: unknown option '%s' (see stpipe chat --help)\n", a);
-            return 2;
-        }
-#undef NEEDV
-    }
+    int rc = cli_opts_parse("chat", s_opts, CLI_NOPTS(s_opts), o, argc, argv, s_usage);
+    if (rc) return rc;
+    if (o->sp.seed == UINT64_MAX) /* the default, -1: from the clock */
+        o->sp.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
     if (!!o->model == !!o->pipeline) {
         fprintf(stderr, "stpipe chat: give --model FILE or --pipeline RUN_DIR (see stpipe chat "
                         "--help)\n");
@@ -354,7 +312,7 @@ static int s_answer_pipeline(chat_state *c) {
 int cli_chat(int argc, char **argv) {
     chat_opts o;
     int rc = s_parse(argc, argv, &o);
-    if (rc) return rc == 1 ? 0 : rc;
+    if (rc) return rc == CLI_HELP ? 0 : rc;
     stp_err err = {0};
     chat_state c = {.o = &o, .pending = -1, .tty = isatty(0)};
     backend_engine_params bp = {.model_path = o.model,

@@ -17,39 +17,52 @@
 
 typedef struct generate_opts {
     const char *model, *prompt, *prompt_ids, *prompt_file, *system, *logits_out, *pipeline;
-    bool chat, ids_out, ignore_eos, no_parse_special, quiet;
+    bool help, chat, ids_out, ignore_eos, no_parse_special, quiet;
     kv_dtype kv_type;
-    long long n_predict, threads, ctx;
+    int n_predict, threads, ctx;
     sampler_params sp;
 } generate_opts;
 
+#define F(x) offsetof(generate_opts, x)
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(generate_opts),
+    CLI_OPT_MODEL(generate_opts, "SmallThinker GGUF file"),
+    CLI_OPT_PIPELINE(generate_opts, "generate through a running pipeline (deploy/stpipe-up)"),
+    {"--prompt", NULL, OPT_STR, 0, 0, NULL, "TEXT",
+     "prompt text (special tokens like <|im_start|> are parsed)", F(prompt), NULL, "-p"},
+    {"--prompt-ids", NULL, OPT_STR, 0, 0, NULL, "\"I ...\"",
+     "prompt as token ids (no tokenizer needed)", F(prompt_ids), NULL, NULL},
+    {"--file", NULL, OPT_STR, 0, 0, NULL, "F", "read the prompt text from F (- for stdin)",
+     F(prompt_file), NULL, "-f"},
+    {"--chat", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "wrap the prompt as a ChatML user message (+ --system TEXT)", F(chat), NULL, NULL},
+    {"--system", NULL, OPT_STR, 0, 0, NULL, "TEXT", "system message for --chat", F(system), NULL,
+     NULL},
+    CLI_OPT_N_PREDICT(generate_opts, "64", "tokens to generate (-1 = until end of text)"),
+    CLI_OPTS_SAMPLING(generate_opts, "0", "0", "1", "24301", "random seed for sampling"),
+    CLI_OPT_THREADS(generate_opts, "2", "compute threads"),
+    CLI_OPT_CTX(generate_opts, 1),
+    CLI_OPT_CACHE_TYPE(generate_opts, "KV cache: f32 (as llama.cpp's -ctk/-ctv f32), f16 (half "
+                                      "the memory) or q8_0 (27% of f32's)"),
+    {"--ids", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "print generated token ids on one line instead of text", F(ids_out), NULL, NULL},
+    {"--ignore-eos", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "keep generating after an end-of-generation token", F(ignore_eos), NULL, NULL},
+    {"--no-parse-special", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "treat <|...|> in the prompt as plain text", F(no_parse_special), NULL, NULL},
+    {"--logits-out", NULL, OPT_STR, 0, 0, NULL, "FILE",
+     "write float32 logits of every prompt position [n_prompt][n_vocab]", F(logits_out), NULL,
+     NULL},
+    {"--quiet", NULL, OPT_FLAG, 0, 0, NULL, NULL, "no timings on stderr", F(quiet), NULL, NULL},
+};
+#undef F
+
 static void s_usage(FILE *f) {
-    fprintf(
+    cli_opts_help(
         f,
         "usage: stpipe generate --model FILE (--prompt TEXT | --prompt-ids \"ID ...\" | --file F)\n"
-        "                       [options]\n"
-        "  --model FILE          SmallThinker GGUF file\n"
-        "  --prompt TEXT         prompt text (special tokens like <|im_start|> are parsed)\n"
-        "  --prompt-ids \"I ...\"  prompt as token ids (no tokenizer needed)\n"
-        "  --file F              read the prompt text from F (- for stdin)\n"
-        "  --chat                wrap the prompt as a ChatML user message (+ --system TEXT)\n"
-        "  --system TEXT         system message for --chat\n"
-        "  --n-predict N         tokens to generate (default 64; -1 = until end of text)\n"
-        "  --temp T              temperature (default 0 = greedy, ties to the lowest id)\n"
-        "  --top-k K --top-p P --min-p P   sampling filters (off by default)\n"
-        "  --repeat-penalty R --presence-penalty P --frequency-penalty F\n"
-        "  --seed S              random seed for sampling (default 24301)\n"
-        "  --threads N           compute threads (default 2)\n"
-        "  --ctx-size N          context length (default min(model, 4096))\n"
-        "  --cache-type T        KV cache f32 (default: llama.cpp's -ctk/-ctv f32 results) or\n"
-        "                        f16 (half the memory; llama.cpp's own default) or q8_0 (27%%\n"
-        "                        of f32's memory; llama.cpp's -ctk q8_0 -ctv q8_0)\n"
-        "  --ids                 print generated token ids on one line instead of text\n"
-        "  --ignore-eos          keep generating after an end-of-generation token\n"
-        "  --no-parse-special    treat <|...|> in the prompt as plain text\n"
-        "  --logits-out FILE     write float32 logits of every prompt position "
-        "[n_prompt][n_vocab]\n"
-        "  --quiet               no timings on stderr\n");
+        "                       [options]\n",
+        s_opts, CLI_NOPTS(s_opts), NULL);
 }
 
 static double s_now(void) {
@@ -61,70 +74,8 @@ static double s_now(void) {
 static int s_parse(int argc, char **argv, generate_opts *o) {
     memset(o, 0, sizeof *o);
     sampler_params_default(&o->sp);
-    o->sp.seed = 24301;
-    o->n_predict = 64;
-    o->threads = 2;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define NEEDV                                                                                      \
-    if (!v) {                                                                                      \
-        fprintf(stderr, "stpipe generate: %s needs a value\n", a);                                 \
-        return 2;                                                                                  \
-    }                                                                                              \
-    i++;
-        int sr = cli_sampling_opt(a, v, &o->sp);
-        if (sr < 0) return 2;
-        if (sr > 0) {
-            i++;
-            continue;
-        }
-        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
-            s_usage(stdout);
-            return 1;
-        } else if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m")) {
-            NEEDV o->model = v;
-        } else if (cli_opt_is(a, "--prompt") || cli_opt_is(a, "-p")) {
-            NEEDV o->prompt = v;
-        } else if (cli_opt_is(a, "--prompt-ids")) {
-            NEEDV o->prompt_ids = v;
-        } else if (cli_opt_is(a, "--file") || cli_opt_is(a, "-f")) {
-            NEEDV o->prompt_file = v;
-        } else if (cli_opt_is(a, "--system")) {
-            NEEDV o->system = v;
-        } else if (cli_opt_is(a, "--logits-out")) {
-            NEEDV o->logits_out = v;
-        } else if (cli_opt_is(a, "--pipeline")) {
-            NEEDV o->pipeline = v;
-        } else if (cli_opt_is(a, "--chat"))
-            o->chat = true;
-        else if (cli_opt_is(a, "--ids"))
-            o->ids_out = true;
-        else if (cli_opt_is(a, "--ignore-eos"))
-            o->ignore_eos = true;
-        else if (cli_opt_is(a, "--no-parse-special"))
-            o->no_parse_special = true;
-        else if (cli_opt_is(a, "--quiet"))
-            o->quiet = true;
-        else if (cli_opt_is(a, "--n-predict") || cli_opt_is(a, "-n")) {
-            NEEDV if (cli_parse_int(v, a, -1, 1 << 24, &o->n_predict)) return 2;
-        } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
-            NEEDV if (cli_parse_int(v, a, 1, 256, &o->threads)) return 2;
-        } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
-            NEEDV if (cli_parse_int(v, a, 1, 1 << 24, &o->ctx)) return 2;
-        } else if (cli_opt_is(a, "--cache-type")) {
-            NEEDV stp_err e = {0};
-            if (kv_cache_parse_type(v, &o->kv_type, &e)) {
-                fprintf(stderr, "stpipe generate: %s\n", e.msg);
-                return 2;
-            }
-        } else {
-            fprintf(stderr, "stpipe generate: unknown option '%s' (see stpipe generate --help)\n",
-                    a);
-            return 2;
-        }
-#undef NEEDV
-    }
+    int rc = cli_opts_parse("generate", s_opts, CLI_NOPTS(s_opts), o, argc, argv, s_usage);
+    if (rc) return rc;
     if (!o->model && !o->pipeline) {
         fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
         return 2;
@@ -226,7 +177,7 @@ static int s_generate_pipeline(const generate_opts *o) {
 int cli_generate(int argc, char **argv) {
     generate_opts o;
     int rc = s_parse(argc, argv, &o);
-    if (rc) return rc == 1 ? 0 : rc;
+    if (rc) return rc == CLI_HELP ? 0 : rc;
     if (o.pipeline) return s_generate_pipeline(&o);
 
     stp_err err = {0};

@@ -10,8 +10,37 @@
 #include "model/kv_cache.h"
 #include "plan/budget.h"
 
+typedef struct info_opts {
+    const char *model;
+    bool help, tensors;
+    int ctx, workers, threads;
+    kv_dtype kv_type;
+    uint64_t budget;
+} info_opts;
+
+/* --memory-budget: a size (1G, 800M, ...) above 0. */
+static int s_budget(const char *v, void *field, stp_err *err) {
+    int rc = budget_parse_size(v, (uint64_t *)field, err);
+    if (!rc && !*(uint64_t *)field) rc = stp_err_set(err, STP_EINVAL, "> 0");
+    return rc;
+}
+
+#define F(x) offsetof(info_opts, x)
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(info_opts),
+    CLI_OPT_MODEL(info_opts, "GGUF file"),
+    CLI_OPT_CTX(info_opts, 1),
+    CLI_OPT_CACHE_TYPE(info_opts, "KV cache type"),
+    {"--tensors", NULL, OPT_FLAG, 0, 0, NULL, NULL, "list every tensor", F(tensors), NULL, NULL},
+    {"--memory-budget", NULL, OPT_FN, 0, 0, NULL, "B", "the pipeline's plan under B (1G, 800M)",
+     F(budget), s_budget, NULL},
+    {"--workers", NULL, OPT_INT, 1, 64, "1", "N", "plan: expert workers", F(workers), NULL, NULL},
+    CLI_OPT_THREADS(info_opts, "1", "plan: the attention worker's threads (as the daemon plans)"),
+};
+#undef F
+
 static void s_usage(FILE *f) {
-    fprintf(
+    cli_opts_help(
         f,
         "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16|q8_0] [--tensors]\n"
         "                   [--memory-budget B [--workers N] [--threads N]]\n"
@@ -19,9 +48,9 @@ static void s_usage(FILE *f) {
         "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
         "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
         "  the storage daemon computes it: what each stage needs outside the expert pool,\n"
-        "  the minimum budget and the pool's frames (--workers: expert workers, default 1;\n"
-        "  --threads: the attention worker's, default 1 as the daemon plans). Exit status 1\n"
-        "  when the budget is below the minimum.\n");
+        "  the minimum budget and the pool's frames. Exit status 1 when the budget is below\n"
+        "  the minimum.\n",
+        s_opts, CLI_NOPTS(s_opts), NULL);
 }
 
 static double s_mib(size_t b) {
@@ -63,53 +92,21 @@ static int s_print_plan(const model *m, const budget_params *bp) {
 }
 
 int cli_info(int argc, char **argv) {
-    const char *path = NULL;
-    long long ctx = 0, workers = 1, threads = 1;
-    bool tensors = false;
-    kv_dtype kv_type = KV_F32;
-    uint64_t budget = 0;
-    stp_err err = {0};
-    for (int i = 0; i < argc; i++) {
-        if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
-            s_usage(stdout);
-            return 0;
-        } else if ((cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m")) && i + 1 < argc) {
-            path = argv[++i];
-        } else if (cli_opt_is(argv[i], "--ctx-size") && i + 1 < argc) {
-            if (cli_parse_int(argv[++i], "--ctx-size", 1, 1 << 24, &ctx)) return 2;
-        } else if (cli_opt_is(argv[i], "--cache-type") && i + 1 < argc) {
-            if (kv_cache_parse_type(argv[++i], &kv_type, &err)) {
-                fprintf(stderr, "stpipe info: %s\n", err.msg);
-                return 2;
-            }
-        } else if (cli_opt_is(argv[i], "--memory-budget") && i + 1 < argc) {
-            if (budget_parse_size(argv[++i], &budget, &err) || !budget) {
-                fprintf(stderr, "stpipe info: %s\n", budget ? err.msg : "--memory-budget: > 0");
-                return 2;
-            }
-        } else if (cli_opt_is(argv[i], "--workers") && i + 1 < argc) {
-            if (cli_parse_int(argv[++i], "--workers", 1, 64, &workers)) return 2;
-        } else if (cli_opt_is(argv[i], "--threads") && i + 1 < argc) {
-            if (cli_parse_int(argv[++i], "--threads", 1, 256, &threads)) return 2;
-        } else if (cli_opt_is(argv[i], "--tensors")) {
-            tensors = true;
-        } else if (i + 1 == argc &&
-                   (cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m") ||
-                    cli_opt_is(argv[i], "--ctx-size") || cli_opt_is(argv[i], "--cache-type") ||
-                    cli_opt_is(argv[i], "--memory-budget") || cli_opt_is(argv[i], "--workers") ||
-                    cli_opt_is(argv[i], "--threads"))) {
-            fprintf(stderr, "stpipe info: %s needs a value\n", argv[i]);
-            return 2;
-        } else {
-            fprintf(stderr, "stpipe info: unknown option '%s'\n", argv[i]);
-            s_usage(stderr);
-            return 2;
-        }
-    }
-    if (!path) {
+    info_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("info", s_opts, CLI_NOPTS(s_opts), &o, argc, argv, s_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    if (!o.model) {
+        fprintf(stderr, "stpipe info: --model FILE is required\n");
         s_usage(stderr);
         return 2;
     }
+    const char *path = o.model;
+    const int ctx = o.ctx, workers = o.workers, threads = o.threads;
+    const bool tensors = o.tensors;
+    const kv_dtype kv_type = o.kv_type;
+    const uint64_t budget = o.budget;
+    stp_err err = {0};
     model *m = NULL;
     if (model_open(&m, path, &err)) {
         fprintf(stderr, "stpipe info: %s\n", err.msg);

@@ -2,8 +2,8 @@
  * Parses the flags, opens the backend, starts http_server and waits for SIGINT/SIGTERM; prints
  * "listening on http://HOST:PORT" on stderr once it accepts connections (with --port 0 the
  * port is the one the system picked). The API key comes from --api-key or, so that it does
- * not show in ps, from the environment (STP_API_KEY). Endpoints, fields and limits:
- * docs/SERVER.md. */
+ * not show in ps, from the environment (STP_API_KEY, read by the option table). Endpoints, fields
+ * and limits: docs/SERVER.md. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,87 +21,61 @@ static void s_on_signal(int sig) {
     s_stop = 1;
 }
 
+typedef struct serve_opts {
+    const char *model, *host, *pipeline, *cors, *api_key;
+    bool help;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn;
+} serve_opts;
+
+#define F(x) offsetof(serve_opts, x)
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(serve_opts),
+    CLI_OPT_MODEL(serve_opts, "SmallThinker GGUF file (in-process engine)"),
+    {"--host", NULL, OPT_STR, 0, 0, "127.0.0.1", "ADDR",
+     "address to listen on (0.0.0.0 for every interface)", F(host), NULL, NULL},
+    {"--port", NULL, OPT_INT, 0, 65535, "8080", "N", "TCP port (0 = any free port, printed)",
+     F(port), NULL, NULL},
+    CLI_OPT_THREADS(serve_opts, "2", "compute threads"),
+    {"--queue", NULL, OPT_INT, 0, 4096, "8", "N",
+     "requests that may wait behind the running one; more get 503", F(queue), NULL, NULL},
+    CLI_OPT_CTX(serve_opts, 16),
+    {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
+     "answer length when a request gives no max_tokens (0 = until the context is full)",
+     F(max_tokens), NULL, NULL},
+    {"--max-body", NULL, OPT_INT, 1024, 1 << 30, "8388608", "BYTES",
+     "largest request body; bigger ones get 413", F(max_body), NULL, NULL},
+    {"--idle-timeout", NULL, OPT_INT, 1, 3600, "10", "S",
+     "close a connection silent for S seconds (not counting the time its answer is generated)",
+     F(idle), NULL, NULL},
+    {"--max-connections", NULL, OPT_INT, 2, 4096, "256", "N",
+     "open connections, one thread each; more are closed at once", F(max_conn), NULL, NULL},
+    {"--cors", NULL, OPT_STR, 0, 0, NULL, "ORIGIN",
+     "allow cross-origin requests from ORIGIN (e.g. http://localhost:3000; \"*\" = any); "
+     "default: none, and a request to /v1/ with another Origin header gets 403",
+     F(cors), NULL, NULL},
+    {"--api-key", "STP_API_KEY", OPT_STR, 0, 0, NULL, "KEY",
+     "require \"Authorization: Bearer KEY\" on /v1/ (else 401); the variable keeps the key "
+     "out of ps",
+     F(api_key), NULL, NULL},
+    CLI_OPT_PIPELINE(serve_opts, "serve through a running pipeline (not available yet)"),
+};
+#undef F
+
 static void s_usage(FILE *f) {
-    fprintf(f, "usage: stpipe serve --model FILE [options]\n"
-               "  --model FILE      SmallThinker GGUF file (in-process engine)\n"
-               "  --host ADDR       address to listen on (default 127.0.0.1; 0.0.0.0 for every "
-               "interface)\n"
-               "  --port N          TCP port (default 8080; 0 = any free port, printed)\n"
-               "  --threads N       compute threads (default 2)\n"
-               "  --queue N         requests that may wait behind the running one (default 8); "
-               "more get 503\n"
-               "  --ctx-size N      context length per request (default min(model, 4096))\n"
-               "  --max-tokens-default N  answer length when a request gives no max_tokens\n"
-               "                    (default 1024; 0 = until the context is full)\n"
-               "  --max-body BYTES  largest request body (default 8388608); bigger ones get 413\n"
-               "  --idle-timeout S  close a connection silent for S seconds (default 10; not\n"
-               "                    counting the time its answer is generated)\n"
-               "  --max-connections N  open connections, one thread each (default 256); more\n"
-               "                    are closed at once\n"
-               "  --cors ORIGIN     allow cross-origin requests from ORIGIN (e.g.\n"
-               "                    http://localhost:3000; \"*\" = any); default: none, and a\n"
-               "                    request to /v1/ with another Origin header gets 403\n"
-               "  --api-key KEY     require \"Authorization: Bearer KEY\" on /v1/ (else 401);\n"
-               "                    default: $STP_API_KEY if set (keeps the key out of ps)\n"
-               "  --pipeline DIR    serve through a running pipeline (not available yet)\n"
-               "Endpoints: POST /v1/chat/completions, POST /v1/completions (\"stream\": true for "
-               "server-sent events),\nGET /v1/models, GET /health, GET /metrics. See "
-               "docs/SERVER.md.\n");
+    cli_opts_help(f, "usage: stpipe serve --model FILE [options]\n", s_opts, CLI_NOPTS(s_opts),
+                  "Endpoints: POST /v1/chat/completions, POST /v1/completions (\"stream\": true "
+                  "for server-sent events),\nGET /v1/models, GET /health, GET /metrics. See "
+                  "docs/SERVER.md.\n");
 }
 
 int cli_serve(int argc, char **argv) {
-    const char *model = NULL, *host = "127.0.0.1", *pipeline = NULL, *cors = NULL;
-    const char *api_key = getenv("STP_API_KEY");
-    long long port = 8080, threads = 2, queue = 8, ctx = 0, max_tokens = 1024;
-    long long max_body = 8 << 20, idle = 10, max_conn = 256;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (cli_opt_is(a, "--help") || cli_opt_is(a, "-h")) {
-            s_usage(stdout);
-            return 0;
-        }
-        if (!v) {
-            fprintf(stderr, "stpipe serve: %s\n",
-                    cli_opt_is(a, "--model") || a[0] == '-'
-                        ? "option needs a value (see stpipe serve "
-                          "--help)"
-                        : "unexpected argument (see stpipe serve "
-                          "--help)");
-            return 2;
-        }
-        i++;
-        if (cli_opt_is(a, "--model") || cli_opt_is(a, "-m"))
-            model = v;
-        else if (cli_opt_is(a, "--host"))
-            host = v;
-        else if (cli_opt_is(a, "--pipeline"))
-            pipeline = v;
-        else if (cli_opt_is(a, "--port")) {
-            if (cli_parse_int(v, a, 0, 65535, &port)) return 2;
-        } else if (cli_opt_is(a, "--threads") || cli_opt_is(a, "-t")) {
-            if (cli_parse_int(v, a, 1, 256, &threads)) return 2;
-        } else if (cli_opt_is(a, "--queue")) {
-            if (cli_parse_int(v, a, 0, 4096, &queue)) return 2;
-        } else if (cli_opt_is(a, "--ctx-size") || cli_opt_is(a, "-c")) {
-            if (cli_parse_int(v, a, 16, 1 << 24, &ctx)) return 2;
-        } else if (cli_opt_is(a, "--max-tokens-default")) {
-            if (cli_parse_int(v, a, 0, 1 << 24, &max_tokens)) return 2;
-        } else if (cli_opt_is(a, "--max-body")) {
-            if (cli_parse_int(v, a, 1024, 1 << 30, &max_body)) return 2;
-        } else if (cli_opt_is(a, "--idle-timeout")) {
-            if (cli_parse_int(v, a, 1, 3600, &idle)) return 2;
-        } else if (cli_opt_is(a, "--max-connections")) {
-            if (cli_parse_int(v, a, 2, 4096, &max_conn)) return 2;
-        } else if (cli_opt_is(a, "--cors")) {
-            cors = v;
-        } else if (cli_opt_is(a, "--api-key")) {
-            api_key = v;
-        } else {
-            fprintf(stderr, "stpipe serve: unknown option '%s' (see stpipe serve --help)\n", a);
-            return 2;
-        }
-    }
+    serve_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("serve", s_opts, CLI_NOPTS(s_opts), &o, argc, argv, s_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    const char *model = o.model, *host = o.host, *pipeline = o.pipeline, *cors = o.cors;
+    const char *api_key = o.api_key;
+    const int queue = o.queue, max_tokens = o.max_tokens;
     if (pipeline) {
         fprintf(stderr, "stpipe serve: --pipeline is not available yet (no pipeline backend in "
                         "this build); use --model FILE for the in-process engine\n");
@@ -114,7 +88,7 @@ int cli_serve(int argc, char **argv) {
     stp_err err = {0};
     backend *b = NULL;
     http_server *srv = NULL;
-    backend_engine_params bp = {.model_path = model, .n_threads = (int)threads, .n_ctx = (int)ctx};
+    backend_engine_params bp = {.model_path = model, .n_threads = o.threads, .n_ctx = o.ctx};
     if (backend_engine_new(&b, &bp, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);
         return 1;
@@ -128,12 +102,12 @@ int cli_serve(int argc, char **argv) {
     sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     http_server_config hc = {.host = host,
-                             .port = (int)port,
-                             .queue_max = (int)queue,
-                             .max_body = (int)max_body,
-                             .idle_timeout = (int)idle,
-                             .max_connections = (int)max_conn,
-                             .max_tokens_default = (int)max_tokens,
+                             .port = o.port,
+                             .queue_max = queue,
+                             .max_body = o.max_body,
+                             .idle_timeout = o.idle,
+                             .max_connections = o.max_conn,
+                             .max_tokens_default = max_tokens,
                              .cors_origin = cors,
                              .api_key = api_key && *api_key ? api_key : NULL};
     if (http_server_new(&srv, &hc, b, &err)) {
@@ -143,7 +117,7 @@ int cli_serve(int argc, char **argv) {
     }
     bool v6 = strchr(host, ':') != NULL;
     fprintf(stderr,
-            "stpipe serve: model %s, context %d, queue %lld, max_tokens default %lld, prompt "
+            "stpipe serve: model %s, context %d, queue %d, max_tokens default %d, prompt "
             "text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
             b->name, backend_n_ctx(b), queue, max_tokens, http_server_prompt_bytes_max(srv),
             hc.api_key ? "API key required" : "no API key", cors ? "CORS on" : "CORS off",

@@ -109,29 +109,40 @@ static void s_json(Stp__StatsReport **r, int n) {
     json_decref(root);
 }
 
+typedef struct stats_opts {
+    const char *run_dir;
+    bool help, watch, json;
+} stats_opts;
+
+#define F(x) offsetof(stats_opts, x)
+static const opt_def s_opts[] = {
+    CLI_OPT_HELP(stats_opts),
+    {"--run-dir", NULL, OPT_STR, 0, 0, NULL, "DIR", "the pipeline's run directory", F(run_dir),
+     NULL, NULL},
+    {"--watch", NULL, OPT_FLAG, 0, 0, NULL, NULL, "refresh the table every second", F(watch), NULL,
+     NULL},
+    {"--json", NULL, OPT_FLAG, 0, 0, NULL, NULL, "one JSON document for scripts", F(json), NULL,
+     NULL},
+};
+#undef F
+
+static void s_usage(FILE *f) {
+    cli_opts_help(f,
+                  "usage: stpipe stats --run-dir DIR [--watch] [--json]\n"
+                  "  one table of every stage's counters and latency percentiles (p50/p90/p99),\n"
+                  "  read from the stages' read-only stats sockets\n",
+                  s_opts, CLI_NOPTS(s_opts), NULL);
+}
+
 int cli_stats(int argc, char **argv) {
-    const char *run_dir = NULL;
-    bool watch = false, json = false;
-    for (int i = 0; i < argc; i++) {
-        if (cli_opt_is(argv[i], "--run-dir") && i + 1 < argc)
-            run_dir = argv[++i];
-        else if (cli_opt_is(argv[i], "--watch"))
-            watch = true;
-        else if (cli_opt_is(argv[i], "--json"))
-            json = true;
-        else if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
-            printf("usage: stpipe stats --run-dir DIR [--watch] [--json]\n"
-                   "  one table of every stage's counters and latency percentiles (p50/p90/p99),\n"
-                   "  read from the stages' read-only stats sockets; --watch refreshes it live,\n"
-                   "  --json prints one JSON document for scripts\n");
-            return 0;
-        } else {
-            fprintf(stderr, "usage: stpipe stats --run-dir DIR [--watch] [--json]\n");
-            return 2;
-        }
-    }
+    stats_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("stats", s_opts, CLI_NOPTS(s_opts), &o, argc, argv, s_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    const char *run_dir = o.run_dir;
+    const bool watch = o.watch, json = o.json;
     if (!run_dir) {
-        fprintf(stderr, "usage: stpipe stats --run-dir DIR [--watch] [--json]\n");
+        s_usage(stderr);
         return 2;
     }
     char pat[4200];

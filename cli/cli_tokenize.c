@@ -9,24 +9,53 @@
 #include "gguf/gguf.h"
 #include "tokenizer/tokenizer.h"
 
+typedef struct tok_opts {
+    const char *model, *text, *file, *ids_s;
+    bool help, ids_only, no_parse_special, no_normalize;
+} tok_opts;
+
+#define F(x) offsetof(tok_opts, x)
+static const opt_def s_tokenize_opts[] = {
+    CLI_OPT_HELP(tok_opts),
+    CLI_OPT_MODEL(tok_opts, "GGUF file (a vocabulary-only one will do)"),
+    {"--text", NULL, OPT_STR, 0, 0, NULL, "TEXT", "the text", F(text), NULL, NULL},
+    {"--file", NULL, OPT_STR, 0, 0, NULL, "FILE",
+     "read the text from FILE (-: stdin; the bytes exactly, no newline removed)", F(file), NULL,
+     NULL},
+    {"--ids", NULL, OPT_FLAG, 0, 0, NULL, NULL, "print only the ids, space-separated on one line",
+     F(ids_only), NULL, NULL},
+    {"--no-parse-special", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "treat <|im_start|> etc. in the text as plain text (special tokens are recognised by "
+     "default)",
+     F(no_parse_special), NULL, NULL},
+    {"--no-normalize", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "skip NFC normalisation (gives llama.cpp's ids on non-NFC text; the default gives the "
+     "Hugging Face tokenizer's)",
+     F(no_normalize), NULL, NULL},
+};
+static const opt_def s_detokenize_opts[] = {
+    CLI_OPT_HELP(tok_opts),
+    CLI_OPT_MODEL(tok_opts, "GGUF file (a vocabulary-only one will do)"),
+    {"--ids", NULL, OPT_STR, 0, 0, NULL, "\"ID ID ...\"", "token ids (spaces or commas between)",
+     F(ids_s), NULL, NULL},
+};
+#undef F
+
 static void s_tokenize_usage(FILE *f) {
-    fprintf(
-        f,
-        "usage: stpipe tokenize --model FILE (--text TEXT | --file FILE) [--ids]\n"
-        "                       [--no-parse-special] [--no-normalize]\n"
-        "  prints the token ids of the text, one per line with the token's text\n"
-        "  ('   9707 -> 'Hello''), as llama-tokenize does.\n"
-        "  --file -            read the text from stdin (the bytes exactly, no newline removed)\n"
-        "  --ids               print only the ids, space-separated on one line\n"
-        "  --no-parse-special  treat <|im_start|> etc. in the text as plain text\n"
-        "                      (special tokens are recognised by default)\n"
-        "  --no-normalize      skip NFC normalisation (gives llama.cpp's ids on non-NFC text;\n"
-        "                      the default gives the Hugging Face tokenizer's)\n");
+    cli_opts_help(f,
+                  "usage: stpipe tokenize --model FILE (--text TEXT | --file FILE) [--ids]\n"
+                  "                       [--no-parse-special] [--no-normalize]\n"
+                  "  prints the token ids of the text, one per line with the token's text\n"
+                  "  ('   9707 -> 'Hello''), as llama-tokenize does.\n",
+                  s_tokenize_opts, CLI_NOPTS(s_tokenize_opts), NULL);
 }
 
 static void s_detokenize_usage(FILE *f) {
-    fprintf(f, "usage: stpipe detokenize --model FILE --ids \"ID ID ...\"\n"
-               "  prints the text of the token ids (spaces or commas between ids) and a newline\n");
+    cli_opts_help(f,
+                  "usage: stpipe detokenize --model FILE --ids \"ID ID ...\"\n"
+                  "  prints the text of the token ids (spaces or commas between ids) and a "
+                  "newline\n",
+                  s_detokenize_opts, CLI_NOPTS(s_detokenize_opts), NULL);
 }
 
 static int s_open(const char *cmd, const char *path, gguf_file **g, tokenizer **t) {
@@ -79,31 +108,16 @@ static void s_print_piece(const char *b, size_t n) {
 }
 
 int cli_tokenize(int argc, char **argv) {
-    const char *model = NULL, *text = NULL, *file = NULL;
-    bool ids_only = false;
+    tok_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("tokenize", s_tokenize_opts, CLI_NOPTS(s_tokenize_opts), &o, argc,
+                             argv, s_tokenize_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    const char *model = o.model, *text = o.text, *file = o.file;
+    const bool ids_only = o.ids_only;
     int flags = TOK_PARSE_SPECIAL;
-    for (int i = 0; i < argc; i++) {
-        if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
-            s_tokenize_usage(stdout);
-            return 0;
-        } else if ((cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m")) && i + 1 < argc) {
-            model = argv[++i];
-        } else if (cli_opt_is(argv[i], "--text") && i + 1 < argc) {
-            text = argv[++i];
-        } else if (cli_opt_is(argv[i], "--file") && i + 1 < argc) {
-            file = argv[++i];
-        } else if (cli_opt_is(argv[i], "--ids")) {
-            ids_only = true;
-        } else if (cli_opt_is(argv[i], "--no-parse-special")) {
-            flags &= ~TOK_PARSE_SPECIAL;
-        } else if (cli_opt_is(argv[i], "--no-normalize")) {
-            flags |= TOK_NO_NORMALIZE;
-        } else {
-            fprintf(stderr, "stpipe tokenize: unknown option or missing value: '%s'\n", argv[i]);
-            s_tokenize_usage(stderr);
-            return 2;
-        }
-    }
+    if (o.no_parse_special) flags &= ~TOK_PARSE_SPECIAL;
+    if (o.no_normalize) flags |= TOK_NO_NORMALIZE;
     if (!model || (!text == !file)) {
         fprintf(stderr, "stpipe tokenize: need --model and exactly one of --text or --file\n");
         s_tokenize_usage(stderr);
@@ -152,21 +166,12 @@ int cli_tokenize(int argc, char **argv) {
 }
 
 int cli_detokenize(int argc, char **argv) {
-    const char *model = NULL, *ids_s = NULL;
-    for (int i = 0; i < argc; i++) {
-        if (cli_opt_is(argv[i], "--help") || cli_opt_is(argv[i], "-h")) {
-            s_detokenize_usage(stdout);
-            return 0;
-        } else if ((cli_opt_is(argv[i], "--model") || cli_opt_is(argv[i], "-m")) && i + 1 < argc) {
-            model = argv[++i];
-        } else if (cli_opt_is(argv[i], "--ids") && i + 1 < argc) {
-            ids_s = argv[++i];
-        } else {
-            fprintf(stderr, "stpipe detokenize: unknown option or missing value: '%s'\n", argv[i]);
-            s_detokenize_usage(stderr);
-            return 2;
-        }
-    }
+    tok_opts o;
+    memset(&o, 0, sizeof o);
+    int bad = cli_opts_parse("detokenize", s_detokenize_opts, CLI_NOPTS(s_detokenize_opts), &o,
+                             argc, argv, s_detokenize_usage);
+    if (bad) return bad == CLI_HELP ? 0 : bad;
+    const char *model = o.model, *ids_s = o.ids_s;
     if (!model || !ids_s) {
         fprintf(stderr, "stpipe detokenize: need --model and --ids\n");
         s_detokenize_usage(stderr);

@@ -1,6 +1,7 @@
-/* cli_util: option parsing helpers shared by the stpipe subcommands; see cli.h. */
+/* cli_util: helpers shared by the stpipe subcommands (the option table's parse and help with
+ * the CLI's messages, token id lists, files, the progress bar); see cli.h. */
 #include "cli.h"
-#include "model/sampler.h"
+#include "model/kv_cache.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -10,33 +11,29 @@
 #include <string.h>
 #include <unistd.h>
 
-bool cli_opt_is(const char *arg, const char *name) {
-    return arg && !strcmp(arg, name);
+int cli_opt_cache_type(const char *v, void *field, stp_err *err) {
+    return kv_cache_parse_type(v, (kv_dtype *)field, err);
 }
 
-int cli_parse_int(const char *s, const char *what, long long min, long long max, long long *out) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(s ? s : "", &end, 10);
-    if (!s || !*s || *end || errno || v < min || v > max) {
-        fprintf(stderr, "stpipe: %s must be an integer in %lld..%lld, got '%s'\n", what, min, max,
-                s ? s : "");
-        return -1;
+int cli_opts_parse(const char *cmd, const opt_def *t, size_t n, void *base, int argc, char **argv,
+                   void (*usage)(FILE *f)) {
+    stp_err err = {0};
+    if (opt_parse(t, n, base, &argc, argv, 0, &err)) {
+        fprintf(stderr, "stpipe %s: %s (see stpipe %s --help)\n", cmd, err.msg, cmd);
+        return 2;
     }
-    *out = v;
+    const opt_def *h = opt_find(t, n, "--help");
+    if (h && *(const bool *)((const char *)base + h->off)) {
+        usage(stdout);
+        return CLI_HELP;
+    }
     return 0;
 }
 
-int cli_parse_float(const char *s, const char *what, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s ? s : "", &end);
-    if (!s || !*s || *end || errno || !isfinite(v)) {
-        fprintf(stderr, "stpipe: %s must be a finite number, got '%s'\n", what, s ? s : "");
-        return -1;
-    }
-    *out = v;
-    return 0;
+void cli_opts_help(FILE *f, const char *usage, const opt_def *t, size_t n, const char *notes) {
+    fputs(usage, f);
+    opt_help(t, n, f);
+    if (notes) fputs(notes, f);
 }
 
 int cli_parse_ids(const char *s, int32_t **ids) {
@@ -114,38 +111,4 @@ void cli_progress(void *ud, const char *what, double frac) {
             (int)(frac * 100 + 0.5));
     if (frac >= 1.0) fputc('\n', stderr);
     fflush(stderr);
-}
-
-int cli_sampling_opt(const char *arg, const char *v, sampler_params *sp) {
-    static const char *const floats[] = {"--temp",
-                                         "--top-p",
-                                         "--min-p",
-                                         "--repeat-penalty",
-                                         "--presence-penalty",
-                                         "--frequency-penalty"};
-    float *const fdst[] = {
-        &sp->temperature,      &sp->top_p, &sp->min_p, &sp->repeat_penalty, &sp->presence_penalty,
-        &sp->frequency_penalty};
-    int which = -1;
-    for (int i = 0; i < 6; i++)
-        if (cli_opt_is(arg, floats[i])) which = i;
-    bool is_int = cli_opt_is(arg, "--top-k") || cli_opt_is(arg, "--seed");
-    if (which < 0 && !is_int) return 0;
-    if (!v) {
-        fprintf(stderr, "stpipe: %s needs a value\n", arg);
-        return -1;
-    }
-    long long n;
-    double d;
-    if (which >= 0) {
-        if (cli_parse_float(v, arg, &d)) return -1;
-        *fdst[which] = (float)d;
-    } else if (cli_opt_is(arg, "--top-k")) {
-        if (cli_parse_int(v, arg, 0, 1 << 24, &n)) return -1;
-        sp->top_k = (int)n;
-    } else {
-        if (cli_parse_int(v, arg, 0, (1LL << 62), &n)) return -1;
-        sp->seed = (uint64_t)n;
-    }
-    return 1;
 }

@@ -21,19 +21,19 @@ static int s_size(const char *v, void *field, stp_err *err) {
 #define F(x) offsetof(storage_opts, x)
 static const opt_def s_opts[] = {
     {"--memory-budget", "STP_MEMORY_BUDGET", OPT_FN, 0, 0, NULL, "B",
-     "whole pipeline's memory (4G, 512M; none: unlimited)", F(memory_budget), s_size},
+     "whole pipeline's memory (4G, 512M; none: unlimited)", F(memory_budget), s_size, NULL},
     {"--layout-dir", "STP_LAYOUT_DIR", OPT_STR, 0, 0, NULL, "DIR",
-     "expert layout file's directory (none: next to the model)", F(layout_dir), NULL},
+     "expert layout file's directory (none: next to the model)", F(layout_dir), NULL, NULL},
     {"--cache-policy", "STP_CACHE_POLICY", OPT_STR, 0, 0, NULL, "lru|lfu", "pool eviction policy",
-     F(policy), NULL},
+     F(policy), NULL, NULL},
     {"--pool-experts", "STP_POOL_EXPERTS", OPT_INT, 0, 1 << 20, "0", "N",
-     "pool slots regardless of the budget (0: from the budget)", F(pool_experts), NULL},
+     "pool slots regardless of the budget (0: from the budget)", F(pool_experts), NULL, NULL},
     {"--attn-threads", NULL, OPT_INT, 1, 256, NULL, "N", "the attention worker's threads (plan)",
-     F(attn_threads), NULL},
+     F(attn_threads), NULL, NULL},
     {"--trace-decisions", "STP_TRACE_DECISIONS", OPT_STR, 0, 0, NULL, "FILE",
-     "append each decode decision (bench/cache_sim.py)", F(trace), NULL},
+     "append each decode decision (bench/cache_sim.py)", F(trace), NULL, NULL},
     {NULL, "STP_LFU_HALF_LIFE", OPT_DOUBLE, 0, 1e9, NULL, "T",
-     "lfu's half-life in tokens (experiments; 0: default)", F(lfu_half_life), NULL},
+     "lfu's half-life in tokens (experiments; 0: default)", F(lfu_half_life), NULL, NULL},
 };
 #undef F
 #define S_NOPTS (sizeof s_opts / sizeof s_opts[0])

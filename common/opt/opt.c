@@ -2,8 +2,10 @@
 #include "opt/opt.h"
 
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,14 +37,33 @@ static int s_set(const opt_def *d, void *base, const char *v, bool check, const 
         *(int *)f = (int)x;
         return 0;
     }
-    case OPT_DOUBLE: {
+    case OPT_DOUBLE:
+    case OPT_FLOAT: {
         char *end = NULL;
         errno = 0;
         double x = strtod(v, &end);
-        if (errno || end == v || *end || !isfinite(x) || (check && (x < d->lo || x > d->hi)))
+        bool any = isinf(d->lo) && isinf(d->hi); /* unbounded: any finite number */
+        if (errno || end == v || *end || !isfinite(x) ||
+            (d->type == OPT_FLOAT && fabs(x) > FLT_MAX) || (check && (x < d->lo || x > d->hi))) {
+            if (any) return stp_err_set(err, STP_EINVAL, "%s needs a number (got '%s')", who, v);
             return stp_err_set(err, STP_EINVAL, "%s needs a number in %g..%g (got '%s')", who,
                                d->lo, d->hi, v);
-        *(double *)f = x;
+        }
+        if (d->type == OPT_FLOAT)
+            *(float *)f = (float)x;
+        else
+            *(double *)f = x;
+        return 0;
+    }
+    case OPT_U64: {
+        char *end = NULL;
+        errno = 0;
+        unsigned long long x = strtoull(v, &end, 10);
+        if (errno || end == v || *end || (check && strchr(v, '-')) ||
+            (check && (x < (unsigned long long)d->lo || x > (unsigned long long)d->hi)))
+            return stp_err_set(err, STP_EINVAL, "%s needs an integer in %.0f..%.0f (got '%s')", who,
+                               d->lo, d->hi, v);
+        *(uint64_t *)f = (uint64_t)x;
         return 0;
     }
     case OPT_STR: *(const char **)f = v; return 0;
@@ -55,12 +76,15 @@ static int s_set(const opt_def *d, void *base, const char *v, bool check, const 
     return stp_err_set(err, STP_EINVAL, "%s: bad option table entry", who);
 }
 
+/* The length of arg's option part if it is "name" or "name=...", else 0. */
+static size_t s_match(const char *arg, const char *name) {
+    size_t l = name ? strlen(name) : 0;
+    return l && !strncmp(arg, name, l) && (arg[l] == '\0' || arg[l] == '=') ? l : 0;
+}
+
 const opt_def *opt_find(const opt_def *t, size_t n, const char *arg) {
-    for (size_t i = 0; i < n; i++) {
-        if (!t[i].name) continue;
-        size_t l = strlen(t[i].name);
-        if (!strncmp(arg, t[i].name, l) && (arg[l] == '\0' || arg[l] == '=')) return &t[i];
-    }
+    for (size_t i = 0; i < n; i++)
+        if (s_match(arg, t[i].name) || s_match(arg, t[i].alias)) return &t[i];
     return NULL;
 }
 
@@ -72,6 +96,8 @@ int opt_parse(const opt_def *t, size_t n, void *base, int *argc, char **argv, in
         case OPT_FLAG: *(bool *)f = false; break;
         case OPT_INT: *(int *)f = 0; break;
         case OPT_DOUBLE: *(double *)f = 0; break;
+        case OPT_FLOAT: *(float *)f = 0; break;
+        case OPT_U64: *(uint64_t *)f = 0; break;
         case OPT_STR: *(const char **)f = NULL; break;
         case OPT_FN: break; /* fn's field: the caller's zeroed struct, or def below */
         }
@@ -100,7 +126,10 @@ int opt_parse(const opt_def *t, size_t n, void *base, int *argc, char **argv, in
             argv[kept++] = argv[i];
             continue;
         }
-        const char *eq = a[strlen(d->name)] == '=' ? a + strlen(d->name) + 1 : NULL;
+        size_t l = s_match(a, d->name) ? strlen(d->name) : strlen(d->alias);
+        char who[64]; /* the form the user typed: "-t" or "--threads" */
+        snprintf(who, sizeof who, "%.*s", (int)l, a);
+        const char *eq = a[l] == '=' ? a + l + 1 : NULL;
         int rc;
         if (d->type == OPT_FLAG && !eq) {
             *(bool *)s_field(d, base) = true;
@@ -108,10 +137,10 @@ int opt_parse(const opt_def *t, size_t n, void *base, int *argc, char **argv, in
         }
         const char *v = eq;
         if (!v) {
-            if (i + 1 >= *argc) return stp_err_set(err, STP_EINVAL, "%s needs a value", d->name);
+            if (i + 1 >= *argc) return stp_err_set(err, STP_EINVAL, "%s needs a value", who);
             v = argv[++i];
         }
-        if ((rc = s_set(d, base, v, true, d->name, err))) return rc;
+        if ((rc = s_set(d, base, v, true, who, err))) return rc;
     }
     if (flags & OPT_KEEP_UNKNOWN) {
         *argc = kept;
@@ -124,14 +153,16 @@ void opt_help(const opt_def *t, size_t n, FILE *f) {
     for (size_t i = 0; i < n; i++) {
         const opt_def *d = &t[i];
         char lhs[64];
+        const char *mv = d->type == OPT_FLAG ? "" : d->metavar ? d->metavar : "V";
         if (d->name)
-            snprintf(lhs, sizeof lhs, "%s%s%s", d->name, d->type == OPT_FLAG ? "" : " ",
-                     d->type == OPT_FLAG ? "" : (d->metavar ? d->metavar : "V"));
+            snprintf(lhs, sizeof lhs, "%s%s%s%s%s", d->alias ? d->alias : "", d->alias ? ", " : "",
+                     d->name, *mv ? " " : "", mv);
         else
             snprintf(lhs, sizeof lhs, "%s=%s", d->env, d->metavar ? d->metavar : "V");
         fprintf(f, "  %-26s %s", lhs, d->help ? d->help : "");
-        if (d->type == OPT_INT) fprintf(f, " (%.0f..%.0f)", d->lo, d->hi);
-        if (d->type == OPT_DOUBLE) fprintf(f, " (%g..%g)", d->lo, d->hi);
+        if (d->type == OPT_INT || d->type == OPT_U64) fprintf(f, " (%.0f..%.0f)", d->lo, d->hi);
+        if ((d->type == OPT_DOUBLE || d->type == OPT_FLOAT) && !(isinf(d->lo) && isinf(d->hi)))
+            fprintf(f, " (%g..%g)", d->lo, d->hi);
         if (d->def && d->type != OPT_FLAG) fprintf(f, " [default %s]", d->def);
         if (d->env && d->name) fprintf(f, " [env %s]", d->env);
         fputc('\n', f);

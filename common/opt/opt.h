@@ -18,7 +18,9 @@
 typedef enum opt_type {
     OPT_FLAG,   /* bool; takes no value ("1"/"0" in the environment) */
     OPT_INT,    /* int, decimal, within [lo, hi] */
-    OPT_DOUBLE, /* double, within [lo, hi] */
+    OPT_DOUBLE, /* double, within [lo, hi]; -INFINITY..INFINITY: any finite number */
+    OPT_FLOAT,  /* float, as OPT_DOUBLE (and finite as a float) */
+    OPT_U64,    /* uint64_t, decimal, within [lo, hi] (a default may be "-1": UINT64_MAX) */
     OPT_STR,    /* const char *, pointing into argv or the environment (not copied) */
     OPT_FN,     /* parsed by fn into the field */
 } opt_type;
@@ -37,6 +39,7 @@ typedef struct opt_def {
     /* OPT_FN: parse v into field; an error message need not name the option (opt_parse
      * prefixes it). */
     int (*fn)(const char *v, void *field, stp_err *err);
+    const char *alias; /* "-t": a short form of name, the same in every way; NULL: none */
 } opt_def;
 
 enum {
@@ -46,7 +49,8 @@ enum {
 };
 
 /* Sets defaults, then the environment (a variable that is unset or empty is skipped), then
- * argv[1..] ("--name value" or "--name=value"; a flag takes no value). With OPT_KEEP_UNKNOWN,
+ * argv[1..] ("--name value" or "--name=value", or the alias: "-t 2", "-t=2"; a flag takes no
+ * value). Errors name the form the user typed ("-t needs ..."). With OPT_KEEP_UNKNOWN,
  * *argc and argv are rewritten to hold argv[0] and the arguments no entry took. Returns 0 or
  * STP_EINVAL, the message naming the option or variable:
  *   "--threads needs an integer in 1..256 (got 'x')", "STP_PREFETCH=x needs an integer ...",
@@ -54,10 +58,10 @@ enum {
 int opt_parse(const opt_def *t, size_t n, void *base, int *argc, char **argv, int flags,
               stp_err *err);
 
-/* Writes one line per entry (name and metavar, help, range, default, variable) to f. */
+/* Writes one line per entry ("-t, --threads N", help, range, default, variable) to f. */
 void opt_help(const opt_def *t, size_t n, FILE *f);
 
-/* The entry for "--name" (or "--name=..."), NULL if none. */
+/* The entry for "--name" or its alias (or "--name=..."), NULL if none. */
 const opt_def *opt_find(const opt_def *t, size_t n, const char *arg);
 
 #endif

@@ -353,8 +353,22 @@ static void test_cli_help_exits_0(void **state) {
             fail_msg("stpipe %s --help: exit %d, stdout: %s", cmds[i], r.status, r.out);
         th_run_out_free(&r);
     }
+    /* the help is the option table: the shared rows with the command's own defaults */
+    const char *g[] = {"generate", "--help", NULL};
+    th_run_out r = s_run(g);
+    s_expect(&r, 0, "stpipe generate --help");
+    assert_non_null(strstr(r.out, "-n, --n-predict N"));
+    assert_non_null(strstr(r.out, "[default 24301]"));
+    assert_non_null(strstr(r.out, "--cache-type f32|f16|q8_0"));
+    th_run_out_free(&r);
+    const char *c[] = {"chat", "--help", NULL};
+    r = s_run(c);
+    s_expect(&r, 0, "stpipe chat --help");
+    assert_non_null(strstr(r.out, "usage: stpipe chat"));
+    assert_non_null(strstr(r.out, "[default 0.6]"));
+    th_run_out_free(&r);
     const char *a[] = {"--help", NULL};
-    th_run_out r = s_run(a);
+    r = s_run(a);
     s_expect(&r, 0, "stpipe --help");
     assert_non_null(strstr(r.out, "generate"));
     th_run_out_free(&r);
@@ -388,6 +402,13 @@ static void test_cli_bad_usage_exits_2(void **state) {
                      r.status, r.err);
         th_run_out_free(&r);
     }
+    /* an option's error names it as typed, with its range, on one line */
+    const char *n[] = {"generate", "--model", m, "--prompt-ids", "1", "-n", "many", NULL};
+    th_run_out r = s_run(n);
+    if (r.status != 2 || !strstr(r.err, "stpipe generate: -n needs an integer in -1..16777216 "
+                                        "(got 'many')"))
+        fail_msg("-n many: exit %d, stderr '%s'", r.status, r.err);
+    th_run_out_free(&r);
 }
 
 /* BUG (cli/cli_generate.c, cli_generate): a malformed --prompt-ids value ("1 x") is a
