@@ -1,6 +1,12 @@
 /* th_gguf: builds GGUF files for tests (edited copies, synthetic models); see th_gguf.h. */
 #include "th_gguf.h"
 
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +14,7 @@
 #include <sys/stat.h>
 
 #include "kern/kern.h"
+#include "model/model.h"
 
 const char *th_tmp_path(char *buf, size_t cap, const char *name) {
     const char *dir = getenv("STP_TMP");
@@ -289,4 +296,12 @@ int th_model_write(const char *path, const th_model_spec *s, stp_err *err) {
     free(td);
     gguf_writer_destroy(&w);
     return rc;
+}
+
+model *th_model_open(const char *name) {
+    char p[4096];
+    model *m = NULL;
+    stp_err err = {0};
+    if (model_open(&m, th_data_path(p, sizeof p, name), &err)) fail_msg("%s", err.msg);
+    return m;
 }

@@ -59,4 +59,8 @@ int th_model_write(const char *path, const th_model_spec *s, stp_err *err);
 const char *th_tmp_path(char *buf, size_t cap, const char *name);
 const char *th_data_path(char *buf, size_t cap, const char *name);
 
+/* Opens the model tests/data/<name> (the test fails, with the reason, when it cannot). */
+struct model;
+struct model *th_model_open(const char *name);
+
 #endif

@@ -22,14 +22,6 @@
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define HYBRID "tiny-hybrid-attn-f32.gguf"
 
-static model *s_open(const char *file) {
-    char p[4096];
-    model *m = NULL;
-    stp_err err = {0};
-    if (model_open(&m, th_data_path(p, sizeof p, file), &err)) fail_msg("%s", err.msg);
-    return m;
-}
-
 /* All-position logits of n tokens in one eval. */
 static float *s_batched(engine *e, const int32_t *t, int n, int V) {
     float *l = malloc(sizeof(float) * (size_t)n * V);
@@ -79,7 +71,7 @@ static int32_t *s_golden_ids(const char *stem, int *n) {
 /* The prompt of stem through an f32 and a q8_0 cache; the bounds as the header says. */
 static void s_q8_0_long(const char *file, const char *stem, float max_bound, float median_bound,
                         double top1_min) {
-    model *m = s_open(file);
+    model *m = th_model_open(file);
     const int V = m->cfg.n_vocab;
     int n;
     int32_t *t = s_golden_ids(stem, &n);

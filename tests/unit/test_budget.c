@@ -19,16 +19,8 @@
 #include "model/kv_cache.h"
 #include "model/model.h"
 #include "plan/budget.h"
+#include "th_gguf.h"
 #include "shm/shm.h"
-
-static model *s_open(const char *name) {
-    char p[1024];
-    snprintf(p, sizeof p, "%s/%s", getenv("STP_TEST_DATA"), name);
-    model *m = NULL;
-    stp_err err = {0};
-    if (model_open(&m, p, &err)) fail_msg("%s", err.msg);
-    return m;
-}
 
 /* A config with every size the plan reads set by hand (the rest zero). */
 static model_config s_hand_config(void) {
@@ -68,7 +60,7 @@ static void test_budget_kv_bytes_equal_kv_cache(void **st) {
     const int ctx[] = {16, 300, 1024, 5000}, ub[] = {1, 8, 512}; /* (window 4096) */
     int rings = 0;
     for (int mi = 0; mi < 2; mi++) {
-        model *m = s_open(models[mi]);
+        model *m = th_model_open(models[mi]);
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 3; j++)
                 for (int ty = KV_F32; ty <= KV_Q8_0; ty++) {
@@ -88,7 +80,7 @@ static void test_budget_kv_bytes_equal_kv_cache(void **st) {
 
 static void test_budget_attn_scratch_equal_attn_scratch(void **st) {
     (void)st;
-    model *m = s_open("tiny-hybrid-attn-f32.gguf");
+    model *m = th_model_open("tiny-hybrid-attn-f32.gguf");
     const int ctx[] = {16, 1024}, ub[] = {1, 16}, thr[] = {1, 2, 3};
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++)
@@ -113,7 +105,7 @@ static void test_budget_frame_bytes_equal_built_layout(void **st) {
     mkdir(dir, 0700);
     stp_err err = {0};
     assert_int_equal(layout_path(path, sizeof path, model_path, dir, &err), 0);
-    model *m = s_open("tiny-dense-attn-q4_0-pure.gguf");
+    model *m = th_model_open("tiny-dense-attn-q4_0-pure.gguf");
     uint32_t fl = layout_wants_flags(m);
     layout *l = NULL;
     bool rebuilt = false;

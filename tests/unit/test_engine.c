@@ -24,14 +24,6 @@
 #define NTOK 40
 #define BOUND_Q8 8.0f /* measured 4.9 (f16: 0.046) */
 
-static model *s_open(const char *file) {
-    char p[4096];
-    model *m = NULL;
-    stp_err err = {0};
-    if (model_open(&m, th_data_path(p, sizeof p, file), &err)) fail_msg("%s", err.msg);
-    return m;
-}
-
 static engine *s_engine(const model *m, int threads, int n_ctx, int n_ubatch) {
     engine *e = NULL;
     stp_err err = {0};
@@ -75,7 +67,7 @@ static float s_max_diff(const float *a, const float *b, size_t n) {
 }
 
 static void s_batched_vs_stepwise(const char *file) {
-    model *m = s_open(file);
+    model *m = th_model_open(file);
     const int V = m->cfg.n_vocab;
     int32_t t[NTOK];
     s_tokens(t, NTOK, V, 1);
@@ -100,7 +92,7 @@ static void s_batched_vs_stepwise(const char *file) {
  * evaluation still equals token-by-token. */
 static void test_engine_f16_cache(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     const int V = m->cfg.n_vocab, N = 145;
     int32_t t[145];
     s_tokens(t, N, V, 7);
@@ -129,7 +121,7 @@ static void test_engine_f16_cache(void **state) {
  * still equals token-by-token. */
 static void test_engine_q8_0_cache(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     const int V = m->cfg.n_vocab, N = 145;
     int32_t t[145];
     s_tokens(t, N, V, 7);
@@ -162,7 +154,7 @@ static void test_engine_batched_equals_stepwise_hybrid(void **state) {
 
 static void test_engine_ubatch_chunking(void **state) {
     (void)state;
-    model *m = s_open(HYBRID);
+    model *m = th_model_open(HYBRID);
     const int V = m->cfg.n_vocab;
     int32_t t[NTOK];
     s_tokens(t, NTOK, V, 2);
@@ -191,7 +183,7 @@ static void test_engine_ubatch_chunking(void **state) {
 
 static void test_engine_reset_reproduces(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     const int V = m->cfg.n_vocab;
     int32_t t[NTOK], other[10];
     s_tokens(t, NTOK, V, 3);
@@ -220,7 +212,7 @@ static void test_engine_reset_reproduces(void **state) {
 }
 
 static void s_threads_identical(const char *file) {
-    model *m = s_open(file);
+    model *m = th_model_open(file);
     const int V = m->cfg.n_vocab;
     int32_t t[NTOK];
     s_tokens(t, NTOK, V, 5);
@@ -260,7 +252,7 @@ static void test_engine_threads_bit_exact_hybrid(void **state) {
 
 static void test_engine_context_overflow(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     const int V = m->cfg.n_vocab;
     int32_t t[16];
     s_tokens(t, 16, V, 7);
@@ -296,7 +288,7 @@ static void test_engine_context_overflow(void **state) {
 
 static void test_engine_bad_token_id(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     const int V = m->cfg.n_vocab;
     engine *e = s_engine(m, 1, 32, 0);
     stp_err err = {0};
@@ -319,7 +311,7 @@ static void test_engine_bad_token_id(void **state) {
 
 static void test_engine_new_checks(void **state) {
     (void)state;
-    model *m = s_open(DENSE);
+    model *m = th_model_open(DENSE);
     engine *e = NULL;
     stp_err err = {0};
     engine_params p = {.n_threads = 1, .n_ctx = 4097};
@@ -346,7 +338,7 @@ static void test_engine_sliding_window_ring(void **state) {
     if (th_gguf_copy(th_data_path(src, sizeof src, HYBRID), p, &o, &err)) fail_msg("%s", err.msg);
     model *m = NULL;
     if (model_open(&m, p, &err)) fail_msg("%s", err.msg);
-    model *full = s_open(HYBRID);
+    model *full = th_model_open(HYBRID);
     assert_int_equal(model_config_layer_window(&m->cfg, 1), 5);
     const int V = m->cfg.n_vocab;
     int32_t t[NTOK];

@@ -19,14 +19,6 @@
 #include "model/model.h"
 #include "th_gguf.h"
 
-static model *s_open(const char *file) {
-    char p[4096];
-    model *m = NULL;
-    stp_err err = {0};
-    if (model_open(&m, th_data_path(p, sizeof p, file), &err)) fail_msg("%s", err.msg);
-    return m;
-}
-
 static float s_rand(uint64_t *s) {
     *s = *s * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((*s >> 40) & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f;
@@ -35,7 +27,7 @@ static float s_rand(uint64_t *s) {
 /* Hand-made rows: amax 127 makes id = 1, so q = round-half-even(x) is visible. */
 static void test_kv_cache_q8_0_rounding(void **state) {
     (void)state;
-    model *m = s_open("tiny-hybrid-attn-f32.gguf");
+    model *m = th_model_open("tiny-hybrid-attn-f32.gguf");
     kv_cache *c = NULL;
     stp_err err = {0};
     assert_int_equal(kv_cache_new(&c, &m->cfg, 16, 4, KV_Q8_0, &err), 0);
@@ -69,7 +61,7 @@ static void test_kv_cache_q8_0_rounding(void **state) {
 /* Random rows stored at positions past the ring of a sliding-window layer, read back. */
 static void test_kv_cache_round_trip(void **state) {
     (void)state;
-    model *m = s_open("tiny-hybrid-attn-f32.gguf");
+    model *m = th_model_open("tiny-hybrid-attn-f32.gguf");
     const int n_ctx = 6000, ub = 8; /* window 4096: rings of 4104 slots */
     kv_cache *c[3] = {NULL};
     stp_err err = {0};
@@ -144,7 +136,7 @@ static void test_kv_cache_types(void **state) {
     }
     assert_int_equal(kv_cache_parse_type("q4_0", &t, &err), STP_EINVAL);
     assert_non_null(strstr(err.msg, "q8_0"));
-    model *m = s_open("tiny-dense-attn-f32.gguf");
+    model *m = th_model_open("tiny-dense-attn-f32.gguf");
     model_config cfg = m->cfg;
     cfg.head_dim = 12; /* 2 kv heads: rows of 24 values, not whole blocks */
     kv_cache *c = NULL;
