@@ -32,7 +32,6 @@ echo "text: $(show "$ids")"
 
 echo
 echo "--- the pipeline: deploy/stpipe-up, 2 expert workers, memory budget 80M ---"
-mkdir -p "$work/layout"
 deploy/stpipe-up --model "$model" --run-dir "$run" --workers 2 --memory-budget 80M \
     --layout-dir "$work/layout"
 pids=$(build/bin/stpipe generate --pipeline "$run" --prompt "$prompt" -n 24 --ids --quiet)
