@@ -877,10 +877,11 @@ static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_
         int rc = s_embed(a, tokens[t], a->x + (size_t)t * E, err);
         if (rc) return rc;
     }
-    const forward_state fs = {&a->cc, m,      a->kv,      a->as,  a->x,
-                              a->h,   a->ffn, a->rlogits, a->sel, a->selw_shm};
+    const forward_state fs = {&a->cc, m,          a->as,  a->x,       a->h,
+                              a->ffn, a->rlogits, a->sel, a->selw_shm};
+    const forward_seg seg = {a->kv, a->n_past, T};
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
-    int rc = forward_ubatch(&fs, T, a->n_past, &fx, err);
+    int rc = forward_ubatch(&fs, &seg, 1, &fx, err);
     if (rc) return rc;
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     a->n_past += T;

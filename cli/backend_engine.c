@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
+#include "gen/backend.h"
 #include "cli.h"
 
 typedef struct backend_engine {
@@ -14,13 +14,24 @@ typedef struct backend_engine {
     engine *e;
 } backend_engine;
 
-static int s_eval(backend *b, const int32_t *t, int n, float *logits, stp_err *err) {
-    backend_engine *be = (backend_engine *)b;
-    return engine_eval(be->e, t, n, logits, false, err);
+static int s_eval(backend *b, const backend_seq_eval *q, int n_q, stp_err *err) {
+    return engine_eval_batch(((backend_engine *)b)->e, q, n_q, err);
 }
 
-static void s_reset(backend *b) {
-    engine_reset(((backend_engine *)b)->e);
+static int s_seq_keep(backend *b, int seq, int n_keep) {
+    return engine_seq_keep(((backend_engine *)b)->e, seq, n_keep);
+}
+
+static int s_seq_n_past(const backend *b, int seq) {
+    return engine_seq_n_past(((const backend_engine *)b)->e, seq);
+}
+
+static int s_n_seq(const backend *b) {
+    return engine_n_seq(((const backend_engine *)b)->e);
+}
+
+static int s_n_batch(const backend *b) {
+    return engine_n_ubatch(((const backend_engine *)b)->e);
 }
 
 static int s_n_vocab(const backend *b) {
@@ -29,10 +40,6 @@ static int s_n_vocab(const backend *b) {
 
 static int s_n_ctx(const backend *b) {
     return engine_n_ctx(((const backend_engine *)b)->e);
-}
-
-static int s_n_past(const backend *b) {
-    return engine_n_past(((const backend_engine *)b)->e);
 }
 
 static const engine_stats *s_stats(const backend *b) {
@@ -49,10 +56,12 @@ static void s_destroy(backend *b) {
 
 static const backend_ops s_ops = {
     .eval = s_eval,
-    .reset = s_reset,
+    .seq_keep = s_seq_keep,
+    .seq_n_past = s_seq_n_past,
+    .n_seq = s_n_seq,
+    .n_batch = s_n_batch,
     .n_vocab = s_n_vocab,
     .n_ctx = s_n_ctx,
-    .n_past = s_n_past,
     .stats = s_stats,
     .destroy = s_destroy,
 };
@@ -74,6 +83,7 @@ int backend_engine_new(backend **out, const backend_engine_params *p, stp_err *e
     engine_params ep = {.n_threads = p->n_threads > 0 ? p->n_threads : 1,
                         .n_ctx = p->n_ctx,
                         .kv_type = p->kv_type,
+                        .n_seq = p->n_seq,
                         .progress = cli_progress};
     rc = engine_new(&be->e, be->m, &ep, err);
     if (rc) goto fail;

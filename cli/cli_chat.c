@@ -15,10 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend.h"
+#include "gen/backend.h"
 #include "cli.h"
 #include "cli_pipeline.h"
-#include "gen_loop.h"
+#include "gen/gen_loop.h"
 
 static volatile sig_atomic_t s_interrupted; /* set by SIGINT, cleared by the loop */
 

@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "backend.h"
+#include "gen/backend.h"
 #include "cli.h"
 #include "http_server.h"
 

@@ -19,8 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "backend.h"
-#include "gen_loop.h"
+#include "gen/backend.h"
+#include "gen/gen_loop.h"
 
 /* ---- server --------------------------------------------------------------------------------- */
 

@@ -6,7 +6,10 @@
  *                   sel, w = top-k(gate(r));  x = x + attention(rmsnorm(x) * attn_norm)
  *                   x = x + moe(rmsnorm(x) * ffn_norm, sel, w)   (the seam: moe_forward)
  *   logits = output · (rmsnorm(x) * output_norm)                  (forward_head)
- * Invariant: n_past only advances after a whole eval succeeded. */
+ * A micro-batch may hold tokens of several sequences (engine_eval_batch): one forward_seg per
+ * sequence, attention on that sequence's caches.
+ * Invariants: n_past of a sequence only advances after a whole eval succeeded; a token's
+ * result does not depend on the other sequences in its micro-batch. */
 #include "model/engine.h"
 
 #include <stdlib.h>
@@ -23,17 +26,20 @@ struct engine {
     const model *m;
     compute_ctx cc;
     threadpool *tp;
-    kv_cache *kv;
+    int n_seq;
+    kv_cache **kv; /* [n_seq] */
+    int *n_past;   /* [n_seq] */
     attn_scratch *as;
     moe_scratch *ms;
-    int n_ctx, n_ubatch, n_past;
-    float *x;       /* (n_ubatch, n_embd) residual */
-    float *h;       /* (n_ubatch, n_embd) normed */
-    float *ffn;     /* (n_ubatch, n_embd) */
-    float *rlogits; /* (n_ubatch, n_expert) */
-    int32_t *sel;   /* (n_ubatch, n_expert_used) */
-    float *selw;    /* (n_ubatch, n_expert_used) */
-    uint8_t *xq;    /* LM-head activations */
+    int n_ctx, n_ubatch;
+    forward_seg *segs; /* (n_ubatch) one micro-batch's segments */
+    float *x;          /* (n_ubatch, n_embd) residual */
+    float *h;          /* (n_ubatch, n_embd) normed */
+    float *ffn;        /* (n_ubatch, n_embd) */
+    float *rlogits;    /* (n_ubatch, n_expert) */
+    int32_t *sel;      /* (n_ubatch, n_expert_used) */
+    float *selw;       /* (n_ubatch, n_expert_used) */
+    uint8_t *xq;       /* LM-head activations */
     engine_stats stats;
 };
 
@@ -56,8 +62,17 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     if (rc) goto fail;
     e->cc.ops = kern_ops_get();
     e->cc.tp = e->tp;
-    rc = kv_cache_new(&e->kv, c, n_ctx, n_ubatch, p ? p->kv_type : KV_F32, err);
-    if (rc) goto fail;
+    e->n_seq = p && p->n_seq > 0 ? p->n_seq : 1;
+    e->kv = calloc((size_t)e->n_seq, sizeof *e->kv);
+    e->n_past = calloc((size_t)e->n_seq, sizeof *e->n_past);
+    e->segs = calloc((size_t)n_ubatch, sizeof *e->segs);
+    if (!e->kv || !e->n_past || !e->segs) {
+        rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < e->n_seq; i++)
+        if ((rc = kv_cache_new(&e->kv[i], c, n_ctx, n_ubatch, p ? p->kv_type : KV_F32, err)))
+            goto fail;
     rc = attn_scratch_new(&e->as, c, n_ubatch, n_ctx, n_threads, err);
     if (rc) goto fail;
     rc = moe_scratch_new(&e->ms, c, n_ubatch, err);
@@ -100,7 +115,11 @@ void engine_destroy(engine **self_p) {
     engine *e = *self_p;
     if (!e) return;
     threadpool_destroy(&e->tp);
-    kv_cache_destroy(&e->kv);
+    for (int i = 0; e->kv && i < e->n_seq; i++)
+        kv_cache_destroy(&e->kv[i]);
+    free(e->kv);
+    free(e->n_past);
+    free(e->segs);
     attn_scratch_destroy(&e->as);
     moe_scratch_destroy(&e->ms);
     free(e->x);
@@ -132,68 +151,139 @@ static void s_timed(void *ctx, int il, const forward_layer_ns *t) {
     st->ns_moe += t->experts;
 }
 
-static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, bool all_logits,
-                     bool last_chunk) {
+/* One micro-batch: the tokens of b[0..n_b) from token `first` of b[0] on, at most n_ubatch in
+ * all (the caller's cut). Logits: an entry's last token when it falls in this micro-batch, or
+ * every token's (all_logits, one entry only). */
+static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, int T,
+                     bool all_logits) {
     const model *m = e->m;
     const model_config *c = &m->cfg;
     const int E = c->n_embd;
     engine_stats *st = &e->stats;
 
-    uint64_t t0 = forward_now_ns();
-    for (int t = 0; t < T; t++)
-        ops_embed(&e->cc, &m->tok_embd, tokens[t], e->x + (size_t)t * E);
-    st->ns_embed += forward_now_ns() - t0;
+    /* cut the segments: entry i contributes tokens [lo, hi) */
+    int n_segs = 0, row = 0;
+    for (int i = 0; i < n_b && row < T; i++) {
+        int lo = i == 0 ? first : 0, n = b[i].n - lo;
+        if (n > T - row) n = T - row;
+        e->segs[n_segs++] = (forward_seg){e->kv[b[i].seq], e->n_past[b[i].seq], n};
+        uint64_t t0 = forward_now_ns();
+        for (int t = 0; t < n; t++)
+            ops_embed(&e->cc, &m->tok_embd, b[i].tokens[lo + t], e->x + (size_t)(row + t) * E);
+        st->ns_embed += forward_now_ns() - t0;
+        row += n;
+    }
 
-    const forward_state fs = {&e->cc, m,      e->kv,      e->as,  e->x,
-                              e->h,   e->ffn, e->rlogits, e->sel, e->selw};
+    const forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw};
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
-    forward_ubatch(&fs, T, e->n_past, &fx, NULL); /* moe_forward cannot fail */
+    forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
 
-    e->n_past += T;
-    e->stats.tokens += (uint64_t)T;
-    if (!logits) return;
-    t0 = forward_now_ns();
-    for (int t = 0; t < T; t++) {
-        if (!all_logits && !(last_chunk && t == T - 1)) continue;
-        forward_head(&e->cc, m, e->x + (size_t)t * E, e->h, e->xq,
-                     all_logits ? logits + (size_t)t * c->n_vocab : logits);
+    uint64_t t0 = forward_now_ns();
+    row = 0;
+    for (int i = 0; i < n_segs; i++) {
+        const engine_seq_eval *q = &b[i];
+        int lo = i == 0 ? first : 0, n = e->segs[i].n;
+        e->n_past[q->seq] += n;
+        for (int t = 0; t < n && q->logits; t++) {
+            if (all_logits)
+                forward_head(&e->cc, m, e->x + (size_t)(row + t) * E, e->h, e->xq,
+                             q->logits + (size_t)(lo + t) * c->n_vocab);
+            else if (lo + t == q->n - 1)
+                forward_head(&e->cc, m, e->x + (size_t)(row + t) * E, e->h, e->xq, q->logits);
+        }
+        row += n;
     }
     st->ns_head += forward_now_ns() - t0;
+    st->tokens += (uint64_t)T;
 }
 
-int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
-                stp_err *err) {
+/* Checks a batch without changing anything (see engine_eval_batch). */
+static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {
     const model_config *c = &e->m->cfg;
-    if (n <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (0 tokens)");
-    if (n > e->n_ctx - e->n_past)
-        return stp_err_set(err, STP_ERANGE,
-                           "%d tokens do not fit in the context: %d of %d positions are used "
-                           "(raise --ctx-size or shorten the prompt)",
-                           n, e->n_past, e->n_ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
-            return stp_err_set(err, STP_ERANGE, "token id %d at index %d is outside 0..%d",
-                               tokens[i], i, c->n_vocab - 1);
-    for (int done = 0; done < n;) {
-        int T = n - done < e->n_ubatch ? n - done : e->n_ubatch;
-        float *lg = logits && all_logits ? logits + (size_t)done * c->n_vocab : logits;
-        s_ubatch(e, tokens + done, T, lg, all_logits, done + T == n);
-        done += T;
+    if (n_b <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (no sequence)");
+    for (int i = 0; i < n_b; i++) {
+        const engine_seq_eval *q = &b[i];
+        if (q->seq < 0 || q->seq >= e->n_seq)
+            return stp_err_set(err, STP_EINVAL, "sequence %d is outside 0..%d", q->seq,
+                               e->n_seq - 1);
+        for (int j = 0; j < i; j++)
+            if (b[j].seq == q->seq)
+                return stp_err_set(err, STP_EINVAL, "sequence %d appears twice in a batch", q->seq);
+        if (q->n <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (0 tokens)");
+        if (q->n > e->n_ctx - e->n_past[q->seq])
+            return stp_err_set(err, STP_ERANGE,
+                               "%d tokens do not fit in the context: %d of %d positions are used "
+                               "(raise --ctx-size or shorten the prompt)",
+                               q->n, e->n_past[q->seq], e->n_ctx);
+        for (int t = 0; t < q->n; t++)
+            if (q->tokens[t] < 0 || q->tokens[t] >= c->n_vocab)
+                return stp_err_set(err, STP_ERANGE, "token id %d at index %d is outside 0..%d",
+                                   q->tokens[t], t, c->n_vocab - 1);
     }
     return 0;
 }
 
+/* Runs b in micro-batches of at most n_ubatch tokens, entries in order. */
+static void s_run(engine *e, const engine_seq_eval *b, int n_b, bool all_logits) {
+    int i = 0, first = 0;
+    while (i < n_b) {
+        /* the micro-batch starts at token `first` of entry i */
+        int T = 0, j = i, f = first;
+        while (j < n_b && T < e->n_ubatch) {
+            int take = b[j].n - f;
+            if (take > e->n_ubatch - T) take = e->n_ubatch - T;
+            T += take;
+            f += take;
+            if (f == b[j].n) j++, f = 0;
+        }
+        s_ubatch(e, b + i, j - i + (f > 0), first, T, all_logits);
+        i = j;
+        first = f;
+    }
+}
+
+int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {
+    int rc = s_check(e, b, n_b, err);
+    if (rc) return rc;
+    s_run(e, b, n_b, false);
+    return 0;
+}
+
+int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
+                stp_err *err) {
+    const engine_seq_eval q = {0, tokens, n, logits};
+    int rc = s_check(e, &q, 1, err);
+    if (rc) return rc;
+    s_run(e, &q, 1, all_logits);
+    return 0;
+}
+
 void engine_reset(engine *e) {
-    e->n_past = 0;
+    for (int i = 0; i < e->n_seq; i++)
+        e->n_past[i] = 0;
 }
 int engine_n_past(const engine *e) {
-    return e->n_past;
+    return e->n_past[0];
+}
+int engine_n_ubatch(const engine *e) {
+    return e->n_ubatch;
+}
+int engine_n_seq(const engine *e) {
+    return e->n_seq;
+}
+int engine_seq_n_past(const engine *e, int seq) {
+    return seq >= 0 && seq < e->n_seq ? e->n_past[seq] : 0;
+}
+int engine_seq_keep(engine *e, int seq, int n_keep) {
+    if (seq < 0 || seq >= e->n_seq) return 0;
+    e->n_past[seq] = kv_cache_keep_max(e->kv[seq], e->n_past[seq], n_keep);
+    return e->n_past[seq];
 }
 int engine_n_ctx(const engine *e) {
     return e->n_ctx;
 }
 size_t engine_kv_bytes(const engine *e) {
-    return e->kv->bytes;
+    return e->kv[0]->bytes * (size_t)e->n_seq;
 }
 size_t engine_scratch_bytes(const engine *e) {
     const model_config *c = &e->m->cfg;

@@ -1,8 +1,10 @@
 /* engine: the in-process SmallThinker forward pass (reference engine and `stpipe generate`).
  *
- * One engine holds one sequence: its KV caches (full for global layers, a ring of the window
- * for sliding-window layers), scratch activations for a micro-batch of tokens, and a thread team.
- * engine_eval appends tokens at positions n_past.. and returns logits. The layer loop is
+ * One engine holds n_seq sequences (slots), each with its KV caches (full for global layers, a
+ * ring of the window for sliding-window layers), scratch activations for a micro-batch of tokens,
+ * and a thread team. engine_eval appends tokens to sequence 0 at positions n_past.. and returns
+ * logits; engine_eval_batch appends tokens to several sequences in one pass (continuous
+ * batching: the weights are read once for all of them). The layer loop is
  * forward.h's, with moe_forward as its expert seam; the attention worker runs the same loop with
  * the expert workers as the seam, so both give the same bits. */
 #ifndef STP_ENGINE_H
@@ -19,6 +21,7 @@ typedef struct engine_params {
     int n_ctx;        /* context length in tokens; 0 = min(model's, 4096) */
     int n_ubatch;     /* tokens per forward micro-batch; 0 = 512 */
     kv_dtype kv_type; /* KV cache f32 (0), f16 or q8_0 (llama.cpp's -ctk/-ctv) */
+    int n_seq;        /* sequences (slots), each with n_ctx positions; 0 = 1 */
     bool dense_down;  /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing;  /* keep every matrix in the file's layout (for comparisons) */
     bool lazy;        /* build packed/neuron-major images on first use instead of at load */
@@ -44,9 +47,31 @@ void engine_destroy(engine **self_p);
  * the context would overflow (nothing is changed then). */
 int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
                 stp_err *err);
-void engine_reset(engine *e); /* forget the sequence (KV cache emptied) */
-int engine_n_past(const engine *e);
-int engine_n_ctx(const engine *e);
+void engine_reset(engine *e);       /* forget every sequence (KV caches emptied) */
+int engine_n_past(const engine *e); /* of sequence 0 */
+int engine_n_ctx(const engine *e);  /* positions per sequence */
+
+/* One sequence's part of a batched evaluation. */
+typedef struct engine_seq_eval {
+    int seq;               /* 0..n_seq-1; each sequence at most once per call */
+    const int32_t *tokens; /* appended at the sequence's positions n_past.. */
+    int n;                 /* >= 1 */
+    float *logits;         /* n_vocab logits of the last token, or NULL */
+} engine_seq_eval;
+
+/* Evaluates every entry's tokens in one pass per micro-batch (entries are packed into
+ * micro-batches of n_ubatch tokens in order; an entry may be split). Each token's result is the
+ * same whatever else is in the batch (a micro-batch runs attention per sequence and every other
+ * step row by row). Checks everything first (STP_EINVAL for a bad or repeated seq, STP_ERANGE for
+ * a full context or a bad token id): on an error nothing has changed. */
+int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err);
+int engine_n_seq(const engine *e);
+int engine_n_ubatch(const engine *e);
+int engine_seq_n_past(const engine *e, int seq);
+/* Keeps the first n_keep positions of sequence seq (n_keep <= n_past) so that a request sharing
+ * that prefix evaluates only the rest. Sliding-window rings may already have overwritten keys
+ * the next position needs (kv_cache_keep_max): then less is kept (0). Returns what was kept. */
+int engine_seq_keep(engine *e, int seq, int n_keep);
 size_t engine_kv_bytes(const engine *e);
 size_t engine_scratch_bytes(const engine *e);
 const engine_stats *engine_get_stats(const engine *e);

@@ -12,11 +12,14 @@ uint64_t forward_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-int forward_ubatch(const forward_state *s, int T, int pos0, const forward_experts *fx,
-                   stp_err *err) {
+int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
+                   const forward_experts *fx, stp_err *err) {
     const model *m = s->m;
     const model_config *c = &m->cfg;
     const int E = c->n_embd, K = c->n_expert_used, X = c->n_expert;
+    int T = 0;
+    for (int i = 0; i < n_segs; i++)
+        T += segs[i].n;
 
     for (int il = 0; il < c->n_layer; il++) {
         const layer_weights *L = &m->layers[il];
@@ -34,7 +37,9 @@ int forward_ubatch(const forward_state *s, int T, int pos0, const forward_expert
         ns.router = t1 - t0;
 
         /* x += attention(rmsnorm(x) * attn_norm); h = rmsnorm(x) * ffn_norm */
-        attention_forward(s->cc, m, s->kv, il, s->x, T, pos0, s->as);
+        for (int i = 0, row = 0; i < n_segs; row += segs[i++].n)
+            attention_forward(s->cc, m, segs[i].kv, il, s->x + (size_t)row * E, segs[i].n,
+                              segs[i].pos0, s->as);
         for (int t = 0; t < T; t++)
             ops_rmsnorm(s->x + (size_t)t * E, L->ffn_norm, s->h + (size_t)t * E, E, c->rms_eps);
         uint64_t t2 = forward_now_ns();

@@ -53,7 +53,6 @@ typedef struct forward_experts {
 typedef struct forward_state {
     const compute_ctx *cc;
     const model *m;
-    kv_cache *kv;
     attn_scratch *as;
     float *x;       /* (n_ubatch, n_embd) residual: the embeddings in, the last hidden state out */
     float *h;       /* (n_ubatch, n_embd) normed FFN input */
@@ -63,12 +62,23 @@ typedef struct forward_state {
     float *selw;    /* (n_ubatch, n_expert_used) their weights */
 } forward_state;
 
-/* Runs every layer over s->x (T tokens at positions pos0..): the KV caches get the T tokens'
- * keys and values, s->x becomes the last layer's output. Returns the first non-zero result of
- * a seam function (the caches then hold a partial micro-batch: the caller must not advance its
- * position). */
-int forward_ubatch(const forward_state *s, int T, int pos0, const forward_experts *fx,
-                   stp_err *err);
+/* A run of consecutive tokens of one sequence in a micro-batch. A micro-batch is one or more
+ * segments, one per sequence, whose tokens are consecutive rows of s->x in segment order:
+ * attention runs per segment on its sequence's caches, everything else (router, norms, experts,
+ * residual) over all the rows at once, so one read of a weight serves every sequence. A row's
+ * result does not depend on the other segments (every other step is row by row). */
+typedef struct forward_seg {
+    kv_cache *kv; /* the sequence's caches */
+    int pos0;     /* position of the segment's first token */
+    int n;        /* tokens (>= 1) */
+} forward_seg;
+
+/* Runs every layer over s->x (the segments' tokens, at most n_ubatch in all): each segment's
+ * caches get its tokens' keys and values, s->x becomes the last layer's output. Returns the
+ * first non-zero result of a seam function (the caches then hold a partial micro-batch: the
+ * caller must not advance any position). */
+int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
+                   const forward_experts *fx, stp_err *err);
 
 /* logits (n_vocab) = output · (rmsnorm(x) * output_norm) for one hidden state x (n_embd); hn
  * (n_embd) and xq (n_embd * 4 + 64 bytes) are scratch. */

@@ -91,3 +91,14 @@ int kv_cache_parse_type(const char *s, kv_dtype *type, stp_err *err) {
         }
     return stp_err_set(err, STP_EINVAL, "cache type '%s': f32, f16 or q8_0", s);
 }
+
+int kv_cache_keep_max(const kv_cache *c, int n_past, int n_keep) {
+    if (n_keep <= 0) return 0;
+    if (n_keep > n_past) n_keep = n_past;
+    for (int il = 0; il < c->n_layer; il++) {
+        const kv_layer *l = &c->layers[il];
+        if (!l->window || n_past <= l->cap) continue;
+        if (n_keep - l->window + 1 < n_past - l->cap) return 0;
+    }
+    return n_keep;
+}

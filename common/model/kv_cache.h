@@ -67,6 +67,14 @@ void kv_cache_destroy(kv_cache **self_p);
 static inline int kv_cache_slot(const kv_layer *l, int pos) {
     return pos % l->cap;
 }
+/* Of a sequence holding positions 0..n_past-1, how many of the first n_keep can be kept so that
+ * evaluation resumes at position n_keep: n_keep itself when every layer still holds the keys
+ * positions n_keep.. will look at, else 0. Global layers hold every position. A sliding-window
+ * ring of cap slots holds positions >= n_past - cap; the query at n_keep looks back to
+ * n_keep - window + 1; so a ring allows n_keep when n_past <= cap or
+ * n_keep - window + 1 >= n_past - cap (the prefix ends at most cap - window - 1 positions before
+ * n_past). */
+int kv_cache_keep_max(const kv_cache *c, int n_past, int n_keep);
 /* Stores one position's keys and values (kv_dim floats each) in slot, converted to the cache
  * type (rounding as the header says). */
 void kv_cache_store(const kv_cache *c, kv_layer *l, int slot, const float *k, const float *v);

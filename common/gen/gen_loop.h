@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "backend.h"
+#include "gen/backend.h"
 #include "model/sampler.h"
 
 typedef enum gen_finish {

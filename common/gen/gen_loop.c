@@ -1,7 +1,7 @@
 /* gen_loop: prompt -> eval -> token step -> stream, shared by chat and serve; see gen_loop.h.
  * Sampling, end of generation, text and stop strings are the token step's (gen/token_step.h);
  * this loop adds the backend, cancellation, the emit callback and the timings. */
-#include "gen_loop.h"
+#include "gen/gen_loop.h"
 
 #include <stdlib.h>
 #include <string.h>
