@@ -417,17 +417,21 @@ static bool s_pool_complete(const attn_worker *a) {
  * docs/BENCHMARKS.md). Those not
  * resident go to the daemon now, as a hint it reads while this layer's experts and the next
  * attention run. */
-static void s_prefetch(attn_worker *a, int il, const float *x) {
+static void s_prefetch(attn_worker *a, int il, int T, const float *x) {
     const model_config *c = &a->m->cfg;
     const int X = c->n_expert;
     if (a->prefetch <= 0 || il + 1 >= c->n_layer || !a->pool.base || s_pool_complete(a)) return;
-    float lg[STP_MAX_EXPERTS];
-    attention_router(&a->cc, a->m, il + 1, x, 1, lg, a->as);
-    int32_t top[STP_MAX_EXPERTS];
-    ops_top_k(lg, X, a->prefetch, top); /* by logit: the gating is monotone */
+    /* T rows, one token of each sequence being decoded: the union of their predictions. The
+     * router logits buffer is free here (this layer's routing is in sel/w already) */
+    float *lg = a->rlogits;
+    attention_router(&a->cc, a->m, il + 1, x, T, lg, a->as);
     bool pick[STP_MAX_EXPERTS] = {false};
-    for (int k = 0; k < a->prefetch; k++)
-        pick[top[k]] = true;
+    for (int t = 0; t < T; t++) {
+        int32_t top[STP_MAX_EXPERTS];
+        ops_top_k(lg + (size_t)t * X, X, a->prefetch, top); /* by logit: the gating is monotone */
+        for (int k = 0; k < a->prefetch; k++)
+            pick[top[k]] = true;
+    }
     uint32_t ex[STP_MAX_EXPERTS], cnt[STP_MAX_EXPERTS] = {0};
     int n = 0;
     for (int e = 0; e < X; e++) /* a decision lists experts ascending */
@@ -849,7 +853,7 @@ static int s_run(void *ctx, int il, int T, const float *x, const float *h, const
     attn_worker *a = ctx;
     const int E = a->m->cfg.n_embd, K = a->m->cfg.n_expert_used;
     layer_plan *p = &a->cur;
-    if (T == 1) s_prefetch(a, il, x);
+    if (a->decode) s_prefetch(a, il, T, x); /* one token per sequence */
     double t2 = msg_now_us();
     threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
     int nb = 0, rc;

@@ -1,14 +1,14 @@
 /* test_attn_seq: the attention worker's sequence slots (--parallel), spoken to directly over
  * attn.sock, without a coordinator. A minimal pipeline (storage daemon, one expert worker, the
- * attention worker with --parallel 3) runs a copy of the tiny hybrid Q4_0 model whose sliding
- * window is 5 (so the KV rings are smaller than the context and the keep rule bites). Every
- * EvalRequest is mirrored on an in-process engine with 3 sequences (engine_seq_keep +
- * engine_eval_batch, or engine_eval for all_logits): the n_past the worker answers and the
- * logits it leaves in the activation region (at the offsets it answers) or inline must equal the
- * engine's bit for bit. Requests hold 2 and 3 slots, entries split across micro-batches of 4,
- * prefixes are kept with pos0, and malformed requests (repeated slot, slot out of range, pos0
- * beyond n_past or past the sliding-window keep rule, bad token, all_logits with two entries)
- * are answered with an StpError and change nothing. */
+ * attention worker with --parallel 3; a pool of a quarter of the experts, so that they stream)
+ * runs a copy of the tiny hybrid Q4_0 model whose sliding window is 5 (so the KV rings are smaller
+ * than the context and the keep rule bites). Every EvalRequest is mirrored on an in-process engine
+ * with 3 sequences (engine_seq_keep + engine_eval_batch, or engine_eval for all_logits): the n_past
+ * the worker answers and the logits it leaves in the activation region (at the offsets it answers)
+ * or inline must equal the engine's bit for bit. Requests hold 2 and 3 slots, entries split across
+ * micro-batches of 4, prefixes are kept with pos0, and malformed requests (repeated slot, slot out
+ * of range, pos0 beyond n_past or past the sliding-window keep rule, bad token, all_logits with two
+ * entries) are answered with an StpError and change nothing. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -31,6 +31,7 @@
 #include "msg/msg.h"
 #include "msg/stage.h"
 #include "shm/shm.h"
+#include "stats.pb-c.h"
 #include "th_gguf.h"
 #include "th_proc.h"
 
@@ -111,8 +112,19 @@ static int s_group_setup(void **st) {
     fclose(f);
     snprintf(lay, sizeof lay, "%s/layout", s_g.dir);
     mkdir(lay, 0700);
-    const char *sa[] = {"--workers", "1", "--attn-threads", "1", "--layout-dir", lay, "--parallel",
-                        "3",         NULL};
+    /* a pool of 12 of the 48 experts: decisions, reads as they land and the decode prefetch of
+     * several sequences are on the way of every layer */
+    const char *sa[] = {"--workers",
+                        "1",
+                        "--attn-threads",
+                        "1",
+                        "--layout-dir",
+                        lay,
+                        "--parallel",
+                        "3",
+                        "--pool-experts",
+                        "12",
+                        NULL};
     s_g.pid[0] = s_start("stpipe-storage-daemon", sa);
     s_wait_ready("storage", s_g.pid[0]);
     const char *ea[] = {"--index", "0", "--threads", "1", NULL};
@@ -260,6 +272,40 @@ static void s_refused(const ent *es, int n, bool all, int code, const char *need
     stp__eval_msg__free_unpacked(r, NULL);
 }
 
+/* The attention worker's counter from its next stats report (0: none in 3 s). */
+static uint64_t s_stat(const char *counter) {
+    char ep[1200];
+    stp_err err = {0};
+    msg_endpoint(ep, sizeof ep, s_g.dir, "stats-attn", &err);
+    void *s = msg_socket(s_g.zctx, ZMQ_SUB, ep, false, &err);
+    assert_non_null(s);
+    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
+    uint64_t v = 0;
+    bool rd;
+    if (msg_poll(&s, 1, &rd, 3000) && rd) {
+        msg_in in;
+        if (msg_recv(s, false, &in, &err) > 0) {
+            Stp__StatsReport *r = stp__stats_report__unpack(NULL, in.len, in.data);
+            for (size_t i = 0; r && i < r->n_counters; i++)
+                if (!strcmp(r->counters[i]->name, counter)) v = r->counters[i]->value;
+            if (r) stp__stats_report__free_unpacked(r, NULL);
+            msg_in_free(&in);
+        }
+    }
+    msg_close(&s);
+    return v;
+}
+
+/* counter reaches want within a few reports (they come every 500 ms) */
+static void s_stat_is(const char *counter, uint64_t want) {
+    uint64_t v = 0;
+    for (int i = 0; i < 10 && v != want; i++)
+        v = s_stat(counter);
+    if (v != want)
+        fail_msg("attn-worker counter %s is %llu, expected %llu", counter, (unsigned long long)v,
+                 (unsigned long long)want);
+}
+
 /* Two and three slots per request, split over micro-batches, decode steps, kept prefixes, the
  * sliding-window keep rule, all_logits, and errors that change nothing: always the engine's
  * bits. */
@@ -331,6 +377,17 @@ static void test_attn_seq_equals_engine_batch(void **st) {
     /* and everything still agrees */
     ent r8[] = {{1, 4, ta, 5, true}, {2, 6, tb, 1, true}, {0, 17, td, 2, true}};
     s_same(r8, 3, "after the errors");
+
+    /* statistics: every token evaluated; decode = the one request of a token per entry */
+    s_stat_is("tokens", 12 + 2 + 6 + 11 + 5 + 6 + 6 + 8);
+    s_stat_is("msg.eval", 8);
+    s_stat_is("eval.seqs", 2 + 2 + 3 + 2 + 2 + 1 + 1 + 3);
+    s_stat_is("decode.tokens", 2);
+    /* the refusals, by kind */
+    s_stat_is("bad.eval_seq", 3);
+    s_stat_is("bad.eval_range", 4);
+    s_stat_is("bad.eval_token", 1);
+    s_stat_is("eval.errors", 0);
 }
 
 int main(void) {
