@@ -290,6 +290,8 @@ void attn_worker_destroy(attn_worker **self_p) {
 /* talking to the storage daemon and the expert workers */
 
 static void s_handle(attn_worker *a, msg_in *in, bool busy);
+static int s_drain_lanes(attn_worker *a, work_batch *bs, int nb, int il, int *n_pending,
+                         stp_err *err);
 
 /* Handles what waits on attn.sock. busy: an eval is waiting on other stages; heartbeats are
  * still answered (the coordinator must not mistake a long eval for a dead worker), anything else
@@ -820,6 +822,10 @@ static int s_routed(void *ctx, int il, int T, const int32_t *sel, const float *w
     p->seq = ++a->seq;
     if (a->lanes) lane_expect(a->lanes, 0, true); /* earlier layers' replies are not awaited */
     atomic_store_explicit(a->floor, p->seq, memory_order_release); /* earlier work is stale */
+    /* replies nobody waits for (work of an eval that failed, done by a worker that came back)
+     * would fill the done rings (LANE_DEPTH entries): a reply finding its ring full is lost */
+    int none = 0;
+    s_drain_lanes(a, NULL, 0, il, &none, NULL);
     uint32_t cnt_by[STP_MAX_EXPERTS] = {0};
     for (int i = 0; i < T * K; i++)
         cnt_by[sel[i]]++;

@@ -390,9 +390,48 @@ static void test_attn_seq_equals_engine_batch(void **st) {
     s_stat_is("eval.errors", 0);
 }
 
+/* A micro-batch that fails (the expert worker is gone: the worker gives up after 30 s): the
+ * request's slots go back to their n_past from before it where the caches still hold it (an
+ * append, or a slot not reached), else to 0 (a slot whose kept prefix was overwritten); the
+ * others stay. Runs after test_attn_seq_equals_engine_batch (slots at 19, 9, 7). */
+static void test_attn_seq_failed_ubatch_rolls_back(void **st) {
+    (void)st;
+    const int V = s_g.V;
+    int32_t t[8];
+    s_tokens(t, 8, V, 6);
+    assert_int_equal(engine_seq_n_past(s_g.e, 0), 19);
+    assert_int_equal(engine_seq_n_past(s_g.e, 1), 9);
+    assert_int_equal(engine_seq_n_past(s_g.e, 2), 7);
+    /* micro-batches [0:3 1:1] [1:1 2:3] [2:1]: the first fails, having written slots 0 and 1 */
+    ent f[] = {{0, 19, t, 3, true}, {1, 5, t, 2, true}, {2, 7, t, 4, true}};
+    kill(s_g.pid[1], SIGKILL);
+    th_wait(s_g.pid[1], 10);
+    Stp__EvalMsg *r = s_send(f, 3, false);
+    /* the expert worker comes back, as stpipe-up's supervisor restarts it */
+    char ready[1100];
+    snprintf(ready, sizeof ready, "%s/expert-0.ready", s_g.dir);
+    unlink(ready);
+    const char *ea[] = {"--index", "0", "--threads", "1", NULL};
+    s_g.pid[1] = s_start("stpipe-expert-worker", ea);
+    s_wait_ready("expert-0", s_g.pid[1]);
+    assert_int_equal(r->body_case, STP__EVAL_MSG__BODY_ERROR);
+    assert_non_null(strstr(r->error->what, "did not answer"));
+    stp__eval_msg__free_unpacked(r, NULL);
+    /* slot 1 kept 5 of 9 and was overwritten from there: 0 */
+    ent e1[] = {{1, 1, t, 1, true}};
+    s_refused(e1, 1, false, STP_ERANGE, "position 1 is outside 0..0");
+    assert_int_equal(engine_seq_keep(s_g.e, 1, 0), 0);
+    /* slot 0 appended at 19 (its rings still hold what 19 looks back to), slot 2 was not
+     * reached: both where they were */
+    ent ok[] = {{0, 19, t + 3, 2, true}, {2, 7, t + 5, 1, true}, {1, 0, t, 3, true}};
+    s_same(ok, 3, "after a failed micro-batch");
+    s_stat_is("eval.errors", 1);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_attn_seq_equals_engine_batch),
+        cmocka_unit_test(test_attn_seq_failed_ubatch_rolls_back),
     };
     return cmocka_run_group_tests(tests, s_group_setup, s_group_teardown);
 }
