@@ -8,7 +8,9 @@
  * or inline must equal the engine's bit for bit. Requests hold 2 and 3 slots, entries split across
  * micro-batches of 4, prefixes are kept with pos0, and malformed requests (repeated slot, slot out
  * of range, pos0 beyond n_past or past the sliding-window keep rule, bad token, all_logits with two
- * entries) are answered with an StpError and change nothing. */
+ * entries) are answered with an StpError and change nothing. Then a micro-batch that fails (the
+ * expert worker killed: the worker gives up after 30 s) leaves each slot where its caches still
+ * hold it, else at 0, and the next request (the worker restarted) matches the engine again. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
