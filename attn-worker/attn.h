@@ -1,6 +1,7 @@
 /* attn: the attention worker's logic. It holds the embeddings, attention weights, router, LM
- * head and the KV cache of the one sequence being generated, and runs common/model's layer loop
- * (forward_ubatch, the in-process engine's) with the experts farmed out through its seam:
+ * head and --parallel sequence slots (a KV cache and n_past each), and runs common/model's layer
+ * loop (forward_ubatch, the in-process engine's; one segment per sequence of a micro-batch) with
+ * the experts farmed out through its seam:
  *   x = token_embd[tokens]
  *   for each layer l (forward_ubatch):
  *     r = router · x; sel, w = top-k(gate(r))
@@ -9,7 +10,7 @@
  *     seam run: ExpertWork(l, experts) to the expert workers as they are resident; wait for
  *               every ExpertDone; out = sum_k w_k * y_k, in k order
  *     x = out + x
- *   logits = output · (rmsnorm(x) * output_norm)   (forward_head)
+ *   logits = output · (rmsnorm(x) * output_norm)   (forward_head; a row per slot in shm)
  * The loop is the engine's and the seam gives moe_forward's bits, so results are bit-identical. */
 #ifndef STP_ATTN_H
 #define STP_ATTN_H
