@@ -130,7 +130,8 @@ void http_metrics_generation(http_metrics *m, const http_job *job) {
     s_histo_add(&m->request_s, job->t_end - job->t_arrive);
     s_histo_add(&m->queue_s, job->t_start - job->t_arrive);
     if (r->n_gen) s_histo_add(&m->first_token_s, job->t_start - job->t_arrive + r->t_first);
-    if (r->n_prompt && r->t_prompt > 0) s_histo_add(&m->prompt_tps, r->n_prompt / r->t_prompt);
+    if (r->n_prompt > r->n_cached && r->t_prompt > 0)
+        s_histo_add(&m->prompt_tps, (r->n_prompt - r->n_cached) / r->t_prompt);
     if (r->n_gen > 1 && r->t_gen > 0) s_histo_add(&m->gen_tps, (r->n_gen - 1) / r->t_gen);
     m->cached_tokens += (uint64_t)r->n_cached;
     pthread_mutex_unlock(&m->mu);
