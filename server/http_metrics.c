@@ -213,7 +213,7 @@ char *http_metrics_render(http_metrics *m) {
              "stpipe_client_disconnects_total{state=\"running\"} %llu\n",
              (unsigned long long)m->client_gone[0], (unsigned long long)m->client_gone[1]);
     s_printf(&b,
-             "# HELP stpipe_prompt_tokens_total Prompt tokens evaluated.\n"
+             "# HELP stpipe_prompt_tokens_total Prompt tokens (evaluated, or found in a slot's cache).\n"
              "# TYPE stpipe_prompt_tokens_total counter\nstpipe_prompt_tokens_total %llu\n"
              "# HELP stpipe_generated_tokens_total Tokens sampled.\n"
              "# TYPE stpipe_generated_tokens_total counter\nstpipe_generated_tokens_total %llu\n"
