@@ -25,7 +25,7 @@ static void s_on_signal(int sig) {
 typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
-    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -44,6 +44,10 @@ static const opt_def s_opts[] = {
      "sequence slots: requests generated at once (each with its own KV cache of --ctx-size "
      "positions, kept after the answer for prefix reuse)",
      F(parallel), NULL, "-np"},
+    {"--kv-pool", NULL, OPT_INT, 0, 1 << 24, "0", "N",
+     "KV positions all slots hold at once (idle slots give theirs back when needed; 0 = "
+     "parallel x ctx-size)",
+     F(kv_pool), NULL, NULL},
     {"--prefill-chunk", NULL, OPT_INT, 1, 4096, "64", "N",
      "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
      "pauses in the other streams)",
@@ -123,6 +127,7 @@ int cli_serve(int argc, char **argv) {
                              .max_tokens_default = max_tokens,
                              .cors_origin = cors,
                              .prefill_chunk = o.chunk,
+                             .kv_positions = o.kv_pool,
                              .api_key = api_key && *api_key ? api_key : NULL};
     if (http_server_new(&srv, &hc, b, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);

@@ -749,7 +749,8 @@ fail:
 
 int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
     sched *sc = NULL;
-    const sched_params sp = {.prefill_chunk = cfg->prefill_chunk};
+    const sched_params sp = {.prefill_chunk = cfg->prefill_chunk,
+                             .kv_positions = cfg->kv_positions};
     int rc = sched_new(&sc, b, &sp, err);
     if (rc) return rc;
     const http_model mi = {b->name, b->tok, backend_n_ctx(b), backend_n_vocab(b)};

@@ -63,6 +63,7 @@ typedef struct http_server_config {
     const char *cors_origin; /* the one origin allowed cross-origin ("*": any); NULL: none */
     const char *api_key;     /* required as "Authorization: Bearer KEY" on /v1/ paths; NULL: none */
     int prefill_chunk;       /* sched_params.prefill_chunk of the local scheduler; 0: default */
+    int kv_positions;        /* sched_params.kv_positions of the local scheduler; 0: all */
 } http_server_config;
 
 typedef struct http_server http_server;

@@ -39,6 +39,7 @@ typedef struct s_slot {
 struct sched {
     backend *b;
     int V, n_ctx, n_slots, chunk, n_batch;
+    long long kv_max; /* the KV pool: positions all slots may hold */
     s_slot *slots;
     s_req *wait_head, *wait_tail;
     int n_waiting;
@@ -60,6 +61,8 @@ int sched_new(sched **out, backend *b, const sched_params *p, stp_err *err) {
     s->n_batch = p && p->n_batch > 0 ? p->n_batch : backend_n_batch(b);
     if (s->n_batch > backend_n_batch(b)) s->n_batch = backend_n_batch(b);
     s->chunk = p && p->prefill_chunk > 0 ? p->prefill_chunk : 64;
+    s->kv_max = (long long)s->n_slots * s->n_ctx;
+    if (p && p->kv_positions > 0 && p->kv_positions < s->kv_max) s->kv_max = p->kv_positions;
     if (s->chunk > s->n_batch) s->chunk = s->n_batch;
     s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
     s->run = calloc((size_t)s->n_slots, sizeof *s->run);
@@ -177,6 +180,35 @@ static bool s_cancelled(const s_req *rq) {
     return rq->r.cancel && *rq->r.cancel;
 }
 
+/* Positions the slots hold, plus the prompt positions admitted requests are still to read. */
+static long long s_kv_used(const sched *s) {
+    long long u = 0;
+    for (int i = 0; i < s->n_slots; i++)
+        u += s->slots[i].n;
+    for (int i = 0; i < s->n_run; i++)
+        if (s->run[i]->st == R_PREFILL) u += s->run[i]->r.n_prompt - s->run[i]->pos;
+    return u;
+}
+
+/* Empties idle slots (least recently used first, never `keep`) until `need` more positions fit
+ * in the pool. True when they do. */
+static bool s_kv_make_room(sched *s, long long need, int keep) {
+    long long used = s_kv_used(s);
+    while (used + need > s->kv_max) {
+        int lru = -1;
+        for (int i = 0; i < s->n_slots; i++) {
+            const s_slot *sl = &s->slots[i];
+            if (i == keep || sl->req || !sl->n) continue;
+            if (lru < 0 || sl->used < s->slots[lru].used) lru = i;
+        }
+        if (lru < 0) return false;
+        used -= s->slots[lru].n;
+        s->slots[lru].n = backend_seq_keep(s->b, lru, 0);
+        s->stats.slots_evicted++;
+    }
+    return true;
+}
+
 /* The free slot for prompt p: longest common prefix with what it holds, then least recently
  * used. *lcp: that prefix's length. */
 static int s_pick_slot(const sched *s, const int32_t *p, int n, int *lcp) {
@@ -198,6 +230,15 @@ static void s_admit(sched *s) {
     while (s->wait_head) {
         s_req *rq = s->wait_head;
         if (!s_cancelled(rq) && s->n_run == s->n_slots) break;
+        if (!s_cancelled(rq) && rq->r.n_prompt <= s->n_ctx && rq->r.n_prompt <= s->kv_max) {
+            /* its prompt must fit in the pool beside what runs (idle slots make room) */
+            int lcp;
+            int slot = s_pick_slot(s, rq->prompt, rq->r.n_prompt, &lcp);
+            (void)lcp;
+            /* the slot goes from what it holds to the prompt (kept part and reservation) */
+            long long need = rq->r.n_prompt - s->slots[slot].n;
+            if (!s_kv_make_room(s, need, slot)) break; /* wait: running requests free it */
+        }
         s->wait_head = rq->next_wait;
         if (!s->wait_head) s->wait_tail = NULL;
         s->n_waiting--;
@@ -208,9 +249,9 @@ static void s_admit(sched *s) {
         }
         stp_err err = {0};
         const int n = rq->r.n_prompt;
-        if (n > s->n_ctx) {
+        if (n > s->n_ctx || n > s->kv_max) {
             stp_err_set(&err, STP_ERANGE, "the prompt needs %d tokens but the context has %d", n,
-                        s->n_ctx);
+                        n > s->n_ctx ? s->n_ctx : (int)s->kv_max);
             s_finish(s, rq, GEN_FINISH_LENGTH, STP_ERANGE, &err);
             continue;
         }
@@ -301,10 +342,23 @@ int sched_step(sched *s) {
             i++;
     s_admit(s);
     if (!s->n_run) return 0;
-    s->stats.steps++;
     /* the next token of every decoding request, then whole prompt chunks (chunks end at
      * multiples of `chunk` and at the prompt's end), in admission order, while they fit; with
      * requests decoding, at most one chunk per step so their tokens keep flowing */
+    int n_dec = 0;
+    for (int i = 0; i < s->n_run; i++)
+        n_dec += s->run[i]->st == R_DECODE;
+    while (n_dec > 0 && !s_kv_make_room(s, n_dec, -1)) {
+        /* the pool is full: the most recently admitted answering request ends */
+        for (int i = s->n_run - 1; i >= 0; i--)
+            if (s->run[i]->st == R_DECODE) {
+                s->stats.pool_full++;
+                s_finish(s, s->run[i], GEN_FINISH_LENGTH, 0, NULL);
+                break;
+            }
+        n_dec--;
+    }
+    if (!s->n_run) return 0;
     int n_q = 0, budget = s->n_batch, n_decoding = 0;
     for (int i = 0; i < s->n_run; i++) {
         s_req *rq = s->run[i];
@@ -336,6 +390,7 @@ int sched_step(sched *s) {
         prefill_max -= take;
     }
     if (!n_q) return 0;
+    s->stats.steps++;
 
     stp_err err = {0};
     int rc = backend_eval_batch(s->b, s->q, n_q, &err);

@@ -285,11 +285,74 @@ static void test_sched_cancel_errors_and_waiting(void **state) {
     backend_destroy(&b);
 }
 
+/* The KV pool (kv_positions): idle slots give their positions back, least recently used first,
+ * and when answering requests fill the pool the most recently admitted one ends (length) while
+ * the other goes on to its max_tokens with the ids it has alone. */
+static void test_sched_kv_pool(void **state) {
+    (void)state;
+    backend *b = s_backend(3);
+    const int V = backend_n_vocab(b);
+    int32_t p[3][64];
+    int n0 = s_prompt(p[0], 1, V), n1 = s_prompt(p[1], 3, V), n2 = s_prompt(p[2], 0, V);
+    gen_params g = s_params(0);
+    stp_err err = {0};
+    sched *s = NULL;
+    sched_params sp = {.kv_positions = 62}; /* x and y answered: 30 + 11 and 9 + 11 */
+    assert_int_equal(sched_new(&s, b, &sp, &err), 0);
+    outcome a = {0}, x = {0}, y = {0};
+    s_submit(s, p[0], n0, &g, &a, NULL);
+    s_drain(s);
+    assert_int_equal(backend_seq_n_past(b, 0), n0 + N_GEN - 1); /* 27 held by an idle slot */
+    s_submit(s, p[1], n1, &g, &x, NULL);                        /* 30 */
+    s_submit(s, p[2], n2, &g, &y, NULL);                        /* 9 */
+    sched_step(s);
+    assert_int_equal(sched_n_running(s), 2);
+    assert_int_equal(sched_get_stats(s)->slots_evicted, 1);
+    assert_int_equal(backend_seq_n_past(b, 0), 0);
+    s_drain(s);
+    assert_int_equal(x.res.n_gen, N_GEN);
+    assert_int_equal(y.res.n_gen, N_GEN);
+    sched_destroy(&s);
+
+    /* pool of 40: two answers of prompt 16 + 9; the later one ends when the pool is full */
+    sp.kv_positions = 40;
+    assert_int_equal(sched_new(&s, b, &sp, &err), 0);
+    gen_params lg = g;
+    lg.max_tokens = 20;
+    outcome alone = {0}, first = {0}, second = {0};
+    s_submit(s, p[0], n0, &lg, &alone, NULL);
+    s_drain(s);
+    sched_destroy(&s);
+    assert_int_equal(sched_new(&s, b, &sp, &err), 0);
+    s_submit(s, p[0], n0, &lg, &first, NULL);
+    s_submit(s, p[2], n2, &lg, &second, NULL);
+    s_drain(s);
+    assert_int_equal(first.res.n_gen, 20);
+    assert_memory_equal(first.res.ids, alone.res.ids, sizeof(int32_t) * 20);
+    assert_int_equal(second.res.finish, GEN_FINISH_LENGTH);
+    assert_true(second.res.n_gen < 20);
+    assert_true(sched_get_stats(s)->pool_full >= 1);
+    /* a prompt larger than the pool is refused */
+    int32_t big[48];
+    for (int k = 0; k < 48; k++)
+        big[k] = (int32_t)(k % V);
+    outcome z = {0};
+    s_submit(s, big, 48, &g, &z, NULL);
+    s_drain(s);
+    assert_int_equal(z.rc, STP_ERANGE);
+    sched_destroy(&s);
+    outcome *all[] = {&a, &x, &y, &alone, &first, &second, &z};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        gen_result_fini(&all[i]->res);
+    backend_destroy(&b);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sched_same_ids_alone_and_batched),
         cmocka_unit_test(test_sched_prefix_reuse),
         cmocka_unit_test(test_sched_cancel_errors_and_waiting),
+        cmocka_unit_test(test_sched_kv_pool),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
