@@ -54,7 +54,8 @@ struct coordinator {
     backend *b;
     sched *s;
     stats *st;
-    creq *head, *tail; /* live requests in arrival order */
+    char model_abs[4096]; /* the model file's absolute path (told to clients in Pong.model) */
+    creq *head, *tail;    /* live requests in arrival order */
     int n_live;
 };
 
@@ -66,6 +67,8 @@ int coordinator_new(coordinator **out, const stage_opts *o, stp_err *err) {
     c->cap = o->queue > 0 ? o->queue : 8;
     int rc = stats_new(&c->st, STAGE, err);
     if (rc) goto fail;
+    if (!o->model || !realpath(o->model, c->model_abs))
+        snprintf(c->model_abs, sizeof c->model_abs, "%s", o->model ? o->model : "");
     c->zctx = zmq_ctx_new();
     char ep[512];
     rc = STP_EIO;
@@ -507,6 +510,9 @@ static void s_on_client(coordinator *c, msg_in *in) {
         p.pid = (int32_t)getpid();
         p.request_id = m->ping->request_id;
         p.known = s_find(c, NULL, 0, p.request_id) != NULL;
+        p.n_seq = backend_n_seq(c->b);
+        p.n_ctx = backend_n_ctx(c->b);
+        p.model = c->model_abs;
         Stp__ClientMsg r;
         stp__client_msg__init(&r);
         r.body_case = STP__CLIENT_MSG__BODY_PONG;
