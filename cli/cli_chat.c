@@ -326,7 +326,8 @@ int cli_chat(int argc, char **argv) {
     backend_engine_params bp = {.model_path = o.model,
                                 .n_threads = (int)o.threads,
                                 .n_ctx = (int)o.ctx,
-                                .kv_type = o.kv_type};
+                                .kv_type = o.kv_type,
+                                .progress = cli_progress};
     if (o.model && backend_engine_new(&c.b, &bp, &err)) {
         fprintf(stderr, "stpipe chat: %s\n", err.msg);
         return 1;

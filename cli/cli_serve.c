@@ -1,4 +1,5 @@
-/* cli_serve: `stpipe serve`, the OpenAI-compatible HTTP server over one in-process engine.
+/* cli_serve: `stpipe serve`, the OpenAI-compatible HTTP server over the in-process engine with
+ * --parallel sequence slots (continuous batching and prefix reuse: common/gen/sched.h).
  * Parses the flags, opens the backend, starts http_server and waits for SIGINT/SIGTERM; prints
  * "listening on http://HOST:PORT" on stderr once it accepts connections (with --port 0 the
  * port is the one the system picked). The API key comes from --api-key or, so that it does
@@ -24,7 +25,7 @@ static void s_on_signal(int sig) {
 typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
-    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -37,8 +38,16 @@ static const opt_def s_opts[] = {
      F(port), NULL, NULL},
     CLI_OPT_THREADS(serve_opts, "2", "compute threads"),
     {"--queue", NULL, OPT_INT, 0, 4096, "8", "N",
-     "requests that may wait behind the running one; more get 503", F(queue), NULL, NULL},
+     "requests that may wait for a free slot; more get 503", F(queue), NULL, NULL},
     CLI_OPT_CTX(serve_opts, 16),
+    {"--parallel", NULL, OPT_INT, 1, 64, "4", "N",
+     "sequence slots: requests generated at once (each with its own KV cache of --ctx-size "
+     "positions, kept after the answer for prefix reuse)",
+     F(parallel), NULL, "-np"},
+    {"--prefill-chunk", NULL, OPT_INT, 1, 4096, "64", "N",
+     "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
+     "pauses in the other streams)",
+     F(chunk), NULL, NULL},
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
      F(max_tokens), NULL, NULL},
@@ -88,7 +97,11 @@ int cli_serve(int argc, char **argv) {
     stp_err err = {0};
     backend *b = NULL;
     http_server *srv = NULL;
-    backend_engine_params bp = {.model_path = model, .n_threads = o.threads, .n_ctx = o.ctx};
+    backend_engine_params bp = {.model_path = model,
+                                .n_threads = o.threads,
+                                .n_ctx = o.ctx,
+                                .n_seq = o.parallel,
+                                .progress = cli_progress};
     if (backend_engine_new(&b, &bp, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);
         return 1;
@@ -109,6 +122,7 @@ int cli_serve(int argc, char **argv) {
                              .max_connections = o.max_conn,
                              .max_tokens_default = max_tokens,
                              .cors_origin = cors,
+                             .prefill_chunk = o.chunk,
                              .api_key = api_key && *api_key ? api_key : NULL};
     if (http_server_new(&srv, &hc, b, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);
@@ -117,11 +131,12 @@ int cli_serve(int argc, char **argv) {
     }
     bool v6 = strchr(host, ':') != NULL;
     fprintf(stderr,
-            "stpipe serve: model %s, context %d, queue %d, max_tokens default %d, prompt "
-            "text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
-            b->name, backend_n_ctx(b), queue, max_tokens, http_server_prompt_bytes_max(srv),
-            hc.api_key ? "API key required" : "no API key", cors ? "CORS on" : "CORS off",
-            v6 ? "[" : "", host, v6 ? "]" : "", http_server_port(srv));
+            "stpipe serve: model %s, %d slots of context %d, queue %d, max_tokens default %d, "
+            "prompt text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
+            b->name, backend_n_seq(b), backend_n_ctx(b), queue, max_tokens,
+            http_server_prompt_bytes_max(srv), hc.api_key ? "API key required" : "no API key",
+            cors ? "CORS on" : "CORS off", v6 ? "[" : "", host, v6 ? "]" : "",
+            http_server_port(srv));
     fflush(stderr);
     while (!s_stop)
         pause();
