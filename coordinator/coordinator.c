@@ -247,8 +247,8 @@ static void s_on_done(void *ud, gen_result *res, int rc, const stp_err *err) {
         const char *reason = r->state == CREQ_PREFIX ? "cancel" : s_reason(r, res);
         if (!strcmp(reason, "cancel")) stats_add(c->st, "requests.cancelled", 1);
         stats_add(c->st, "tokens.generated", (uint64_t)res->n_gen);
-        s_send_done(r, reason, res->n_prompt, res->n_gen, res->ids, res->t_prompt * 1e3,
-                    res->t_gen * 1e3);
+        s_send_done(r, reason, res->n_prompt - res->n_cached, res->n_gen, res->ids,
+                    res->t_prompt * 1e3, res->t_gen * 1e3);
         s_creq_end(c, r);
     }
     gen_result_fini(res);
@@ -568,6 +568,7 @@ int coordinator_run(coordinator *c, stp_err *err) {
                                                              : stage_heartbeat_ms(c->o.run_dir),
                               .n_ctx = c->o.n_ctx,
                               .n_ubatch = c->o.n_ubatch,
+                              .n_seq = c->o.n_seq,
                               .st = c->st,
                               .stage = STAGE,
                               .wait_fn = s_while_eval,

@@ -557,7 +557,7 @@ int pipe_backend_new(backend **out, const pipe_backend_params *pp, stp_err *err)
     }
     int n_seq = 0, n_ctx = 0, n_ubatch = 0;
     if ((rc = s_handshake(p, &n_seq, &n_ctx, &n_ubatch, err))) goto fail;
-    p->n_seq = n_seq > 0 ? n_seq : 1;
+    p->n_seq = n_seq > 0 ? n_seq : pp->n_seq > 0 ? pp->n_seq : 1;
     p->n_ctx = n_ctx > 0               ? n_ctx
                : pp->n_ctx > 0         ? pp->n_ctx
                : c->n_ctx_train < 4096 ? c->n_ctx_train

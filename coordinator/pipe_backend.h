@@ -13,7 +13,8 @@
  * gives the same bits as decoding, so requests complete with the same ids).
  *
  * The worker's shape (slots, positions per slot, micro-batch) comes from its Pong (Pong.n_seq,
- * n_ctx, n_ubatch); pipe_backend_new waits for the first one.
+ * n_ctx, n_ubatch) when it says, else from the coordinator's own --parallel, --ctx-size and
+ * --ubatch (stpipe-up gives every stage the same); pipe_backend_new waits for the first Pong.
  *
  * eval blocks until its reply; while it waits it calls the caller's wait hook (the coordinator
  * answers its clients' Pings and queues their messages there). Between evals the caller polls
@@ -34,6 +35,8 @@ typedef struct pipe_backend_params {
     int hb_ms;              /* heartbeat interval (> 0) */
     int n_ctx;              /* used when the worker does not say (Pong.n_ctx 0): 0 = model's */
     int n_ubatch;           /* the same for the micro-batch: 0 = 512 */
+    int n_seq;              /* the same for the slots (--parallel, which stpipe-up gives every
+                               stage): 0 = 1 */
     stats *st;              /* counters and latencies (not owned; may be NULL) */
     const char *stage;      /* log prefix */
     /* Called while eval waits (at least every 100 ms, and when wait_sock is readable); may be
