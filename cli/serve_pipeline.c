@@ -83,6 +83,9 @@ static void s_finish(serve_pipeline *s, sp_job *j, const pipe_client_done *d, in
         if (d->n_gen > 0 && (res.ids = malloc(sizeof(int32_t) * (size_t)d->n_gen)))
             memcpy(res.ids, d->ids, sizeof(int32_t) * (size_t)d->n_gen);
         if (!res.ids) res.n_gen = 0;
+        res.n_cached = d->n_prompt_eval >= 0 && d->n_prompt_eval <= j->n_prompt
+                           ? j->n_prompt - d->n_prompt_eval
+                           : 0;
         res.t_prompt = d->prompt_ms * 1e-3;
         res.t_gen = d->gen_ms * 1e-3;
     }
