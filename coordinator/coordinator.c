@@ -431,6 +431,10 @@ static void s_dispatch(coordinator *c) {
             } else {
                 s_submit(c, r);
             }
+        } else if (r->state == CREQ_DIRECT && r->cancel) {
+            stats_add(c->st, "requests.cancelled", 1);
+            s_send_done(r, "cancel", 0, 0, NULL, 0, 0);
+            s_creq_end(c, r);
         } else if (r->state == CREQ_DIRECT && !sched_busy(c->s)) {
             s_run_direct(c, r);
         }
