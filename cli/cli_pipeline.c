@@ -86,10 +86,17 @@ static void s_on_error(void *ud, uint64_t rid, int code, const char *what) {
     g->fin = true;
 }
 
+/* The coordinator still runs it: progress for an answer that streams no text (ids only, a
+ * model without a tokenizer); the coordinator's own eval timeout bounds a stuck pipeline. */
+static void s_on_alive(void *ud, uint64_t rid) {
+    gen_state *g = ud;
+    if (rid == g->rid && g->o->ids_out) g->last_progress = msg_now_us();
+}
+
 int cli_generate_pipeline(const pipeline_gen_opts *o) {
     stp_err err = {0};
     gen_state g = {.o = o, .t0 = msg_now_us()};
-    pipe_client_cb cb = {s_on_text, s_on_logits, s_on_done, s_on_error, &g};
+    pipe_client_cb cb = {s_on_text, s_on_logits, s_on_done, s_on_error, s_on_alive, &g};
     pipe_client *pc = NULL;
     if (pipe_client_new(&pc, o->run_dir, &cb, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);

@@ -192,6 +192,9 @@ static void s_handle(pipe_client *c, const Stp__ClientMsg *r) {
                      "the request is lost, retry it",
                      r->pong->pid);
             s_fail(c, r->pong->request_id, STP_EPEER, b);
+        } else if (r->pong->request_id && r->pong->known && c->cb.on_alive &&
+                   s_find(c, r->pong->request_id) >= 0) {
+            c->cb.on_alive(c->cb.ud, r->pong->request_id);
         }
         break;
     case STP__CLIENT_MSG__BODY_LOGITS: {

@@ -51,6 +51,9 @@ typedef struct pipe_client_cb {
                       const void *data, size_t len);
     void (*on_done)(void *ud, uint64_t rid, const pipe_client_done *d);
     void (*on_error)(void *ud, uint64_t rid, int code, const char *what);
+    /* optional: the coordinator's Pong says it still runs rid (an answer without text, e.g.
+     * ids only on a model without a tokenizer, streams no events) */
+    void (*on_alive)(void *ud, uint64_t rid);
     void *ud;
 } pipe_client_cb;
 
