@@ -3,18 +3,22 @@
  * requests with different prompts sent together give the same ids as each alone; a
  * CancelRequest ends one (stop_reason "cancel") while the other finishes with its ids; a request
  * whose prompt extends a finished one evaluates only the new tokens (prefix reuse). The client
- * side speaks proto/client.proto directly on one DEALER (two requests in flight on it). */
+ * side speaks proto/client.proto directly on one DEALER (two requests in flight on it). Ctrl-C on
+ * `stpipe generate --pipeline` cancels its request at the coordinator (a CancelRequest: the
+ * ROUTER cannot see a client go away) and prints the ids so far. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <jansson.h>
 #include <zmq.h>
 
 #include "client.pb-c.h"
@@ -123,6 +127,26 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
     }
 }
 
+/* The counter `name` of the coordinator's stats (stpipe stats --json), 0 if absent. */
+static long long s_coord_counter(const char *name) {
+    char bin[1024], out[1200];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/stats.json", s_dir);
+    char *argv[] = {bin, "stats", "--run-dir", s_dir, "--json", NULL};
+    assert_int_equal(th_run(argv, out, 30), 0);
+    char *s = th_slurp(out, NULL);
+    assert_non_null(s);
+    json_error_t je;
+    json_t *root = json_loads(s, 0, &je);
+    free(s);
+    assert_non_null(root);
+    json_t *v =
+        json_object_get(json_object_get(json_object_get(root, "coordinator"), "counters"), name);
+    long long x = v ? json_integer_value(v) : 0;
+    json_decref(root);
+    return x;
+}
+
 static void s_assert_same(const outcome *a, const outcome *b) {
     assert_int_equal(a->n_ids, b->n_ids);
     for (int i = 0; i < a->n_ids; i++)
@@ -205,6 +229,42 @@ static void test_pipeline_sched_concurrent(void **st) {
 
     msg_close(&s);
     zmq_ctx_term(zctx);
+
+    /* Ctrl-C on `stpipe generate --pipeline`: exit 130, the ids so far, cancelled at the
+     * coordinator */
+    long long rx0 = s_coord_counter("requests.received"),
+              c0 = s_coord_counter("requests.cancelled");
+    char bin[1024], out[1200];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/sigint.out", s_dir);
+    char *argv[] = {bin,  "generate", "--pipeline", s_dir,          "--prompt-ids", g.ids,
+                    "-n", "3000",     "--ids",      "--ignore-eos", "--quiet",      NULL};
+    pid_t pid = th_spawn(argv, out, NULL);
+    assert_true(pid > 0);
+    for (int i = 0; i < 100 && s_coord_counter("requests.received") == rx0; i++)
+        usleep(100000);
+    usleep(300000); /* some tokens */
+    kill(pid, SIGINT);
+    assert_int_equal(th_wait(pid, 30), 130);
+    bool cancelled = false;
+    for (int i = 0; i < 50 && !cancelled; i++) {
+        cancelled = s_coord_counter("requests.cancelled") > c0;
+        if (!cancelled) usleep(100000);
+    }
+    assert_true(cancelled);
+    char *ids = th_slurp(out, NULL);
+    assert_non_null(ids);
+    int n_ids = 0;
+    for (char *p = ids, *end; *p; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        assert_int_equal(v, n_ids < a1.n_ids ? a1.ids[n_ids] : v); /* greedy: a1's start */
+        n_ids++;
+    }
+    free(ids);
+    fprintf(stderr, "Ctrl-C: %d ids before the cancel\n", n_ids);
+    assert_true(n_ids < 3000);
+
     assert_int_equal(th_pipe_down(s_dir, 30), 0);
     s_dir[0] = 0;
 }
