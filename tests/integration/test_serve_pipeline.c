@@ -130,6 +130,47 @@ static void test_serve_pipeline(void **st) {
         free(s);
     }
 
+    /* a stop string (forwarded to the coordinator's token step): the text before it */
+    {
+        job j = {.port = s_srv.port};
+        s_body(j.body, sizeof j.body, prompts[0], 12);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        json_error_t je;
+        json_t *root = json_loads(j.r.body, 0, &je);
+        assert_non_null(root);
+        const char *text = json_string_value(
+            json_object_get(json_array_get(json_object_get(root, "choices"), 0), "text"));
+        assert_non_null(text);
+        /* the first run of two ASCII letters after the start */
+        const char *at = NULL;
+        for (const char *p = text + 1; *p && p[1] && !at; p++)
+            if (((*p | 32) >= 'a' && (*p | 32) <= 'z') &&
+                ((p[1] | 32) >= 'a' && (p[1] | 32) <= 'z'))
+                at = p;
+        if (at) {
+            char stop[3] = {at[0], at[1], 0}, body[512];
+            size_t before = (size_t)(strstr(text, stop) - text);
+            snprintf(body, sizeof body,
+                     "{\"prompt\":\"%s\",\"max_tokens\":12,\"temperature\":0,\"ignore_eos\":true,"
+                     "\"stop\":[\"%s\"]}",
+                     prompts[0], stop);
+            th_http_resp r = th_http(s_srv.port, "POST", "/v1/completions", NULL, body);
+            assert_int_equal(r.status, 200);
+            json_t *r2 = json_loads(r.body, 0, &je);
+            assert_non_null(r2);
+            json_t *ch = json_array_get(json_object_get(r2, "choices"), 0);
+            assert_string_equal(json_string_value(json_object_get(ch, "finish_reason")), "stop");
+            const char *cut = json_string_value(json_object_get(ch, "text"));
+            assert_int_equal(strlen(cut), before);
+            assert_memory_equal(cut, text, before);
+            json_decref(r2);
+            th_http_free(&r);
+        }
+        json_decref(root);
+        th_http_free(&j.r);
+    }
+
     /* together */
     job two[2] = {{.port = s_srv.port}, {.port = s_srv.port}};
     pthread_t th[2];
