@@ -195,7 +195,8 @@ static void s_send_done(creq *r, const char *reason, int n_prompt_eval, int n_ge
     m.body_case = STP__CLIENT_MSG__BODY_DONE;
     m.done = &d;
     s_send_req(r, &m);
-    stats_add(c->st, "requests.done", 1);
+    /* every request received ends counted once: done, cancelled or failed */
+    stats_add(c->st, strcmp(reason, "cancel") ? "requests.done" : "requests.cancelled", 1);
     stats_latency(c->st, "request", msg_now_us() - r->t_arrive_us);
 }
 
@@ -245,7 +246,6 @@ static void s_on_done(void *ud, gen_result *res, int rc, const stp_err *err) {
         s_fail(c, r, rc, err && err->msg[0] ? err->msg : "generation failed");
     } else {
         const char *reason = r->state == CREQ_PREFIX ? "cancel" : s_reason(r, res);
-        if (!strcmp(reason, "cancel")) stats_add(c->st, "requests.cancelled", 1);
         stats_add(c->st, "tokens.generated", (uint64_t)res->n_gen);
         s_send_done(r, reason, res->n_prompt - res->n_cached, res->n_gen, res->ids,
                     res->t_prompt * 1e3, res->t_gen * 1e3);
@@ -425,14 +425,12 @@ static void s_dispatch(coordinator *c) {
         next = r->next;
         if (r->state == CREQ_PENDING) {
             if (r->cancel) {
-                stats_add(c->st, "requests.cancelled", 1);
                 s_send_done(r, "cancel", 0, 0, NULL, 0, 0);
                 s_creq_end(c, r);
             } else {
                 s_submit(c, r);
             }
         } else if (r->state == CREQ_DIRECT && r->cancel) {
-            stats_add(c->st, "requests.cancelled", 1);
             s_send_done(r, "cancel", 0, 0, NULL, 0, 0);
             s_creq_end(c, r);
         } else if (r->state == CREQ_DIRECT && !sched_busy(c->s)) {
