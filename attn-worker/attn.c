@@ -3,6 +3,7 @@
 #include "attn.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,9 +78,17 @@ struct attn_worker {
     model *m;
     threadpool *tp;
     compute_ctx cc;
-    kv_cache *kv;
+    int n_seq;         /* sequence slots (--parallel) */
+    kv_cache **kv;     /* (n_seq) each slot's caches */
+    int *n_past;       /* (n_seq) positions each slot holds */
+    int *wend;         /* (n_seq) during an eval: 1 + the highest position written (0: none) */
+    forward_seg *segs; /* (n_ubatch) one micro-batch's segments */
+    int *old_past;     /* (n_seq) during an eval: each entry's n_past before it */
+    int32_t *r_past;   /* (n_seq) the reply's n_past per entry */
+    uint64_t *r_off;   /* (n_seq) the reply's logits offset per entry */
     attn_scratch *as;
-    int n_ctx, n_ubatch, n_past, n_workers;
+    int n_ctx, n_ubatch, n_workers;
+    bool decode;  /* the micro-batch being run is one token per sequence */
     int prefetch; /* decode: predicted experts of the next layer sent ahead (0: off) */
     shm_region act;
     act_header *ah;
@@ -87,9 +96,10 @@ struct attn_worker {
     _Atomic uint64_t *floor; /* the region's work floor (lane.h), with or without lanes */
     uint8_t *lane_buf;       /* (LANE_MSG_MAX) a reply copied out of a lane */
     shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
-    float *h, *selw_shm, *y, *logits_shm; /* in the activation region */
-    int32_t *sel;                         /* in the activation region */
-    float *x, *ffn, *rlogits, *hn;        /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
+    float *h, *selw_shm, *y;       /* in the activation region */
+    float *logits_shm;             /* in the activation region: (n_seq, n_vocab), row s: slot s */
+    int32_t *sel;                  /* in the activation region */
+    float *x, *ffn, *rlogits, *hn; /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
     uint8_t *xq;
     /* token_embd rows are read with pread, not through the mapping: a touched mapped row
      * brings in its whole (up to 2 MiB) page-cache folio, counted in this process's PSS, and a
@@ -152,7 +162,20 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
      * experts' weights are the storage daemon's, never touched here */
     if ((rc = model_enable_packing(a->m, MODEL_PACK_ATTN | MODEL_PACK_HEAD, err))) goto fail;
     if ((rc = model_pack_all(a->m, a->tp, NULL, NULL, err))) goto fail;
-    if ((rc = kv_cache_new(&a->kv, c, a->n_ctx, a->n_ubatch, o->kv_type, err))) goto fail;
+    a->n_seq = o->n_seq > 0 ? o->n_seq : 1;
+    a->kv = calloc((size_t)a->n_seq, sizeof *a->kv);
+    a->n_past = calloc((size_t)a->n_seq, sizeof *a->n_past);
+    a->wend = calloc((size_t)a->n_seq, sizeof *a->wend);
+    a->segs = calloc((size_t)a->n_ubatch, sizeof *a->segs);
+    a->old_past = calloc((size_t)a->n_seq, sizeof *a->old_past);
+    a->r_past = calloc((size_t)a->n_seq, sizeof *a->r_past);
+    a->r_off = calloc((size_t)a->n_seq, sizeof *a->r_off);
+    if (!a->kv || !a->n_past || !a->wend || !a->segs || !a->old_past || !a->r_past || !a->r_off) {
+        rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < a->n_seq; i++)
+        if ((rc = kv_cache_new(&a->kv[i], c, a->n_ctx, a->n_ubatch, o->kv_type, err))) goto fail;
     if ((rc = attn_scratch_new(&a->as, c, a->n_ubatch, a->n_ctx, o->threads, err))) goto fail;
     const int E = c->n_embd, K = c->n_expert_used;
     a->x = malloc((size_t)a->n_ubatch * E * sizeof(float));
@@ -168,7 +191,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     }
     /* activation region */
     act_header lay;
-    act_layout(&lay, a->n_ubatch, E, K, c->n_vocab);
+    act_layout(&lay, a->n_ubatch, E, K, c->n_vocab, a->n_seq);
     if (getrandom(&lay.epoch, sizeof lay.epoch, 0) != sizeof lay.epoch) lay.epoch = 1;
     char name[160];
     if ((rc = stage_shm_name(name, sizeof name, o->run_dir, "act", err))) goto fail;
@@ -211,7 +234,8 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
             !(a->exp[i] = msg_socket(a->zctx, ZMQ_DEALER, ep, false, err)))
             goto fail;
     }
-    stats_set(a->st, "kv.bytes", a->kv->bytes);
+    stats_set(a->st, "kv.bytes", a->kv[0]->bytes * (uint64_t)a->n_seq);
+    stats_set(a->st, "parallel", (uint64_t)a->n_seq);
     if (!(a->route = calloc((size_t)c->n_layer * (size_t)c->n_expert, sizeof *a->route))) {
         rc = stp_err_set(err, STP_ENOMEM, "out of memory");
         goto fail;
@@ -236,7 +260,15 @@ void attn_worker_destroy(attn_worker **self_p) {
     shm_region_close(&a->act);
     shm_region_close(&a->pool);
     threadpool_destroy(&a->tp);
-    kv_cache_destroy(&a->kv);
+    for (int i = 0; a->kv && i < a->n_seq; i++)
+        kv_cache_destroy(&a->kv[i]);
+    free(a->kv);
+    free(a->n_past);
+    free(a->wend);
+    free(a->segs);
+    free(a->old_past);
+    free(a->r_past);
+    free(a->r_off);
     attn_scratch_destroy(&a->as);
     free(a->x);
     free(a->ffn);
@@ -787,9 +819,9 @@ static int s_routed(void *ctx, int il, int T, const int32_t *sel, const float *w
     uint32_t cnt_by[STP_MAX_EXPERTS] = {0};
     for (int i = 0; i < T * K; i++)
         cnt_by[sel[i]]++;
-    if (T == 1)
-        for (int k = 0; k < K; k++)
-            a->route[(size_t)il * X + (size_t)sel[k]]++;
+    if (a->decode)
+        for (int i = 0; i < T * K; i++)
+            a->route[(size_t)il * X + (size_t)sel[i]]++;
     p->n = 0;
     for (int e = 0; e < X; e++)
         if (cnt_by[e]) {
@@ -866,35 +898,83 @@ static void s_timed(void *ctx, int il, const forward_layer_ns *t) {
     stats_latency(a->st, "layer", (double)(t->router + t->attn + t->experts) * 1e-3);
 }
 
-/* One micro-batch: embeddings, common/model's layer loop with the expert workers as its seam,
- * the LM head on the rows asked for (the last one also into the activation region). */
-static int s_ubatch(attn_worker *a, const int32_t *tokens, int T, float *logits_all, bool want_last,
-                    stp_err *err) {
+/* One micro-batch: the tokens of entries q->seqs[i0..i0+n_e) from token `first` of the first
+ * on, T in all (s_run's cut; engine.c's s_ubatch builds its segments the same way): their
+ * embeddings, common/model's layer loop with one segment per entry (attention on that slot's
+ * caches) and the expert workers as its seam, then the LM head of each entry's last token when
+ * it falls in this micro-batch (into its slot's row of the activation region), or of every token
+ * (all, one entry only). Slots advance only when the micro-batch succeeded. */
+static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, int first, int T,
+                    float *all, stp_err *err) {
     const model *m = a->m;
     const model_config *c = &m->cfg;
-    const int E = c->n_embd;
-    for (int t = 0; t < T; t++) {
-        int rc = s_embed(a, tokens[t], a->x + (size_t)t * E, err);
-        if (rc) return rc;
+    const int E = c->n_embd, V = c->n_vocab;
+    int row = 0;
+    a->decode = true;
+    for (int k = 0; k < n_e && row < T; k++) {
+        const Stp__EvalSeq *e = q->seqs[i0 + k];
+        const int slot = (int)e->slot, lo = k == 0 ? first : 0;
+        int n = (int)e->n_tokens - lo;
+        if (n > T - row) n = T - row;
+        a->segs[k] = (forward_seg){a->kv[slot], a->n_past[slot], n};
+        a->decode &= n == 1 && e->n_tokens == 1;
+        for (int t = 0; t < n; t++) {
+            int rc = s_embed(a, e->tokens[lo + t], a->x + (size_t)(row + t) * E, err);
+            if (rc) return rc;
+        }
+        a->wend[slot] = a->n_past[slot] + n; /* the caches change from here on */
+        row += n;
     }
     const forward_state fs = {&a->cc, m,          a->as,  a->x,       a->h,
                               a->ffn, a->rlogits, a->sel, a->selw_shm};
-    const forward_seg seg = {a->kv, a->n_past, T};
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
-    int rc = forward_ubatch(&fs, &seg, 1, &fx, err);
+    int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
-    a->n_past += T;
     double tl = msg_now_us();
-    for (int t = 0; t < T; t++) {
-        bool last = t == T - 1;
-        if (!logits_all && !(want_last && last)) continue;
-        float *dst = logits_all ? logits_all + (size_t)t * c->n_vocab : a->logits_shm;
-        forward_head(&a->cc, m, a->x + (size_t)t * E, a->hn, a->xq, dst);
-        if (logits_all && last && want_last)
-            memcpy(a->logits_shm, dst, (size_t)c->n_vocab * sizeof(float));
+    row = 0;
+    for (int k = 0; k < n_e; k++) {
+        const Stp__EvalSeq *e = q->seqs[i0 + k];
+        const int slot = (int)e->slot, lo = k == 0 ? first : 0, n = a->segs[k].n;
+        float *shm_row = a->logits_shm + (size_t)slot * V;
+        a->n_past[slot] += n;
+        for (int t = 0; t < n; t++) {
+            const bool last = lo + t == (int)e->n_tokens - 1;
+            const float *x = a->x + (size_t)(row + t) * E;
+            if (all) {
+                float *dst = all + (size_t)(lo + t) * V;
+                forward_head(&a->cc, m, x, a->hn, a->xq, dst);
+                if (last && e->want_logits) memcpy(shm_row, dst, (size_t)V * sizeof(float));
+            } else if (last && e->want_logits) {
+                forward_head(&a->cc, m, x, a->hn, a->xq, shm_row);
+            }
+        }
+        row += n;
     }
     stats_latency(a->st, "lm_head", msg_now_us() - tl);
+    return 0;
+}
+
+/* Runs the request's entries in micro-batches of at most n_ubatch tokens, in order (an entry may
+ * be split), as engine.c's s_run cuts them. */
+static int s_run_request(attn_worker *a, const Stp__EvalRequest *q, float *all, stp_err *err) {
+    const int nb = (int)q->n_seqs;
+    int i = 0, first = 0;
+    while (i < nb) {
+        /* the micro-batch starts at token `first` of entry i */
+        int T = 0, j = i, f = first;
+        while (j < nb && T < a->n_ubatch) {
+            int take = (int)q->seqs[j]->n_tokens - f;
+            if (take > a->n_ubatch - T) take = a->n_ubatch - T;
+            T += take;
+            f += take;
+            if (f == (int)q->seqs[j]->n_tokens) j++, f = 0;
+        }
+        int rc = s_ubatch(a, q, i, j - i + (f > 0), first, T, all, err);
+        if (rc) return rc;
+        i = j;
+        first = f;
+    }
     return 0;
 }
 
@@ -921,67 +1001,154 @@ static void s_error(attn_worker *a, const msg_in *in, const char *kind, uint64_t
     s_reply(a, in, &r);
 }
 
+/* Checks a request without changing anything: 0, or the error's code with its text in buf and
+ * the statistics counter it counts under in *kind. */
+static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, size_t cap,
+                   const char **kind) {
+    const model_config *c = &a->m->cfg;
+    *kind = "eval_seq";
+    if (q->n_seqs == 0) {
+        snprintf(buf, cap, "eval of no sequence");
+        return STP_EINVAL;
+    }
+    if (q->all_logits && q->n_seqs != 1) {
+        snprintf(buf, cap, "all_logits with %zu sequences (one only)", q->n_seqs);
+        return STP_EINVAL;
+    }
+    for (size_t i = 0; i < q->n_seqs; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        if (e->slot >= (uint32_t)a->n_seq) {
+            snprintf(buf, cap, "sequence slot %u is outside 0..%d (--parallel %d)", e->slot,
+                     a->n_seq - 1, a->n_seq);
+            return STP_EINVAL;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (q->seqs[j]->slot == e->slot) {
+                snprintf(buf, cap, "sequence slot %u appears twice in an eval", e->slot);
+                return STP_EINVAL;
+            }
+        const int n = (int)(e->n_tokens < INT32_MAX ? e->n_tokens : INT32_MAX);
+        const int past = a->n_past[e->slot];
+        *kind = "eval_range";
+        if (n <= 0) {
+            snprintf(buf, cap, "eval of 0 tokens in slot %u", e->slot);
+            return STP_EINVAL;
+        }
+        if (e->pos0 < 0 || e->pos0 > past) {
+            snprintf(buf, cap, "slot %u: position %d is outside 0..%d (the positions it holds)",
+                     e->slot, e->pos0, past);
+            return STP_ERANGE;
+        }
+        if (kv_cache_keep_max(a->kv[e->slot], past, e->pos0) != e->pos0) {
+            snprintf(buf, cap,
+                     "slot %u: the first %d of its %d positions cannot be kept (its "
+                     "sliding-window caches have moved on; start again at 0)",
+                     e->slot, e->pos0, past);
+            return STP_ERANGE;
+        }
+        if (n > a->n_ctx - e->pos0) {
+            snprintf(buf, cap, "slot %u: eval of %d tokens at position %d: the context is %d",
+                     e->slot, n, e->pos0, a->n_ctx);
+            return STP_ERANGE;
+        }
+        *kind = "eval_token";
+        for (int t = 0; t < n; t++)
+            if (e->tokens[t] < 0 || e->tokens[t] >= c->n_vocab) {
+                snprintf(buf, cap, "slot %u: token id %d at index %d is outside 0..%d", e->slot,
+                         e->tokens[t], t, c->n_vocab - 1);
+                return STP_ERANGE;
+            }
+        *kind = "eval_seq";
+    }
+    return 0;
+}
+
+/* After a failed micro-batch: each slot of the request goes back to the positions it held
+ * before the request when its caches still hold them (nothing written to it yet, or only
+ * appended at its old end and the sliding-window rule keeps them), else to 0. */
+static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old) {
+    for (size_t i = 0; i < q->n_seqs; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        const int s = (int)e->slot;
+        if (!a->wend[s] ||
+            (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->wend[s], old[i]) == old[i]))
+            a->n_past[s] = old[i];
+        else
+            a->n_past[s] = 0;
+    }
+}
+
 static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) {
     const model_config *c = &a->m->cfg;
     char buf[256];
-    int n = (int)q->n_tokens;
-    if (q->pos0 == 0) a->n_past = 0; /* a new sequence */
-    if (n <= 0 || q->pos0 != a->n_past || n > a->n_ctx - a->n_past) {
-        snprintf(buf, sizeof buf, "eval of %d tokens at position %d: the worker is at %d of %d", n,
-                 q->pos0, a->n_past, a->n_ctx);
-        return s_error(a, in, "eval_range", q->seq, STP_ERANGE, buf);
+    const char *kind = NULL;
+    int rc = s_check(a, q, buf, sizeof buf, &kind);
+    if (rc) return s_error(a, in, kind, q->seq, rc, buf);
+    const int nb = (int)q->n_seqs, V = c->n_vocab;
+    int n = 0, *old = a->old_past; /* entries are distinct slots: at most n_seq */
+    bool decode = true;
+    for (int i = 0; i < nb; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        n += (int)e->n_tokens;
+        decode &= e->n_tokens == 1;
+        old[i] = a->n_past[e->slot];
+        a->n_past[e->slot] = e->pos0; /* keeps its first pos0 positions */
+        a->wend[e->slot] = 0;
     }
-    for (int i = 0; i < n; i++)
-        if (q->tokens[i] < 0 || q->tokens[i] >= c->n_vocab) {
-            snprintf(buf, sizeof buf, "token id %d at index %d is outside 0..%d", q->tokens[i], i,
-                     c->n_vocab - 1);
-            return s_error(a, in, "eval_token", q->seq, STP_ERANGE, buf);
-        }
     float *all = NULL;
     if (q->all_logits) {
-        all = malloc((size_t)n * c->n_vocab * sizeof(float));
-        if (!all) return s_error(a, in, NULL, q->seq, STP_ENOMEM, "out of memory for logits");
+        all = malloc((size_t)n * V * sizeof(float));
+        if (!all) {
+            for (int i = 0; i < nb; i++)
+                a->n_past[q->seqs[i]->slot] = old[i];
+            return s_error(a, in, NULL, q->seq, STP_ENOMEM, "out of memory for logits");
+        }
     }
     double t0 = msg_now_us();
     a->ipc_us = 0;
     a->active = a->total = 0;
     s_pool_refresh(a);
     stp_err err = {0};
-    int rc = 0;
-    for (int done = 0; done < n && !rc;) {
-        int T = n - done < a->n_ubatch ? n - done : a->n_ubatch;
-        rc = s_ubatch(a, q->tokens + done, T, all ? all + (size_t)done * c->n_vocab : NULL,
-                      done + T == n, &err);
-        done += T;
-    }
+    rc = s_run_request(a, q, all, &err);
     double us = msg_now_us() - t0;
     if (rc) {
         free(all);
+        s_rollback(a, q, old);
         stage_log(STAGE, "eval failed: %s", err.msg);
         stats_add(a->st, "eval.errors", 1);
         return s_error(a, in, NULL, q->seq, rc, err.msg);
     }
-    stats_latency(a->st, n == 1 ? "eval.decode" : "eval.batch", us);
+    stats_latency(a->st, decode ? "eval.decode" : "eval.batch", us);
     stats_add(a->st, "msg.eval", 1);
+    stats_add(a->st, "eval.seqs", (uint64_t)nb);
     stats_add(a->st, "tokens", (uint64_t)n);
     stats_add(a->st, "ipc_us", (uint64_t)a->ipc_us);
     stats_add(a->st, "eval_us", (uint64_t)us);
-    if (n == 1) {
-        stats_add(a->st, "decode.tokens", 1);
+    if (decode) { /* one token of each of nb sequences */
+        stats_add(a->st, "decode.tokens", (uint64_t)nb);
         stats_add(a->st, "decode.ipc_us", (uint64_t)a->ipc_us);
         stats_add(a->st, "decode.eval_us", (uint64_t)us);
-        stats_latency(a->st, "ipc_per_token", a->ipc_us);
+        stats_latency(a->st, "ipc_per_token", a->ipc_us / nb);
+    }
+    int32_t *past = a->r_past;
+    uint64_t *off = a->r_off;
+    for (int i = 0; i < nb; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        past[i] = a->n_past[e->slot];
+        off[i] = e->want_logits ? a->ah->off_logits + (uint64_t)e->slot * V * sizeof(float) : 0;
     }
     Stp__EvalReply r;
     stp__eval_reply__init(&r);
     r.seq = q->seq;
-    r.n_past = a->n_past;
-    r.n_vocab = c->n_vocab;
-    r.logits_offset = a->ah->off_logits;
+    r.n_n_past = (size_t)nb;
+    r.n_past = past;
+    r.n_vocab = V;
+    r.n_logits_offset = (size_t)nb;
+    r.logits_offset = off;
     r.act_epoch = a->ah->epoch;
     if (all) {
         r.logits.data = (uint8_t *)all;
-        r.logits.len = (size_t)n * c->n_vocab * sizeof(float);
+        r.logits.len = (size_t)n * V * sizeof(float);
     }
     r.compute_ms = (us - a->ipc_us) * 1e-3;
     r.ipc_ms = a->ipc_us * 1e-3;

@@ -13,7 +13,7 @@
 typedef struct info_opts {
     const char *model;
     bool help, tensors;
-    int ctx, workers, threads;
+    int ctx, workers, threads, parallel;
     kv_dtype kv_type;
     uint64_t budget;
 } info_opts;
@@ -35,6 +35,8 @@ static const opt_def s_opts[] = {
     {"--memory-budget", NULL, OPT_FN, 0, 0, NULL, "B", "the pipeline's plan under B (1G, 800M)",
      F(budget), s_budget, NULL},
     {"--workers", NULL, OPT_INT, 1, 64, "1", "N", "plan: expert workers", F(workers), NULL, NULL},
+    {"--parallel", NULL, OPT_INT, 1, 256, "4", "N",
+     "plan: the attention worker's sequence slots (a KV cache each)", F(parallel), NULL, NULL},
     CLI_OPT_THREADS(info_opts, "1", "plan: the attention worker's threads (as the daemon plans)"),
 };
 #undef F
@@ -43,7 +45,7 @@ static void s_usage(FILE *f) {
     cli_opts_help(
         f,
         "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16|q8_0] [--tensors]\n"
-        "                   [--memory-budget B [--workers N] [--threads N]]\n"
+        "                   [--memory-budget B [--workers N] [--threads N] [--parallel N]]\n"
         "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
         "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
         "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
@@ -67,7 +69,8 @@ static int s_print_plan(const model *m, const budget_params *bp) {
            s_mib(p.budget), p.n_ctx, kv_cache_type_name(p.kv_type), p.n_seq, p.n_seq > 1 ? "s" : "",
            p.workers, p.workers > 1 ? "s" : "", p.threads, p.threads > 1 ? "s" : "");
     printf("  non-expert weights    %9.1f MiB (attention worker)\n", s_mib(p.non_expert));
-    printf("  KV cache              %9.1f MiB\n", s_mib(p.kv));
+    printf("  KV cache              %9.1f MiB (%d slot%s x %.1f MiB)\n", s_mib(p.kv), p.n_seq,
+           p.n_seq > 1 ? "s" : "", s_mib(p.kv / (uint64_t)p.n_seq));
     printf("  activation region     %9.1f MiB (ubatch %d)\n", s_mib(p.act), p.n_ubatch);
     printf("  attention scratch     %9.1f MiB + buffers %.1f MiB\n", s_mib(p.attn_scratch),
            s_mib(p.attn_buffers));
@@ -102,7 +105,7 @@ int cli_info(int argc, char **argv) {
         return 2;
     }
     const char *path = o.model;
-    const int ctx = o.ctx, workers = o.workers, threads = o.threads;
+    const int ctx = o.ctx, workers = o.workers, threads = o.threads, parallel = o.parallel;
     const bool tensors = o.tensors;
     const kv_dtype kv_type = o.kv_type;
     const uint64_t budget = o.budget;
@@ -175,7 +178,7 @@ int cli_info(int argc, char **argv) {
                             .frame_bytes = layout_frame_bytes(m, layout_wants_flags(m)),
                             .n_ctx = (int)ctx,
                             .kv_type = kv_type,
-                            .n_seq = 1,
+                            .n_seq = (int)parallel,
                             .workers = (int)workers,
                             .threads = (int)threads,
                             .budget = budget};

@@ -72,6 +72,9 @@ static const opt_def s_opts[] = {
     {"--prefetch", "STP_PREFETCH", OPT_INT, -1, 1024, "-1", "N",
      "attn-worker: experts sent ahead per layer (-1: n_expert_used, 0: off)", F(prefetch), NULL,
      NULL},
+    {"--parallel", NULL, OPT_INT, 1, 256, "4", "N",
+     "attn-worker: sequence slots, each with its KV cache (the daemon's plan counts them)",
+     F(n_seq), NULL, NULL},
     {"--verbose", NULL, OPT_FLAG, 0, 0, NULL, NULL, "log more", F(verbose), NULL, NULL},
 };
 #undef F

@@ -44,6 +44,8 @@ typedef struct stage_opts {
     const char *bind_tcp; /* coordinator: also serve clients on tcp (PORT or ADDR:PORT) */
     bool bind_public;     /* allow a wildcard address in bind_tcp (0.0.0.0, *, ::) */
     int prefetch; /* attn-worker: experts sent ahead per layer (-1: n_expert_used; STP_PREFETCH) */
+    int n_seq;    /* --parallel: the attention worker's sequence slots, each with its KV cache
+                   * (the storage daemon's plan counts them) */
 } stage_opts;
 
 #define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */

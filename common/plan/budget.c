@@ -62,7 +62,7 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     p->non_expert = bp->non_expert;
     p->kv = (uint64_t)p->n_seq * budget_kv_bytes(c, p->n_ctx, p->n_ubatch, p->kv_type);
     act_header ah;
-    act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab);
+    act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab, p->n_seq);
     p->act = ah.size;
     p->attn_scratch = budget_attn_scratch_bytes(c, p->n_ubatch, p->n_ctx, p->threads);
     /* the attention worker's residual, h and router rows per token (four of n_embd) and two
@@ -87,11 +87,12 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     } else if (bp->budget < p->minimum || !p->frame_bytes) {
         return stp_err_set(
             err, STP_EINVAL,
-            "memory budget %.0f MiB is too small at context %d: the minimum is %.0f MiB "
-            "(non-expert weights %.0f, KV cache %.0f, activations %.0f, scratch %.0f, processes "
-            "%.0f, one layer of experts %.0f MiB)",
-            bp->budget / MiB, p->n_ctx, p->minimum / MiB, p->non_expert / MiB, p->kv / MiB,
-            p->act / MiB, p->scratch / MiB, p->overhead / MiB, (double)X * p->frame_bytes / MiB);
+            "memory budget %.0f MiB is too small at context %d with %d sequence slots: the "
+            "minimum is %.0f MiB (non-expert weights %.0f, KV cache %.0f, activations %.0f, "
+            "scratch %.0f, processes %.0f, one layer of experts %.0f MiB)",
+            bp->budget / MiB, p->n_ctx, p->n_seq, p->minimum / MiB, p->non_expert / MiB,
+            p->kv / MiB, p->act / MiB, p->scratch / MiB, p->overhead / MiB,
+            (double)X * p->frame_bytes / MiB);
     } else {
         uint64_t n = (bp->budget - p->fixed) / p->frame_bytes;
         p->frames = (int)(n > all ? all : n);

@@ -47,7 +47,7 @@ typedef struct budget_plan {
     kv_dtype kv_type;
     uint64_t non_expert;   /* attention worker's weights */
     uint64_t kv;           /* n_seq KV caches (= n_seq * budget_kv_bytes) */
-    uint64_t act;          /* the activation region (act_layout) */
+    uint64_t act;          /* the activation region (act_layout: n_seq rows of logits) */
     uint64_t attn_scratch; /* = attn_scratch_bytes of the attention worker's scratch */
     uint64_t attn_buffers; /* its residual / h / router buffers and logits */
     uint64_t worker;       /* one expert worker's scratch */

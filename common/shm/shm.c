@@ -117,7 +117,7 @@ static uint64_t s_al(uint64_t x) {
     return (x + 63) & ~(uint64_t)63;
 }
 
-void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab) {
+void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab, int n_logits) {
     memset(h, 0, sizeof *h);
     h->magic = ACT_MAGIC;
     h->version = ACT_VERSION;
@@ -125,13 +125,14 @@ void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab
     h->n_embd = (uint32_t)n_embd;
     h->n_used = (uint32_t)n_used;
     h->n_vocab = (uint32_t)n_vocab;
+    h->n_logits = (uint32_t)n_logits;
     uint64_t T = (uint64_t)n_ubatch, E = (uint64_t)n_embd, K = (uint64_t)n_used;
     h->off_h = s_al(sizeof *h);
     h->off_sel = s_al(h->off_h + T * E * 4);
     h->off_w = s_al(h->off_sel + T * K * 4);
     h->off_y = s_al(h->off_w + T * K * 4);
     h->off_logits = s_al(h->off_y + T * K * E * 4);
-    h->off_lanes = s_al(h->off_logits + (uint64_t)n_vocab * 4);
+    h->off_lanes = s_al(h->off_logits + (uint64_t)n_logits * n_vocab * 4);
     h->size = s_al(h->off_lanes + sizeof(lane_block));
 }
 
@@ -140,10 +141,10 @@ int act_check(const shm_region *r, int n_embd, int n_used, int n_vocab, stp_err 
         return stp_err_set(err, STP_EFORMAT, "activations %s: too small", r->name);
     const act_header *h = (const act_header *)r->base;
     act_header want;
-    act_layout(&want, (int)h->n_ubatch, n_embd, n_used, n_vocab);
+    act_layout(&want, (int)h->n_ubatch, n_embd, n_used, n_vocab, (int)h->n_logits);
     want.epoch = h->epoch;
     if (h->magic != ACT_MAGIC || h->version != ACT_VERSION || h->n_ubatch == 0 ||
-        memcmp(h, &want, sizeof want) != 0 || h->size > r->size)
+        h->n_logits == 0 || memcmp(h, &want, sizeof want) != 0 || h->size > r->size)
         return stp_err_set(err, STP_EFORMAT,
                            "activations %s: layout does not match this model (%d x %d, %d)",
                            r->name, n_embd, n_used, n_vocab);

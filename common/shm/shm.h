@@ -89,19 +89,22 @@ int pool_check(const shm_region *r, int n_layer, int n_expert, stp_err *err);
 
 /* ---- activation region ---- */
 #define ACT_MAGIC 0x54434153u /* "SACT" */
-#define ACT_VERSION 2u
+#define ACT_VERSION 3u
 
 typedef struct act_header {
     uint32_t magic, version;
     uint32_t n_ubatch, n_embd, n_used, n_vocab;
+    uint32_t n_logits; /* rows of n_vocab logits: one per sequence slot (--parallel) */
+    uint32_t reserved;
     uint64_t off_h, off_sel, off_w, off_y, off_logits;
     uint64_t off_lanes; /* lane_block (common/msg/lane.h): the expert workers' rings */
     uint64_t size;
     uint64_t epoch; /* set by the creator; messages name it so readers detect a new region */
 } act_header;
 
-/* Fills the layout (offsets 64-byte aligned) for the given dimensions. */
-void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab);
+/* Fills the layout (offsets 64-byte aligned) for the given dimensions; n_logits rows of logits
+ * (the attention worker's sequence slots: row s holds slot s's last logits). */
+void act_layout(act_header *h, int n_ubatch, int n_embd, int n_used, int n_vocab, int n_logits);
 /* Checks the region's header against the reader's model dimensions (epoch not compared). */
 int act_check(const shm_region *r, int n_embd, int n_used, int n_vocab, stp_err *err);
 

@@ -209,8 +209,9 @@ static void test_cli_info_shapes(void **state) {
     th_run_out_free(&r);
 }
 
-/* info --memory-budget prints the plan the daemon would make: three frames past the minimum
- * give one layer + 3; a byte under the minimum is refused (exit 1) naming the minimum. */
+/* info --memory-budget prints the plan the daemon would make (3 sequence slots): three frames
+ * past the minimum give one layer + 3; a byte under the minimum is refused (exit 1) naming the
+ * minimum. */
 static void test_cli_info_memory_budget(void **state) {
     (void)state;
     char m[4096], arg[64], want[128];
@@ -223,20 +224,26 @@ static void test_cli_info_memory_budget(void **state) {
                         .frame_bytes = layout_frame_bytes(mo, layout_wants_flags(mo)),
                         .n_ctx = 128,
                         .kv_type = KV_F16,
+                        .n_seq = 3,
                         .workers = 2};
     budget_plan p;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
     const int X = mo->cfg.n_expert, all = p.all_frames;
     snprintf(arg, sizeof arg, "%llu", (unsigned long long)(p.minimum + 3 * p.frame_bytes));
-    const char *a[] = {"info", "--model",         m,   "--ctx-size", "128", "--cache-type",
-                       "f16",  "--memory-budget", arg, "--workers",  "2",   NULL};
+    const char *a[] = {"info", "--model",
+                       m,      "--ctx-size",
+                       "128",  "--cache-type",
+                       "f16",  "--memory-budget",
+                       arg,    "--workers",
+                       "2",    "--parallel",
+                       "3",    NULL};
     th_run_out r = s_run(a);
     s_expect(&r, 0, "info --memory-budget");
     snprintf(want, sizeof want, ": %d of %d experts", X + 3, all);
     if (!strstr(r.out, want)) fail_msg("info lacks '%s':\n%s", want, r.out);
     snprintf(want, sizeof want, "minimum budget%17.1f MiB", p.minimum / (1024.0 * 1024.0));
     if (!strstr(r.out, want)) fail_msg("info lacks '%s':\n%s", want, r.out);
-    assert_non_null(strstr(r.out, "context 128, KV cache f16, 1 sequence, 2 expert workers"));
+    assert_non_null(strstr(r.out, "context 128, KV cache f16, 3 sequences, 2 expert workers"));
     th_run_out_free(&r);
     snprintf(arg, sizeof arg, "%llu", (unsigned long long)(p.minimum - 1));
     r = s_run(a);

@@ -127,12 +127,20 @@ static size_t s_mutated(int k, uint64_t *r, uint8_t *buf, uint32_t version) {
         return protobuf_c_message_pack(&m.base, buf);
     }
     if (k == 1) {
+        Stp__EvalSeq sq[2], *sqp[2] = {&sq[0], &sq[1]};
+        for (int i = 0; i < 2; i++) {
+            stp__eval_seq__init(&sq[i]);
+            sq[i].slot = (uint32_t)s_range(r, 0, 5);
+            sq[i].n_tokens = (size_t)n;
+            sq[i].tokens = ids;
+            sq[i].pos0 = s_range(r, 0, 2) ? 0 : s_range(r, -3, 5000);
+            sq[i].want_logits = s_range(r, 0, 1);
+        }
         Stp__EvalRequest q;
         stp__eval_request__init(&q);
         q.seq = s_rng(r);
-        q.n_tokens = (size_t)n;
-        q.tokens = ids;
-        q.pos0 = s_range(r, 0, 2) ? 0 : s_range(r, -3, 5000);
+        q.n_seqs = (size_t)s_range(r, 0, 2);
+        q.seqs = sqp;
         q.all_logits = s_range(r, 0, 1);
         Stp__EvalReply rp;
         stp__eval_reply__init(&rp);

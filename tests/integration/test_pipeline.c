@@ -526,11 +526,15 @@ static void test_pipeline_malformed_messages(void **st) {
             stp__eval_msg__init(&m);
             m.version = 99;
             n_wrong = s_pack(&m.base, buf);
+            Stp__EvalSeq sq, *sqp = &sq;
+            stp__eval_seq__init(&sq);
+            int32_t bad_id = -5;
+            sq.n_tokens = 1;
+            sq.tokens = &bad_id;
             Stp__EvalRequest q;
             stp__eval_request__init(&q);
-            int32_t bad_id = -5;
-            q.n_tokens = 1;
-            q.tokens = &bad_id;
+            q.n_seqs = 1;
+            q.seqs = &sqp;
             m.version = STP_PROTO_VERSION;
             m.body_case = STP__EVAL_MSG__BODY_REQUEST;
             m.request = &q;

@@ -142,7 +142,7 @@ static void test_budget_plan_parts_add_up(void **st) {
     assert_int_equal(s_plan(&p, 0, &err), 0);
     model_config c = s_hand_config();
     act_header ah;
-    act_layout(&ah, 8, 64, 2, 100);
+    act_layout(&ah, 8, 64, 2, 100, 1);
     assert_int_equal(p.kv, 44032);
     assert_int_equal(p.act, ah.size);
     assert_int_equal(p.attn_scratch, budget_attn_scratch_bytes(&c, 8, 100, 1));
@@ -197,6 +197,19 @@ static void test_budget_plan_parameters(void **st) {
     bp.n_seq = 3;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
     assert_int_equal(p.kv, 3 * one.kv);
+    /* the activation region holds a row of logits per slot; the rest does not depend on it */
+    act_header ah;
+    act_layout(&ah, 8, c.n_embd, c.n_expert_used, c.n_vocab, 3);
+    assert_int_equal(p.act, ah.size);
+    assert_true(p.act >= one.act + 2ull * c.n_vocab * 4 - 64); /* rows rounded to 64 bytes */
+    assert_int_equal(p.scratch, one.scratch);
+    assert_int_equal(p.fixed - one.fixed, 2 * one.kv + (p.act - one.act));
+    assert_int_equal(p.minimum - one.minimum, p.fixed - one.fixed);
+    /* a budget that holds one slot's plan but not three slots' is refused, naming the slots */
+    bp.budget = one.minimum;
+    assert_int_equal(budget_plan_compute(&p, &bp, &err), STP_EINVAL);
+    assert_non_null(strstr(err.msg, "with 3 sequence slots"));
+    bp.budget = 0;
     bp.n_seq = 1;
     bp.workers = 2;
     assert_int_equal(budget_plan_compute(&p, &bp, &err), 0);
