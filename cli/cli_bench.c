@@ -365,7 +365,8 @@ static size_t s_pipeline_pss(const char *run_dir) {
 /* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
  * pp test sends d + n prompt ids of which the first d are evaluated before the coordinator's
  * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
- * generation only. */
+ * generation only. Every request starts with another id, so the coordinator's prefix reuse
+ * never finds a repetition's prompt in a slot. */
 static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp, const int *tg,
                             int n_tg, const int *dp, int n_dp, int reps, bool json,
                             bench_host *host) {
@@ -390,7 +391,8 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
         int depth;
         double mean, sd, ipc;
     } res[64];
-    int nres = 0, status = 0;
+    int nres = 0, status = 0, n_sent = 0;
+    const int32_t first0 = toks[0];
     pipeline_gen_result gr;
     o.result = &gr;
     o.prompt_ids = toks; /* warm-up: one short request */
@@ -412,6 +414,9 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
                     /* pp: d + n prompt tokens (d untimed), one generated (its time is the
                      * prefill); tg: d + 1 prompt tokens, n + 1 generated (the first comes from
                      * the prefill) */
+                    /* a first id no earlier request had: the coordinator's prefix reuse must
+                     * not find this prompt in a slot (the depth is evaluated untimed) */
+                    toks[0] = (int32_t)((first0 + ++n_sent) % V);
                     o.n_prompt = kind == 0 ? d + n : d + 1;
                     o.n_untimed = kind == 0 ? d : 0;
                     o.n_predict = kind == 0 ? 1 : n + 1;

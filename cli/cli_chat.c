@@ -1,6 +1,8 @@
 /* cli_chat: `stpipe chat`, an interactive chat with history on a backend (in-process engine)
  * or through a running pipeline (--pipeline RUN_DIR: each turn sends the whole conversation as a
- * ChatML prompt to the coordinator, which tokenizes, samples and streams the answer back).
+ * ChatML prompt to the coordinator, which tokenizes, samples and streams the answer back; its
+ * scheduler finds the conversation's earlier turns still in a sequence slot (prefix reuse) and
+ * evaluates only the new tokens).
  *
  * The KV cache is kept across turns: each turn evaluates only its new tokens (the previous
  * answer's unevaluated last token, "<|im_end|>\n" and the ChatML user turn). When the context
@@ -276,7 +278,9 @@ static int s_answer_pipeline(chat_state *c) {
     char *prompt = s_chatml(c);
     if (!prompt) return STP_ENOMEM;
     text_buf tb = {0};
+    pipeline_gen_result gr = {0};
     pipeline_gen_opts po = {.run_dir = c->o->pipeline,
+                            .result = &gr,
                             .prompt_text = prompt,
                             .parse_special = true,
                             .n_predict = c->o->n_predict,
@@ -303,8 +307,12 @@ static int s_answer_pipeline(chat_state *c) {
         return 0;
     }
     s_push(c, "assistant", tb.p ? tb.p : "");
-    fprintf(stderr, "[%s%.1f s]\n", stopped ? "stopped: " : "",
-            (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9);
+    double gen_s = gr.gen_ms * 1e-3;
+    fprintf(stderr,
+            "[%s%d tokens, %.1f tok/s | prompt %d tokens (%d evaluated) in %.3f s | %.1f s]\n",
+            stopped ? "stopped: " : "", gr.n_gen,
+            gr.n_gen > 1 && gen_s > 0 ? (gr.n_gen - 1) / gen_s : 0.0, gr.n_prompt, gr.n_prompt_eval,
+            gr.prompt_ms * 1e-3, (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9);
     free(tb.p);
     return 0;
 }
@@ -318,7 +326,8 @@ int cli_chat(int argc, char **argv) {
     backend_engine_params bp = {.model_path = o.model,
                                 .n_threads = (int)o.threads,
                                 .n_ctx = (int)o.ctx,
-                                .kv_type = o.kv_type};
+                                .kv_type = o.kv_type,
+                                .progress = cli_progress};
     if (o.model && backend_engine_new(&c.b, &bp, &err)) {
         fprintf(stderr, "stpipe chat: %s\n", err.msg);
         return 1;

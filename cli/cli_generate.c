@@ -2,6 +2,7 @@
  * Parses the flags into a generate_opts, builds the prompt (text, ids or chat), evaluates it
  * in one batched pass, then samples token by token, streaming text (or ids) to stdout and
  * timings to stderr. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,6 +143,15 @@ static int s_prompt_ids(const generate_opts *o, const tokenizer *tok, int32_t **
     return (int)n_ids;
 }
 
+static volatile sig_atomic_t s_sigint; /* Ctrl-C during `generate --pipeline` */
+
+static void s_on_sigint(int sig) {
+    (void)sig;
+    s_sigint = 1;
+}
+
+/* Through the pipeline. Ctrl-C cancels the request at the coordinator (CancelRequest: its ROUTER
+ * cannot see a client go away), prints the answer so far and exits 130. */
 static int s_generate_pipeline(const generate_opts *o) {
     pipeline_gen_opts po = {0};
     int32_t *ids = NULL;
@@ -168,10 +178,16 @@ static int s_generate_pipeline(const generate_opts *o) {
     po.ignore_eos = o->ignore_eos;
     po.quiet = o->quiet;
     po.logits_out = o->logits_out;
+    po.cancel = &s_sigint;
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = s_on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old);
     int rc = cli_generate_pipeline(&po);
+    sigaction(SIGINT, &old, NULL);
     free(ids);
     free(text);
-    return rc;
+    return s_sigint ? 130 : rc;
 }
 
 int cli_generate(int argc, char **argv) {

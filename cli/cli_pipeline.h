@@ -1,6 +1,8 @@
 /* cli_pipeline: the client side of `stpipe generate --pipeline RUN_DIR` (and `stpipe stats`).
- * It sends one GenerateRequest to the coordinator on RUN_DIR/client.sock and prints the streamed
- * tokens exactly as the in-process command does (text, or ids with --ids), then the timings. */
+ * It sends one GenerateRequest to the coordinator on RUN_DIR/client.sock (pipe_client.h) and
+ * prints the streamed text exactly as the in-process command does (text, or the ids with --ids,
+ * which come with GenerateDone), then the timings. When *cancel becomes nonzero (Ctrl-C) it sends
+ * a CancelRequest and waits (a few seconds at most) for the end of the answer. */
 #ifndef STP_CLI_PIPELINE_H
 #define STP_CLI_PIPELINE_H
 
@@ -15,6 +17,9 @@
 typedef struct pipeline_gen_result {
     int n_prompt, n_gen;
     double prompt_ms, gen_ms, ipc_ms;
+    int n_prompt_eval; /* prompt tokens evaluated (the rest reused from a slot) */
+    double ttft_ms;
+    char stop_reason[16];
 } pipeline_gen_result;
 
 typedef struct pipeline_gen_opts {
@@ -25,15 +30,17 @@ typedef struct pipeline_gen_opts {
     const char *prompt_text; /* ... or text, tokenized by the coordinator */
     bool chat;
     const char *system;
-    bool parse_special;  /* default true, as in-process */
-    long long n_predict; /* -1: until end of generation */
+    bool parse_special;      /* default true, as in-process */
+    long long n_predict;     /* -1: until end of generation */
+    const char *const *stop; /* stop strings */
+    int n_stop;
     sampler_params sp;
     bool ids_out, ignore_eos, quiet;
     const char *logits_out; /* float32 logits of every prompt position */
     int timeout_ms;         /* no message for this long fails (0: 120000) */
     /* Optional streaming hooks (stpipe chat): text goes to on_text instead of stdout (no
-     * newline or ids are printed), and the request is abandoned when *cancel becomes nonzero
-     * (the coordinator cancels a request whose client went away). */
+     * newline or ids are printed); when *cancel becomes nonzero the request is cancelled
+     * (CancelRequest) and the answer so far ends it. */
     void (*on_text)(void *ud, const char *text, size_t len);
     void *ud;
     const volatile sig_atomic_t *cancel;

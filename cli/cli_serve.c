@@ -1,4 +1,7 @@
-/* cli_serve: `stpipe serve`, the OpenAI-compatible HTTP server over one in-process engine.
+/* cli_serve: `stpipe serve`, the OpenAI-compatible HTTP server over the in-process engine with
+ * --parallel sequence slots (continuous batching and prefix reuse: common/gen/sched.h), or over
+ * a running pipeline (--pipeline RUN_DIR: the jobs go to the coordinator, whose scheduler runs
+ * them over the attention worker's slots; serve_pipeline.h).
  * Parses the flags, opens the backend, starts http_server and waits for SIGINT/SIGTERM; prints
  * "listening on http://HOST:PORT" on stderr once it accepts connections (with --port 0 the
  * port is the one the system picked). The API key comes from --api-key or, so that it does
@@ -12,7 +15,10 @@
 
 #include "gen/backend.h"
 #include "cli.h"
+#include "gguf/gguf.h"
 #include "http_server.h"
+#include "serve_pipeline.h"
+#include "tokenizer/tokenizer.h"
 
 static volatile sig_atomic_t s_stop;
 
@@ -24,7 +30,7 @@ static void s_on_signal(int sig) {
 typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
-    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -37,8 +43,20 @@ static const opt_def s_opts[] = {
      F(port), NULL, NULL},
     CLI_OPT_THREADS(serve_opts, "2", "compute threads"),
     {"--queue", NULL, OPT_INT, 0, 4096, "8", "N",
-     "requests that may wait behind the running one; more get 503", F(queue), NULL, NULL},
+     "requests that may wait for a free slot; more get 503", F(queue), NULL, NULL},
     CLI_OPT_CTX(serve_opts, 16),
+    {"--parallel", NULL, OPT_INT, 1, 64, "4", "N",
+     "sequence slots: requests generated at once (each with its own KV cache of --ctx-size "
+     "positions, kept after the answer for prefix reuse)",
+     F(parallel), NULL, "-np"},
+    {"--kv-pool", NULL, OPT_INT, 0, 1 << 24, "0", "N",
+     "KV positions all slots hold at once (idle slots give theirs back when needed; 0 = "
+     "parallel x ctx-size)",
+     F(kv_pool), NULL, NULL},
+    {"--prefill-chunk", NULL, OPT_INT, 1, 4096, "64", "N",
+     "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
+     "pauses in the other streams)",
+     F(chunk), NULL, NULL},
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
      F(max_tokens), NULL, NULL},
@@ -57,15 +75,112 @@ static const opt_def s_opts[] = {
      "require \"Authorization: Bearer KEY\" on /v1/ (else 401); the variable keeps the key "
      "out of ps",
      F(api_key), NULL, NULL},
-    CLI_OPT_PIPELINE(serve_opts, "serve through a running pipeline (not available yet)"),
+    CLI_OPT_PIPELINE(serve_opts, "serve through a running pipeline (deploy/stpipe-up; its "
+                                 "coordinator's model, slots and context)"),
 };
 #undef F
 
 static void s_usage(FILE *f) {
-    cli_opts_help(f, "usage: stpipe serve --model FILE [options]\n", s_opts, CLI_NOPTS(s_opts),
+    cli_opts_help(f, "usage: stpipe serve (--model FILE | --pipeline RUN_DIR) [options]\n", s_opts,
+                  CLI_NOPTS(s_opts),
                   "Endpoints: POST /v1/chat/completions, POST /v1/completions (\"stream\": true "
                   "for server-sent events),\nGET /v1/models, GET /health, GET /metrics. See "
                   "docs/SERVER.md.\n");
+}
+
+/* ---- --pipeline: the coordinator runs the jobs ------------------------------------------- */
+
+typedef struct pipe_runner_ctx {
+    serve_pipeline *sp;
+    int n_seq;
+} pipe_runner_ctx;
+
+static int s_pr_submit(void *ctx, const sched_req *r, stp_err *err) {
+    return serve_pipeline_submit(((pipe_runner_ctx *)ctx)->sp, r, err);
+}
+static bool s_pr_busy(void *ctx) {
+    return serve_pipeline_busy(((pipe_runner_ctx *)ctx)->sp);
+}
+/* As many jobs in flight as the coordinator has slots: the others wait in the HTTP queue (its
+ * 503 beyond --queue), not in the coordinator's. */
+static int s_pr_n_free(void *ctx) {
+    pipe_runner_ctx *p = ctx;
+    int n = p->n_seq - serve_pipeline_n_running(p->sp);
+    return n > 0 ? n : 0;
+}
+static void s_pr_step(void *ctx) {
+    serve_pipeline_step(((pipe_runner_ctx *)ctx)->sp, 20);
+}
+
+/* The model file's tokenizer and name (--model, else the coordinator's file). */
+static int s_serve_pipeline(const serve_opts *o, const http_server_config *hc) {
+    stp_err err = {0};
+    char path[4096];
+    int n_seq = 0, n_ctx = 0;
+    if (serve_pipeline_info(o->pipeline, path, sizeof path, &n_seq, &n_ctx, 10000, &err)) {
+        fprintf(stderr, "stpipe serve: %s\n", err.msg);
+        return 1;
+    }
+    if (o->model) snprintf(path, sizeof path, "%s", o->model);
+    if (!path[0] || n_ctx <= 0) {
+        fprintf(stderr,
+                "stpipe serve: the coordinator in %s did not say its model and context "
+                "(an older coordinator?)\n",
+                o->pipeline);
+        return 1;
+    }
+    gguf_file *g = NULL;
+    tokenizer *tok = NULL;
+    if (gguf_open(&g, path, &err) || tokenizer_new(&tok, g, &err)) {
+        fprintf(stderr, "stpipe serve: %s: %s (give the model with --model FILE)\n", path, err.msg);
+        gguf_close(&g);
+        return 1;
+    }
+    char name[128];
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t nl = strlen(base) < sizeof name ? strlen(base) : sizeof name - 1;
+    memcpy(name, base, nl);
+    name[nl] = 0;
+    char *dot = strstr(name, ".gguf");
+    if (dot && !dot[5]) *dot = 0;
+    pipe_runner_ctx pr = {.n_seq = n_seq > 0 ? n_seq : 1};
+    http_server *srv = NULL;
+    int status = 1;
+    if (serve_pipeline_new(&pr.sp, o->pipeline, &err)) {
+        fprintf(stderr, "stpipe serve: %s\n", err.msg);
+        goto out;
+    }
+    const http_model mi = {
+        .name = name, .tok = tok, .n_ctx = n_ctx, .n_vocab = tokenizer_n_vocab(tok)};
+    const http_runner run = {.ctx = &pr,
+                             .submit = s_pr_submit,
+                             .busy = s_pr_busy,
+                             .n_free = s_pr_n_free,
+                             .step = s_pr_step};
+    if (http_server_new_runner(&srv, hc, &mi, &run, &err)) {
+        fprintf(stderr, "stpipe serve: %s\n", err.msg);
+        goto out;
+    }
+    bool v6 = strchr(hc->host, ':') != NULL;
+    fprintf(stderr,
+            "stpipe serve: pipeline %s, model %s, %d slots of context %d, queue %d, max_tokens "
+            "default %d, prompt text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
+            o->pipeline, name, pr.n_seq, n_ctx, hc->queue_max, hc->max_tokens_default,
+            http_server_prompt_bytes_max(srv), hc->api_key ? "API key required" : "no API key",
+            hc->cors_origin ? "CORS on" : "CORS off", v6 ? "[" : "", hc->host, v6 ? "]" : "",
+            http_server_port(srv));
+    fflush(stderr);
+    while (!s_stop)
+        pause();
+    fprintf(stderr, "stpipe serve: stopping\n");
+    status = 0;
+out:
+    http_server_destroy(&srv); /* stops the worker thread: then the runner can go */
+    serve_pipeline_destroy(&pr.sp);
+    tokenizer_destroy(&tok);
+    gguf_close(&g);
+    return status;
 }
 
 int cli_serve(int argc, char **argv) {
@@ -76,24 +191,11 @@ int cli_serve(int argc, char **argv) {
     const char *model = o.model, *host = o.host, *pipeline = o.pipeline, *cors = o.cors;
     const char *api_key = o.api_key;
     const int queue = o.queue, max_tokens = o.max_tokens;
-    if (pipeline) {
-        fprintf(stderr, "stpipe serve: --pipeline is not available yet (no pipeline backend in "
-                        "this build); use --model FILE for the in-process engine\n");
+    if (!model && !pipeline) {
+        fprintf(stderr, "stpipe serve: --model FILE or --pipeline RUN_DIR is required (see stpipe "
+                        "serve --help)\n");
         return 2;
     }
-    if (!model) {
-        fprintf(stderr, "stpipe serve: --model FILE is required (see stpipe serve --help)\n");
-        return 2;
-    }
-    stp_err err = {0};
-    backend *b = NULL;
-    http_server *srv = NULL;
-    backend_engine_params bp = {.model_path = model, .n_threads = o.threads, .n_ctx = o.ctx};
-    if (backend_engine_new(&b, &bp, &err)) {
-        fprintf(stderr, "stpipe serve: %s\n", err.msg);
-        return 1;
-    }
-    if (b->warning[0]) fprintf(stderr, "warning: %s\n", b->warning);
     /* signals: set before the threads start so they inherit the mask-free default */
     struct sigaction sa = {0};
     sa.sa_handler = s_on_signal;
@@ -109,7 +211,23 @@ int cli_serve(int argc, char **argv) {
                              .max_connections = o.max_conn,
                              .max_tokens_default = max_tokens,
                              .cors_origin = cors,
+                             .prefill_chunk = o.chunk,
+                             .kv_positions = o.kv_pool,
                              .api_key = api_key && *api_key ? api_key : NULL};
+    if (pipeline) return s_serve_pipeline(&o, &hc);
+    stp_err err = {0};
+    backend *b = NULL;
+    http_server *srv = NULL;
+    backend_engine_params bp = {.model_path = model,
+                                .n_threads = o.threads,
+                                .n_ctx = o.ctx,
+                                .n_seq = o.parallel,
+                                .progress = cli_progress};
+    if (backend_engine_new(&b, &bp, &err)) {
+        fprintf(stderr, "stpipe serve: %s\n", err.msg);
+        return 1;
+    }
+    if (b->warning[0]) fprintf(stderr, "warning: %s\n", b->warning);
     if (http_server_new(&srv, &hc, b, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);
         backend_destroy(&b);
@@ -117,11 +235,12 @@ int cli_serve(int argc, char **argv) {
     }
     bool v6 = strchr(host, ':') != NULL;
     fprintf(stderr,
-            "stpipe serve: model %s, context %d, queue %d, max_tokens default %d, prompt "
-            "text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
-            b->name, backend_n_ctx(b), queue, max_tokens, http_server_prompt_bytes_max(srv),
-            hc.api_key ? "API key required" : "no API key", cors ? "CORS on" : "CORS off",
-            v6 ? "[" : "", host, v6 ? "]" : "", http_server_port(srv));
+            "stpipe serve: model %s, %d slots of context %d, queue %d, max_tokens default %d, "
+            "prompt text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
+            b->name, backend_n_seq(b), backend_n_ctx(b), queue, max_tokens,
+            http_server_prompt_bytes_max(srv), hc.api_key ? "API key required" : "no API key",
+            cors ? "CORS on" : "CORS off", v6 ? "[" : "", host, v6 ? "]" : "",
+            http_server_port(srv));
     fflush(stderr);
     while (!s_stop)
         pause();

@@ -39,6 +39,7 @@ struct http_metrics {
     uint64_t prompt_tokens, generated_tokens, finished[3];
     uint64_t client_gone[2]; /* [0] while queued, [1] while running */
     int queue_waiting, queue_running;
+    uint64_t steps, step_tokens, cached_tokens;
     histo request_s, queue_s, first_token_s, prompt_tps, gen_tps, stage_ms[N_STAGES];
 };
 
@@ -107,7 +108,20 @@ void http_metrics_client_gone(http_metrics *m, bool running) {
     pthread_mutex_unlock(&m->mu);
 }
 
-void http_metrics_generation(http_metrics *m, const http_job *job, const engine_stats *d) {
+void http_metrics_step(http_metrics *m, int n_tokens, const engine_stats *d) {
+    pthread_mutex_lock(&m->mu);
+    m->steps++;
+    m->step_tokens += (uint64_t)n_tokens;
+    if (d) {
+        const uint64_t ns[N_STAGES] = {d->ns_embed, d->ns_router, d->ns_attn, d->ns_moe,
+                                       d->ns_head};
+        for (int i = 0; i < N_STAGES; i++)
+            s_histo_add(&m->stage_ms[i], (double)ns[i] * 1e-6);
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
+void http_metrics_generation(http_metrics *m, const http_job *job) {
     const gen_result *r = &job->res;
     pthread_mutex_lock(&m->mu);
     m->prompt_tokens += (uint64_t)r->n_prompt;
@@ -116,14 +130,10 @@ void http_metrics_generation(http_metrics *m, const http_job *job, const engine_
     s_histo_add(&m->request_s, job->t_end - job->t_arrive);
     s_histo_add(&m->queue_s, job->t_start - job->t_arrive);
     if (r->n_gen) s_histo_add(&m->first_token_s, job->t_start - job->t_arrive + r->t_first);
-    if (r->n_prompt && r->t_prompt > 0) s_histo_add(&m->prompt_tps, r->n_prompt / r->t_prompt);
+    if (r->n_prompt > r->n_cached && r->t_prompt > 0)
+        s_histo_add(&m->prompt_tps, (r->n_prompt - r->n_cached) / r->t_prompt);
     if (r->n_gen > 1 && r->t_gen > 0) s_histo_add(&m->gen_tps, (r->n_gen - 1) / r->t_gen);
-    if (d) {
-        const uint64_t ns[N_STAGES] = {d->ns_embed, d->ns_router, d->ns_attn, d->ns_moe,
-                                       d->ns_head};
-        for (int i = 0; i < N_STAGES; i++)
-            s_histo_add(&m->stage_ms[i], (double)ns[i] * 1e-6);
-    }
+    m->cached_tokens += (uint64_t)r->n_cached;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -203,7 +213,7 @@ char *http_metrics_render(http_metrics *m) {
              "stpipe_client_disconnects_total{state=\"running\"} %llu\n",
              (unsigned long long)m->client_gone[0], (unsigned long long)m->client_gone[1]);
     s_printf(&b,
-             "# HELP stpipe_prompt_tokens_total Prompt tokens evaluated.\n"
+             "# HELP stpipe_prompt_tokens_total Prompt tokens (evaluated, or found in a slot's cache).\n"
              "# TYPE stpipe_prompt_tokens_total counter\nstpipe_prompt_tokens_total %llu\n"
              "# HELP stpipe_generated_tokens_total Tokens sampled.\n"
              "# TYPE stpipe_generated_tokens_total counter\nstpipe_generated_tokens_total %llu\n"
@@ -214,7 +224,7 @@ char *http_metrics_render(http_metrics *m) {
              "stpipe_generations_total{finish=\"cancelled\"} %llu\n"
              "# HELP stpipe_queue_waiting Requests waiting for the worker.\n"
              "# TYPE stpipe_queue_waiting gauge\nstpipe_queue_waiting %d\n"
-             "# HELP stpipe_queue_running Requests being generated (0 or 1).\n"
+             "# HELP stpipe_queue_running Requests being generated (at most the sequence slots).\n"
              "# TYPE stpipe_queue_running gauge\nstpipe_queue_running %d\n",
              (unsigned long long)m->prompt_tokens, (unsigned long long)m->generated_tokens,
              (unsigned long long)m->finished[GEN_FINISH_STOP],
@@ -231,8 +241,19 @@ char *http_metrics_render(http_metrics *m) {
                 &m->prompt_tps);
     s_histo_one(&b, "stpipe_generation_tokens_per_second", "Generation speed per request.",
                 &m->gen_tps);
-    s_printf(&b, "# HELP stpipe_stage_duration_ms Engine time per request in each forward-pass "
-                 "stage (milliseconds).\n# TYPE stpipe_stage_duration_ms histogram\n");
+    s_printf(&b,
+             "# HELP stpipe_steps_total Scheduler steps (one backend pass each).\n"
+             "# TYPE stpipe_steps_total counter\nstpipe_steps_total %llu\n"
+             "# HELP stpipe_step_tokens_total Tokens evaluated by the steps (decode and prompt).\n"
+             "# TYPE stpipe_step_tokens_total counter\nstpipe_step_tokens_total %llu\n"
+             "# HELP stpipe_prompt_tokens_cached_total Prompt tokens found in a slot's cache "
+             "(prefix reuse: not evaluated).\n"
+             "# TYPE stpipe_prompt_tokens_cached_total counter\n"
+             "stpipe_prompt_tokens_cached_total %llu\n",
+             (unsigned long long)m->steps, (unsigned long long)m->step_tokens,
+             (unsigned long long)m->cached_tokens);
+    s_printf(&b, "# HELP stpipe_stage_duration_ms Engine time per scheduler step in each "
+                 "forward-pass stage (milliseconds).\n# TYPE stpipe_stage_duration_ms histogram\n");
     for (int i = 0; i < N_STAGES; i++) {
         char lab[64];
         snprintf(lab, sizeof lab, "stage=\"%s\"", s_stage_names[i]);

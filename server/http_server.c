@@ -28,16 +28,21 @@
 #include "http_server.h"
 
 struct http_server {
-    backend *b;
+    http_model mi;
+    http_runner run;
+    backend *b;        /* local runner: the backend (NULL with a caller's runner) */
+    sched *sched;      /* local runner: its scheduler (worker thread only) */
+    engine_stats last; /* local runner: the backend's counters after the last step */
     http_server_config cfg;
     struct MHD_Daemon *d;
     pthread_t worker;
     bool worker_started;
-    pthread_mutex_t mu;  /* guards everything below and the shared fields of every job */
-    pthread_cond_t wake; /* worker: a job was queued or stopping */
-    http_job *head, *tail;
+    pthread_mutex_t mu;    /* guards everything below and the shared fields of every job */
+    pthread_cond_t wake;   /* worker: a job was queued or stopping */
+    http_job *head, *tail; /* waiting, in arrival order */
     int n_waiting;
-    http_job *running;
+    http_job *running; /* handed to the runner (linked by next) */
+    int n_running;
     bool stopping;
     unsigned long long seq;
     http_metrics *metrics;
@@ -105,7 +110,7 @@ static void s_job_abandon(http_server *s, http_job *job) {
         job->queued = false;
         job->done = true;
         s->n_waiting--;
-        http_metrics_queue(s->metrics, s->n_waiting, s->running != NULL);
+        http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
         job->refs--; /* the worker's reference: it will never see the job */
     }
     http_metrics_client_gone(s->metrics, !queued);
@@ -136,7 +141,7 @@ static void s_job_append(http_job *job, char *ev) {
 static int s_emit(void *ud, const char *text, size_t len) {
     http_job *job = ud;
     http_server *s = job->srv;
-    char *ev = http_api_chunk(job, s->b->name, text, len, false, NULL, false);
+    char *ev = http_api_chunk(job, s->mi.name, text, len, false, NULL, false);
     pthread_mutex_lock(&s->mu);
     s_job_append(job, ev);
     int stop = job->cancel != 0;
@@ -144,40 +149,17 @@ static int s_emit(void *ud, const char *text, size_t len) {
     return stop;
 }
 
-/* Runs one job on the backend (worker thread, no lock held). */
-static void s_run(http_server *s, http_job *job) {
-    stp_err err = {0};
-    job->t_start = gen_now();
-    const engine_stats *st = backend_stats(s->b);
-    engine_stats before = st ? *st : (engine_stats){0};
-    if (job->stream) {
-        char *ev = http_api_chunk(job, s->b->name, "", 0, true, NULL, false);
-        pthread_mutex_lock(&s->mu);
-        s_job_append(job, ev);
-        pthread_mutex_unlock(&s->mu);
-    }
-    int rc;
-    if (job->cancel) {
-        rc = stp_err_set(&err, STP_EBUSY,
-                         "the request was cancelled (client gone or server "
-                         "shutting down)");
-    } else {
-        backend_reset(s->b);
-        rc = gen_run(s->b, job->prompt, job->n_prompt, &job->gp, job->stream ? s_emit : NULL, job,
-                     &job->cancel, &job->res, &err);
-    }
+/* The runner finished job (worker thread, no lock held): its answer's last events, the
+ * metrics, and the connection is woken. */
+static void s_done(void *ud, gen_result *res, int rc, const stp_err *err) {
+    http_job *job = ud;
+    http_server *s = job->srv;
+    gen_result_fini(&job->res);
+    job->res = *res;
     job->t_end = gen_now();
-    engine_stats delta = {0};
-    if (st) {
-        delta.ns_embed = st->ns_embed - before.ns_embed;
-        delta.ns_router = st->ns_router - before.ns_router;
-        delta.ns_attn = st->ns_attn - before.ns_attn;
-        delta.ns_moe = st->ns_moe - before.ns_moe;
-        delta.ns_head = st->ns_head - before.ns_head;
-    }
     job->rc = rc;
-    if (rc) snprintf(job->errmsg, sizeof job->errmsg, "%s", err.msg);
-    http_metrics_generation(s->metrics, job, st ? &delta : NULL);
+    if (rc) snprintf(job->errmsg, sizeof job->errmsg, "%s", err ? err->msg : "failed");
+    http_metrics_generation(s->metrics, job);
     pthread_mutex_lock(&s->mu);
     if (job->stream) {
         if (rc) {
@@ -189,41 +171,119 @@ static void s_run(http_server *s, http_job *job) {
             s_job_append(job, ev);
         } else {
             const char *fin = http_api_finish_name(job->res.finish);
-            s_job_append(job, http_api_chunk(job, s->b->name, NULL, 0, false, fin, false));
+            s_job_append(job, http_api_chunk(job, s->mi.name, NULL, 0, false, fin, false));
             if (job->include_usage)
-                s_job_append(job, http_api_chunk(job, s->b->name, NULL, 0, false, NULL, true));
+                s_job_append(job, http_api_chunk(job, s->mi.name, NULL, 0, false, NULL, true));
         }
         s_job_append(job, strdup("data: [DONE]\n\n"));
     }
+    http_job **pp = &s->running;
+    while (*pp && *pp != job)
+        pp = &(*pp)->next;
+    if (*pp) *pp = job->next;
+    job->next = NULL;
+    s->n_running--;
+    http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
+    job->done = true;
+    s_job_notify(job);
+    s_job_unref(job);
     pthread_mutex_unlock(&s->mu);
+}
+
+/* Hands job to the runner (worker thread, no lock held). */
+static void s_start(http_server *s, http_job *job) {
+    stp_err err = {0};
+    if (job->stream) {
+        char *ev = http_api_chunk(job, s->mi.name, "", 0, true, NULL, false);
+        pthread_mutex_lock(&s->mu);
+        s_job_append(job, ev);
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (job->cancel) {
+        stp_err_set(&err, STP_EBUSY,
+                    "the request was cancelled (client gone or server shutting down)");
+        gen_result none = {0};
+        s_done(job, &none, STP_EBUSY, &err);
+        return;
+    }
+    const sched_req r = {.prompt = job->prompt,
+                         .n_prompt = job->n_prompt,
+                         .gp = job->gp,
+                         .emit = job->stream ? s_emit : NULL,
+                         .done = s_done,
+                         .ud = job,
+                         .cancel = &job->cancel};
+    int rc = s->run.submit(s->run.ctx, &r, &err);
+    if (rc) {
+        gen_result none = {0};
+        s_done(job, &none, rc, &err);
+    }
 }
 
 static void *s_worker(void *arg) {
     http_server *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->head && !s->stopping)
-            pthread_cond_wait(&s->wake, &s->mu);
-        if (!s->head) break; /* stopping and nothing left */
-        http_job *job = s->head;
-        s->head = job->next;
-        if (!s->head) s->tail = NULL;
-        s->n_waiting--;
-        job->queued = false;
-        s->running = job;
-        if (s->stopping) job->cancel = 1;
-        http_metrics_queue(s->metrics, s->n_waiting, 1);
+        while (s->head && s->run.n_free(s->run.ctx) > 0) {
+            http_job *job = s->head;
+            s->head = job->next;
+            if (!s->head) s->tail = NULL;
+            s->n_waiting--;
+            job->queued = false;
+            job->started = true;
+            job->next = s->running;
+            s->running = job;
+            s->n_running++;
+            job->t_start = gen_now();
+            if (s->stopping) job->cancel = 1;
+            http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
+            pthread_mutex_unlock(&s->mu);
+            s_start(s, job);
+            pthread_mutex_lock(&s->mu);
+        }
+        if (!s->run.busy(s->run.ctx)) {
+            if (s->stopping && !s->head) break;
+            if (!s->head) pthread_cond_wait(&s->wake, &s->mu);
+            continue;
+        }
         pthread_mutex_unlock(&s->mu);
-        s_run(s, job);
+        s->run.step(s->run.ctx);
         pthread_mutex_lock(&s->mu);
-        job->done = true;
-        s_job_notify(job);
-        s->running = NULL;
-        http_metrics_queue(s->metrics, s->n_waiting, 0);
-        s_job_unref(job);
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
+}
+
+/* ---- the local runner: a sched over the backend, on the worker thread ------------------------ */
+
+static int s_local_submit(void *ctx, const sched_req *r, stp_err *err) {
+    return sched_submit(((http_server *)ctx)->sched, r, err);
+}
+
+static bool s_local_busy(void *ctx) {
+    return sched_busy(((http_server *)ctx)->sched);
+}
+
+static int s_local_n_free(void *ctx) {
+    http_server *s = ctx;
+    return backend_n_seq(s->b) - sched_n_running(s->sched) - sched_n_waiting(s->sched);
+}
+
+static void s_local_step(void *ctx) {
+    http_server *s = ctx;
+    int n = sched_step(s->sched);
+    const engine_stats *st = backend_stats(s->b);
+    if (!st) {
+        http_metrics_step(s->metrics, n, NULL);
+        return;
+    }
+    engine_stats d = {.ns_embed = st->ns_embed - s->last.ns_embed,
+                      .ns_router = st->ns_router - s->last.ns_router,
+                      .ns_attn = st->ns_attn - s->last.ns_attn,
+                      .ns_moe = st->ns_moe - s->last.ns_moe,
+                      .ns_head = st->ns_head - s->last.ns_head};
+    s->last = *st;
+    http_metrics_step(s->metrics, n, &d);
 }
 
 /* ---- responses ------------------------------------------------------------------------------ */
@@ -373,7 +433,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
              (unsigned long long)job->created, seq & 0xffff);
     char msg[768];
     uint64_t seed = (uint64_t)job->created * 0x9E3779B97F4A7C15ull + seq;
-    int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->b->tok, &s->lim,
+    int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->mi.tok, &s->lim,
                                 seed, msg, sizeof msg);
     if (status) {
         pthread_mutex_lock(&s->mu);
@@ -403,7 +463,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
         s->head = job;
     s->tail = job;
     s->n_waiting++;
-    http_metrics_queue(s->metrics, s->n_waiting, s->running != NULL);
+    http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
     pthread_cond_signal(&s->wake);
     pthread_mutex_unlock(&s->mu);
     if (job->stream) {
@@ -431,7 +491,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     } else if (job->rc) {
         ret = s_error(s, c, endpoint, job->rc == STP_EBUSY ? 503 : 500, job->errmsg);
     } else {
-        ret = s_send(s, c, endpoint, 200, "application/json", http_api_response(job, s->b->name));
+        ret = s_send(s, c, endpoint, 200, "application/json", http_api_response(job, s->mi.name));
     }
     pthread_mutex_lock(&s->mu);
     s_job_unref(job);
@@ -439,11 +499,23 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     return ret;
 }
 
+/* /metrics: the server's own, then the runner's (the pipeline's stages). */
+static char *s_metrics_text(http_server *s) {
+    char *a = http_metrics_render(s->metrics);
+    char *b = a && s->run.metrics ? s->run.metrics(s->run.ctx) : NULL;
+    if (!b) return a;
+    size_t la = strlen(a), lb = strlen(b);
+    char *t = realloc(a, la + lb + 1);
+    if (t) memcpy(t + la, b, lb + 1);
+    free(b);
+    return t ? t : a;
+}
+
 static char *s_models_json(http_server *s) {
     json_t *j =
         json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:{s:i, s:i}}]}", "object", "list", "data", "id",
-                  s->b->name, "object", "model", "created", (json_int_t)time(NULL), "owned_by",
-                  "stpipe", "meta", "n_ctx", backend_n_ctx(s->b), "n_vocab", backend_n_vocab(s->b));
+                  s->mi.name, "object", "model", "created", (json_int_t)time(NULL), "owned_by",
+                  "stpipe", "meta", "n_ctx", s->mi.n_ctx, "n_vocab", s->mi.n_vocab);
     char *out = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
     return out;
@@ -560,7 +632,7 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char
     case 3: return s_send(s, c, path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
     default:
         return s_send(s, c, path, 200, "text/plain; version=0.0.4; charset=utf-8",
-                      http_metrics_render(s->metrics));
+                      s_metrics_text(s));
     }
 }
 
@@ -590,11 +662,24 @@ static size_t s_unescape(void *cls, struct MHD_Connection *c, char *uri) {
 
 /* ---- lifecycle ------------------------------------------------------------------------------ */
 
-int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
+/* The server; b and sc (owned from here on) are the local runner's, or NULL. */
+static int s_new(http_server **out, const http_server_config *cfg, const http_model *mi,
+                 const http_runner *runner, backend *b, sched *sc, stp_err *err) {
     *out = NULL;
     http_server *s = calloc(1, sizeof *s);
-    if (!s) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    if (!s) {
+        sched_destroy(&sc);
+        return stp_err_set(err, STP_ENOMEM, "out of memory");
+    }
     s->b = b;
+    s->sched = sc;
+    if (b) {
+        const engine_stats *st = backend_stats(b);
+        if (st) s->last = *st;
+    }
+    s->mi = *mi;
+    s->run = *runner;
+    if (b) s->run.ctx = s;
     s->cfg = *cfg;
     if (s->cfg.queue_max < 0) s->cfg.queue_max = 0;
     if (s->cfg.max_body <= 0) s->cfg.max_body = 8 << 20;
@@ -602,10 +687,10 @@ int http_server_new(http_server **out, const http_server_config *cfg, backend *b
     if (s->cfg.max_connections <= 0) s->cfg.max_connections = 256;
     if (s->cfg.max_tokens_default < 0) s->cfg.max_tokens_default = 1024;
     if (s->cfg.api_key && !s->cfg.api_key[0]) s->cfg.api_key = NULL;
-    s->lim.n_ctx = backend_n_ctx(b);
+    s->lim.n_ctx = mi->n_ctx;
     s->lim.max_tokens_default = s->cfg.max_tokens_default;
     s->lim.max_prompt_bytes =
-        http_api_prompt_bytes_max(s->lim.n_ctx, b->tok ? tokenizer_max_token_bytes(b->tok) : 1);
+        http_api_prompt_bytes_max(s->lim.n_ctx, mi->tok ? tokenizer_max_token_bytes(mi->tok) : 1);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->wake, NULL);
     int rc;
@@ -662,6 +747,25 @@ fail:
     return rc;
 }
 
+int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
+    sched *sc = NULL;
+    const sched_params sp = {.prefill_chunk = cfg->prefill_chunk,
+                             .kv_positions = cfg->kv_positions};
+    int rc = sched_new(&sc, b, &sp, err);
+    if (rc) return rc;
+    const http_model mi = {b->name, b->tok, backend_n_ctx(b), backend_n_vocab(b)};
+    const http_runner run = {.submit = s_local_submit,
+                             .busy = s_local_busy,
+                             .n_free = s_local_n_free,
+                             .step = s_local_step};
+    return s_new(out, cfg, &mi, &run, b, sc, err);
+}
+
+int http_server_new_runner(http_server **out, const http_server_config *cfg, const http_model *mi,
+                           const http_runner *runner, stp_err *err) {
+    return s_new(out, cfg, mi, runner, NULL, NULL, err);
+}
+
 int http_server_port(const http_server *s) {
     return s->port;
 }
@@ -677,10 +781,12 @@ void http_server_destroy(http_server **self_p) {
     s->stopping = true;
     for (http_job *j = s->head; j; j = j->next)
         j->cancel = 1;
-    if (s->running) s->running->cancel = 1;
+    for (http_job *j = s->running; j; j = j->next)
+        j->cancel = 1;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->mu);
     if (s->worker_started) pthread_join(s->worker, NULL);
+    sched_destroy(&s->sched); /* every request has ended (cancelled): nothing is called back */
     if (s->d) MHD_stop_daemon(s->d);
     http_metrics_destroy(&s->metrics);
     pthread_cond_destroy(&s->wake);

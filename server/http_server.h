@@ -1,5 +1,7 @@
 /* http_server: the OpenAI-compatible HTTP front of `stpipe serve` (libmicrohttpd), its request
- * queue and the worker thread that runs every request on one backend, one at a time.
+ * queue and the worker thread that hands requests to a runner: a continuous-batching scheduler
+ * (common/gen/sched.h) over a local backend, several requests at once, or the caller's runner
+ * (`stpipe serve --pipeline`: the coordinator's scheduler, over client.sock).
  *
  * Files: http_server.c (daemon, routing, queue, worker, SSE streaming, client-gone watch),
  * http_api.c (request JSON -> http_job, responses and chunks), http_guard.c (API key, CORS
@@ -21,8 +23,32 @@
 
 #include "gen/backend.h"
 #include "gen/gen_loop.h"
+#include "gen/sched.h"
 
 /* ---- server --------------------------------------------------------------------------------- */
+
+/* What runs the jobs. The worker thread calls submit for a queued job while n_free > 0, step
+ * while busy, and sleeps until a job arrives when not busy. The sched_req callbacks (emit, done)
+ * must run on the worker thread, inside submit or step. A step may wait (a few milliseconds) for
+ * something to happen. */
+typedef struct http_runner {
+    void *ctx;
+    int (*submit)(void *ctx, const sched_req *r, stp_err *err);
+    bool (*busy)(void *ctx);
+    int (*n_free)(void *ctx); /* jobs it would start now */
+    void (*step)(void *ctx);
+    /* Optional: Prometheus text appended to /metrics (malloc'd; NULL: none). Called on a
+     * connection thread: must be thread-safe. */
+    char *(*metrics)(void *ctx);
+} http_runner;
+
+/* The model a runner serves (what the HTTP side needs to parse and describe requests). */
+typedef struct http_model {
+    const char *name;
+    const tokenizer *tok;
+    int n_ctx; /* context of one request (prompt + answer) */
+    int n_vocab;
+} http_model;
 
 typedef struct http_server_config {
     const char *host;        /* numeric IPv4/IPv6 address or "localhost"; NULL: 127.0.0.1 */
@@ -36,11 +62,18 @@ typedef struct http_server_config {
                                 is full; < 0: 1024 */
     const char *cors_origin; /* the one origin allowed cross-origin ("*": any); NULL: none */
     const char *api_key;     /* required as "Authorization: Bearer KEY" on /v1/ paths; NULL: none */
+    int prefill_chunk;       /* sched_params.prefill_chunk of the local scheduler; 0: default */
+    int kv_positions;        /* sched_params.kv_positions of the local scheduler; 0: all */
 } http_server_config;
 
 typedef struct http_server http_server;
 
+/* Serves b: a sched over it on the worker thread (as many requests at once as b has sequences;
+ * cfg->prefill_chunk). */
 int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err);
+/* Serves through runner (copied; its ctx stays the caller's and must outlive the server). */
+int http_server_new_runner(http_server **out, const http_server_config *cfg, const http_model *mi,
+                           const http_runner *runner, stp_err *err);
 int http_server_port(const http_server *s);
 /* Longest prompt text accepted (http_api_prompt_bytes_max of the context). */
 size_t http_server_prompt_bytes_max(const http_server *s);
@@ -78,6 +111,7 @@ typedef struct http_job {
     char errmsg[1024];
     gen_result res;
     double t_start, t_end;   /* worker start / end (gen_now) */
+    bool started;            /* handed to the runner */
     struct http_job *next;   /* queue link */
     struct http_server *srv; /* owner (its mutex guards the shared fields) */
 } http_job;
@@ -130,8 +164,11 @@ int http_metrics_new(http_metrics **out);
 void http_metrics_destroy(http_metrics **self_p);
 /* Counts one answered request. endpoint: the path, status: the HTTP status sent. */
 void http_metrics_request(http_metrics *m, const char *endpoint, int status);
-/* Records one finished generation: queue wait, durations, tokens, stage time delta. */
-void http_metrics_generation(http_metrics *m, const http_job *job, const engine_stats *delta);
+/* Records one finished generation: queue wait, durations, tokens. */
+void http_metrics_generation(http_metrics *m, const http_job *job);
+/* Records one scheduler step: tokens evaluated, the stage time it took (delta of the backend's
+ * counters; NULL: unknown). */
+void http_metrics_step(http_metrics *m, int n_tokens, const engine_stats *delta);
 void http_metrics_queue(http_metrics *m, int waiting, int running);
 /* Counts a request whose client went away before its answer was complete. */
 void http_metrics_client_gone(http_metrics *m, bool running);

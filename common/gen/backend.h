@@ -3,7 +3,7 @@
  * A backend holds n_seq sequences (KV caches, "slots"): eval appends tokens to one or more of
  * them in one pass (continuous batching: sched.h) and returns each one's last logits; seq_keep
  * cuts a sequence back to a prefix (0 forgets it). The in-process engine implements it
- * (cli/backend_engine.c); the coordinator implements it over the attention worker
+ * (backend_engine.c); the coordinator implements it over the attention worker
  * (coordinator/), so the same scheduler and generation loop run on either.
  * Not thread-safe: one caller at a time (the server's worker thread, the chat loop). */
 #ifndef STP_BACKEND_H
@@ -49,10 +49,11 @@ struct backend {
 
 typedef struct backend_engine_params {
     const char *model_path;
-    int n_threads;    /* >= 1 */
-    int n_ctx;        /* 0: min(model's, 4096) */
-    kv_dtype kv_type; /* KV cache f32 (0), f16, q8_0 */
-    int n_seq;        /* sequences (slots); 0: 1 */
+    int n_threads;              /* >= 1 */
+    int n_ctx;                  /* 0: min(model's, 4096) */
+    kv_dtype kv_type;           /* KV cache f32 (0), f16, q8_0 */
+    int n_seq;                  /* sequences (slots); 0: 1 */
+    model_progress_fn progress; /* optional: load-time image building (engine_params) */
 } backend_engine_params;
 
 /* The in-process engine: opens the GGUF, its tokenizer (required) and an engine. */

@@ -37,7 +37,8 @@ typedef int (*gen_emit_fn)(void *ud, const char *text, size_t len);
 
 typedef struct gen_result {
     gen_finish finish;
-    int n_prompt; /* prompt tokens evaluated */
+    int n_prompt; /* prompt tokens (evaluated, or found in the cache: n_cached of them) */
+    int n_cached; /* prompt tokens a scheduler found in its slot's cache (prefix reuse) */
     int n_gen;    /* tokens sampled (including an end-of-generation token) */
     int32_t *ids; /* n_gen sampled ids (malloc'd) */
     char *text;   /* the whole answer (stop string cut off), NUL-terminated, malloc'd */

@@ -13,6 +13,13 @@
  * hold what the next position looks at (kv_cache_keep_max); otherwise the prompt is evaluated
  * whole.
  *
+ * KV pool: the slots together hold at most kv_positions positions (a memory budget reserves
+ * that many, not n_seq x n_ctx; a backend's caches cost memory only for positions held). A
+ * request is admitted when its prompt (what is not reused) fits beside what the running
+ * requests hold and the prompts they are still reading; idle slots give their positions back,
+ * least recently used first, when needed. When the pool is full, the most recently admitted
+ * answering request ends as if its context were full (finish length).
+ *
  * Same answer under load: a prompt is cut into chunks at fixed positions (multiples of
  * prefill_chunk, and its end), whatever else runs, and a step only takes whole chunks; every
  * other part of a step is row by row (backend.h), so a request gets the same ids alone or batched
@@ -34,6 +41,7 @@ typedef struct sched sched;
 typedef struct sched_params {
     int prefill_chunk; /* prompt tokens per chunk (chunks start at multiples of it); 0: 64 */
     int n_batch;       /* tokens per step at most; 0: the backend's n_batch */
+    int kv_positions;  /* positions all slots may hold at once (the KV pool); 0: n_seq x n_ctx */
 } sched_params;
 
 /* The end of a request: called once, with res (prompt and answer counts, ids, text, timings,
@@ -69,6 +77,8 @@ int sched_step(sched *s);
 /* Counters since sched_new (for /metrics and tests). */
 typedef struct sched_stats {
     unsigned long long steps, tokens_decoded, tokens_prefilled, tokens_reused, requests;
+    unsigned long long slots_evicted; /* idle slots emptied to make room in the KV pool */
+    unsigned long long pool_full;     /* answers ended because the KV pool was full */
 } sched_stats;
 const sched_stats *sched_get_stats(const sched *s);
 

@@ -277,6 +277,7 @@ int engine_seq_n_past(const engine *e, int seq) {
 int engine_seq_keep(engine *e, int seq, int n_keep) {
     if (seq < 0 || seq >= e->n_seq) return 0;
     e->n_past[seq] = kv_cache_keep_max(e->kv[seq], e->n_past[seq], n_keep);
+    kv_cache_release(e->kv[seq], e->n_past[seq]);
     return e->n_past[seq];
 }
 int engine_n_ctx(const engine *e) {

@@ -4,6 +4,17 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* Layer buffers are anonymous mappings: pages are backed only once written (a slot costs
+ * memory for the positions it holds, not for its capacity) and kv_cache_release gives them back
+ * (madvise DONTNEED: they read as zeros again). */
+static void *s_map(size_t n) {
+    void *p =
+        mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
 
 int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
                  stp_err *err) {
@@ -27,14 +38,20 @@ int kv_cache_new(kv_cache **out, const model_config *cfg, int n_ctx, int n_ubatc
         l->cap = n_ctx;
         if (l->window > 0 && l->window + n_ubatch < n_ctx) l->cap = l->window + n_ubatch;
         const size_t n = (size_t)l->cap * row;
-        void *k = malloc(n), *v = malloc(n);
+        void *k = s_map(n), *v = s_map(n);
+        l->map_bytes = n;
         if (type == KV_F16)
             l->kh = k, l->vh = v;
         else if (type == KV_Q8_0)
             l->kq = k, l->vq = v;
         else
             l->k = k, l->v = v;
-        if (!k || !v) goto fail;
+        if (!k || !v) {
+            if (k) munmap(k, n);
+            if (v) munmap(v, n);
+            l->kh = l->vh = NULL, l->kq = l->vq = NULL, l->k = l->v = NULL;
+            goto fail;
+        }
         c->bytes += 2 * n;
     }
     *out = c;
@@ -49,12 +66,10 @@ void kv_cache_destroy(kv_cache **self_p) {
     if (!c) return;
     if (c->layers)
         for (int il = 0; il < c->n_layer; il++) {
-            free(c->layers[il].k);
-            free(c->layers[il].v);
-            free(c->layers[il].kh);
-            free(c->layers[il].vh);
-            free(c->layers[il].kq);
-            free(c->layers[il].vq);
+            kv_layer *l = &c->layers[il];
+            void *bufs[6] = {l->k, l->v, l->kh, l->vh, l->kq, l->vq};
+            for (int i = 0; i < 6; i++)
+                if (bufs[i]) munmap(bufs[i], l->map_bytes);
         }
     free(c->layers);
     free(c);
@@ -101,4 +116,37 @@ int kv_cache_keep_max(const kv_cache *c, int n_past, int n_keep) {
         if (n_keep - l->window + 1 < n_past - l->cap) return 0;
     }
     return n_keep;
+}
+
+/* The bytes of positions >= n_keep, whole pages only, back to the system. */
+static void s_release(void *buf, size_t map_bytes, size_t from) {
+    if (!buf) return;
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    size_t a = (from + pg - 1) / pg * pg;
+    if (a < map_bytes) madvise((char *)buf + a, map_bytes - a, MADV_DONTNEED);
+}
+
+void kv_cache_release(kv_cache *c, int n_keep) {
+    const size_t row = kv_cache_row_bytes(c->type, c->kv_dim);
+    for (int il = 0; il < c->n_layer; il++) {
+        kv_layer *l = &c->layers[il];
+        /* a ring keeps its slots while any position is kept (they are reused in a cycle) */
+        size_t from =
+            l->window && l->cap < c->n_ctx && n_keep > 0 ? l->map_bytes : (size_t)n_keep * row;
+        void *bufs[6] = {l->k, l->v, l->kh, l->vh, l->kq, l->vq};
+        for (int i = 0; i < 6; i++)
+            s_release(bufs[i], l->map_bytes, from);
+    }
+}
+
+size_t kv_cache_bytes_at(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
+                         int n_pos) {
+    const size_t row = kv_cache_row_bytes(type, cfg->n_head_kv * cfg->head_dim);
+    size_t b = 0;
+    for (int il = 0; il < cfg->n_layer; il++) {
+        int w = model_config_layer_window(cfg, il), cap = n_ctx;
+        if (w > 0 && w + n_ubatch < n_ctx) cap = w + n_ubatch;
+        b += 2 * (size_t)(n_pos < cap ? n_pos : cap) * row;
+    }
+    return b;
 }

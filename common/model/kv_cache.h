@@ -31,8 +31,9 @@ typedef struct kv_layer {
     uint16_t *vh;
     block_q8_0 *kq; /* (cap, n_head_kv*head_dim/32) blocks; NULL unless a Q8_0 cache */
     block_q8_0 *vq;
-    int cap;    /* slots */
-    int window; /* 0: full attention */
+    int cap;          /* slots */
+    int window;       /* 0: full attention */
+    size_t map_bytes; /* bytes of each of its two buffers (anonymous mappings) */
 } kv_layer;
 
 typedef struct kv_cache {
@@ -75,6 +76,15 @@ static inline int kv_cache_slot(const kv_layer *l, int pos) {
  * n_keep - window + 1 >= n_past - cap (the prefix ends at most cap - window - 1 positions before
  * n_past). */
 int kv_cache_keep_max(const kv_cache *c, int n_past, int n_keep);
+/* Gives the memory of positions >= n_keep back to the system (whole pages; a sliding-window
+ * ring only when nothing is kept): a sequence cut back by prefix reuse or emptied costs only
+ * what it still holds. The cache's buffers are mapped lazily, so a position costs memory once
+ * written. */
+void kv_cache_release(kv_cache *c, int n_keep);
+/* Bytes n_pos positions take in a cache of n_ctx positions (rings count at most their cap):
+ * what the memory-budget plan reserves for a pool of n_pos positions held at once. */
+size_t kv_cache_bytes_at(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
+                         int n_pos);
 /* Stores one position's keys and values (kv_dim floats each) in slot, converted to the cache
  * type (rounding as the header says). */
 void kv_cache_store(const kv_cache *c, kv_layer *l, int slot, const float *k, const float *v);

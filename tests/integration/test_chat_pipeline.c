@@ -1,6 +1,7 @@
 /* test_chat_pipeline: `stpipe chat --pipeline RUN_DIR` answers each turn through a running
  * pipeline with the same greedy text as the in-process `stpipe generate --chat` on the same
- * conversation, and /reset and /quit work. */
+ * conversation, the second turn evaluates only what the first did not leave in the
+ * coordinator's slot (prefix reuse), and /reset and /quit work. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -50,13 +51,33 @@ static void test_chat_pipeline_matches_in_process(void **state) {
     snprintf(s_cmd, sizeof s_cmd,
              "printf '/system You are brief.\\nWhat is the capital of France?\\nAnd of "
              "Italy?\\n/reset\\nHello\\n/quit\\n' | %s/stpipe chat --pipeline %s -n 12 --temp 0 "
-             "2>/dev/null",
-             bin, run);
+             "2>%s/chat.err",
+             bin, run, run);
     int rc = s_run(s_cmd, s_out, sizeof s_out);
+    /* the second turn repeats the first: the coordinator's slot holds it (prefix reuse), so
+     * fewer prompt tokens are evaluated than sent ("prompt N tokens (E evaluated)" on stderr) */
+    char err_path[1100];
+    snprintf(err_path, sizeof err_path, "%s/chat.err", run);
+    FILE *ef = fopen(err_path, "r");
+    int turn = 0, n_prompt[3] = {0}, n_eval[3] = {0};
+    if (ef) {
+        char line[1024];
+        while (fgets(line, sizeof line, ef) && turn < 3) {
+            const char *p = strstr(line, "| prompt ");
+            if (p &&
+                sscanf(p, "| prompt %d tokens (%d evaluated)", &n_prompt[turn], &n_eval[turn]) == 2)
+                turn++;
+        }
+        fclose(ef);
+    }
     snprintf(s_cmd, sizeof s_cmd, "%s/deploy/stpipe-down %s >/dev/null 2>&1", src, run);
     int down = system(s_cmd);
     assert_int_equal(rc, 0);
     assert_int_equal(down, 0);
+    assert_int_equal(turn, 3);
+    fprintf(stderr, "turn 2: %d of %d prompt tokens evaluated\n", n_eval[1], n_prompt[1]);
+    assert_true(n_prompt[1] > n_prompt[0]);
+    assert_true(n_eval[1] <= n_prompt[1] - n_prompt[0]); /* at least the first turn reused */
     /* first answer line equals the in-process answer; three answers in all */
     char *first = strtok(s_out, "\n");
     assert_non_null(first);

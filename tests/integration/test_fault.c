@@ -301,7 +301,8 @@ static void test_fault_busy_queue(void **st) {
     th_golden g;
     th_golden_load(&g, "tiny-dense-attn-f32");
     run r;
-    const char *extra[] = {"--queue", "2", NULL};
+    /* one sequence slot: one request runs at a time, two more wait */
+    const char *extra[] = {"--queue", "2", "--parallel", "1", NULL};
     assert_int_equal(s_up(&r, &g, "busy", extra), 0);
     void *zctx = zmq_ctx_new();
     char ep[1200];

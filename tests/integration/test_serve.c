@@ -59,7 +59,7 @@ static char *s_ids_string(json_t *tokens) {
 static int s_setup(void **state) {
     (void)state;
     signal(SIGPIPE, SIG_IGN);
-    const char *q8[] = {"--queue", "8", NULL}, *q1[] = {"--queue", "1", NULL};
+    const char *q8[] = {"--queue", "8", NULL}, *q1[] = {"--queue", "1", "--parallel", "1", NULL};
     if (th_server_start(&s_dense, DENSE, q8, "serve8")) return -1;
     if (th_server_start(&s_qwen, QWEN, q1, "serve1")) return -1;
     return 0;
@@ -358,6 +358,58 @@ static void test_serve_metrics(void **state) {
     th_http_free(&h);
 }
 
+/* --parallel 4 (the default): requests sent at once are generated together (fewer scheduler
+ * steps than tokens) and each answer has the ids of the same request alone; a follow-up that
+ * repeats a prompt finds it in a slot's cache (prefix reuse). */
+static void test_serve_parallel_same_answers(void **state) {
+    (void)state;
+    enum { N = 3 };
+    static const char *const prompts[N] = {"Hello world", "The quick brown fox", "Once upon a"};
+    char body[N][256];
+    char *alone[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(body[i], sizeof body[i],
+                 "{\"prompt\":\"%s\",\"max_tokens\":16,\"temperature\":0,\"ignore_eos\":true,"
+                 "\"return_tokens\":true}",
+                 prompts[i]);
+        th_http_resp h = th_http(s_dense.port, "POST", "/v1/completions", NULL, body[i]);
+        assert_int_equal(h.status, 200);
+        json_t *j = s_json(&h);
+        alone[i] = s_ids_string(json_object_get(j, "tokens"));
+        json_decref(j);
+        th_http_free(&h);
+    }
+    th_http_resp m0 = th_http(s_dense.port, "GET", "/metrics", NULL, NULL);
+    long long steps0 = th_metric(m0.body, "stpipe_steps_total ");
+    long long cached0 = th_metric(m0.body, "stpipe_prompt_tokens_cached_total ");
+    th_http_free(&m0);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = th_http_connect(s_dense.port);
+        assert_true(fds[i] >= 0);
+        assert_true(th_http_send(fds[i], "POST", "/v1/completions", NULL, body[i]));
+    }
+    for (int i = 0; i < N; i++) {
+        th_http_resp h = th_http_read(fds[i]);
+        assert_int_equal(h.status, 200);
+        json_t *j = s_json(&h);
+        char *ids = s_ids_string(json_object_get(j, "tokens"));
+        if (strcmp(ids, alone[i])) fail_msg("prompt %d: %s batched, %s alone", i, ids, alone[i]);
+        free(ids);
+        free(alone[i]);
+        json_decref(j);
+        th_http_free(&h);
+    }
+    th_http_resp m1 = th_http(s_dense.port, "GET", "/metrics", NULL, NULL);
+    long long steps = th_metric(m1.body, "stpipe_steps_total ") - steps0;
+    long long cached = th_metric(m1.body, "stpipe_prompt_tokens_cached_total ") - cached0;
+    th_http_free(&m1);
+    /* 3 x 16 tokens in fewer steps than one request after another would take */
+    if (!(steps > 0 && steps < N * 16)) fail_msg("%lld steps for %d x 16 tokens", steps, N);
+    /* each prompt was met before: all of it but its last token came from a slot */
+    if (!(cached > 0)) fail_msg("no prompt token found in a cache (%lld)", cached);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_serve_health_and_models),
@@ -367,6 +419,7 @@ int main(void) {
         cmocka_unit_test(test_serve_stop_string),
         cmocka_unit_test(test_serve_queue_full_is_503),
         cmocka_unit_test(test_serve_metrics),
+        cmocka_unit_test(test_serve_parallel_same_answers),
     };
     alarm(600); /* bounded in time even if a server hangs */
     return cmocka_run_group_tests(tests, s_setup, s_teardown);

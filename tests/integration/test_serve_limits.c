@@ -76,8 +76,8 @@ static void s_wait_metric(th_server *s, const char *name, long long want, double
 static int s_setup(void **state) {
     (void)state;
     signal(SIGPIPE, SIG_IGN);
-    const char *main_args[] = {
-        "--idle-timeout", "2", "--max-tokens-default", "7", "--cors", ORIGIN, "--queue", "2", NULL};
+    const char *main_args[] = {"--idle-timeout", "2", "--max-tokens-default", "7", "--cors", ORIGIN,
+                               "--queue",        "2", "--parallel",           "1", NULL};
     if (th_server_start(&s_main, QWEN, main_args, "serve_limits_main")) return -1;
     setenv("STP_API_KEY", KEY, 1); /* the key reaches the server through its environment */
     const char *key_args[] = {"--max-body", "65536", NULL};

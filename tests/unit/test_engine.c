@@ -428,6 +428,83 @@ static void test_engine_head_dim_over_max_refused(void **state) {
     assert_int_equal(rc, STP_EFORMAT);
 }
 
+/* Several sequences in one engine_eval_batch: each sequence's logits equal, bit for bit, the
+ * same tokens evaluated alone (Q4_0 models, whose batched matmul equals the matvec bit for bit),
+ * whether its prompt is cut into chunks or not, with decode steps of other sequences beside it;
+ * and engine_seq_keep resumes a kept prefix with the bits of evaluating it whole. */
+static void s_batch_invariance(const char *file) {
+    model *m = th_model_open(file);
+    const int V = m->cfg.n_vocab;
+    enum { NP = 29, NQ = 11 };
+    int32_t p[NP], q[NQ];
+    s_tokens(p, NP, V, 7);
+    s_tokens(q, NQ, V, 8);
+    stp_err err = {0};
+    /* alone: p whole, then one more token; q whole */
+    engine *a = s_engine(m, 2, 64, 0);
+    float *lp = malloc(sizeof(float) * V), *lp2 = malloc(sizeof(float) * V),
+          *lq = malloc(sizeof(float) * V), *got = malloc(sizeof(float) * V),
+          *got2 = malloc(sizeof(float) * V);
+    assert_int_equal(engine_eval(a, p, NP - 1, NULL, false, &err), 0);
+    assert_int_equal(engine_eval(a, p + NP - 1, 1, lp, false, &err), 0);
+    engine_reset(a);
+    assert_int_equal(engine_eval(a, q, NQ, lq, false, &err), 0);
+    engine_reset(a);
+    assert_int_equal(engine_eval(a, p, NP, lp2, false, &err), 0);
+
+    /* batched: sequence 1 takes q in chunks of 4 while sequence 0 takes p in chunks of 5 */
+    engine *b = s_engine(m, 2, 64, 8);
+    engine_params ep = {.n_threads = 2, .n_ctx = 64, .n_ubatch = 8, .n_seq = 3};
+    engine_destroy(&b);
+    if (engine_new(&b, m, &ep, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(engine_n_seq(b), 3);
+    int ip = 0, iq = 0;
+    while (ip < NP || iq < NQ) {
+        engine_seq_eval be[2];
+        int n = 0;
+        int cp = NP - ip < 5 ? NP - ip : 5, cq = NQ - iq < 4 ? NQ - iq : 4;
+        if (cp) be[n++] = (engine_seq_eval){0, p + ip, cp, ip + cp == NP ? got : NULL};
+        if (cq) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL};
+        if (engine_eval_batch(b, be, n, &err)) fail_msg("%s", err.msg);
+        ip += cp, iq += cq;
+    }
+    assert_int_equal(engine_seq_n_past(b, 0), NP);
+    assert_int_equal(engine_seq_n_past(b, 1), 0);
+    assert_int_equal(engine_seq_n_past(b, 2), NQ);
+    if (memcmp(got, lp2, sizeof(float) * V))
+        fail_msg("%s: chunked p beside q differs from p alone (max %g)", file,
+                 s_max_diff(got, lp2, V));
+    if (memcmp(got2, lq, sizeof(float) * V))
+        fail_msg("%s: chunked q beside p differs from q alone (max %g)", file,
+                 s_max_diff(got2, lq, V));
+    /* keep p's first NP-1 positions and evaluate its last token again */
+    assert_int_equal(engine_seq_keep(b, 0, NP - 1), NP - 1);
+    engine_seq_eval one = {0, p + NP - 1, 1, got};
+    assert_int_equal(engine_eval_batch(b, &one, 1, &err), 0);
+    if (memcmp(got, lp, sizeof(float) * V))
+        fail_msg("%s: kept prefix + last token differs (max %g)", file, s_max_diff(got, lp, V));
+    /* errors change nothing */
+    engine_seq_eval twice[2] = {{0, p, 1, NULL}, {0, q, 1, NULL}};
+    assert_int_equal(engine_eval_batch(b, twice, 2, &err), STP_EINVAL);
+    engine_seq_eval bad = {3, p, 1, NULL};
+    assert_int_equal(engine_eval_batch(b, &bad, 1, &err), STP_EINVAL);
+    assert_int_equal(engine_seq_n_past(b, 0), NP);
+    free(lp), free(lp2), free(lq), free(got), free(got2);
+    engine_destroy(&a);
+    engine_destroy(&b);
+    model_close(&m);
+}
+
+static void test_engine_batch_invariance_dense(void **state) {
+    (void)state;
+    s_batch_invariance("tiny-dense-attn-q4_0-pure.gguf");
+}
+
+static void test_engine_batch_invariance_hybrid(void **state) {
+    (void)state;
+    s_batch_invariance("tiny-hybrid-attn-q4_0-pure.gguf");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_engine_batched_equals_stepwise_dense),
@@ -444,6 +521,8 @@ int main(void) {
         cmocka_unit_test(test_engine_sliding_window_ring),
         cmocka_unit_test(test_engine_synthetic_64_experts),
         cmocka_unit_test(test_engine_head_dim_over_max_refused),
+        cmocka_unit_test(test_engine_batch_invariance_dense),
+        cmocka_unit_test(test_engine_batch_invariance_hybrid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,7 +5,6 @@
 #include <string.h>
 
 #include "gen/backend.h"
-#include "cli.h"
 
 typedef struct backend_engine {
     backend base; /* must stay first */
@@ -84,7 +83,7 @@ int backend_engine_new(backend **out, const backend_engine_params *p, stp_err *e
                         .n_ctx = p->n_ctx,
                         .kv_type = p->kv_type,
                         .n_seq = p->n_seq,
-                        .progress = cli_progress};
+                        .progress = p->progress};
     rc = engine_new(&be->e, be->m, &ep, err);
     if (rc) goto fail;
     const char *slash = strrchr(p->model_path, '/');

@@ -1,0 +1,239 @@
+/* test_serve_pipeline: `stpipe serve --pipeline RUN_DIR` over a running pipeline
+ * (`stpipe-up --parallel 2`): a greedy completion gives the in-process `stpipe generate` ids;
+ * two at once give each one's ids alone; the next turn of a conversation reuses the prompt
+ * prefix in the coordinator's slot (cached_tokens); a streaming client that goes away cancels
+ * its request at the coordinator (its stats count it) and the server goes on answering. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "th_http.h"
+#include "th_pipeline.h"
+#include "th_proc.h"
+
+#define MODEL "tiny-qwen-vocab-q4_0-pure.gguf"
+
+static char s_dir[1024];
+static th_server s_srv;
+
+static int s_teardown(void **st) {
+    (void)st;
+    if (s_srv.pid > 0) th_server_stop(&s_srv);
+    s_srv.pid = 0;
+    if (s_dir[0]) th_pipe_down(s_dir, 30);
+    s_dir[0] = 0;
+    return 0;
+}
+
+/* The "tokens" of a completion answer (return_tokens), as "1 2 3"; cached prompt tokens. */
+static void s_tokens(const char *body, char *out, size_t cap, long long *cached) {
+    json_error_t je;
+    json_t *root = json_loads(body, 0, &je);
+    assert_non_null(root);
+    json_t *toks = json_object_get(root, "tokens");
+    assert_true(json_is_array(toks));
+    size_t i, n = 0;
+    json_t *v;
+    out[0] = 0;
+    json_array_foreach(toks, i, v) {
+        n += (size_t)snprintf(out + n, cap - n, i ? " %lld" : "%lld", json_integer_value(v));
+        assert_true(n < cap);
+    }
+    if (cached)
+        *cached = json_integer_value(json_object_get(
+            json_object_get(json_object_get(root, "usage"), "prompt_tokens_details"),
+            "cached_tokens"));
+    json_decref(root);
+}
+
+typedef struct job {
+    int port;
+    char body[512];
+    th_http_resp r;
+} job;
+
+static void *s_post(void *arg) {
+    job *j = arg;
+    j->r = th_http(j->port, "POST", "/v1/completions", NULL, j->body);
+    return NULL;
+}
+
+static void s_body(char *b, size_t cap, const char *prompt, int n) {
+    snprintf(b, cap,
+             "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0,\"ignore_eos\":true,"
+             "\"return_tokens\":true}",
+             prompt, n);
+}
+
+/* The counter `name` of the coordinator's stats (stpipe stats --json), -1 if absent. */
+static long long s_coord_counter(const char *name) {
+    char bin[1024], out[1200];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/stats.json", s_dir);
+    char *argv[] = {bin, "stats", "--run-dir", s_dir, "--json", NULL};
+    assert_int_equal(th_run(argv, out, 30), 0);
+    char *s = th_slurp(out, NULL);
+    assert_non_null(s);
+    json_error_t je;
+    json_t *root = json_loads(s, 0, &je);
+    free(s);
+    assert_non_null(root);
+    json_t *v =
+        json_object_get(json_object_get(json_object_get(root, "coordinator"), "counters"), name);
+    long long x = v ? json_integer_value(v) : -1;
+    json_decref(root);
+    return x;
+}
+
+static void test_serve_pipeline(void **st) {
+    (void)st;
+    char model[1024];
+    snprintf(model, sizeof model, "%s/%s", th_env("STP_TEST_DATA"), MODEL);
+    th_pipe_dir(s_dir, sizeof s_dir, "pipe", "serve");
+    const char *extra[] = {"--parallel", "2", NULL};
+    assert_int_equal(th_pipe_up(s_dir, model, 1, 30, 60, extra), 0);
+    const char *args[] = {"--pipeline", s_dir, NULL};
+    assert_int_equal(th_server_start(&s_srv, MODEL, args, "serve-pipe"), 0);
+
+    /* alone, and against the in-process engine */
+    const char *prompts[2] = {"Once upon a time", "The capital of France is"};
+    char alone[2][4096];
+    for (int i = 0; i < 2; i++) {
+        job j = {.port = s_srv.port};
+        s_body(j.body, sizeof j.body, prompts[i], 12);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        s_tokens(j.r.body, alone[i], sizeof alone[i], NULL);
+        th_http_free(&j.r);
+    }
+    {
+        char bin[1024], out[1200];
+        snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+        snprintf(out, sizeof out, "%s/inproc.out", s_dir);
+        char *argv[] = {bin,  "generate", "--model", model,     "--prompt",     (char *)prompts[0],
+                        "-n", "12",       "--ids",   "--quiet", "--ignore-eos", NULL};
+        assert_int_equal(th_run(argv, out, 60), 0);
+        char *s = th_slurp(out, NULL);
+        assert_non_null(s);
+        s[strcspn(s, "\n")] = 0;
+        assert_string_equal(s, alone[0]);
+        free(s);
+    }
+
+    /* a stop string (forwarded to the coordinator's token step): the text before it */
+    {
+        job j = {.port = s_srv.port};
+        s_body(j.body, sizeof j.body, prompts[0], 12);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        json_error_t je;
+        json_t *root = json_loads(j.r.body, 0, &je);
+        assert_non_null(root);
+        const char *text = json_string_value(
+            json_object_get(json_array_get(json_object_get(root, "choices"), 0), "text"));
+        assert_non_null(text);
+        /* the first run of two ASCII letters after the start */
+        const char *at = NULL;
+        for (const char *p = text + 1; *p && p[1] && !at; p++)
+            if (((*p | 32) >= 'a' && (*p | 32) <= 'z') &&
+                ((p[1] | 32) >= 'a' && (p[1] | 32) <= 'z'))
+                at = p;
+        if (at) {
+            char stop[3] = {at[0], at[1], 0}, body[512];
+            size_t before = (size_t)(strstr(text, stop) - text);
+            snprintf(body, sizeof body,
+                     "{\"prompt\":\"%s\",\"max_tokens\":12,\"temperature\":0,\"ignore_eos\":true,"
+                     "\"stop\":[\"%s\"]}",
+                     prompts[0], stop);
+            th_http_resp r = th_http(s_srv.port, "POST", "/v1/completions", NULL, body);
+            assert_int_equal(r.status, 200);
+            json_t *r2 = json_loads(r.body, 0, &je);
+            assert_non_null(r2);
+            json_t *ch = json_array_get(json_object_get(r2, "choices"), 0);
+            assert_string_equal(json_string_value(json_object_get(ch, "finish_reason")), "stop");
+            const char *cut = json_string_value(json_object_get(ch, "text"));
+            assert_int_equal(strlen(cut), before);
+            assert_memory_equal(cut, text, before);
+            json_decref(r2);
+            th_http_free(&r);
+        }
+        json_decref(root);
+        th_http_free(&j.r);
+    }
+
+    /* together */
+    job two[2] = {{.port = s_srv.port}, {.port = s_srv.port}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) {
+        s_body(two[i].body, sizeof two[i].body, prompts[i], 12);
+        assert_int_equal(pthread_create(&th[i], NULL, s_post, &two[i]), 0);
+    }
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(two[i].r.status, 200);
+        char ids[4096];
+        s_tokens(two[i].r.body, ids, sizeof ids, NULL);
+        assert_string_equal(ids, alone[i]);
+        th_http_free(&two[i].r);
+    }
+
+    /* a longer prompt starting with an earlier one: its prefix comes from a slot */
+    {
+        job j = {.port = s_srv.port};
+        s_body(j.body, sizeof j.body, "Once upon a time there was", 4);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        char ids[4096];
+        long long cached = 0;
+        s_tokens(j.r.body, ids, sizeof ids, &cached);
+        assert_true(cached >= 3);
+        th_http_free(&j.r);
+    }
+
+    /* a streaming client that goes away after its first chunk */
+    long long c0 = s_coord_counter("requests.cancelled");
+    int fd = th_http_connect(s_srv.port);
+    assert_true(fd >= 0);
+    assert_true(th_http_send(fd, "POST", "/v1/completions", NULL,
+                             "{\"prompt\":\"Hello\",\"max_tokens\":3000,\"temperature\":0,"
+                             "\"ignore_eos\":true,\"stream\":true}"));
+    char buf[256];
+    assert_true(read(fd, buf, sizeof buf) > 0);
+    close(fd);
+    bool cancelled = false;
+    for (int i = 0; i < 100 && !cancelled; i++) {
+        usleep(200000);
+        cancelled = s_coord_counter("requests.cancelled") > (c0 > 0 ? c0 : 0);
+    }
+    assert_true(cancelled);
+    job after = {.port = s_srv.port};
+    s_body(after.body, sizeof after.body, prompts[1], 12);
+    s_post(&after);
+    assert_int_equal(after.r.status, 200);
+    char ids[4096];
+    s_tokens(after.r.body, ids, sizeof ids, NULL);
+    assert_string_equal(ids, alone[1]);
+    th_http_free(&after.r);
+
+    assert_int_equal(th_server_stop(&s_srv), 0);
+    s_srv.pid = 0;
+    assert_int_equal(th_pipe_down(s_dir, 30), 0);
+    s_dir[0] = 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_serve_pipeline, s_teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
