@@ -1080,10 +1080,12 @@ static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old
         const Stp__EvalSeq *e = q->seqs[i];
         const int s = (int)e->slot;
         if (!a->wend[s] ||
-            (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->wend[s], old[i]) == old[i]))
+            (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->wend[s], old[i]) == old[i])) {
             a->n_past[s] = old[i];
-        else
+        } else {
             a->n_past[s] = 0;
+            kv_cache_release(a->kv[s], 0);
+        }
     }
 }
 
@@ -1143,6 +1145,10 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     uint64_t *off = a->r_off;
     for (int i = 0; i < nb; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
+        /* a slot cut back (pos0 < its old n_past) gives the pages past its new end back, as
+         * engine_seq_keep does (kv_cache_release); done only now, so that a failed request
+         * could still fall back to the old positions */
+        if (e->pos0 < old[i]) kv_cache_release(a->kv[e->slot], a->n_past[e->slot]);
         past[i] = a->n_past[e->slot];
         off[i] = e->want_logits ? a->ah->off_logits + (uint64_t)e->slot * V * sizeof(float) : 0;
     }
@@ -1184,6 +1190,9 @@ static void s_handle(attn_worker *a, msg_in *in, bool busy) {
         p.nonce = m->ping->nonce;
         p.stage = STAGE;
         p.pid = (int32_t)getpid();
+        p.n_seq = a->n_seq; /* the coordinator's multi-sequence backend sizes itself from these */
+        p.n_ctx = a->n_ctx;
+        p.n_ubatch = a->n_ubatch;
         Stp__EvalMsg r;
         stp__eval_msg__init(&r);
         r.body_case = STP__EVAL_MSG__BODY_PONG;

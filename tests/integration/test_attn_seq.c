@@ -264,6 +264,40 @@ static void s_same(const ent *es, int n, const char *what) {
     free(lg);
 }
 
+/* A Ping is answered with the worker's shape: slots, positions per slot, micro-batch. */
+static void test_attn_seq_pong_says_the_slots(void **st) {
+    (void)st;
+    Stp__Ping pg;
+    stp__ping__init(&pg);
+    pg.nonce = 77;
+    Stp__EvalMsg m;
+    stp__eval_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__EVAL_MSG__BODY_PING;
+    m.ping = &pg;
+    stp_err err = {0};
+    if (msg_send(s_g.sock, NULL, 0, &m.base, &err)) fail_msg("send: %s", err.msg);
+    for (double t0 = th_now(); th_now() - t0 < 10;) {
+        bool rd;
+        msg_in in;
+        if (!msg_poll(&s_g.sock, 1, &rd, 500) || !rd || msg_recv(s_g.sock, false, &in, &err) <= 0)
+            continue;
+        Stp__EvalMsg *r = stp__eval_msg__unpack(NULL, in.len, in.data);
+        msg_in_free(&in);
+        assert_non_null(r);
+        if (r->body_case == STP__EVAL_MSG__BODY_PONG && r->pong->nonce == 77) {
+            assert_int_equal(r->pong->pid, s_g.pid[2]);
+            assert_int_equal(r->pong->n_seq, N_SEQ);
+            assert_int_equal(r->pong->n_ctx, N_CTX);
+            assert_int_equal(r->pong->n_ubatch, N_UBATCH);
+            stp__eval_msg__free_unpacked(r, NULL);
+            return;
+        }
+        stp__eval_msg__free_unpacked(r, NULL);
+    }
+    fail_msg("no Pong in 10 s");
+}
+
 /* The request must be refused with code and a message containing needle. */
 static void s_refused(const ent *es, int n, bool all, int code, const char *needle) {
     Stp__EvalMsg *r = s_send(es, n, all);
@@ -432,6 +466,7 @@ static void test_attn_seq_failed_ubatch_rolls_back(void **st) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_attn_seq_pong_says_the_slots),
         cmocka_unit_test(test_attn_seq_equals_engine_batch),
         cmocka_unit_test(test_attn_seq_failed_ubatch_rolls_back),
     };
