@@ -337,12 +337,11 @@ static json_t *s_usage(const http_job *job) {
 static json_t *s_timings(const http_job *job) {
     const gen_result *r = &job->res;
     const int n_eval = r->n_prompt - r->n_cached; /* prompt tokens evaluated */
-    return json_pack("{s:f, s:i, s:f, s:f, s:f, s:f}", "queue_ms",
-                     (job->t_start - job->t_arrive) * 1e3, "cache_n", r->n_cached, "prompt_ms",
-                     r->t_prompt * 1e3, "prompt_per_second",
-                     r->t_prompt > 0 ? n_eval / r->t_prompt : 0.0, "predicted_ms",
-                     r->t_gen * 1e3, "predicted_per_second",
-                     r->n_gen > 1 && r->t_gen > 0 ? (r->n_gen - 1) / r->t_gen : 0.0);
+    return json_pack(
+        "{s:f, s:i, s:f, s:f, s:f, s:f}", "queue_ms", (job->t_start - job->t_arrive) * 1e3,
+        "cache_n", r->n_cached, "prompt_ms", r->t_prompt * 1e3, "prompt_per_second",
+        r->t_prompt > 0 ? n_eval / r->t_prompt : 0.0, "predicted_ms", r->t_gen * 1e3,
+        "predicted_per_second", r->n_gen > 1 && r->t_gen > 0 ? (r->n_gen - 1) / r->t_gen : 0.0);
 }
 
 char *http_api_response(const http_job *job, const char *model) {

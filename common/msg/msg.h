@@ -18,7 +18,7 @@
 
 #include "util/stp_err.h"
 
-#define STP_PROTO_VERSION 1u
+#define STP_PROTO_VERSION 2u
 #define MSG_ID_MAX 256           /* ROUTER peer ids (zmq makes 5-byte ones) */
 #define MSG_MAX_BYTES (1u << 30) /* larger payloads are refused before decoding */
 #define MSG_SEND_TIMEOUT_MS 5000 /* a send blocked at the high-water mark fails after this */
