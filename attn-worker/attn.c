@@ -1024,6 +1024,9 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
         snprintf(buf, cap, "all_logits with %zu sequences (one only)", q->n_seqs);
         return STP_EINVAL;
     }
+    bool releasing = !q->all_logits; /* every entry without tokens: a release (s_release) */
+    for (size_t i = 0; i < q->n_seqs; i++)
+        releasing = releasing && q->seqs[i]->n_tokens == 0;
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
         if (e->slot >= (uint32_t)a->n_seq) {
@@ -1039,8 +1042,11 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
         const int n = (int)(e->n_tokens < INT32_MAX ? e->n_tokens : INT32_MAX);
         const int past = a->n_past[e->slot];
         *kind = "eval_range";
-        if (n <= 0) {
-            snprintf(buf, cap, "eval of 0 tokens in slot %u", e->slot);
+        if (n <= 0 && (!releasing || e->want_logits)) {
+            snprintf(buf, cap,
+                     "eval of 0 tokens in slot %u (a request of entries without "
+                     "tokens only releases memory)",
+                     e->slot);
             return STP_EINVAL;
         }
         if (e->pos0 < 0 || e->pos0 > past) {
@@ -1089,12 +1095,44 @@ static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old
     }
 }
 
+/* A request whose entries have no tokens: each slot keeps its first pos0 positions and gives
+ * the memory of the rest back (the coordinator's KV pool emptied an idle slot). */
+static void s_release(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) {
+    int32_t *past = a->r_past;
+    uint64_t *off = a->r_off;
+    for (size_t i = 0; i < q->n_seqs; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        if (e->pos0 < a->n_past[e->slot]) {
+            a->n_past[e->slot] = e->pos0;
+            kv_cache_release(a->kv[e->slot], e->pos0);
+        }
+        past[i] = a->n_past[e->slot];
+        off[i] = 0;
+    }
+    stats_add(a->st, "kv.releases", (uint64_t)q->n_seqs);
+    Stp__EvalReply r;
+    stp__eval_reply__init(&r);
+    r.seq = q->seq;
+    r.n_n_past = q->n_seqs;
+    r.n_past = past;
+    r.n_vocab = a->m->cfg.n_vocab;
+    r.n_logits_offset = q->n_seqs;
+    r.logits_offset = off;
+    r.act_epoch = a->ah->epoch;
+    Stp__EvalMsg m;
+    stp__eval_msg__init(&m);
+    m.body_case = STP__EVAL_MSG__BODY_REPLY;
+    m.reply = &r;
+    s_reply(a, in, &m);
+}
+
 static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) {
     const model_config *c = &a->m->cfg;
     char buf[256];
     const char *kind = NULL;
     int rc = s_check(a, q, buf, sizeof buf, &kind);
     if (rc) return s_error(a, in, kind, q->seq, rc, buf);
+    if (q->seqs[0]->n_tokens == 0) return s_release(a, in, q);
     const int nb = (int)q->n_seqs, V = c->n_vocab;
     int n = 0, *old = a->old_past; /* entries are distinct slots: at most n_seq */
     bool decode = true;

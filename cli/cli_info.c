@@ -13,7 +13,7 @@
 typedef struct info_opts {
     const char *model;
     bool help, tensors;
-    int ctx, workers, threads, parallel;
+    int ctx, workers, threads, parallel, kv_pool;
     kv_dtype kv_type;
     uint64_t budget;
 } info_opts;
@@ -37,6 +37,8 @@ static const opt_def s_opts[] = {
     {"--workers", NULL, OPT_INT, 1, 64, "1", "N", "plan: expert workers", F(workers), NULL, NULL},
     {"--parallel", NULL, OPT_INT, 1, 256, "4", "N",
      "plan: the attention worker's sequence slots (a KV cache each)", F(parallel), NULL, NULL},
+    {"--kv-pool", NULL, OPT_INT, 0, 1 << 24, "0", "N",
+     "plan: KV positions the slots hold at once (0: parallel x ctx-size)", F(kv_pool), NULL, NULL},
     CLI_OPT_THREADS(info_opts, "1", "plan: the attention worker's threads (as the daemon plans)"),
 };
 #undef F
@@ -45,7 +47,8 @@ static void s_usage(FILE *f) {
     cli_opts_help(
         f,
         "usage: stpipe info --model FILE [--ctx-size N] [--cache-type f32|f16|q8_0] [--tensors]\n"
-        "                   [--memory-budget B [--workers N] [--threads N] [--parallel N]]\n"
+        "                   [--memory-budget B [--workers N] [--threads N] [--parallel N] "
+        "[--kv-pool N]]\n"
         "  prints architecture, shapes, tensor types and sizes, and the memory the\n"
         "  in-process engine will use (weights mapped from the file + KV cache + scratch);\n"
         "  with --memory-budget (1G, 800M, ...) the pipeline's plan under that budget, as\n"
@@ -69,8 +72,8 @@ static int s_print_plan(const model *m, const budget_params *bp) {
            s_mib(p.budget), p.n_ctx, kv_cache_type_name(p.kv_type), p.n_seq, p.n_seq > 1 ? "s" : "",
            p.workers, p.workers > 1 ? "s" : "", p.threads, p.threads > 1 ? "s" : "");
     printf("  non-expert weights    %9.1f MiB (attention worker)\n", s_mib(p.non_expert));
-    printf("  KV cache              %9.1f MiB (%d slot%s x %.1f MiB)\n", s_mib(p.kv), p.n_seq,
-           p.n_seq > 1 ? "s" : "", s_mib(p.kv / (uint64_t)p.n_seq));
+    printf("  KV cache              %9.1f MiB (a pool of %d positions over %d slot%s)\n",
+           s_mib(p.kv), p.kv_pool, p.n_seq, p.n_seq > 1 ? "s" : "");
     printf("  activation region     %9.1f MiB (ubatch %d)\n", s_mib(p.act), p.n_ubatch);
     printf("  attention scratch     %9.1f MiB + buffers %.1f MiB\n", s_mib(p.attn_scratch),
            s_mib(p.attn_buffers));
@@ -179,6 +182,7 @@ int cli_info(int argc, char **argv) {
                             .n_ctx = (int)ctx,
                             .kv_type = kv_type,
                             .n_seq = (int)parallel,
+                            .kv_pool = o.kv_pool,
                             .workers = (int)workers,
                             .threads = (int)threads,
                             .budget = budget};

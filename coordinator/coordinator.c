@@ -220,6 +220,7 @@ static int s_emit(void *ud, const char *text, size_t len) {
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_TOKEN;
     m.token = &te;
+    stats_add(r->c->st, "events.token", 1);
     return s_send_req(r, &m) == STP_EPEER || r->cancel;
 }
 
@@ -577,7 +578,7 @@ int coordinator_run(coordinator *c, stp_err *err) {
                               .wait_ud = c,
                               .wait_sock = c->client};
     int rc = pipe_backend_new(&c->b, &bp, err);
-    if (!rc) rc = sched_new(&c->s, c->b, &(sched_params){0}, err);
+    if (!rc) rc = sched_new(&c->s, c->b, &(sched_params){.kv_positions = c->o.kv_pool}, err);
     if (rc) return stage_stopping() ? 0 : rc;
     stp_err e2 = {0};
     if (stage_ready(c->o.run_dir, "coordinator", &e2)) stage_log(STAGE, "%s", e2.msg);

@@ -30,6 +30,7 @@
 typedef struct pipe_slot {
     int32_t *ids; /* the tokens at positions 0..n_past-1 (capacity n_ctx) */
     int n_past;
+    bool release; /* cut back by seq_keep: the worker still holds (and maps) more */
 } pipe_slot;
 
 typedef struct pipe_backend {
@@ -355,6 +356,33 @@ static void s_forget(pipe_backend *p, const backend_seq_eval *q, int n_q) {
         p->slots[q[i].seq].n_past = 0;
 }
 
+/* Slots cut back by seq_keep and not in q (those are cut back by their entry's pos0) give their
+ * memory back now: one request of entries without tokens (the worker keeps pos0 positions and
+ * releases the rest; nothing is evaluated). Best effort: a failure only leaves the memory
+ * mapped until the slot's next eval, which cuts it back anyway. */
+static void s_release(pipe_backend *p, const backend_seq_eval *q, int n_q) {
+    pipe_entry e[64];
+    int n = 0;
+    for (int s = 0; s < p->n_seq && n < (int)(sizeof e / sizeof e[0]); s++) {
+        if (!p->slots[s].release) continue;
+        bool in_q = false;
+        for (int i = 0; i < n_q; i++)
+            in_q = in_q || q[i].seq == s;
+        p->slots[s].release = false;
+        if (!in_q) e[n++] = (pipe_entry){s, p->slots[s].n_past, 0, NULL, false};
+    }
+    if (!n || p->lost) return;
+    int peer_retries = MAX_PEER_RETRIES; /* no retry: it is only memory */
+    Stp__EvalMsg *m = NULL;
+    stp_err err = {0};
+    if (s_exchange(p, e, n, false, &peer_retries, &m, &err) == 0) {
+        stats_add(p->p.st, "kv.releases", (uint64_t)n);
+    } else {
+        stage_log("coordinator", "releasing %d slots' memory failed: %s", n, err.msg);
+    }
+    if (m) stp__eval_msg__free_unpacked(m, NULL);
+}
+
 static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float *all,
                       stp_err *err) {
     if (n_q < 1 || (all && n_q != 1)) return stp_err_set(err, STP_EINVAL, "empty evaluation");
@@ -373,6 +401,7 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
                 return stp_err_set(err, STP_EINVAL, "token id %d outside 0..%d", q[i].tokens[t],
                                    p->V - 1);
     }
+    s_release(p, q, n_q);
     pipe_entry *e = calloc((size_t)n_q, sizeof *e);
     if (!e) return stp_err_set(err, STP_ENOMEM, "out of memory");
     int rebuilds = 0, peer_retries = 0, rc = WAIT_LOST, total = 0;
@@ -454,7 +483,9 @@ static int s_seq_keep(backend *b, int seq, int n_keep) {
     pipe_backend *p = (pipe_backend *)b;
     if (seq < 0 || seq >= p->n_seq) return 0;
     pipe_slot *s = &p->slots[seq];
-    s->n_past = kv_cache_keep_max(&p->shape, s->n_past, n_keep);
+    int kept = kv_cache_keep_max(&p->shape, s->n_past, n_keep);
+    if (kept < s->n_past) s->release = true;
+    s->n_past = kept;
     return s->n_past;
 }
 

@@ -333,6 +333,7 @@ static int s_create_pool(storage *s, stp_err *err) {
                         .n_ubatch = s->o.n_ubatch,
                         .kv_type = s->o.kv_type,
                         .n_seq = s->o.n_seq, /* --parallel: the attention worker's slots */
+                        .kv_pool = s->o.kv_pool,
                         .workers = s->so.workers > 0 ? s->so.workers : 2,
                         .threads = s->so.attn_threads > 0 ? s->so.attn_threads : 1,
                         .budget = s->so.memory_budget,

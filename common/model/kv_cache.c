@@ -139,14 +139,15 @@ void kv_cache_release(kv_cache *c, int n_keep) {
     }
 }
 
-size_t kv_cache_bytes_at(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
-                         int n_pos) {
+size_t kv_cache_pool_bytes(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
+                           int n_seq, long long n_pos) {
     const size_t row = kv_cache_row_bytes(type, cfg->n_head_kv * cfg->head_dim);
     size_t b = 0;
     for (int il = 0; il < cfg->n_layer; il++) {
         int w = model_config_layer_window(cfg, il), cap = n_ctx;
         if (w > 0 && w + n_ubatch < n_ctx) cap = w + n_ubatch;
-        b += 2 * (size_t)(n_pos < cap ? n_pos : cap) * row;
+        long long held = (long long)n_seq * cap; /* every cache full */
+        b += 2 * (size_t)(n_pos < held ? n_pos : held) * row;
     }
     return b;
 }

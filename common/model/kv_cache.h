@@ -81,10 +81,12 @@ int kv_cache_keep_max(const kv_cache *c, int n_past, int n_keep);
  * what it still holds. The cache's buffers are mapped lazily, so a position costs memory once
  * written. */
 void kv_cache_release(kv_cache *c, int n_keep);
-/* Bytes n_pos positions take in a cache of n_ctx positions (rings count at most their cap):
- * what the memory-budget plan reserves for a pool of n_pos positions held at once. */
-size_t kv_cache_bytes_at(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
-                         int n_pos);
+/* The most bytes n_seq caches of n_ctx positions take while they hold n_pos positions in all
+ * (a global layer costs every position held; a sliding-window ring at most its cap per cache):
+ * what the memory-budget plan reserves for a KV pool (n_seq = 1, n_pos = n_ctx: one full
+ * cache, kv_cache_new's mappings). */
+size_t kv_cache_pool_bytes(const model_config *cfg, int n_ctx, int n_ubatch, kv_dtype type,
+                           int n_seq, long long n_pos);
 /* Stores one position's keys and values (kv_dim floats each) in slot, converted to the cache
  * type (rounding as the header says). */
 void kv_cache_store(const kv_cache *c, kv_layer *l, int slot, const float *k, const float *v);

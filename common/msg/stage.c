@@ -75,6 +75,10 @@ static const opt_def s_opts[] = {
     {"--parallel", NULL, OPT_INT, 1, 256, "4", "N",
      "attn-worker: sequence slots, each with its KV cache (the daemon's plan counts them)",
      F(n_seq), NULL, NULL},
+    {"--kv-pool", NULL, OPT_INT, 0, 1 << 24, "0", "N",
+     "KV positions all slots hold at once (coordinator: scheduler; storage: plan); 0: "
+     "parallel x ctx-size",
+     F(kv_pool), NULL, NULL},
     {"--verbose", NULL, OPT_FLAG, 0, 0, NULL, NULL, "log more", F(verbose), NULL, NULL},
 };
 #undef F

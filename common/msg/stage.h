@@ -46,6 +46,8 @@ typedef struct stage_opts {
     int prefetch; /* attn-worker: experts sent ahead per layer (-1: n_expert_used; STP_PREFETCH) */
     int n_seq;    /* --parallel: the attention worker's sequence slots, each with its KV cache
                    * (the storage daemon's plan counts them) */
+    int kv_pool;  /* --kv-pool: KV positions all slots hold at once (the coordinator's scheduler
+                   * keeps to it, the daemon's plan reserves it); 0: n_seq x n_ctx */
 } stage_opts;
 
 #define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */

@@ -17,17 +17,7 @@
 /* ---- what each stage allocates ---- */
 
 uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtype type) {
-    /* kv_cache_new: keys and values of cap slots per layer; a sliding-window layer's ring has
-     * window + n_ubatch slots when that is fewer than n_ctx; a slot's row is kv_dim values of
-     * 4 (f32), 2 (f16) or 34/32 (q8_0) bytes */
-    const uint64_t row = kv_cache_row_bytes(type, c->n_head_kv * c->head_dim);
-    uint64_t bytes = 0;
-    for (int il = 0; il < c->n_layer; il++) {
-        int window = model_config_layer_window(c, il), cap = n_ctx;
-        if (window > 0 && window + n_ubatch < n_ctx) cap = window + n_ubatch;
-        bytes += 2 * (uint64_t)cap * row;
-    }
-    return bytes;
+    return kv_cache_pool_bytes(c, n_ctx, n_ubatch, type, 1, n_ctx); /* the cache's own count */
 }
 
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads) {
@@ -60,7 +50,9 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     const int NL = c->n_layer, X = c->n_expert;
     const uint64_t E = (uint64_t)c->n_embd;
     p->non_expert = bp->non_expert;
-    p->kv = (uint64_t)p->n_seq * budget_kv_bytes(c, p->n_ctx, p->n_ubatch, p->kv_type);
+    p->kv_pool =
+        bp->kv_pool > 0 && bp->kv_pool < p->n_seq * p->n_ctx ? bp->kv_pool : p->n_seq * p->n_ctx;
+    p->kv = kv_cache_pool_bytes(c, p->n_ctx, p->n_ubatch, p->kv_type, p->n_seq, p->kv_pool);
     act_header ah;
     act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab, p->n_seq);
     p->act = ah.size;

@@ -35,6 +35,7 @@ typedef struct budget_params {
     int n_ubatch;         /* 0: 512; at most n_ctx */
     kv_dtype kv_type;     /* --cache-type f32|f16|q8_0 */
     int n_seq;            /* sequences, each with its own KV cache (0: 1) */
+    int kv_pool;          /* KV positions all sequences hold at once (0: n_seq x n_ctx) */
     int workers;          /* expert workers (0: 1) */
     int threads;          /* the attention worker's compute threads (0: 1) */
     uint64_t budget;      /* the whole pipeline, bytes; 0: unlimited (every expert) */
@@ -44,9 +45,11 @@ typedef struct budget_params {
 /* The plan. Bytes unless said otherwise. */
 typedef struct budget_plan {
     int n_ctx, n_ubatch, n_seq, workers, threads; /* the parameters, defaults applied */
+    int kv_pool;                                  /* positions, default applied */
     kv_dtype kv_type;
     uint64_t non_expert;   /* attention worker's weights */
-    uint64_t kv;           /* n_seq KV caches (= n_seq * budget_kv_bytes) */
+    uint64_t kv;           /* the KV pool: kv_pool positions over n_seq caches (mapped lazily,
+                            * they cost what they hold: kv_cache_pool_bytes) */
     uint64_t act;          /* the activation region (act_layout: n_seq rows of logits) */
     uint64_t attn_scratch; /* = attn_scratch_bytes of the attention worker's scratch */
     uint64_t attn_buffers; /* its residual / h / router buffers and logits */
@@ -63,7 +66,7 @@ typedef struct budget_plan {
     uint64_t pool_bytes;   /* table + frames * frame_bytes: the pool segment */
 } budget_plan;
 
-/* Bytes of one sequence's KV cache as kv_cache_new allocates it. */
+/* Bytes of one sequence's KV cache when full (kv_cache_pool_bytes of n_ctx positions). */
 uint64_t budget_kv_bytes(const model_config *c, int n_ctx, int n_ubatch, kv_dtype type);
 /* Bytes of the attention scratch as attn_scratch_new allocates it. */
 uint64_t budget_attn_scratch_bytes(const model_config *c, int n_ubatch, int n_ctx, int threads);

@@ -127,8 +127,8 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
     }
 }
 
-/* The counter `name` of the coordinator's stats (stpipe stats --json), 0 if absent. */
-static long long s_coord_counter(const char *name) {
+/* The counter `name` of a stage's stats (stpipe stats --json), 0 if absent. */
+static long long s_stage_counter(const char *stage, const char *name) {
     char bin[1024], out[1200];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/stats.json", s_dir);
@@ -140,11 +140,14 @@ static long long s_coord_counter(const char *name) {
     json_t *root = json_loads(s, 0, &je);
     free(s);
     assert_non_null(root);
-    json_t *v =
-        json_object_get(json_object_get(json_object_get(root, "coordinator"), "counters"), name);
+    json_t *v = json_object_get(json_object_get(json_object_get(root, stage), "counters"), name);
     long long x = v ? json_integer_value(v) : 0;
     json_decref(root);
     return x;
+}
+
+static long long s_coord_counter(const char *name) {
+    return s_stage_counter("coordinator", name);
 }
 
 static void s_assert_same(const outcome *a, const outcome *b) {
@@ -233,7 +236,7 @@ static void test_pipeline_sched_concurrent(void **st) {
     /* Ctrl-C on `stpipe generate --pipeline`: exit 130, the ids so far, cancelled at the
      * coordinator */
     long long rx0 = s_coord_counter("requests.received"),
-              c0 = s_coord_counter("requests.cancelled");
+              c0 = s_coord_counter("requests.cancelled"), t0 = s_coord_counter("events.token");
     char bin[1024], out[1200];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/sigint.out", s_dir);
@@ -243,7 +246,9 @@ static void test_pipeline_sched_concurrent(void **st) {
     assert_true(pid > 0);
     for (int i = 0; i < 100 && s_coord_counter("requests.received") == rx0; i++)
         usleep(100000);
-    usleep(300000); /* some tokens */
+    /* some text streamed (deadline 10 s) */
+    for (int i = 0; i < 100 && s_coord_counter("events.token") < t0 + 3; i++)
+        usleep(100000);
     kill(pid, SIGINT);
     assert_int_equal(th_wait(pid, 30), 130);
     bool cancelled = false;
@@ -269,9 +274,56 @@ static void test_pipeline_sched_concurrent(void **st) {
     s_dir[0] = 0;
 }
 
+/* The KV pool (--kv-pool): two slots share fewer positions than two answers need, so a request
+ * empties the idle slot (the attention worker gives its memory back: kv.releases) and the
+ * answers stay those of each request alone. */
+static void test_pipeline_sched_kv_pool(void **st) {
+    (void)st;
+    th_golden g;
+    th_golden_load(&g, "tiny-hybrid-attn-f32");
+    int32_t pa[512], pb[512];
+    int na = 0;
+    for (char *p = g.ids, *end; *p && na < 512; p = end) {
+        long v = strtol(p, &end, 10);
+        if (end == p) break;
+        pa[na++] = (int32_t)v;
+    }
+    for (int i = 0; i < na; i++)
+        pb[i] = pa[na - 1 - i];
+    char pool[32];
+    snprintf(pool, sizeof pool, "%d", na + 30); /* one prompt and its answer of 24 */
+    th_pipe_dir(s_dir, sizeof s_dir, "pipe", "kvpool");
+    const char *extra[] = {"--parallel", "2", "--kv-pool", pool, NULL};
+    assert_int_equal(th_pipe_up(s_dir, g.model, 1, 30, 60, extra), 0);
+    void *zctx = zmq_ctx_new();
+    char ep[1200];
+    assert_int_equal(msg_endpoint(ep, sizeof ep, s_dir, "client", NULL), 0);
+    void *s = msg_socket(zctx, ZMQ_DEALER, ep, false, NULL);
+    assert_non_null(s);
+    outcome b1 = {.rid = 51}, a1 = {.rid = 52}, b2 = {.rid = 53};
+    s_send_request(s, b1.rid, pb, na, 24, true);
+    s_collect(s, &b1, 1, 0);
+    s_send_request(s, a1.rid, pa, na, 24, true); /* b1's slot holds na + 23: emptied */
+    s_collect(s, &a1, 1, 0);
+    s_send_request(s, b2.rid, pb, na, 24, true); /* a1's slot emptied, b2 from scratch */
+    s_collect(s, &b2, 1, 0);
+    assert_false(b1.failed || a1.failed || b2.failed);
+    s_assert_same(&b1, &b2);
+    assert_int_equal(b2.n_prompt_eval, na);
+    for (int i = 0; i < g.n_greedy && i < a1.n_ids; i++)
+        assert_int_equal(a1.ids[i], g.greedy[i]);
+    long long rel = s_stage_counter("attn-worker", "kv.releases");
+    if (rel < 2) fail_msg("the attention worker released %lld slots (want 2)", rel);
+    msg_close(&s);
+    zmq_ctx_term(zctx);
+    assert_int_equal(th_pipe_down(s_dir, 30), 0);
+    s_dir[0] = 0;
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pipeline_sched_concurrent, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_sched_kv_pool, s_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
