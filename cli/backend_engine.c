@@ -74,6 +74,7 @@ int backend_engine_new(backend **out, const backend_engine_params *p, stp_err *e
     engine_params ep = {.n_threads = p->n_threads > 0 ? p->n_threads : 1,
                         .n_ctx = p->n_ctx,
                         .kv_type = p->kv_type,
+                        .sparse_head_candidates = p->sparse_head_candidates,
                         .progress = cli_progress};
     rc = engine_new(&be->e, be->m, &ep, err);
     if (rc) goto fail;

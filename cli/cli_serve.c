@@ -24,7 +24,7 @@ static void s_on_signal(int sig) {
 typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
-    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, sparse_head;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -39,6 +39,7 @@ static const opt_def s_opts[] = {
     {"--queue", NULL, OPT_INT, 0, 4096, "8", "N",
      "requests that may wait behind the running one; more get 503", F(queue), NULL, NULL},
     CLI_OPT_CTX(serve_opts, 16),
+    CLI_OPT_SPARSE_HEAD(serve_opts),
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
      F(max_tokens), NULL, NULL},
@@ -88,7 +89,10 @@ int cli_serve(int argc, char **argv) {
     stp_err err = {0};
     backend *b = NULL;
     http_server *srv = NULL;
-    backend_engine_params bp = {.model_path = model, .n_threads = o.threads, .n_ctx = o.ctx};
+    backend_engine_params bp = {.model_path = model,
+                                .n_threads = o.threads,
+                                .n_ctx = o.ctx,
+                                .sparse_head_candidates = o.sparse_head};
     if (backend_engine_new(&b, &bp, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);
         return 1;

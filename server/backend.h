@@ -39,9 +39,10 @@ struct backend {
 
 typedef struct backend_engine_params {
     const char *model_path;
-    int n_threads;    /* >= 1 */
-    int n_ctx;        /* 0: min(model's, 4096) */
-    kv_dtype kv_type; /* KV cache f32 (0), f16, q8_0 */
+    int n_threads;              /* >= 1 */
+    int n_ctx;                  /* 0: min(model's, 4096) */
+    kv_dtype kv_type;           /* KV cache f32 (0), f16, q8_0 */
+    int sparse_head_candidates; /* 0: full LM head; else engine_params' sparse head C */
 } backend_engine_params;
 
 /* The in-process engine: opens the GGUF, its tokenizer (required) and an engine. */

@@ -15,6 +15,7 @@
 #include "model/attention.h"
 #include "model/forward.h"
 #include "model/kv_cache.h"
+#include "model/lm_head.h"
 #include "model/moe.h"
 #include "model/ops.h"
 #include "util/threadpool.h"
@@ -34,6 +35,7 @@ struct engine {
     int32_t *sel;   /* (n_ubatch, n_expert_used) */
     float *selw;    /* (n_ubatch, n_expert_used) */
     uint8_t *xq;    /* LM-head activations */
+    lm_head *lmh;   /* sparse LM head for last-token logits, or NULL */
     engine_stats stats;
 };
 
@@ -63,7 +65,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     rc = moe_scratch_new(&e->ms, c, n_ubatch, err);
     if (rc) goto fail;
     if (!(p && p->no_packing)) {
-        rc = model_enable_packing((model *)m, MODEL_PACK_ALL, err);
+        int sh = p && p->sparse_head_candidates > 0; /* it reads the head's rows in file layout */
+        rc = model_enable_packing((model *)m, MODEL_PACK_ALL & ~(sh ? MODEL_PACK_HEAD : 0), err);
         if (rc) goto fail;
     }
     if (!(p && p->dense_down)) {
@@ -75,6 +78,10 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         void *ud = p ? p->progress_ud : NULL;
         rc = model_pack_all((model *)m, e->tp, pf, ud, err);
         if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, pf, ud, err);
+        if (rc) goto fail;
+    }
+    if (p && p->sparse_head_candidates > 0) {
+        rc = lm_head_new(&e->lmh, &e->cc, m, p->sparse_head_candidates, err);
         if (rc) goto fail;
     }
     size_t TE = (size_t)n_ubatch * c->n_embd;
@@ -110,6 +117,7 @@ void engine_destroy(engine **self_p) {
     free(e->sel);
     free(e->selw);
     free(e->xq);
+    lm_head_destroy(&e->lmh);
     free(e);
     *self_p = NULL;
 }
@@ -155,8 +163,11 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
     t0 = forward_now_ns();
     for (int t = 0; t < T; t++) {
         if (!all_logits && !(last_chunk && t == T - 1)) continue;
-        forward_head(&e->cc, m, e->x + (size_t)t * E, e->h, e->xq,
-                     all_logits ? logits + (size_t)t * c->n_vocab : logits);
+        if (e->lmh && !all_logits)
+            lm_head_eval(e->lmh, &e->cc, e->x + (size_t)t * E, logits);
+        else
+            forward_head(&e->cc, m, e->x + (size_t)t * E, e->h, e->xq,
+                         all_logits ? logits + (size_t)t * c->n_vocab : logits);
     }
     st->ns_head += forward_now_ns() - t0;
 }

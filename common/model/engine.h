@@ -22,6 +22,7 @@ typedef struct engine_params {
     bool dense_down;  /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing;  /* keep every matrix in the file's layout (for comparisons) */
     bool lazy;        /* build packed/neuron-major images on first use instead of at load */
+    int sparse_head_candidates; /* 0: full LM head; else the sparse head's C rows (lm_head.h) */
     model_progress_fn progress; /* optional: reports the load-time image building */
     void *progress_ud;
 } engine_params;
