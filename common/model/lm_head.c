@@ -4,9 +4,9 @@
  * steps of 32 bytes, byte k of step p = row k's sign bits of columns 8p..8p+7 (bit i: column
  * 8p+i, 1 when the weight is > 0). Tables per step p: 32 bytes for the low nibble (columns
  * 8p..8p+3) then 32 for the high one (8p+4..8p+7), each the same 16 entries twice (one per AVX2
- * lane): entry m = 32 + sum_i (bit i of m ? +xq : -xq) of the four columns, in [-28, 92] + 32 >= 4
- * since |xq| <= 15. A step adds low + high (<= 248, one byte) per row; the sum over the steps
- * minus 64 per step is the integer score sum_j xq_j * sign_j. */
+ * lane): entry m = 64 + sum_i (bit i of m ? +xq : -xq) of the four columns, in [4, 124] since
+ * |xq| <= 15. A step adds low + high (<= 248, one byte) per row; the sum over the steps minus 128
+ * per step is the integer score sum_j xq_j * sign_j. */
 #include "model/lm_head.h"
 
 #include <math.h>
@@ -16,7 +16,7 @@
 #include "kern/kern.h"
 
 #define LMH_GROUP 32
-#define LMH_BIAS 32 /* per table entry */
+#define LMH_BIAS 64 /* per table entry */
 
 struct lm_head {
     const model *m;

@@ -30,7 +30,7 @@ void lm_head_group_scores_avx2(const uint8_t *bits, const uint8_t *tab, int n_em
         t2 = _mm256_add_epi32(t2, _mm256_unpacklo_epi16(a1, zero)); /* rows 8-11, 24-27 */
         t3 = _mm256_add_epi32(t3, _mm256_unpackhi_epi16(a1, zero)); /* rows 12-15, 28-31 */
     }
-    const __m256i bias = _mm256_set1_epi32(64 * S);
+    const __m256i bias = _mm256_set1_epi32(128 * S);
     int32_t tmp[4][8];
     _mm256_storeu_si256((__m256i *)tmp[0], _mm256_sub_epi32(t0, bias));
     _mm256_storeu_si256((__m256i *)tmp[1], _mm256_sub_epi32(t1, bias));
