@@ -35,8 +35,9 @@ struct engine {
     int32_t *sel;   /* (n_ubatch, n_expert_used) */
     float *selw;    /* (n_ubatch, n_expert_used) */
     uint8_t *xq;    /* LM-head activations */
-    lm_head *lmh;   /* sparse LM head for last-token logits, or NULL */
     engine_stats stats;
+    lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
+    const float *last_x; /* the last evaluated token's final hidden state */
 };
 
 int engine_new(engine **out, const model *m, const engine_params *p, stp_err *err) {
@@ -159,6 +160,7 @@ static void s_ubatch(engine *e, const int32_t *tokens, int T, float *logits, boo
 
     e->n_past += T;
     e->stats.tokens += (uint64_t)T;
+    e->last_x = e->x + (size_t)(T - 1) * E;
     if (!logits) return;
     t0 = forward_now_ns();
     for (int t = 0; t < T; t++) {
@@ -211,6 +213,9 @@ size_t engine_scratch_bytes(const engine *e) {
     return attn_scratch_bytes(e->as) + moe_scratch_bytes(e->ms) + moe_sparse_down_bytes(e->ms) +
            model_packed_bytes(e->m) +
            (size_t)e->n_ubatch * (3 * c->n_embd + c->n_expert + 2 * c->n_expert_used) * 4;
+}
+const float *engine_last_hidden(const engine *e) {
+    return e->last_x;
 }
 const engine_stats *engine_get_stats(const engine *e) {
     return &e->stats;

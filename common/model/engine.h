@@ -51,6 +51,9 @@ int engine_n_ctx(const engine *e);
 size_t engine_kv_bytes(const engine *e);
 size_t engine_scratch_bytes(const engine *e);
 const engine_stats *engine_get_stats(const engine *e);
+/* The last evaluated token's final hidden state (n_embd, before the output norm; the LM head's
+ * input), valid until the next eval; NULL before the first. */
+const float *engine_last_hidden(const engine *e);
 void engine_reset_stats(engine *e);
 
 #endif
