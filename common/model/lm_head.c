@@ -26,6 +26,10 @@ struct lm_head {
     uint8_t *tab;  /* n_steps * 64 */
     float *scores; /* (n_groups * 32) */
     float *work;   /* (n_vocab) selection scratch */
+    int32_t *cidx; /* (cap) ids scoring at least the sampled threshold, ascending */
+    float *csc;    /* (cap) their scores */
+    int cap;
+    float *fill;   /* logits to set to -INFINITY during the scoring section, or NULL */
     int32_t *rows; /* (C) */
     float *hn;     /* (n_embd) */
     uint8_t *xq;   /* activations for the exact rows */
@@ -104,11 +108,14 @@ int lm_head_new(lm_head **out, const compute_ctx *cc, const model *m, int n_cand
     h->tab = aligned_alloc(64, (size_t)h->n_steps * 64);
     h->scores = malloc(R * sizeof(float));
     h->work = malloc((size_t)V * sizeof(float));
+    h->cap = 4 * n_candidates + 1024 < V ? 4 * n_candidates + 1024 : V;
+    h->cidx = malloc((size_t)h->cap * sizeof(int32_t));
+    h->csc = malloc((size_t)h->cap * sizeof(float));
     h->rows = malloc((size_t)n_candidates * sizeof(int32_t));
     h->hn = malloc((size_t)E * sizeof(float));
     h->xq = malloc(kern_act_size(w->type, E) + 64);
-    if (!h->bits || !h->scale || !h->tab || !h->scores || !h->work || !h->rows || !h->hn ||
-        !h->xq) {
+    if (!h->bits || !h->scale || !h->tab || !h->scores || !h->work || !h->cidx || !h->csc ||
+        !h->rows || !h->hn || !h->xq) {
         lm_head_destroy(&h);
         return stp_err_set(err, STP_ENOMEM, "sparse LM head: out of memory");
     }
@@ -134,6 +141,8 @@ void lm_head_destroy(lm_head **self_p) {
     free(h->tab);
     free(h->scores);
     free(h->work);
+    free(h->cidx);
+    free(h->csc);
     free(h->rows);
     free(h->hn);
     free(h->xq);
@@ -207,6 +216,12 @@ static void s_score_worker(void *p, int ith, int nth) {
         for (int k = 0; k < LMH_GROUP; k++)
             sc[k] = sl[k] * (float)acc[k];
     }
+    if (h->fill) {
+        const long r0 = g0 * LMH_GROUP,
+                   r1 = g1 * LMH_GROUP < h->n_vocab ? g1 * LMH_GROUP : h->n_vocab;
+        for (long r = r0; r < r1; r++)
+            h->fill[r] = -INFINITY;
+    }
 }
 
 /* The k-th largest of v[0..n) (k in 1..n); v is reordered. Quickselect, median of three. */
@@ -240,38 +255,71 @@ static float s_kth_largest(float *v, int n, int k) {
     return v[want];
 }
 
-int lm_head_predict(lm_head *h, const compute_ctx *cc, const float *x, int32_t *rows) {
+/* The C largest of the n scores sc (ids id, ascending) into rows, ascending: those above the
+ * C-th largest value, then those equal to it from the lowest id. work: n floats. */
+static int s_take(const float *sc, const int32_t *id, int n, int C, float *work, int32_t *rows) {
+    memcpy(work, sc, sizeof(float) * (size_t)n);
+    const float thr = s_kth_largest(work, n, C);
+    int n_above = 0;
+    for (int i = 0; i < n; i++)
+        n_above += sc[i] > thr;
+    int ties = C - n_above, k = 0;
+    for (int i = 0; i < n && k < C; i++)
+        if (sc[i] > thr || (sc[i] == thr && ties-- > 0)) rows[k++] = id ? id[i] : i;
+    return k;
+}
+
+/* Top-C of the vocabulary's scores. A threshold from every 8th score (its rank ~1.3 C in the
+ * whole) bounds the candidates: the ids at or above it (at least C of them, else the exact
+ * selection over all) hold every id of the top C, so the result is the exact top C. */
+static int s_select(lm_head *h, int32_t *rows) {
+    const int V = h->n_vocab, C = h->C;
+    const int ns = (V + 7) / 8, ks = C / 8 + C / 32 + 16;
+    if (ks < ns) {
+        for (int i = 0, j = 0; i < V; i += 8)
+            h->work[j++] = h->scores[i];
+        const float t0 = s_kth_largest(h->work, ns, ks);
+        int n = 0;
+        for (int i = 0; i < V; i++) {
+            if (!(h->scores[i] >= t0)) continue;
+            if (n == h->cap) {
+                n = -1;
+                break;
+            }
+            h->cidx[n] = i;
+            h->csc[n++] = h->scores[i];
+        }
+        if (n >= C) return s_take(h->csc, h->cidx, n, C, h->work, rows);
+    }
+    return s_take(h->scores, NULL, V, C, h->work, rows);
+}
+
+static int s_predict(lm_head *h, const compute_ctx *cc, const float *x, int32_t *rows,
+                     float *fill) {
     const model *m = h->m;
     ops_rmsnorm(x, m->output_norm, h->hn, h->n_embd, m->cfg.rms_eps);
     s_tables(h, h->hn);
+    h->fill = fill;
     if (cc && cc->tp)
         threadpool_run(cc->tp, s_score_worker, h);
     else
         s_score_worker(h, 0, 1);
-    const int V = h->n_vocab, C = h->C;
-    if (C >= V) {
-        for (int i = 0; i < V; i++)
+    h->fill = NULL;
+    if (h->C >= h->n_vocab) {
+        for (int i = 0; i < h->n_vocab; i++)
             rows[i] = i;
-        return V;
+        return h->n_vocab;
     }
-    memcpy(h->work, h->scores, sizeof(float) * (size_t)V);
-    const float thr = s_kth_largest(h->work, V, C);
-    int n_above = 0;
-    for (int i = 0; i < V; i++)
-        n_above += h->scores[i] > thr;
-    int ties = C - n_above, n = 0;
-    for (int i = 0; i < V && n < C; i++) {
-        const float s = h->scores[i];
-        if (s > thr || (s == thr && ties-- > 0)) rows[n++] = i;
-    }
-    return n;
+    return s_select(h, rows);
+}
+
+int lm_head_predict(lm_head *h, const compute_ctx *cc, const float *x, int32_t *rows) {
+    return s_predict(h, cc, x, rows, NULL);
 }
 
 void lm_head_eval(lm_head *h, const compute_ctx *cc, const float *x, float *logits) {
     const tensor_view *w = &h->m->output;
-    const int n = lm_head_predict(h, cc, x, h->rows);
-    for (int i = 0; i < h->n_vocab; i++)
-        logits[i] = -INFINITY;
+    const int n = s_predict(h, cc, x, h->rows, logits);
     ops_quantize_acts(cc, w->type, h->hn, w->n_cols, 1, h->xq);
     const mm_job j = {
         .type = w->type,
