@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,75 @@ static void test_lm_head_predictor_top1(void **state) {
     }
 }
 
+/* A synthetic F32 model with 6000 rows (not a multiple of 32: a padded group), untied head: the
+ * selection through the sampled threshold gives exactly the C best scores, ties to the lower id
+ * (checked against a sort of all scores), the logits the full head's bits. */
+static void test_lm_head_large_vocab(void **state) {
+    (void)state;
+    char p[4096];
+    stp_err err = {0};
+    th_model_spec s = th_model_spec_small(4);
+    s.n_vocab = 6000;
+    s.n_embd = 64;
+    s.untied = true;
+    th_tmp_path(p, sizeof p, "lm_head_v6000.gguf");
+    if (th_model_write(p, &s, &err)) fail_msg("%s", err.msg);
+    model *m = NULL;
+    if (model_open(&m, p, &err)) fail_msg("%s", err.msg);
+    const int V = m->cfg.n_vocab, E = m->cfg.n_embd;
+    assert_int_equal(V, 6000);
+    threadpool *tp = NULL;
+    if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
+    const compute_ctx cc = {kern_ops_get(), tp};
+    float *x = malloc(sizeof(float) * E), *l = malloc(sizeof(float) * V);
+    int32_t *order = malloc(sizeof(int32_t) * V);
+    const int cs[] = {1, 20, 300, 1500, 4000};
+    for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
+        const int C = cs[k];
+        lm_head *h = NULL;
+        if (lm_head_new(&h, &cc, m, C, &err)) fail_msg("%s", err.msg);
+        for (int trial = 0; trial < 4; trial++) {
+            s_hidden(x, E, 1000u * (uint32_t)k + (uint32_t)trial);
+            if (trial == 3) /* a constant state: many equal scores */
+                for (int j = 0; j < E; j++)
+                    x[j] = 1.0f;
+            float *full = s_full(&cc, m, x);
+            lm_head_eval(h, &cc, x, l);
+            /* expected: the first C of all ids by (score desc, id asc) */
+            const float *sc = lm_head_scores(h);
+            for (int i = 0; i < V; i++)
+                order[i] = i;
+            for (int i = 1; i < V; i++) { /* insertion sort: V is small */
+                int32_t v = order[i];
+                int j = i;
+                while (j > 0 && (sc[order[j - 1]] < sc[v] ||
+                                 (sc[order[j - 1]] == sc[v] && order[j - 1] > v))) {
+                    order[j] = order[j - 1];
+                    j--;
+                }
+                order[j] = v;
+            }
+            int n_fin = 0;
+            for (int i = 0; i < V; i++)
+                n_fin += l[i] != -INFINITY;
+            assert_int_equal(n_fin, C);
+            for (int i = 0; i < C; i++) {
+                const int32_t r = order[i];
+                if (l[r] == -INFINITY)
+                    fail_msg("C=%d trial %d: row %d (rank %d) missing", C, trial, r, i);
+                if (memcmp(&l[r], &full[r], sizeof(float))) fail_msg("C=%d row %d differs", C, r);
+            }
+            free(full);
+        }
+        lm_head_destroy(&h);
+    }
+    free(x);
+    free(l);
+    free(order);
+    threadpool_destroy(&tp);
+    model_close(&m);
+}
+
 static void test_lm_head_kernel_avx2(void **state) {
     (void)state;
     th_need_kern_level("avx2");
@@ -234,6 +304,7 @@ int main(void) {
         cmocka_unit_test(test_lm_head_equals_full_head_f32),
         cmocka_unit_test(test_lm_head_engine),
         cmocka_unit_test(test_lm_head_predictor_top1),
+        cmocka_unit_test(test_lm_head_large_vocab),
         cmocka_unit_test(test_lm_head_kernel_avx2),
     };
     return th_exit_code(cmocka_run_group_tests(tests, NULL, NULL));
