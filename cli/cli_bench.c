@@ -613,6 +613,7 @@ int cli_bench(int argc, char **argv) {
         json_object_set_new(root, "model", s_json_str(path));
         json_object_set_new(root, "model_bytes", json_integer((json_int_t)gguf_file_size(m->gguf)));
         json_object_set_new(root, "threads", json_integer(threads));
+        json_object_set_new(root, "sparse_head_candidates", json_integer(o.sparse_head));
         json_object_set_new(root, "peak_rss_bytes", json_integer((json_int_t)ru.ru_maxrss * 1024));
         json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
@@ -641,9 +642,11 @@ int cli_bench(int argc, char **argv) {
         s_json_print(root);
     } else {
         s_print_machine(cpu, ncpu, level, &host);
-        printf("model: %s (%.2f GiB), threads %d, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,
+        printf("model: %s (%.2f GiB), threads %d, peak RSS %.1f MiB, PSS %.1f MiB", path,
                gguf_file_size(m->gguf) / 1073741824.0, threads, ru.ru_maxrss / 1024.0,
                pss / 1048576.0);
+        if (o.sparse_head > 0) printf(", sparse LM head C %d", o.sparse_head);
+        printf("\n\n");
         printf(
             "| test | t/s | ms/token: router | attention | experts | LM head | neurons idle |\n");
         printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
