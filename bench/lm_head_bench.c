@@ -15,8 +15,12 @@
  *   recall    fraction of the full head's top-20 ids among the candidates.
  * Prints per prompt and overall, then the heads' median ms per token. Prompts are the model's
  * tokenizer's encoding of five fixed texts (random ids when the file has no tokenizer).
+ * With -g B (phase 3), per C: decode speed of an engine with the full head against one with the
+ * sparse head, paired: B blocks of 16 one-token evals on each engine in turn (which goes first
+ * alternates), tok/s per block; prints the medians and the median of the blocks' ratios (robust
+ * to other load on a shared host that drifts slower than a block).
  * Usage: lm_head_bench MODEL [-n tokens per prompt, 256] [-C list, 256,1024,4096] [-t threads, 2]
- *        [-s seed, 1]. Not a test. */
+ *        [-s seed, 1] [-g blocks, 0]. Not a test. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,15 +112,75 @@ static void s_print(const char *name, const acc *a) {
            100.0 * a->top1 / n, a->tv / n, a->tv_max, a->mass / n, 100.0 * a->recall / n);
 }
 
+/* Phase 3: paired decode speed, full head vs sparse head (see the top comment). */
+static int s_paired_tg(const model *m, const int *cs, int nc, int n_blocks, int threads) {
+    const int V = m->cfg.n_vocab, BL = 16;
+    stp_err err = {0};
+    float *logits = malloc(sizeof(float) * V);
+    double *tf = malloc(sizeof(double) * n_blocks), *ts = malloc(sizeof(double) * n_blocks);
+    double *ratio = malloc(sizeof(double) * n_blocks);
+    printf("paired decode, %d blocks of %d tokens per engine, threads %d\n\n", n_blocks, BL,
+           threads);
+    printf("| C | full tok/s | sparse tok/s | median ratio | full head ms | sparse head ms |\n"
+           "| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (int ci = 0; ci < nc; ci++) {
+        engine *e[2] = {NULL, NULL};
+        for (int k = 0; k < 2; k++) {
+            engine_params ep = {.n_threads = threads,
+                                .n_ctx = n_blocks * BL + 1,
+                                .sparse_head_candidates = k ? (cs[ci] < V ? cs[ci] : V) : 0};
+            if (engine_new(&e[k], m, &ep, &err)) {
+                fprintf(stderr, "lm_head_bench: %s\n", err.msg);
+                return 1;
+            }
+        }
+        uint64_t head_ns[2] = {0, 0}, toks[2] = {0, 0};
+        for (int b = 0; b < n_blocks; b++) {
+            for (int o = 0; o < 2; o++) {
+                const int k = (b + o) % 2; /* which goes first alternates */
+                const engine_stats *st = engine_get_stats(e[k]);
+                const uint64_t h0 = st->ns_head, t0n = st->tokens;
+                double t0 = s_now();
+                for (int i = 0; i < BL; i++) {
+                    int32_t id = (int32_t)((b * BL + i) * 2654435761u % (uint32_t)V);
+                    if (engine_eval(e[k], &id, 1, logits, false, &err)) {
+                        fprintf(stderr, "lm_head_bench: %s\n", err.msg);
+                        return 1;
+                    }
+                }
+                const double tps = BL / (s_now() - t0);
+                (k ? ts : tf)[b] = tps;
+                head_ns[k] += st->ns_head - h0;
+                toks[k] += st->tokens - t0n;
+            }
+            ratio[b] = ts[b] / tf[b];
+        }
+        const double mf = s_median(tf, n_blocks), ms = s_median(ts, n_blocks);
+        printf("| %d | %.2f | %.2f | %.3f | %.3f | %.3f |\n", cs[ci], mf, ms,
+               s_median(ratio, n_blocks), head_ns[0] / 1e6 / (double)toks[0],
+               head_ns[1] / 1e6 / (double)toks[1]);
+        fflush(stdout);
+        engine_destroy(&e[0]);
+        engine_destroy(&e[1]);
+    }
+    free(logits);
+    free(tf);
+    free(ts);
+    free(ratio);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *path = NULL;
-    int n_gen = 256, threads = 2, nc = 3, cs[MAX_C] = {256, 1024, 4096};
+    int n_gen = 256, threads = 2, n_blocks = 0, nc = 3, cs[MAX_C] = {256, 1024, 4096};
     unsigned long long seed = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-n") && i + 1 < argc)
             n_gen = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-t") && i + 1 < argc)
             threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-g") && i + 1 < argc)
+            n_blocks = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-s") && i + 1 < argc)
             seed = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "-C") && i + 1 < argc) {
@@ -131,7 +195,8 @@ int main(int argc, char **argv) {
             path = argv[i];
     }
     if (!path || n_gen < 1 || threads < 1 || nc < 1) {
-        fprintf(stderr, "usage: lm_head_bench MODEL [-n N] [-C 256,1024,4096] [-t T] [-s S]\n");
+        fprintf(stderr,
+                "usage: lm_head_bench MODEL [-n N] [-C 256,1024,4096] [-t T] [-s S] [-g B]\n");
         return 2;
     }
     stp_err err = {0};
@@ -319,6 +384,7 @@ int main(int argc, char **argv) {
     for (int p = 0; p < N_PROMPTS; p++)
         free(prompt_ids[p]);
     threadpool_destroy(&tp);
+    if (n_blocks > 0 && s_paired_tg(m, cs, nc, n_blocks, threads)) return 1;
     tokenizer_destroy(&tok);
     model_close(&m);
     return 0;

@@ -300,8 +300,8 @@ static int s_predict(lm_head *h, const compute_ctx *cc, const float *x, int32_t 
     ops_rmsnorm(x, m->output_norm, h->hn, h->n_embd, m->cfg.rms_eps);
     s_tables(h, h->hn);
     h->fill = fill;
-    if (cc && cc->tp)
-        threadpool_run(cc->tp, s_score_worker, h);
+    if (cc && cc->tp && (size_t)h->n_groups * LMH_GROUP * h->n_steps >= 64 * 1024)
+        threadpool_run(cc->tp, s_score_worker, h); /* smaller sketches: cheaper inline */
     else
         s_score_worker(h, 0, 1);
     h->fill = NULL;
