@@ -48,6 +48,14 @@ int cli_serve(int argc, char **argv);
         "--n-predict", NULL, OPT_INT, -1, 1 << 24, def, "N", help, offsetof(T, n_predict), NULL,   \
             "-n"                                                                                   \
     }
+/* The sparse LM head (model/lm_head.h), over an int field sparse_head. */
+#define CLI_OPT_SPARSE_HEAD(T)                                                                     \
+    {                                                                                              \
+        "--sparse-head", NULL, OPT_INT, 0, 1 << 24, "0", "C",                                      \
+            "sparse LM head: exact logits only for the C rows a 1-bit sketch of the head ranks "   \
+            "highest, the rest -inf (0 = off: the full head)",                                     \
+            offsetof(T, sparse_head), NULL, NULL                                                   \
+    }
 /* Sampling (model/sampler.h): temperature, the filters, the penalties and the seed. */
 #define CLI_OPT_FLOAT(T, name, def, mv, help, field)                                               \
     { name, NULL, OPT_FLOAT, -INFINITY, INFINITY, def, mv, help, offsetof(T, field), NULL, NULL }

@@ -83,7 +83,7 @@ typedef struct bench_opts {
     const char *model, *pipeline;
     bool help, json;
     bench_list pp, tg, dp;
-    int reps, threads;
+    int reps, threads, sparse_head;
     kv_dtype kv_type;
 } bench_opts;
 
@@ -107,6 +107,7 @@ static const opt_def s_opts[] = {
                     "compute threads (in-process only) and threads of the bandwidth test"),
     CLI_OPT_CACHE_TYPE(bench_opts, "KV cache f32, f16 or q8_0 (in-process only; a pipeline's is "
                                    "set by deploy/stpipe-up --cache-type)"),
+    CLI_OPT_SPARSE_HEAD(bench_opts),
     {"--json", NULL, OPT_FLAG, 0, 0, NULL, NULL, "machine-readable output", F(json), NULL, NULL},
 };
 #undef F
@@ -115,7 +116,8 @@ static void s_usage(FILE *f) {
     cli_opts_help(
         f,
         "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
-        "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0] [--json]\n",
+        "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0]\n"
+        "                    [--sparse-head C] [--json]\n",
         s_opts, CLI_NOPTS(s_opts),
         "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
         "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
@@ -532,8 +534,11 @@ int cli_bench(int argc, char **argv) {
     for (int i = 0; i < n_tg; i++)
         max_ctx = tg[i] + 1 > max_ctx ? tg[i] + 1 : max_ctx;
     max_ctx += max_d;
-    engine_params ep = {
-        .n_threads = (int)threads, .n_ctx = max_ctx, .kv_type = kv_type, .progress = cli_progress};
+    engine_params ep = {.n_threads = (int)threads,
+                        .n_ctx = max_ctx,
+                        .kv_type = kv_type,
+                        .sparse_head_candidates = o.sparse_head,
+                        .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
         model_close(&m);
@@ -589,6 +594,12 @@ int cli_bench(int argc, char **argv) {
                 r->tg = kind == 1;
                 /* the bench's cache is float32 (engine_params.kv_f16 unset) */
                 if (r->tg) roofline_decode_bytes(m, d, n, sizeof(float), &st, &r->rb);
+                if (r->tg && o.sparse_head > 0) /* sketch (1 bit + a float a row), C rows */
+                    r->rb.stage[ROOFLINE_HEAD] =
+                        m->output.n_rows * (m->output.n_cols / 8.0 + 4) +
+                        (double)(o.sparse_head < m->output.n_rows ? o.sparse_head
+                                                                  : m->output.n_rows) *
+                            m->output.row_bytes;
             }
         }
     }
@@ -607,6 +618,7 @@ int cli_bench(int argc, char **argv) {
         json_object_set_new(root, "model", s_json_str(path));
         json_object_set_new(root, "model_bytes", json_integer((json_int_t)gguf_file_size(m->gguf)));
         json_object_set_new(root, "threads", json_integer(threads));
+        json_object_set_new(root, "sparse_head_candidates", json_integer(o.sparse_head));
         json_object_set_new(root, "peak_rss_bytes", json_integer((json_int_t)ru.ru_maxrss * 1024));
         json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
@@ -635,9 +647,11 @@ int cli_bench(int argc, char **argv) {
         s_json_print(root);
     } else {
         s_print_machine(cpu, ncpu, level, &host);
-        printf("model: %s (%.2f GiB), threads %d, peak RSS %.1f MiB, PSS %.1f MiB\n\n", path,
+        printf("model: %s (%.2f GiB), threads %d, peak RSS %.1f MiB, PSS %.1f MiB", path,
                gguf_file_size(m->gguf) / 1073741824.0, threads, ru.ru_maxrss / 1024.0,
                pss / 1048576.0);
+        if (o.sparse_head > 0) printf(", sparse LM head C %d", o.sparse_head);
+        printf("\n\n");
         printf(
             "| test | t/s | ms/token: router | attention | experts | LM head | neurons idle |\n");
         printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");

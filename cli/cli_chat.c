@@ -27,7 +27,7 @@ static volatile sig_atomic_t s_interrupted; /* set by SIGINT, cleared by the loo
 typedef struct chat_opts {
     const char *model, *system, *pipeline;
     bool help;
-    int threads, ctx, n_predict;
+    int threads, ctx, n_predict, sparse_head;
     sampler_params sp;
     kv_dtype kv_type;
 } chat_opts;
@@ -42,6 +42,7 @@ static const opt_def s_opts[] = {
     CLI_OPTS_SAMPLING(chat_opts, "0.6", "20", "0.95", "-1", "random seed (-1 = from the clock)"),
     CLI_OPT_THREADS(chat_opts, "2", "compute threads"),
     CLI_OPT_CTX(chat_opts, 16),
+    CLI_OPT_SPARSE_HEAD(chat_opts),
     CLI_OPT_CACHE_TYPE(chat_opts, "KV cache f32, f16 or q8_0 (--model only)"),
 };
 
@@ -327,7 +328,8 @@ int cli_chat(int argc, char **argv) {
                                 .n_threads = (int)o.threads,
                                 .n_ctx = (int)o.ctx,
                                 .kv_type = o.kv_type,
-                                .progress = cli_progress};
+                                .progress = cli_progress,
+                                .sparse_head_candidates = o.sparse_head};
     if (o.model && backend_engine_new(&c.b, &bp, &err)) {
         fprintf(stderr, "stpipe chat: %s\n", err.msg);
         return 1;

@@ -20,7 +20,7 @@ typedef struct generate_opts {
     const char *model, *prompt, *prompt_ids, *prompt_file, *system, *logits_out, *pipeline;
     bool help, chat, ids_out, ignore_eos, no_parse_special, quiet;
     kv_dtype kv_type;
-    int n_predict, threads, ctx;
+    int n_predict, threads, ctx, sparse_head;
     sampler_params sp;
 } generate_opts;
 
@@ -43,6 +43,7 @@ static const opt_def s_opts[] = {
     CLI_OPTS_SAMPLING(generate_opts, "0", "0", "1", "24301", "random seed for sampling"),
     CLI_OPT_THREADS(generate_opts, "2", "compute threads"),
     CLI_OPT_CTX(generate_opts, 1),
+    CLI_OPT_SPARSE_HEAD(generate_opts),
     CLI_OPT_CACHE_TYPE(generate_opts, "KV cache: f32 (as llama.cpp's -ctk/-ctv f32), f16 (half "
                                       "the memory) or q8_0 (27% of f32's)"),
     {"--ids", NULL, OPT_FLAG, 0, 0, NULL, NULL,
@@ -229,6 +230,7 @@ int cli_generate(int argc, char **argv) {
     engine_params ep = {.n_threads = (int)o.threads,
                         .n_ctx = (int)o.ctx,
                         .kv_type = o.kv_type,
+                        .sparse_head_candidates = o.sparse_head,
                         .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe generate: %s\n", err.msg);

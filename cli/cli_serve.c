@@ -30,7 +30,8 @@ static void s_on_signal(int sig) {
 typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
-    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool;
+    int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool,
+        sparse_head;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -57,6 +58,7 @@ static const opt_def s_opts[] = {
      "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
      "pauses in the other streams)",
      F(chunk), NULL, NULL},
+    CLI_OPT_SPARSE_HEAD(serve_opts),
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
      F(max_tokens), NULL, NULL},
@@ -222,6 +224,7 @@ int cli_serve(int argc, char **argv) {
                                 .n_threads = o.threads,
                                 .n_ctx = o.ctx,
                                 .n_seq = o.parallel,
+                                .sparse_head_candidates = o.sparse_head,
                                 .progress = cli_progress};
     if (backend_engine_new(&b, &bp, &err)) {
         fprintf(stderr, "stpipe serve: %s\n", err.msg);

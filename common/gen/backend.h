@@ -53,6 +53,7 @@ typedef struct backend_engine_params {
     int n_ctx;                  /* 0: min(model's, 4096) */
     kv_dtype kv_type;           /* KV cache f32 (0), f16, q8_0 */
     int n_seq;                  /* sequences (slots); 0: 1 */
+    int sparse_head_candidates; /* 0: full LM head; else engine_params' sparse head C */
     model_progress_fn progress; /* optional: load-time image building (engine_params) */
 } backend_engine_params;
 

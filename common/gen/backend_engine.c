@@ -83,6 +83,7 @@ int backend_engine_new(backend **out, const backend_engine_params *p, stp_err *e
                         .n_ctx = p->n_ctx,
                         .kv_type = p->kv_type,
                         .n_seq = p->n_seq,
+                        .sparse_head_candidates = p->sparse_head_candidates,
                         .progress = p->progress};
     rc = engine_new(&be->e, be->m, &ep, err);
     if (rc) goto fail;

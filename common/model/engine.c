@@ -18,6 +18,7 @@
 #include "model/attention.h"
 #include "model/forward.h"
 #include "model/kv_cache.h"
+#include "model/lm_head.h"
 #include "model/moe.h"
 #include "model/ops.h"
 #include "util/threadpool.h"
@@ -41,6 +42,8 @@ struct engine {
     float *selw;       /* (n_ubatch, n_expert_used) */
     uint8_t *xq;       /* LM-head activations */
     engine_stats stats;
+    lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
+    const float *last_x; /* the last evaluated token's final hidden state */
 };
 
 int engine_new(engine **out, const model *m, const engine_params *p, stp_err *err) {
@@ -78,7 +81,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     rc = moe_scratch_new(&e->ms, c, n_ubatch, err);
     if (rc) goto fail;
     if (!(p && p->no_packing)) {
-        rc = model_enable_packing((model *)m, MODEL_PACK_ALL, err);
+        int sh = p && p->sparse_head_candidates > 0; /* it reads the head's rows in file layout */
+        rc = model_enable_packing((model *)m, MODEL_PACK_ALL & ~(sh ? MODEL_PACK_HEAD : 0), err);
         if (rc) goto fail;
     }
     if (!(p && p->dense_down)) {
@@ -90,6 +94,10 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         void *ud = p ? p->progress_ud : NULL;
         rc = model_pack_all((model *)m, e->tp, pf, ud, err);
         if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, pf, ud, err);
+        if (rc) goto fail;
+    }
+    if (p && p->sparse_head_candidates > 0) {
+        rc = lm_head_new(&e->lmh, &e->cc, m, p->sparse_head_candidates, err);
         if (rc) goto fail;
     }
     size_t TE = (size_t)n_ubatch * c->n_embd;
@@ -129,6 +137,7 @@ void engine_destroy(engine **self_p) {
     free(e->sel);
     free(e->selw);
     free(e->xq);
+    lm_head_destroy(&e->lmh);
     free(e);
     *self_p = NULL;
 }
@@ -177,6 +186,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     const forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw};
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
+    e->last_x = e->x + (size_t)(T - 1) * E;
 
     uint64_t t0 = forward_now_ns();
     row = 0;
@@ -185,11 +195,13 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         int lo = i == 0 ? first : 0, n = e->segs[i].n;
         e->n_past[q->seq] += n;
         for (int t = 0; t < n && q->logits; t++) {
+            const float *xr = e->x + (size_t)(row + t) * E;
             if (all_logits)
-                forward_head(&e->cc, m, e->x + (size_t)(row + t) * E, e->h, e->xq,
-                             q->logits + (size_t)(lo + t) * c->n_vocab);
+                forward_head(&e->cc, m, xr, e->h, e->xq, q->logits + (size_t)(lo + t) * c->n_vocab);
+            else if (lo + t == q->n - 1 && e->lmh)
+                lm_head_eval(e->lmh, &e->cc, xr, q->logits);
             else if (lo + t == q->n - 1)
-                forward_head(&e->cc, m, e->x + (size_t)(row + t) * E, e->h, e->xq, q->logits);
+                forward_head(&e->cc, m, xr, e->h, e->xq, q->logits);
         }
         row += n;
     }
@@ -291,6 +303,9 @@ size_t engine_scratch_bytes(const engine *e) {
     return attn_scratch_bytes(e->as) + moe_scratch_bytes(e->ms) + moe_sparse_down_bytes(e->ms) +
            model_packed_bytes(e->m) +
            (size_t)e->n_ubatch * (3 * c->n_embd + c->n_expert + 2 * c->n_expert_used) * 4;
+}
+const float *engine_last_hidden(const engine *e) {
+    return e->last_x;
 }
 const engine_stats *engine_get_stats(const engine *e) {
     return &e->stats;

@@ -25,6 +25,7 @@ typedef struct engine_params {
     bool dense_down;  /* disable the neuron-sparse down layout (for comparisons) */
     bool no_packing;  /* keep every matrix in the file's layout (for comparisons) */
     bool lazy;        /* build packed/neuron-major images on first use instead of at load */
+    int sparse_head_candidates; /* 0: full LM head; else the sparse head's C rows (lm_head.h) */
     model_progress_fn progress; /* optional: reports the load-time image building */
     void *progress_ud;
 } engine_params;
@@ -75,6 +76,9 @@ int engine_seq_keep(engine *e, int seq, int n_keep);
 size_t engine_kv_bytes(const engine *e);
 size_t engine_scratch_bytes(const engine *e);
 const engine_stats *engine_get_stats(const engine *e);
+/* The last evaluated token's final hidden state (n_embd, before the output norm; the LM head's
+ * input), valid until the next eval; NULL before the first. */
+const float *engine_last_hidden(const engine *e);
 void engine_reset_stats(engine *e);
 
 #endif
