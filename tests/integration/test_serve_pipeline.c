@@ -100,7 +100,8 @@ static void test_serve_pipeline(void **st) {
     char model[1024];
     snprintf(model, sizeof model, "%s/%s", th_env("STP_TEST_DATA"), MODEL);
     th_pipe_dir(s_dir, sizeof s_dir, "pipe", "serve");
-    const char *extra[] = {"--parallel", "2", NULL};
+    /* --http 0: stpipe-up also starts its own `stpipe serve --pipeline` (checked at the end) */
+    const char *extra[] = {"--parallel", "2", "--http", "0", NULL};
     assert_int_equal(th_pipe_up(s_dir, model, 1, 30, 60, extra), 0);
     const char *args[] = {"--pipeline", s_dir, NULL};
     assert_int_equal(th_server_start(&s_srv, MODEL, args, "serve-pipe"), 0);
@@ -227,6 +228,25 @@ static void test_serve_pipeline(void **st) {
 
     assert_int_equal(th_server_stop(&s_srv), 0);
     s_srv.pid = 0;
+    /* stpipe-up --http: the supervised server answers the same ids */
+    {
+        char path[1200];
+        snprintf(path, sizeof path, "%s/http.log", s_dir);
+        char *log = th_slurp(path, NULL);
+        assert_non_null(log);
+        const char *at = strstr(log, "listening on http://127.0.0.1:");
+        assert_non_null(at);
+        job j = {.port = atoi(at + strlen("listening on http://127.0.0.1:"))};
+        free(log);
+        assert_true(j.port > 0);
+        s_body(j.body, sizeof j.body, prompts[0], 12);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        char ids[4096];
+        s_tokens(j.r.body, ids, sizeof ids, NULL);
+        assert_string_equal(ids, alone[0]);
+        th_http_free(&j.r);
+    }
     assert_int_equal(th_pipe_down(s_dir, 30), 0);
     s_dir[0] = 0;
 }
