@@ -27,18 +27,35 @@ static inline af_v s_af_load(const float *p) {
 static inline void s_af_store(float *p, af_v x) {
     *(af_vu *)p = x;
 }
+#if AF_W == 16
+typedef float af_v8 __attribute__((vector_size(32)));
+#define AF_BCAST(x) ((af_v){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
+#elif AF_W == 8
+#define AF_BCAST(x) ((af_v){x, x, x, x, x, x, x, x})
+#else
+#define AF_BCAST(x) ((af_v){x, x, x, x})
+#endif
+typedef float af_v4 __attribute__((vector_size(16)));
+
 static inline af_v s_af_splat(float x) {
-    return (af_v){0} + x;
+    return AF_BCAST(x);
 }
 
-/* Lanes summed as a tree: halves added until one lane is left (the same tree at every call). */
+/* Lanes summed as a tree: halves added until one lane is left (the same tree at every call),
+ * in registers: t[i] + t[i + AF_W/2], ..., then (t0 + t2) + (t1 + t3). */
 static inline float s_af_hsum(af_v x) {
-    float t[AF_W];
-    memcpy(t, &x, sizeof t);
-    for (int w = AF_W / 2; w > 0; w /= 2)
-        for (int i = 0; i < w; i++)
-            t[i] += t[i + w];
-    return t[0];
+#if AF_W == 16
+    const af_v8 h8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                     __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    const af_v4 h =
+        __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#elif AF_W == 8
+    const af_v4 h =
+        __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+#else
+    const af_v4 h = x;
+#endif
+    return (h[0] + h[2]) + (h[1] + h[3]);
 }
 
 /* exp(x) for x <= 0; 0 below -87 (and for -inf, a masked lane). Cephes expf's reduction and
@@ -62,17 +79,45 @@ static inline af_v s_af_exp(af_v x) {
     return (af_v)((af_vi)(y * pow2n) & live);
 }
 
-/* One accumulator over D in order, then the halving tree: the order of llamafile's tinyBLAS
- * f32 kernel that ggml uses for K·Q on x86 at the same vector width. */
-static inline float s_af_dot(const float *q, const float *k, int D) {
-    af_v a0 = {0};
-    int i = 0;
-    for (; i + AF_W <= D; i += AF_W)
-        a0 = AF_FMA(s_af_load(k + i), s_af_load(q + i), a0);
-    float s = s_af_hsum(a0);
-    for (; i < D; i++)
-        s += q[i] * k[i];
-    return s;
+/* sc[h * ATTN_TILE + r] = (q_h . k_r) * scale for the tile's n rows and the G heads. Each dot
+ * product is one accumulator over D in order, the halving tree, then the tail in order: the order
+ * of llamafile's tinyBLAS f32 kernel that ggml uses for K.Q on x86 at the same vector width. Four
+ * rows by two heads run at once (eight independent accumulators: the FMA latency is hidden and a
+ * loaded key vector serves two heads); missing rows and heads repeat the last one, unused. */
+static inline void s_af_scores(const float *q, int G, int D, const float *const *kr, int n,
+                               float scale, float *sc) {
+    const int D0 = D - D % AF_W;
+    for (int r0 = 0; r0 < n; r0 += 4) {
+        const float *k0 = kr[r0], *k1 = kr[r0 + 1 < n ? r0 + 1 : r0],
+                    *k2 = kr[r0 + 2 < n ? r0 + 2 : r0], *k3 = kr[r0 + 3 < n ? r0 + 3 : r0];
+        for (int h = 0; h < G; h += 2) {
+            const float *qa = q + (size_t)h * D, *qb = q + (size_t)(h + 1 < G ? h + 1 : h) * D;
+            af_v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            for (int i = 0; i < D0; i += AF_W) {
+                const af_v x = s_af_load(qa + i), y = s_af_load(qb + i);
+                af_v k = s_af_load(k0 + i);
+                a0 = AF_FMA(k, x, a0), b0 = AF_FMA(k, y, b0);
+                k = s_af_load(k1 + i);
+                a1 = AF_FMA(k, x, a1), b1 = AF_FMA(k, y, b1);
+                k = s_af_load(k2 + i);
+                a2 = AF_FMA(k, x, a2), b2 = AF_FMA(k, y, b2);
+                k = s_af_load(k3 + i);
+                a3 = AF_FMA(k, x, a3), b3 = AF_FMA(k, y, b3);
+            }
+            float d[8] = {s_af_hsum(a0), s_af_hsum(a1), s_af_hsum(a2), s_af_hsum(a3),
+                          s_af_hsum(b0), s_af_hsum(b1), s_af_hsum(b2), s_af_hsum(b3)};
+            const float *kk[4] = {k0, k1, k2, k3};
+            for (int j = 0; j < 4; j++)
+                for (int i = D0; i < D; i++) {
+                    d[j] += qa[i] * kk[j][i];
+                    d[4 + j] += qb[i] * kk[j][i];
+                }
+            for (int j = 0; j < 4 && r0 + j < n; j++) {
+                sc[h * ATTN_TILE + r0 + j] = d[j] * scale;
+                if (h + 1 < G) sc[(h + 1) * ATTN_TILE + r0 + j] = d[4 + j] * scale;
+            }
+        }
+    }
 }
 
 /* acc[0..n) += x (a tile's float sum, added in double). */
@@ -81,28 +126,35 @@ static inline void s_af_add_d(double *acc, const float *x, int n) {
         acc[i] += (double)x[i];
 }
 
+/* Vectors of dimensions one pass over the tile's rows keeps in registers per head (two heads). */
+#define AF_VU (AF_W == 16 ? 8 : 4)
+
 /* acc0/acc1 (+)= the sum over the tile's n rows of p0[r] * v[r] (p1: a second head, or NULL),
- * summed in float over the tile, added in double. */
+ * summed in float over the tile in row order, added in double. */
 static inline void s_af_values(const float *const *vr, int n, int D, const float *p0,
                                const float *p1, double *acc0, double *acc1) {
-    float t0[8 * AF_W], t1[8 * AF_W];
+    float t0[AF_VU * AF_W], t1[AF_VU * AF_W];
     int i0 = 0;
-    for (; i0 + 8 * AF_W <= D; i0 += 8 * AF_W) {
-        af_v x0[8], x1[8];
-        for (int u = 0; u < 8; u++)
+    for (; i0 + AF_VU * AF_W <= D; i0 += AF_VU * AF_W) {
+        af_v x0[AF_VU], x1[AF_VU];
+#pragma GCC unroll 8
+        for (int u = 0; u < AF_VU; u++)
             x0[u] = (af_v){0}, x1[u] = (af_v){0};
         for (int r = 0; r < n; r++) {
             const af_v w0 = s_af_splat(p0[r]), w1 = s_af_splat(p1 ? p1[r] : 0.0f);
-            for (int u = 0; u < 8; u++) {
-                const af_v v = s_af_load(vr[r] + i0 + u * AF_W);
+            const float *vp = vr[r] + i0;
+#pragma GCC unroll 8
+            for (int u = 0; u < AF_VU; u++) {
+                const af_v v = s_af_load(vp + u * AF_W);
                 x0[u] = AF_FMA(w0, v, x0[u]);
                 x1[u] = AF_FMA(w1, v, x1[u]);
             }
         }
-        for (int u = 0; u < 8; u++)
+#pragma GCC unroll 8
+        for (int u = 0; u < AF_VU; u++)
             s_af_store(t0 + u * AF_W, x0[u]), s_af_store(t1 + u * AF_W, x1[u]);
-        s_af_add_d(acc0 + i0, t0, 8 * AF_W);
-        if (p1) s_af_add_d(acc1 + i0, t1, 8 * AF_W);
+        s_af_add_d(acc0 + i0, t0, AF_VU * AF_W);
+        if (p1) s_af_add_d(acc1 + i0, t1, AF_VU * AF_W);
     }
     for (; i0 + AF_W <= D; i0 += AF_W) {
         af_v x0 = {0}, x1 = {0};
@@ -174,9 +226,7 @@ void AF_NAME(const attn_group_args *a) {
                 kr[r] = kbuf + (size_t)r * D, vr[r] = vbuf + (size_t)r * D;
             }
         }
-        for (int r = 0; r < n; r++)
-            for (int h = 0; h < G; h++)
-                sc[h * ATTN_TILE + r] = s_af_dot(a->q + (size_t)h * D, kr[r], D) * scale;
+        s_af_scores(a->q, G, D, kr, n, scale, sc);
         if (a->vh)
             for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
                 AF_WIDEN(vbuf + (size_t)r * D, a->vh + (size_t)slot * a->stride, D);
