@@ -28,8 +28,12 @@
 #define ATTN_CHUNK 256 /* positions per partial result (a multiple of ATTN_TILE) */
 
 typedef struct attn_group_args {
-    const float *q;            /* (G, D) the group's query heads, rotated, contiguous */
-    int G, D;                  /* heads in the group; head dim (multiple of 4, <= 1024) */
+    const float *q;            /* (n_grp * G, D) the groups' query heads, rotated, contiguous */
+    int G, D;                  /* heads per group; head dim (multiple of 4, <= 1024) */
+    int n_grp;                 /* consecutive kv heads (groups) done in one pass over the rows
+                                * (0 means 1): group i's heads are q's heads i*G.., its keys and
+                                * values i * D elements further in a row; the bits of each head
+                                * are those of a one-group call */
     const float *k, *v;        /* key / value of slot 0 for this kv head; slot s at + s * stride */
     const uint16_t *kh, *vh;   /* the same in a float16 cache (k and v NULL) */
     const block_q8_0 *kq, *vq; /* a Q8_0 cache: slot 0's row (all kv heads; k, v, kh, vh NULL) */
@@ -39,7 +43,7 @@ typedef struct attn_group_args {
     int cap;                   /* slots in the cache (position j lives in slot j % cap) */
     int lo, hi;                /* positions the query attends: lo..hi inclusive */
     int c0, c1;                /* the chunk: positions c0..c1-1 */
-    double *m, *s, *acc;       /* out: the chunk's partial, (G), (G), (G, D) */
+    double *m, *s, *acc;       /* out: the chunk's partial, (n_grp * G), (..), (n_grp * G, D) */
     float *work;               /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
 } attn_group_args;
 
@@ -116,16 +120,18 @@ static inline void attn_merge_out(const double *st, int G, int D, float *out) {
 }
 
 /* One whole query: every chunk of lo..hi in order through fn, merged in st
- * (attn_merge_doubles), the result in out (G, D). a->m, a->s, a->acc receive each chunk. */
+ * (attn_merge_doubles of n_grp * G heads), the result in out (n_grp * G, D). a->m, a->s, a->acc
+ * receive each chunk. */
 static inline void attn_group_query(attn_group_fn fn, attn_group_args *a, double *st, float *out) {
-    attn_merge_init(st, a->G, a->D);
+    const int GH = (a->n_grp > 0 ? a->n_grp : 1) * a->G;
+    attn_merge_init(st, GH, a->D);
     for (int c = a->lo / ATTN_CHUNK; c <= a->hi / ATTN_CHUNK; c++) {
         a->c0 = c * ATTN_CHUNK;
         a->c1 = a->c0 + ATTN_CHUNK;
         fn(a);
-        attn_merge_add(st, a->G, a->D, a->m, a->s, a->acc);
+        attn_merge_add(st, GH, a->D, a->m, a->s, a->acc);
     }
-    attn_merge_out(st, a->G, a->D, out);
+    attn_merge_out(st, GH, a->D, out);
 }
 
 /* The reference for one head h of a: scores, softmax (libm exp) and the value sum in double,
