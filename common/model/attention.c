@@ -50,13 +50,14 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
     const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
                  Q = (size_t)cfg->n_head * cfg->head_dim,
                  KV = (size_t)cfg->n_head_kv * cfg->head_dim;
-    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim, H = cfg->n_head;
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim, H = cfg->n_head,
+              n_kv = cfg->n_head_kv;
     const size_t widest = E > Q ? E : Q;
     scratch_dims d;
     d.tok_floats = T * (2 * E + 2 * Q + 2 * KV);
     /* per thread: kernel scratch, one chunk partial, the merge state (doubles) of a token's n_head
      * heads; 64-byte aligned */
-    d.work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)H * (D + 2)) +
+    d.work_stride = attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)) +
                     s_round16(2 * attn_merge_doubles(H, D));
     d.max_pairs = 2 * (size_t)n_threads;
     d.n_chunks = (size_t)n_ctx / ATTN_CHUNK + 2;
@@ -170,10 +171,12 @@ static attn_group_args s_args(const attn_section *a, int t, float *work) {
 static void s_attn_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
     const model_config *c = a->cfg;
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     float *work = a->s->work + (size_t)ith * a->s->work_stride;
-    double *part = (double *)(work + attn_work_floats(G, D)); /* this thread's chunk partial */
-    double *st = (double *)(work + attn_work_floats(G, D) + s_round16(2 * (size_t)H * (D + 2)));
+    double *part =
+        (double *)(work + attn_work_floats(G, D, n_kv)); /* this thread's chunk partial */
+    double *st =
+        (double *)(work + attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)));
     if (!a->split) {
         for (int t = ith; t < a->T; t += nth) {
             attn_group_args ga = s_args(a, t, work);
@@ -182,13 +185,18 @@ static void s_attn_worker(void *p, int ith, int nth) {
         }
         return;
     }
-    for (int u = ith, t = 0; u < a->unit0[a->T]; u += nth) {
+    /* a contiguous run of units per thread: a token's chunks in position order, so the rows
+     * requested ahead are the ones this thread reads next */
+    const int n_units = a->unit0[a->T], u0 = (int)((long)n_units * ith / nth),
+              u1 = (int)((long)n_units * (ith + 1) / nth);
+    for (int u = u0, t = 0; u < u1; u++) {
         while (u >= a->unit0[t + 1])
             t++;
         attn_group_args ga = s_args(a, t, work);
-        const int ci = u - a->unit0[t];
+        const int ci = u - a->unit0[t], last = (u1 < a->unit0[t + 1] ? u1 : a->unit0[t + 1]) - 1;
         ga.c0 = (ga.lo / ATTN_CHUNK + ci) * ATTN_CHUNK;
         ga.c1 = ga.c0 + ATTN_CHUNK;
+        ga.pf_end = (ga.lo / ATTN_CHUNK + last - a->unit0[t] + 1) * ATTN_CHUNK;
         double *pp = a->s->part + ((size_t)t * a->s->n_chunks + ci) * H * (D + 2);
         ga.m = pp, ga.s = pp + H, ga.acc = pp + 2 * H;
         a->fn(&ga);
@@ -205,7 +213,7 @@ static attn_group_fn s_kernel(const compute_ctx *cc) {
 /* Attention of the T tokens' query heads over the cache (keys and values already appended). */
 static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_layer *kvl, int T,
                          int pos0, attn_scratch *s) {
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     const int nth = threadpool_size(cc->tp);
     attn_section a = {.cfg = c,
                       .kvl = kvl,
@@ -227,7 +235,8 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_
     }
     threadpool_run(cc->tp, s_attn_worker, &a);
     if (!a.split) return;
-    double *st = (double *)(s->work + attn_work_floats(G, D) + s_round16(2 * (size_t)H * (D + 2)));
+    double *st =
+        (double *)(s->work + attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)));
     for (int t = 0; t < T; t++) {
         attn_merge_init(st, H, D);
         for (int ci = 0; ci < a.unit0[t + 1] - a.unit0[t]; ci++) {

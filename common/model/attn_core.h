@@ -43,8 +43,10 @@ typedef struct attn_group_args {
     int cap;                   /* slots in the cache (position j lives in slot j % cap) */
     int lo, hi;                /* positions the query attends: lo..hi inclusive */
     int c0, c1;                /* the chunk: positions c0..c1-1 */
+    int pf_end;                /* rows are requested ahead up to hi, or below pf_end if > 0 (the
+                                * end of the chunks this thread runs next) */
     double *m, *s, *acc;       /* out: the chunk's partial, (n_grp * G), (..), (n_grp * G, D) */
-    float *work;               /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
+    float *work; /* scratch of attn_work_floats(G, D, n_grp) floats, 64-byte aligned */
 } attn_group_args;
 
 typedef void (*attn_group_fn)(const attn_group_args *a);
@@ -78,10 +80,10 @@ static inline float attn_cache_elem(const float *f, const uint16_t *h, const blo
     return x;
 }
 
-/* Floats of scratch a chunk kernel needs (scores of a tile, a tile of widened f16 or
- * dequantized Q8_0 rows). */
-static inline size_t attn_work_floats(int G, int D) {
-    return ((size_t)G * ATTN_TILE + 2 * (size_t)ATTN_TILE * D + 15) & ~(size_t)15;
+/* Floats of scratch a chunk kernel needs for n_grp groups of G heads (scores of a tile, a tile of
+ * widened f16 or dequantized Q8_0 rows of n_grp kv heads). */
+static inline size_t attn_work_floats(int G, int D, int n_grp) {
+    return ((size_t)n_grp * G * ATTN_TILE + 2 * (size_t)ATTN_TILE * n_grp * D + 15) & ~(size_t)15;
 }
 
 /* The merge state of one query in double: M (G), S (G), A (G, D). */

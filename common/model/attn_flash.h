@@ -132,14 +132,14 @@ static inline af_v s_af_exp(af_v x) {
  * product is one accumulator over D in order, the halving tree, then the tail in order: the order
  * of llamafile's tinyBLAS f32 kernel that ggml uses for K.Q on x86 at the same vector width.
  * Missing rows and heads of a block repeat the last one, unused. */
-static inline void s_af_scores(const float *q, int G, int D, const float *const *kr, int n,
-                               float scale, float *sc) {
+static inline void s_af_scores(const float *q, int G, int D, const float *const *kr, size_t e,
+                               int r0, int n, float scale, float *sc) {
     const int D0 = D - D % AF_W;
-    for (int r0 = 0; r0 < n; r0 += AF_RB) {
+    {
         const float *k[AF_RB];
 #pragma GCC unroll 8
         for (int j = 0; j < AF_RB; j++)
-            k[j] = kr[r0 + j < n ? r0 + j : n - 1];
+            k[j] = kr[r0 + j < n ? r0 + j : n - 1] + e;
         for (int h = 0; h < G; h += AF_HB) {
             const float *qh[AF_HB];
             af_v acc[AF_HB][AF_RB];
@@ -186,8 +186,8 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
 /* acc[b * D + i] (+)= the sum over the tile's n rows of p[b * ATTN_TILE + r] * v[r][i] for the nh
  * (1..AF_HB) heads b: each element summed in float over the tile in row order, added in double.
  * Missing heads of a block repeat the last one, unused. */
-static inline void s_af_values(const float *const *vr, int n, int D, const float *p, double *acc,
-                               int nh) {
+static inline void s_af_values(const float *const *vr, size_t e, int n, int D, const float *p,
+                               double *acc, int nh) {
     const float *ph[AF_HB];
 #pragma GCC unroll 8
     for (int b = 0; b < AF_HB; b++)
@@ -205,7 +205,7 @@ static inline void s_af_values(const float *const *vr, int n, int D, const float
 #pragma GCC unroll 8
             for (int b = 0; b < AF_HB; b++)
                 w[b] = s_af_splat(ph[b][r]);
-            const float *vp = vr[r] + i0;
+            const float *vp = vr[r] + e + i0;
 #pragma GCC unroll 8
             for (int u = 0; u < AF_VU; u++) {
                 af_v v = s_af_load(vp + u * AF_W);
@@ -229,33 +229,50 @@ static inline void s_af_values(const float *const *vr, int n, int D, const float
         for (; i + AF_W <= D; i += AF_W) {
             af_v x = {0};
             for (int r = 0; r < n; r++)
-                x = AF_FMA(s_af_splat(pb[r]), s_af_load(vr[r] + i), x);
+                x = AF_FMA(s_af_splat(pb[r]), s_af_load(vr[r] + e + i), x);
             s_af_add_dv(ab + i, x);
         }
         for (; i < D; i++) {
             float x = 0;
             for (int r = 0; r < n; r++)
-                x += pb[r] * vr[r][i];
+                x += pb[r] * vr[r][e + i];
             ab[i] += (double)x;
         }
     }
 }
 
 /* n values of a Q8_0 row from element e0 as floats, d * q: whole blocks AF_W lanes at a time
- * (the products are exact, so the same floats as attn_dequant_q8_0, which takes the rest). */
+ * (the products are exact, so the same floats as attn_dequant_q8_0, which takes the rest). The
+ * AVX builds widen the bytes and the scale with their own instructions (GCC 12 made scalar code
+ * of the generic vector conversion). */
 static inline void s_af_dequant(float *dst, const block_q8_0 *row, size_t e0, int n) {
     if (e0 % QK8_0 || n % QK8_0) {
         attn_dequant_q8_0(dst, row, e0, n);
         return;
     }
-    typedef int8_t af_vb __attribute__((vector_size(AF_W), aligned(1), may_alias));
     const block_q8_0 *b = row + e0 / QK8_0;
     for (int i = 0; i < n / QK8_0; i++) {
-        const af_v d = s_af_splat(kern_fp16_to_f32(b[i].d));
-        for (int j = 0; j < QK8_0; j += AF_W) {
-            const af_vi q = __builtin_convertvector(*(const af_vb *)(b[i].qs + j), af_vi);
-            s_af_store(dst + i * QK8_0 + j, __builtin_convertvector(q, af_v) * d);
+#if defined(__F16C__)
+        const float df = _cvtsh_ss(b[i].d);
+#else
+        const float df = kern_fp16_to_f32(b[i].d);
+#endif
+#if AF_W == 16 && defined(__AVX512F__)
+        const __m512 d = _mm512_set1_ps(df);
+        for (int j = 0; j < QK8_0; j += 16) {
+            const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b[i].qs + j)));
+            _mm512_storeu_ps(dst + i * QK8_0 + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
         }
+#elif AF_W == 8 && defined(__AVX2__)
+        const __m256 d = _mm256_set1_ps(df);
+        for (int j = 0; j < QK8_0; j += 8) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b[i].qs + j)));
+            _mm256_storeu_ps(dst + i * QK8_0 + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+        }
+#else
+        for (int j = 0; j < QK8_0; j++)
+            dst[i * QK8_0 + j] = (float)b[i].qs[j] * df;
+#endif
     }
 }
 
@@ -301,43 +318,70 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
     }
 }
 
-/* The key and value rows of positions j0..j1-1 requested into the cache ahead of their tile, one
- * request per 64-byte line, all n_grp kv heads' parts of a row at once: whole rows in position
- * order (a full layer's tile is one contiguous block). Reading half of every row, as one kv head
- * does, left the hardware prefetchers far behind (a third of a full stream's bandwidth). */
-#ifndef AF_PF /* into L2: a tile of whole rows ahead is more than L1 holds */
-#define AF_PF(p) __builtin_prefetch(p, 0, 2)
-#endif
-static inline void s_af_prefetch(const attn_group_args *a, int ng, int j0, int j1) {
-    size_t bytes, esz;
-    const char *kb, *vb;
-    if (a->k)
-        kb = (const char *)a->k, vb = (const char *)a->v, esz = 4;
-    else if (a->kh)
-        kb = (const char *)a->kh, vb = (const char *)a->vh, esz = 2;
+/* Row r of the tile as n_grp * D floats: the cache's own row (f32), or widened / dequantized into
+ * buf (n_grp kv heads side by side). */
+static inline const float *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
+                                    const float *f, const uint16_t *h, const block_q8_0 *q) {
+    const int W = ng * a->D;
+    if (f) return f + off;
+    if (h)
+        AF_WIDEN(buf, h + off, W);
     else
-        kb = (const char *)(a->kq + a->qoff / QK8_0), vb = (const char *)(a->vq + a->qoff / QK8_0),
-        esz = 0;
-    bytes = esz ? (size_t)ng * a->D * esz
-                : ((size_t)ng * a->D + QK8_0 - 1) / QK8_0 * sizeof(block_q8_0);
-    for (int j = j0, slot = j0 % a->cap; j < j1; j++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
-        const size_t off = esz ? (size_t)slot * a->stride * esz
-                               : (size_t)slot * a->stride / QK8_0 * sizeof(block_q8_0);
+        s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, W);
+    return buf;
+}
+
+/* Bytes of a row's n_grp kv heads and their start in the key (value) array at a slot. */
+static inline const char *s_af_rowp(const attn_group_args *a, int ng, int slot, int v,
+                                    size_t *bytes) {
+    const size_t off = (size_t)slot * a->stride;
+    if (a->k) {
+        *bytes = (size_t)ng * a->D * 4;
+        return (const char *)((v ? a->v : a->k) + off);
+    }
+    if (a->kh) {
+        *bytes = (size_t)ng * a->D * 2;
+        return (const char *)((v ? a->vh : a->kh) + off);
+    }
+    *bytes = ((size_t)ng * a->D + QK8_0 - 1) / QK8_0 * sizeof(block_q8_0);
+    return (const char *)((v ? a->vq : a->kq) + (off + (size_t)a->qoff) / QK8_0);
+}
+
+/* Software prefetch into L2 (an asm statement: GCC 12 dropped __builtin_prefetch from this kernel
+ * at -O2) of the key rows AF_PF_KD positions and the value rows AF_PF_VD positions ahead of the
+ * block of rows being scored: the distances that streamed fastest here (nearer or into L1 was
+ * slower, the values as far ahead as the keys too). */
+#ifndef AF_PF
+#define AF_PF(p) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)(p)))
+#define AF_PF_KD 128
+#define AF_PF_VD 64
+#endif
+
+/* The rows' lines (of all n_grp kv heads, whole) requested into the cache, one per 64 bytes. */
+static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int nrow, int v) {
+    for (int r = 0; r < nrow; r++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
+        size_t bytes;
+        const char *p = s_af_rowp(a, ng, slot, v, &bytes);
         for (size_t b = 0; b < bytes; b += 64)
-            AF_PF(kb + off + b);
-        for (size_t b = 0; b < bytes; b += 64)
-            AF_PF(vb + off + b);
+            AF_PF(p + b);
     }
 }
 
+/* Per tile, the cached rows are read in position order, whole (all n_grp kv heads) and once: the
+ * scores of every group over each block of AF_RB key rows (the hardware prefetchers follow that
+ * stream), the value rows requested meanwhile, block by block, then softmax and the value sums
+ * group by group from the cache. (A kv head's half rows one group after another, left the
+ * prefetchers far behind: a third of a full stream's bandwidth.) */
 void AF_NAME(const attn_group_args *a) {
     const int G = a->G, D = a->D, cap = a->cap, ng = a->n_grp > 0 ? a->n_grp : 1, GH = ng * G;
     const int j_begin = a->lo > a->c0 ? a->lo : a->c0;
     const int j_end = a->hi + 1 < a->c1 ? a->hi + 1 : a->c1;
     const float scale = 1.0f / sqrtf((float)D);
-    float *sc = a->work;                        /* (G, ATTN_TILE) scores, then p */
-    float *kbuf = sc + (size_t)G * ATTN_TILE;   /* (ATTN_TILE, D) widened f16 keys */
-    float *vbuf = kbuf + (size_t)ATTN_TILE * D; /* (ATTN_TILE, D) widened f16 values */
+    const size_t W = (size_t)ng * D;
+    const int pf_last = a->pf_end > 0 && a->pf_end - 1 < a->hi ? a->pf_end - 1 : a->hi;
+    float *sc = a->work;                        /* (GH, ATTN_TILE) scores, then p */
+    float *kbuf = sc + (size_t)GH * ATTN_TILE;  /* (ATTN_TILE, W) widened f16 keys */
+    float *vbuf = kbuf + (size_t)ATTN_TILE * W; /* (ATTN_TILE, W) widened f16 values */
     const float *kr[ATTN_TILE], *vr[ATTN_TILE];
     for (int h = 0; h < GH; h++)
         a->m[h] = -INFINITY, a->s[h] = 0.0f;
@@ -347,34 +391,35 @@ void AF_NAME(const attn_group_args *a) {
     for (int t0 = j_begin - j_begin % ATTN_TILE; t0 < j_end; t0 += ATTN_TILE) {
         const int j0 = t0 > j_begin ? t0 : j_begin;
         const int j1 = t0 + ATTN_TILE < j_end ? t0 + ATTN_TILE : j_end, n = j1 - j0;
-        s_af_prefetch(a, ng, j1, j1 + ATTN_TILE < j_end ? j1 + ATTN_TILE : j_end);
-        for (int g = 0; g < ng; g++) {      /* the groups one after another over the tile's rows */
-            const size_t e = (size_t)g * D; /* this kv head's first element in a row */
-            const int qoff = a->qoff + g * D;
-            double *m = a->m + g * G, *s = a->s + g * G, *acc = a->acc + (size_t)g * G * D;
-            for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1) {
-                const size_t off = (size_t)slot * a->stride;
-                if (a->k) {
-                    kr[r] = a->k + e + off, vr[r] = a->v + e + off;
-                } else {
-                    if (a->kh)
-                        AF_WIDEN(kbuf + (size_t)r * D, a->kh + e + off, D);
-                    else
-                        s_af_dequant(kbuf + (size_t)r * D, a->kq + off / QK8_0, qoff, D);
-                    kr[r] = kbuf + (size_t)r * D, vr[r] = vbuf + (size_t)r * D;
-                }
+        const int slot0 = j0 % cap;
+        for (int r0 = 0; r0 < n; r0 += AF_RB) {
+            const int nr = n - r0 < AF_RB ? n - r0 : AF_RB;
+            {
+                const int jk = j0 + r0 + AF_PF_KD, jv = j0 + r0 + AF_PF_VD;
+                if (AF_PF_KD > 0 && jk <= pf_last)
+                    s_af_prefetch(a, ng, jk % cap, pf_last + 1 - jk < nr ? pf_last + 1 - jk : nr,
+                                  0);
+                if (AF_PF_VD >= 0 && jv <= pf_last)
+                    s_af_prefetch(a, ng, jv % cap, pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr,
+                                  1);
             }
-            s_af_scores(a->q + e * G, G, D, kr, n, scale, sc);
-            if (a->vh)
-                for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
-                    AF_WIDEN(vbuf + (size_t)r * D, a->vh + e + (size_t)slot * a->stride, D);
-            else if (a->vq)
-                for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
-                    s_af_dequant(vbuf + (size_t)r * D, a->vq + (size_t)slot * a->stride / QK8_0,
-                                 qoff, D);
-            s_af_softmax(sc, G, D, n, m, s, acc);
+            for (int r = r0, slot = (slot0 + r0) % cap; r < r0 + nr;
+                 r++, slot = slot + 1 == cap ? 0 : slot + 1)
+                kr[r] = s_af_row(a, ng, (size_t)slot * a->stride, kbuf + (size_t)r * W, a->k, a->kh,
+                                 a->kq);
+            for (int g = 0; g < ng; g++)
+                s_af_scores(a->q + (size_t)g * G * D, G, D, kr, (size_t)g * D, r0, n, scale,
+                            sc + (size_t)g * G * ATTN_TILE);
+        }
+        for (int r = 0, slot = slot0; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
+            vr[r] =
+                s_af_row(a, ng, (size_t)slot * a->stride, vbuf + (size_t)r * W, a->v, a->vh, a->vq);
+        for (int g = 0; g < ng; g++) {
+            float *scg = sc + (size_t)g * G * ATTN_TILE;
+            double *accg = a->acc + (size_t)g * G * D;
+            s_af_softmax(scg, G, D, n, a->m + g * G, a->s + g * G, accg);
             for (int h = 0; h < G; h += AF_HB)
-                s_af_values(vr, n, D, sc + h * ATTN_TILE, acc + (size_t)h * D,
+                s_af_values(vr, (size_t)g * D, n, D, scg + h * ATTN_TILE, accg + (size_t)h * D,
                             G - h < AF_HB ? G - h : AF_HB);
         }
     }

@@ -64,7 +64,7 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
           *v = malloc(sizeof(float) * nc), *ref = malloc(sizeof(float) * G * D),
           *o1 = malloc(sizeof(float) * G * D), *o2 = malloc(sizeof(float) * G * D);
     double *part = malloc(sizeof(double) * G * (D + 2));
-    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, 1));
     double *sc = malloc(sizeof(double) * (hi - lo + 1)),
            *st = malloc(sizeof(double) * attn_merge_doubles(G, D));
     uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
@@ -213,7 +213,7 @@ static void s_check_groups(int ng, int G, int D, int cap, int lo, int hi, uint64
           *o2 = malloc(sizeof(float) * H * D);
     double *part = malloc(sizeof(double) * H * (D + 2)),
            *st = malloc(sizeof(double) * attn_merge_doubles(H, D));
-    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, ng));
     uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
     block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
                *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
