@@ -2,9 +2,10 @@
  * Projections round activations like ggml (kern_act_type). Attention over the cache is
  * attn_core.h's flash-style kernel: one read of each cached row per token (all KV groups in one
  * pass, so a thread streams whole rows), float SIMD inside position chunks, chunks merged in double
- * in position order, one rounding at the end. Work is split over the threads by token, or, when
- * there are fewer tokens than threads can share (decode), also by chunk, whose partials are merged
- * after; both give the same bits. Memory is the cache plus per-thread tiles: no score row per
+ * in position order, one rounding at the end. Work is split over the threads by blocks of up to
+ * ATTN_NQ consecutive tokens (a prefill: the block's queries share each row read), or, when there
+ * are fewer tokens than threads can share (decode), by chunk, whose partials are merged after;
+ * every way gives the same bits. Memory is the cache plus per-thread tiles: no score row per
  * position. */
 #include "model/attention.h"
 #include "model/attn_core.h"
@@ -57,8 +58,8 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
     d.tok_floats = T * (2 * E + 2 * Q + 2 * KV);
     /* per thread: kernel scratch, one chunk partial, the merge state (doubles) of a token's n_head
      * heads; 64-byte aligned */
-    d.work_stride = attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)) +
-                    s_round16(2 * attn_merge_doubles(H, D));
+    d.work_stride = attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)) +
+                    s_round16(2 * attn_merge_doubles(ATTN_NQ * H, D));
     d.max_pairs = 2 * (size_t)n_threads;
     d.n_chunks = (size_t)n_ctx / ATTN_CHUNK + 2;
     d.part_doubles = d.max_pairs * d.n_chunks * H * (D + 2);
@@ -175,13 +176,25 @@ static void s_attn_worker(void *p, int ith, int nth) {
     float *work = a->s->work + (size_t)ith * a->s->work_stride;
     double *part =
         (double *)(work + attn_work_floats(G, D, n_kv)); /* this thread's chunk partial */
-    double *st =
-        (double *)(work + attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)));
+    double *st = (double *)(work + attn_work_floats(G, D, n_kv) +
+                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
     if (!a->split) {
-        for (int t = ith; t < a->T; t += nth) {
-            attn_group_args ga = s_args(a, t, work);
-            ga.m = part, ga.s = part + H, ga.acc = part + 2 * H;
-            attn_group_query(a->fn, &ga, st, a->o + (size_t)t * H * D);
+        /* blocks of nq consecutive tokens share each row read (prefill), dealt round-robin */
+        const int nq = a->T >= ATTN_NQ * nth ? ATTN_NQ : (a->T + nth - 1) / nth;
+        for (int t0 = ith * nq; t0 < a->T; t0 += nth * nq) {
+            const int n = a->T - t0 < nq ? a->T - t0 : nq;
+            attn_group_args ga = s_args(a, t0, work);
+            if (n > 1) {
+                ga.n_q = n;
+                ga.q_stride = c->n_head * D + 2 * c->n_head_kv * D;
+                for (int i = 0; i < n; i++) {
+                    const attn_group_args gi = s_args(a, t0 + i, NULL);
+                    ga.qlo[i] = gi.lo, ga.qhi[i] = gi.hi;
+                    ga.lo = gi.lo < ga.lo ? gi.lo : ga.lo, ga.hi = gi.hi > ga.hi ? gi.hi : ga.hi;
+                }
+            }
+            ga.m = part, ga.s = part + (size_t)n * H, ga.acc = part + 2 * (size_t)n * H;
+            attn_group_query(a->fn, &ga, st, a->o + (size_t)t0 * H * D);
         }
         return;
     }
@@ -235,8 +248,8 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_
     }
     threadpool_run(cc->tp, s_attn_worker, &a);
     if (!a.split) return;
-    double *st =
-        (double *)(s->work + attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)H * (D + 2)));
+    double *st = (double *)(s->work + attn_work_floats(G, D, n_kv) +
+                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
     for (int t = 0; t < T; t++) {
         attn_merge_init(st, H, D);
         for (int ci = 0; ci < a.unit0[t + 1] - a.unit0[t]; ci++) {

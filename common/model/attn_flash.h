@@ -374,53 +374,72 @@ static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int
  * prefetchers far behind: a third of a full stream's bandwidth.) */
 void AF_NAME(const attn_group_args *a) {
     const int G = a->G, D = a->D, cap = a->cap, ng = a->n_grp > 0 ? a->n_grp : 1, GH = ng * G;
-    const int j_begin = a->lo > a->c0 ? a->lo : a->c0;
-    const int j_end = a->hi + 1 < a->c1 ? a->hi + 1 : a->c1;
+    const int nq = a->n_q > 1 ? a->n_q : 1;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t W = (size_t)ng * D;
-    const int pf_last = a->pf_end > 0 && a->pf_end - 1 < a->hi ? a->pf_end - 1 : a->hi;
-    float *sc = a->work;                        /* (GH, ATTN_TILE) scores, then p */
-    float *kbuf = sc + (size_t)GH * ATTN_TILE;  /* (ATTN_TILE, W) widened f16 keys */
-    float *vbuf = kbuf + (size_t)ATTN_TILE * W; /* (ATTN_TILE, W) widened f16 values */
+    float *sc = a->work;                                 /* (nq, GH, ATTN_TILE) scores, then p */
+    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) widened f16 keys */
+    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) widened f16 values */
     const float *kr[ATTN_TILE], *vr[ATTN_TILE];
-    for (int h = 0; h < GH; h++)
+    int qb[ATTN_NQ], qe[ATTN_NQ], jb = a->c1, je = a->c0, hmax = a->hi;
+    for (int i = 0; i < nq; i++) { /* each query's positions in this chunk: qb..qe-1 */
+        const int lo = nq > 1 ? a->qlo[i] : a->lo, hi = nq > 1 ? a->qhi[i] : a->hi;
+        qb[i] = lo > a->c0 ? lo : a->c0;
+        qe[i] = hi + 1 < a->c1 ? hi + 1 : a->c1;
+        if (qb[i] < qe[i]) jb = qb[i] < jb ? qb[i] : jb, je = qe[i] > je ? qe[i] : je;
+        hmax = hi > hmax ? hi : hmax;
+    }
+    const int pf_last = a->pf_end > 0 && a->pf_end - 1 < hmax ? a->pf_end - 1 : hmax;
+    for (int h = 0; h < nq * GH; h++)
         a->m[h] = -INFINITY, a->s[h] = 0.0f;
-    for (size_t i = 0; i < (size_t)GH * D; i++)
+    for (size_t i = 0; i < (size_t)nq * GH * D; i++)
         a->acc[i] = 0.0;
-    if (j_begin >= j_end) return;
-    for (int t0 = j_begin - j_begin % ATTN_TILE; t0 < j_end; t0 += ATTN_TILE) {
-        const int j0 = t0 > j_begin ? t0 : j_begin;
-        const int j1 = t0 + ATTN_TILE < j_end ? t0 + ATTN_TILE : j_end, n = j1 - j0;
+    for (int t0 = jb - jb % ATTN_TILE; t0 < je; t0 += ATTN_TILE) {
+        const int j0 = t0 > jb ? t0 : jb;
+        const int j1 = t0 + ATTN_TILE < je ? t0 + ATTN_TILE : je, n = j1 - j0;
         const int slot0 = j0 % cap;
-        for (int r0 = 0; r0 < n; r0 += AF_RB) {
-            const int nr = n - r0 < AF_RB ? n - r0 : AF_RB;
-            {
-                const int jk = j0 + r0 + AF_PF_KD, jv = j0 + r0 + AF_PF_VD;
-                if (AF_PF_KD > 0 && jk <= pf_last)
-                    s_af_prefetch(a, ng, jk % cap, pf_last + 1 - jk < nr ? pf_last + 1 - jk : nr,
-                                  0);
-                if (AF_PF_VD >= 0 && jv <= pf_last)
-                    s_af_prefetch(a, ng, jv % cap, pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr,
-                                  1);
+        int ready = 0; /* rows 0..ready-1 of the tile: requested ahead and kr set */
+        for (int i = 0; i < nq; i++) {
+            const int ri0 = (qb[i] > j0 ? qb[i] : j0) - j0, ri1 = (qe[i] < j1 ? qe[i] : j1) - j0;
+            const int ni = ri1 - ri0;
+            for (int r0 = 0; r0 < ni; r0 += AF_RB) {
+                for (const int need = ri0 + r0 + AF_RB < n ? ri0 + r0 + AF_RB : n; ready < need;) {
+                    const int nr = n - ready < AF_RB ? n - ready : AF_RB;
+                    const int jk = j0 + ready + AF_PF_KD, jv = j0 + ready + AF_PF_VD;
+                    if (AF_PF_KD > 0 && jk <= pf_last)
+                        s_af_prefetch(a, ng, jk % cap,
+                                      pf_last + 1 - jk < nr ? pf_last + 1 - jk : nr, 0);
+                    if (AF_PF_VD >= 0 && jv <= pf_last)
+                        s_af_prefetch(a, ng, jv % cap,
+                                      pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr, 1);
+                    for (int r = ready, slot = (slot0 + ready) % cap; r < ready + nr;
+                         r++, slot = slot + 1 == cap ? 0 : slot + 1)
+                        kr[r] = s_af_row(a, ng, (size_t)slot * a->stride, kbuf + (size_t)r * W,
+                                         a->k, a->kh, a->kq);
+                    ready += nr;
+                }
+                const float *qi = a->q + (size_t)i * a->q_stride;
+                for (int g = 0; g < ng; g++)
+                    s_af_scores(qi + (size_t)g * G * D, G, D, kr + ri0, (size_t)g * D, r0, ni,
+                                scale, sc + ((size_t)i * GH + (size_t)g * G) * ATTN_TILE);
             }
-            for (int r = r0, slot = (slot0 + r0) % cap; r < r0 + nr;
-                 r++, slot = slot + 1 == cap ? 0 : slot + 1)
-                kr[r] = s_af_row(a, ng, (size_t)slot * a->stride, kbuf + (size_t)r * W, a->k, a->kh,
-                                 a->kq);
-            for (int g = 0; g < ng; g++)
-                s_af_scores(a->q + (size_t)g * G * D, G, D, kr, (size_t)g * D, r0, n, scale,
-                            sc + (size_t)g * G * ATTN_TILE);
         }
         for (int r = 0, slot = slot0; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
             vr[r] =
                 s_af_row(a, ng, (size_t)slot * a->stride, vbuf + (size_t)r * W, a->v, a->vh, a->vq);
-        for (int g = 0; g < ng; g++) {
-            float *scg = sc + (size_t)g * G * ATTN_TILE;
-            double *accg = a->acc + (size_t)g * G * D;
-            s_af_softmax(scg, G, D, n, a->m + g * G, a->s + g * G, accg);
-            for (int h = 0; h < G; h += AF_HB)
-                s_af_values(vr, (size_t)g * D, n, D, scg + h * ATTN_TILE, accg + (size_t)h * D,
-                            G - h < AF_HB ? G - h : AF_HB);
+        for (int i = 0; i < nq; i++) {
+            const int ri0 = (qb[i] > j0 ? qb[i] : j0) - j0, ri1 = (qe[i] < j1 ? qe[i] : j1) - j0;
+            const int ni = ri1 - ri0;
+            if (ni <= 0) continue;
+            for (int g = 0; g < ng; g++) {
+                const size_t hh = (size_t)i * GH + (size_t)g * G; /* first head of the group */
+                float *scg = sc + hh * ATTN_TILE;
+                double *accg = a->acc + hh * D;
+                s_af_softmax(scg, G, D, ni, a->m + hh, a->s + hh, accg);
+                for (int h = 0; h < G; h += AF_HB)
+                    s_af_values(vr + ri0, (size_t)g * D, ni, D, scg + h * ATTN_TILE,
+                                accg + (size_t)h * D, G - h < AF_HB ? G - h : AF_HB);
+            }
         }
     }
 }
