@@ -128,6 +128,28 @@ static inline af_v s_af_exp(af_v x) {
 #endif
 #define AF_KEEP(x) __asm__("" : "+v"(x))
 
+#if AF_W == 16 && defined(__AVX512F__)
+/* out[j] = s_af_hsum(x[j]) * scale for four vectors at once: each step of the halving tree
+ * adds the same lanes, two or four vectors' lanes side by side in a register. */
+static inline void s_af_hsum4(const af_v *x, float scale, float *out) {
+    const __m512 a0 = (__m512)x[0], a1 = (__m512)x[1], a2 = (__m512)x[2], a3 = (__m512)x[3];
+    /* t[i] + t[i + 8]: a0's in lanes 0..7, a1's in 8..15 (u01), a2's and a3's (u23) */
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* t[i] + t[i + 4]: vector k's four in 128-bit lane k */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* (t0 + t2) + (t1 + t3) in element 0 of each 128-bit lane */
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512 y = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 z =
+        _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), y);
+    _mm_storeu_ps(out, _mm_mul_ps(_mm512_castps512_ps128(z), _mm_set1_ps(scale)));
+}
+#endif
+
 /* sc[h * ATTN_TILE + r] = (q_h . k_r) * scale for the tile's n rows and the G heads. Each dot
  * product is one accumulator over D in order, the halving tree, then the tail in order: the order
  * of llamafile's tinyBLAS f32 kernel that ggml uses for K.Q on x86 at the same vector width.
@@ -166,6 +188,19 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
                         acc[b][j] = AF_FMA(kv, x[b], acc[b][j]);
                 }
             }
+#if AF_W == 16 && AF_RB == 4 && defined(__AVX512F__)
+            if (D0 == D) { /* the four rows' trees side by side in one register */
+#pragma GCC unroll 8
+                for (int b = 0; b < AF_HB; b++) {
+                    float d[4];
+                    s_af_hsum4(acc[b], scale, d);
+                    if (h + b < G)
+                        for (int j = 0; j < AF_RB && r0 + j < n; j++)
+                            sc[(h + b) * ATTN_TILE + r0 + j] = d[j];
+                }
+                continue;
+            }
+#endif
 #pragma GCC unroll 8
             for (int b = 0; b < AF_HB; b++)
 #pragma GCC unroll 8
