@@ -14,7 +14,12 @@
  * folds chunks, always in position order, in double, and attn_merge_out() rounds once. The bits of
  * a query depend only on its q, the cache and lo..hi: not on the thread count, on which thread ran
  * a chunk, nor on batched prefill vs token-by-token decode. attn_head_ref() is the plain reference
- * (two passes, all in double) the tests hold the kernels to. */
+ * (two passes, all in double) the tests hold the kernels to.
+ *
+ * One call may take several KV groups (n_grp: whole cached rows read in position order, the
+ * stream the prefetchers follow) and several queries (n_q: a prefill's consecutive tokens share
+ * each row read); each head's and query's arithmetic is that of a call of its own, so the bits
+ * do not depend on how heads and tokens are grouped. */
 #ifndef STP_ATTN_CORE_H
 #define STP_ATTN_CORE_H
 

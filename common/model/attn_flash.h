@@ -7,16 +7,18 @@
  * their bits differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives
  * the same bits at any thread count, batched or not.
  *
- * Per tile of ATTN_TILE positions, for each of the n_grp kv groups in turn (the tile's whole rows
- * are requested into L2 one tile ahead: half-row reads left the hardware prefetchers behind): the
- * G heads' scores (q·k over D in AF_W lanes, reduced in a fixed tree, times 1/sqrt(D); blocks of
- * AF_RB rows by AF_HB heads keep their accumulators and loaded vectors in registers), each head's
- * max raised (acc and s, double, scaled by exp(old - new) when it rises), p = exp(score - max)
- * with a polynomial expf (Cephes, <= 2 ulp), the tile's sum of p in position order, then the
- * values: AF_HB heads at a time share each loaded row, AF_VU vectors of dimensions per head stay
- * in registers over the tile, and the tile's float sums are added to acc in double. Every cached
- * row is read once per token, not once per head or per group. The register blocking changes no
- * sum's order: a head's bits are those of one row and one head at a time. */
+ * Per tile of ATTN_TILE positions: the key rows in blocks of AF_RB, whole (all n_grp kv heads,
+ * in position order), each block requested into L2 AF_PF_KD rows ahead with the value rows
+ * AF_PF_VD ahead (half-row reads, one kv head after another, left the hardware prefetchers far
+ * behind); for each query and group the G heads' scores over the block (q·k over D in AF_W lanes,
+ * reduced in a fixed tree, times 1/sqrt(D); AF_RB rows by AF_HB heads keep their accumulators and
+ * loaded vectors in registers). Then per query and group: each head's max raised (acc and s,
+ * double, scaled by exp(old - new) when it rises), p = exp(score - max) with a polynomial expf
+ * (Cephes, <= 2 ulp), the tile's sum of p in position order, and the values: AF_HB heads at a
+ * time share each loaded row, AF_VU vectors of dimensions per head stay in registers over the
+ * tile, and the tile's float sums are added to acc in double. Every cached row is read once per
+ * call (a token, or a prefill's block of tokens), not once per head or group. The blocking changes
+ * no sum's order: a head's bits are those of one query, one row and one head at a time. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
