@@ -178,6 +178,22 @@ static void s_attn_worker(void *p, int ith, int nth) {
         (double *)(work + attn_work_floats(G, D, n_kv)); /* this thread's chunk partial */
     double *st = (double *)(work + attn_work_floats(G, D, n_kv) +
                             s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    if (!a->split && a->T < nth && n_kv > 1) {
+        /* fewer tokens than threads, each one chunk (a short context): (token, KV group) units */
+        for (int u = ith; u < a->T * n_kv; u += nth) {
+            const int t = u / n_kv, g = u % n_kv;
+            attn_group_args ga = s_args(a, t, work);
+            const size_t e = (size_t)g * D;
+            ga.n_grp = 1;
+            ga.q += e * G;
+            ga.k = ga.k ? ga.k + e : NULL, ga.v = ga.v ? ga.v + e : NULL;
+            ga.kh = ga.kh ? ga.kh + e : NULL, ga.vh = ga.vh ? ga.vh + e : NULL;
+            ga.qoff = (int)e;
+            ga.m = part, ga.s = part + G, ga.acc = part + 2 * G;
+            attn_group_query(a->fn, &ga, st, a->o + (size_t)t * H * D + e * G);
+        }
+        return;
+    }
     if (!a->split) {
         /* blocks of nq consecutive tokens share each row read (prefill), dealt round-robin */
         const int nq = a->T >= ATTN_NQ * nth ? ATTN_NQ : (a->T + nth - 1) / nth;
