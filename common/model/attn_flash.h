@@ -393,6 +393,11 @@ static inline const char *s_af_rowp(const attn_group_args *a, int ng, int slot, 
 #define AF_PF_KD 128
 #define AF_PF_VD 64
 #endif
+#ifndef AF_PF_VSPREAD /* value rows requested during the value sums, spread over them (the         \
+                       * memory keeps streaming while the values are summed) rather than with the  \
+                       * key rows: faster with two threads streaming */
+#define AF_PF_VSPREAD 1
+#endif
 
 /* The rows' lines (of all n_grp kv heads, whole) requested into the cache, one per 64 bytes. */
 static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int nrow, int v) {
@@ -446,7 +451,7 @@ void AF_NAME(const attn_group_args *a) {
                     if (AF_PF_KD > 0 && jk <= pf_last)
                         s_af_prefetch(a, ng, jk % cap,
                                       pf_last + 1 - jk < nr ? pf_last + 1 - jk : nr, 0);
-                    if (AF_PF_VD >= 0 && jv <= pf_last)
+                    if (!AF_PF_VSPREAD && AF_PF_VD >= 0 && jv <= pf_last)
                         s_af_prefetch(a, ng, jv % cap,
                                       pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr, 1);
                     for (int r = ready, slot = (slot0 + ready) % cap; r < ready + nr;
@@ -464,6 +469,9 @@ void AF_NAME(const attn_group_args *a) {
         for (int r = 0, slot = slot0; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
             vr[r] =
                 s_af_row(a, ng, (size_t)slot * a->stride, vbuf + (size_t)r * W, a->v, a->vh, a->vq);
+        const int n_calls = nq * ng * ((G + AF_HB - 1) / AF_HB);
+        const int vstep = (n + n_calls - 1) / n_calls;
+        int vp = 0; /* rows of the tile whose value rows AF_PF_VD ahead are requested */
         for (int i = 0; i < nq; i++) {
             const int ri0 = (qb[i] > j0 ? qb[i] : j0) - j0, ri1 = (qe[i] < j1 ? qe[i] : j1) - j0;
             const int ni = ri1 - ri0;
@@ -473,9 +481,17 @@ void AF_NAME(const attn_group_args *a) {
                 float *scg = sc + hh * ATTN_TILE;
                 double *accg = a->acc + hh * D;
                 s_af_softmax(scg, G, D, ni, a->m + hh, a->s + hh, accg);
-                for (int h = 0; h < G; h += AF_HB)
+                for (int h = 0; h < G; h += AF_HB) {
+                    if (AF_PF_VSPREAD && vp < n) {
+                        const int jv = j0 + vp + AF_PF_VD, nr = n - vp < vstep ? n - vp : vstep;
+                        if (jv <= pf_last)
+                            s_af_prefetch(a, ng, jv % cap,
+                                          pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr, 1);
+                        vp += nr;
+                    }
                     s_af_values(vr + ri0, (size_t)g * D, ni, D, scg + h * ATTN_TILE,
                                 accg + (size_t)h * D, G - h < AF_HB ? G - h : AF_HB);
+                }
             }
         }
     }
