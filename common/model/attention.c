@@ -1,10 +1,12 @@
 /* attention: GQA self-attention with NeoX RoPE or NoPE, causal and sliding-window masks.
  * Projections round activations like ggml (kern_act_type). Attention over the cache is
- * attn_core.h's flash-style kernel: one read of each cached row per KV group, float SIMD inside
- * position chunks, chunks merged in double in position order, one rounding at the end. Work is
- * split over the threads by (token, KV group), or, when there are fewer of those than threads
- * can share (decode), also by chunk, whose partials are merged after; both give the same bits.
- * Memory is the cache plus per-thread tiles: no score row per position. */
+ * attn_core.h's flash-style kernel: one read of each cached row per token (all KV groups in one
+ * pass, so a thread streams whole rows), float SIMD inside position chunks, chunks merged in double
+ * in position order, one rounding at the end. Work is split over the threads by blocks of up to
+ * ATTN_NQ consecutive tokens (a prefill: the block's queries share each row read), or, when there
+ * are fewer tokens than threads can share (decode), by chunk, whose partials are merged after;
+ * every way gives the same bits. Memory is the cache plus per-thread tiles: no score row per
+ * position. */
 #include "model/attention.h"
 #include "model/attn_core.h"
 
@@ -49,16 +51,18 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
     const size_t T = (size_t)n_ubatch, E = (size_t)cfg->n_embd,
                  Q = (size_t)cfg->n_head * cfg->head_dim,
                  KV = (size_t)cfg->n_head_kv * cfg->head_dim;
-    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim;
+    const int G = cfg->n_head / cfg->n_head_kv, D = cfg->head_dim, H = cfg->n_head,
+              n_kv = cfg->n_head_kv;
     const size_t widest = E > Q ? E : Q;
     scratch_dims d;
     d.tok_floats = T * (2 * E + 2 * Q + 2 * KV);
-    /* per thread: kernel scratch, one chunk partial, the merge state (doubles); 64-byte aligned */
-    d.work_stride = attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)) +
-                    s_round16(2 * attn_merge_doubles(G, D));
+    /* per thread: kernel scratch, one chunk partial, the merge state (doubles) of a token's n_head
+     * heads; 64-byte aligned */
+    d.work_stride = attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)) +
+                    s_round16(2 * attn_merge_doubles(ATTN_NQ * H, D));
     d.max_pairs = 2 * (size_t)n_threads;
     d.n_chunks = (size_t)n_ctx / ATTN_CHUNK + 2;
-    d.part_doubles = d.max_pairs * d.n_chunks * G * (D + 2);
+    d.part_doubles = d.max_pairs * d.n_chunks * H * (D + 2);
     /* the largest activation format is F32 (4 bytes/elem); q, k, v may each need their own copy */
     d.xq_bytes = 3 * T * (widest * 4 + 64);
     return d;
@@ -132,29 +136,30 @@ typedef struct attn_section {
     attn_scratch *s;
     attn_group_fn fn;
     int T, pos0;
-    bool split;    /* (token, group) pairs cut into chunks, partials merged after */
-    int unit0[65]; /* split: first unit of pair i (unit0[n_pairs] = all units) */
-    int n_pairs;
+    bool split;    /* tokens cut into chunks, partials merged after */
+    int unit0[65]; /* split: first unit of token i (unit0[T] = all units) */
 } attn_section;
 
-/* The kernel arguments of token t, KV group g (the chunk range is set by the caller). */
-static attn_group_args s_args(const attn_section *a, int t, int g, float *work) {
+/* The kernel arguments of token t, all its KV groups in one pass over each cached row (the chunk
+ * range is set by the caller). */
+static attn_group_args s_args(const attn_section *a, int t, float *work) {
     const model_config *c = a->cfg;
     const int D = c->head_dim, G = c->n_head / c->n_head_kv, Q = c->n_head * D,
               KV = c->n_head_kv * D;
     const int p = a->pos0 + t;
     const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
     return (attn_group_args){
-        .q = a->qkv + (size_t)t * (Q + 2 * KV) + (size_t)g * G * D,
+        .q = a->qkv + (size_t)t * (Q + 2 * KV),
         .G = G,
         .D = D,
-        .k = a->kvl->k ? a->kvl->k + (size_t)g * D : NULL,
-        .v = a->kvl->v ? a->kvl->v + (size_t)g * D : NULL,
-        .kh = a->kvl->kh ? a->kvl->kh + (size_t)g * D : NULL,
-        .vh = a->kvl->vh ? a->kvl->vh + (size_t)g * D : NULL,
+        .n_grp = c->n_head_kv,
+        .k = a->kvl->k,
+        .v = a->kvl->v,
+        .kh = a->kvl->kh,
+        .vh = a->kvl->vh,
         .kq = a->kvl->kq,
         .vq = a->kvl->vq,
-        .qoff = g * D,
+        .qoff = 0,
         .stride = KV,
         .cap = a->kvl->cap,
         .lo = lo,
@@ -167,28 +172,62 @@ static attn_group_args s_args(const attn_section *a, int t, int g, float *work) 
 static void s_attn_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
     const model_config *c = a->cfg;
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, n_kv = c->n_head_kv;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     float *work = a->s->work + (size_t)ith * a->s->work_stride;
-    double *part = (double *)(work + attn_work_floats(G, D)); /* this thread's chunk partial */
-    double *st = (double *)(work + attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)));
-    if (!a->split) {
-        for (int i = ith; i < a->T * n_kv; i += nth) {
-            const int t = i / n_kv, g = i % n_kv;
-            attn_group_args ga = s_args(a, t, g, work);
+    double *part =
+        (double *)(work + attn_work_floats(G, D, n_kv)); /* this thread's chunk partial */
+    double *st = (double *)(work + attn_work_floats(G, D, n_kv) +
+                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    if (!a->split && a->T < nth && n_kv > 1) {
+        /* fewer tokens than threads, each one chunk (a short context): (token, KV group) units */
+        for (int u = ith; u < a->T * n_kv; u += nth) {
+            const int t = u / n_kv, g = u % n_kv;
+            attn_group_args ga = s_args(a, t, work);
+            const size_t e = (size_t)g * D;
+            ga.n_grp = 1;
+            ga.q += e * G;
+            ga.k = ga.k ? ga.k + e : NULL, ga.v = ga.v ? ga.v + e : NULL;
+            ga.kh = ga.kh ? ga.kh + e : NULL, ga.vh = ga.vh ? ga.vh + e : NULL;
+            ga.qoff = (int)e;
             ga.m = part, ga.s = part + G, ga.acc = part + 2 * G;
-            attn_group_query(a->fn, &ga, st, a->o + (size_t)t * c->n_head * D + (size_t)g * G * D);
+            attn_group_query(a->fn, &ga, st, a->o + (size_t)t * H * D + e * G);
         }
         return;
     }
-    for (int u = ith, i = 0; u < a->unit0[a->n_pairs]; u += nth) {
-        while (u >= a->unit0[i + 1])
-            i++;
-        attn_group_args ga = s_args(a, i / n_kv, i % n_kv, work);
-        const int ci = u - a->unit0[i];
+    if (!a->split) {
+        /* blocks of nq consecutive tokens share each row read (prefill), dealt round-robin */
+        const int nq = a->T >= ATTN_NQ * nth ? ATTN_NQ : (a->T + nth - 1) / nth;
+        for (int t0 = ith * nq; t0 < a->T; t0 += nth * nq) {
+            const int n = a->T - t0 < nq ? a->T - t0 : nq;
+            attn_group_args ga = s_args(a, t0, work);
+            if (n > 1) {
+                ga.n_q = n;
+                ga.q_stride = c->n_head * D + 2 * c->n_head_kv * D;
+                for (int i = 0; i < n; i++) {
+                    const attn_group_args gi = s_args(a, t0 + i, NULL);
+                    ga.qlo[i] = gi.lo, ga.qhi[i] = gi.hi;
+                    ga.lo = gi.lo < ga.lo ? gi.lo : ga.lo, ga.hi = gi.hi > ga.hi ? gi.hi : ga.hi;
+                }
+            }
+            ga.m = part, ga.s = part + (size_t)n * H, ga.acc = part + 2 * (size_t)n * H;
+            attn_group_query(a->fn, &ga, st, a->o + (size_t)t0 * H * D);
+        }
+        return;
+    }
+    /* a contiguous run of units per thread: a token's chunks in position order, so the rows
+     * requested ahead are the ones this thread reads next */
+    const int n_units = a->unit0[a->T], u0 = (int)((long)n_units * ith / nth),
+              u1 = (int)((long)n_units * (ith + 1) / nth);
+    for (int u = u0, t = 0; u < u1; u++) {
+        while (u >= a->unit0[t + 1])
+            t++;
+        attn_group_args ga = s_args(a, t, work);
+        const int ci = u - a->unit0[t], last = (u1 < a->unit0[t + 1] ? u1 : a->unit0[t + 1]) - 1;
         ga.c0 = (ga.lo / ATTN_CHUNK + ci) * ATTN_CHUNK;
         ga.c1 = ga.c0 + ATTN_CHUNK;
-        double *pp = a->s->part + ((size_t)i * a->s->n_chunks + ci) * G * (D + 2);
-        ga.m = pp, ga.s = pp + G, ga.acc = pp + 2 * G;
+        ga.pf_end = (ga.lo / ATTN_CHUNK + last - a->unit0[t] + 1) * ATTN_CHUNK;
+        double *pp = a->s->part + ((size_t)t * a->s->n_chunks + ci) * H * (D + 2);
+        ga.m = pp, ga.s = pp + H, ga.acc = pp + 2 * H;
         a->fn(&ga);
     }
 }
@@ -203,7 +242,7 @@ static attn_group_fn s_kernel(const compute_ctx *cc) {
 /* Attention of the T tokens' query heads over the cache (keys and values already appended). */
 static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_layer *kvl, int T,
                          int pos0, attn_scratch *s) {
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, n_kv = c->n_head_kv;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     const int nth = threadpool_size(cc->tp);
     attn_section a = {.cfg = c,
                       .kvl = kvl,
@@ -212,29 +251,28 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_
                       .s = s,
                       .fn = s_kernel(cc),
                       .T = T,
-                      .pos0 = pos0,
-                      .n_pairs = T * n_kv};
-    /* few (token, group) pairs for the threads: each pair's chunks become units of their own */
-    a.split = nth > 1 && a.n_pairs < 2 * nth && a.n_pairs <= s->max_pairs && a.n_pairs <= 64;
+                      .pos0 = pos0};
+    /* few tokens for the threads (decode): each token's chunks become units of their own */
+    a.split = nth > 1 && T < 2 * nth && T <= s->max_pairs && T <= 64;
     if (a.split) {
         a.unit0[0] = 0;
-        for (int i = 0; i < a.n_pairs; i++) {
-            const attn_group_args ga = s_args(&a, i / n_kv, i % n_kv, NULL);
-            a.unit0[i + 1] = a.unit0[i] + ga.hi / ATTN_CHUNK - ga.lo / ATTN_CHUNK + 1;
+        for (int t = 0; t < T; t++) {
+            const attn_group_args ga = s_args(&a, t, NULL);
+            a.unit0[t + 1] = a.unit0[t] + ga.hi / ATTN_CHUNK - ga.lo / ATTN_CHUNK + 1;
         }
-        a.split = a.unit0[a.n_pairs] > a.n_pairs; /* else nothing to cut */
+        a.split = a.unit0[T] > T; /* else nothing to cut */
     }
     threadpool_run(cc->tp, s_attn_worker, &a);
     if (!a.split) return;
-    double *st = (double *)(s->work + attn_work_floats(G, D) + s_round16(2 * (size_t)G * (D + 2)));
-    for (int i = 0; i < a.n_pairs; i++) {
-        const int t = i / n_kv, g = i % n_kv;
-        attn_merge_init(st, G, D);
-        for (int ci = 0; ci < a.unit0[i + 1] - a.unit0[i]; ci++) {
-            const double *pp = s->part + ((size_t)i * s->n_chunks + ci) * G * (D + 2);
-            attn_merge_add(st, G, D, pp, pp + G, pp + 2 * G);
+    double *st = (double *)(s->work + attn_work_floats(G, D, n_kv) +
+                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    for (int t = 0; t < T; t++) {
+        attn_merge_init(st, H, D);
+        for (int ci = 0; ci < a.unit0[t + 1] - a.unit0[t]; ci++) {
+            const double *pp = s->part + ((size_t)t * s->n_chunks + ci) * H * (D + 2);
+            attn_merge_add(st, H, D, pp, pp + H, pp + 2 * H);
         }
-        attn_merge_out(st, G, D, s->o + (size_t)t * c->n_head * D + (size_t)g * G * D);
+        attn_merge_out(st, H, D, s->o + (size_t)t * H * D);
     }
 }
 

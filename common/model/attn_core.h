@@ -14,7 +14,12 @@
  * folds chunks, always in position order, in double, and attn_merge_out() rounds once. The bits of
  * a query depend only on its q, the cache and lo..hi: not on the thread count, on which thread ran
  * a chunk, nor on batched prefill vs token-by-token decode. attn_head_ref() is the plain reference
- * (two passes, all in double) the tests hold the kernels to. */
+ * (two passes, all in double) the tests hold the kernels to.
+ *
+ * One call may take several KV groups (n_grp: whole cached rows read in position order, the
+ * stream the prefetchers follow) and several queries (n_q: a prefill's consecutive tokens share
+ * each row read); each head's and query's arithmetic is that of a call of its own, so the bits
+ * do not depend on how heads and tokens are grouped. */
 #ifndef STP_ATTN_CORE_H
 #define STP_ATTN_CORE_H
 
@@ -26,10 +31,15 @@
 
 #define ATTN_TILE 32   /* positions per online-softmax step */
 #define ATTN_CHUNK 256 /* positions per partial result (a multiple of ATTN_TILE) */
+#define ATTN_NQ 4      /* queries (tokens) at most that share one pass over the rows */
 
 typedef struct attn_group_args {
-    const float *q;            /* (G, D) the group's query heads, rotated, contiguous */
-    int G, D;                  /* heads in the group; head dim (multiple of 4, <= 1024) */
+    const float *q;            /* (n_grp * G, D) the groups' query heads, rotated, contiguous */
+    int G, D;                  /* heads per group; head dim (multiple of 4, <= 1024) */
+    int n_grp;                 /* consecutive kv heads (groups) done in one pass over the rows
+                                * (0 means 1): group i's heads are q's heads i*G.., its keys and
+                                * values i * D elements further in a row; the bits of each head
+                                * are those of a one-group call */
     const float *k, *v;        /* key / value of slot 0 for this kv head; slot s at + s * stride */
     const uint16_t *kh, *vh;   /* the same in a float16 cache (k and v NULL) */
     const block_q8_0 *kq, *vq; /* a Q8_0 cache: slot 0's row (all kv heads; k, v, kh, vh NULL) */
@@ -37,10 +47,19 @@ typedef struct attn_group_args {
                                 * the row, as ggml's, so one may straddle two heads if D < 32) */
     int stride;                /* elements between slots */
     int cap;                   /* slots in the cache (position j lives in slot j % cap) */
-    int lo, hi;                /* positions the query attends: lo..hi inclusive */
-    int c0, c1;                /* the chunk: positions c0..c1-1 */
-    double *m, *s, *acc;       /* out: the chunk's partial, (G), (G), (G, D) */
-    float *work;               /* scratch of attn_work_floats(G, D) floats, 64-byte aligned */
+    int lo, hi;                /* positions the query attends: lo..hi inclusive (n_q > 1: the
+                                * lowest qlo and the highest qhi) */
+    int n_q;                   /* queries sharing each row read (0 means 1, at most ATTN_NQ):
+                                * query i's heads at q + i * q_stride, attending qlo[i]..qhi[i];
+                                * its partial and result follow query i-1's (n_grp * G heads
+                                * each); a query's bits are those of a call of its own */
+    int q_stride;
+    int qlo[ATTN_NQ], qhi[ATTN_NQ];
+    int c0, c1;          /* the chunk: positions c0..c1-1 */
+    int pf_end;          /* rows are requested ahead up to hi, or below pf_end if > 0 (the
+                          * end of the chunks this thread runs next) */
+    double *m, *s, *acc; /* out: the chunk's partial, (n_q * n_grp * G), (..), (.., D) */
+    float *work;         /* scratch of attn_work_floats(G, D, n_grp) floats, 64-byte aligned */
 } attn_group_args;
 
 typedef void (*attn_group_fn)(const attn_group_args *a);
@@ -74,10 +93,11 @@ static inline float attn_cache_elem(const float *f, const uint16_t *h, const blo
     return x;
 }
 
-/* Floats of scratch a chunk kernel needs (scores of a tile, a tile of widened f16 or
- * dequantized Q8_0 rows). */
-static inline size_t attn_work_floats(int G, int D) {
-    return ((size_t)G * ATTN_TILE + 2 * (size_t)ATTN_TILE * D + 15) & ~(size_t)15;
+/* Floats of scratch a chunk kernel needs for n_grp groups of G heads (scores of a tile for up to
+ * ATTN_NQ queries, a tile of widened f16 or dequantized Q8_0 rows of n_grp kv heads). */
+static inline size_t attn_work_floats(int G, int D, int n_grp) {
+    return ((size_t)ATTN_NQ * n_grp * G * ATTN_TILE + 2 * (size_t)ATTN_TILE * n_grp * D + 15) &
+           ~(size_t)15;
 }
 
 /* The merge state of one query in double: M (G), S (G), A (G, D). */
@@ -115,17 +135,20 @@ static inline void attn_merge_out(const double *st, int G, int D, float *out) {
             out[(size_t)h * D + i] = (float)(st[2 * G + (size_t)h * D + i] / st[G + h]);
 }
 
-/* One whole query: every chunk of lo..hi in order through fn, merged in st
- * (attn_merge_doubles), the result in out (G, D). a->m, a->s, a->acc receive each chunk. */
+/* One whole query (or n_q): every chunk of lo..hi in order through fn, merged in st
+ * (attn_merge_doubles of n_q * n_grp * G heads), the result in out (n_q * n_grp * G, D). a->m,
+ * a->s, a->acc receive each chunk. A chunk outside a query's range leaves its heads' m at -inf,
+ * which the merge skips. */
 static inline void attn_group_query(attn_group_fn fn, attn_group_args *a, double *st, float *out) {
-    attn_merge_init(st, a->G, a->D);
+    const int GH = (a->n_q > 1 ? a->n_q : 1) * (a->n_grp > 0 ? a->n_grp : 1) * a->G;
+    attn_merge_init(st, GH, a->D);
     for (int c = a->lo / ATTN_CHUNK; c <= a->hi / ATTN_CHUNK; c++) {
         a->c0 = c * ATTN_CHUNK;
         a->c1 = a->c0 + ATTN_CHUNK;
         fn(a);
-        attn_merge_add(st, a->G, a->D, a->m, a->s, a->acc);
+        attn_merge_add(st, GH, a->D, a->m, a->s, a->acc);
     }
-    attn_merge_out(st, a->G, a->D, out);
+    attn_merge_out(st, GH, a->D, out);
 }
 
 /* The reference for one head h of a: scores, softmax (libm exp) and the value sum in double,

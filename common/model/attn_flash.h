@@ -7,12 +7,18 @@
  * their bits differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives
  * the same bits at any thread count, batched or not.
  *
- * Per tile of ATTN_TILE positions: the G heads' scores (q·k over D in AF_W lanes, reduced in a
- * fixed tree, times 1/sqrt(D)), each head's max raised (acc and s, double, scaled by
- * exp(old - new) when it rises), p = exp(score - max) with a polynomial expf (Cephes, <= 2 ulp),
- * the tile's sum of p in position order, then the values: two heads at a time share each row,
- * 8 vectors of dimensions stay in registers over the tile, and the tile's float sums are added
- * to acc in double. Every cached row is read once per group, not once per head. */
+ * Per tile of ATTN_TILE positions: the key rows in blocks of AF_RB, whole (all n_grp kv heads,
+ * in position order), each block requested into L2 AF_PF_KD rows ahead with the value rows
+ * AF_PF_VD ahead (half-row reads, one kv head after another, left the hardware prefetchers far
+ * behind); for each query and group the G heads' scores over the block (q·k over D in AF_W lanes,
+ * reduced in a fixed tree, times 1/sqrt(D); AF_RB rows by AF_HB heads keep their accumulators and
+ * loaded vectors in registers). Then per query and group: each head's max raised (acc and s,
+ * double, scaled by exp(old - new) when it rises), p = exp(score - max) with a polynomial expf
+ * (Cephes, <= 2 ulp), the tile's sum of p in position order, and the values: AF_HB heads at a
+ * time share each loaded row, AF_VU vectors of dimensions per head stay in registers over the
+ * tile, and the tile's float sums are added to acc in double. Every cached row is read once per
+ * call (a token, or a prefill's block of tokens), not once per head or group. The blocking changes
+ * no sum's order: a head's bits are those of one query, one row and one head at a time. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,18 +33,68 @@ static inline af_v s_af_load(const float *p) {
 static inline void s_af_store(float *p, af_v x) {
     *(af_vu *)p = x;
 }
+#if AF_W == 16
+typedef float af_v8 __attribute__((vector_size(32)));
+#define AF_BCAST(x) ((af_v){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
+#elif AF_W == 8
+#define AF_BCAST(x) ((af_v){x, x, x, x, x, x, x, x})
+#else
+#define AF_BCAST(x) ((af_v){x, x, x, x})
+#endif
+typedef float af_v4 __attribute__((vector_size(16)));
+
 static inline af_v s_af_splat(float x) {
-    return (af_v){0} + x;
+    return AF_BCAST(x);
 }
 
-/* Lanes summed as a tree: halves added until one lane is left (the same tree at every call). */
+/* Lanes summed as a tree: halves added until one lane is left (the same tree at every call),
+ * in registers: t[i] + t[i + AF_W/2], ..., then (t0 + t2) + (t1 + t3). */
 static inline float s_af_hsum(af_v x) {
-    float t[AF_W];
-    memcpy(t, &x, sizeof t);
-    for (int w = AF_W / 2; w > 0; w /= 2)
-        for (int i = 0; i < w; i++)
-            t[i] += t[i + w];
-    return t[0];
+#if AF_W == 16
+    const af_v8 h8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                     __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    const af_v4 h =
+        __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#elif AF_W == 8
+    const af_v4 h =
+        __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+#else
+    const af_v4 h = x;
+#endif
+    return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+/* Half vectors of floats and vectors of doubles (AF_W / 2 lanes): a tile's float sums are
+ * widened and added to the double accumulators a vector at a time (each lane on its own, the same
+ * bits as one at a time). */
+typedef float af_vh __attribute__((vector_size(AF_W * 2)));
+typedef double af_vd __attribute__((vector_size(AF_W * 4)));
+typedef double af_vdu __attribute__((vector_size(AF_W * 4), aligned(8), may_alias));
+#if AF_W == 16
+#define AF_LO(x) __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+#define AF_HI(x) __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)
+#elif AF_W == 8
+#define AF_LO(x) __builtin_shufflevector(x, x, 0, 1, 2, 3)
+#define AF_HI(x) __builtin_shufflevector(x, x, 4, 5, 6, 7)
+#else
+#define AF_LO(x) __builtin_shufflevector(x, x, 0, 1)
+#define AF_HI(x) __builtin_shufflevector(x, x, 2, 3)
+#endif
+
+/* acc[0..AF_W) += x, in double. */
+static inline void s_af_add_dv(double *acc, af_v x) {
+    af_vdu *a = (af_vdu *)acc;
+    a[0] = a[0] + __builtin_convertvector((af_vh)AF_LO(x), af_vd);
+    a[1] = a[1] + __builtin_convertvector((af_vh)AF_HI(x), af_vd);
+}
+
+/* a[0..n) *= al. */
+static inline void s_af_scale_d(double *a, double al, int n) {
+    int i = 0;
+    for (; i + AF_W / 2 <= n; i += AF_W / 2)
+        *(af_vdu *)(a + i) = *(af_vdu *)(a + i) * al;
+    for (; i < n; i++)
+        a[i] *= al;
 }
 
 /* exp(x) for x <= 0; 0 below -87 (and for -inf, a masked lane). Cephes expf's reduction and
@@ -62,153 +118,381 @@ static inline af_v s_af_exp(af_v x) {
     return (af_v)((af_vi)(y * pow2n) & live);
 }
 
-/* One accumulator over D in order, then the halving tree: the order of llamafile's tinyBLAS
- * f32 kernel that ggml uses for K·Q on x86 at the same vector width. */
-static inline float s_af_dot(const float *q, const float *k, int D) {
-    af_v a0 = {0};
-    int i = 0;
-    for (; i + AF_W <= D; i += AF_W)
-        a0 = AF_FMA(s_af_load(k + i), s_af_load(q + i), a0);
-    float s = s_af_hsum(a0);
-    for (; i < D; i++)
-        s += q[i] * k[i];
-    return s;
+/* Blocking of the score products: AF_RB rows by AF_HB heads at once (independent accumulators
+ * hide the FMA latency; a loaded key vector serves AF_HB heads, a query vector AF_RB rows).
+ * AF_KEEP holds a loaded vector in a register, so the compiler does not fold it into each use as
+ * a memory operand (that loads it again per use: the load ports, not the FMAs, were the limit). */
+#define AF_RB 4
+#if AF_W == 16
+#define AF_HB 3
+#else
+#define AF_HB 2
+#endif
+#define AF_KEEP(x) __asm__("" : "+v"(x))
+
+#if AF_W == 16 && defined(__AVX512F__)
+/* out[j] = s_af_hsum(x[j]) * scale for four vectors at once: each step of the halving tree
+ * adds the same lanes, two or four vectors' lanes side by side in a register. */
+static inline void s_af_hsum4(const af_v *x, float scale, float *out) {
+    const __m512 a0 = (__m512)x[0], a1 = (__m512)x[1], a2 = (__m512)x[2], a3 = (__m512)x[3];
+    /* t[i] + t[i + 8]: a0's in lanes 0..7, a1's in 8..15 (u01), a2's and a3's (u23) */
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* t[i] + t[i + 4]: vector k's four in 128-bit lane k */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* (t0 + t2) + (t1 + t3) in element 0 of each 128-bit lane */
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512 y = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 z =
+        _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), y);
+    _mm_storeu_ps(out, _mm_mul_ps(_mm512_castps512_ps128(z), _mm_set1_ps(scale)));
+}
+#endif
+
+/* sc[h * ATTN_TILE + r] = (q_h . k_r) * scale for the tile's n rows and the G heads. Each dot
+ * product is one accumulator over D in order, the halving tree, then the tail in order: the order
+ * of llamafile's tinyBLAS f32 kernel that ggml uses for K.Q on x86 at the same vector width.
+ * Missing rows and heads of a block repeat the last one, unused. */
+static inline void s_af_scores(const float *q, int G, int D, const float *const *kr, size_t e,
+                               int r0, int n, float scale, float *sc) {
+    const int D0 = D - D % AF_W;
+    {
+        const float *k[AF_RB];
+#pragma GCC unroll 8
+        for (int j = 0; j < AF_RB; j++)
+            k[j] = kr[r0 + j < n ? r0 + j : n - 1] + e;
+        for (int h = 0; h < G; h += AF_HB) {
+            const float *qh[AF_HB];
+            af_v acc[AF_HB][AF_RB];
+#pragma GCC unroll 8
+            for (int b = 0; b < AF_HB; b++) {
+                qh[b] = q + (size_t)(h + b < G ? h + b : G - 1) * D;
+#pragma GCC unroll 8
+                for (int j = 0; j < AF_RB; j++)
+                    acc[b][j] = (af_v){0};
+            }
+            for (int i = 0; i < D0; i += AF_W) {
+                af_v x[AF_HB];
+#pragma GCC unroll 8
+                for (int b = 0; b < AF_HB; b++) {
+                    x[b] = s_af_load(qh[b] + i);
+                    AF_KEEP(x[b]);
+                }
+#pragma GCC unroll 8
+                for (int j = 0; j < AF_RB; j++) {
+                    af_v kv = s_af_load(k[j] + i);
+                    AF_KEEP(kv);
+#pragma GCC unroll 8
+                    for (int b = 0; b < AF_HB; b++)
+                        acc[b][j] = AF_FMA(kv, x[b], acc[b][j]);
+                }
+            }
+#if AF_W == 16 && AF_RB == 4 && defined(__AVX512F__)
+            if (D0 == D) { /* the four rows' trees side by side in one register */
+#pragma GCC unroll 8
+                for (int b = 0; b < AF_HB; b++) {
+                    float d[4];
+                    s_af_hsum4(acc[b], scale, d);
+                    if (h + b < G)
+                        for (int j = 0; j < AF_RB && r0 + j < n; j++)
+                            sc[(h + b) * ATTN_TILE + r0 + j] = d[j];
+                }
+                continue;
+            }
+#endif
+#pragma GCC unroll 8
+            for (int b = 0; b < AF_HB; b++)
+#pragma GCC unroll 8
+                for (int j = 0; j < AF_RB; j++) {
+                    float d = s_af_hsum(acc[b][j]);
+                    for (int i = D0; i < D; i++)
+                        d += qh[b][i] * k[j][i];
+                    if (h + b < G && r0 + j < n) sc[(h + b) * ATTN_TILE + r0 + j] = d * scale;
+                }
+        }
+    }
 }
 
-/* acc[0..n) += x (a tile's float sum, added in double). */
-static inline void s_af_add_d(double *acc, const float *x, int n) {
-    for (int i = 0; i < n; i++)
-        acc[i] += (double)x[i];
-}
+/* Vectors of dimensions one pass over the tile's rows keeps in registers per head (AF_HB heads
+ * at once, each loaded value vector serving all of them). */
+#define AF_VU (AF_W == 16 ? 8 : 4)
 
-/* acc0/acc1 (+)= the sum over the tile's n rows of p0[r] * v[r] (p1: a second head, or NULL),
- * summed in float over the tile, added in double. */
-static inline void s_af_values(const float *const *vr, int n, int D, const float *p0,
-                               const float *p1, double *acc0, double *acc1) {
-    float t0[8 * AF_W], t1[8 * AF_W];
+/* acc[b * D + i] (+)= the sum over the tile's n rows of p[b * ATTN_TILE + r] * v[r][i] for the nh
+ * (1..AF_HB) heads b: each element summed in float over the tile in row order, added in double.
+ * Missing heads of a block repeat the last one, unused. */
+static inline void s_af_values(const float *const *vr, size_t e, int n, int D, const float *p,
+                               double *acc, int nh) {
+    const float *ph[AF_HB];
+#pragma GCC unroll 8
+    for (int b = 0; b < AF_HB; b++)
+        ph[b] = p + (b < nh ? b : nh - 1) * ATTN_TILE;
     int i0 = 0;
-    for (; i0 + 8 * AF_W <= D; i0 += 8 * AF_W) {
-        af_v x0[8], x1[8];
-        for (int u = 0; u < 8; u++)
-            x0[u] = (af_v){0}, x1[u] = (af_v){0};
+    for (; i0 + AF_VU * AF_W <= D; i0 += AF_VU * AF_W) {
+        af_v x[AF_HB][AF_VU];
+#pragma GCC unroll 8
+        for (int b = 0; b < AF_HB; b++)
+#pragma GCC unroll 8
+            for (int u = 0; u < AF_VU; u++)
+                x[b][u] = (af_v){0};
         for (int r = 0; r < n; r++) {
-            const af_v w0 = s_af_splat(p0[r]), w1 = s_af_splat(p1 ? p1[r] : 0.0f);
-            for (int u = 0; u < 8; u++) {
-                const af_v v = s_af_load(vr[r] + i0 + u * AF_W);
-                x0[u] = AF_FMA(w0, v, x0[u]);
-                x1[u] = AF_FMA(w1, v, x1[u]);
+            af_v w[AF_HB];
+#pragma GCC unroll 8
+            for (int b = 0; b < AF_HB; b++)
+                w[b] = s_af_splat(ph[b][r]);
+            const float *vp = vr[r] + e + i0;
+#pragma GCC unroll 8
+            for (int u = 0; u < AF_VU; u++) {
+                af_v v = s_af_load(vp + u * AF_W);
+                AF_KEEP(v);
+#pragma GCC unroll 8
+                for (int b = 0; b < AF_HB; b++)
+                    x[b][u] = AF_FMA(w[b], v, x[b][u]);
             }
         }
-        for (int u = 0; u < 8; u++)
-            s_af_store(t0 + u * AF_W, x0[u]), s_af_store(t1 + u * AF_W, x1[u]);
-        s_af_add_d(acc0 + i0, t0, 8 * AF_W);
-        if (p1) s_af_add_d(acc1 + i0, t1, 8 * AF_W);
+#pragma GCC unroll 8
+        for (int b = 0; b < AF_HB; b++)
+            if (b < nh)
+#pragma GCC unroll 8
+                for (int u = 0; u < AF_VU; u++)
+                    s_af_add_dv(acc + (size_t)b * D + i0 + u * AF_W, x[b][u]);
     }
-    for (; i0 + AF_W <= D; i0 += AF_W) {
-        af_v x0 = {0}, x1 = {0};
-        for (int r = 0; r < n; r++) {
-            const af_v v = s_af_load(vr[r] + i0);
-            x0 = AF_FMA(s_af_splat(p0[r]), v, x0);
-            x1 = AF_FMA(s_af_splat(p1 ? p1[r] : 0.0f), v, x1);
+    for (int b = 0; b < nh; b++) {
+        const float *pb = ph[b];
+        double *ab = acc + (size_t)b * D;
+        int i = i0;
+        for (; i + AF_W <= D; i += AF_W) {
+            af_v x = {0};
+            for (int r = 0; r < n; r++)
+                x = AF_FMA(s_af_splat(pb[r]), s_af_load(vr[r] + e + i), x);
+            s_af_add_dv(ab + i, x);
         }
-        s_af_store(t0, x0), s_af_store(t1, x1);
-        s_af_add_d(acc0 + i0, t0, AF_W);
-        if (p1) s_af_add_d(acc1 + i0, t1, AF_W);
-    }
-    for (; i0 < D; i0++) {
-        float x0 = 0, x1 = 0;
-        for (int r = 0; r < n; r++) {
-            x0 += p0[r] * vr[r][i0];
-            x1 += (p1 ? p1[r] : 0.0f) * vr[r][i0];
+        for (; i < D; i++) {
+            float x = 0;
+            for (int r = 0; r < n; r++)
+                x += pb[r] * vr[r][e + i];
+            ab[i] += (double)x;
         }
-        acc0[i0] += (double)x0;
-        if (p1) acc1[i0] += (double)x1;
     }
 }
 
 /* n values of a Q8_0 row from element e0 as floats, d * q: whole blocks AF_W lanes at a time
- * (the products are exact, so the same floats as attn_dequant_q8_0, which takes the rest). */
+ * (the products are exact, so the same floats as attn_dequant_q8_0, which takes the rest). The
+ * AVX builds widen the bytes and the scale with their own instructions (GCC 12 made scalar code
+ * of the generic vector conversion). */
 static inline void s_af_dequant(float *dst, const block_q8_0 *row, size_t e0, int n) {
     if (e0 % QK8_0 || n % QK8_0) {
         attn_dequant_q8_0(dst, row, e0, n);
         return;
     }
-    typedef int8_t af_vb __attribute__((vector_size(AF_W), aligned(1), may_alias));
     const block_q8_0 *b = row + e0 / QK8_0;
     for (int i = 0; i < n / QK8_0; i++) {
-        const af_v d = s_af_splat(kern_fp16_to_f32(b[i].d));
-        for (int j = 0; j < QK8_0; j += AF_W) {
-            const af_vi q = __builtin_convertvector(*(const af_vb *)(b[i].qs + j), af_vi);
-            s_af_store(dst + i * QK8_0 + j, __builtin_convertvector(q, af_v) * d);
+#if defined(__F16C__)
+        const float df = _cvtsh_ss(b[i].d);
+#else
+        const float df = kern_fp16_to_f32(b[i].d);
+#endif
+#if AF_W == 16 && defined(__AVX512F__)
+        const __m512 d = _mm512_set1_ps(df);
+        for (int j = 0; j < QK8_0; j += 16) {
+            const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b[i].qs + j)));
+            _mm512_storeu_ps(dst + i * QK8_0 + j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
         }
+#elif AF_W == 8 && defined(__AVX2__)
+        const __m256 d = _mm256_set1_ps(df);
+        for (int j = 0; j < QK8_0; j += 8) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b[i].qs + j)));
+            _mm256_storeu_ps(dst + i * QK8_0 + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+        }
+#else
+        for (int j = 0; j < QK8_0; j++)
+            dst[i * QK8_0 + j] = (float)b[i].qs[j] * df;
+#endif
     }
 }
 
-void AF_NAME(const attn_group_args *a) {
-    const int G = a->G, D = a->D, cap = a->cap;
-    const int j_begin = a->lo > a->c0 ? a->lo : a->c0;
-    const int j_end = a->hi + 1 < a->c1 ? a->hi + 1 : a->c1;
-    const float scale = 1.0f / sqrtf((float)D);
-    double *m = a->m, *s = a->s, *acc = a->acc;
-    float *sc = a->work;                        /* (G, ATTN_TILE) scores, then p */
-    float *kbuf = sc + (size_t)G * ATTN_TILE;   /* (ATTN_TILE, D) widened f16 keys */
-    float *vbuf = kbuf + (size_t)ATTN_TILE * D; /* (ATTN_TILE, D) widened f16 values */
-    const float *kr[ATTN_TILE], *vr[ATTN_TILE];
-    for (int h = 0; h < G; h++)
-        m[h] = -INFINITY, s[h] = 0.0f;
-    for (size_t i = 0; i < (size_t)G * D; i++)
-        acc[i] = 0.0;
-    if (j_begin >= j_end) return;
-    for (int t0 = j_begin - j_begin % ATTN_TILE; t0 < j_end; t0 += ATTN_TILE) {
-        const int j0 = t0 > j_begin ? t0 : j_begin;
-        const int j1 = t0 + ATTN_TILE < j_end ? t0 + ATTN_TILE : j_end, n = j1 - j0;
-        for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1) {
-            const size_t off = (size_t)slot * a->stride;
-            if (a->k) {
-                kr[r] = a->k + off, vr[r] = a->v + off;
-            } else {
-                if (a->kh)
-                    AF_WIDEN(kbuf + (size_t)r * D, a->kh + off, D);
-                else
-                    s_af_dequant(kbuf + (size_t)r * D, a->kq + off / QK8_0, a->qoff, D);
-                kr[r] = kbuf + (size_t)r * D, vr[r] = vbuf + (size_t)r * D;
-            }
+/* The online softmax step of a tile of n scores per head (sc, (G, ATTN_TILE)): each head's max
+ * raised to the tile's (acc and s rescaled by exp(old - new), in double), p = exp(score - max) in
+ * place (0 past n), and the sum of p in position order added to s in double. Four heads' sums
+ * run side by side. */
+static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, double *s, double *acc) {
+    for (int h = 0; h < G; h++) {
+        float *p = sc + h * ATTN_TILE;
+        for (int r = n; r < ATTN_TILE; r++)
+            p[r] = -INFINITY;
+        af_v mx = s_af_load(p);
+        for (int r = AF_W; r < ATTN_TILE; r += AF_W) {
+            const af_v x = s_af_load(p + r);
+            const af_vi gt = x > mx;
+            mx = (af_v)(((af_vi)x & gt) | ((af_vi)mx & ~gt));
         }
+        float mt = mx[0];
+        for (int i = 1; i < AF_W; i++)
+            mt = mx[i] > mt ? mx[i] : mt;
+        if (mt > m[h]) {
+            const double al = exp(m[h] - (double)mt);
+            s[h] *= al;
+            s_af_scale_d(acc + (size_t)h * D, al, D);
+            m[h] = mt;
+        }
+        const af_v mv = s_af_splat((float)m[h]);
+        for (int r = 0; r < ATTN_TILE; r += AF_W)
+            s_af_store(p + r, s_af_exp(s_af_load(p + r) - mv));
+    }
+    for (int h = 0; h < G; h += 4) {
+        const float *p0 = sc + h * ATTN_TILE, *p1 = sc + (h + 1 < G ? h + 1 : h) * ATTN_TILE,
+                    *p2 = sc + (h + 2 < G ? h + 2 : h) * ATTN_TILE,
+                    *p3 = sc + (h + 3 < G ? h + 3 : h) * ATTN_TILE;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
         for (int r = 0; r < n; r++)
-            for (int h = 0; h < G; h++)
-                sc[h * ATTN_TILE + r] = s_af_dot(a->q + (size_t)h * D, kr[r], D) * scale;
-        if (a->vh)
-            for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
-                AF_WIDEN(vbuf + (size_t)r * D, a->vh + (size_t)slot * a->stride, D);
-        else if (a->vq)
-            for (int r = 0, slot = j0 % cap; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
-                s_af_dequant(vbuf + (size_t)r * D, a->vq + (size_t)slot * a->stride / QK8_0,
-                             a->qoff, D);
-        for (int h = 0; h < G; h++) {
-            float *p = sc + h * ATTN_TILE;
-            float mt = -INFINITY;
-            for (int r = 0; r < n; r++)
-                mt = p[r] > mt ? p[r] : mt;
-            for (int r = n; r < ATTN_TILE; r++)
-                p[r] = -INFINITY;
-            if (mt > m[h]) {
-                const double al = exp(m[h] - (double)mt);
-                s[h] *= al;
-                double *ah = acc + (size_t)h * D;
-                for (int i = 0; i < D; i++)
-                    ah[i] *= al;
-                m[h] = mt;
+            s0 += p0[r], s1 += p1[r], s2 += p2[r], s3 += p3[r];
+        s[h] += (double)s0;
+        if (h + 1 < G) s[h + 1] += (double)s1;
+        if (h + 2 < G) s[h + 2] += (double)s2;
+        if (h + 3 < G) s[h + 3] += (double)s3;
+    }
+}
+
+/* Row r of the tile as n_grp * D floats: the cache's own row (f32), or widened / dequantized into
+ * buf (n_grp kv heads side by side). */
+static inline const float *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
+                                    const float *f, const uint16_t *h, const block_q8_0 *q) {
+    const int W = ng * a->D;
+    if (f) return f + off;
+    if (h)
+        AF_WIDEN(buf, h + off, W);
+    else
+        s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, W);
+    return buf;
+}
+
+/* Bytes of a row's n_grp kv heads and their start in the key (value) array at a slot. */
+static inline const char *s_af_rowp(const attn_group_args *a, int ng, int slot, int v,
+                                    size_t *bytes) {
+    const size_t off = (size_t)slot * a->stride;
+    if (a->k) {
+        *bytes = (size_t)ng * a->D * 4;
+        return (const char *)((v ? a->v : a->k) + off);
+    }
+    if (a->kh) {
+        *bytes = (size_t)ng * a->D * 2;
+        return (const char *)((v ? a->vh : a->kh) + off);
+    }
+    *bytes = ((size_t)ng * a->D + QK8_0 - 1) / QK8_0 * sizeof(block_q8_0);
+    return (const char *)((v ? a->vq : a->kq) + (off + (size_t)a->qoff) / QK8_0);
+}
+
+/* Software prefetch into L2 (an asm statement: GCC 12 dropped __builtin_prefetch from this kernel
+ * at -O2) of the key rows AF_PF_KD positions and the value rows AF_PF_VD positions ahead of the
+ * block of rows being scored: the distances that streamed fastest here (nearer or into L1 was
+ * slower, the values as far ahead as the keys too). */
+#ifndef AF_PF
+#define AF_PF(p) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)(p)))
+#define AF_PF_KD 128
+#define AF_PF_VD 64
+#endif
+#ifndef AF_PF_VSPREAD /* value rows requested during the value sums, spread over them (the         \
+                       * memory keeps streaming while the values are summed) rather than with the  \
+                       * key rows: faster with two threads streaming */
+#define AF_PF_VSPREAD 1
+#endif
+
+/* The rows' lines (of all n_grp kv heads, whole) requested into the cache, one per 64 bytes. */
+static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int nrow, int v) {
+    for (int r = 0; r < nrow; r++, slot = slot + 1 == a->cap ? 0 : slot + 1) {
+        size_t bytes;
+        const char *p = s_af_rowp(a, ng, slot, v, &bytes);
+        for (size_t b = 0; b < bytes; b += 64)
+            AF_PF(p + b);
+    }
+}
+
+/* Per tile, the cached rows are read in position order, whole (all n_grp kv heads) and once: the
+ * scores of every group over each block of AF_RB key rows (the hardware prefetchers follow that
+ * stream), the value rows requested meanwhile, block by block, then softmax and the value sums
+ * group by group from the cache. (A kv head's half rows one group after another, left the
+ * prefetchers far behind: a third of a full stream's bandwidth.) */
+void AF_NAME(const attn_group_args *a) {
+    const int G = a->G, D = a->D, cap = a->cap, ng = a->n_grp > 0 ? a->n_grp : 1, GH = ng * G;
+    const int nq = a->n_q > 1 ? a->n_q : 1;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t W = (size_t)ng * D;
+    float *sc = a->work;                                 /* (nq, GH, ATTN_TILE) scores, then p */
+    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) widened f16 keys */
+    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) widened f16 values */
+    const float *kr[ATTN_TILE], *vr[ATTN_TILE];
+    int qb[ATTN_NQ], qe[ATTN_NQ], jb = a->c1, je = a->c0, hmax = a->hi;
+    for (int i = 0; i < nq; i++) { /* each query's positions in this chunk: qb..qe-1 */
+        const int lo = nq > 1 ? a->qlo[i] : a->lo, hi = nq > 1 ? a->qhi[i] : a->hi;
+        qb[i] = lo > a->c0 ? lo : a->c0;
+        qe[i] = hi + 1 < a->c1 ? hi + 1 : a->c1;
+        if (qb[i] < qe[i]) jb = qb[i] < jb ? qb[i] : jb, je = qe[i] > je ? qe[i] : je;
+        hmax = hi > hmax ? hi : hmax;
+    }
+    const int pf_last = a->pf_end > 0 && a->pf_end - 1 < hmax ? a->pf_end - 1 : hmax;
+    for (int h = 0; h < nq * GH; h++)
+        a->m[h] = -INFINITY, a->s[h] = 0.0f;
+    for (size_t i = 0; i < (size_t)nq * GH * D; i++)
+        a->acc[i] = 0.0;
+    for (int t0 = jb - jb % ATTN_TILE; t0 < je; t0 += ATTN_TILE) {
+        const int j0 = t0 > jb ? t0 : jb;
+        const int j1 = t0 + ATTN_TILE < je ? t0 + ATTN_TILE : je, n = j1 - j0;
+        const int slot0 = j0 % cap;
+        int ready = 0; /* rows 0..ready-1 of the tile: requested ahead and kr set */
+        for (int i = 0; i < nq; i++) {
+            const int ri0 = (qb[i] > j0 ? qb[i] : j0) - j0, ri1 = (qe[i] < j1 ? qe[i] : j1) - j0;
+            const int ni = ri1 - ri0;
+            for (int r0 = 0; r0 < ni; r0 += AF_RB) {
+                for (const int need = ri0 + r0 + AF_RB < n ? ri0 + r0 + AF_RB : n; ready < need;) {
+                    const int nr = n - ready < AF_RB ? n - ready : AF_RB;
+                    const int jk = j0 + ready + AF_PF_KD, jv = j0 + ready + AF_PF_VD;
+                    if (AF_PF_KD > 0 && jk <= pf_last)
+                        s_af_prefetch(a, ng, jk % cap,
+                                      pf_last + 1 - jk < nr ? pf_last + 1 - jk : nr, 0);
+                    if (!AF_PF_VSPREAD && AF_PF_VD >= 0 && jv <= pf_last)
+                        s_af_prefetch(a, ng, jv % cap,
+                                      pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr, 1);
+                    for (int r = ready, slot = (slot0 + ready) % cap; r < ready + nr;
+                         r++, slot = slot + 1 == cap ? 0 : slot + 1)
+                        kr[r] = s_af_row(a, ng, (size_t)slot * a->stride, kbuf + (size_t)r * W,
+                                         a->k, a->kh, a->kq);
+                    ready += nr;
+                }
+                const float *qi = a->q + (size_t)i * a->q_stride;
+                for (int g = 0; g < ng; g++)
+                    s_af_scores(qi + (size_t)g * G * D, G, D, kr + ri0, (size_t)g * D, r0, ni,
+                                scale, sc + ((size_t)i * GH + (size_t)g * G) * ATTN_TILE);
             }
-            const af_v mv = s_af_splat((float)m[h]);
-            for (int r = 0; r < ATTN_TILE; r += AF_W)
-                s_af_store(p + r, s_af_exp(s_af_load(p + r) - mv));
-            float sum = 0.0f;
-            for (int r = 0; r < n; r++)
-                sum += p[r];
-            s[h] += (double)sum;
         }
-        for (int h = 0; h < G; h += 2)
-            s_af_values(vr, n, D, sc + h * ATTN_TILE, h + 1 < G ? sc + (h + 1) * ATTN_TILE : NULL,
-                        acc + (size_t)h * D, h + 1 < G ? acc + (size_t)(h + 1) * D : NULL);
+        for (int r = 0, slot = slot0; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
+            vr[r] =
+                s_af_row(a, ng, (size_t)slot * a->stride, vbuf + (size_t)r * W, a->v, a->vh, a->vq);
+        const int n_calls = nq * ng * ((G + AF_HB - 1) / AF_HB);
+        const int vstep = (n + n_calls - 1) / n_calls;
+        int vp = 0; /* rows of the tile whose value rows AF_PF_VD ahead are requested */
+        for (int i = 0; i < nq; i++) {
+            const int ri0 = (qb[i] > j0 ? qb[i] : j0) - j0, ri1 = (qe[i] < j1 ? qe[i] : j1) - j0;
+            const int ni = ri1 - ri0;
+            if (ni <= 0) continue;
+            for (int g = 0; g < ng; g++) {
+                const size_t hh = (size_t)i * GH + (size_t)g * G; /* first head of the group */
+                float *scg = sc + hh * ATTN_TILE;
+                double *accg = a->acc + hh * D;
+                s_af_softmax(scg, G, D, ni, a->m + hh, a->s + hh, accg);
+                for (int h = 0; h < G; h += AF_HB) {
+                    if (AF_PF_VSPREAD && vp < n) {
+                        const int jv = j0 + vp + AF_PF_VD, nr = n - vp < vstep ? n - vp : vstep;
+                        if (jv <= pf_last)
+                            s_af_prefetch(a, ng, jv % cap,
+                                          pf_last + 1 - jv < nr ? pf_last + 1 - jv : nr, 1);
+                        vp += nr;
+                    }
+                    s_af_values(vr + ri0, (size_t)g * D, ni, D, scg + h * ATTN_TILE,
+                                accg + (size_t)h * D, G - h < AF_HB ? G - h : AF_HB);
+                }
+            }
+        }
     }
 }

@@ -7,7 +7,9 @@
  * values (Q8_0 blocks over the whole row, straddling two heads when D < 32, as kv_cache stores
  * them), and
  * a query computed chunk by chunk in any order of chunks, merged in position order, gives the
- * bits of the whole query (what lets threads split a token's chunks). */
+ * bits of the whole query (what lets threads split a token's chunks), and several kv groups in
+ * one pass over the rows (n_grp) or several queries (n_q, consecutive tokens of a prefill, with
+ * causal and sliding-window ranges) give each group's and query's bits of a call of its own. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -63,7 +65,7 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
           *v = malloc(sizeof(float) * nc), *ref = malloc(sizeof(float) * G * D),
           *o1 = malloc(sizeof(float) * G * D), *o2 = malloc(sizeof(float) * G * D);
     double *part = malloc(sizeof(double) * G * (D + 2));
-    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, 1));
     double *sc = malloc(sizeof(double) * (hi - lo + 1)),
            *st = malloc(sizeof(double) * attn_merge_doubles(G, D));
     uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
@@ -202,11 +204,150 @@ static void test_attn_core_window_ring(void **state) {
     s_check(3, 36, 17, 33, 49, 0, 15);
 }
 
+/* n_grp consecutive kv heads of a row in one call: each head's bits are those of its group's own
+ * call (f32, f16 and Q8_0 caches; rows of ng kv heads plus one more in between). */
+static void s_check_groups(int ng, int G, int D, int cap, int lo, int hi, uint64_t seed) {
+    const int stride = (ng + 1) * D, H = ng * G;
+    const size_t nc = (size_t)cap * stride;
+    float *q = malloc(sizeof(float) * H * D), *k = malloc(sizeof(float) * nc),
+          *v = malloc(sizeof(float) * nc), *o1 = malloc(sizeof(float) * H * D),
+          *o2 = malloc(sizeof(float) * H * D);
+    double *part = malloc(sizeof(double) * H * (D + 2)),
+           *st = malloc(sizeof(double) * attn_merge_doubles(H, D));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, ng));
+    uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
+    block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
+               *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
+    for (int i = 0; i < H * D; i++)
+        q[i] = s_rand(&seed) * 3;
+    for (size_t i = 0; i < nc; i++)
+        k[i] = s_rand(&seed) * 3, v[i] = s_rand(&seed);
+    for (size_t i = 0; i < nc; i++)
+        kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
+    const bool q8ok = stride % QK8_0 == 0;
+    if (q8ok)
+        for (int r = 0; r < cap; r++) {
+            kern_quantize_act_ref(STP_TYPE_Q8_0, k + (size_t)r * stride,
+                                  kq + (size_t)r * stride / QK8_0, stride);
+            kern_quantize_act_ref(STP_TYPE_Q8_0, v + (size_t)r * stride,
+                                  vq + (size_t)r * stride / QK8_0, stride);
+        }
+    level lv[3];
+    const int n_lv = s_levels(lv);
+    for (int l = 0; l < n_lv; l++)
+        for (int type = 0; type < (q8ok ? 3 : 2); type++) {
+            attn_group_args a = {.G = G,
+                                 .D = D,
+                                 .stride = stride,
+                                 .cap = cap,
+                                 .lo = lo,
+                                 .hi = hi,
+                                 .m = part,
+                                 .s = part + H,
+                                 .acc = part + 2 * H,
+                                 .work = work};
+            for (int g = -1; g < ng; g++) { /* g -1: all groups in one call */
+                attn_group_args b = a;
+                const int g0 = g < 0 ? 0 : g, e = D + g0 * D; /* the first kv head is the 2nd */
+                b.n_grp = g < 0 ? ng : 1;
+                b.q = q + (size_t)g0 * G * D;
+                if (type == 0) b.k = k + e, b.v = v + e;
+                if (type == 1) b.kh = kh + e, b.vh = vh + e;
+                if (type == 2) b.kq = kq, b.vq = vq, b.qoff = e;
+                attn_group_query(lv[l].fn, &b, st, (g < 0 ? o1 : o2 + (size_t)g0 * G * D));
+            }
+            if (memcmp(o1, o2, sizeof(float) * H * D))
+                fail_msg("%s ng%d G%d D%d %d..%d type %d: groups in one pass differ", lv[l].name,
+                         ng, G, D, lo, hi, type);
+        }
+    free(q), free(k), free(v), free(o1), free(o2), free(part), free(st), free(work), free(kh),
+        free(vh), free(kq), free(vq);
+}
+
+static void test_attn_core_groups(void **state) {
+    (void)state;
+    s_check_groups(2, 6, 128, 1200, 0, 1100, 21);  /* the 4b shape */
+    s_check_groups(4, 7, 128, 600, 3, 599, 22);    /* the 21b shape, odd G */
+    s_check_groups(2, 2, 16, 300, 5, 170, 23);     /* small heads: Q8_0 blocks span heads */
+    s_check_groups(3, 3, 36, 80, 17, 49, 24);      /* D not a multiple of the vector width */
+    s_check_groups(2, 6, 128, 100, 950, 1030, 25); /* a ring */
+}
+
+/* n_q consecutive tokens at p0.. (window w, 0: none) over a ring of cap slots, ng kv groups: one
+ * pass gives each query's bits of its own call, at every level and cache type. */
+static void s_check_queries(int nq, int ng, int G, int D, int cap, int p0, int w, uint64_t seed) {
+    const int stride = ng * D, H = ng * G, qs = H * D + 5; /* queries not contiguous */
+    const size_t nc = (size_t)cap * stride;
+    float *q = malloc(sizeof(float) * nq * qs), *k = malloc(sizeof(float) * nc),
+          *v = malloc(sizeof(float) * nc), *o1 = malloc(sizeof(float) * nq * H * D),
+          *o2 = malloc(sizeof(float) * nq * H * D);
+    double *part = malloc(sizeof(double) * ATTN_NQ * H * (D + 2)),
+           *st = malloc(sizeof(double) * attn_merge_doubles(ATTN_NQ * H, D));
+    float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, ng));
+    uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
+    block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
+               *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
+    for (int i = 0; i < nq * qs; i++)
+        q[i] = s_rand(&seed) * 3;
+    for (size_t i = 0; i < nc; i++)
+        k[i] = s_rand(&seed) * 3, v[i] = s_rand(&seed);
+    for (size_t i = 0; i < nc; i++)
+        kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
+    const bool q8ok = stride % QK8_0 == 0;
+    if (q8ok)
+        for (int r = 0; r < cap; r++) {
+            kern_quantize_act_ref(STP_TYPE_Q8_0, k + (size_t)r * stride,
+                                  kq + (size_t)r * stride / QK8_0, stride);
+            kern_quantize_act_ref(STP_TYPE_Q8_0, v + (size_t)r * stride,
+                                  vq + (size_t)r * stride / QK8_0, stride);
+        }
+    level lv[3];
+    const int n_lv = s_levels(lv);
+    for (int l = 0; l < n_lv; l++)
+        for (int type = 0; type < (q8ok ? 3 : 2); type++) {
+            attn_group_args a = {
+                .G = G, .D = D, .n_grp = ng, .stride = stride, .cap = cap, .m = part, .work = work};
+            if (type == 0) a.k = k, a.v = v;
+            if (type == 1) a.kh = kh, a.vh = vh;
+            if (type == 2) a.kq = kq, a.vq = vq;
+            attn_group_args b = a; /* all queries in one pass */
+            b.q = q, b.n_q = nq, b.q_stride = qs;
+            b.s = part + nq * H, b.acc = part + 2 * nq * H;
+            for (int i = 0; i < nq; i++) {
+                const int p = p0 + i, lo = w > 0 && p - w + 1 > 0 ? p - w + 1 : 0;
+                b.qlo[i] = lo, b.qhi[i] = p;
+                b.lo = i == 0 || lo < b.lo ? lo : b.lo, b.hi = p;
+                attn_group_args c = a; /* query i alone */
+                c.q = q + (size_t)i * qs, c.lo = lo, c.hi = p;
+                c.s = part + H, c.acc = part + 2 * H;
+                attn_group_query(lv[l].fn, &c, st, o2 + (size_t)i * H * D);
+            }
+            attn_group_query(lv[l].fn, &b, st, o1);
+            if (memcmp(o1, o2, sizeof(float) * nq * H * D))
+                fail_msg("%s nq%d ng%d G%d D%d p0 %d window %d type %d: queries in one pass differ",
+                         lv[l].name, nq, ng, G, D, p0, w, type);
+        }
+    free(q), free(k), free(v), free(o1), free(o2), free(part), free(st), free(work), free(kh),
+        free(vh), free(kq), free(vq);
+}
+
+static void test_attn_core_queries(void **state) {
+    (void)state;
+    s_check_queries(4, 2, 6, 128, 1200, 1000, 0, 31);  /* the 4b shape, causal */
+    s_check_queries(4, 2, 6, 128, 1200, 0, 0, 32);     /* from position 0: 1..4 positions */
+    s_check_queries(3, 1, 7, 64, 1200, 253, 0, 33);    /* across a chunk edge */
+    s_check_queries(4, 4, 7, 128, 600, 1030, 512, 34); /* a 512 window in a 600-slot ring */
+    s_check_queries(4, 2, 6, 128, 600, 510, 512, 35);  /* the window starts inside the batch */
+    s_check_queries(2, 3, 3, 36, 80, 45, 20, 36);      /* D not a multiple of the vector width */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_attn_core_ragged),
         cmocka_unit_test(test_attn_core_rising_scores),
         cmocka_unit_test(test_attn_core_window_ring),
+        cmocka_unit_test(test_attn_core_groups),
+        cmocka_unit_test(test_attn_core_queries),
     };
     return th_exit_code(cmocka_run_group_tests(tests, NULL, NULL));
 }
