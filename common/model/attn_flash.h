@@ -409,11 +409,11 @@ static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int
     }
 }
 
-/* Per tile, the cached rows are read in position order, whole (all n_grp kv heads) and once: the
- * scores of every group over each block of AF_RB key rows (the hardware prefetchers follow that
- * stream), the value rows requested meanwhile, block by block, then softmax and the value sums
- * group by group from the cache. (A kv head's half rows one group after another, left the
- * prefetchers far behind: a third of a full stream's bandwidth.) */
+/* Per tile, the cached rows are read in position order, whole (all n_grp kv heads) and once per
+ * call: for each query the scores of every group over each block of AF_RB key rows (key rows
+ * requested AF_PF_KD ahead as the blocks are reached), then per query and group softmax and the
+ * value sums (value rows requested AF_PF_VD ahead, spread over the sums). (A kv head's half rows
+ * one group after another left the prefetchers far behind.) */
 void AF_NAME(const attn_group_args *a) {
     const int G = a->G, D = a->D, cap = a->cap, ng = a->n_grp > 0 ? a->n_grp : 1, GH = ng * G;
     const int nq = a->n_q > 1 ? a->n_q : 1;
