@@ -115,3 +115,21 @@ int th_shm_count(const char *prefix) {
     if (d) closedir(d);
     return n;
 }
+
+long long th_stage_counter(const char *dir, const char *stage, const char *name) {
+    char bin[1024], out[1200];
+    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
+    snprintf(out, sizeof out, "%s/stats.json", dir);
+    char *argv[] = {bin, "stats", "--run-dir", (char *)dir, "--json", NULL};
+    assert_int_equal(th_run(argv, out, 30), 0);
+    char *s = th_slurp(out, NULL);
+    assert_non_null(s);
+    json_error_t je;
+    json_t *root = json_loads(s, 0, &je);
+    free(s);
+    assert_non_null(root);
+    json_t *v = json_object_get(json_object_get(json_object_get(root, stage), "counters"), name);
+    long long x = v ? json_integer_value(v) : -1;
+    json_decref(root);
+    return x;
+}

@@ -33,6 +33,9 @@ void th_pipe_prefix(const char *dir, char *buf, size_t cap);
 int th_pipe_pids(const char *dir, int *pids, int cap);
 /* Whether pid runs a stage (cmdline has "stpipe-", and dir too when dir is not NULL). */
 bool th_stage_alive(int pid, const char *dir);
+/* The counter `name` of stage `stage` ("coordinator", "attn-worker"...) in `stpipe stats
+ * --run-dir D --json`, -1 if absent (asserts the command works). */
+long long th_stage_counter(const char *dir, const char *stage, const char *name);
 /* /dev/shm entries named <prefix>-*. */
 int th_shm_count(const char *prefix);
 

@@ -127,23 +127,10 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
     }
 }
 
-/* The counter `name` of a stage's stats (stpipe stats --json), 0 if absent. */
+/* The counter `name` of a stage's stats, 0 if absent. */
 static long long s_stage_counter(const char *stage, const char *name) {
-    char bin[1024], out[1200];
-    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
-    snprintf(out, sizeof out, "%s/stats.json", s_dir);
-    char *argv[] = {bin, "stats", "--run-dir", s_dir, "--json", NULL};
-    assert_int_equal(th_run(argv, out, 30), 0);
-    char *s = th_slurp(out, NULL);
-    assert_non_null(s);
-    json_error_t je;
-    json_t *root = json_loads(s, 0, &je);
-    free(s);
-    assert_non_null(root);
-    json_t *v = json_object_get(json_object_get(json_object_get(root, stage), "counters"), name);
-    long long x = v ? json_integer_value(v) : 0;
-    json_decref(root);
-    return x;
+    long long x = th_stage_counter(s_dir, stage, name);
+    return x < 0 ? 0 : x;
 }
 
 static long long s_coord_counter(const char *name) {

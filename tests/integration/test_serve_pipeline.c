@@ -75,24 +75,8 @@ static void s_body(char *b, size_t cap, const char *prompt, int n) {
              prompt, n);
 }
 
-/* The counter `name` of the coordinator's stats (stpipe stats --json), -1 if absent. */
 static long long s_coord_counter(const char *name) {
-    char bin[1024], out[1200];
-    snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
-    snprintf(out, sizeof out, "%s/stats.json", s_dir);
-    char *argv[] = {bin, "stats", "--run-dir", s_dir, "--json", NULL};
-    assert_int_equal(th_run(argv, out, 30), 0);
-    char *s = th_slurp(out, NULL);
-    assert_non_null(s);
-    json_error_t je;
-    json_t *root = json_loads(s, 0, &je);
-    free(s);
-    assert_non_null(root);
-    json_t *v =
-        json_object_get(json_object_get(json_object_get(root, "coordinator"), "counters"), name);
-    long long x = v ? json_integer_value(v) : -1;
-    json_decref(root);
-    return x;
+    return th_stage_counter(s_dir, "coordinator", name);
 }
 
 static void test_serve_pipeline(void **st) {
