@@ -212,25 +212,25 @@ char *http_metrics_render(http_metrics *m) {
              "stpipe_client_disconnects_total{state=\"queued\"} %llu\n"
              "stpipe_client_disconnects_total{state=\"running\"} %llu\n",
              (unsigned long long)m->client_gone[0], (unsigned long long)m->client_gone[1]);
-    s_printf(&b,
-             "# HELP stpipe_prompt_tokens_total Prompt tokens (evaluated, or found in a slot's cache).\n"
-             "# TYPE stpipe_prompt_tokens_total counter\nstpipe_prompt_tokens_total %llu\n"
-             "# HELP stpipe_generated_tokens_total Tokens sampled.\n"
-             "# TYPE stpipe_generated_tokens_total counter\nstpipe_generated_tokens_total %llu\n"
-             "# HELP stpipe_generations_total Finished generations by finish reason.\n"
-             "# TYPE stpipe_generations_total counter\n"
-             "stpipe_generations_total{finish=\"stop\"} %llu\n"
-             "stpipe_generations_total{finish=\"length\"} %llu\n"
-             "stpipe_generations_total{finish=\"cancelled\"} %llu\n"
-             "# HELP stpipe_queue_waiting Requests waiting for the worker.\n"
-             "# TYPE stpipe_queue_waiting gauge\nstpipe_queue_waiting %d\n"
-             "# HELP stpipe_queue_running Requests being generated (at most the sequence slots).\n"
-             "# TYPE stpipe_queue_running gauge\nstpipe_queue_running %d\n",
-             (unsigned long long)m->prompt_tokens, (unsigned long long)m->generated_tokens,
-             (unsigned long long)m->finished[GEN_FINISH_STOP],
-             (unsigned long long)m->finished[GEN_FINISH_LENGTH],
-             (unsigned long long)m->finished[GEN_FINISH_CANCEL], m->queue_waiting,
-             m->queue_running);
+    s_printf(
+        &b,
+        "# HELP stpipe_prompt_tokens_total Prompt tokens (evaluated, or found in a slot's cache).\n"
+        "# TYPE stpipe_prompt_tokens_total counter\nstpipe_prompt_tokens_total %llu\n"
+        "# HELP stpipe_generated_tokens_total Tokens sampled.\n"
+        "# TYPE stpipe_generated_tokens_total counter\nstpipe_generated_tokens_total %llu\n"
+        "# HELP stpipe_generations_total Finished generations by finish reason.\n"
+        "# TYPE stpipe_generations_total counter\n"
+        "stpipe_generations_total{finish=\"stop\"} %llu\n"
+        "stpipe_generations_total{finish=\"length\"} %llu\n"
+        "stpipe_generations_total{finish=\"cancelled\"} %llu\n"
+        "# HELP stpipe_queue_waiting Requests waiting for the worker.\n"
+        "# TYPE stpipe_queue_waiting gauge\nstpipe_queue_waiting %d\n"
+        "# HELP stpipe_queue_running Requests being generated (at most the sequence slots).\n"
+        "# TYPE stpipe_queue_running gauge\nstpipe_queue_running %d\n",
+        (unsigned long long)m->prompt_tokens, (unsigned long long)m->generated_tokens,
+        (unsigned long long)m->finished[GEN_FINISH_STOP],
+        (unsigned long long)m->finished[GEN_FINISH_LENGTH],
+        (unsigned long long)m->finished[GEN_FINISH_CANCEL], m->queue_waiting, m->queue_running);
     s_histo_one(&b, "stpipe_request_duration_seconds",
                 "Time from a complete request to the end of its answer.", &m->request_s);
     s_histo_one(&b, "stpipe_queue_wait_seconds", "Time a request waited for the worker.",
