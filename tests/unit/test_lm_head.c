@@ -273,7 +273,7 @@ static void test_lm_head_kernel_avx2(void **state) {
     const int sizes[] = {8, 64, 1536, 2560, 4096};
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
         const int E = sizes[k], S = E / 8;
-        uint8_t *bits = aligned_alloc(64, (size_t)S * 32 + 64);
+        uint8_t *bits = aligned_alloc(64, ((size_t)S * 32 + 64 + 63) & ~(size_t)63);
         uint8_t *tab = aligned_alloc(64, (size_t)S * 64);
         uint32_t seed = 99u + (uint32_t)E;
         for (int i = 0; i < S * 32; i++) {
