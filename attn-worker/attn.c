@@ -964,25 +964,17 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     return 0;
 }
 
+static int s_entry_n(const void *q, int k) {
+    return (int)((const Stp__EvalRequest *)q)->seqs[k]->n_tokens;
+}
+
 /* Runs the request's entries in micro-batches of at most n_ubatch tokens, in order (an entry may
- * be split), as engine.c's s_run cuts them. */
+ * be split), cut as the engine cuts them (forward_cut_next). */
 static int s_run_request(attn_worker *a, const Stp__EvalRequest *q, float *all, stp_err *err) {
-    const int nb = (int)q->n_seqs;
-    int i = 0, first = 0;
-    while (i < nb) {
-        /* the micro-batch starts at token `first` of entry i */
-        int T = 0, j = i, f = first;
-        while (j < nb && T < a->n_ubatch) {
-            int take = (int)q->seqs[j]->n_tokens - f;
-            if (take > a->n_ubatch - T) take = a->n_ubatch - T;
-            T += take;
-            f += take;
-            if (f == (int)q->seqs[j]->n_tokens) j++, f = 0;
-        }
-        int rc = s_ubatch(a, q, i, j - i + (f > 0), first, T, all, err);
+    forward_cut c = {0};
+    while (forward_cut_next(&c, q, (int)q->n_seqs, s_entry_n, a->n_ubatch)) {
+        int rc = s_ubatch(a, q, c.i, c.n_e, c.first, c.T, all, err);
         if (rc) return rc;
-        i = j;
-        first = f;
     }
     return 0;
 }

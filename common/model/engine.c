@@ -235,23 +235,15 @@ static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *
     return 0;
 }
 
-/* Runs b in micro-batches of at most n_ubatch tokens, entries in order. */
+static int s_entry_n(const void *b, int k) {
+    return ((const engine_seq_eval *)b)[k].n;
+}
+
+/* Runs b in micro-batches of at most n_ubatch tokens, entries in order (forward_cut_next). */
 static void s_run(engine *e, const engine_seq_eval *b, int n_b, bool all_logits) {
-    int i = 0, first = 0;
-    while (i < n_b) {
-        /* the micro-batch starts at token `first` of entry i */
-        int T = 0, j = i, f = first;
-        while (j < n_b && T < e->n_ubatch) {
-            int take = b[j].n - f;
-            if (take > e->n_ubatch - T) take = e->n_ubatch - T;
-            T += take;
-            f += take;
-            if (f == b[j].n) j++, f = 0;
-        }
-        s_ubatch(e, b + i, j - i + (f > 0), first, T, all_logits);
-        i = j;
-        first = f;
-    }
+    forward_cut c = {0};
+    while (forward_cut_next(&c, b, n_b, s_entry_n, e->n_ubatch))
+        s_ubatch(e, b + c.i, c.n_e, c.first, c.T, all_logits);
 }
 
 int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {

@@ -12,6 +12,26 @@ uint64_t forward_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+bool forward_cut_next(forward_cut *c, const void *entries, int n_entries,
+                      int (*n_of)(const void *entries, int k), int n_ubatch) {
+    c->i = c->next_i;
+    c->first = c->next_first;
+    if (c->i >= n_entries) return false;
+    int T = 0, j = c->i, f = c->first;
+    while (j < n_entries && T < n_ubatch) {
+        int take = n_of(entries, j) - f;
+        if (take > n_ubatch - T) take = n_ubatch - T;
+        T += take;
+        f += take;
+        if (f == n_of(entries, j)) j++, f = 0;
+    }
+    c->T = T;
+    c->n_e = j - c->i + (f > 0);
+    c->next_i = j;
+    c->next_first = f;
+    return true;
+}
+
 int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
                    const forward_experts *fx, stp_err *err) {
     const model *m = s->m;

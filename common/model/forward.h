@@ -18,6 +18,7 @@
 #ifndef STP_FORWARD_H
 #define STP_FORWARD_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "model/attention.h"
@@ -72,6 +73,19 @@ typedef struct forward_seg {
     int pos0;     /* position of the segment's first token */
     int n;        /* tokens (>= 1) */
 } forward_seg;
+
+/* One micro-batch's place in a list of entries (one per sequence, entry k of n_of(entries, k)
+ * tokens) cut in order into micro-batches of at most n_ubatch tokens, an entry split where the
+ * cut falls: the engine and the attention worker cut their requests alike. */
+typedef struct forward_cut {
+    int i, first; /* the micro-batch starts at token `first` of entry i */
+    int n_e, T;   /* it holds entries i..i+n_e-1 (the last one perhaps in part), T tokens */
+    int next_i, next_first;
+} forward_cut;
+
+/* Moves *c (zeroed: before the first) to the next micro-batch; false when none is left. */
+bool forward_cut_next(forward_cut *c, const void *entries, int n_entries,
+                      int (*n_of)(const void *entries, int k), int n_ubatch);
 
 /* Runs every layer over s->x (the segments' tokens, at most n_ubatch in all): each segment's
  * caches get its tokens' keys and values, s->x becomes the last layer's output. Returns the
