@@ -229,27 +229,26 @@ static int s_pick_slot(const sched *s, const int32_t *p, int n, int *lcp) {
 static void s_admit(sched *s) {
     while (s->wait_head) {
         s_req *rq = s->wait_head;
-        if (!s_cancelled(rq) && s->n_run == s->n_slots) break;
-        if (!s_cancelled(rq) && rq->r.n_prompt <= s->n_ctx && rq->r.n_prompt <= s->kv_max) {
-            /* its prompt must fit in the pool beside what runs (idle slots make room) */
-            int lcp;
-            int slot = s_pick_slot(s, rq->prompt, rq->r.n_prompt, &lcp);
-            (void)lcp;
-            /* the slot goes from what it holds to the prompt (kept part and reservation) */
-            long long need = rq->r.n_prompt - s->slots[slot].n;
-            if (!s_kv_make_room(s, need, slot)) break; /* wait: running requests free it */
+        const int n = rq->r.n_prompt;
+        const bool cancelled = s_cancelled(rq), too_long = n > s->n_ctx || n > s->kv_max;
+        if (!cancelled && s->n_run == s->n_slots) break;
+        int lcp = 0, slot = -1;
+        if (!cancelled && !too_long) {
+            slot = s_pick_slot(s, rq->prompt, n, &lcp);
+            /* its prompt must fit in the pool beside what runs (idle slots make room): the
+             * slot goes from what it holds to the prompt (kept part and reservation) */
+            if (!s_kv_make_room(s, n - s->slots[slot].n, slot)) break; /* running ones free it */
         }
         s->wait_head = rq->next_wait;
         if (!s->wait_head) s->wait_tail = NULL;
         s->n_waiting--;
         rq->next_wait = NULL;
-        if (s_cancelled(rq)) {
+        if (cancelled) {
             s_finish(s, rq, GEN_FINISH_CANCEL, 0, NULL);
             continue;
         }
         stp_err err = {0};
-        const int n = rq->r.n_prompt;
-        if (n > s->n_ctx || n > s->kv_max) {
+        if (too_long) {
             stp_err_set(&err, STP_ERANGE, "the prompt needs %d tokens but the context has %d", n,
                         n > s->n_ctx ? s->n_ctx : (int)s->kv_max);
             s_finish(s, rq, GEN_FINISH_LENGTH, STP_ERANGE, &err);
@@ -272,8 +271,6 @@ static void s_admit(sched *s) {
             s_finish(s, rq, GEN_FINISH_LENGTH, rc, &err);
             continue;
         }
-        int lcp;
-        int slot = s_pick_slot(s, rq->prompt, n, &lcp);
         s_slot *sl = &s->slots[slot];
         int keep = backend_seq_keep(s->b, slot, lcp < n - 1 ? lcp : n - 1);
         sl->n = keep;
