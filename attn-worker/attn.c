@@ -95,11 +95,13 @@ struct attn_worker {
     _Atomic uint64_t *floor; /* the region's work floor (lane.h), with or without lanes */
     uint8_t *lane_buf;       /* (LANE_MSG_MAX) a reply copied out of a lane */
     shm_region pool; /* the weight pool, read-only: slot states for the residency fast path */
-    float *h, *selw_shm, *y;       /* in the activation region */
-    float *logits_shm;             /* in the activation region: (n_seq, n_vocab), row s: slot s */
-    int32_t *sel;                  /* in the activation region */
-    float *x, *ffn, *rlogits, *hn; /* (n_ubatch, n_embd) / (n_ubatch, n_expert) / (n_embd) */
-    uint8_t *xq;
+    float *h, *selw_shm, *y;  /* in the activation region */
+    float *logits_shm;        /* in the activation region: (n_seq, n_vocab), row s: slot s */
+    int32_t *sel;             /* in the activation region */
+    float *x, *ffn, *rlogits; /* (n_ubatch, n_embd) / (n_ubatch, n_expert) */
+    forward_heads_buf *hb;    /* the LM head's rows (n_seq at once) */
+    const float **head_x;     /* (n_ubatch) hidden states wanting logits */
+    float **head_dst;         /* (n_ubatch) and where their logits go */
     /* token_embd rows are read with pread, not through the mapping: a touched mapped row
      * brings in its whole (up to 2 MiB) page-cache folio, counted in this process's PSS, and a
      * long conversation would map most of the table outside the memory budget */
@@ -180,11 +182,13 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->x = malloc((size_t)a->n_ubatch * E * sizeof(float));
     a->ffn = malloc((size_t)a->n_ubatch * E * sizeof(float));
     a->rlogits = malloc((size_t)a->n_ubatch * c->n_expert * sizeof(float));
-    a->hn = malloc((size_t)E * sizeof(float));
-    a->xq = malloc((size_t)E * 4 + 64);
+    a->head_x = malloc((size_t)a->n_ubatch * sizeof *a->head_x);
+    a->head_dst = malloc((size_t)a->n_ubatch * sizeof *a->head_dst);
     a->embd_row = malloc(a->m->tok_embd.row_bytes);
     a->hints = calloc((size_t)c->n_layer, sizeof *a->hints);
-    if (!a->x || !a->ffn || !a->rlogits || !a->hn || !a->xq || !a->embd_row || !a->hints) {
+    if ((rc = forward_heads_buf_new(&a->hb, c, a->n_seq, err))) goto fail;
+    if (!a->x || !a->ffn || !a->rlogits || !a->head_x || !a->head_dst || !a->embd_row ||
+        !a->hints) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -272,8 +276,9 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->x);
     free(a->ffn);
     free(a->rlogits);
-    free(a->hn);
-    free(a->xq);
+    free(a->head_x);
+    free(a->head_dst);
+    forward_heads_buf_destroy(&a->hb);
     free(a->embd_row);
     free(a->hints);
     free(a->route);
@@ -941,24 +946,30 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     if (rc) return rc;
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     double tl = msg_now_us();
+    int n_h = 0;
     row = 0;
     for (int k = 0; k < n_e; k++) {
         const Stp__EvalSeq *e = q->seqs[i0 + k];
         const int slot = (int)e->slot, lo = k == 0 ? first : 0, n = a->segs[k].n;
-        float *shm_row = a->logits_shm + (size_t)slot * V;
         a->n_past[slot] += n;
         for (int t = 0; t < n; t++) {
             const bool last = lo + t == (int)e->n_tokens - 1;
-            const float *x = a->x + (size_t)(row + t) * E;
-            if (all) {
-                float *dst = all + (size_t)(lo + t) * V;
-                forward_head(&a->cc, m, x, a->hn, a->xq, dst);
-                if (last && e->want_logits) memcpy(shm_row, dst, (size_t)V * sizeof(float));
-            } else if (last && e->want_logits) {
-                forward_head(&a->cc, m, x, a->hn, a->xq, shm_row);
+            if (all || (last && e->want_logits)) {
+                a->head_x[n_h] = a->x + (size_t)(row + t) * E;
+                a->head_dst[n_h++] =
+                    all ? all + (size_t)(lo + t) * V : a->logits_shm + (size_t)slot * V;
             }
         }
         row += n;
+    }
+    /* every row wanting logits in one product */
+    forward_heads(&a->cc, m, a->head_x, a->head_dst, n_h, a->hb);
+    for (int k = 0; all && k < n_e; k++) {
+        const Stp__EvalSeq *e = q->seqs[i0 + k];
+        const int lo = k == 0 ? first : 0, last = (int)e->n_tokens - 1;
+        if (e->want_logits && last >= lo && last < lo + a->segs[k].n)
+            memcpy(a->logits_shm + (size_t)e->slot * V, all + (size_t)last * V,
+                   (size_t)V * sizeof(float));
     }
     stats_latency(a->st, "lm_head", msg_now_us() - tl);
     return 0;

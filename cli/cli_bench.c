@@ -32,9 +32,9 @@
 typedef struct bench_result {
     char test[32];
     int n_tokens, depth;
-    double mean, sd; /* tokens per second */
-    engine_stats st; /* accumulated over repetitions */
-    int reps;
+    double mean, sd;    /* tokens per second */
+    engine_stats st;    /* accumulated over repetitions */
+    int reps, parallel; /* parallel: sequences stepped together */
     bool tg;
     roofline_bytes rb; /* tg: bytes per token per stage */
 } bench_result;
@@ -83,7 +83,7 @@ typedef struct bench_opts {
     const char *model, *pipeline;
     bool help, json;
     bench_list pp, tg, dp;
-    int reps, threads, sparse_head;
+    int reps, threads, sparse_head, parallel;
     kv_dtype kv_type;
 } bench_opts;
 
@@ -108,6 +108,11 @@ static const opt_def s_opts[] = {
     CLI_OPT_CACHE_TYPE(bench_opts, "KV cache f32, f16 or q8_0 (in-process only; a pipeline's is "
                                    "set by deploy/stpipe-up --cache-type)"),
     CLI_OPT_SPARSE_HEAD(bench_opts),
+    {"--parallel", "-np", OPT_INT, 1, 64, "1", "N",
+     "sequences at once (in-process only; llama-batched-bench's -npl): each has its own depth "
+     "prompt, a pp test evaluates N prompts in one batch, a tg test steps N sequences together; "
+     "t/s counts every sequence's tokens",
+     F(parallel), NULL, NULL},
     {"--json", NULL, OPT_FLAG, 0, 0, NULL, NULL, "machine-readable output", F(json), NULL, NULL},
 };
 #undef F
@@ -117,7 +122,7 @@ static void s_usage(FILE *f) {
         f,
         "usage: stpipe bench (--model FILE | --pipeline RUN_DIR) [-p 64,512] [-n 128] [-r 3]\n"
         "                    [-d 0,2048] [--threads N] [--cache-type f32|f16|q8_0]\n"
-        "                    [--sparse-head C] [--json]\n",
+        "                    [--sparse-head C] [--parallel N] [--json]\n",
         s_opts, CLI_NOPTS(s_opts),
         "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
         "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
@@ -135,6 +140,16 @@ static void s_test_name(char *out, size_t cap, bool pp, int n, int depth) {
         snprintf(out, cap, "%s%d @ d%d", pp ? "pp" : "tg", n, depth);
     else
         snprintf(out, cap, "%s%d", pp ? "pp" : "tg", n);
+}
+
+/* n tokens of each of the P sequences (sequence i's from toks + i * stride + off) in one batch;
+ * logits (P, n_vocab) of each one's last token. */
+static int s_eval_seqs(engine *e, int P, const int32_t *toks, int stride, int off, int n,
+                       float *logits, int V, stp_err *err) {
+    engine_seq_eval b[64];
+    for (int i = 0; i < P; i++)
+        b[i] = (engine_seq_eval){i, toks + (size_t)i * stride + off, n, logits + (size_t)i * V};
+    return engine_eval_batch(e, b, P, err);
 }
 
 /* A JSON string of s; bytes that are not UTF-8 (a path may hold any) become '?'. */
@@ -500,9 +515,15 @@ int cli_bench(int argc, char **argv) {
     const int n_pp = o.pp.n, n_tg = o.tg.n, n_dp = o.dp.n, reps = o.reps, threads = o.threads;
     const bool json = o.json;
     const kv_dtype kv_type = o.kv_type;
+    const int P = o.parallel > 0 ? o.parallel : 1;
     stp_err err = {0};
     bench_host host;
     s_host_begin(&host, (int)threads);
+    if (run_dir && P > 1) {
+        fprintf(stderr, "stpipe bench: --parallel is in-process only (use bench/loadgen.py "
+                        "against stpipe serve --pipeline)\n");
+        return 2;
+    }
     if (run_dir) {
         int V = 1000;
         if (path) {
@@ -538,6 +559,7 @@ int cli_bench(int argc, char **argv) {
                         .n_ctx = max_ctx,
                         .kv_type = kv_type,
                         .sparse_head_candidates = o.sparse_head,
+                        .n_seq = P,
                         .progress = cli_progress};
     if (engine_new(&e, m, &ep, &err)) {
         fprintf(stderr, "stpipe bench: %s\n", err.msg);
@@ -545,8 +567,8 @@ int cli_bench(int argc, char **argv) {
         return 1;
     }
     const int V = m->cfg.n_vocab;
-    float *logits = malloc(sizeof(float) * V);
-    int32_t *toks = s_random_tokens(max_ctx, V);
+    float *logits = malloc(sizeof(float) * V * P);
+    int32_t *toks = s_random_tokens(max_ctx * P, V); /* sequence i: from toks + i * max_ctx */
     /* warm-up: touch the weights once so page-cache misses do not count */
     engine_eval(e, toks, 1, logits, false, &err);
     engine_reset(e);
@@ -563,26 +585,29 @@ int cli_bench(int argc, char **argv) {
                 bench_result *r = &res[nres++];
                 memset(r, 0, sizeof *r);
                 s_test_name(r->test, sizeof r->test, kind == 0, n, d);
+                if (P > 1)
+                    snprintf(r->test + strlen(r->test), sizeof r->test - strlen(r->test), " x%d",
+                             P);
                 r->n_tokens = n;
                 r->depth = d;
                 double sum = 0, sum2 = 0;
                 engine_stats st = {0};
                 for (int rep = 0; rep < reps; rep++) {
                     engine_reset(e);
-                    int rc = d > 0 ? engine_eval(e, toks, d, logits, false, &err) : 0;
+                    int rc = d > 0 ? s_eval_seqs(e, P, toks, max_ctx, 0, d, logits, V, &err) : 0;
                     engine_reset_stats(e); /* the depth prompt is not counted */
                     double t0 = s_now();
                     if (kind == 0) {
-                        if (!rc) rc = engine_eval(e, toks + d, n, logits, false, &err);
+                        if (!rc) rc = s_eval_seqs(e, P, toks, max_ctx, d, n, logits, V, &err);
                     } else {
                         for (int i = 0; i < n && !rc; i++)
-                            rc = engine_eval(e, &toks[d + i], 1, logits, false, &err);
+                            rc = s_eval_seqs(e, P, toks, max_ctx, d + i, 1, logits, V, &err);
                     }
                     if (rc) {
                         fprintf(stderr, "stpipe bench: %s\n", err.msg);
                         goto out;
                     }
-                    double tps = n / (s_now() - t0);
+                    double tps = (double)n * P / (s_now() - t0);
                     sum += tps;
                     sum2 += tps * tps;
                     s_stats_add(&st, engine_get_stats(e));
@@ -592,8 +617,9 @@ int cli_bench(int argc, char **argv) {
                 r->sd = s_sd(sum, sum2, (int)reps);
                 r->st = st;
                 r->tg = kind == 1;
+                r->parallel = P;
                 /* the bench's cache is float32 (engine_params.kv_f16 unset) */
-                if (r->tg) roofline_decode_bytes(m, d, n, sizeof(float), &st, &r->rb);
+                if (r->tg && P == 1) roofline_decode_bytes(m, d, n, sizeof(float), &st, &r->rb);
                 if (r->tg && o.sparse_head > 0) /* sketch (1 bit + a float a row), C rows */
                     r->rb.stage[ROOFLINE_HEAD] =
                         m->output.n_rows * (m->output.n_cols / 8.0 + 4) +
@@ -640,7 +666,9 @@ int cli_bench(int argc, char **argv) {
                                 json_real(s->neurons_total
                                               ? 1.0 - (double)s->neurons_active / s->neurons_total
                                               : 0.0));
-            if (res[i].tg) json_object_set_new(r, "roofline", s_json_roofline(&res[i], &host));
+            json_object_set_new(r, "parallel", json_integer(res[i].parallel));
+            if (res[i].tg && res[i].parallel == 1)
+                json_object_set_new(r, "roofline", s_json_roofline(&res[i], &host));
             json_array_append_new(arr, r);
         }
         json_object_set_new(root, "results", arr);
@@ -665,7 +693,7 @@ int cli_bench(int argc, char **argv) {
                                     : 0.0);
         }
         for (int i = 0; i < nres; i++)
-            if (res[i].tg) s_print_roofline(&res[i], &host);
+            if (res[i].tg && res[i].parallel == 1) s_print_roofline(&res[i], &host);
     }
 out:
     free(logits);

@@ -24,11 +24,14 @@
 
 struct attn_scratch {
     int n_ubatch, n_ctx, n_threads;
-    float *hn;   /* (T, n_embd) normed input */
-    float *qkv;  /* (T, q_dim + 2 kv_dim) */
-    float *o;    /* (T, q_dim) attention output */
-    float *proj; /* (T, n_embd) */
-    float *work; /* (n_threads, work_stride) kernel scratch, then the merge state */
+    float *hn;                /* (T, n_embd) normed input */
+    float *qkv;               /* (T, q_dim + 2 kv_dim) */
+    float *o;                 /* (T, q_dim) attention output */
+    float *proj;              /* (T, n_embd) */
+    const kv_layer **tok_kvl; /* (T) the cache layer of each token's sequence */
+    int *tok_pos;             /* (T) each token's position */
+    int *blk;                 /* (T) first token of each prefill block, blk[n] = T */
+    float *work;              /* (n_threads, work_stride) kernel scratch, then the merge state */
     size_t work_stride;
     double *part; /* chunk partials when a token's chunks are split: (max_pairs, n_chunks, pw) */
     int max_pairs, n_chunks;
@@ -43,7 +46,8 @@ static size_t s_round16(size_t n) {
 /* The sizes of one scratch's parts, in elements; attn_scratch_new allocates exactly these and
  * attn_scratch_size (the budget plan's figure) adds them up. */
 typedef struct scratch_dims {
-    size_t tok_floats; /* hn, qkv, o, proj */
+    size_t tok_floats;      /* hn, qkv, o, proj */
+    size_t tok_index_bytes; /* tok_kvl, tok_pos, blk */
     size_t work_stride, max_pairs, n_chunks, part_doubles, xq_bytes;
 } scratch_dims;
 
@@ -56,6 +60,7 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
     const size_t widest = E > Q ? E : Q;
     scratch_dims d;
     d.tok_floats = T * (2 * E + 2 * Q + 2 * KV);
+    d.tok_index_bytes = T * (sizeof(const kv_layer *) + 2 * sizeof(int)) + sizeof(int);
     /* per thread: kernel scratch, one chunk partial, the merge state (doubles) of a token's n_head
      * heads; 64-byte aligned */
     d.work_stride = attn_work_floats(G, D, n_kv) + s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)) +
@@ -71,7 +76,7 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
 size_t attn_scratch_size(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads) {
     const scratch_dims d = s_dims(cfg, n_ubatch, n_ctx, n_threads);
     return (d.tok_floats + (size_t)n_threads * d.work_stride) * sizeof(float) +
-           d.part_doubles * sizeof(double) + d.xq_bytes;
+           d.part_doubles * sizeof(double) + d.xq_bytes + d.tok_index_bytes;
 }
 
 int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, int n_ctx,
@@ -90,6 +95,9 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->qkv = malloc(T * (Q + 2 * KV) * sizeof(float));
     s->o = malloc(T * Q * sizeof(float));
     s->proj = malloc(T * E * sizeof(float));
+    s->tok_kvl = malloc(T * sizeof *s->tok_kvl);
+    s->tok_pos = malloc(T * sizeof *s->tok_pos);
+    s->blk = malloc((T + 1) * sizeof *s->blk);
     s->work_stride = d.work_stride;
     s->max_pairs = (int)d.max_pairs;
     s->n_chunks = (int)d.n_chunks;
@@ -97,7 +105,8 @@ int attn_scratch_new(attn_scratch **out, const model_config *cfg, int n_ubatch, 
     s->part = malloc(d.part_doubles * sizeof(double));
     s->xq = malloc(d.xq_bytes);
     s->bytes = attn_scratch_size(cfg, n_ubatch, n_ctx, n_threads);
-    if (!s->hn || !s->qkv || !s->o || !s->proj || !s->work || !s->part || !s->xq) {
+    if (!s->hn || !s->qkv || !s->o || !s->proj || !s->work || !s->part || !s->xq || !s->tok_kvl ||
+        !s->tok_pos || !s->blk) {
         attn_scratch_destroy(&s);
         return stp_err_set(err, STP_ENOMEM, "attention scratch: out of memory");
     }
@@ -112,6 +121,9 @@ void attn_scratch_destroy(attn_scratch **self_p) {
     free(s->qkv);
     free(s->o);
     free(s->proj);
+    free((void *)s->tok_kvl);
+    free(s->tok_pos);
+    free(s->blk);
     free(s->work);
     free(s->part);
     free(s->xq);
@@ -130,12 +142,11 @@ void attention_router(const compute_ctx *cc, const model *m, int il, const float
 
 typedef struct attn_section {
     const model_config *cfg;
-    const kv_layer *kvl;
     const float *qkv;
     float *o;
-    attn_scratch *s;
+    attn_scratch *s; /* tok_kvl, tok_pos: each token's cache layer and position; blk: blocks */
     attn_group_fn fn;
-    int T, pos0;
+    int T, n_blk;
     bool split;    /* tokens cut into chunks, partials merged after */
     int unit0[65]; /* split: first unit of token i (unit0[T] = all units) */
 } attn_section;
@@ -146,22 +157,23 @@ static attn_group_args s_args(const attn_section *a, int t, float *work) {
     const model_config *c = a->cfg;
     const int D = c->head_dim, G = c->n_head / c->n_head_kv, Q = c->n_head * D,
               KV = c->n_head_kv * D;
-    const int p = a->pos0 + t;
-    const int lo = a->kvl->window > 0 && p - a->kvl->window + 1 > 0 ? p - a->kvl->window + 1 : 0;
+    const kv_layer *kvl = a->s->tok_kvl[t];
+    const int p = a->s->tok_pos[t];
+    const int lo = kvl->window > 0 && p - kvl->window + 1 > 0 ? p - kvl->window + 1 : 0;
     return (attn_group_args){
         .q = a->qkv + (size_t)t * (Q + 2 * KV),
         .G = G,
         .D = D,
         .n_grp = c->n_head_kv,
-        .k = a->kvl->k,
-        .v = a->kvl->v,
-        .kh = a->kvl->kh,
-        .vh = a->kvl->vh,
-        .kq = a->kvl->kq,
-        .vq = a->kvl->vq,
+        .k = kvl->k,
+        .v = kvl->v,
+        .kh = kvl->kh,
+        .vh = kvl->vh,
+        .kq = kvl->kq,
+        .vq = kvl->vq,
         .qoff = 0,
         .stride = KV,
-        .cap = a->kvl->cap,
+        .cap = kvl->cap,
         .lo = lo,
         .hi = p,
         .work = work,
@@ -195,10 +207,10 @@ static void s_attn_worker(void *p, int ith, int nth) {
         return;
     }
     if (!a->split) {
-        /* blocks of nq consecutive tokens share each row read (prefill), dealt round-robin */
-        const int nq = a->T >= ATTN_NQ * nth ? ATTN_NQ : (a->T + nth - 1) / nth;
-        for (int t0 = ith * nq; t0 < a->T; t0 += nth * nq) {
-            const int n = a->T - t0 < nq ? a->T - t0 : nq;
+        /* blocks of consecutive tokens of one sequence share each row read (prefill), dealt
+         * round-robin */
+        for (int b = ith; b < a->n_blk; b += nth) {
+            const int t0 = a->s->blk[b], n = a->s->blk[b + 1] - t0;
             attn_group_args ga = s_args(a, t0, work);
             if (n > 1) {
                 ga.n_q = n;
@@ -239,19 +251,13 @@ static attn_group_fn s_kernel(const compute_ctx *cc) {
     return attn_group_generic;
 }
 
-/* Attention of the T tokens' query heads over the cache (keys and values already appended). */
-static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_layer *kvl, int T,
-                         int pos0, attn_scratch *s) {
+/* Attention of the T tokens' query heads over their sequences' caches (keys and values already
+ * appended; s->tok_kvl and s->tok_pos set), all sequences in one section. */
+static void s_attend_all(const compute_ctx *cc, const model_config *c, const attn_seg *segs,
+                         int n_segs, int T, attn_scratch *s) {
     const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     const int nth = threadpool_size(cc->tp);
-    attn_section a = {.cfg = c,
-                      .kvl = kvl,
-                      .qkv = s->qkv,
-                      .o = s->o,
-                      .s = s,
-                      .fn = s_kernel(cc),
-                      .T = T,
-                      .pos0 = pos0};
+    attn_section a = {.cfg = c, .qkv = s->qkv, .o = s->o, .s = s, .fn = s_kernel(cc), .T = T};
     /* few tokens for the threads (decode): each token's chunks become units of their own */
     a.split = nth > 1 && T < 2 * nth && T <= s->max_pairs && T <= 64;
     if (a.split) {
@@ -261,6 +267,15 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_
             a.unit0[t + 1] = a.unit0[t] + ga.hi / ATTN_CHUNK - ga.lo / ATTN_CHUNK + 1;
         }
         a.split = a.unit0[T] > T; /* else nothing to cut */
+    }
+    if (!a.split) {
+        /* prefill blocks: up to ATTN_NQ tokens of one sequence, fewer when the threads would
+         * otherwise not all have a block */
+        const int nq = T >= ATTN_NQ * nth ? ATTN_NQ : (T + nth - 1) / nth;
+        for (int i = 0, row = 0; i < n_segs; row += segs[i++].n)
+            for (int t = 0; t < segs[i].n; t += nq)
+                s->blk[a.n_blk++] = row + t;
+        s->blk[a.n_blk] = T;
     }
     threadpool_run(cc->tp, s_attn_worker, &a);
     if (!a.split) return;
@@ -276,18 +291,24 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const kv_
     }
 }
 
-void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
-                       int pos0, attn_scratch *s) {
+void attention_forward(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
+                       int n_segs, float *x, attn_scratch *s) {
     const model_config *c = &m->cfg;
     const layer_weights *L = &m->layers[il];
     const int E = c->n_embd, D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
     const int W = Q + 2 * KV;
-    kv_layer *kvl = &kv->layers[il];
+    int T = 0;
+    for (int i = 0; i < n_segs; i++)
+        for (int t = 0; t < segs[i].n; t++, T++) {
+            s->tok_kvl[T] = &segs[i].kv->layers[il];
+            s->tok_pos[T] = segs[i].pos0 + t;
+        }
 
     for (int t = 0; t < T; t++)
         ops_rmsnorm(x + (size_t)t * E, L->attn_norm, s->hn + (size_t)t * E, E, c->rms_eps);
 
-    /* q, k, v in one section; they share the input but may differ in type */
+    /* q, k, v in one section for every sequence's tokens; they share the input but may differ
+     * in type */
     mm_job jobs[3];
     const tensor_view *w3[3] = {&L->wq, &L->wk, &L->wv};
     int off[3] = {0, Q, Q + KV};
@@ -321,16 +342,19 @@ void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int 
     ops_mm_run(cc, jobs, 3);
 
     const bool rope = model_config_layer_rope(c, il);
-    for (int t = 0; t < T; t++) {
-        float *row = s->qkv + (size_t)t * W;
-        if (rope) {
-            ops_rope_neox(row, c->n_head, D, pos0 + t, c->rope_base);
-            ops_rope_neox(row + Q, c->n_head_kv, D, pos0 + t, c->rope_base);
+    for (int i = 0, t = 0; i < n_segs; i++)
+        for (int j = 0; j < segs[i].n; j++, t++) {
+            float *row = s->qkv + (size_t)t * W;
+            const int pos = segs[i].pos0 + j;
+            if (rope) {
+                ops_rope_neox(row, c->n_head, D, pos, c->rope_base);
+                ops_rope_neox(row + Q, c->n_head_kv, D, pos, c->rope_base);
+            }
+            kv_layer *kvl = &segs[i].kv->layers[il];
+            kv_cache_store(segs[i].kv, kvl, kv_cache_slot(kvl, pos), row + Q, row + Q + KV);
         }
-        kv_cache_store(kv, kvl, kv_cache_slot(kvl, pos0 + t), row + Q, row + Q + KV);
-    }
 
-    s_attend_all(cc, c, kvl, T, pos0, s);
+    s_attend_all(cc, c, segs, n_segs, T, s);
 
     ops_matmul(cc, &L->wo, 0, s->o, T, s->proj, s->xq);
     for (size_t i = 0; i < (size_t)T * E; i++)

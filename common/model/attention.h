@@ -1,8 +1,13 @@
-/* attention: one layer's self-attention block for a micro-batch, on a kv_cache.
+/* attention: one layer's self-attention block for a micro-batch of one or more sequences.
  *
- * x (T x n_embd, the residual) becomes x + Wo · attn(rmsnorm(x) * attn_norm). Keys and values
- * of the T tokens (positions pos0..pos0+T-1) are appended to the layer's cache first; NoPE
- * layers cache un-rotated keys. Causal mask, plus the window on sliding-window layers. */
+ * x (T x n_embd, the residual) becomes x + Wo · attn(rmsnorm(x) * attn_norm). The micro-batch is
+ * segments, one per sequence (attn_seg): the norms and the q/k/v and output projections run over
+ * all T rows at once (one read of each weight for every sequence), the attention proper per
+ * token on its own sequence's cache. Keys and values of a segment's tokens (positions
+ * pos0..pos0+n-1) are appended to its cache first; NoPE layers cache un-rotated keys. Causal
+ * mask, plus the window on sliding-window layers. A row's result does not depend on the other
+ * rows (matmat and matvec give the same bits; the attention kernel's split does not change
+ * them). */
 #ifndef STP_ATTENTION_H
 #define STP_ATTENTION_H
 
@@ -19,8 +24,16 @@ size_t attn_scratch_bytes(const attn_scratch *s);
  * allocating (the budget plan counts it). */
 size_t attn_scratch_size(const model_config *cfg, int n_ubatch, int n_ctx, int n_threads);
 
-void attention_forward(const compute_ctx *cc, const model *m, kv_cache *kv, int il, float *x, int T,
-                       int pos0, attn_scratch *s);
+/* A run of consecutive tokens of one sequence in a micro-batch: the rows of x in segment order. */
+typedef struct attn_seg {
+    kv_cache *kv; /* the sequence's caches */
+    int pos0;     /* position of the segment's first token */
+    int n;        /* tokens (>= 1) */
+} attn_seg;
+
+/* Layer il for the segments' tokens (at most the scratch's n_ubatch in all). */
+void attention_forward(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
+                       int n_segs, float *x, attn_scratch *s);
 
 /* The router logits of layer il for T residual vectors: (T x n_expert), F32 weights. */
 void attention_router(const compute_ctx *cc, const model *m, int il, const float *x, int T,

@@ -5,7 +5,8 @@
  *   forward_ubatch: for each layer: r = router · x (raw residual, before attn_norm)
  *                   sel, w = top-k(gate(r));  x = x + attention(rmsnorm(x) * attn_norm)
  *                   x = x + moe(rmsnorm(x) * ffn_norm, sel, w)   (the seam: moe_forward)
- *   logits = output · (rmsnorm(x) * output_norm)                  (forward_head)
+ *   logits = output · (rmsnorm(x) * output_norm)                  (forward_heads: every
+ *                                                                  sequence's row at once)
  * A micro-batch may hold tokens of several sequences (engine_eval_batch): one forward_seg per
  * sequence, attention on that sequence's caches.
  * Invariants: n_past of a sequence only advances after a whole eval succeeded; a token's
@@ -33,14 +34,16 @@ struct engine {
     attn_scratch *as;
     moe_scratch *ms;
     int n_ctx, n_ubatch;
-    forward_seg *segs; /* (n_ubatch) one micro-batch's segments */
-    float *x;          /* (n_ubatch, n_embd) residual */
-    float *h;          /* (n_ubatch, n_embd) normed */
-    float *ffn;        /* (n_ubatch, n_embd) */
-    float *rlogits;    /* (n_ubatch, n_expert) */
-    int32_t *sel;      /* (n_ubatch, n_expert_used) */
-    float *selw;       /* (n_ubatch, n_expert_used) */
-    uint8_t *xq;       /* LM-head activations */
+    forward_seg *segs;     /* (n_ubatch) one micro-batch's segments */
+    float *x;              /* (n_ubatch, n_embd) residual */
+    float *h;              /* (n_ubatch, n_embd) normed */
+    float *ffn;            /* (n_ubatch, n_embd) */
+    float *rlogits;        /* (n_ubatch, n_expert) */
+    int32_t *sel;          /* (n_ubatch, n_expert_used) */
+    float *selw;           /* (n_ubatch, n_expert_used) */
+    forward_heads_buf *hb; /* the LM head's rows (n_seq at once) */
+    const float **head_x;  /* (n_ubatch) hidden states wanting logits */
+    float **head_dst;      /* (n_ubatch) and where their logits go */
     engine_stats stats;
     lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
     const float *last_x; /* the last evaluated token's final hidden state */
@@ -107,8 +110,11 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     e->rlogits = malloc((size_t)n_ubatch * c->n_expert * sizeof(float));
     e->sel = malloc((size_t)n_ubatch * c->n_expert_used * sizeof(int32_t));
     e->selw = malloc((size_t)n_ubatch * c->n_expert_used * sizeof(float));
-    e->xq = malloc((size_t)c->n_embd * 4 + 64);
-    if (!e->x || !e->h || !e->ffn || !e->rlogits || !e->sel || !e->selw || !e->xq) {
+    e->head_x = malloc((size_t)n_ubatch * sizeof *e->head_x);
+    e->head_dst = malloc((size_t)n_ubatch * sizeof *e->head_dst);
+    if ((rc = forward_heads_buf_new(&e->hb, c, e->n_seq, err))) goto fail;
+    if (!e->x || !e->h || !e->ffn || !e->rlogits || !e->sel || !e->selw || !e->head_x ||
+        !e->head_dst) {
         rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
         goto fail;
     }
@@ -136,7 +142,9 @@ void engine_destroy(engine **self_p) {
     free(e->rlogits);
     free(e->sel);
     free(e->selw);
-    free(e->xq);
+    free(e->head_x);
+    free(e->head_dst);
+    forward_heads_buf_destroy(&e->hb);
     lm_head_destroy(&e->lmh);
     free(e);
     *self_p = NULL;
@@ -188,7 +196,9 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
     e->last_x = e->x + (size_t)(T - 1) * E;
 
+    /* logits: the rows that want them in one product (the sparse head: one at a time) */
     uint64_t t0 = forward_now_ns();
+    int n_h = 0;
     row = 0;
     for (int i = 0; i < n_segs; i++) {
         const engine_seq_eval *q = &b[i];
@@ -196,15 +206,19 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         e->n_past[q->seq] += n;
         for (int t = 0; t < n && q->logits; t++) {
             const float *xr = e->x + (size_t)(row + t) * E;
-            if (all_logits)
-                forward_head(&e->cc, m, xr, e->h, e->xq, q->logits + (size_t)(lo + t) * c->n_vocab);
-            else if (lo + t == q->n - 1 && e->lmh)
+            if (all_logits) {
+                e->head_x[n_h] = xr;
+                e->head_dst[n_h++] = q->logits + (size_t)(lo + t) * c->n_vocab;
+            } else if (lo + t == q->n - 1 && e->lmh) {
                 lm_head_eval(e->lmh, &e->cc, xr, q->logits);
-            else if (lo + t == q->n - 1)
-                forward_head(&e->cc, m, xr, e->h, e->xq, q->logits);
+            } else if (lo + t == q->n - 1) {
+                e->head_x[n_h] = xr;
+                e->head_dst[n_h++] = q->logits;
+            }
         }
         row += n;
     }
+    forward_heads(&e->cc, m, e->head_x, e->head_dst, n_h, e->hb);
     st->ns_head += forward_now_ns() - t0;
     st->tokens += (uint64_t)T;
 }
@@ -293,7 +307,7 @@ size_t engine_kv_bytes(const engine *e) {
 size_t engine_scratch_bytes(const engine *e) {
     const model_config *c = &e->m->cfg;
     return attn_scratch_bytes(e->as) + moe_scratch_bytes(e->ms) + moe_sparse_down_bytes(e->ms) +
-           model_packed_bytes(e->m) +
+           model_packed_bytes(e->m) + forward_heads_buf_size(c, e->n_seq) +
            (size_t)e->n_ubatch * (3 * c->n_embd + c->n_expert + 2 * c->n_expert_used) * 4;
 }
 const float *engine_last_hidden(const engine *e) {

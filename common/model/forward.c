@@ -4,6 +4,8 @@
  * products and this loop's caller summing in moe_forward's order). */
 #include "model/forward.h"
 
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 uint64_t forward_now_ns(void) {
@@ -57,9 +59,7 @@ int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
         ns.router = t1 - t0;
 
         /* x += attention(rmsnorm(x) * attn_norm); h = rmsnorm(x) * ffn_norm */
-        for (int i = 0, row = 0; i < n_segs; row += segs[i++].n)
-            attention_forward(s->cc, m, segs[i].kv, il, s->x + (size_t)row * E, segs[i].n,
-                              segs[i].pos0, s->as);
+        attention_forward(s->cc, m, il, segs, n_segs, s->x, s->as);
         for (int t = 0; t < T; t++)
             ops_rmsnorm(s->x + (size_t)t * E, L->ffn_norm, s->h + (size_t)t * E, E, c->rms_eps);
         uint64_t t2 = forward_now_ns();
@@ -80,4 +80,60 @@ void forward_head(const compute_ctx *cc, const model *m, const float *x, float *
     const model_config *c = &m->cfg;
     ops_rmsnorm(x, m->output_norm, hn, c->n_embd, c->rms_eps);
     ops_matmul(cc, &m->output, 0, hn, 1, logits, xq);
+}
+
+struct forward_heads_buf {
+    int cap;
+    float *hn;   /* (cap, n_embd) normed rows */
+    uint8_t *xq; /* (cap, n_embd * 4 + 64) their activations */
+    float *y;    /* (cap, n_vocab) logits of a group whose rows are not contiguous (cap > 1) */
+};
+
+size_t forward_heads_buf_size(const model_config *c, int cap) {
+    const size_t n = cap > 0 ? (size_t)cap : 1, E = (size_t)c->n_embd;
+    return n * (E * sizeof(float) + E * 4 + 64) + (n > 1 ? n * c->n_vocab * sizeof(float) : 0);
+}
+
+int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, stp_err *err) {
+    *out = NULL;
+    forward_heads_buf *b = calloc(1, sizeof *b);
+    if (!b) return stp_err_set(err, STP_ENOMEM, "LM head buffers: out of memory");
+    b->cap = cap > 0 ? cap : 1;
+    const size_t n = (size_t)b->cap, E = (size_t)c->n_embd;
+    b->hn = malloc(n * E * sizeof(float));
+    b->xq = malloc(n * (E * 4 + 64));
+    b->y = n > 1 ? malloc(n * c->n_vocab * sizeof(float)) : NULL;
+    if (!b->hn || !b->xq || (n > 1 && !b->y)) {
+        forward_heads_buf_destroy(&b);
+        return stp_err_set(err, STP_ENOMEM, "LM head buffers: out of memory");
+    }
+    *out = b;
+    return 0;
+}
+
+void forward_heads_buf_destroy(forward_heads_buf **self_p) {
+    forward_heads_buf *b = *self_p;
+    if (!b) return;
+    free(b->hn);
+    free(b->xq);
+    free(b->y);
+    free(b);
+    *self_p = NULL;
+}
+
+void forward_heads(const compute_ctx *cc, const model *m, const float *const *x, float *const *dst,
+                   int n, forward_heads_buf *b) {
+    const model_config *c = &m->cfg;
+    const size_t E = (size_t)c->n_embd, V = (size_t)c->n_vocab;
+    for (int g0 = 0; g0 < n; g0 += b->cap) {
+        const int g = n - g0 < b->cap ? n - g0 : b->cap;
+        bool contiguous = true; /* rows land in place (one row, or all of a prompt's) */
+        for (int i = 0; i < g; i++) {
+            ops_rmsnorm(x[g0 + i], m->output_norm, b->hn + i * E, (int)E, c->rms_eps);
+            contiguous &= dst[g0 + i] == dst[g0] + i * V;
+        }
+        ops_matmul(cc, &m->output, 0, b->hn, g, contiguous ? dst[g0] : b->y, b->xq);
+        for (int i = 0; i < g && !contiguous; i++)
+            memcpy(dst[g0 + i], b->y + i * V, V * sizeof(float));
+    }
 }

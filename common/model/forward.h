@@ -63,16 +63,13 @@ typedef struct forward_state {
     float *selw;    /* (n_ubatch, n_expert_used) their weights */
 } forward_state;
 
-/* A run of consecutive tokens of one sequence in a micro-batch. A micro-batch is one or more
- * segments, one per sequence, whose tokens are consecutive rows of s->x in segment order:
- * attention runs per segment on its sequence's caches, everything else (router, norms, experts,
- * residual) over all the rows at once, so one read of a weight serves every sequence. A row's
- * result does not depend on the other segments (every other step is row by row). */
-typedef struct forward_seg {
-    kv_cache *kv; /* the sequence's caches */
-    int pos0;     /* position of the segment's first token */
-    int n;        /* tokens (>= 1) */
-} forward_seg;
+/* A run of consecutive tokens of one sequence in a micro-batch (attention.h's attn_seg). A
+ * micro-batch is one or more segments, one per sequence, whose tokens are consecutive rows of
+ * s->x in segment order: attention proper runs per token on its sequence's caches, everything
+ * else (projections, router, norms, experts, residual, LM head) over all the rows at once, so
+ * one read of a weight serves every sequence. A row's result does not depend on the other
+ * segments. */
+typedef attn_seg forward_seg;
 
 /* One micro-batch's place in a list of entries (one per sequence, entry k of n_of(entries, k)
  * tokens) cut in order into micro-batches of at most n_ubatch tokens, an entry split where the
@@ -98,6 +95,17 @@ int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
  * (n_embd) and xq (n_embd * 4 + 64 bytes) are scratch. */
 void forward_head(const compute_ctx *cc, const model *m, const float *x, float *hn, uint8_t *xq,
                   float *logits);
+
+/* The LM head of several hidden states in one product (one read of the output matrix for
+ * up to `cap` rows; each row's bits are forward_head's, as matmat's are matvec's). */
+typedef struct forward_heads_buf forward_heads_buf;
+int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, stp_err *err);
+void forward_heads_buf_destroy(forward_heads_buf **self_p);
+/* What forward_heads_buf_new(c, cap) allocates, in bytes (the budget plan counts it). */
+size_t forward_heads_buf_size(const model_config *c, int cap);
+/* dst[i] (n_vocab) = forward_head of x[i], i < n, in groups of at most the buffer's cap. */
+void forward_heads(const compute_ctx *cc, const model *m, const float *const *x, float *const *dst,
+                   int n, forward_heads_buf *b);
 
 /* Monotonic clock, nanoseconds. */
 uint64_t forward_now_ns(void);

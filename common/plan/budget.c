@@ -10,6 +10,7 @@
 #include "kern/kern.h"
 #include "model/attention.h"
 #include "model/expert_ffn.h"
+#include "model/forward.h"
 #include "shm/shm.h"
 
 #define MiB (1024.0 * 1024.0)
@@ -57,9 +58,9 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab, p->n_seq);
     p->act = ah.size;
     p->attn_scratch = budget_attn_scratch_bytes(c, p->n_ubatch, p->n_ctx, p->threads);
-    /* the attention worker's residual, h and router rows per token (four of n_embd) and two
-     * rows of logits */
-    p->attn_buffers = (uint64_t)p->n_ubatch * E * 4 * 4 + (uint64_t)c->n_vocab * 4 * 2;
+    /* the attention worker's residual, h and router rows per token (four of n_embd) and the LM
+     * head's rows (one per slot) */
+    p->attn_buffers = (uint64_t)p->n_ubatch * E * 4 * 4 + forward_heads_buf_size(c, p->n_seq);
     p->worker = budget_worker_bytes(c);
     p->scratch = p->attn_scratch + p->attn_buffers + (uint64_t)p->workers * p->worker;
     /* the coordinator, the attention worker, the storage daemon and the workers; the

@@ -18,6 +18,7 @@
 #include "model/attention.h"
 #include "model/kv_cache.h"
 #include "model/model.h"
+#include "model/forward.h"
 #include "plan/budget.h"
 #include "th_gguf.h"
 #include "shm/shm.h"
@@ -146,7 +147,8 @@ static void test_budget_plan_parts_add_up(void **st) {
     assert_int_equal(p.kv, 44032);
     assert_int_equal(p.act, ah.size);
     assert_int_equal(p.attn_scratch, budget_attn_scratch_bytes(&c, 8, 100, 1));
-    assert_int_equal(p.attn_buffers, 8 * 64 * 4 * 4 + 100 * 4 * 2);
+    /* x, h, ffn and router rows; the LM head's normed row and activations (one slot) */
+    assert_int_equal(p.attn_buffers, 8 * 64 * 4 * 4 + 64 * 4 + 64 * 4 + 64);
     assert_int_equal(p.worker, budget_worker_bytes(&c));
     assert_int_equal(p.scratch, p.attn_scratch + p.attn_buffers + p.worker);
     assert_int_equal(p.overhead, 4 * BUDGET_PROC_OVERHEAD + 100 * BUDGET_TOKENIZER_BYTES);
@@ -202,8 +204,11 @@ static void test_budget_plan_parameters(void **st) {
     act_layout(&ah, 8, c.n_embd, c.n_expert_used, c.n_vocab, 3);
     assert_int_equal(p.act, ah.size);
     assert_true(p.act >= one.act + 2ull * c.n_vocab * 4 - 64); /* rows rounded to 64 bytes */
-    assert_int_equal(p.scratch, one.scratch);
-    assert_int_equal(p.fixed - one.fixed, 2 * one.kv + (p.act - one.act));
+    /* the LM head's rows: three, and a logits row each */
+    const uint64_t heads = p.scratch - one.scratch;
+    assert_int_equal(heads, 2 * (64 * 4 + 64 * 4 + 64) + 3ull * c.n_vocab * 4);
+    assert_int_equal(heads, forward_heads_buf_size(&c, 3) - forward_heads_buf_size(&c, 1));
+    assert_int_equal(p.fixed - one.fixed, 2 * one.kv + (p.act - one.act) + heads);
     assert_int_equal(p.minimum - one.minimum, p.fixed - one.fixed);
     /* a budget that holds one slot's plan but not three slots' is refused, naming the slots */
     bp.budget = one.minimum;
