@@ -74,7 +74,8 @@ OPENERS = [
 
 # Paragraphs the long first message (--history-tokens) is built from, with a rough
 # characters-per-token ratio for each (Qwen-style BPE); the real count is the server's
-# usage.prompt_tokens, printed per turn.
+# usage.prompt_tokens, printed per turn, with the tokens the server reused from its cache
+# (usage.prompt_tokens_details.cached_tokens, or llama-server's timings.cache_n).
 HISTORY_PARAS = [
     (4.2, "The harbour town woke slowly. Fishing boats came in with the tide, gulls circled the "
           "market, and the baker opened his shutters to the smell of bread. Nobody noticed the "
@@ -204,9 +205,11 @@ def summarize(records, clients, wall_s):
         rs = turns[t]
         tt = [r["ttft"] for r in rs if r["ttft"] is not None]
         pt = [r["prompt_tokens"] for r in rs if r["prompt_tokens"] is not None]
+        ct = [r["cached_tokens"] for r in rs if r["cached_tokens"] is not None]
         per_turn.append({"turn": t, "n": len(rs), "ttft_p50_s": percentile(tt, 50),
                          "ttft_p99_s": percentile(tt, 99),
-                         "prompt_tokens_p50": percentile(pt, 50)})
+                         "prompt_tokens_p50": percentile(pt, 50),
+                         "cached_tokens_p50": percentile(ct, 50)})
     return {
         "clients": clients,
         "wall_s": wall_s,
@@ -264,7 +267,7 @@ def run_request(target, body, timeout, deadline, clock=time.monotonic):
     """One streaming chat request. Returns a record; never raises."""
     rec = {"status": "error", "error": None, "text": "", "tokens": 0, "token_source": "chunks",
            "n_chunks": 0, "ttft": None, "gaps": [], "t_first": None, "t_last": None,
-           "prompt_tokens": None}
+           "prompt_tokens": None, "cached_tokens": None}
     conn = None
     t0 = clock()
     try:
@@ -320,6 +323,9 @@ def run_request(target, body, timeout, deadline, clock=time.monotonic):
                 return rec
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 usage = obj["usage"]
+            if isinstance(obj, dict) and isinstance(obj.get("timings"), dict) and \
+                    isinstance(obj["timings"].get("cache_n"), int):
+                rec["cached_tokens"] = obj["timings"]["cache_n"]  # llama-server's own field
             text = chunk_text(obj) if isinstance(obj, dict) else ""
             if text:
                 t = clock()
@@ -337,6 +343,9 @@ def run_request(target, body, timeout, deadline, clock=time.monotonic):
         if usage is not None:
             if isinstance(usage.get("prompt_tokens"), int):
                 rec["prompt_tokens"] = usage["prompt_tokens"]
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                rec["cached_tokens"] = details["cached_tokens"]
             if done and isinstance(usage.get("completion_tokens"), int):
                 rec["tokens"], rec["token_source"] = usage["completion_tokens"], "usage"
         if done:
@@ -460,12 +469,14 @@ def print_report(rep, out=sys.stdout):
           f"{fmt(r['ttft_s']['p99'])} | {fmt(r['itl_s']['p50'], 1e3, 1)} | "
           f"{fmt(r['itl_s']['p99'], 1e3, 1)} | {fmt(r['wall_s'], 1, 1)} |")
     p("")
-    p("| clients | turn | requests | prompt tokens p50 | TTFT p50 s | TTFT p99 s |")
-    p("|---:|---:|---:|---:|---:|---:|")
+    p("| clients | turn | requests | prompt tokens p50 | cached tokens p50 | TTFT p50 s | "
+      "TTFT p99 s |")
+    p("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rep["runs"]:
         for t in r["per_turn"]:
             p(f"| {r['clients']} | {t['turn']} | {t['n']} | {fmt(t['prompt_tokens_p50'], 1, 0)} | "
-              f"{fmt(t['ttft_p50_s'])} | {fmt(t['ttft_p99_s'])} |")
+              f"{fmt(t['cached_tokens_p50'], 1, 0)} | {fmt(t['ttft_p50_s'])} | "
+              f"{fmt(t['ttft_p99_s'])} |")
     errs = [(r["clients"], k, n) for r in rep["runs"] for k, n in sorted(r["errors"].items())]
     if errs:
         p("")

@@ -618,8 +618,11 @@ int cli_bench(int argc, char **argv) {
                 r->st = st;
                 r->tg = kind == 1;
                 r->parallel = P;
-                /* the bench's cache is float32 (engine_params.kv_f16 unset) */
-                if (r->tg && P == 1) roofline_decode_bytes(m, d, n, sizeof(float), &st, &r->rb);
+                /* the cache's bytes per element: 4 (f32), 2 (f16), 34/32 (q8_0) */
+                const int kv_dim = m->cfg.n_head_kv * m->cfg.head_dim;
+                if (r->tg && P == 1)
+                    roofline_decode_bytes(
+                        m, d, n, (double)kv_cache_row_bytes(kv_type, kv_dim) / kv_dim, &st, &r->rb);
                 if (r->tg && o.sparse_head > 0) /* sketch (1 bit + a float a row), C rows */
                     r->rb.stage[ROOFLINE_HEAD] =
                         m->output.n_rows * (m->output.n_cols / 8.0 + 4) +
