@@ -70,15 +70,16 @@ def check_percentile():
 
 
 def rec(status, turn, tokens=0, ttft=None, gaps=(), t_first=None, t_last=None, error=None,
-        source="usage", prompt=None):
+        source="usage", prompt=None, cached=None):
     return {"status": status, "error": error, "tokens": tokens, "token_source": source,
             "n_chunks": len(gaps) + 1 if ttft is not None else 0, "ttft": ttft, "gaps": list(gaps),
-            "t_first": t_first, "t_last": t_last, "prompt_tokens": prompt, "turn": turn}
+            "t_first": t_first, "t_last": t_last, "prompt_tokens": prompt, "cached_tokens": cached,
+            "turn": turn}
 
 
 def check_summary():
     rs = [rec("ok", 1, 4, 1.0, [0.1, 0.1, 0.2], 1.0, 1.4, prompt=100),
-          rec("ok", 2, 4, 0.2, [0.1, 0.3, 0.2], 2.0, 2.6, prompt=140),
+          rec("ok", 2, 4, 0.2, [0.1, 0.3, 0.2], 2.0, 2.6, prompt=140, cached=120),
           rec("cut", 1, 2, 3.0, [0.5], 3.0, 3.5, source="chunks", prompt=None),
           rec("error", 1, error="http 503"), rec("error", 1, error="http 503"),
           rec("error", 2, error="broken stream")]
@@ -94,6 +95,7 @@ def check_summary():
     t1, t2 = s["per_turn"]
     assert (t1["turn"], t1["n"], t1["ttft_p50_s"], t1["prompt_tokens_p50"]) == (1, 2, 2.0, 100)
     assert (t2["turn"], t2["n"], t2["ttft_p50_s"], t2["prompt_tokens_p50"]) == (2, 1, 0.2, 140)
+    assert t1["cached_tokens_p50"] is None and t2["cached_tokens_p50"] == 120, (t1, t2)
 
 
 def check_conversations():
@@ -163,7 +165,8 @@ class Stub(http.server.BaseHTTPRequestHandler):
             for t in ("Hel", "lo", "!"):
                 self.ev(chunk(t))
             self.ev({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-            self.ev({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5}})
+            self.ev({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5,
+                                              "prompt_tokens_details": {"cached_tokens": 3}}})
             self.ev("[DONE]")
             return
         self.ev(chunk("x"))  # stall: one token, then nothing until released (bounded)
@@ -188,6 +191,7 @@ def check_stub():
         assert r["generated_tokens"] == 5 and r["tokens_from"] == "usage", r
         assert r["itl_s"]["n"] == 2 and r["ttft_s"]["n"] == 1, r
         assert r["per_turn"][0]["prompt_tokens_p50"] == 11, r["per_turn"]
+        assert r["per_turn"][0]["cached_tokens_p50"] == 3, r["per_turn"]
         # the stalling stream is cut at --duration (1 s), its one token counted; --requests caps
         t0 = time.monotonic()
         rc, rep = run_tool(["--url", url, "--clients", "1", "--turns", "3", "--conversations", "5",
