@@ -243,8 +243,10 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
     for (int l = 0; l < cs; l++) { /* ReGLU, quantized for down */
         float *g = f->g + (size_t)l * F;
         const float *u = f->u + (size_t)l * F;
-        for (int i = 0; i < F; i++)
-            g[i] = g[i] > 0.0f ? g[i] * u[i] : 0.0f;
+        for (int i = 0; i < F; i++) { /* branch-free (a select): same values */
+            const float a = g[i] * u[i];
+            g[i] = g[i] > 0.0f ? a : 0.0f;
+        }
         cc->ops->quantize_act(td, g, f->xq_a + (size_t)l * sd, F);
     }
     const uint64_t down = s_down(f, cc, L, r, nr);

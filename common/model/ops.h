@@ -69,7 +69,8 @@ void ops_top_k(const float *v, int n, int k, int32_t *sel);
 void ops_route(const model_config *cfg, const float *logits, int32_t *sel, float *weight);
 
 /* ReGLU sparsity. Neurons with relu(gate) > 0 over n gate rows of F values (the statistic); and
- * those of one row, ascending, into rows (the `up` rows a single token needs): their count. */
+ * those of one row, ascending, into rows (room for F: the `up` rows a single token needs): their
+ * count. */
 uint64_t ops_count_active(const float *g, size_t n, int F);
 int ops_active_rows(const float *g, int F, int32_t *rows);
 
