@@ -1,6 +1,7 @@
 /* cli_chat: `stpipe chat`, an interactive chat with history on a backend (in-process engine)
- * or through a running pipeline (--pipeline RUN_DIR: each turn sends the whole conversation as a
- * ChatML prompt to the coordinator, which tokenizes, samples and streams the answer back; its
+ * or through a running pipeline (--pipeline RUN_DIR: each turn sends the whole conversation's
+ * messages to the coordinator, which formats and tokenizes the ChatML prompt (the messages'
+ * text as plain text, never special tokens), samples and streams the answer back; its
  * scheduler finds the conversation's earlier turns still in a sequence slot (prefix reuse) and
  * evaluates only the new tokens).
  *
@@ -117,23 +118,35 @@ static void s_set_system(chat_state *c, const char *text) {
     if (text && *text) s_push(c, "system", text);
 }
 
-/* Encodes msgs[from..n) in ChatML (+ generation prompt), prefixed with prefix. */
+/* Encodes msgs[from..n) in ChatML (+ generation prompt), prefixed with prefix (template text:
+ * its special tokens are parsed); the messages' text is plain text, never special tokens. */
 static int s_encode(chat_state *c, const char *prefix, size_t from, int32_t **ids, size_t *n_ids,
                     stp_err *err) {
+    const size_t n = c->n_msgs - from;
     char *fmt = NULL;
-    int rc = tokenizer_chat_format(c->b->tok, c->msgs + from, c->n_msgs - from, true, &fmt, err);
-    if (rc) return rc;
+    tok_span *plain = malloc((n ? n : 1) * sizeof *plain);
+    if (!plain) return stp_err_set(err, STP_ENOMEM, "out of memory");
+    int rc = tokenizer_chat_format(c->b->tok, c->msgs + from, n, true, &fmt, plain, err);
+    if (rc) {
+        free(plain);
+        return rc;
+    }
     size_t pl = strlen(prefix), fl = strlen(fmt);
     char *text = malloc(pl + fl + 1);
     if (!text) {
         free(fmt);
+        free(plain);
         return stp_err_set(err, STP_ENOMEM, "out of memory");
     }
     memcpy(text, prefix, pl);
     memcpy(text + pl, fmt, fl + 1);
     free(fmt);
-    rc = tokenizer_encode(c->b->tok, text, pl + fl, TOK_PARSE_SPECIAL, ids, n_ids, err);
+    for (size_t i = 0; i < n; i++)
+        plain[i].off += pl;
+    rc = tokenizer_encode_spans(c->b->tok, text, pl + fl, TOK_PARSE_SPECIAL, plain, n, ids, n_ids,
+                                err);
     free(text);
+    free(plain);
     return rc;
 }
 
@@ -261,29 +274,15 @@ static void s_collect(void *ud, const char *text, size_t len) {
     b->p[b->n] = 0;
 }
 
-/* The conversation as ChatML text with the generation prompt (the coordinator parses the
- * special tokens); the same text tokenizer_chat_format writes. */
-static char *s_chatml(const chat_state *c) {
-    size_t need = 64;
-    for (size_t i = 0; i < c->n_msgs; i++)
-        need += strlen(c->msgs[i].role) + strlen(c->msgs[i].content) + 32;
-    char *t = malloc(need), *w = t;
-    if (!t) return NULL;
-    for (size_t i = 0; i < c->n_msgs; i++)
-        w += sprintf(w, "<|im_start|>%s\n%s<|im_end|>\n", c->msgs[i].role, c->msgs[i].content);
-    strcpy(w, "<|im_start|>assistant\n");
-    return t;
-}
-
+/* The whole conversation goes as messages: the coordinator formats the ChatML prompt (with the
+ * generation prompt) and tokenizes the messages' text as plain text, as s_encode does. */
 static int s_answer_pipeline(chat_state *c) {
-    char *prompt = s_chatml(c);
-    if (!prompt) return STP_ENOMEM;
     text_buf tb = {0};
     pipeline_gen_result gr = {0};
     pipeline_gen_opts po = {.run_dir = c->o->pipeline,
                             .result = &gr,
-                            .prompt_text = prompt,
-                            .parse_special = true,
+                            .messages = c->msgs,
+                            .n_messages = c->n_msgs,
                             .n_predict = c->o->n_predict,
                             .sp = c->o->sp,
                             .quiet = true,
@@ -300,7 +299,6 @@ static int s_answer_pipeline(chat_state *c) {
     s_interrupted = 0;
     fputc('\n', stdout);
     fflush(stdout);
-    free(prompt);
     if (rc) {
         fprintf(stderr, "stpipe chat: the pipeline did not answer (message dropped)\n");
         free((char *)c->msgs[--c->n_msgs].content);

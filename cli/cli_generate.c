@@ -36,7 +36,8 @@ static const opt_def s_opts[] = {
     {"--file", NULL, OPT_STR, 0, 0, NULL, "F", "read the prompt text from F (- for stdin)",
      F(prompt_file), NULL, "-f"},
     {"--chat", NULL, OPT_FLAG, 0, 0, NULL, NULL,
-     "wrap the prompt as a ChatML user message (+ --system TEXT)", F(chat), NULL, NULL},
+     "wrap the prompt as a ChatML user message (+ --system TEXT); their <|...|> is plain text",
+     F(chat), NULL, NULL},
     {"--system", NULL, OPT_STR, 0, 0, NULL, "TEXT", "system message for --chat", F(system), NULL,
      NULL},
     CLI_OPT_N_PREDICT(generate_opts, "64", "tokens to generate (-1 = until end of text)"),
@@ -51,7 +52,8 @@ static const opt_def s_opts[] = {
     {"--ignore-eos", NULL, OPT_FLAG, 0, 0, NULL, NULL,
      "keep generating after an end-of-generation token", F(ignore_eos), NULL, NULL},
     {"--no-parse-special", NULL, OPT_FLAG, 0, 0, NULL, NULL,
-     "treat <|...|> in the prompt as plain text", F(no_parse_special), NULL, NULL},
+     "treat <|...|> in the prompt as plain text (always so with --chat)", F(no_parse_special), NULL,
+     NULL},
     {"--logits-out", NULL, OPT_STR, 0, 0, NULL, "FILE",
      "write float32 logits of every prompt position [n_prompt][n_vocab]", F(logits_out), NULL,
      NULL},
@@ -118,27 +120,22 @@ static int s_prompt_ids(const generate_opts *o, const tokenizer *tok, int32_t **
         len = strlen(text);
     }
     stp_err err = {0};
-    char *chat = NULL;
-    if (o->chat) {
+    size_t n_ids = 0;
+    int rc;
+    if (o->chat) { /* the template's markers are special tokens, the messages' text is not */
         chat_msg msgs[2];
         size_t n = 0;
         if (o->system) msgs[n++] = (chat_msg){"system", o->system};
         msgs[n++] = (chat_msg){"user", text};
-        if (tokenizer_chat_format(tok, msgs, n, true, &chat, &err)) {
-            fprintf(stderr, "stpipe generate: %s\n", err.msg);
-            free(owned);
-            return -1;
-        }
-        text = chat;
-        len = strlen(chat);
+        rc = tokenizer_chat_encode(tok, msgs, n, true, ids, &n_ids, &err);
+    } else {
+        int flags = o->no_parse_special ? 0 : TOK_PARSE_SPECIAL;
+        rc = tokenizer_encode(tok, text, len, flags, ids, &n_ids, &err);
     }
-    size_t n_ids = 0;
-    int flags = o->no_parse_special && !o->chat ? 0 : TOK_PARSE_SPECIAL;
-    int rc = tokenizer_encode(tok, text, len, flags, ids, &n_ids, &err);
     free(owned);
-    free(chat);
     if (rc) {
-        fprintf(stderr, "stpipe generate: cannot tokenize the prompt: %s\n", err.msg);
+        fprintf(stderr, "stpipe generate: %s%s\n",
+                o->chat ? "" : "cannot tokenize the prompt: ", err.msg);
         return -1;
     }
     return (int)n_ids;

@@ -108,6 +108,8 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
                           .chat = o->chat,
                           .system = o->system,
                           .parse_special = o->parse_special,
+                          .messages = o->messages,
+                          .n_messages = o->n_messages,
                           .n_predict = o->n_predict,
                           .sp = o->sp,
                           .ignore_eos = o->ignore_eos,
@@ -126,10 +128,12 @@ int cli_generate_pipeline(const pipeline_gen_opts *o) {
      * budget streams every expert), counting a text prompt's bytes as its tokens (never fewer).
      * Liveness is pipe_client's (heartbeats). */
     int timeout = o->timeout_ms > 0 ? o->timeout_ms : 120000;
-    const double n_units =
-        o->prompt_ids    ? (double)o->n_prompt
-        : o->prompt_text ? (double)strlen(o->prompt_text) + (o->system ? strlen(o->system) : 0)
+    double n_units = o->prompt_ids ? (double)o->n_prompt
+                     : o->prompt_text
+                         ? (double)strlen(o->prompt_text) + (o->system ? strlen(o->system) : 0)
                          : 0.0;
+    for (size_t i = 0; o->messages && i < o->n_messages; i++)
+        n_units += (double)strlen(o->messages[i].content) + 8;
     const double prefill_allow_ms = 250.0 * n_units;
     g.last_progress = msg_now_us();
     double cancelled_at = 0;

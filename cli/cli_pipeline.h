@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "model/sampler.h"
+#include "tokenizer/tokenizer.h"
 
 /* What the coordinator's GenerateDone reported (times in ms). */
 typedef struct pipeline_gen_result {
@@ -30,7 +31,9 @@ typedef struct pipeline_gen_opts {
     const char *prompt_text; /* ... or text, tokenized by the coordinator */
     bool chat;
     const char *system;
-    bool parse_special;      /* default true, as in-process */
+    bool parse_special;       /* default true, as in-process */
+    const chat_msg *messages; /* ... or a conversation (ChatML, its text never special tokens) */
+    size_t n_messages;
     long long n_predict;     /* -1: until end of generation */
     const char *const *stop; /* stop strings */
     int n_stop;

@@ -133,11 +133,31 @@ int pipe_client_submit(pipe_client *c, const pipe_client_req *o, uint64_t *rid_o
     rq.sampling = &sp;
     rq.n_stop = o->stop ? (size_t)o->n_stop : 0;
     rq.stop = (char **)o->stop;
+    Stp__ChatMessage *cm = NULL, **cmp = NULL;
+    if (o->messages && o->n_messages) {
+        cm = calloc(o->n_messages, sizeof *cm);
+        cmp = calloc(o->n_messages, sizeof *cmp);
+        if (!cm || !cmp) {
+            free(cm);
+            free(cmp);
+            return stp_err_set(err, STP_ENOMEM, "out of memory");
+        }
+        for (size_t i = 0; i < o->n_messages; i++) {
+            stp__chat_message__init(&cm[i]);
+            cm[i].role = (char *)o->messages[i].role;
+            cm[i].content = (char *)o->messages[i].content;
+            cmp[i] = &cm[i];
+        }
+        rq.n_messages = o->n_messages;
+        rq.messages = cmp;
+    }
     Stp__ClientMsg m;
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
     m.request = &rq;
     int rc = s_send(c, &m, err);
+    free(cm);
+    free(cmp);
     if (rc) return rc;
     c->rids[c->n++] = rid;
     *rid_out = rid;

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "model/sampler.h"
+#include "tokenizer/tokenizer.h"
 #include "util/stp_err.h"
 
 typedef struct pipe_client pipe_client;
@@ -26,6 +27,8 @@ typedef struct pipe_client_req {
     bool chat;               /* prompt_text is one user message: ChatML with system */
     const char *system;
     bool parse_special;
+    const chat_msg *messages; /* ... or a conversation (ChatML, its text never special tokens) */
+    size_t n_messages;
     long long n_predict; /* -1: until end of generation or a full context; 0: prompt only */
     sampler_params sp;
     bool ignore_eos, want_text, want_prompt_logits;

@@ -261,10 +261,18 @@ static void s_on_done(void *ud, gen_result *res, int rc, const stp_err *err) {
 static const char *s_check_request(const coordinator *c, const Stp__GenerateRequest *r, char *b,
                                    size_t cap) {
     int V = backend_n_vocab(c->b);
-    if (r->n_prompt_ids && r->prompt_text && r->prompt_text[0]) return "give ids or text, not both";
-    if (!r->n_prompt_ids && !(r->prompt_text && r->prompt_text[0])) return "the prompt is empty";
-    if ((r->prompt_text && r->prompt_text[0]) && !c->b->tok)
+    const bool has_text = r->prompt_text && r->prompt_text[0];
+    if ((r->n_prompt_ids > 0) + has_text + (r->n_messages > 0) > 1)
+        return "give one of ids, text or messages";
+    if (!r->n_prompt_ids && !has_text && !r->n_messages) return "the prompt is empty";
+    if ((has_text || r->n_messages) && !c->b->tok)
         return "this model has no tokenizer: send token ids";
+    for (size_t i = 0; i < r->n_messages; i++)
+        if (!r->messages[i] || !r->messages[i]->role || !r->messages[i]->role[0] ||
+            !r->messages[i]->content) {
+            snprintf(b, cap, "message %zu has no role", i);
+            return b;
+        }
     for (size_t i = 0; i < r->n_prompt_ids; i++)
         if (r->prompt_ids[i] < 0 || r->prompt_ids[i] >= V) {
             snprintf(b, cap, "token id %d at index %zu is outside 0..%d", r->prompt_ids[i], i,
@@ -283,7 +291,8 @@ static const char *s_check_request(const coordinator *c, const Stp__GenerateRequ
     return "";
 }
 
-/* The prompt ids of r (given, or the tokenized text, ChatML when chat). */
+/* The prompt ids of r: given, or the tokenized text, or ChatML (messages, or chat: system and
+ * prompt_text as the user message) whose messages are plain text. */
 static int s_prompt(coordinator *c, creq *r, stp_err *err) {
     const Stp__GenerateRequest *q = r->rq;
     if (q->n_prompt_ids) {
@@ -293,21 +302,27 @@ static int s_prompt(coordinator *c, creq *r, stp_err *err) {
         r->n_prompt = (int)q->n_prompt_ids;
         return 0;
     }
-    char *chat = NULL;
-    const char *text = q->prompt_text;
-    if (q->chat) {
-        chat_msg msgs[2];
-        size_t n = 0;
-        if (q->system && q->system[0]) msgs[n++] = (chat_msg){"system", q->system};
-        msgs[n++] = (chat_msg){"user", q->prompt_text};
-        int rc = tokenizer_chat_format(c->b->tok, msgs, n, true, &chat, err);
-        if (rc) return rc;
-        text = chat;
-    }
     size_t n_ids = 0;
-    int flags = q->parse_special || q->chat ? TOK_PARSE_SPECIAL : 0;
-    int rc = tokenizer_encode(c->b->tok, text, strlen(text), flags, &r->ids, &n_ids, err);
-    free(chat);
+    int rc;
+    if (q->n_messages || q->chat) { /* ChatML: the messages' text never becomes special tokens */
+        chat_msg two[2], *msgs = two;
+        size_t n = 0;
+        if (q->n_messages) {
+            if (!(msgs = malloc(q->n_messages * sizeof *msgs)))
+                return stp_err_set(err, STP_ENOMEM, "out of memory");
+            for (; n < q->n_messages; n++)
+                msgs[n] = (chat_msg){q->messages[n]->role, q->messages[n]->content};
+        } else {
+            if (q->system && q->system[0]) msgs[n++] = (chat_msg){"system", q->system};
+            msgs[n++] = (chat_msg){"user", q->prompt_text};
+        }
+        rc = tokenizer_chat_encode(c->b->tok, msgs, n, true, &r->ids, &n_ids, err);
+        if (msgs != two) free(msgs);
+    } else {
+        int flags = q->parse_special ? TOK_PARSE_SPECIAL : 0;
+        rc = tokenizer_encode(c->b->tok, q->prompt_text, strlen(q->prompt_text), flags, &r->ids,
+                              &n_ids, err);
+    }
     if (rc) return rc;
     r->n_prompt = (int)n_ids;
     if (!n_ids) return stp_err_set(err, STP_EINVAL, "the prompt is empty (no tokens)");

@@ -3,7 +3,9 @@
  * Unknown request fields are ignored (clients send many); wrong types are a 400 naming the
  * field. Defaults are the SmallThinker authors' sampling (temperature 0.6, top-k 20, top-p
  * 0.95). Chat roles are system, user and assistant, spelled exactly (a role is written into the
- * template, so anything else could open a turn of its own). A prompt text longer than the
+ * template, so anything else could open a turn of its own); a message's content is plain text,
+ * its special-token text never parsed (only a /v1/completions prompt string parses special
+ * tokens, as llama.cpp's server does). A prompt text longer than the
  * limit is refused (413) before it is tokenized. See docs/SERVER.md for the field list. */
 #include <jansson.h>
 #include <math.h>
@@ -112,10 +114,14 @@ static int s_too_long(size_t len, const http_api_limits *lim, char *msg, size_t 
     return 413;
 }
 
-static int s_encode(http_job *job, const tokenizer *tok, const char *text, char *msg, size_t cap) {
+/* Special tokens written in text are parsed (a raw prompt, as llama.cpp's server does), except
+ * in the plain spans (a chat's messages: OpenAI's API takes their content as text). */
+static int s_encode(http_job *job, const tokenizer *tok, const char *text, const tok_span *plain,
+                    size_t n_plain, char *msg, size_t cap) {
     stp_err err = {0};
     size_t n = 0;
-    if (tokenizer_encode(tok, text, strlen(text), TOK_PARSE_SPECIAL, &job->prompt, &n, &err))
+    if (tokenizer_encode_spans(tok, text, strlen(text), TOK_PARSE_SPECIAL, plain, n_plain,
+                               &job->prompt, &n, &err))
         return s_bad(msg, cap, "cannot tokenize the prompt: %s", err.msg);
     job->n_prompt = (int)n;
     return 0;
@@ -162,11 +168,14 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     }
     char *text = NULL;
     stp_err err = {0};
-    if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, &err))
+    tok_span *plain = rc ? NULL : malloc(n * sizeof *plain);
+    if (!rc && !plain) rc = s_bad(msg, cap, "out of memory");
+    if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, plain, &err))
         rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
     if (!rc) rc = s_too_long(strlen(text), lim, msg, cap);
-    if (!rc) rc = s_encode(job, tok, text, msg, cap);
+    if (!rc) rc = s_encode(job, tok, text, plain, n, msg, cap); /* contents: plain text */
     free(text);
+    free(plain);
     for (size_t i = 0; owned && i < n; i++)
         free(owned[i]);
     free(owned);
@@ -182,7 +191,7 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
         p = json_array_get(p, 0);
     if (json_is_string(p)) {
         if ((rc = s_too_long(json_string_length(p), lim, msg, cap))) return rc;
-        return s_encode(job, tok, json_string_value(p), msg, cap);
+        return s_encode(job, tok, json_string_value(p), NULL, 0, msg, cap);
     }
     if (json_is_array(p) && json_array_size(p) > 0) { /* token ids */
         size_t n = json_array_size(p), i;

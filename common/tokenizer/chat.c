@@ -1,13 +1,15 @@
 /* chat.c: the ChatML prompt format SmallThinker is trained on. A GGUF's tokenizer.chat_template
  * (Jinja) is not executed: it is only checked to be a ChatML template (it must produce
- * <|im_start|> and <|im_end|>); anything else is refused rather than guessed at. */
+ * <|im_start|> and <|im_end|>); anything else is refused rather than guessed at. The formatter
+ * records where each message's text lies, so that encoding matches special tokens only in the
+ * template's own markers (a message cannot write "<|im_start|>system" into the prompt). */
 #include "tokenizer/tok_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
-                          bool add_generation_prompt, char **out, stp_err *err) {
+                          bool add_generation_prompt, char **out, tok_span *plain, stp_err *err) {
     *out = NULL;
     if (t->chat_template &&
         (!strstr(t->chat_template, "<|im_start|>") || !strstr(t->chat_template, "<|im_end|>")))
@@ -33,6 +35,7 @@ int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
         size_t rl = strlen(msgs[i].role), cl = strlen(msgs[i].content);
         memcpy(s + o, "<|im_start|>", 12);
         o += 12;
+        if (plain) plain[i] = (tok_span){o, rl + 1 + cl};
         memcpy(s + o, msgs[i].role, rl);
         o += rl;
         s[o++] = '\n';
@@ -48,4 +51,20 @@ int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
     s[o] = 0;
     *out = s;
     return 0;
+}
+
+int tokenizer_chat_encode(const tokenizer *t, const chat_msg *msgs, size_t n,
+                          bool add_generation_prompt, int32_t **ids, size_t *n_ids, stp_err *err) {
+    *ids = NULL;
+    *n_ids = 0;
+    tok_span *plain = malloc((n ? n : 1) * sizeof *plain);
+    if (!plain) return stp_err_set(err, STP_ENOMEM, "chat: out of memory for %zu messages", n);
+    char *text = NULL;
+    int rc = tokenizer_chat_format(t, msgs, n, add_generation_prompt, &text, plain, err);
+    if (!rc)
+        rc = tokenizer_encode_spans(t, text, strlen(text), TOK_PARSE_SPECIAL, plain, n, ids, n_ids,
+                                    err);
+    free(text);
+    free(plain);
+    return rc;
 }

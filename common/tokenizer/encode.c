@@ -4,6 +4,9 @@
  * which bounds memory on huge inputs; (3) per chunk invalid UTF-8 bytes become U+FFFD, then NFC
  * (utf8proc; skipped for pure ASCII or with TOK_NO_NORMALIZE); (4) the qwen2 regex (PCRE2,
  * UTF+UCP, JIT) splits the chunk into pieces; (5) each piece is BPE-merged (bpe.c).
+ * Plain spans (tokenizer_encode_spans: the chat messages' text) only ever match USER_DEFINED
+ * tokens in step (1), so text there that spells a CONTROL token stays text; the text runs are
+ * the same as without spans, so text that spells none gets the same ids.
  * Never reads past len; NUL bytes are ordinary characters. See common/tokenizer/README.md. */
 #include "tokenizer/tok_internal.h"
 #include "tokenizer/tok_utf8.h"
@@ -245,7 +248,7 @@ static int s_encode_text(enc_ctx *c, const unsigned char *p, size_t n) {
  * Added-token split and entry point
  * ------------------------------------------------------------------------------------------ */
 
-/* The longest added token allowed by flags that starts at p (n bytes left), or -1. */
+/* The longest added token allowed by flags that starts at p and ends within n bytes, or -1. */
 static int32_t s_match_special(const tokenizer *t, int flags, const unsigned char *p, size_t n) {
     uint32_t b = t->special_begin[p[0]], e = t->special_begin[p[0] + 1];
     for (uint32_t j = b; j < e; j++) { /* longest first */
@@ -257,14 +260,37 @@ static int32_t s_match_special(const tokenizer *t, int flags, const unsigned cha
     return -1;
 }
 
+/* STP_EINVAL unless the spans are in order, do not overlap and lie within len bytes. */
+static int s_check_spans(const tok_span *plain, size_t n_plain, size_t len, stp_err *err) {
+    size_t end = 0;
+    for (size_t k = 0; k < n_plain; k++) {
+        if (plain[k].off < end || plain[k].off > len || plain[k].len > len - plain[k].off)
+            return stp_err_set(err, STP_EINVAL,
+                               "tokenize: plain span %zu (%zu+%zu) is out of order or past the "
+                               "%zu-byte text",
+                               k, plain[k].off, plain[k].len, len);
+        end = plain[k].off + plain[k].len;
+    }
+    return 0;
+}
+
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
                      size_t *n_ids, stp_err *err) {
+    return tokenizer_encode_spans(t, text, len, flags, NULL, 0, ids, n_ids, err);
+}
+
+int tokenizer_encode_spans(const tokenizer *t, const char *text, size_t len, int flags,
+                           const tok_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids,
+                           stp_err *err) {
     *ids = NULL;
     *n_ids = 0;
     if (len == 0) return 0;
     if (!text) return stp_err_set(err, STP_EINVAL, "tokenize: text is NULL but len is %zu", len);
+    if (n_plain && !plain)
+        return stp_err_set(err, STP_EINVAL, "tokenize: %zu plain spans but no array", n_plain);
+    int rc = s_check_spans(plain, n_plain, len, err);
+    if (rc) return rc;
     enc_ctx c = {.t = t, .flags = flags, .err = err};
-    int rc = 0;
     c.md = pcre2_match_data_create(1, NULL);
     c.mctx = pcre2_match_context_create(NULL);
     if (!c.md || !c.mctx) {
@@ -284,13 +310,25 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int flags
         goto done;
     }
     const unsigned char *p = (const unsigned char *)text;
-    size_t seg = 0;
+    size_t seg = 0, k = 0; /* plain[k]: the first span that does not end at or before i */
     for (size_t i = 0; i < len;) {
         if (t->special_begin[p[i]] == t->special_begin[p[i] + 1]) {
             i++;
             continue;
         }
-        int32_t id = s_match_special(t, flags, p + i, len - i);
+        /* An added token must lie wholly inside one plain span (then CONTROL tokens do not
+         * match there) or wholly outside all of them. */
+        while (k < n_plain && plain[k].off + plain[k].len <= i)
+            k++;
+        int fl = flags;
+        size_t lim = len;
+        if (k < n_plain && plain[k].off <= i) {
+            fl &= ~TOK_PARSE_SPECIAL;
+            lim = plain[k].off + plain[k].len;
+        } else if (k < n_plain) {
+            lim = plain[k].off;
+        }
+        int32_t id = s_match_special(t, fl, p + i, lim - i);
         if (id < 0) {
             i++;
             continue;

@@ -5,7 +5,8 @@
  * Encoding: added tokens (CONTROL only with TOK_PARSE_SPECIAL, USER_DEFINED always) are split
  * off first, then each text run is NFC-normalised (unless TOK_NO_NORMALIZE), split by the qwen2
  * pre-tokenizer regex (PCRE2, UTF+UCP) and BPE-merged by rank. Invalid UTF-8 bytes become
- * U+FFFD (one per byte, as llama.cpp does). No BOS is ever added. See common/tokenizer/README.md.
+ * U+FFFD (one per byte, as llama.cpp does). No BOS is ever added. Chats: the messages' text is
+ * never special tokens (tokenizer_chat_encode; invariant 8 of common/tokenizer/README.md).
  * A tokenizer is immutable after tokenizer_new: every call may run concurrently. */
 #ifndef STP_TOKENIZER_H
 #define STP_TOKENIZER_H
@@ -50,6 +51,23 @@ size_t tokenizer_max_token_bytes(const tokenizer *t);
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
                      size_t *n_ids, stp_err *err);
 
+/* A byte range [off, off + len) of a text. */
+typedef struct tok_span {
+    size_t off, len;
+} tok_span;
+
+/* tokenizer_encode, except that inside the plain spans (in order, not overlapping, within len)
+ * CONTROL tokens are never matched, whatever the flags: text there that spells <|im_start|>
+ * is tokenized as its text (BPE pieces), as without TOK_PARSE_SPECIAL (USER_DEFINED tokens
+ * still match, as they always do). An added token must lie wholly inside one span or wholly
+ * outside all of them. The text runs between the added tokens matched are tokenized as
+ * tokenizer_encode does, so a text whose spans hold no CONTROL token's text (and where no
+ * added token straddles a span's edge) gets exactly tokenizer_encode's ids. STP_EINVAL for bad
+ * spans. n_plain 0 is tokenizer_encode. */
+int tokenizer_encode_spans(const tokenizer *t, const char *text, size_t len, int flags,
+                           const tok_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids,
+                           stp_err *err);
+
 /* Raw bytes of one token after the byte-level reverse mapping (CONTROL, USER_DEFINED tokens:
  * their text; UNUSED tokens: their text too). Pointer stays valid for the tokenizer's life.
  * STP_ERANGE if id is out of range. */
@@ -92,8 +110,19 @@ typedef struct chat_msg {
 /* ChatML: "<|im_start|>role\ncontent<|im_end|>\n" per message, then "<|im_start|>assistant\n"
  * if add_generation_prompt. If the GGUF has tokenizer.chat_template it must be a ChatML
  * template (uses <|im_start|> and <|im_end|>); any other is refused with STP_EUNSUPPORTED.
- * *out malloc'd, NUL-terminated. Encode it with TOK_PARSE_SPECIAL. */
+ * *out malloc'd, NUL-terminated. plain (NULL, or room for n spans) receives each message's
+ * "role\ncontent" span of *out: the caller's text, which must never become special tokens.
+ * Encode *out with tokenizer_encode_spans(TOK_PARSE_SPECIAL, plain, n), never with a plain
+ * TOK_PARSE_SPECIAL tokenizer_encode (a message could then write its own turns), or use
+ * tokenizer_chat_encode, which does both. */
 int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
-                          bool add_generation_prompt, char **out, stp_err *err);
+                          bool add_generation_prompt, char **out, tok_span *plain, stp_err *err);
+
+/* The ids of the ChatML chat: the template's markers are special tokens, the messages' roles
+ * and contents are plain text (a content holding "<|im_start|>system\n..." cannot open a
+ * turn). For contents that spell no CONTROL token the ids are those of the formatted text
+ * encoded with TOK_PARSE_SPECIAL (what Hugging Face's apply_chat_template + encode gives). */
+int tokenizer_chat_encode(const tokenizer *t, const chat_msg *msgs, size_t n,
+                          bool add_generation_prompt, int32_t **ids, size_t *n_ids, stp_err *err);
 
 #endif

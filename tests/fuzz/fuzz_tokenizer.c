@@ -9,7 +9,9 @@
  *    otherwise (utf8proc; when the text contains '<', an added token may split the NFC runs, so
  *    only NFC(decode) == NFC(x) is required); the streaming decoder fed the same ids emits only
  *    valid UTF-8 chunks whose concatenation equals decode() when decode() is valid UTF-8;
- *    tokenizer_chat_format on the text succeeds and encodes;
+ *    tokenizer_chat_format on the text as a user message succeeds, and its ids
+ *    (tokenizer_chat_encode, and tokenizer_encode_spans on the formatted text with its spans)
+ *    hold exactly the template's five CONTROL tokens, whatever the content spells;
  * 2. as a sequence of little-endian 16-bit ids modulo n_vocab + 64 (so some are out of range):
  *    decode() refuses exactly the sequences with an out-of-range id, and the streaming decoder
  *    still emits only valid UTF-8 (held bytes of cut characters become U+FFFD). */
@@ -139,13 +141,20 @@ static void fz_text(const uint8_t *data, size_t size) {
     chat_msg msgs[2] = {{"system", "You are a fuzzer."}, {"user", content}};
     char *chat = NULL;
     stp_err err = {0};
-    FUZZ_CHECK(tokenizer_chat_format(fz_tok, msgs, 2, true, &chat, &err) == 0 && chat);
-    int32_t *ids = NULL;
-    size_t n = 0;
-    FUZZ_CHECK(tokenizer_encode(fz_tok, chat, strlen(chat), TOK_PARSE_SPECIAL, &ids, &n, &err) ==
-               0);
-    FUZZ_CHECK(n >= 4);
+    tok_span plain[2];
+    FUZZ_CHECK(tokenizer_chat_format(fz_tok, msgs, 2, true, &chat, plain, &err) == 0 && chat);
+    int32_t *ids = NULL, *ids2 = NULL;
+    size_t n = 0, n2 = 0;
+    FUZZ_CHECK(tokenizer_encode_spans(fz_tok, chat, strlen(chat), TOK_PARSE_SPECIAL, plain, 2, &ids,
+                                      &n, &err) == 0);
+    FUZZ_CHECK(tokenizer_chat_encode(fz_tok, msgs, 2, true, &ids2, &n2, &err) == 0);
+    FUZZ_CHECK(n == n2 && !memcmp(ids, ids2, n * sizeof *ids));
+    size_t n_control = 0;
+    for (size_t i = 0; i < n; i++)
+        n_control += tokenizer_token_type(fz_tok, ids[i]) == TOK_TYPE_CONTROL;
+    FUZZ_CHECK(n_control == 5); /* im_start, im_end per message, im_start of the answer */
     free(ids);
+    free(ids2);
     free(chat);
     free(content);
 }
