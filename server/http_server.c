@@ -347,9 +347,21 @@ static bool s_wait(http_server *s, http_job *job, bool for_data) {
         pthread_mutex_lock(&s->mu);
         bool ready = job->done || (for_data && job->out_sent < job->out_len);
         pthread_mutex_unlock(&s->mu);
-        if (ready) return true;
         struct pollfd p[2] = {{.fd = job->efd, .events = POLLIN},
                               {.fd = job->sock, .events = POLLRDHUP}};
+        if (ready && job->done) return true;
+        if (ready) {
+            /* output is waiting: still look at the client first (a fast generator would
+             * otherwise never let the hang-up be seen, and run to the end for nobody) */
+            struct pollfd h = p[1];
+            if (job->sock < 0 || poll(&h, 1, 0) <= 0 ||
+                !(h.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+                return true;
+            pthread_mutex_lock(&s->mu);
+            s_job_abandon(s, job);
+            pthread_mutex_unlock(&s->mu);
+            return false;
+        }
         int n = poll(p, job->sock >= 0 ? 2 : 1, -1);
         if (n < 0 && errno != EINTR) return true; /* cannot watch: the caller reads on */
         if (n <= 0) continue;
