@@ -159,6 +159,9 @@ int pipe_client_submit(pipe_client *c, const pipe_client_req *o, uint64_t *rid_o
     free(cm);
     free(cmp);
     if (rc) return rc;
+    /* the first job in flight starts the liveness clock: the coordinator had nothing to say
+     * while none was, however long that was (a caller polls only while it waits for jobs) */
+    if (!c->n) c->last_rx = msg_now_us();
     c->rids[c->n++] = rid;
     *rid_out = rid;
     return 0;

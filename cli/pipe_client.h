@@ -5,7 +5,9 @@
  * Liveness (MDP style): after hb ms without a message the client pings the coordinator, naming
  * its requests in turn; a coordinator silent for STAGE_LIVENESS intervals is dead
  * (pipe_client_poll fails every request), one that answers that it no longer knows a request
- * was restarted (that request fails). A request ends exactly once: on_done or on_error.
+ * was restarted (that request fails). Silence counts only while a request is in flight: the
+ * clock starts when the first one is submitted, so a caller may leave the client unpolled
+ * while idle. A request ends exactly once: on_done or on_error.
  * Not thread-safe: one thread submits, cancels and polls. */
 #ifndef STP_PIPE_CLIENT_H
 #define STP_PIPE_CLIENT_H

@@ -4,13 +4,14 @@
  * Before the body is read a request must pass the guards (URL, route, CORS origin, API key,
  * Content-Length): a refusal is answered at once and the body never read. A generation request
  * is then parsed and tokenized on its connection thread (400/413 on any problem), and queued
- * (503 when queue_max jobs already wait). The connection thread waits for the job in poll()
- * on two descriptors: the job's eventfd (the worker adds to it on new output and when done)
- * and the client's socket (a hang-up). Non-streaming requests wait for the whole answer;
- * streaming ones get a chunked response whose reader waits for each server-sent event. A
- * client that goes away cancels its job: a queued one leaves the queue, a running one stops at
- * the next token. While a connection waits for its job the idle timeout is off (generating is
- * not idling); it restarts when the wait ends. */
+ * (503 when queue_max jobs already wait for a slot; those a free slot takes at once do not
+ * count). The connection thread waits for the job in poll() on two descriptors: the job's
+ * eventfd (the worker adds to it on new output and when done) and the client's socket (a
+ * hang-up). Non-streaming requests wait for the whole answer; streaming ones get a chunked
+ * response whose reader waits for each server-sent event. A client that goes away cancels its
+ * job: a queued one leaves the queue, a running one stops at the next token. While a
+ * connection waits for its job the idle timeout is off (generating is not idling); it restarts
+ * when the wait ends. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
@@ -43,6 +44,8 @@ struct http_server {
     int n_waiting;
     http_job *running; /* handed to the runner (linked by next) */
     int n_running;
+    int n_free; /* slots free when the worker last looked (at most as many as are free): that
+                   many waiting jobs start at once and do not count against queue_max */
     bool stopping;
     unsigned long long seq;
     http_metrics *metrics;
@@ -236,11 +239,13 @@ static void *s_worker(void *arg) {
             s->n_running++;
             job->t_start = gen_now();
             if (s->stopping) job->cancel = 1;
+            if (s->n_free > 0) s->n_free--;
             http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
             pthread_mutex_unlock(&s->mu);
             s_start(s, job);
             pthread_mutex_lock(&s->mu);
         }
+        s->n_free = s->run.n_free(s->run.ctx);
         if (!s->run.busy(s->run.ctx)) {
             if (s->stopping && !s->head) break;
             if (!s->head) pthread_cond_wait(&s->wake, &s->mu);
@@ -455,7 +460,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     }
     job->t_arrive = gen_now();
     pthread_mutex_lock(&s->mu);
-    if (s->stopping || s->n_waiting >= s->cfg.queue_max) {
+    if (s->stopping || s->n_waiting >= s->cfg.queue_max + s->n_free) {
         int waiting = s->n_waiting;
         bool stopping = s->stopping;
         s_job_unref(job);
@@ -729,6 +734,7 @@ static int s_new(http_server **out, const http_server_config *cfg, const http_mo
                          host);
         goto fail;
     }
+    s->n_free = s->run.n_free(s->run.ctx); /* no worker yet: this thread may ask */
     if ((rc = http_metrics_new(&s->metrics))) {
         stp_err_set(err, rc, "out of memory");
         goto fail;

@@ -8,10 +8,10 @@
  * origin, URL checks), http_metrics.c (Prometheus counters/histograms).
  * Invariants: 1. only the worker thread touches the backend; 2. a job is freed when both the
  * connection and the worker have let go of it (refs, under the server mutex); 3. at most
- * queue_max jobs wait (the running one not counted), the next gets 503 at once; 4. the HTTP
- * side knows a job only by its cancel flag and its output: a client that goes away raises the
- * flag (a queued job leaves the queue at once), whatever runs the job stops at its next token.
- * See docs/SERVER.md. */
+ * queue_max jobs wait for a slot (the running ones, and those a free slot takes at once, not
+ * counted), the next gets 503 at once; 4. the HTTP side knows a job only by its cancel flag
+ * and its output: a client that goes away raises the flag (a queued job leaves the queue at
+ * once), whatever runs the job stops at its next token. See docs/SERVER.md. */
 #ifndef STP_HTTP_SERVER_H
 #define STP_HTTP_SERVER_H
 
@@ -35,7 +35,8 @@ typedef struct http_runner {
     void *ctx;
     int (*submit)(void *ctx, const sched_req *r, stp_err *err);
     bool (*busy)(void *ctx);
-    int (*n_free)(void *ctx); /* jobs it would start now */
+    int (*n_free)(void *ctx); /* jobs it would start now (asked on the worker thread, and once
+                                 by http_server_new* before that thread starts) */
     void (*step)(void *ctx);
     /* Optional: Prometheus text appended to /metrics (malloc'd; NULL: none). Called on a
      * connection thread: must be thread-safe. */

@@ -2,7 +2,9 @@
 #include "th_http.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,10 +83,25 @@ bool th_http_write(int fd, const void *buf, size_t len) {
 }
 
 th_http_resp th_http_read(int fd) {
+    return th_http_read_by(fd, 0, NULL);
+}
+
+th_http_resp th_http_read_by(int fd, double deadline, bool *timed_out) {
+    if (timed_out) *timed_out = false;
     size_t cap = 65536, len = 0;
     char *raw = malloc(cap + 1);
     for (;;) {
         if (len == cap) raw = realloc(raw, (cap *= 2) + 1);
+        if (deadline > 0) {
+            double left = deadline - th_now();
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            int n = left > 0 ? poll(&p, 1, (int)(left * 1000) + 1) : 0;
+            if (n < 0 && errno == EINTR) continue;
+            if (n == 0) {
+                if (timed_out) *timed_out = true;
+                break;
+            }
+        }
         ssize_t r = read(fd, raw + len, cap - len);
         if (r <= 0) break;
         len += (size_t)r;

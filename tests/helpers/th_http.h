@@ -37,6 +37,9 @@ bool th_http_send(int fd, const char *method, const char *path, const char *head
                   const char *body);
 /* Reads the response until the server closes, closes fd, and decodes it. */
 th_http_resp th_http_read(int fd);
+/* The same, giving up at deadline (th_now() seconds; 0: none): then *timed_out (may be NULL)
+ * is set and what came so far is decoded. */
+th_http_resp th_http_read_by(int fd, double deadline, bool *timed_out);
 /* One request (th_http_send) on a new connection, and its answer (status 0 when the
  * connection fails). */
 th_http_resp th_http(int port, const char *method, const char *path, const char *headers,

@@ -2,7 +2,8 @@
  * completion and chat completion equal to `stpipe generate` (ids and text), a chat content
  * spelling special tokens counted as plain text (prompt_tokens), streamed chunks
  * concatenating to the same text and ending with [DONE], 400 on bad JSON and missing fields,
- * 503 when the queue (--queue 1) is full, /metrics names, and a clean exit on SIGTERM.
+ * 503 when the queue (--queue 1) is full, --queue 0 (a free slot is taken, no one waits),
+ * /metrics names, and a clean exit on SIGTERM.
  * The servers and the HTTP client are th_http's (127.0.0.1, --port 0, Connection: close). */
 #include <stdarg.h>
 #include <stddef.h>
@@ -25,7 +26,7 @@
 #define DENSE "tiny-dense-attn-f32.gguf"
 #define QWEN "tiny-qwen-vocab-q4_0-pure.gguf"
 
-static th_server s_dense, s_qwen;
+static th_server s_dense, s_qwen, s_q0; /* s_q0: test_serve_queue_zero's own */
 
 static json_t *s_json(const th_http_resp *h) {
     json_error_t je;
@@ -68,6 +69,7 @@ static int s_setup(void **state) {
 
 static int s_teardown(void **state) {
     (void)state;
+    if (s_q0.pid > 0) th_server_stop(&s_q0); /* its test failed before stopping it */
     int a = th_server_stop(&s_dense), b = th_server_stop(&s_qwen);
     if (a != 0 || b != 0) {
         char *e = th_slurp_str(s_dense.err_path);
@@ -326,10 +328,9 @@ static void test_serve_stop_string(void **state) {
     th_http_free(&h2);
 }
 
-/* The server's metrics say a request runs. */
+/* The metrics of server ctx say a request runs. */
 static bool s_first_runs(void *ctx) {
-    (void)ctx;
-    th_http_resp m = th_http(s_qwen.port, "GET", "/metrics", NULL, NULL);
+    th_http_resp m = th_http(((th_server *)ctx)->port, "GET", "/metrics", NULL, NULL);
     bool running = th_metric(m.body, "stpipe_queue_running ") == 1;
     th_http_free(&m);
     return running;
@@ -345,7 +346,7 @@ static void test_serve_queue_full_is_503(void **state) {
     fds[0] = th_http_connect(s_qwen.port);
     assert_true(fds[0] >= 0);
     assert_true(th_http_send(fds[0], "POST", "/v1/completions", NULL, body));
-    if (!th_wait_until(s_first_runs, NULL, 5)) fail_msg("the first request never started");
+    if (!th_wait_until(s_first_runs, &s_qwen, 5)) fail_msg("the first request never started");
     for (int i = 1; i < N; i++) {
         fds[i] = th_http_connect(s_qwen.port);
         assert_true(fds[i] >= 0);
@@ -376,6 +377,28 @@ static void test_serve_queue_full_is_503(void **state) {
     }
     assert_int_equal(ok, 2);   /* the running one and the queued one */
     assert_int_equal(busy, 2); /* the others found the queue full */
+}
+
+/* --queue 0: a request that finds its slot free runs; one that would have to wait gets 503 */
+static void test_serve_queue_zero(void **state) {
+    (void)state;
+    const char *args[] = {"--queue", "0", "--parallel", "1", NULL};
+    assert_int_equal(th_server_start(&s_q0, QWEN, args, "serve0"), 0);
+    th_http_resp h =
+        th_http(s_q0.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"Hi\",\"max_tokens\":2}");
+    if (h.status != 200) fail_msg("an idle server with no queue: status %d: %s", h.status, h.body);
+    th_http_free(&h);
+    int fd = th_http_connect(s_q0.port); /* a long answer, cut short by the hang-up below */
+    assert_true(fd >= 0);
+    assert_true(th_http_send(fd, "POST", "/v1/completions", NULL,
+                             "{\"prompt\":\"Hello\",\"max_tokens\":4000,\"ignore_eos\":true}"));
+    if (!th_wait_until(s_first_runs, &s_q0, 10)) fail_msg("the first request never started");
+    h = th_http(s_q0.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"Hi\",\"max_tokens\":2}");
+    assert_int_equal(h.status, 503);
+    assert_non_null(strstr(h.body, "server busy"));
+    th_http_free(&h);
+    close(fd);
+    assert_int_equal(th_server_stop(&s_q0), 0);
 }
 
 static void test_serve_metrics(void **state) {
@@ -471,6 +494,7 @@ int main(void) {
         cmocka_unit_test(test_serve_bad_requests_are_400),
         cmocka_unit_test(test_serve_stop_string),
         cmocka_unit_test(test_serve_queue_full_is_503),
+        cmocka_unit_test(test_serve_queue_zero),
         cmocka_unit_test(test_serve_metrics),
         cmocka_unit_test(test_serve_parallel_same_answers),
     };
