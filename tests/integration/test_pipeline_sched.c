@@ -40,7 +40,7 @@ typedef struct outcome {
     uint64_t rid;
     bool done, failed;
     int n_events;
-    int ids[512], n_ids;
+    int ids[4096], n_ids;
     int n_prompt, n_prompt_eval;
     char reason[16];
 } outcome;
@@ -115,7 +115,7 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
             const Stp__GenerateDone *d = m->done;
             x->done = true;
             x->n_ids = (int)d->n_ids;
-            assert_true(x->n_ids <= 512);
+            assert_true(x->n_ids <= 4096);
             memcpy(x->ids, d->ids, sizeof(int) * d->n_ids);
             x->n_prompt = d->n_prompt;
             x->n_prompt_eval = d->n_prompt_eval;
@@ -192,14 +192,15 @@ static void test_pipeline_sched_concurrent(void **st) {
     s_assert_same(&two[0], &a1);
     s_assert_same(&two[1], &b1);
 
-    /* one cancelled after its first text, the other finishes */
+    /* one cancelled after its first text, the other finishes (3000 tokens: on a loaded machine
+     * the tiny model must not be able to finish before the cancel is read) */
     outcome c2[2] = {{.rid = 31}, {.rid = 32}};
-    s_send_request(s, c2[0].rid, pa, na, 400, true);
+    s_send_request(s, c2[0].rid, pa, na, 3000, true);
     s_send_request(s, c2[1].rid, pb, nb, 24, true);
     s_collect(s, c2, 2, c2[0].rid);
     assert_false(c2[0].failed || c2[1].failed);
     assert_string_equal(c2[0].reason, "cancel");
-    assert_true(c2[0].n_ids < 400);
+    assert_true(c2[0].n_ids < 3000);
     s_assert_same(&c2[1], &b1);
 
     /* prefix reuse: the golden prompt + its answer's first 8 ids evaluates only the new part */
