@@ -6,12 +6,13 @@
 #
 # This host's speed drifts a lot within minutes (other tenants), so one run of each engine
 # proves little. Each round runs llama-bench (-r 1) with flash attention off (-fa 0) and on
-# (-fa 1), then `stpipe bench` (-r 1) on the same test, and prints the figures and the ratio of
-# stpipe to the faster llama.cpp run of that round; the summary gives the median of each and
-# the median of the per-round ratios (the figure to quote). -d LIST (default 0) repeats all of
-# it at each context depth (llama-bench's -d: the test runs after a prompt of that many tokens,
-# not counted). With --pipeline the stpipe side is a running pipeline (deploy/stpipe-up, whose
-# context must hold the depth), else the in-process engine.
+# (-fa 1), then `stpipe bench` (-r 1) on the same test, and prints the figures, the ratio of
+# stpipe to the faster llama.cpp run of that round and the CPU steal % during the round
+# (/proc/stat); the summary gives the median of each and the median of the per-round ratios
+# (the figure to quote). The header gives the CPU and its read bandwidth (stpipe bench's test).
+# -d LIST (default 0) repeats all of it at each context depth (llama-bench's -d: the test runs
+# after a prompt of that many tokens, not counted). With --pipeline the stpipe side is a running
+# pipeline (deploy/stpipe-up, whose context must hold the depth), else the in-process engine.
 # llama-bench is not part of stpipe: build llama.cpp yourself (outside this tree) and pass it.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -41,15 +42,21 @@ else SIDE=(--model "$MODEL" --threads "$THREADS"); WHAT="in-process, $THREADS th
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
 echo "model: $MODEL; test $TEST; stpipe $WHAT; llama-bench -t $THREADS, -fa 0 and -fa 1"
+# the host's read bandwidth (stpipe bench's own test; the model is opened, nothing timed)
+"$BIN_DIR/stpipe" bench --model "$MODEL" --threads "$THREADS" -p 0 -n 0 2>/dev/null |
+  grep -m1 "read bandwidth" || echo "read bandwidth: not measured"
+# steal and total jiffies of all CPUs (/proc/stat), for the share the hypervisor took per round
+stat_now() { awk '/^cpu /{print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 SUMMARY=()
 for D in ${DEPTHS//,/ }; do
   echo
   echo "depth $D"
   echo
-  echo "| round | llama.cpp -fa 0 t/s | llama.cpp -fa 1 t/s | stpipe t/s | ratio to the faster |"
-  echo "|---:|---:|---:|---:|---:|"
+  echo "| round | llama.cpp -fa 0 t/s | llama.cpp -fa 1 t/s | stpipe t/s | ratio to the faster | steal % |"
+  echo "|---:|---:|---:|---:|---:|---:|"
   L0=() L1=() S=() R=()
   for i in $(seq 1 "$ROUNDS"); do
+    st0=$(stat_now)
     l0=$("$LLAMA" -m "$MODEL" -t "$THREADS" "${LARGS[@]}" -d "$D" -fa 0 -r 1 -o json 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])')
     l1=$("$LLAMA" -m "$MODEL" -t "$THREADS" "${LARGS[@]}" -d "$D" -fa 1 -r 1 -o json 2>/dev/null |
@@ -57,8 +64,9 @@ for D in ${DEPTHS//,/ }; do
     s=$("$BIN_DIR/stpipe" bench "${SIDE[@]}" "${SARGS[@]}" -d "$D" -r 1 --json 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["tokens_per_second"])')
     r=$(python3 -c "print($s / max($l0, $l1))")
+    steal=$(echo "$st0 $(stat_now)" | awk '{d = $4 - $2; printf "%.2f", d > 0 ? 100 * ($3 - $1) / d : 0}')
     L0+=("$l0") L1+=("$l1") S+=("$s") R+=("$r")
-    printf "| %d | %.2f | %.2f | %.2f | %.2fx |\n" "$i" "$l0" "$l1" "$s" "$r"
+    printf "| %d | %.2f | %.2f | %.2f | %.2fx | %s |\n" "$i" "$l0" "$l1" "$s" "$r" "$steal"
   done
   SUMMARY+=("$(python3 - "$D" "${L0[*]}" "${L1[*]}" "${S[*]}" "${R[*]}" <<'PY'
 import statistics, sys
