@@ -263,6 +263,10 @@ int pipe_client_poll(pipe_client *c, int timeout_ms, stp_err *err) {
                  "pipeline running? deploy/stpipe-up)",
                  STAGE_LIVENESS, c->hb);
         stp_err_set(err, STP_ETIMEDOUT, "%s", b);
+        /* a coordinator that is only slow would run these on unseen: cancel them there too
+         * (queued by the socket; dropped with it if the coordinator is gone) */
+        for (int i = 0; i < c->n; i++)
+            pipe_client_cancel(c, c->rids[i]);
         while (c->n)
             s_fail(c, c->rids[0], STP_ETIMEDOUT, b);
         c->last_rx = now;

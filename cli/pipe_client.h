@@ -4,8 +4,9 @@
  *
  * Liveness (MDP style): after hb ms without a message the client pings the coordinator, naming
  * its requests in turn; a coordinator silent for STAGE_LIVENESS intervals is dead
- * (pipe_client_poll fails every request), one that answers that it no longer knows a request
- * was restarted (that request fails). Silence counts only while a request is in flight: the
+ * (pipe_client_poll fails every request, after sending each one's CancelRequest: a coordinator
+ * that was only slow must not run them on for nobody), one that answers that it no longer knows a
+ * request was restarted (that request fails). Silence counts only while a request is in flight: the
  * clock starts when the first one is submitted, so a caller may leave the client unpolled
  * while idle. A request ends exactly once: on_done or on_error.
  * Not thread-safe: one thread submits, cancels and polls. */
