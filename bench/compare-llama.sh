@@ -64,7 +64,7 @@ for D in ${DEPTHS//,/ }; do
     s=$("$BIN_DIR/stpipe" bench "${SIDE[@]}" "${SARGS[@]}" -d "$D" -r 1 --json 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["tokens_per_second"])')
     r=$(python3 -c "print($s / max($l0, $l1))")
-    steal=$(echo "$st0 $(stat_now)" | awk '{d = $4 - $2; printf "%.2f", d > 0 ? 100 * ($3 - $1) / d : 0}')
+    steal=$(echo "$st0 $(stat_now)" | awk '{d = $4 - $2; printf "%.2f", (d > 0 ? 100 * ($3 - $1) / d : 0)}')
     L0+=("$l0") L1+=("$l1") S+=("$s") R+=("$r")
     printf "| %d | %.2f | %.2f | %.2f | %.2fx | %s |\n" "$i" "$l0" "$l1" "$s" "$r" "$steal"
   done

@@ -167,7 +167,9 @@ int pipe_client_submit(pipe_client *c, const pipe_client_req *o, uint64_t *rid_o
     return 0;
 }
 
-int pipe_client_cancel(pipe_client *c, uint64_t rid) {
+/* A CancelRequest for rid; wait: block up to the send timeout when the socket is full, else
+ * drop it (a coordinator deemed dead must not stall the caller once per request). */
+static int s_cancel(pipe_client *c, uint64_t rid, bool wait) {
     Stp__CancelRequest cr;
     stp__cancel_request__init(&cr);
     cr.request_id = rid;
@@ -175,7 +177,13 @@ int pipe_client_cancel(pipe_client *c, uint64_t rid) {
     stp__client_msg__init(&m);
     m.body_case = STP__CLIENT_MSG__BODY_CANCEL;
     m.cancel = &cr;
-    return s_send(c, &m, NULL);
+    if (wait) return s_send(c, &m, NULL);
+    m.version = STP_PROTO_VERSION;
+    return msg_try_send(c->s, NULL, 0, &m.base, NULL);
+}
+
+int pipe_client_cancel(pipe_client *c, uint64_t rid) {
+    return s_cancel(c, rid, true);
 }
 
 static void s_fail(pipe_client *c, uint64_t rid, int code, const char *what) {
@@ -256,7 +264,9 @@ static void s_handle(pipe_client *c, const Stp__ClientMsg *r) {
 
 int pipe_client_poll(pipe_client *c, int timeout_ms, stp_err *err) {
     double now = msg_now_us();
-    if (c->n && (now - c->last_rx) * 1e-3 > (double)STAGE_LIVENESS * c->hb) {
+    bool queued = false; /* replies waiting in the socket are not silence (a slow caller) */
+    if (c->n && (now - c->last_rx) * 1e-3 > (double)STAGE_LIVENESS * c->hb &&
+        !(msg_poll(&c->s, 1, &queued, 0) && queued)) {
         char b[200];
         snprintf(b, sizeof b,
                  "the coordinator is not answering (%d heartbeats of %d ms missed; is the "
@@ -266,7 +276,7 @@ int pipe_client_poll(pipe_client *c, int timeout_ms, stp_err *err) {
         /* a coordinator that is only slow would run these on unseen: cancel them there too
          * (queued by the socket; dropped with it if the coordinator is gone) */
         for (int i = 0; i < c->n; i++)
-            pipe_client_cancel(c, c->rids[i]);
+            s_cancel(c, c->rids[i], false);
         while (c->n)
             s_fail(c, c->rids[0], STP_ETIMEDOUT, b);
         c->last_rx = now;

@@ -267,12 +267,17 @@ static const char *s_check_request(const coordinator *c, const Stp__GenerateRequ
     if (!r->n_prompt_ids && !has_text && !r->n_messages) return "the prompt is empty";
     if ((has_text || r->n_messages) && !c->b->tok)
         return "this model has no tokenizer: send token ids";
-    for (size_t i = 0; i < r->n_messages; i++)
+    for (size_t i = 0; i < r->n_messages; i++) {
         if (!r->messages[i] || !r->messages[i]->role || !r->messages[i]->role[0] ||
             !r->messages[i]->content) {
             snprintf(b, cap, "message %zu has no role", i);
             return b;
         }
+        if (!tokenizer_chat_role_ok(r->messages[i]->role)) {
+            snprintf(b, cap, "message %zu: role must be system, user or assistant", i);
+            return b;
+        }
+    }
     for (size_t i = 0; i < r->n_prompt_ids; i++)
         if (r->prompt_ids[i] < 0 || r->prompt_ids[i] >= V) {
             snprintf(b, cap, "token id %d at index %zu is outside 0..%d", r->prompt_ids[i], i,

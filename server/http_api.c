@@ -127,11 +127,6 @@ static int s_encode(http_job *job, const tokenizer *tok, const char *text, const
     return 0;
 }
 
-/* The roles the ChatML template takes; compared whole, so no newline or marker can ride along. */
-static bool s_role_ok(const char *role) {
-    return !strcmp(role, "system") || !strcmp(role, "user") || !strcmp(role, "assistant");
-}
-
 static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
                          const http_api_limits *lim, char *msg, size_t cap) {
     json_t *msgs = json_object_get(root, "messages");
@@ -151,7 +146,7 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
             rc = s_bad(msg, cap, "messages[%zu] needs a \"role\" string", i);
             break;
         }
-        if (!s_role_ok(role)) {
+        if (!tokenizer_chat_role_ok(role)) {
             char shown[40];
             size_t k = 0;
             for (const char *p = role; *p && k + 1 < sizeof shown; p++) /* printable ASCII only */

@@ -350,11 +350,12 @@ static enum MHD_Result s_error(http_server *s, struct MHD_Connection *c, const c
 static bool s_wait(http_server *s, http_job *job, bool for_data) {
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        bool ready = job->done || (for_data && job->out_sent < job->out_len);
+        const bool done = job->done;
+        bool ready = done || (for_data && job->out_sent < job->out_len);
         pthread_mutex_unlock(&s->mu);
         struct pollfd p[2] = {{.fd = job->efd, .events = POLLIN},
                               {.fd = job->sock, .events = POLLRDHUP}};
-        if (ready && job->done) return true;
+        if (done) return true;
         if (ready) {
             /* output is waiting: still look at the client first (a fast generator would
              * otherwise never let the hang-up be seen, and run to the end for nobody) */

@@ -68,3 +68,7 @@ int tokenizer_chat_encode(const tokenizer *t, const chat_msg *msgs, size_t n,
     free(plain);
     return rc;
 }
+
+bool tokenizer_chat_role_ok(const char *role) {
+    return role && (!strcmp(role, "system") || !strcmp(role, "user") || !strcmp(role, "assistant"));
+}

@@ -125,4 +125,8 @@ int tokenizer_chat_format(const tokenizer *t, const chat_msg *msgs, size_t n,
 int tokenizer_chat_encode(const tokenizer *t, const chat_msg *msgs, size_t n,
                           bool add_generation_prompt, int32_t **ids, size_t *n_ids, stp_err *err);
 
+/* Whether role is one the ChatML template takes ("system", "user", "assistant"), compared
+ * whole: no newline or marker can ride along (every client-facing entry point checks it). */
+bool tokenizer_chat_role_ok(const char *role);
+
 #endif
