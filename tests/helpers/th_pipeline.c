@@ -16,6 +16,9 @@
 
 #include <jansson.h>
 
+#include "client.pb-c.h"
+#include "msg/msg.h"
+
 #include "th_proc.h"
 
 void th_golden_load(th_golden *g, const char *stem) {
@@ -132,4 +135,25 @@ long long th_stage_counter(const char *dir, const char *stage, const char *name)
     long long x = v ? json_integer_value(v) : -1;
     json_decref(root);
     return x;
+}
+
+void th_client_request(void *sock, void *rq) {
+    Stp__ClientMsg m;
+    stp__client_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
+    m.request = rq;
+    assert_int_equal(msg_send(sock, NULL, 0, &m.base, NULL), 0);
+}
+
+void th_client_cancel(void *sock, uint64_t rid) {
+    Stp__CancelRequest c;
+    stp__cancel_request__init(&c);
+    c.request_id = rid;
+    Stp__ClientMsg m;
+    stp__client_msg__init(&m);
+    m.version = STP_PROTO_VERSION;
+    m.body_case = STP__CLIENT_MSG__BODY_CANCEL;
+    m.cancel = &c;
+    assert_int_equal(msg_send(sock, NULL, 0, &m.base, NULL), 0);
 }

@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* A golden case: $STP_TEST_DATA/<stem>.gguf and the prompt/greedy ids of <stem>.short.json. */
 typedef struct th_golden {
@@ -36,6 +37,11 @@ bool th_stage_alive(int pid, const char *dir);
 /* The counter `name` of stage `stage` ("coordinator", "attn-worker"...) in `stpipe stats
  * --run-dir D --json`, -1 if absent (asserts the command works). */
 long long th_stage_counter(const char *dir, const char *stage, const char *name);
+/* Sends rq (a GenerateRequest) / a CancelRequest of rid to a coordinator's client socket (a
+ * DEALER on D/client.sock), wrapped in a ClientMsg of this build's protocol version; asserts
+ * the send worked. rq is a Stp__GenerateRequest (client.pb-c.h). */
+void th_client_request(void *sock, void *rq);
+void th_client_cancel(void *sock, uint64_t rid);
 /* /dev/shm entries named <prefix>-*. */
 int th_shm_count(const char *prefix);
 

@@ -58,24 +58,7 @@ static void s_send_request(void *s, uint64_t rid, const int32_t *ids, int n, int
     rq.ignore_eos = ignore_eos;
     rq.want_text = true;
     rq.sampling = &sp;
-    Stp__ClientMsg m;
-    stp__client_msg__init(&m);
-    m.version = STP_PROTO_VERSION;
-    m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
-    m.request = &rq;
-    assert_int_equal(msg_send(s, NULL, 0, &m.base, NULL), 0);
-}
-
-static void s_send_cancel(void *s, uint64_t rid) {
-    Stp__CancelRequest c;
-    stp__cancel_request__init(&c);
-    c.request_id = rid;
-    Stp__ClientMsg m;
-    stp__client_msg__init(&m);
-    m.version = STP_PROTO_VERSION;
-    m.body_case = STP__CLIENT_MSG__BODY_CANCEL;
-    m.cancel = &c;
-    assert_int_equal(msg_send(s, NULL, 0, &m.base, NULL), 0);
+    th_client_request(s, &rq);
 }
 
 /* Receives until every outcome is done (or 120 s); cancel_rid (0: none) is cancelled after its
@@ -108,7 +91,7 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
         if (x && m->body_case == STP__CLIENT_MSG__BODY_TOKEN) {
             x->n_events++;
             if (rid == cancel_rid && !cancelled) {
-                s_send_cancel(s, rid);
+                th_client_cancel(s, rid);
                 cancelled = true;
             }
         } else if (x && m->body_case == STP__CLIENT_MSG__BODY_DONE) {

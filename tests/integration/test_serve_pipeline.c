@@ -270,12 +270,7 @@ static void test_serve_pipeline(void **st) {
             rq.messages = &cmp;
             rq.n_predict = 2;
             rq.sampling = &sp;
-            Stp__ClientMsg m;
-            stp__client_msg__init(&m);
-            m.version = STP_PROTO_VERSION;
-            m.body_case = STP__CLIENT_MSG__BODY_REQUEST;
-            m.request = &rq;
-            assert_int_equal(msg_send(zs, NULL, 0, &m.base, NULL), 0);
+            th_client_request(zs, &rq);
             /* its outcome: an error naming the role, or done (deadline 30 s) */
             int outcome = 0; /* 1: error, 2: done */
             char what[256] = "";
