@@ -100,8 +100,6 @@ struct attn_worker {
     int32_t *sel;             /* in the activation region */
     float *x, *ffn, *rlogits; /* (n_ubatch, n_embd) / (n_ubatch, n_expert) */
     forward_heads_buf *hb;    /* the LM head's rows (n_seq at once) */
-    const float **head_x;     /* (n_ubatch) hidden states wanting logits */
-    float **head_dst;         /* (n_ubatch) and where their logits go */
     /* token_embd rows are read with pread, not through the mapping: a touched mapped row
      * brings in its whole (up to 2 MiB) page-cache folio, counted in this process's PSS, and a
      * long conversation would map most of the table outside the memory budget */
@@ -182,13 +180,10 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->x = malloc((size_t)a->n_ubatch * E * sizeof(float));
     a->ffn = malloc((size_t)a->n_ubatch * E * sizeof(float));
     a->rlogits = malloc((size_t)a->n_ubatch * c->n_expert * sizeof(float));
-    a->head_x = malloc((size_t)a->n_ubatch * sizeof *a->head_x);
-    a->head_dst = malloc((size_t)a->n_ubatch * sizeof *a->head_dst);
     a->embd_row = malloc(a->m->tok_embd.row_bytes);
     a->hints = calloc((size_t)c->n_layer, sizeof *a->hints);
-    if ((rc = forward_heads_buf_new(&a->hb, c, a->n_seq, err))) goto fail;
-    if (!a->x || !a->ffn || !a->rlogits || !a->head_x || !a->head_dst || !a->embd_row ||
-        !a->hints) {
+    if ((rc = forward_heads_buf_new(&a->hb, c, a->n_seq, a->n_ubatch, err))) goto fail;
+    if (!a->x || !a->ffn || !a->rlogits || !a->embd_row || !a->hints) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -276,8 +271,6 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->x);
     free(a->ffn);
     free(a->rlogits);
-    free(a->head_x);
-    free(a->head_dst);
     forward_heads_buf_destroy(&a->hb);
     free(a->embd_row);
     free(a->hints);
@@ -946,7 +939,6 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     if (rc) return rc;
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     double tl = msg_now_us();
-    int n_h = 0;
     row = 0;
     for (int k = 0; k < n_e; k++) {
         const Stp__EvalSeq *e = q->seqs[i0 + k];
@@ -955,15 +947,15 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         for (int t = 0; t < n; t++) {
             const bool last = lo + t == (int)e->n_tokens - 1;
             if (all || (last && e->want_logits)) {
-                a->head_x[n_h] = a->x + (size_t)(row + t) * E;
-                a->head_dst[n_h++] =
-                    all ? all + (size_t)(lo + t) * V : a->logits_shm + (size_t)slot * V;
+                forward_heads_add(a->hb, a->x + (size_t)(row + t) * E,
+                                  all ? all + (size_t)(lo + t) * V
+                                      : a->logits_shm + (size_t)slot * V);
             }
         }
         row += n;
     }
     /* every row wanting logits in one product */
-    forward_heads(&a->cc, m, a->head_x, a->head_dst, n_h, a->hb);
+    forward_heads_run(&a->cc, m, a->hb);
     for (int k = 0; all && k < n_e; k++) {
         const Stp__EvalSeq *e = q->seqs[i0 + k];
         const int lo = k == 0 ? first : 0, last = (int)e->n_tokens - 1;

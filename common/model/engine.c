@@ -42,8 +42,6 @@ struct engine {
     int32_t *sel;          /* (n_ubatch, n_expert_used) */
     float *selw;           /* (n_ubatch, n_expert_used) */
     forward_heads_buf *hb; /* the LM head's rows (n_seq at once) */
-    const float **head_x;  /* (n_ubatch) hidden states wanting logits */
-    float **head_dst;      /* (n_ubatch) and where their logits go */
     engine_stats stats;
     lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
     const float *last_x; /* the last evaluated token's final hidden state */
@@ -110,11 +108,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     e->rlogits = malloc((size_t)n_ubatch * c->n_expert * sizeof(float));
     e->sel = malloc((size_t)n_ubatch * c->n_expert_used * sizeof(int32_t));
     e->selw = malloc((size_t)n_ubatch * c->n_expert_used * sizeof(float));
-    e->head_x = malloc((size_t)n_ubatch * sizeof *e->head_x);
-    e->head_dst = malloc((size_t)n_ubatch * sizeof *e->head_dst);
-    if ((rc = forward_heads_buf_new(&e->hb, c, e->n_seq, err))) goto fail;
-    if (!e->x || !e->h || !e->ffn || !e->rlogits || !e->sel || !e->selw || !e->head_x ||
-        !e->head_dst) {
+    if ((rc = forward_heads_buf_new(&e->hb, c, e->n_seq, n_ubatch, err))) goto fail;
+    if (!e->x || !e->h || !e->ffn || !e->rlogits || !e->sel || !e->selw) {
         rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
         goto fail;
     }
@@ -142,8 +137,6 @@ void engine_destroy(engine **self_p) {
     free(e->rlogits);
     free(e->sel);
     free(e->selw);
-    free(e->head_x);
-    free(e->head_dst);
     forward_heads_buf_destroy(&e->hb);
     lm_head_destroy(&e->lmh);
     free(e);
@@ -198,7 +191,6 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
 
     /* logits: the rows that want them in one product (the sparse head: one at a time) */
     uint64_t t0 = forward_now_ns();
-    int n_h = 0;
     row = 0;
     for (int i = 0; i < n_segs; i++) {
         const engine_seq_eval *q = &b[i];
@@ -207,18 +199,16 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         for (int t = 0; t < n && q->logits; t++) {
             const float *xr = e->x + (size_t)(row + t) * E;
             if (all_logits) {
-                e->head_x[n_h] = xr;
-                e->head_dst[n_h++] = q->logits + (size_t)(lo + t) * c->n_vocab;
+                forward_heads_add(e->hb, xr, q->logits + (size_t)(lo + t) * c->n_vocab);
             } else if (lo + t == q->n - 1 && e->lmh) {
                 lm_head_eval(e->lmh, &e->cc, xr, q->logits);
             } else if (lo + t == q->n - 1) {
-                e->head_x[n_h] = xr;
-                e->head_dst[n_h++] = q->logits;
+                forward_heads_add(e->hb, xr, q->logits);
             }
         }
         row += n;
     }
-    forward_heads(&e->cc, m, e->head_x, e->head_dst, n_h, e->hb);
+    forward_heads_run(&e->cc, m, e->hb);
     st->ns_head += forward_now_ns() - t0;
     st->tokens += (uint64_t)T;
 }
@@ -307,7 +297,7 @@ size_t engine_kv_bytes(const engine *e) {
 size_t engine_scratch_bytes(const engine *e) {
     const model_config *c = &e->m->cfg;
     return attn_scratch_bytes(e->as) + moe_scratch_bytes(e->ms) + moe_sparse_down_bytes(e->ms) +
-           model_packed_bytes(e->m) + forward_heads_buf_size(c, e->n_seq) +
+           model_packed_bytes(e->m) + forward_heads_buf_size(c, e->n_seq, e->n_ubatch) +
            (size_t)e->n_ubatch * (3 * c->n_embd + c->n_expert + 2 * c->n_expert_used) * 4;
 }
 const float *engine_last_hidden(const engine *e) {

@@ -87,23 +87,31 @@ struct forward_heads_buf {
     float *hn;   /* (cap, n_embd) normed rows */
     uint8_t *xq; /* (cap, n_embd * 4 + 64) their activations */
     float *y;    /* (cap, n_vocab) logits of a group whose rows are not contiguous (cap > 1) */
+    int n, max_rows;
+    const float **x; /* (max_rows) the queued hidden states */
+    float **dst;     /* (max_rows) and where their logits go */
 };
 
-size_t forward_heads_buf_size(const model_config *c, int cap) {
+size_t forward_heads_buf_size(const model_config *c, int cap, int max_rows) {
     const size_t n = cap > 0 ? (size_t)cap : 1, E = (size_t)c->n_embd;
-    return n * (E * sizeof(float) + E * 4 + 64) + (n > 1 ? n * c->n_vocab * sizeof(float) : 0);
+    return n * (E * sizeof(float) + E * 4 + 64) + (n > 1 ? n * c->n_vocab * sizeof(float) : 0) +
+           (size_t)(max_rows > 0 ? max_rows : 1) * (sizeof(const float *) + sizeof(float *));
 }
 
-int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, stp_err *err) {
+int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, int max_rows,
+                          stp_err *err) {
     *out = NULL;
     forward_heads_buf *b = calloc(1, sizeof *b);
     if (!b) return stp_err_set(err, STP_ENOMEM, "LM head buffers: out of memory");
     b->cap = cap > 0 ? cap : 1;
+    b->max_rows = max_rows > 0 ? max_rows : 1;
     const size_t n = (size_t)b->cap, E = (size_t)c->n_embd;
     b->hn = malloc(n * E * sizeof(float));
     b->xq = malloc(n * (E * 4 + 64));
     b->y = n > 1 ? malloc(n * c->n_vocab * sizeof(float)) : NULL;
-    if (!b->hn || !b->xq || (n > 1 && !b->y)) {
+    b->x = malloc((size_t)b->max_rows * sizeof *b->x);
+    b->dst = malloc((size_t)b->max_rows * sizeof *b->dst);
+    if (!b->hn || !b->xq || (n > 1 && !b->y) || !b->x || !b->dst) {
         forward_heads_buf_destroy(&b);
         return stp_err_set(err, STP_ENOMEM, "LM head buffers: out of memory");
     }
@@ -117,23 +125,30 @@ void forward_heads_buf_destroy(forward_heads_buf **self_p) {
     free(b->hn);
     free(b->xq);
     free(b->y);
+    free((void *)b->x);
+    free(b->dst);
     free(b);
     *self_p = NULL;
 }
 
-void forward_heads(const compute_ctx *cc, const model *m, const float *const *x, float *const *dst,
-                   int n, forward_heads_buf *b) {
+void forward_heads_add(forward_heads_buf *b, const float *x, float *dst) {
+    b->x[b->n] = x;
+    b->dst[b->n++] = dst;
+}
+
+void forward_heads_run(const compute_ctx *cc, const model *m, forward_heads_buf *b) {
     const model_config *c = &m->cfg;
     const size_t E = (size_t)c->n_embd, V = (size_t)c->n_vocab;
-    for (int g0 = 0; g0 < n; g0 += b->cap) {
-        const int g = n - g0 < b->cap ? n - g0 : b->cap;
+    for (int g0 = 0; g0 < b->n; g0 += b->cap) {
+        const int g = b->n - g0 < b->cap ? b->n - g0 : b->cap;
         bool contiguous = true; /* rows land in place (one row, or all of a prompt's) */
         for (int i = 0; i < g; i++) {
-            ops_rmsnorm(x[g0 + i], m->output_norm, b->hn + i * E, (int)E, c->rms_eps);
-            contiguous &= dst[g0 + i] == dst[g0] + i * V;
+            ops_rmsnorm(b->x[g0 + i], m->output_norm, b->hn + i * E, (int)E, c->rms_eps);
+            contiguous &= b->dst[g0 + i] == b->dst[g0] + i * V;
         }
-        ops_matmul(cc, &m->output, 0, b->hn, g, contiguous ? dst[g0] : b->y, b->xq);
+        ops_matmul(cc, &m->output, 0, b->hn, g, contiguous ? b->dst[g0] : b->y, b->xq);
         for (int i = 0; i < g && !contiguous; i++)
-            memcpy(dst[g0 + i], b->y + i * V, V * sizeof(float));
+            memcpy(b->dst[g0 + i], b->y + i * V, V * sizeof(float));
     }
+    b->n = 0;
 }

@@ -97,15 +97,18 @@ void forward_head(const compute_ctx *cc, const model *m, const float *x, float *
                   float *logits);
 
 /* The LM head of several hidden states in one product (one read of the output matrix for
- * up to `cap` rows; each row's bits are forward_head's, as matmat's are matvec's). */
+ * up to `cap` rows; each row's bits are forward_head's, as matmat's are matvec's). A step
+ * queues the rows that want logits (at most max_rows: the caller's n_ubatch), then runs them. */
 typedef struct forward_heads_buf forward_heads_buf;
-int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, stp_err *err);
+int forward_heads_buf_new(forward_heads_buf **out, const model_config *c, int cap, int max_rows,
+                          stp_err *err);
 void forward_heads_buf_destroy(forward_heads_buf **self_p);
-/* What forward_heads_buf_new(c, cap) allocates, in bytes (the budget plan counts it). */
-size_t forward_heads_buf_size(const model_config *c, int cap);
-/* dst[i] (n_vocab) = forward_head of x[i], i < n, in groups of at most the buffer's cap. */
-void forward_heads(const compute_ctx *cc, const model *m, const float *const *x, float *const *dst,
-                   int n, forward_heads_buf *b);
+/* What forward_heads_buf_new(c, cap, max_rows) allocates, in bytes (the budget plan counts it). */
+size_t forward_heads_buf_size(const model_config *c, int cap, int max_rows);
+/* Queues hidden state x (n_embd): its logits go to dst (n_vocab) at forward_heads_run. */
+void forward_heads_add(forward_heads_buf *b, const float *x, float *dst);
+/* dst = forward_head of x for every queued row, in groups of at most cap; empties the queue. */
+void forward_heads_run(const compute_ctx *cc, const model *m, forward_heads_buf *b);
 
 /* Monotonic clock, nanoseconds. */
 uint64_t forward_now_ns(void);

@@ -59,8 +59,9 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     p->act = ah.size;
     p->attn_scratch = budget_attn_scratch_bytes(c, p->n_ubatch, p->n_ctx, p->threads);
     /* the attention worker's residual, h and router rows per token (four of n_embd) and the LM
-     * head's rows (one per slot) */
-    p->attn_buffers = (uint64_t)p->n_ubatch * E * 4 * 4 + forward_heads_buf_size(c, p->n_seq);
+     * head's rows (one per slot; the queue of a micro-batch's rows) */
+    p->attn_buffers =
+        (uint64_t)p->n_ubatch * E * 4 * 4 + forward_heads_buf_size(c, p->n_seq, p->n_ubatch);
     p->worker = budget_worker_bytes(c);
     p->scratch = p->attn_scratch + p->attn_buffers + (uint64_t)p->workers * p->worker;
     /* the coordinator, the attention worker, the storage daemon and the workers; the

@@ -147,8 +147,10 @@ static void test_budget_plan_parts_add_up(void **st) {
     assert_int_equal(p.kv, 44032);
     assert_int_equal(p.act, ah.size);
     assert_int_equal(p.attn_scratch, budget_attn_scratch_bytes(&c, 8, 100, 1));
-    /* x, h, ffn and router rows; the LM head's normed row and activations (one slot) */
-    assert_int_equal(p.attn_buffers, 8 * 64 * 4 * 4 + 64 * 4 + 64 * 4 + 64);
+    /* x, h, ffn and router rows; the LM head's normed row and activations (one slot) and its
+     * queue of the micro-batch's rows (two pointers each) */
+    assert_int_equal(p.attn_buffers,
+                     8 * 64 * 4 * 4 + 64 * 4 + 64 * 4 + 64 + 8 * 2 * (int)sizeof(void *));
     assert_int_equal(p.worker, budget_worker_bytes(&c));
     assert_int_equal(p.scratch, p.attn_scratch + p.attn_buffers + p.worker);
     assert_int_equal(p.overhead, 4 * BUDGET_PROC_OVERHEAD + 100 * BUDGET_TOKENIZER_BYTES);
@@ -207,7 +209,7 @@ static void test_budget_plan_parameters(void **st) {
     /* the LM head's rows: three, and a logits row each */
     const uint64_t heads = p.scratch - one.scratch;
     assert_int_equal(heads, 2 * (64 * 4 + 64 * 4 + 64) + 3ull * c.n_vocab * 4);
-    assert_int_equal(heads, forward_heads_buf_size(&c, 3) - forward_heads_buf_size(&c, 1));
+    assert_int_equal(heads, forward_heads_buf_size(&c, 3, 8) - forward_heads_buf_size(&c, 1, 8));
     assert_int_equal(p.fixed - one.fixed, 2 * one.kv + (p.act - one.act) + heads);
     assert_int_equal(p.minimum - one.minimum, p.fixed - one.fixed);
     /* a budget that holds one slot's plan but not three slots' is refused, naming the slots */
