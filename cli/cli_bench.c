@@ -32,9 +32,9 @@
 typedef struct bench_result {
     char test[32];
     int n_tokens, depth;
-    double mean, sd;    /* tokens per second */
-    engine_stats st;    /* accumulated over repetitions */
-    int reps, parallel; /* parallel: sequences stepped together */
+    double mean, sd; /* tokens per second */
+    engine_stats st; /* accumulated over repetitions */
+    int reps;
     bool tg;
     roofline_bytes rb; /* tg: bytes per token per stage */
 } bench_result;
@@ -617,7 +617,6 @@ int cli_bench(int argc, char **argv) {
                 r->sd = s_sd(sum, sum2, (int)reps);
                 r->st = st;
                 r->tg = kind == 1;
-                r->parallel = P;
                 /* the cache's bytes per element: 4 (f32), 2 (f16), 34/32 (q8_0) */
                 const int kv_dim = m->cfg.n_head_kv * m->cfg.head_dim;
                 if (r->tg && P == 1)
@@ -669,8 +668,8 @@ int cli_bench(int argc, char **argv) {
                                 json_real(s->neurons_total
                                               ? 1.0 - (double)s->neurons_active / s->neurons_total
                                               : 0.0));
-            json_object_set_new(r, "parallel", json_integer(res[i].parallel));
-            if (res[i].tg && res[i].parallel == 1)
+            json_object_set_new(r, "parallel", json_integer(P));
+            if (res[i].tg && P == 1)
                 json_object_set_new(r, "roofline", s_json_roofline(&res[i], &host));
             json_array_append_new(arr, r);
         }
@@ -696,7 +695,7 @@ int cli_bench(int argc, char **argv) {
                                     : 0.0);
         }
         for (int i = 0; i < nres; i++)
-            if (res[i].tg && res[i].parallel == 1) s_print_roofline(&res[i], &host);
+            if (res[i].tg && P == 1) s_print_roofline(&res[i], &host);
     }
 out:
     free(logits);
