@@ -204,38 +204,57 @@ static void test_attn_core_window_ring(void **state) {
     s_check(3, 36, 17, 33, 49, 0, 15);
 }
 
+/* Random cached rows (cap rows of stride values) in every cache type: k, v float32; kh, vh
+ * float16; kq, vq Q8_0 (q8ok: stride a multiple of QK8_0). Drawn from *seed after the caller's
+ * queries. */
+typedef struct kv_fixture {
+    float *k, *v;
+    uint16_t *kh, *vh;
+    block_q8_0 *kq, *vq;
+    bool q8ok;
+} kv_fixture;
+
+static void s_kv_fill(kv_fixture *f, int cap, int stride, uint64_t *seed) {
+    const size_t nc = (size_t)cap * stride;
+    f->k = malloc(sizeof(float) * nc), f->v = malloc(sizeof(float) * nc);
+    f->kh = malloc(sizeof(uint16_t) * nc), f->vh = malloc(sizeof(uint16_t) * nc);
+    f->kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
+    f->vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
+    for (size_t i = 0; i < nc; i++)
+        f->k[i] = s_rand(seed) * 3, f->v[i] = s_rand(seed);
+    for (size_t i = 0; i < nc; i++)
+        f->kh[i] = kern_f32_to_fp16(f->k[i]), f->vh[i] = kern_f32_to_fp16(f->v[i]);
+    f->q8ok = stride % QK8_0 == 0;
+    if (f->q8ok)
+        for (int r = 0; r < cap; r++) {
+            kern_quantize_act_ref(STP_TYPE_Q8_0, f->k + (size_t)r * stride,
+                                  f->kq + (size_t)r * stride / QK8_0, stride);
+            kern_quantize_act_ref(STP_TYPE_Q8_0, f->v + (size_t)r * stride,
+                                  f->vq + (size_t)r * stride / QK8_0, stride);
+        }
+}
+
+static void s_kv_free(kv_fixture *f) {
+    free(f->k), free(f->v), free(f->kh), free(f->vh), free(f->kq), free(f->vq);
+}
+
 /* n_grp consecutive kv heads of a row in one call: each head's bits are those of its group's own
  * call (f32, f16 and Q8_0 caches; rows of ng kv heads plus one more in between). */
 static void s_check_groups(int ng, int G, int D, int cap, int lo, int hi, uint64_t seed) {
     const int stride = (ng + 1) * D, H = ng * G;
-    const size_t nc = (size_t)cap * stride;
-    float *q = malloc(sizeof(float) * H * D), *k = malloc(sizeof(float) * nc),
-          *v = malloc(sizeof(float) * nc), *o1 = malloc(sizeof(float) * H * D),
+    float *q = malloc(sizeof(float) * H * D), *o1 = malloc(sizeof(float) * H * D),
           *o2 = malloc(sizeof(float) * H * D);
     double *part = malloc(sizeof(double) * H * (D + 2)),
            *st = malloc(sizeof(double) * attn_merge_doubles(H, D));
     float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, ng));
-    uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
-    block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
-               *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
     for (int i = 0; i < H * D; i++)
         q[i] = s_rand(&seed) * 3;
-    for (size_t i = 0; i < nc; i++)
-        k[i] = s_rand(&seed) * 3, v[i] = s_rand(&seed);
-    for (size_t i = 0; i < nc; i++)
-        kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
-    const bool q8ok = stride % QK8_0 == 0;
-    if (q8ok)
-        for (int r = 0; r < cap; r++) {
-            kern_quantize_act_ref(STP_TYPE_Q8_0, k + (size_t)r * stride,
-                                  kq + (size_t)r * stride / QK8_0, stride);
-            kern_quantize_act_ref(STP_TYPE_Q8_0, v + (size_t)r * stride,
-                                  vq + (size_t)r * stride / QK8_0, stride);
-        }
+    kv_fixture f;
+    s_kv_fill(&f, cap, stride, &seed);
     level lv[3];
     const int n_lv = s_levels(lv);
     for (int l = 0; l < n_lv; l++)
-        for (int type = 0; type < (q8ok ? 3 : 2); type++) {
+        for (int type = 0; type < (f.q8ok ? 3 : 2); type++) {
             attn_group_args a = {.G = G,
                                  .D = D,
                                  .stride = stride,
@@ -251,17 +270,17 @@ static void s_check_groups(int ng, int G, int D, int cap, int lo, int hi, uint64
                 const int g0 = g < 0 ? 0 : g, e = D + g0 * D; /* the first kv head is the 2nd */
                 b.n_grp = g < 0 ? ng : 1;
                 b.q = q + (size_t)g0 * G * D;
-                if (type == 0) b.k = k + e, b.v = v + e;
-                if (type == 1) b.kh = kh + e, b.vh = vh + e;
-                if (type == 2) b.kq = kq, b.vq = vq, b.qoff = e;
+                if (type == 0) b.k = f.k + e, b.v = f.v + e;
+                if (type == 1) b.kh = f.kh + e, b.vh = f.vh + e;
+                if (type == 2) b.kq = f.kq, b.vq = f.vq, b.qoff = e;
                 attn_group_query(lv[l].fn, &b, st, (g < 0 ? o1 : o2 + (size_t)g0 * G * D));
             }
             if (memcmp(o1, o2, sizeof(float) * H * D))
                 fail_msg("%s ng%d G%d D%d %d..%d type %d: groups in one pass differ", lv[l].name,
                          ng, G, D, lo, hi, type);
         }
-    free(q), free(k), free(v), free(o1), free(o2), free(part), free(st), free(work), free(kh),
-        free(vh), free(kq), free(vq);
+    free(q), free(o1), free(o2), free(part), free(st), free(work);
+    s_kv_free(&f);
 }
 
 static void test_attn_core_groups(void **state) {
@@ -277,39 +296,24 @@ static void test_attn_core_groups(void **state) {
  * pass gives each query's bits of its own call, at every level and cache type. */
 static void s_check_queries(int nq, int ng, int G, int D, int cap, int p0, int w, uint64_t seed) {
     const int stride = ng * D, H = ng * G, qs = H * D + 5; /* queries not contiguous */
-    const size_t nc = (size_t)cap * stride;
-    float *q = malloc(sizeof(float) * nq * qs), *k = malloc(sizeof(float) * nc),
-          *v = malloc(sizeof(float) * nc), *o1 = malloc(sizeof(float) * nq * H * D),
+    float *q = malloc(sizeof(float) * nq * qs), *o1 = malloc(sizeof(float) * nq * H * D),
           *o2 = malloc(sizeof(float) * nq * H * D);
     double *part = malloc(sizeof(double) * ATTN_NQ * H * (D + 2)),
            *st = malloc(sizeof(double) * attn_merge_doubles(ATTN_NQ * H, D));
     float *work = aligned_alloc(64, sizeof(float) * attn_work_floats(G, D, ng));
-    uint16_t *kh = malloc(sizeof(uint16_t) * nc), *vh = malloc(sizeof(uint16_t) * nc);
-    block_q8_0 *kq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1)),
-               *vq = malloc(sizeof(block_q8_0) * (nc / QK8_0 + 1));
     for (int i = 0; i < nq * qs; i++)
         q[i] = s_rand(&seed) * 3;
-    for (size_t i = 0; i < nc; i++)
-        k[i] = s_rand(&seed) * 3, v[i] = s_rand(&seed);
-    for (size_t i = 0; i < nc; i++)
-        kh[i] = kern_f32_to_fp16(k[i]), vh[i] = kern_f32_to_fp16(v[i]);
-    const bool q8ok = stride % QK8_0 == 0;
-    if (q8ok)
-        for (int r = 0; r < cap; r++) {
-            kern_quantize_act_ref(STP_TYPE_Q8_0, k + (size_t)r * stride,
-                                  kq + (size_t)r * stride / QK8_0, stride);
-            kern_quantize_act_ref(STP_TYPE_Q8_0, v + (size_t)r * stride,
-                                  vq + (size_t)r * stride / QK8_0, stride);
-        }
+    kv_fixture f;
+    s_kv_fill(&f, cap, stride, &seed);
     level lv[3];
     const int n_lv = s_levels(lv);
     for (int l = 0; l < n_lv; l++)
-        for (int type = 0; type < (q8ok ? 3 : 2); type++) {
+        for (int type = 0; type < (f.q8ok ? 3 : 2); type++) {
             attn_group_args a = {
                 .G = G, .D = D, .n_grp = ng, .stride = stride, .cap = cap, .m = part, .work = work};
-            if (type == 0) a.k = k, a.v = v;
-            if (type == 1) a.kh = kh, a.vh = vh;
-            if (type == 2) a.kq = kq, a.vq = vq;
+            if (type == 0) a.k = f.k, a.v = f.v;
+            if (type == 1) a.kh = f.kh, a.vh = f.vh;
+            if (type == 2) a.kq = f.kq, a.vq = f.vq;
             attn_group_args b = a; /* all queries in one pass */
             b.q = q, b.n_q = nq, b.q_stride = qs;
             b.s = part + nq * H, b.acc = part + 2 * nq * H;
@@ -327,8 +331,8 @@ static void s_check_queries(int nq, int ng, int G, int D, int cap, int p0, int w
                 fail_msg("%s nq%d ng%d G%d D%d p0 %d window %d type %d: queries in one pass differ",
                          lv[l].name, nq, ng, G, D, p0, w, type);
         }
-    free(q), free(k), free(v), free(o1), free(o2), free(part), free(st), free(work), free(kh),
-        free(vh), free(kq), free(vq);
+    free(q), free(o1), free(o2), free(part), free(st), free(work);
+    s_kv_free(&f);
 }
 
 static void test_attn_core_queries(void **state) {
