@@ -54,6 +54,11 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
                                            (int)off[8], (int)off[9], (int)off[10], (int)off[11],
                                            (int)off[12], (int)off[13], (int)off[14], (int)off[15]);
     __m512 acc = _mm512_setzero_ps();
+    /* next rows' lines: pf_per per block step, row pf_r, line pf_c (counters, no division in
+     * the loop) */
+    const int64_t lpr = (int64_t)(row_bytes + 127) / 64;
+    const int64_t pf_per = next ? (16 * lpr + nact - 1) / nact : 0;
+    int64_t pf_r = 0, pf_c = 0;
     for (int64_t i = 0; i < nact; i++) {
         const int64_t b = s_blk(bl, i);
         const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x[b].qs));
@@ -68,10 +73,11 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
         if (!next) { /* S_PF bytes ahead: half of the rows per block (36 < 64 bytes) */
             for (int k = (int)(i & 1) * 8; k < (int)(i & 1) * 8 + 8; k++)
                 _mm_prefetch((const char *)(p + off[k] + S_PF), _MM_HINT_T0);
-        } else { /* lines [l0, l1) of the next rows' 16 * lpr */
-            const int64_t lpr = (int64_t)(row_bytes + 127) / 64, tot = 16 * lpr;
-            for (int64_t l = tot * i / nact; l < tot * (i + 1) / nact; l++)
-                _mm_prefetch((const char *)(w + next[l / lpr] + 64 * (l % lpr)), _MM_HINT_T1);
+        } else { /* the next pf_per of the next rows' 16 * lpr lines */
+            for (int64_t e = 0; e < pf_per && pf_r < 16; e++) {
+                _mm_prefetch((const char *)(w + next[pf_r] + 64 * pf_c), _MM_HINT_T1);
+                if (++pf_c == lpr) pf_c = 0, pf_r++;
+            }
         }
         __m512i a[4];
         for (int k = 0; k < 4; k++) { /* register k: rows k, 4+k, 8+k, 12+k */

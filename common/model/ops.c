@@ -2,6 +2,7 @@
 #include "model/ops.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "model/down_t.h"
@@ -10,7 +11,9 @@ typedef struct mm_section {
     const compute_ctx *cc;
     const mm_job *jobs;
     int n_jobs;
-    int64_t total; /* total (row x vector) work units */
+    int64_t rows;         /* the jobs' rows, concatenated */
+    int64_t chunk;        /* rows handed out at a time (a multiple of 16) */
+    _Atomic int64_t next; /* first row not yet handed out */
 } mm_section;
 
 static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, int64_t r1) {
@@ -52,15 +55,8 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
                     j->y + (size_t)v * j->y_stride + r0, r0, r1);
 }
 
-static void s_mm_worker(void *p, int ith, int nth) {
-    const mm_section *s = p;
-    /* Split the concatenated rows of all jobs evenly, in groups of 16 (the packed kernels'
-     * row groups; every real matrix has a multiple of 16 rows). */
-    int64_t rows_total = 0;
-    for (int i = 0; i < s->n_jobs; i++)
-        rows_total += s->jobs[i].n_rows;
-    long b, e;
-    threadpool_chunk((long)rows_total, ith, nth, 16, &b, &e);
+/* Rows [b, e) of the jobs' concatenated rows. */
+static void s_mm_rows(const mm_section *s, int64_t b, int64_t e) {
     int64_t base = 0;
     for (int i = 0; i < s->n_jobs && b < e; i++) {
         const mm_job *j = &s->jobs[i];
@@ -72,18 +68,42 @@ static void s_mm_worker(void *p, int ith, int nth) {
     }
 }
 
+/* Each thread takes the next chunk of rows until none is left: a thread whose memory reads are
+ * slower for a while (the other vCPU's neighbour, a page it faults in) takes fewer chunks instead
+ * of holding the others at the section's end. Which thread computes a row changes no bit. */
+static void s_mm_worker(void *p, int ith, int nth) {
+    mm_section *s = p;
+    (void)ith, (void)nth;
+    for (;;) {
+        const int64_t b = atomic_fetch_add_explicit(&s->next, s->chunk, memory_order_relaxed);
+        if (b >= s->rows) return;
+        s_mm_rows(s, b, b + s->chunk < s->rows ? b + s->chunk : s->rows);
+    }
+}
+
 /* Below this many weight bytes a section costs more to hand out than to compute alone. */
 #define MM_INLINE_BYTES (64 * 1024)
+/* Chunks per thread a section is cut into. */
+#ifndef MM_CHUNKS
+#define MM_CHUNKS 8
+#endif
 
 void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
-    mm_section s = {cc, jobs, n_jobs, 0};
+    mm_section s = {.cc = cc, .jobs = jobs, .n_jobs = n_jobs};
     size_t bytes = 0;
-    for (int i = 0; i < n_jobs; i++)
+    for (int i = 0; i < n_jobs; i++) {
         bytes += (size_t)jobs[i].n_rows * jobs[i].row_bytes;
-    if (bytes < MM_INLINE_BYTES) {
-        s_mm_worker(&s, 0, 1);
+        s.rows += jobs[i].n_rows;
+    }
+    const int nth = threadpool_size(cc->tp);
+    if (bytes < MM_INLINE_BYTES || nth == 1) {
+        s_mm_rows(&s, 0, s.rows);
         return;
     }
+    /* MM_CHUNKS chunks per thread: few enough that each is a long sequential read */
+    const int64_t per = (s.rows + (int64_t)nth * MM_CHUNKS - 1) / ((int64_t)nth * MM_CHUNKS);
+    s.chunk = (per + 15) / 16 * 16;
+    atomic_init(&s.next, 0);
     threadpool_run(cc->tp, s_mm_worker, &s);
 }
 
