@@ -3,6 +3,7 @@
  * (README.md invariants 4 and 8), so the choices here are speed only. */
 #include "model/expert_ffn.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,6 +224,83 @@ static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights
     return computed;
 }
 
+/* ---- single-slot products as tasks (decode) ------------------------------------------------ *
+ * When every run of a chunk has few slots, each slot's whole FFN (gate, its active rows of up,
+ * ReGLU, down over the down_t image) is one task, and the team's threads take tasks from a
+ * shared counter: one section per chunk instead of three, and the threads are at different
+ * phases at any moment, so one streams a gate while the other gathers scattered up rows or
+ * down_t neurons (those are bound by the misses a core keeps in flight, not by the bus). Every
+ * product is the same kernel on the same rows as in the phased path below: the same bits. */
+typedef struct task_section {
+    expert_ffn *f;
+    const compute_ctx *cc;
+    const layer_weights *L;
+    const ffn_run *r;
+    int run_of[EXPERT_FFN_CHUNK]; /* run of each chunk row */
+    int cs;
+    _Atomic int next;
+    uint64_t active[64], down[64]; /* per thread */
+} task_section;
+
+static void s_task_worker(void *p, int ith, int nth) {
+    (void)nth;
+    task_section *t = p;
+    expert_ffn *f = t->f;
+    const kern_ops *ops = t->cc->ops;
+    const layer_weights *L = t->L;
+    const int E = f->E, F = f->F;
+    const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
+    const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
+    const uint8_t *xq_up = kern_act_type(tu) == kern_act_type(tg) ? f->xq_h : f->xq_h2;
+    uint64_t active = 0, down = 0;
+    for (;;) {
+        const int l = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (l >= t->cs) break;
+        const expert_ffn_weights *w = t->r[t->run_of[l]].w;
+        float *g = f->g + (size_t)l * F, *u = f->u + (size_t)l * F;
+        int32_t *rows = f->active + (size_t)l * F;
+        const uint8_t *xg = f->xq_h + (size_t)l * sg;
+        if (w->gate_x16)
+            ops->matvec_q4_0x16(E, w->gate_x16, xg, g, 0, F / 16);
+        else
+            ops->matvec(tg, E, w->gate, L->gate_exps.row_bytes, xg, g, 0, F);
+        const int n_act = ops_active_rows(g, F, rows);
+        active += (uint64_t)n_act;
+        ops->matvec_rows(tu, E, w->up, L->up_exps.row_bytes, xq_up + (size_t)l * su, rows, n_act,
+                         u);
+        for (int i = 0; i < F; i++) { /* ReGLU, as s_chunk's */
+            const float a = g[i] * u[i];
+            g[i] = g[i] > 0.0f ? a : 0.0f;
+        }
+        uint8_t *xa = f->xq_a + (size_t)l * sd;
+        ops->quantize_act(td, g, xa, F);
+        down += (uint64_t)ops->down_t_matvec(w->down_t, E, F, (const block_q8_0 *)xa,
+                                             f->ys + (size_t)l * E, 0, E / 2);
+    }
+    if (ith < 64) t->active[ith] = active, t->down[ith] = down;
+}
+
+/* The task path applies: several threads, every run short, and the kernels it calls take every
+ * run's formats (a q4_0x16 gate or any gate type; the down_t image; `up` in a type whose
+ * matvec_rows is the phased path's). */
+static bool s_tasks_apply(const expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
+                          const ffn_run *r, int nr) {
+    if (threadpool_size(cc->tp) < 2 || f->F % 16) return false;
+    if (L->down_exps.type != STP_TYPE_Q4_0) return false;
+    for (int q = 0; q < nr; q++)
+        if (r[q].n >= MM_PACK_MIN_VEC || !r[q].w->down_t) return false;
+    return true;
+}
+
+/* The chunk's down outputs to their rows of y. */
+static void s_scatter(const expert_ffn *f, const ffn_run *r, int nr, float *y,
+                      const int32_t *y_row) {
+    for (int q = 0; q < nr; q++)
+        for (int i = 0; i < r[q].n; i++)
+            memcpy(y + (size_t)y_row[r[q].s0 + i] * f->E, f->ys + (size_t)(r[q].l0 + i) * f->E,
+                   (size_t)f->E * sizeof(float));
+}
+
 /* One chunk: runs r[0..nr), cs slots in all. */
 static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L, const ffn_run *r,
                     int nr, int cs, const float *h, const int32_t *tok, float *y,
@@ -238,6 +316,18 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
             cc->ops->quantize_act(tg, hv, f->xq_h + (size_t)l * sg, E);
             if (!up_shares) cc->ops->quantize_act(tu, hv, f->xq_h2 + (size_t)l * su, E);
         }
+    if (s_tasks_apply(f, cc, L, r, nr)) {
+        task_section t = {.f = f, .cc = cc, .L = L, .r = r, .cs = cs};
+        for (int q = 0; q < nr; q++)
+            for (int i = 0; i < r[q].n; i++)
+                t.run_of[r[q].l0 + i] = q;
+        atomic_init(&t.next, 0);
+        threadpool_run(cc->tp, s_task_worker, &t);
+        for (int i = 0; i < threadpool_size(cc->tp) && i < 64; i++)
+            if (st) st->active += t.active[i], st->down += t.down[i];
+        s_scatter(f, r, nr, y, y_row);
+        return;
+    }
     s_gate(f, cc, L, r, nr);
     const uint64_t active = s_up(f, cc, L, r, nr);
     for (int l = 0; l < cs; l++) { /* ReGLU, quantized for down */
@@ -250,10 +340,7 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
         cc->ops->quantize_act(td, g, f->xq_a + (size_t)l * sd, F);
     }
     const uint64_t down = s_down(f, cc, L, r, nr);
-    for (int q = 0; q < nr; q++)
-        for (int i = 0; i < r[q].n; i++)
-            memcpy(y + (size_t)y_row[r[q].s0 + i] * E, f->ys + (size_t)(r[q].l0 + i) * E,
-                   (size_t)E * sizeof(float));
+    s_scatter(f, r, nr, y, y_row);
     if (st) {
         st->active += active;
         st->down += down;

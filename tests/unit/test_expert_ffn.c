@@ -3,7 +3,8 @@
  * through every path it picks: a group longer than a chunk (split at 256), more packing runs
  * than one wave holds, single slots with sparse `up`, down from GGUF rows or from down_t images
  * (single-slot sparse products, batches packed from the rows or back from the image), gate
- * from rows or its q4_0x16 image, on 1 and 2 threads; outputs land in the rows y_row names,
+ * from rows or its q4_0x16 image, on 1 and 2 threads, and a decode step's short runs as one
+ * task per slot on 2 and 3 threads; outputs land in the rows y_row names,
  * and the statistics count. */
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,6 +21,9 @@
 enum { E = 256, F = 128, X = 12, T = 64 };
 /* slots per expert: one group longer than a chunk, single slots, ten packing runs */
 static const int k_n[X] = {300, 1, 9, 10, 10, 10, 10, 10, 10, 10, 10, 3};
+/* a decode step's slots: every run shorter than a packing run, so with images and several
+ * threads each slot is one task (gate, its up rows, down_t) */
+static const int k_decode[X] = {1, 1, 2, 1, 3, 1, 1, 1, 2, 1, 1, 7};
 
 static float s_rand(uint64_t *s) {
     *s = *s * 6364136223846793005ull + 1442695040888963407ull;
@@ -67,7 +71,7 @@ static uint64_t s_reference(const kern_ops *ops, const layer_weights *L, int e, 
     return active;
 }
 
-static void s_check(int threads, bool images) {
+static void s_check(int threads, bool images, const int *counts) {
     const kern_ops *ops = kern_ops_get();
     uint64_t seed = 5;
     layer_weights L = {.gate_exps = s_stack(F, E, &seed),
@@ -78,13 +82,13 @@ static void s_check(int threads, bool images) {
         h[i] = s_rand(&seed);
     int S = 0;
     for (int e = 0; e < X; e++)
-        S += k_n[e];
+        S += counts[e];
     int32_t *tok = malloc(sizeof(int32_t) * S), *y_row = malloc(sizeof(int32_t) * S);
     float *y = malloc(sizeof(float) * S * E), *ref = malloc(sizeof(float) * S * E);
     expert_ffn_group groups[X];
     uint8_t *gate_x16[X], *dt[X];
     uint64_t active = 0;
-    for (int e = 0, s0 = 0; e < X; s0 += k_n[e++]) {
+    for (int e = 0, s0 = 0; e < X; s0 += counts[e++]) {
         gate_x16[e] = dt[e] = NULL;
         if (images) {
             gate_x16[e] = aligned_alloc(64, kern_q4_0x16_size(F, E));
@@ -104,8 +108,8 @@ static void s_check(int threads, bool images) {
                       dt[e] && e % 2 ? NULL : L.down_exps.data + (size_t)e * L.down_exps.mat_bytes,
                   .down_t = dt[e]},
             .s0 = s0,
-            .n = k_n[e]};
-        for (int s = s0; s < s0 + k_n[e]; s++) {
+            .n = counts[e]};
+        for (int s = s0; s < s0 + counts[e]; s++) {
             tok[s] = (s * 7) % T;
             y_row[s] = S - 1 - s; /* outputs land in the rows named, here reversed */
             active += s_reference(ops, &L, e, h + (size_t)tok[s] * E, ref + (size_t)y_row[s] * E);
@@ -136,19 +140,33 @@ static void s_check(int threads, bool images) {
 
 static void test_expert_ffn_rows_one_thread(void **state) {
     (void)state;
-    s_check(1, false);
+    s_check(1, false, k_n);
 }
 static void test_expert_ffn_rows_two_threads(void **state) {
     (void)state;
-    s_check(2, false);
+    s_check(2, false, k_n);
 }
 static void test_expert_ffn_images_one_thread(void **state) {
     (void)state;
-    s_check(1, true);
+    s_check(1, true, k_n);
 }
 static void test_expert_ffn_images_two_threads(void **state) {
     (void)state;
-    s_check(2, true);
+    s_check(2, true, k_n);
+}
+
+static void test_expert_ffn_tasks_two_threads(void **state) {
+    (void)state;
+    s_check(2, true, k_decode);
+}
+static void test_expert_ffn_tasks_three_threads(void **state) {
+    (void)state;
+    s_check(3, true, k_decode);
+}
+static void test_expert_ffn_decode_one_thread(void **state) {
+    (void)state;
+    s_check(1, true, k_decode);
+    s_check(2, false, k_decode);
 }
 
 int main(void) {
@@ -157,6 +175,9 @@ int main(void) {
         cmocka_unit_test(test_expert_ffn_rows_two_threads),
         cmocka_unit_test(test_expert_ffn_images_one_thread),
         cmocka_unit_test(test_expert_ffn_images_two_threads),
+        cmocka_unit_test(test_expert_ffn_tasks_two_threads),
+        cmocka_unit_test(test_expert_ffn_tasks_three_threads),
+        cmocka_unit_test(test_expert_ffn_decode_one_thread),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
