@@ -57,7 +57,7 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
     /* next rows' lines: pf_per per block step, row pf_r, line pf_c (counters, no division in
      * the loop) */
     const int64_t lpr = (int64_t)(row_bytes + 127) / 64;
-    const int64_t pf_per = next ? (16 * lpr + nact - 1) / nact : 0;
+    const int64_t pf_per = next && nact > 0 ? (16 * lpr + nact - 1) / nact : 0;
     int64_t pf_r = 0, pf_c = 0;
     for (int64_t i = 0; i < nact; i++) {
         const int64_t b = s_blk(bl, i);

@@ -239,11 +239,11 @@ typedef struct task_section {
     int run_of[EXPERT_FFN_CHUNK]; /* run of each chunk row */
     int cs;
     _Atomic int next;
-    uint64_t active[64], down[64]; /* per thread */
+    _Atomic uint64_t active, down; /* summed over the slots */
 } task_section;
 
 static void s_task_worker(void *p, int ith, int nth) {
-    (void)nth;
+    (void)ith, (void)nth;
     task_section *t = p;
     expert_ffn *f = t->f;
     const kern_ops *ops = t->cc->ops;
@@ -277,15 +277,18 @@ static void s_task_worker(void *p, int ith, int nth) {
         down += (uint64_t)ops->down_t_matvec(w->down_t, E, F, (const block_q8_0 *)xa,
                                              f->ys + (size_t)l * E, 0, E / 2);
     }
-    if (ith < 64) t->active[ith] = active, t->down[ith] = down;
+    atomic_fetch_add_explicit(&t->active, active, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->down, down, memory_order_relaxed);
 }
 
-/* The task path applies: several threads, every run short, and the kernels it calls take every
- * run's formats (a q4_0x16 gate or any gate type; the down_t image; `up` in a type whose
- * matvec_rows is the phased path's). */
+/* The task path applies: several threads and at least a slot for each (one slot alone runs
+ * faster split over the team), every run short, every run with its down_t image and a Q4_0
+ * down (the image's type). Any gate and up type: their matvec / matvec_rows give the bits of
+ * the phased path's matmat. */
 static bool s_tasks_apply(const expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
-                          const ffn_run *r, int nr) {
-    if (threadpool_size(cc->tp) < 2 || f->F % 16) return false;
+                          const ffn_run *r, int nr, int cs) {
+    const int nth = threadpool_size(cc->tp);
+    if (nth < 2 || cs < nth || f->F % 16) return false;
     if (L->down_exps.type != STP_TYPE_Q4_0) return false;
     for (int q = 0; q < nr; q++)
         if (r[q].n >= MM_PACK_MIN_VEC || !r[q].w->down_t) return false;
@@ -316,15 +319,16 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
             cc->ops->quantize_act(tg, hv, f->xq_h + (size_t)l * sg, E);
             if (!up_shares) cc->ops->quantize_act(tu, hv, f->xq_h2 + (size_t)l * su, E);
         }
-    if (s_tasks_apply(f, cc, L, r, nr)) {
+    if (s_tasks_apply(f, cc, L, r, nr, cs)) {
         task_section t = {.f = f, .cc = cc, .L = L, .r = r, .cs = cs};
         for (int q = 0; q < nr; q++)
             for (int i = 0; i < r[q].n; i++)
                 t.run_of[r[q].l0 + i] = q;
         atomic_init(&t.next, 0);
+        atomic_init(&t.active, 0);
+        atomic_init(&t.down, 0);
         threadpool_run(cc->tp, s_task_worker, &t);
-        for (int i = 0; i < threadpool_size(cc->tp) && i < 64; i++)
-            if (st) st->active += t.active[i], st->down += t.down[i];
+        if (st) st->active += atomic_load(&t.active), st->down += atomic_load(&t.down);
         s_scatter(f, r, nr, y, y_row);
         return;
     }

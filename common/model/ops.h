@@ -37,8 +37,9 @@ typedef struct mm_job {
     const int32_t *rows;   /* optional row subset (n_vec must be 1) */
     const uint8_t *wp;     /* optional q4_0x16 image of the same matrix (faster, same bits) */
     uint8_t *pack_scratch; /* optional: room for a q4_0x16 image of the matrix; a Q4_0 job with
-                            * many vectors and no wp packs its rows there first (each thread
-                            * its own row range) and runs the packed kernel: same bits */
+                            * many vectors and no wp packs its rows there first (each chunk
+                            * of rows a thread takes, its own groups) and runs the packed
+                            * kernel: same bits */
     const uint8_t *down_t; /* optional, with pack_scratch: the matrix is this down_t image
                             * (down_t.h; w unused, row_bytes still the Q4_0 row size: it sizes
                             * the parallel section), packed from it for any n_vec */

@@ -71,7 +71,9 @@ static uint64_t s_reference(const kern_ops *ops, const layer_weights *L, int e, 
     return active;
 }
 
-static void s_check(int threads, bool images, const int *counts) {
+/* images: IMG_GATE (the gate's q4_0x16 image), IMG_DOWN_T (down_t images); st: the statistics. */
+enum { IMG_GATE = 1, IMG_DOWN_T = 2, IMG_BOTH = 3 };
+static void s_check(int threads, int images, const int *counts, expert_ffn_stats *st_out) {
     const kern_ops *ops = kern_ops_get();
     uint64_t seed = 5;
     layer_weights L = {.gate_exps = s_stack(F, E, &seed),
@@ -90,10 +92,12 @@ static void s_check(int threads, bool images, const int *counts) {
     uint64_t active = 0;
     for (int e = 0, s0 = 0; e < X; s0 += counts[e++]) {
         gate_x16[e] = dt[e] = NULL;
-        if (images) {
+        if (images & IMG_GATE) {
             gate_x16[e] = aligned_alloc(64, kern_q4_0x16_size(F, E));
             kern_q4_0x16_pack(L.gate_exps.data + (size_t)e * L.gate_exps.mat_bytes,
                               L.gate_exps.row_bytes, F, E, gate_x16[e]);
+        }
+        if (images & IMG_DOWN_T) {
             dt[e] = malloc(down_t_expert_bytes(STP_TYPE_Q4_0, E, F));
             down_t_build_expert(&L.down_exps, e, dt[e]);
         }
@@ -127,7 +131,8 @@ static void s_check(int threads, bool images, const int *counts) {
     expert_ffn_run(f, &cc, &L, groups, X, h, tok, y, y_row, &st);
     assert_memory_equal(y, ref, sizeof(float) * S * E);
     assert_int_equal(st.active, active);
-    if (!images) assert_int_equal(st.down, (uint64_t)S * F);
+    if (!(images & IMG_DOWN_T)) assert_int_equal(st.down, (uint64_t)S * F);
+    if (st_out) *st_out = st;
     assert_true(st.down > 0 && st.down <= (uint64_t)S * F);
     threadpool_destroy(&tp);
     expert_ffn_destroy(&f);
@@ -140,33 +145,40 @@ static void s_check(int threads, bool images, const int *counts) {
 
 static void test_expert_ffn_rows_one_thread(void **state) {
     (void)state;
-    s_check(1, false, k_n);
+    s_check(1, 0, k_n, NULL);
 }
 static void test_expert_ffn_rows_two_threads(void **state) {
     (void)state;
-    s_check(2, false, k_n);
+    s_check(2, 0, k_n, NULL);
 }
 static void test_expert_ffn_images_one_thread(void **state) {
     (void)state;
-    s_check(1, true, k_n);
+    s_check(1, IMG_BOTH, k_n, NULL);
 }
 static void test_expert_ffn_images_two_threads(void **state) {
     (void)state;
-    s_check(2, true, k_n);
+    s_check(2, IMG_BOTH, k_n, NULL);
 }
 
-static void test_expert_ffn_tasks_two_threads(void **state) {
+/* the tasks (2 and 3 threads) against the reference, and their statistics equal to the phased
+ * path's (1 thread) exactly */
+static void test_expert_ffn_tasks(void **state) {
     (void)state;
-    s_check(2, true, k_decode);
+    expert_ffn_stats phased, two, three;
+    s_check(1, IMG_BOTH, k_decode, &phased);
+    s_check(2, IMG_BOTH, k_decode, &two);
+    s_check(3, IMG_BOTH, k_decode, &three);
+    assert_int_equal(two.active, phased.active);
+    assert_int_equal(two.down, phased.down);
+    assert_int_equal(three.active, phased.active);
+    assert_int_equal(three.down, phased.down);
 }
-static void test_expert_ffn_tasks_three_threads(void **state) {
+/* tasks with the gate from its GGUF rows (no image), and short runs without down_t images
+ * (the phased path on 2 threads) */
+static void test_expert_ffn_tasks_plain_gate(void **state) {
     (void)state;
-    s_check(3, true, k_decode);
-}
-static void test_expert_ffn_decode_one_thread(void **state) {
-    (void)state;
-    s_check(1, true, k_decode);
-    s_check(2, false, k_decode);
+    s_check(2, IMG_DOWN_T, k_decode, NULL);
+    s_check(2, 0, k_decode, NULL);
 }
 
 int main(void) {
@@ -175,9 +187,8 @@ int main(void) {
         cmocka_unit_test(test_expert_ffn_rows_two_threads),
         cmocka_unit_test(test_expert_ffn_images_one_thread),
         cmocka_unit_test(test_expert_ffn_images_two_threads),
-        cmocka_unit_test(test_expert_ffn_tasks_two_threads),
-        cmocka_unit_test(test_expert_ffn_tasks_three_threads),
-        cmocka_unit_test(test_expert_ffn_decode_one_thread),
+        cmocka_unit_test(test_expert_ffn_tasks),
+        cmocka_unit_test(test_expert_ffn_tasks_plain_gate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
