@@ -224,6 +224,17 @@ static uint64_t s_down(expert_ffn *f, const compute_ctx *cc, const layer_weights
     return computed;
 }
 
+/* g = relu(g) * u (branch-free: a select, so an idle neuron's u, never computed, is not used),
+ * then quantized for down into xa. */
+static void s_reglu(const kern_ops *ops, stp_type td, float *g, const float *u, int F,
+                    uint8_t *xa) {
+    for (int i = 0; i < F; i++) {
+        const float a = g[i] * u[i];
+        g[i] = g[i] > 0.0f ? a : 0.0f;
+    }
+    ops->quantize_act(td, g, xa, F);
+}
+
 /* ---- single-slot products as tasks (decode) ------------------------------------------------ *
  * When every run of a chunk has few slots, each slot's whole FFN (gate, its active rows of up,
  * ReGLU, down over the down_t image) is one task, and the team's threads take tasks from a
@@ -268,12 +279,8 @@ static void s_task_worker(void *p, int ith, int nth) {
         active += (uint64_t)n_act;
         ops->matvec_rows(tu, E, w->up, L->up_exps.row_bytes, xq_up + (size_t)l * su, rows, n_act,
                          u);
-        for (int i = 0; i < F; i++) { /* ReGLU, as s_chunk's */
-            const float a = g[i] * u[i];
-            g[i] = g[i] > 0.0f ? a : 0.0f;
-        }
         uint8_t *xa = f->xq_a + (size_t)l * sd;
-        ops->quantize_act(td, g, xa, F);
+        s_reglu(ops, td, g, u, F, xa);
         down += (uint64_t)ops->down_t_matvec(w->down_t, E, F, (const block_q8_0 *)xa,
                                              f->ys + (size_t)l * E, 0, E / 2);
     }
@@ -334,15 +341,9 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
     }
     s_gate(f, cc, L, r, nr);
     const uint64_t active = s_up(f, cc, L, r, nr);
-    for (int l = 0; l < cs; l++) { /* ReGLU, quantized for down */
-        float *g = f->g + (size_t)l * F;
-        const float *u = f->u + (size_t)l * F;
-        for (int i = 0; i < F; i++) { /* branch-free (a select): same values */
-            const float a = g[i] * u[i];
-            g[i] = g[i] > 0.0f ? a : 0.0f;
-        }
-        cc->ops->quantize_act(td, g, f->xq_a + (size_t)l * sd, F);
-    }
+    for (int l = 0; l < cs; l++)
+        s_reglu(cc->ops, td, f->g + (size_t)l * F, f->u + (size_t)l * F, F,
+                f->xq_a + (size_t)l * sd);
     const uint64_t down = s_down(f, cc, L, r, nr);
     s_scatter(f, r, nr, y, y_row);
     if (st) {
