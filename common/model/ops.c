@@ -84,9 +84,7 @@ static void s_mm_worker(void *p, int ith, int nth) {
 /* Below this many weight bytes a section costs more to hand out than to compute alone. */
 #define MM_INLINE_BYTES (64 * 1024)
 /* Chunks per thread a section is cut into. */
-#ifndef MM_CHUNKS
 #define MM_CHUNKS 8
-#endif
 
 void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs) {
     mm_section s = {.cc = cc, .jobs = jobs, .n_jobs = n_jobs};

@@ -146,6 +146,17 @@ void th_client_request(void *sock, void *rq) {
     assert_int_equal(msg_send(sock, NULL, 0, &m.base, NULL), 0);
 }
 
+void *th_client_recv(void *sock, int timeout_ms) {
+    bool rd = false;
+    if (!msg_poll(&sock, 1, &rd, timeout_ms) || !rd) return NULL;
+    msg_in in;
+    if (msg_recv(sock, false, &in, NULL) <= 0) return NULL;
+    Stp__ClientMsg *m = stp__client_msg__unpack(NULL, in.len, in.data);
+    msg_in_free(&in);
+    assert_non_null(m);
+    return m;
+}
+
 void th_client_cancel(void *sock, uint64_t rid) {
     Stp__CancelRequest c;
     stp__cancel_request__init(&c);

@@ -42,6 +42,9 @@ long long th_stage_counter(const char *dir, const char *stage, const char *name)
  * the send worked. rq is a Stp__GenerateRequest (client.pb-c.h). */
 void th_client_request(void *sock, void *rq);
 void th_client_cancel(void *sock, uint64_t rid);
+/* The next ClientMsg on that socket within timeout_ms (asserts it unpacks), or NULL when none
+ * came; the caller frees it with stp__client_msg__free_unpacked. */
+void *th_client_recv(void *sock, int timeout_ms);
 /* /dev/shm entries named <prefix>-*. */
 int th_shm_count(const char *prefix);
 

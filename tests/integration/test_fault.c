@@ -335,13 +335,8 @@ static void test_fault_busy_queue(void **st) {
     int done = 0, busy = 0, other = 0;
     double t0 = th_now();
     while (done + busy + other < N_REQ && th_now() - t0 < 120) {
-        bool rd;
-        if (!msg_poll(&s, 1, &rd, 1000) || !rd) continue;
-        msg_in in;
-        if (msg_recv(s, false, &in, &err) <= 0) continue;
-        Stp__ClientMsg *m = stp__client_msg__unpack(NULL, in.len, in.data);
-        msg_in_free(&in);
-        assert_non_null(m);
+        Stp__ClientMsg *m = th_client_recv(s, 1000);
+        if (!m) continue;
         if (m->body_case == STP__CLIENT_MSG__BODY_DONE) done++;
         if (m->body_case == STP__CLIENT_MSG__BODY_ERROR) {
             if (m->error->code == STP_EBUSY && strstr(m->error->what, "busy"))

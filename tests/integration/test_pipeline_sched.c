@@ -72,13 +72,8 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
             left += !o[i].done;
         if (!left) return;
         assert_true((msg_now_us() - t0) * 1e-6 < 120);
-        bool rd = false;
-        if (!msg_poll(&s, 1, &rd, 200) || !rd) continue;
-        msg_in in;
-        if (msg_recv(s, false, &in, NULL) <= 0) continue;
-        Stp__ClientMsg *m = stp__client_msg__unpack(NULL, in.len, in.data);
-        msg_in_free(&in);
-        assert_non_null(m);
+        Stp__ClientMsg *m = th_client_recv(s, 200);
+        if (!m) continue;
         outcome *x = NULL;
         uint64_t rid = m->body_case == STP__CLIENT_MSG__BODY_TOKEN   ? m->token->request_id
                        : m->body_case == STP__CLIENT_MSG__BODY_DONE  ? m->done->request_id

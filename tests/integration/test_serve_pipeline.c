@@ -276,13 +276,8 @@ static void test_serve_pipeline(void **st) {
             char what[256] = "";
             double t0 = th_now();
             while (!outcome && th_now() - t0 < 30) {
-                bool rd = false;
-                if (!msg_poll(&zs, 1, &rd, 200) || !rd) continue;
-                msg_in in;
-                if (msg_recv(zs, false, &in, NULL) <= 0) continue;
-                Stp__ClientMsg *r = stp__client_msg__unpack(NULL, in.len, in.data);
-                msg_in_free(&in);
-                assert_non_null(r);
+                Stp__ClientMsg *r = th_client_recv(zs, 200);
+                if (!r) continue;
                 if (r->body_case == STP__CLIENT_MSG__BODY_ERROR && r->error->seq == rq.request_id) {
                     outcome = 1;
                     snprintf(what, sizeof what, "%s", r->error->what);
