@@ -127,8 +127,48 @@ static int s_encode(http_job *job, const tokenizer *tok, const char *text, const
     return 0;
 }
 
+/* A chat's ids: the memo's ids of the longest earlier exchange the text starts with (cut where
+ * a message ends and the template's <|im_end|> follows), then the rest encoded; without a
+ * memo or a match, the whole text encoded. */
+static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, const char *text,
+                         const tok_span *plain, size_t n_plain, char *msg, size_t cap) {
+    static const char im_end[] = "<|im_end|>";
+    const size_t len = strlen(text);
+    size_t *cuts = memo ? malloc((n_plain ? n_plain : 1) * sizeof *cuts) : NULL, n_cuts = 0;
+    for (size_t i = 0; cuts && i < n_plain; i++) {
+        const size_t end = plain[i].off + plain[i].len;
+        if (!strncmp(text + end, im_end, sizeof im_end - 1)) cuts[n_cuts++] = end;
+    }
+    int32_t *head = NULL;
+    size_t n_head = 0,
+           cut = n_cuts ? chat_memo_find(memo, text, len, cuts, n_cuts, &head, &n_head) : 0;
+    free(cuts);
+    if (!cut) return s_encode(job, tok, text, plain, n_plain, msg, cap);
+    size_t first = 0; /* spans after the cut, moved to the rest's offsets */
+    while (first < n_plain && plain[first].off < cut)
+        first++;
+    tok_span *rest = malloc((n_plain - first + 1) * sizeof *rest);
+    for (size_t i = first; rest && i < n_plain; i++)
+        rest[i - first] = (tok_span){plain[i].off - cut, plain[i].len};
+    int rc = rest ? s_encode(job, tok, text + cut, rest, n_plain - first, msg, cap)
+                  : s_bad(msg, cap, "out of memory");
+    free(rest);
+    int32_t *ids = rc ? NULL : malloc(sizeof *ids * (n_head + (size_t)job->n_prompt));
+    if (!rc && !ids) rc = s_bad(msg, cap, "out of memory");
+    if (!rc) {
+        memcpy(ids, head, sizeof *ids * n_head);
+        memcpy(ids + n_head, job->prompt, sizeof *ids * (size_t)job->n_prompt);
+        free(job->prompt);
+        job->prompt = ids;
+        job->n_prompt += (int)n_head;
+        job->n_memo = (int)n_head;
+    }
+    free(head);
+    return rc;
+}
+
 static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
-                         const http_api_limits *lim, char *msg, size_t cap) {
+                         const http_api_limits *lim, chat_memo *memo, char *msg, size_t cap) {
     json_t *msgs = json_object_get(root, "messages");
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
         return s_bad(msg, cap,
@@ -168,7 +208,12 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, plain, &err))
         rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
     if (!rc) rc = s_too_long(strlen(text), lim, msg, cap);
-    if (!rc) rc = s_encode(job, tok, text, plain, n, msg, cap); /* contents: plain text */
+    if (!rc) rc = s_encode_chat(job, tok, memo, text, plain, n, msg, cap); /* contents: plain */
+    if (!rc && memo) { /* kept for the memo's entry when the answer is done */
+        job->prompt_text = text;
+        job->prompt_text_len = strlen(text);
+        text = NULL;
+    }
     free(text);
     free(plain);
     for (size_t i = 0; owned && i < n; i++)
@@ -209,8 +254,8 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
 }
 
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
-                   const tokenizer *tok, const http_api_limits *lim, uint64_t default_seed,
-                   char *msg, size_t cap) {
+                   const tokenizer *tok, const http_api_limits *lim, chat_memo *memo,
+                   uint64_t default_seed, char *msg, size_t cap) {
     json_error_t je;
     const int n_ctx = lim->n_ctx;
     job->kind = kind;
@@ -289,7 +334,7 @@ int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
         }
         gp->stop = (const char *const *)job->stop;
     }
-    rc = kind == HTTP_KIND_CHAT ? s_chat_prompt(job, root, tok, lim, msg, cap)
+    rc = kind == HTTP_KIND_CHAT ? s_chat_prompt(job, root, tok, lim, memo, msg, cap)
                                 : s_completion_prompt(job, root, tok, lim, msg, cap);
     if (rc) goto out;
     if (job->n_prompt == 0) {
@@ -313,6 +358,7 @@ void http_api_job_fini(http_job *job) {
         free(job->stop[i]);
     free(job->stop);
     free(job->prompt);
+    free(job->prompt_text);
     free(job->out);
     gen_result_fini(&job->res);
 }

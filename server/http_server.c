@@ -49,6 +49,7 @@ struct http_server {
     bool stopping;
     unsigned long long seq;
     http_metrics *metrics;
+    chat_memo *memo; /* the ids of recent answers, by their chat text */
     http_api_limits lim;
     int port;
 };
@@ -152,8 +153,27 @@ static int s_emit(void *ud, const char *text, size_t len) {
     return stop;
 }
 
+/* A finished chat's text and ids into the memo, when its answer's text stands for its ids
+ * (chat_memo.h, invariant 2). */
+static void s_memo_put(http_server *s, const http_job *job, const gen_result *res) {
+    if (!s->memo || !job->prompt_text || !s->mi.tok) return;
+    size_t n = res->n_gen > 0 ? (size_t)res->n_gen : 0;
+    if (res->finish == GEN_FINISH_STOP) { /* an end-of-generation id, not a stop string */
+        if (!n || !tokenizer_is_eog(s->mi.tok, res->ids[n - 1])) return;
+        n--;
+    } else if (res->finish != GEN_FINISH_LENGTH) {
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const int ty = tokenizer_token_type(s->mi.tok, res->ids[i]);
+        if (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNUSED) return;
+    }
+    chat_memo_put(s->memo, job->prompt_text, job->prompt_text_len, res->text ? res->text : "",
+                  res->text ? res->len : 0, job->prompt, (size_t)job->n_prompt, res->ids, n);
+}
+
 /* The runner finished job (worker thread, no lock held): its answer's last events, the
- * metrics, and the connection is woken. */
+ * metrics, the memo, and the connection is woken. */
 static void s_done(void *ud, gen_result *res, int rc, const stp_err *err) {
     http_job *job = ud;
     http_server *s = job->srv;
@@ -162,6 +182,7 @@ static void s_done(void *ud, gen_result *res, int rc, const stp_err *err) {
     job->t_end = gen_now();
     job->rc = rc;
     if (rc) snprintf(job->errmsg, sizeof job->errmsg, "%s", err ? err->msg : "failed");
+    if (!rc) s_memo_put(s, job, &job->res);
     http_metrics_generation(s->metrics, job);
     pthread_mutex_lock(&s->mu);
     if (job->stream) {
@@ -452,7 +473,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     char msg[768];
     uint64_t seed = (uint64_t)job->created * 0x9E3779B97F4A7C15ull + seq;
     int status = http_api_parse(job, kind, hc->body ? hc->body : "", hc->len, s->mi.tok, &s->lim,
-                                seed, msg, sizeof msg);
+                                s->memo, seed, msg, sizeof msg);
     if (status) {
         pthread_mutex_lock(&s->mu);
         s_job_unref(job);
@@ -736,8 +757,10 @@ static int s_new(http_server **out, const http_server_config *cfg, const http_mo
         goto fail;
     }
     s->n_free = s->run.n_free(s->run.ctx); /* no worker yet: this thread may ask */
-    if ((rc = http_metrics_new(&s->metrics))) {
-        stp_err_set(err, rc, "out of memory");
+    /* a few entries per slot: conversations take turns with other clients */
+    s->memo = chat_memo_new(4 * (s->n_free > 4 ? s->n_free : 4));
+    if (!s->memo || http_metrics_new(&s->metrics)) {
+        rc = stp_err_set(err, STP_ENOMEM, "out of memory");
         goto fail;
     }
     if (pthread_create(&s->worker, NULL, s_worker, s)) {
@@ -808,6 +831,7 @@ void http_server_destroy(http_server **self_p) {
     sched_destroy(&s->sched); /* every request has ended (cancelled): nothing is called back */
     if (s->d) MHD_stop_daemon(s->d);
     http_metrics_destroy(&s->metrics);
+    chat_memo_destroy(&s->memo);
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->mu);
     free(s);

@@ -24,6 +24,7 @@
 #include "gen/backend.h"
 #include "gen/gen_loop.h"
 #include "gen/sched.h"
+#include "chat_memo.h"
 
 /* ---- server --------------------------------------------------------------------------------- */
 
@@ -95,6 +96,9 @@ typedef struct http_job {
     char **stop; /* gp.stop points here */
     int32_t *prompt;
     int n_prompt;
+    int n_memo;        /* leading prompt ids taken from the chat memo (chat_memo.h) */
+    char *prompt_text; /* the chat's text (with a memo; NULL otherwise) */
+    size_t prompt_text_len;
     char id[48];
     long long created;
     double t_arrive; /* gen_now() when the request was complete */
@@ -128,10 +132,12 @@ typedef struct http_api_limits {
  * than n_ctx tokens. */
 size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes);
 /* Parses a request body into job (prompt tokens, parameters). Returns 0 or an HTTP status
- * (400, or 413 for a prompt over lim->max_prompt_bytes) with msg filled. */
+ * (400, or 413 for a prompt over lim->max_prompt_bytes) with msg filled. With a memo (may be
+ * NULL) a chat starting with an earlier exchange's text takes that exchange's ids (job->n_memo
+ * of them) and keeps its text in job->prompt_text for the memo's entry of its own answer. */
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
-                   const tokenizer *tok, const http_api_limits *lim, uint64_t default_seed,
-                   char *msg, size_t cap);
+                   const tokenizer *tok, const http_api_limits *lim, chat_memo *memo,
+                   uint64_t default_seed, char *msg, size_t cap);
 void http_api_job_fini(http_job *job);
 /* Complete JSON body of a non-streaming answer (malloc'd). */
 char *http_api_response(const http_job *job, const char *model);
