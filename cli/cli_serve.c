@@ -31,7 +31,7 @@ typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
     int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool,
-        sparse_head;
+        sparse_head, chat_memo;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -58,6 +58,11 @@ static const opt_def s_opts[] = {
      "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
      "pauses in the other streams)",
      F(chunk), NULL, NULL},
+    {"--chat-memo", NULL, OPT_INT, 0, 65536, "16", "N",
+     "answers kept so that a chat's next turn, which sends the answer back as text, starts with "
+     "the ids the model wrote (those its slot holds) instead of the text's encoding; 0 = off: "
+     "every chat encoded whole, its ids a function of its text alone (docs/SERVER.md)",
+     F(chat_memo), NULL, NULL},
     CLI_OPT_SPARSE_HEAD(serve_opts),
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
@@ -215,6 +220,7 @@ int cli_serve(int argc, char **argv) {
                              .cors_origin = cors,
                              .prefill_chunk = o.chunk,
                              .kv_positions = o.kv_pool,
+                             .chat_memo = o.chat_memo,
                              .api_key = api_key && *api_key ? api_key : NULL};
     if (pipeline) return s_serve_pipeline(&o, &hc);
     stp_err err = {0};

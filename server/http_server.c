@@ -757,9 +757,8 @@ static int s_new(http_server **out, const http_server_config *cfg, const http_mo
         goto fail;
     }
     s->n_free = s->run.n_free(s->run.ctx); /* no worker yet: this thread may ask */
-    /* a few entries per slot: conversations take turns with other clients */
-    s->memo = chat_memo_new(4 * (s->n_free > 4 ? s->n_free : 4));
-    if (!s->memo || http_metrics_new(&s->metrics)) {
+    if (cfg->chat_memo > 0) s->memo = chat_memo_new(cfg->chat_memo);
+    if ((cfg->chat_memo > 0 && !s->memo) || http_metrics_new(&s->metrics)) {
         rc = stp_err_set(err, STP_ENOMEM, "out of memory");
         goto fail;
     }

@@ -487,12 +487,11 @@ static void test_serve_parallel_same_answers(void **state) {
     if (!(cached > 0)) fail_msg("no prompt token found in a cache (%lld)", cached);
 }
 
-/* A chat's 2nd turn sends the 1st answer back as text. That text re-encodes to other ids than
- * the model wrote (checked here with the tokenizer, so the case stays one that needs the memo),
- * yet the 2nd turn finds the whole 1st exchange in the slot: the 1st prompt and every answer id
- * but the last (never evaluated), from the chat memo (server/chat_memo.h). */
-static void test_serve_chat_memo_reuses_the_answer(void **state) {
-    (void)state;
+/* Two turns of a chat on the server at port: the 1st (24 greedy tokens), then the 2nd with the
+ * 1st answer sent back as text. *p1: the 1st prompt's ids; *same: how many of the 1st
+ * exchange's ids a plain encoding of the 2nd turn's chat repeats (tokenizer_chat_encode);
+ * returns the 2nd turn's cached prompt tokens. */
+static long long s_two_turns(int port, long long *p1, size_t *same) {
     const char *q = "Tell me a story about the sea.";
     char *b1 = NULL;
     if (asprintf(&b1,
@@ -500,7 +499,7 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
                  "\"temperature\":0,\"return_tokens\":true}",
                  q) < 0)
         fail();
-    th_http_resp h1 = th_http(s_qwen.port, "POST", "/v1/chat/completions", NULL, b1);
+    th_http_resp h1 = th_http(port, "POST", "/v1/chat/completions", NULL, b1);
     assert_int_equal(h1.status, 200);
     json_t *j1 = s_json(&h1);
     json_t *gen = json_object_get(j1, "tokens");
@@ -509,10 +508,8 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     const char *answer = json_string_value(json_object_get(
         json_object_get(json_array_get(json_object_get(j1, "choices"), 0), "message"), "content"));
     assert_non_null(answer);
-    const long long p1 =
-        json_integer_value(json_object_get(json_object_get(j1, "usage"), "prompt_tokens"));
+    *p1 = json_integer_value(json_object_get(json_object_get(j1, "usage"), "prompt_tokens"));
 
-    /* the 2nd turn's ids as a plain encoding gives them: the answer's ids differ */
     char mp[4096];
     th_data_path(mp, sizeof mp, QWEN);
     gguf_file *g = NULL;
@@ -524,28 +521,22 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     int32_t *plain = NULL;
     size_t n_plain = 0;
     assert_int_equal(tokenizer_chat_encode(tok, m2, 3, true, &plain, &n_plain, &err), 0);
-    size_t same = (size_t)p1; /* the 1st prompt is a prefix of the 2nd's encoding */
-    while (same < n_plain && same - (size_t)p1 < n_gen &&
-           plain[same] == json_integer_value(json_array_get(gen, same - (size_t)p1)))
-        same++;
-    if (same >= (size_t)p1 + n_gen - 1)
-        fail_msg("the answer re-encodes to its own ids; the case does not need the memo");
+    *same = (size_t)*p1; /* the 1st prompt is a prefix of the 2nd's encoding */
+    while (*same < n_plain && *same - (size_t)*p1 < n_gen &&
+           plain[*same] == json_integer_value(json_array_get(gen, *same - (size_t)*p1)))
+        (*same)++;
 
     json_t *r2 = json_pack("{s:[{s:s,s:s},{s:s,s:s},{s:s,s:s}], s:i, s:i}", "messages", "role",
                            "user", "content", q, "role", "assistant", "content", answer, "role",
                            "user", "content", "And then?", "max_tokens", 4, "temperature", 0);
     char *b2 = json_dumps(r2, 0);
-    th_http_resp h2 = th_http(s_qwen.port, "POST", "/v1/chat/completions", NULL, b2);
+    th_http_resp h2 = th_http(port, "POST", "/v1/chat/completions", NULL, b2);
     assert_int_equal(h2.status, 200);
     json_t *j2 = s_json(&h2);
     json_t *u2 = json_object_get(j2, "usage");
     const long long cached = json_integer_value(
         json_object_get(json_object_get(u2, "prompt_tokens_details"), "cached_tokens"));
-    if (cached != p1 + (long long)n_gen - 1)
-        fail_msg("2nd turn: %lld prompt tokens cached, want %lld (a plain encoding shares %zu)",
-                 cached, p1 + (long long)n_gen - 1, same);
-    /* its prompt: the 1st exchange's ids, then the rest ("<|im_end|>\n<|im_start|>user...") */
-    assert_true(json_integer_value(json_object_get(u2, "prompt_tokens")) > p1 + (long long)n_gen);
+    assert_true(json_integer_value(json_object_get(u2, "prompt_tokens")) > *p1 + (long long)n_gen);
     free(plain);
     tokenizer_destroy(&tok);
     gguf_close(&g);
@@ -556,6 +547,30 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     json_decref(j2);
     th_http_free(&h1);
     th_http_free(&h2);
+    return cached;
+}
+
+/* A chat's 2nd turn sends the 1st answer back as text, which re-encodes to other ids than the
+ * model wrote (checked with the tokenizer, so the case stays one that needs the memo); yet the
+ * 2nd turn finds the whole 1st exchange in the slot: the 1st prompt and every answer id but the
+ * last (never evaluated), from the chat memo (server/chat_memo.h). With --chat-memo 0 the chat
+ * is encoded whole: only the ids its plain encoding repeats are found. */
+static void test_serve_chat_memo_reuses_the_answer(void **state) {
+    (void)state;
+    long long p1 = 0;
+    size_t same = 0;
+    const long long cached = s_two_turns(s_qwen.port, &p1, &same);
+    if (same >= (size_t)p1 + 23)
+        fail_msg("the answer re-encodes to its own ids; the case does not need the memo");
+    if (cached != p1 + 23)
+        fail_msg("2nd turn: %lld prompt tokens cached, want %lld (a plain encoding shares %zu)",
+                 cached, p1 + 23, same);
+    th_server off = {0};
+    const char *args[] = {"--parallel", "1", "--chat-memo", "0", NULL};
+    assert_int_equal(th_server_start(&off, QWEN, args, "serve_nomemo"), 0);
+    const long long cached_off = s_two_turns(off.port, &p1, &same);
+    assert_int_equal(th_server_stop(&off), 0);
+    assert_int_equal(cached_off, (long long)same);
 }
 
 int main(void) {
