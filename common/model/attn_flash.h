@@ -131,9 +131,9 @@ static inline af_v s_af_exp(af_v x) {
 #define AF_KEEP(x) __asm__("" : "+v"(x))
 
 #if AF_W == 16 && defined(__AVX512F__)
-/* out[j] = s_af_hsum(x[j]) * scale for four vectors at once: each step of the halving tree
+/* {s_af_hsum(x[j]) * scale, j = 0..3} for four vectors at once: each step of the halving tree
  * adds the same lanes, two or four vectors' lanes side by side in a register. */
-static inline void s_af_hsum4(const af_v *x, float scale, float *out) {
+static inline __m128 s_af_hsum4(const af_v *x, float scale) {
     const __m512 a0 = (__m512)x[0], a1 = (__m512)x[1], a2 = (__m512)x[2], a3 = (__m512)x[3];
     /* t[i] + t[i + 8]: a0's in lanes 0..7, a1's in 8..15 (u01), a2's and a3's (u23) */
     const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -148,7 +148,7 @@ static inline void s_af_hsum4(const af_v *x, float scale, float *out) {
     const __m512 y = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(2, 3, 0, 1)));
     const __m512 z =
         _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), y);
-    _mm_storeu_ps(out, _mm_mul_ps(_mm512_castps512_ps128(z), _mm_set1_ps(scale)));
+    return _mm_mul_ps(_mm512_castps512_ps128(z), _mm_set1_ps(scale));
 }
 #endif
 
@@ -191,15 +191,13 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
                 }
             }
 #if AF_W == 16 && AF_RB == 4 && defined(__AVX512F__)
-            if (D0 == D) { /* the four rows' trees side by side in one register */
+            if (D0 == D) { /* the four rows' trees side by side in one register, stored whole:
+                            * a row's ATTN_TILE scores have room for them (r0 + 4 <= ATTN_TILE),
+                            * and the softmax sets those past n to -inf */
 #pragma GCC unroll 8
-                for (int b = 0; b < AF_HB; b++) {
-                    float d[4];
-                    s_af_hsum4(acc[b], scale, d);
+                for (int b = 0; b < AF_HB; b++)
                     if (h + b < G)
-                        for (int j = 0; j < AF_RB && r0 + j < n; j++)
-                            sc[(h + b) * ATTN_TILE + r0 + j] = d[j];
-                }
+                        _mm_storeu_ps(sc + (h + b) * ATTN_TILE + r0, s_af_hsum4(acc[b], scale));
                 continue;
             }
 #endif
@@ -315,7 +313,7 @@ static inline void s_af_dequant(float *dst, const block_q8_0 *row, size_t e0, in
 
 /* The online softmax step of a tile of n scores per head (sc, (G, ATTN_TILE)): each head's max
  * raised to the tile's (acc and s rescaled by exp(old - new), in double), p = exp(score - max) in
- * place (0 past n), and the sum of p in position order added to s in double. Four heads' sums
+ * place (0 past n), and the sum of p in position order added to s in double. Eight heads' sums
  * run side by side. */
 static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, double *s, double *acc) {
     for (int h = 0; h < G; h++) {
@@ -328,9 +326,13 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
             const af_vi gt = x > mx;
             mx = (af_v)(((af_vi)x & gt) | ((af_vi)mx & ~gt));
         }
+#if AF_W == 16 && defined(__AVX512F__)
+        const float mt = _mm512_reduce_max_ps((__m512)mx); /* a max in any order is the max */
+#else
         float mt = mx[0];
         for (int i = 1; i < AF_W; i++)
             mt = mx[i] > mt ? mx[i] : mt;
+#endif
         if (mt > m[h]) {
             const double al = exp(m[h] - (double)mt);
             s[h] *= al;
@@ -341,17 +343,18 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
         for (int r = 0; r < ATTN_TILE; r += AF_W)
             s_af_store(p + r, s_af_exp(s_af_load(p + r) - mv));
     }
-    for (int h = 0; h < G; h += 4) {
-        const float *p0 = sc + h * ATTN_TILE, *p1 = sc + (h + 1 < G ? h + 1 : h) * ATTN_TILE,
-                    *p2 = sc + (h + 2 < G ? h + 2 : h) * ATTN_TILE,
-                    *p3 = sc + (h + 3 < G ? h + 3 : h) * ATTN_TILE;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    for (int h = 0; h < G; h += 8) {
+        const float *ph[8];
+        float sh[8];
+#pragma GCC unroll 8
+        for (int b = 0; b < 8; b++)
+            ph[b] = sc + (h + b < G ? h + b : h) * ATTN_TILE, sh[b] = 0.0f;
         for (int r = 0; r < n; r++)
-            s0 += p0[r], s1 += p1[r], s2 += p2[r], s3 += p3[r];
-        s[h] += (double)s0;
-        if (h + 1 < G) s[h + 1] += (double)s1;
-        if (h + 2 < G) s[h + 2] += (double)s2;
-        if (h + 3 < G) s[h + 3] += (double)s3;
+#pragma GCC unroll 8
+            for (int b = 0; b < 8; b++)
+                sh[b] += ph[b][r];
+        for (int b = 0; b < 8 && h + b < G; b++)
+            s[h + b] += (double)sh[b];
     }
 }
 
