@@ -16,6 +16,7 @@ struct sampler {
     int n_vocab;
     uint64_t rng[2];
     cand *c;
+    cand *tmp;     /* (n_vocab) the radix sort's other buffer, allocated on first use */
     int32_t *hist; /* ring of the last penalty_last_n tokens */
     int hist_n, hist_pos;
     int32_t *count; /* (n_vocab) occurrences in hist */
@@ -71,6 +72,7 @@ void sampler_destroy(sampler **self_p) {
     sampler *s = *self_p;
     if (!s) return;
     free(s->c);
+    free(s->tmp);
     free(s->count);
     free(s->hist);
     free(s);
@@ -126,6 +128,42 @@ static void s_sift_down(cand *h, int n, int i) {
     }
 }
 
+/* The sort key of a logit: unsigned order = descending logit (-0 as +0, as == compares). */
+static uint32_t s_key(float f) {
+    uint32_t u;
+    if (f == 0.0f) f = 0.0f;
+    memcpy(&u, &f, sizeof u);
+    u = u & 0x80000000u ? ~u : u | 0x80000000u; /* ascending float order */
+    return ~u;
+}
+
+/* s->c[0..n) in s_cmp_cand's order (logit descending, then id ascending). Many candidates (a
+ * filter-less draw keeps most of the vocabulary): a stable LSD radix sort on the logit's key, 11
+ * bits a pass, over candidates that come in id order, so equal logits stay in id order: the
+ * order qsort gives, ~10x sooner than qsort on 151k candidates. Others (a top-k heap's, not in
+ * id order, or few): qsort. */
+static void s_sort(sampler *s, int n, bool id_order) {
+    if (!id_order || n < 4096 ||
+        (!s->tmp && !(s->tmp = malloc(sizeof(cand) * (size_t)s->n_vocab)))) {
+        qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand);
+        return;
+    }
+    cand *a = s->c, *b = s->tmp;
+    for (int shift = 0; shift < 32; shift += 11) {
+        int count[2049] = {0};
+        for (int i = 0; i < n; i++)
+            count[((s_key(a[i].logit) >> shift) & 2047) + 1]++;
+        for (int d = 0; d < 2048; d++)
+            count[d + 1] += count[d];
+        for (int i = 0; i < n; i++)
+            b[count[(s_key(a[i].logit) >> shift) & 2047]++] = a[i];
+        cand *t = a;
+        a = b;
+        b = t;
+    }
+    if (a != s->c) memcpy(s->c, a, sizeof(cand) * (size_t)n); /* three passes: an odd count */
+}
+
 /* Fills s->c with the candidates the filters can keep, best first; returns their count.
  * With top-k: a size-k heap over the vocabulary (O(n log k)). Without: every token whose logit
  * is within 30 * max(1, T) of the best (the rest has relative probability below e^-30 after
@@ -156,7 +194,7 @@ static int s_candidates(sampler *s, const float *logits) {
         for (int i = 0; i < V; i++)
             if (logits[i] >= floor) s->c[n++] = (cand){i, logits[i], 0};
     }
-    qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand);
+    s_sort(s, n, !(p->top_k > 0 && p->top_k < V));
     return n;
 }
 

@@ -290,6 +290,45 @@ static void test_sampler_ring_wraps_many_times(void **state) {
     sampler_destroy(&s);
 }
 
+/* A large vocabulary without top-k sorts its candidates with a radix sort, a top-k heap's with
+ * qsort: both must give the same order (logit descending, ties by id, -0 == +0), hence the same
+ * draws. Sampler A keeps every token but one far below (no filter); B takes the top V - 1 of the
+ * same logits (the same set, through the heap). Many ties, zeros of both signs; with and without
+ * top-p. */
+static void test_sampler_large_vocab_order(void **state) {
+    (void)state;
+    enum { V = 20000 };
+    static float logits[V], tmp[V];
+    uint64_t x = 12345;
+    for (int i = 0; i < V; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        const int r = (int)(x >> 33) % 60;
+        logits[i] = r == 0 ? -0.0f : r == 1 ? 0.0f : (float)(r - 30) / 8.0f; /* ties */
+    }
+    logits[777] = -1e30f; /* below every filter-less floor; the heap's one left out */
+    for (int top_p = 0; top_p < 2; top_p++) {
+        sampler_params p;
+        sampler_params_default(&p);
+        p.temperature = 0.8f;
+        p.top_p = top_p ? 0.9f : 1.0f;
+        p.seed = 99;
+        sampler *a = s_new(&p, V);
+        p.top_k = V - 1;
+        sampler *b = s_new(&p, V);
+        for (int i = 0; i < 300; i++) {
+            memcpy(tmp, logits, sizeof tmp);
+            const int32_t ia = sampler_sample(a, tmp);
+            memcpy(tmp, logits, sizeof tmp);
+            const int32_t ib = sampler_sample(b, tmp);
+            if (ia != ib)
+                fail_msg("draw %d (top_p %.1f): %d without top-k, %d with", i, p.top_p, ia, ib);
+            assert_int_not_equal(ia, 777);
+        }
+        sampler_destroy(&a);
+        sampler_destroy(&b);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sampler_argmax_ties_lowest),
@@ -304,6 +343,7 @@ int main(void) {
         cmocka_unit_test(test_sampler_presence_frequency_penalty),
         cmocka_unit_test(test_sampler_penalty_window),
         cmocka_unit_test(test_sampler_ring_wraps_many_times),
+        cmocka_unit_test(test_sampler_large_vocab_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
