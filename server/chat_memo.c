@@ -12,6 +12,8 @@ typedef struct s_entry {
     size_t len;
     int32_t *ids;
     size_t n_ids;
+    tok_span *spans;
+    size_t n_spans;
     unsigned long long used; /* clock of the last put or hit */
 } s_entry;
 
@@ -38,6 +40,7 @@ chat_memo *chat_memo_new(int n) {
 static void s_clear(s_entry *e) {
     free(e->text);
     free(e->ids);
+    free(e->spans);
     *e = (s_entry){0};
 }
 
@@ -52,58 +55,66 @@ void chat_memo_destroy(chat_memo **self_p) {
     *self_p = NULL;
 }
 
-void chat_memo_put(chat_memo *m, const char *prompt_text, size_t prompt_len, const char *answer,
-                   size_t answer_len, const int32_t *prompt, size_t n_prompt,
-                   const int32_t *answer_ids, size_t n_answer) {
-    const size_t len = prompt_len + answer_len, n_ids = n_prompt + n_answer;
-    char *text = malloc(len + 1);
-    int32_t *ids = malloc(sizeof *ids * (n_ids ? n_ids : 1));
-    if (!text || !ids) {
-        free(text);
-        free(ids);
+void chat_memo_put(chat_memo *m, const char *text, size_t len, const tok_span *spans,
+                   size_t n_spans, const int32_t *ids, size_t n_ids) {
+    if (!n_spans || spans[n_spans - 1].off + spans[n_spans - 1].len != len) return;
+    char *t = malloc(len + 1);
+    int32_t *i = malloc(sizeof *i * (n_ids ? n_ids : 1));
+    tok_span *sp = malloc(sizeof *sp * n_spans);
+    if (!t || !i || !sp) {
+        free(t);
+        free(i);
+        free(sp);
         return;
     }
-    memcpy(text, prompt_text, prompt_len);
-    memcpy(text + prompt_len, answer, answer_len);
-    text[len] = 0;
-    memcpy(ids, prompt, sizeof *ids * n_prompt);
-    memcpy(ids + n_prompt, answer_ids, sizeof *ids * n_answer);
+    memcpy(t, text, len);
+    t[len] = 0;
+    if (n_ids) memcpy(i, ids, sizeof *i * n_ids);
+    memcpy(sp, spans, sizeof *sp * n_spans);
     pthread_mutex_lock(&m->mu);
     int slot = 0;
-    for (int i = 0; i < m->n; i++) {
-        const s_entry *e = &m->e[i];
-        if (e->text && e->len <= len && !memcmp(e->text, text, e->len)) { /* a turn earlier */
-            slot = i;
+    for (int k = 0; k < m->n; k++) {
+        const s_entry *e = &m->e[k];
+        if (e->text && e->len <= len && !memcmp(e->text, t, e->len)) { /* a turn earlier */
+            slot = k;
             break;
         }
-        if (!e->text || (m->e[slot].text && e->used < m->e[slot].used)) slot = i;
+        if (!e->text || (m->e[slot].text && e->used < m->e[slot].used)) slot = k;
     }
     s_clear(&m->e[slot]);
-    m->e[slot] = (s_entry){text, len, ids, n_ids, ++m->clock};
+    m->e[slot] = (s_entry){t, len, i, n_ids, sp, n_spans, ++m->clock};
     pthread_mutex_unlock(&m->mu);
 }
 
-size_t chat_memo_find(chat_memo *m, const char *text, size_t len, const size_t *cuts, size_t n_cuts,
-                      int32_t **ids, size_t *n_ids) {
+/* Whether the chat (text, spans) continues entry e (chat_memo_find's rule). */
+static bool s_continues(const s_entry *e, const char *text, size_t len, const tok_span *spans,
+                        size_t n_spans, const char *next, size_t next_len) {
+    if (e->len > len || len - e->len < next_len || e->n_spans > n_spans) return false;
+    for (size_t k = 0; k < e->n_spans; k++)
+        if (spans[k].off != e->spans[k].off || spans[k].len != e->spans[k].len) return false;
+    return !memcmp(text + e->len, next, next_len) && !memcmp(e->text, text, e->len);
+}
+
+size_t chat_memo_find(chat_memo *m, const char *text, size_t len, const tok_span *spans,
+                      size_t n_spans, const char *next, int32_t **ids, size_t *n_ids) {
     *ids = NULL;
     *n_ids = 0;
+    const size_t next_len = strlen(next);
     pthread_mutex_lock(&m->mu);
     m->lookups++;
     int best = -1;
-    for (int i = 0; i < m->n; i++) {
-        const s_entry *e = &m->e[i];
-        if (!e->text || e->len > len || (best >= 0 && e->len <= m->e[best].len)) continue;
-        bool cut = false;
-        for (size_t c = 0; c < n_cuts && !cut; c++)
-            cut = cuts[c] == e->len;
-        if (cut && !memcmp(e->text, text, e->len)) best = i;
+    for (int k = 0; k < m->n; k++) {
+        const s_entry *e = &m->e[k];
+        if (e->text && (best < 0 || e->len > m->e[best].len) &&
+            s_continues(e, text, len, spans, n_spans, next, next_len))
+            best = k;
     }
     size_t found = 0;
     if (best >= 0) {
         s_entry *e = &m->e[best];
         *ids = malloc(sizeof **ids * (e->n_ids ? e->n_ids : 1));
         if (*ids) {
-            memcpy(*ids, e->ids, sizeof **ids * e->n_ids);
+            if (e->n_ids) memcpy(*ids, e->ids, sizeof **ids * e->n_ids);
             *n_ids = e->n_ids;
             found = e->len;
             e->used = ++m->clock;

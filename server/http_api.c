@@ -127,22 +127,15 @@ static int s_encode(http_job *job, const tokenizer *tok, const char *text, const
     return 0;
 }
 
-/* A chat's ids: the memo's ids of the longest earlier exchange the text starts with (cut where
- * a message ends and the template's <|im_end|> follows), then the rest encoded; without a
- * memo or a match, the whole text encoded. */
+/* A chat's ids: the memo's ids of the longest earlier exchange the chat continues (the same
+ * text and messages up to where that answer's message ends and the template's <|im_end|>
+ * follows), then the rest encoded; without a memo or a match, the whole text encoded. */
 static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, const char *text,
                          const tok_span *plain, size_t n_plain, char *msg, size_t cap) {
-    static const char im_end[] = "<|im_end|>";
-    const size_t len = strlen(text);
-    size_t *cuts = memo ? malloc((n_plain ? n_plain : 1) * sizeof *cuts) : NULL, n_cuts = 0;
-    for (size_t i = 0; cuts && i < n_plain; i++) {
-        const size_t end = plain[i].off + plain[i].len;
-        if (!strncmp(text + end, im_end, sizeof im_end - 1)) cuts[n_cuts++] = end;
-    }
     int32_t *head = NULL;
-    size_t n_head = 0,
-           cut = n_cuts ? chat_memo_find(memo, text, len, cuts, n_cuts, &head, &n_head) : 0;
-    free(cuts);
+    size_t n_head = 0, cut = memo ? chat_memo_find(memo, text, strlen(text), plain, n_plain,
+                                                   "<|im_end|>", &head, &n_head)
+                                  : 0;
     if (!cut) return s_encode(job, tok, text, plain, n_plain, msg, cap);
     size_t first = 0; /* spans after the cut, moved to the rest's offsets */
     while (first < n_plain && plain[first].off < cut)
@@ -156,8 +149,8 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
     int32_t *ids = rc ? NULL : malloc(sizeof *ids * (n_head + (size_t)job->n_prompt));
     if (!rc && !ids) rc = s_bad(msg, cap, "out of memory");
     if (!rc) {
-        memcpy(ids, head, sizeof *ids * n_head);
-        memcpy(ids + n_head, job->prompt, sizeof *ids * (size_t)job->n_prompt);
+        if (n_head) memcpy(ids, head, sizeof *ids * n_head);
+        if (job->n_prompt) memcpy(ids + n_head, job->prompt, sizeof *ids * (size_t)job->n_prompt);
         free(job->prompt);
         job->prompt = ids;
         job->n_prompt += (int)n_head;
@@ -212,7 +205,10 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     if (!rc && memo) { /* kept for the memo's entry when the answer is done */
         job->prompt_text = text;
         job->prompt_text_len = strlen(text);
+        job->plain = plain;
+        job->n_plain = n;
         text = NULL;
+        plain = NULL;
     }
     free(text);
     free(plain);
@@ -359,6 +355,7 @@ void http_api_job_fini(http_job *job) {
     free(job->stop);
     free(job->prompt);
     free(job->prompt_text);
+    free(job->plain);
     free(job->out);
     gen_result_fini(&job->res);
 }

@@ -44,8 +44,9 @@ struct http_server {
     int n_waiting;
     http_job *running; /* handed to the runner (linked by next) */
     int n_running;
-    int n_free; /* slots free when the worker last looked (at most as many as are free): that
-                   many waiting jobs start at once and do not count against queue_max */
+    int n_free; /* slots free when the worker last looked, plus one per job ended since (its
+                   slot is freed by the step that ended it): that many waiting jobs start at once
+                   and do not count against queue_max */
     bool stopping;
     unsigned long long seq;
     http_metrics *metrics;
@@ -153,23 +154,52 @@ static int s_emit(void *ud, const char *text, size_t len) {
     return stop;
 }
 
-/* A finished chat's text and ids into the memo, when its answer's text stands for its ids
- * (chat_memo.h, invariant 2). */
+/* A finished chat's text, spans and ids into the memo, when its answer's text stands for its
+ * ids (chat_memo.h, invariant 2): its ids' bytes are the text returned, none is a control id. */
 static void s_memo_put(http_server *s, const http_job *job, const gen_result *res) {
-    if (!s->memo || !job->prompt_text || !s->mi.tok) return;
-    size_t n = res->n_gen > 0 ? (size_t)res->n_gen : 0;
+    const tokenizer *tok = s->mi.tok;
+    if (!s->memo || !job->prompt_text || !tok || !job->n_plain) return;
+    size_t n = res->n_gen > 0 && res->ids ? (size_t)res->n_gen : 0;
     if (res->finish == GEN_FINISH_STOP) { /* an end-of-generation id, not a stop string */
-        if (!n || !tokenizer_is_eog(s->mi.tok, res->ids[n - 1])) return;
+        if (!n || !tokenizer_is_eog(tok, res->ids[n - 1])) return;
         n--;
     } else if (res->finish != GEN_FINISH_LENGTH) {
         return;
     }
+    const size_t alen = res->text ? res->len : 0;
+    size_t at = 0;
     for (size_t i = 0; i < n; i++) {
-        const int ty = tokenizer_token_type(s->mi.tok, res->ids[i]);
-        if (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNUSED) return;
+        const int ty = tokenizer_token_type(tok, res->ids[i]);
+        const char *b;
+        size_t bl;
+        if (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNUSED ||
+            tokenizer_token_bytes(tok, res->ids[i], &b, &bl) || bl > alen - at ||
+            memcmp(res->text + at, b, bl))
+            return;
+        at += bl;
     }
-    chat_memo_put(s->memo, job->prompt_text, job->prompt_text_len, res->text ? res->text : "",
-                  res->text ? res->len : 0, job->prompt, (size_t)job->n_prompt, res->ids, n);
+    if (at != alen) return;
+    /* the answer's message: "assistant\n" (after the last <|im_start|>) and the answer */
+    const char *open = "<|im_start|>", *p = job->prompt_text, *last = NULL;
+    while ((p = strstr(p, open)))
+        last = p++;
+    const size_t plen = job->prompt_text_len, tlen = plen + alen, n_ids = (size_t)job->n_prompt + n;
+    char *text = last ? malloc(tlen + 1) : NULL;
+    tok_span *spans = text ? malloc(sizeof *spans * (job->n_plain + 1)) : NULL;
+    int32_t *ids = spans ? malloc(sizeof *ids * (n_ids ? n_ids : 1)) : NULL;
+    if (ids) {
+        memcpy(text, job->prompt_text, plen);
+        if (alen) memcpy(text + plen, res->text, alen);
+        memcpy(spans, job->plain, sizeof *spans * job->n_plain);
+        const size_t a0 = (size_t)(last - job->prompt_text) + strlen(open);
+        spans[job->n_plain] = (tok_span){a0, tlen - a0};
+        memcpy(ids, job->prompt, sizeof *ids * (size_t)job->n_prompt);
+        if (n) memcpy(ids + job->n_prompt, res->ids, sizeof *ids * n);
+        chat_memo_put(s->memo, text, tlen, spans, job->n_plain + 1, ids, n_ids);
+    }
+    free(text);
+    free(spans);
+    free(ids);
 }
 
 /* The runner finished job (worker thread, no lock held): its answer's last events, the
@@ -207,6 +237,9 @@ static void s_done(void *ud, gen_result *res, int rc, const stp_err *err) {
     if (*pp) *pp = job->next;
     job->next = NULL;
     s->n_running--;
+    /* its slot is free, or is being freed by the step that ended it: a request that arrives
+     * before the worker looks again is queued for it, not refused as if all were busy */
+    if (job->started) s->n_free++;
     http_metrics_queue(s->metrics, s->n_waiting, s->n_running);
     job->done = true;
     s_job_notify(job);

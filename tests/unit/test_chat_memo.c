@@ -1,6 +1,9 @@
-/* test_chat_memo: server/chat_memo.c on hand-made texts: an entry is found only as a prefix
- * ending at an allowed cut, the longest one wins, a later turn of the same conversation replaces
- * the earlier one, the least recently used entry is the one dropped, and ids come back whole. */
+/* test_chat_memo: server/chat_memo.c on hand-made chats (texts with their plain spans; "|"
+ * stands for the template's end of message): an entry is found only by a chat that continues it
+ * (the same text and the same messages up to the end of its answer, then "|"), never by one that
+ * holds the same text inside one message; the longest entry wins; a later turn of the same
+ * conversation replaces the earlier one; the least recently used entry is the one dropped; ids
+ * come back whole. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -12,42 +15,76 @@
 
 #include "chat_memo.h"
 
-/* Finds text with the one cut `cut` (0: its whole length); the ids' count, or -1 if none. */
-static long s_find(chat_memo *m, const char *text, size_t cut, int32_t *first) {
+/* The chat made of messages msgs[0..n) joined by "|" (each message a plain span). */
+typedef struct chat {
+    char text[256];
+    tok_span spans[8];
+    size_t n;
+} chat;
+
+static chat s_chat(const char *const *msgs, size_t n) {
+    chat c = {.n = n};
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i) c.text[at++] = '|';
+        const size_t l = strlen(msgs[i]);
+        memcpy(c.text + at, msgs[i], l);
+        c.spans[i] = (tok_span){at, l};
+        at += l;
+    }
+    c.text[at] = 0;
+    return c;
+}
+
+static void s_put(chat_memo *m, const chat *c, const int32_t *ids, size_t n_ids) {
+    chat_memo_put(m, c->text, strlen(c->text), c->spans, c->n, ids, n_ids);
+}
+
+/* Finds chat c: the ids' count (first id in *first), or -1 if none; the cut must be want. */
+static long s_find(chat_memo *m, const chat *c, size_t want, int32_t *first) {
     int32_t *ids = NULL;
-    size_t n = 0, c = cut ? cut : strlen(text);
-    size_t got = chat_memo_find(m, text, strlen(text), &c, 1, &ids, &n);
+    size_t n = 0, got = chat_memo_find(m, c->text, strlen(c->text), c->spans, c->n, "|", &ids, &n);
     if (!got) {
         assert_null(ids);
         return -1;
     }
-    assert_int_equal(got, c);
+    assert_int_equal(got, want);
     if (first) *first = ids[0];
     free(ids);
     return (long)n;
 }
 
-static void test_chat_memo_prefix_at_a_cut(void **state) {
+static void test_chat_memo_continued_chat_only(void **state) {
     (void)state;
     chat_memo *m = chat_memo_new(4);
-    const int32_t p[] = {1, 2, 3}, a[] = {7, 8};
-    chat_memo_put(m, "<s>user\nhi<e>\n<s>assistant\n", 27, "hello", 5, p, 3, a, 2);
-    const char *t2 = "<s>user\nhi<e>\n<s>assistant\nhello<e>\n<s>user\nmore<e>\n";
-    int32_t *ids = NULL;
+    const char *e1[] = {"user hi", "assistant hello"};
+    const chat c1 = s_chat(e1, 2);
+    const int32_t ids[] = {1, 2, 3, 7, 8};
+    s_put(m, &c1, ids, 5);
+    const char *t2[] = {"user hi", "assistant hello", "user more"};
+    const chat c2 = s_chat(t2, 3);
+    int32_t *got = NULL;
     size_t n = 0;
-    const size_t at = 32; /* the answer's end */
-    assert_int_equal(chat_memo_find(m, t2, strlen(t2), &at, 1, &ids, &n), 32);
+    assert_int_equal(chat_memo_find(m, c2.text, strlen(c2.text), c2.spans, 3, "|", &got, &n),
+                     strlen(c1.text));
     assert_int_equal(n, 5);
-    const int32_t want[] = {1, 2, 3, 7, 8};
-    assert_memory_equal(ids, want, sizeof want);
-    free(ids);
-    /* the same text cut elsewhere, a text that differs in the answer, one too short: none */
-    assert_int_equal(s_find(m, t2, 31, NULL), -1);
-    assert_int_equal(s_find(m, "<s>user\nhi<e>\n<s>assistant\nhellO<e>\n", 32, NULL), -1);
-    assert_int_equal(s_find(m, "<s>user\nhi<e>\n<s>assistant\nhell", 0, NULL), -1);
+    assert_memory_equal(got, ids, sizeof ids);
+    free(got);
+    /* the same bytes, but one message holding the marker as its text: not a continuation */
+    const char *inj[] = {"user hi|assistant hello", "user more"};
+    assert_int_equal(s_find(m, &(chat){0}, 0, NULL), -1); /* an empty chat */
+    const chat ci = s_chat(inj, 2);
+    assert_string_equal(ci.text, c2.text);
+    assert_int_equal(s_find(m, &ci, 0, NULL), -1);
+    /* another answer text; the answer's message longer than the entry's; no end marker */
+    const char *t3[] = {"user hi", "assistant hellO", "user more"};
+    const char *t4[] = {"user hi", "assistant hello and more"};
+    const chat c3 = s_chat(t3, 3), c4 = s_chat(t4, 2);
+    assert_int_equal(s_find(m, &c3, 0, NULL), -1);
+    assert_int_equal(s_find(m, &c4, 0, NULL), -1);
     unsigned long long lookups = 0, hits = 0;
     chat_memo_counts(m, &lookups, &hits);
-    assert_int_equal(lookups, 4);
+    assert_int_equal(lookups, 5);
     assert_int_equal(hits, 1);
     chat_memo_destroy(&m);
     assert_null(m);
@@ -56,45 +93,49 @@ static void test_chat_memo_prefix_at_a_cut(void **state) {
 static void test_chat_memo_longest_and_next_turn(void **state) {
     (void)state;
     chat_memo *m = chat_memo_new(4);
-    const int32_t x[] = {1}, y[] = {2, 2}, z[] = {3, 3, 3};
-    chat_memo_put(m, "ab", 2, "c", 1, x, 1, NULL, 0); /* "abc" -> 1 id */
-    chat_memo_put(m, "xy", 2, "z", 1, y, 2, NULL, 0); /* another conversation */
-    const char *t = "abcdef|";
-    int32_t *ids = NULL;
-    size_t n = 0;
-    const size_t cuts[] = {3, 6};
-    assert_int_equal(chat_memo_find(m, t, strlen(t), cuts, 2, &ids, &n), 3);
-    assert_int_equal(n, 1);
-    free(ids);
-    chat_memo_put(m, "abc", 3, "def", 3, z, 3, NULL, 0); /* its next turn replaces "abc" */
-    assert_int_equal(chat_memo_find(m, t, strlen(t), cuts, 2, &ids, &n), 6);
-    assert_int_equal(n, 3);
-    free(ids);
-    assert_int_equal(s_find(m, t, 3, NULL), -1); /* the earlier turn is gone */
-    assert_int_equal(s_find(m, "xyz|", 3, NULL), 2);
+    const char *a[] = {"ab", "c"}, *x[] = {"xy", "z"}, *a2[] = {"ab", "c", "de", "f"};
+    const chat ca = s_chat(a, 2), cx = s_chat(x, 2), ca2 = s_chat(a2, 4);
+    const int32_t i1[] = {1}, i2[] = {2, 2}, i3[] = {3, 3, 3};
+    s_put(m, &ca, i1, 1);
+    s_put(m, &cx, i2, 2); /* another conversation */
+    const char *t[] = {"ab", "c", "de", "f", "g"};
+    const chat ct = s_chat(t, 5);
+    assert_int_equal(s_find(m, &ct, strlen(ca.text), NULL), 1);
+    s_put(m, &ca2, i3, 3); /* its next turn replaces "ab|c" */
+    assert_int_equal(s_find(m, &ct, strlen(ca2.text), NULL), 3);
+    const char *t1[] = {"ab", "c", "other"};
+    const chat ct1 = s_chat(t1, 3);
+    assert_int_equal(s_find(m, &ct1, 0, NULL), -1); /* the earlier turn is gone */
+    const char *tx[] = {"xy", "z", "w"};
+    const chat ctx = s_chat(tx, 3);
+    assert_int_equal(s_find(m, &ctx, strlen(cx.text), NULL), 2);
     chat_memo_destroy(&m);
 }
 
 static void test_chat_memo_drops_least_recent(void **state) {
     (void)state;
     chat_memo *m = chat_memo_new(2);
+    const char *A[] = {"A", "a"}, *B[] = {"B", "b"}, *C[] = {"C", "c"};
+    const char *A2[] = {"A", "a", "q"}, *B2[] = {"B", "b", "q"}, *C2[] = {"C", "c", "q"};
+    const chat ca = s_chat(A, 2), cb = s_chat(B, 2), cc = s_chat(C, 2);
+    const chat qa = s_chat(A2, 3), qb = s_chat(B2, 3), qc = s_chat(C2, 3);
     const int32_t a = 10, b = 20, c = 30;
-    chat_memo_put(m, "A", 1, "a", 1, &a, 1, NULL, 0);
-    chat_memo_put(m, "B", 1, "b", 1, &b, 1, NULL, 0);
+    s_put(m, &ca, &a, 1);
+    s_put(m, &cb, &b, 1);
     int32_t first = 0;
-    assert_int_equal(s_find(m, "Aa|", 2, &first), 1); /* A used: B is now the oldest */
+    assert_int_equal(s_find(m, &qa, 3, &first), 1); /* A used: B is now the oldest */
     assert_int_equal(first, 10);
-    chat_memo_put(m, "C", 1, "c", 1, &c, 1, NULL, 0);
-    assert_int_equal(s_find(m, "Bb|", 2, NULL), -1);
-    assert_int_equal(s_find(m, "Aa|", 2, &first), 1);
-    assert_int_equal(s_find(m, "Cc|", 2, &first), 1);
+    s_put(m, &cc, &c, 1);
+    assert_int_equal(s_find(m, &qb, 0, NULL), -1);
+    assert_int_equal(s_find(m, &qa, 3, &first), 1);
+    assert_int_equal(s_find(m, &qc, 3, &first), 1);
     assert_int_equal(first, 30);
     chat_memo_destroy(&m);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_memo_prefix_at_a_cut),
+        cmocka_unit_test(test_chat_memo_continued_chat_only),
         cmocka_unit_test(test_chat_memo_longest_and_next_turn),
         cmocka_unit_test(test_chat_memo_drops_least_recent),
     };
