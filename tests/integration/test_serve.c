@@ -338,6 +338,13 @@ static bool s_first_runs(void *ctx) {
     return running;
 }
 
+static bool s_one_waits(void *ctx) {
+    th_http_resp m = th_http(((th_server *)ctx)->port, "GET", "/metrics", NULL, NULL);
+    bool waiting = th_metric(m.body, "stpipe_queue_waiting ") == 1;
+    th_http_free(&m);
+    return waiting;
+}
+
 static void test_serve_queue_full_is_503(void **state) {
     (void)state;
     /* --queue 1: one request runs, one waits, the rest are refused at once. The running one is
@@ -357,6 +364,8 @@ static void test_serve_queue_full_is_503(void **state) {
         fds[i] = th_http_connect(s_qwen.port);
         assert_true(fds[i] >= 0);
         assert_true(th_http_send(fds[i], "POST", "/v1/completions", NULL, body));
+        if (i == 1 && !th_wait_until(s_one_waits, &s_qwen, 10))
+            fail_msg("the second request never reached the queue");
     }
     for (int i = 2; i < N; i++) { /* the queue (one place) is full: refused at once */
         th_http_resp h = th_http_read(fds[i]);
