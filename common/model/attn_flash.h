@@ -393,6 +393,8 @@ static inline const char *s_af_rowp(const attn_group_args *a, int ng, int slot, 
  * slower, the values as far ahead as the keys too). */
 #ifndef AF_PF
 #define AF_PF(p) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)(p)))
+#endif
+#ifndef AF_PF_KD
 #define AF_PF_KD 128
 #define AF_PF_VD 64
 #endif
