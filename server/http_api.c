@@ -154,7 +154,6 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
         free(job->prompt);
         job->prompt = ids;
         job->n_prompt += (int)n_head;
-        job->n_memo = (int)n_head;
     }
     free(head);
     return rc;

@@ -97,7 +97,6 @@ typedef struct http_job {
     char **stop; /* gp.stop points here */
     int32_t *prompt;
     int n_prompt;
-    int n_memo;        /* leading prompt ids taken from the chat memo (chat_memo.h) */
     char *prompt_text; /* the chat's text (with a memo; NULL otherwise) */
     size_t prompt_text_len;
     tok_span *plain; /* its messages' plain spans (with prompt_text) */
@@ -136,9 +135,8 @@ typedef struct http_api_limits {
 size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes);
 /* Parses a request body into job (prompt tokens, parameters). Returns 0 or an HTTP status
  * (400, or 413 for a prompt over lim->max_prompt_bytes) with msg filled. With a memo (may be
- * NULL) a chat starting with an earlier exchange's text takes that exchange's ids (job->n_memo
- * of them) and keeps its text and spans (job->prompt_text, job->plain) for the memo's entry of
- * its own answer. */
+ * NULL) a chat starting with an earlier exchange's text takes that exchange's ids and keeps its
+ * text and spans (job->prompt_text, job->plain) for the memo's entry of its own answer. */
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
                    const tokenizer *tok, const http_api_limits *lim, chat_memo *memo,
                    uint64_t default_seed, char *msg, size_t cap);
