@@ -38,9 +38,12 @@ int cli_serve(int argc, char **argv);
         "--ctx-size", NULL, OPT_INT, lo, 1 << 24, NULL, "N",                                       \
             "context length (default min(model, 4096))", offsetof(T, ctx), NULL, "-c"              \
     }
+/* The KV cache type; f16 by default, as llama.cpp's -ctk/-ctv (half of f32's bytes read per token
+ * at depth). The golden data are made with f32 caches: comparisons with it pass --cache-type f32.
+ */
 #define CLI_OPT_CACHE_TYPE(T, help)                                                                \
     {                                                                                              \
-        "--cache-type", NULL, OPT_FN, 0, 0, "f32", "f32|f16|q8_0", help, offsetof(T, kv_type),     \
+        "--cache-type", NULL, OPT_FN, 0, 0, "f16", "f32|f16|q8_0", help, offsetof(T, kv_type),     \
             cli_opt_cache_type, NULL                                                               \
     }
 #define CLI_OPT_N_PREDICT(T, def, help)                                                            \
@@ -86,6 +89,9 @@ int cli_serve(int argc, char **argv);
 
 /* An OPT_FN for --cache-type: f32, f16 or q8_0 into a kv_dtype. */
 int cli_opt_cache_type(const char *v, void *field, stp_err *err);
+/* True when argv[1..] holds the option name ("--name value" or "--name=value"): for an option
+ * whose default cannot tell "not given" from a value (a pipeline ignores --cache-type). */
+bool cli_opt_given(int argc, char **argv, const char *name);
 /* Parses argv (argv[0] is the command's name) by the table t into base; fields the table does
  * not hold keep what the caller set. Returns 0; CLI_HELP after usage(stdout) when --help was
  * given (the command exits 0); or 2, a usage error, after printing "stpipe CMD: <error> (see

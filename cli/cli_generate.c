@@ -45,8 +45,9 @@ static const opt_def s_opts[] = {
     CLI_OPT_THREADS(generate_opts, "2", "compute threads"),
     CLI_OPT_CTX(generate_opts, 1),
     CLI_OPT_SPARSE_HEAD(generate_opts),
-    CLI_OPT_CACHE_TYPE(generate_opts, "KV cache: f32 (as llama.cpp's -ctk/-ctv f32), f16 (half "
-                                      "the memory) or q8_0 (27% of f32's)"),
+    CLI_OPT_CACHE_TYPE(generate_opts, "KV cache: f16 (as llama.cpp's default), f32 (as the "
+                                      "golden data, -ctk/-ctv f32: twice the bytes) or q8_0 (27% "
+                                      "of f32's)"),
     {"--ids", NULL, OPT_FLAG, 0, 0, NULL, NULL,
      "print generated token ids on one line instead of text", F(ids_out), NULL, NULL},
     {"--ignore-eos", NULL, OPT_FLAG, 0, 0, NULL, NULL,
@@ -84,7 +85,7 @@ static int s_parse(int argc, char **argv, generate_opts *o) {
         fprintf(stderr, "stpipe generate: --model FILE is required (see stpipe generate --help)\n");
         return 2;
     }
-    if (o->pipeline && o->kv_type != KV_F32) {
+    if (o->pipeline && cli_opt_given(argc, argv, "--cache-type")) {
         fprintf(stderr, "stpipe generate: a pipeline's cache type is set when it starts "
                         "(deploy/stpipe-up --cache-type f16)\n");
         return 2;

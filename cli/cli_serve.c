@@ -17,6 +17,7 @@
 #include "cli.h"
 #include "gguf/gguf.h"
 #include "http_server.h"
+#include "model/kv_cache.h"
 #include "serve_pipeline.h"
 #include "tokenizer/tokenizer.h"
 
@@ -32,6 +33,7 @@ typedef struct serve_opts {
     bool help;
     int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool,
         sparse_head, chat_memo;
+    kv_dtype kv_type;
 } serve_opts;
 
 #define F(x) offsetof(serve_opts, x)
@@ -64,6 +66,8 @@ static const opt_def s_opts[] = {
      "every chat encoded whole, its ids a function of its text alone (docs/SERVER.md)",
      F(chat_memo), NULL, NULL},
     CLI_OPT_SPARSE_HEAD(serve_opts),
+    CLI_OPT_CACHE_TYPE(serve_opts, "KV cache f16, f32 or q8_0 (--model only; a pipeline's is set "
+                                   "by deploy/stpipe-up --cache-type)"),
     {"--max-tokens-default", NULL, OPT_INT, 0, 1 << 24, "1024", "N",
      "answer length when a request gives no max_tokens (0 = until the context is full)",
      F(max_tokens), NULL, NULL},
@@ -230,6 +234,7 @@ int cli_serve(int argc, char **argv) {
                                 .n_threads = o.threads,
                                 .n_ctx = o.ctx,
                                 .n_seq = o.parallel,
+                                .kv_type = o.kv_type,
                                 .sparse_head_candidates = o.sparse_head,
                                 .progress = cli_progress};
     if (backend_engine_new(&b, &bp, &err)) {
@@ -244,12 +249,12 @@ int cli_serve(int argc, char **argv) {
     }
     bool v6 = strchr(host, ':') != NULL;
     fprintf(stderr,
-            "stpipe serve: model %s, %d slots of context %d, queue %d, max_tokens default %d, "
-            "prompt text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
-            b->name, backend_n_seq(b), backend_n_ctx(b), queue, max_tokens,
-            http_server_prompt_bytes_max(srv), hc.api_key ? "API key required" : "no API key",
-            cors ? "CORS on" : "CORS off", v6 ? "[" : "", host, v6 ? "]" : "",
-            http_server_port(srv));
+            "stpipe serve: model %s, %d slots of context %d, KV cache %s, queue %d, max_tokens "
+            "default %d, prompt text up to %zu bytes, %s, %s; listening on http://%s%s%s:%d\n",
+            b->name, backend_n_seq(b), backend_n_ctx(b), kv_cache_type_name(o.kv_type), queue,
+            max_tokens, http_server_prompt_bytes_max(srv),
+            hc.api_key ? "API key required" : "no API key", cors ? "CORS on" : "CORS off",
+            v6 ? "[" : "", host, v6 ? "]" : "", http_server_port(srv));
     fflush(stderr);
     while (!s_stop)
         pause();

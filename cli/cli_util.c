@@ -15,6 +15,13 @@ int cli_opt_cache_type(const char *v, void *field, stp_err *err) {
     return kv_cache_parse_type(v, (kv_dtype *)field, err);
 }
 
+bool cli_opt_given(int argc, char **argv, const char *name) {
+    const size_t n = strlen(name);
+    for (int i = 1; i < argc; i++)
+        if (!strncmp(argv[i], name, n) && (argv[i][n] == '\0' || argv[i][n] == '=')) return true;
+    return false;
+}
+
 int cli_opts_parse(const char *cmd, const opt_def *t, size_t n, void *base, int argc, char **argv,
                    void (*usage)(FILE *f)) {
     stp_err err = {0};

@@ -57,7 +57,7 @@ static const opt_def s_opts[] = {
      NULL, NULL},
     {"--ubatch", NULL, OPT_INT, 0, 1 << 16, "0", "N", "micro-batch (0: 512)", F(n_ubatch), NULL,
      NULL},
-    {"--cache-type", NULL, OPT_FN, 0, 0, "f32", "f32|f16|q8_0", "KV cache type", F(kv_type),
+    {"--cache-type", NULL, OPT_FN, 0, 0, "f16", "f32|f16|q8_0", "KV cache type", F(kv_type),
      s_cache_type, NULL},
     {"--parent-pid", NULL, OPT_INT, 0, INT32_MAX, "0", "PID", "supervisor (0: unknown)",
      F(parent_pid), NULL, NULL},

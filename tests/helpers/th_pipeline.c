@@ -55,12 +55,16 @@ int th_pipe_up(const char *dir, const char *model, int workers, int timeout_s, d
     snprintf(w, sizeof w, "%d", workers);
     snprintf(t, sizeof t, "%d", timeout_s);
     snprintf(me, sizeof me, "%d", (int)getpid()); /* a test killed by a timeout leaves nothing */
-    char *argv[32] = {
-        "bash",      up,          "--model",   (char *)model, "--run-dir",
-        (char *)dir, "--workers", w,           "--bin-dir",   (char *)th_env("STP_BIN_DIR"),
-        "--timeout", t,           "--threads", "1",           "--owner-pid",
-        me};
-    int a = 16;
+    char *argv[32] = {"bash",         up,
+                      "--model",      (char *)model,
+                      "--run-dir",    (char *)dir,
+                      "--workers",    w,
+                      "--bin-dir",    (char *)th_env("STP_BIN_DIR"),
+                      "--timeout",    t,
+                      "--threads",    "1",
+                      "--owner-pid",  me,
+                      "--cache-type", "f32"};
+    int a = 18;
     for (int i = 0; extra && extra[i] && a < 30; i++)
         argv[a++] = (char *)extra[i];
     argv[a] = NULL;

@@ -23,7 +23,8 @@ void th_golden_load(th_golden *g, const char *stem);
 const char *th_pipe_dir(char *buf, size_t cap, const char *kind, const char *tag);
 
 /* bash deploy/stpipe-up --model M --run-dir D --workers W --bin-dir $STP_BIN_DIR --timeout T
- * --threads 1 [extra...] with a deadline of run_timeout_s; returns the exit status. */
+ * --threads 1 --cache-type f32 [extra...] (the golden data's cache type; a --cache-type in extra
+ * comes later and wins) with a deadline of run_timeout_s; returns the exit status. */
 int th_pipe_up(const char *dir, const char *model, int workers, int timeout_s, double run_timeout_s,
                const char *const *extra);
 /* bash deploy/stpipe-down D; returns the exit status. */

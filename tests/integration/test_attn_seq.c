@@ -132,8 +132,9 @@ static int s_group_setup(void **st) {
     const char *ea[] = {"--index", "0", "--threads", "1", NULL};
     s_g.pid[1] = s_start("stpipe-expert-worker", ea);
     s_wait_ready("expert-0", s_g.pid[1]);
-    const char *aa[] = {"--workers",  "1",  "--threads", "1", "--parallel", "3",
-                        "--ctx-size", "64", "--ubatch",  "4", NULL};
+    const char *aa[] = {"--workers",  "1",  "--threads", "1", "--parallel",   "3",
+                        "--ctx-size", "64", "--ubatch",  "4", "--cache-type", "f32",
+                        NULL}; /* as the engine */
     s_g.pid[2] = s_start("stpipe-attn-worker", aa);
     s_wait_ready("attn", s_g.pid[2]);
 

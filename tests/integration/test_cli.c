@@ -119,8 +119,8 @@ static void test_cli_generate_logits_out(void **state) {
     th_tmp_path(lo, sizeof lo, "cli_logits.f32");
     json_t *g = s_golden();
     char *ids = s_prompt_ids(g);
-    const char *a[] = {"generate", "--model",      m,  "--prompt-ids", ids, "--ids", "-n",
-                       "2",        "--logits-out", lo, "--quiet",      NULL};
+    const char *a[] = {"generate", "--model",      m,  "--prompt-ids", ids,   "--ids",   "-n",
+                       "2",        "--logits-out", lo, "--cache-type", "f32", "--quiet", NULL};
     th_run_out r = s_run(a);
     s_expect(&r, 0, "generate --logits-out");
     th_run_out_free(&r);
@@ -260,7 +260,7 @@ static double s_num(json_t *o, const char *k) {
 }
 
 /* The roofline of a tg test of n tokens after depth d on the tiny F32 model, against bytes
- * counted by hand from its shapes (every weight 4 bytes an element, the cache f32): attention
+ * counted by hand from its shapes (every weight 4 bytes an element, the cache f16): attention
  * wq, wo (E x H*D), wk, wv (E x Hkv*D) per layer plus K and V of the attended positions
  * (d+1 .. d+n, no window: their mean is d + (n+1)/2); router X x E; experts the gate of K
  * experts in full, up for the active neurons the bench reports, down for every neuron (F32 has
@@ -275,7 +275,7 @@ static void s_check_roofline(const char *path, json_t *rl, int d, int n, double 
     const double L = c->n_layer, E = c->n_embd, H = c->n_head, Hkv = c->n_head_kv, D = c->head_dim,
                  X = c->n_expert, K = c->n_expert_used, F = c->n_ff_exp, V = c->n_vocab;
     model_close(&mo);
-    const double kv = L * (d + (n + 1) / 2.0) * Hkv * D * 2 * 4;
+    const double kv = L * (d + (n + 1) / 2.0) * Hkv * D * 2 * 2; /* f16, the default */
     const double attn = L * (2 * E * H * D + 2 * E * Hkv * D) * 4 + kv;
     const double router = L * X * E * 4, head = V * E * 4;
     const double active = s_num(rl, "neurons_active_per_token");

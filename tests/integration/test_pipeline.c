@@ -152,8 +152,10 @@ static void s_golden_case(const char *stem, int workers, bool lanes) {
     /* logits: the in-process engine on the same prompt */
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
-    char *argv[] = {bin,     "generate", "--model",   g.model, "--prompt-ids", g.ids, "-n", "1",
-                    "--ids", "--quiet",  "--threads", "1",     "--logits-out", il,    NULL};
+    char *argv[] = {
+        bin,     "generate", "--model",   g.model, "--prompt-ids", g.ids, "-n",           "1",
+        "--ids", "--quiet",  "--threads", "1",     "--cache-type", "f32", "--logits-out", il,
+        NULL}; /* th_pipe_up's */
     assert_int_equal(th_run(argv, NULL, 60), 0);
     s_logits_match(pl, il);
     /* which carrier the work took: every worker got lane work, or none did */

@@ -570,14 +570,20 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     (void)state;
     long long p1 = 0;
     size_t same = 0;
-    const long long cached = s_two_turns(s_qwen.port, &p1, &same);
+    /* an f32 cache (the golden data's): the counts below are those of its answer to this chat
+     * (24 ids, cut by max_tokens, that re-encode to other ids) */
+    th_server on = {0};
+    const char *on_args[] = {"--parallel", "1", "--cache-type", "f32", NULL};
+    assert_int_equal(th_server_start(&on, QWEN, on_args, "serve_memo"), 0);
+    const long long cached = s_two_turns(on.port, &p1, &same);
+    assert_int_equal(th_server_stop(&on), 0);
     if (same >= (size_t)p1 + 23)
         fail_msg("the answer re-encodes to its own ids; the case does not need the memo");
     if (cached != p1 + 23)
         fail_msg("2nd turn: %lld prompt tokens cached, want %lld (a plain encoding shares %zu)",
                  cached, p1 + 23, same);
     th_server off = {0};
-    const char *args[] = {"--parallel", "1", "--chat-memo", "0", NULL};
+    const char *args[] = {"--parallel", "1", "--chat-memo", "0", "--cache-type", "f32", NULL};
     assert_int_equal(th_server_start(&off, QWEN, args, "serve_nomemo"), 0);
     const long long cached_off = s_two_turns(off.port, &p1, &same);
     assert_int_equal(th_server_stop(&off), 0);
