@@ -13,6 +13,7 @@
 # -d LIST (default 0) repeats all of it at each context depth (llama-bench's -d: the test runs
 # after a prompt of that many tokens, not counted). With --pipeline the stpipe side is a running
 # pipeline (deploy/stpipe-up, whose context must hold the depth), else the in-process engine.
+# Both engines run with their default KV cache: f16 (llama.cpp's -ctk/-ctv, stpipe's --cache-type).
 # llama-bench is not part of stpipe: build llama.cpp yourself (outside this tree) and pass it.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     -d) DEPTHS=$2; shift ;;
     --threads) THREADS=$2; shift ;;
     --bin-dir) BIN_DIR=$2; shift ;;
-    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
     *) echo "compare-llama: unknown option $1" >&2; exit 2 ;;
   esac
   shift
