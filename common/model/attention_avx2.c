@@ -1,5 +1,5 @@
 /* attention_avx2: the AVX2+FMA build of the attention chunk kernel (attn_flash.h): 8 floats per
- * vector, fused multiply-add, float16 rows widened with F16C. */
+ * vector, fused multiply-add, float16 rows widened with F16C in registers. */
 #include <immintrin.h>
 
 #include "model/attn_core.h"
@@ -8,13 +8,6 @@
 #define AF_NAME attn_group_avx2
 #define AF_FMA(a, b, c) ((af_v)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
 
-static inline void s_widen(float *dst, const uint16_t *src, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++)
-        dst[i] = kern_fp16_to_f32(src[i]);
-}
-#define AF_WIDEN(dst, src, n) s_widen(dst, src, n)
+#define AF_LOADH(p) ((af_v)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 
 #include "model/attn_flash.h"

@@ -94,7 +94,7 @@ static inline float attn_cache_elem(const float *f, const uint16_t *h, const blo
 }
 
 /* Floats of scratch a chunk kernel needs for n_grp groups of G heads (scores of a tile for up to
- * ATTN_NQ queries, a tile of widened f16 or dequantized Q8_0 rows of n_grp kv heads). */
+ * ATTN_NQ queries, a tile of dequantized Q8_0 rows of n_grp kv heads). */
 static inline size_t attn_work_floats(int G, int D, int n_grp) {
     return ((size_t)ATTN_NQ * n_grp * G * ATTN_TILE + 2 * (size_t)ATTN_TILE * n_grp * D + 15) &
            ~(size_t)15;

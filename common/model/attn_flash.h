@@ -2,8 +2,11 @@
  * and included by each build: attention.c (generic, AF_W 4, multiply then add), attention_avx2.c
  * (AF_W 8, fused multiply-add) and attention_avx512.c (AF_W 16, fused). The includer defines
  * AF_W (floats per vector), AF_NAME (the function), AF_FMA(a, b, c) = a * b + c on af_v and
- * AF_WIDEN(dst, src, n) (n float16 to float); Q8_0 rows are dequantized exactly (d * q, the
- * floats of attn_dequant_q8_0) into the same tile buffers. The levels sum in different orders, so
+ * either AF_LOADH(p) (AF_W float16 at p as an af_v) or AF_WIDEN(dst, src, n) (n float16 to
+ * float, which a generic AF_LOADH uses); float16 rows are read in place and widened in registers
+ * where they are used, Q8_0 rows are dequantized exactly (d * q, the floats of
+ * attn_dequant_q8_0) into tile buffers; every
+ * type meets the same float arithmetic on the same floats. The levels sum in different orders, so
  * their bits differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives
  * the same bits at any thread count, batched or not.
  *
@@ -45,6 +48,30 @@ typedef float af_v4 __attribute__((vector_size(16)));
 
 static inline af_v s_af_splat(float x) {
     return AF_BCAST(x);
+}
+
+/* A float16 row is read as it is and widened in registers (AF_LOADH: AF_W halves to an af_v, an
+ * exact conversion), so it costs no float copy in the cache; the row pointers of a call point to
+ * floats (f32 cache, dequantized Q8_0) or to halves (f16 cache), `half` says which. */
+#ifndef AF_LOADH
+static inline af_v s_af_loadh_generic(const uint16_t *p) {
+    float t[AF_W];
+    AF_WIDEN(t, p, AF_W);
+    return s_af_load(t);
+}
+#define AF_LOADH(p) s_af_loadh_generic(p)
+#endif
+static inline __attribute__((always_inline)) af_v s_af_loadr(const void *row, size_t i,
+                                                             const int half) {
+    return half ? AF_LOADH((const uint16_t *)row + i) : s_af_load((const float *)row + i);
+}
+static inline __attribute__((always_inline)) float s_af_elem(const void *row, size_t i,
+                                                             const int half) {
+    return half ? kern_fp16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+static inline __attribute__((always_inline)) const void *s_af_adv(const void *row, size_t i,
+                                                                  const int half) {
+    return (const char *)row + i * (half ? 2 : 4);
 }
 
 /* Lanes summed as a tree: halves added until one lane is left (the same tree at every call),
@@ -156,14 +183,16 @@ static inline __m128 s_af_hsum4(const af_v *x, float scale) {
  * product is one accumulator over D in order, the halving tree, then the tail in order: the order
  * of llamafile's tinyBLAS f32 kernel that ggml uses for K.Q on x86 at the same vector width.
  * Missing rows and heads of a block repeat the last one, unused. */
-static inline void s_af_scores(const float *q, int G, int D, const float *const *kr, size_t e,
-                               int r0, int n, float scale, float *sc) {
+static inline __attribute__((always_inline)) void s_af_scores(const float *q, int G, int D,
+                                                              const void *const *kr, size_t e,
+                                                              int r0, int n, float scale, float *sc,
+                                                              const int half) {
     const int D0 = D - D % AF_W;
     {
-        const float *k[AF_RB];
+        const void *k[AF_RB];
 #pragma GCC unroll 8
         for (int j = 0; j < AF_RB; j++)
-            k[j] = kr[r0 + j < n ? r0 + j : n - 1] + e;
+            k[j] = s_af_adv(kr[r0 + j < n ? r0 + j : n - 1], e, half);
         for (int h = 0; h < G; h += AF_HB) {
             const float *qh[AF_HB];
             af_v acc[AF_HB][AF_RB];
@@ -183,7 +212,7 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
                 }
 #pragma GCC unroll 8
                 for (int j = 0; j < AF_RB; j++) {
-                    af_v kv = s_af_load(k[j] + i);
+                    af_v kv = s_af_loadr(k[j], (size_t)i, half);
                     AF_KEEP(kv);
 #pragma GCC unroll 8
                     for (int b = 0; b < AF_HB; b++)
@@ -207,7 +236,7 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
                 for (int j = 0; j < AF_RB; j++) {
                     float d = s_af_hsum(acc[b][j]);
                     for (int i = D0; i < D; i++)
-                        d += qh[b][i] * k[j][i];
+                        d += qh[b][i] * s_af_elem(k[j], (size_t)i, half);
                     if (h + b < G && r0 + j < n) sc[(h + b) * ATTN_TILE + r0 + j] = d * scale;
                 }
         }
@@ -221,8 +250,9 @@ static inline void s_af_scores(const float *q, int G, int D, const float *const 
 /* acc[b * D + i] (+)= the sum over the tile's n rows of p[b * ATTN_TILE + r] * v[r][i] for the nh
  * (1..AF_HB) heads b: each element summed in float over the tile in row order, added in double.
  * Missing heads of a block repeat the last one, unused. */
-static inline void s_af_values(const float *const *vr, size_t e, int n, int D, const float *p,
-                               double *acc, int nh) {
+static inline __attribute__((always_inline)) void s_af_values(const void *const *vr, size_t e,
+                                                              int n, int D, const float *p,
+                                                              double *acc, int nh, const int half) {
     const float *ph[AF_HB];
 #pragma GCC unroll 8
     for (int b = 0; b < AF_HB; b++)
@@ -240,10 +270,10 @@ static inline void s_af_values(const float *const *vr, size_t e, int n, int D, c
 #pragma GCC unroll 8
             for (int b = 0; b < AF_HB; b++)
                 w[b] = s_af_splat(ph[b][r]);
-            const float *vp = vr[r] + e + i0;
+            const void *vp = s_af_adv(vr[r], e + (size_t)i0, half);
 #pragma GCC unroll 8
             for (int u = 0; u < AF_VU; u++) {
-                af_v v = s_af_load(vp + u * AF_W);
+                af_v v = s_af_loadr(vp, (size_t)(u * AF_W), half);
                 AF_KEEP(v);
 #pragma GCC unroll 8
                 for (int b = 0; b < AF_HB; b++)
@@ -264,13 +294,13 @@ static inline void s_af_values(const float *const *vr, size_t e, int n, int D, c
         for (; i + AF_W <= D; i += AF_W) {
             af_v x = {0};
             for (int r = 0; r < n; r++)
-                x = AF_FMA(s_af_splat(pb[r]), s_af_load(vr[r] + e + i), x);
+                x = AF_FMA(s_af_splat(pb[r]), s_af_loadr(vr[r], e + (size_t)i, half), x);
             s_af_add_dv(ab + i, x);
         }
         for (; i < D; i++) {
             float x = 0;
             for (int r = 0; r < n; r++)
-                x += pb[r] * vr[r][e + i];
+                x += pb[r] * s_af_elem(vr[r], e + (size_t)i, half);
             ab[i] += (double)x;
         }
     }
@@ -358,16 +388,13 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
     }
 }
 
-/* Row r of the tile as n_grp * D floats: the cache's own row (f32), or widened / dequantized into
- * buf (n_grp kv heads side by side). */
-static inline const float *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
-                                    const float *f, const uint16_t *h, const block_q8_0 *q) {
-    const int W = ng * a->D;
+/* Row r of the tile (n_grp kv heads side by side): the cache's own row (f32 or f16), or
+ * dequantized into buf as floats. */
+static inline const void *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
+                                   const float *f, const uint16_t *h, const block_q8_0 *q) {
     if (f) return f + off;
-    if (h)
-        AF_WIDEN(buf, h + off, W);
-    else
-        s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, W);
+    if (h) return h + off;
+    s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, ng * a->D);
     return buf;
 }
 
@@ -419,15 +446,16 @@ static inline void s_af_prefetch(const attn_group_args *a, int ng, int slot, int
  * requested AF_PF_KD ahead as the blocks are reached), then per query and group softmax and the
  * value sums (value rows requested AF_PF_VD ahead, spread over the sums). (A kv head's half rows
  * one group after another left the prefetchers far behind.) */
-void AF_NAME(const attn_group_args *a) {
+static inline __attribute__((always_inline)) void s_af_run(const attn_group_args *a,
+                                                           const int half) {
     const int G = a->G, D = a->D, cap = a->cap, ng = a->n_grp > 0 ? a->n_grp : 1, GH = ng * G;
     const int nq = a->n_q > 1 ? a->n_q : 1;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t W = (size_t)ng * D;
     float *sc = a->work;                                 /* (nq, GH, ATTN_TILE) scores, then p */
-    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) widened f16 keys */
-    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) widened f16 values */
-    const float *kr[ATTN_TILE], *vr[ATTN_TILE];
+    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) dequantized keys */
+    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) dequantized values */
+    const void *kr[ATTN_TILE], *vr[ATTN_TILE];
     int qb[ATTN_NQ], qe[ATTN_NQ], jb = a->c1, je = a->c0, hmax = a->hi;
     for (int i = 0; i < nq; i++) { /* each query's positions in this chunk: qb..qe-1 */
         const int lo = nq > 1 ? a->qlo[i] : a->lo, hi = nq > 1 ? a->qhi[i] : a->hi;
@@ -468,7 +496,7 @@ void AF_NAME(const attn_group_args *a) {
                 const float *qi = a->q + (size_t)i * a->q_stride;
                 for (int g = 0; g < ng; g++)
                     s_af_scores(qi + (size_t)g * G * D, G, D, kr + ri0, (size_t)g * D, r0, ni,
-                                scale, sc + ((size_t)i * GH + (size_t)g * G) * ATTN_TILE);
+                                scale, sc + ((size_t)i * GH + (size_t)g * G) * ATTN_TILE, half);
             }
         }
         for (int r = 0, slot = slot0; r < n; r++, slot = slot + 1 == cap ? 0 : slot + 1)
@@ -495,9 +523,16 @@ void AF_NAME(const attn_group_args *a) {
                         vp += nr;
                     }
                     s_af_values(vr + ri0, (size_t)g * D, ni, D, scg + h * ATTN_TILE,
-                                accg + (size_t)h * D, G - h < AF_HB ? G - h : AF_HB);
+                                accg + (size_t)h * D, G - h < AF_HB ? G - h : AF_HB, half);
                 }
             }
         }
     }
+}
+
+void AF_NAME(const attn_group_args *a) {
+    if (a->kh)
+        s_af_run(a, 1);
+    else
+        s_af_run(a, 0);
 }
