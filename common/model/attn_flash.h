@@ -5,10 +5,10 @@
  * either AF_LOADH(p) (AF_W float16 at p as an af_v) or AF_WIDEN(dst, src, n) (n float16 to
  * float, which a generic AF_LOADH uses); float16 rows are read in place and widened in registers
  * where they are used, Q8_0 rows are dequantized exactly (d * q, the floats of
- * attn_dequant_q8_0) into tile buffers; every
- * type meets the same float arithmetic on the same floats. The levels sum in different orders, so
- * their bits differ by float rounding (test_attn_core holds each to attn_head_ref); one level gives
- * the same bits at any thread count, batched or not.
+ * attn_dequant_q8_0) into tile buffers; every type meets the same float arithmetic on the same
+ * floats. The levels sum in different orders, so their bits differ by float rounding
+ * (test_attn_core holds each to attn_head_ref); one level gives the same bits at any thread count,
+ * batched or not.
  *
  * Per tile of ATTN_TILE positions: the key rows in blocks of AF_RB, whole (all n_grp kv heads,
  * in position order), each block requested into L2 AF_PF_KD rows ahead with the value rows
