@@ -571,16 +571,38 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     return ret;
 }
 
-/* /metrics: the server's own, then the runner's (the pipeline's stages). */
-static char *s_metrics_text(http_server *s) {
-    char *a = http_metrics_render(s->metrics);
-    char *b = a && s->run.metrics ? s->run.metrics(s->run.ctx) : NULL;
-    if (!b) return a;
+/* a then b (freed), or a alone when b is NULL or there is no memory for both. */
+static char *s_concat(char *a, char *b) {
+    if (!a || !b) {
+        free(b);
+        return a;
+    }
     size_t la = strlen(a), lb = strlen(b);
     char *t = realloc(a, la + lb + 1);
     if (t) memcpy(t + la, b, lb + 1);
     free(b);
     return t ? t : a;
+}
+
+/* /metrics: the server's own, the chat memo's counters, then the runner's (the pipeline's
+ * stages). */
+static char *s_metrics_text(http_server *s) {
+    char *a = http_metrics_render(s->metrics);
+    if (a && s->memo) {
+        unsigned long long lookups = 0, hits = 0;
+        chat_memo_counts(s->memo, &lookups, &hits);
+        char m[512];
+        snprintf(m, sizeof m,
+                 "# HELP stpipe_chat_memo_lookups_total Chats looked up in the chat memo.\n"
+                 "# TYPE stpipe_chat_memo_lookups_total counter\n"
+                 "stpipe_chat_memo_lookups_total %llu\n"
+                 "# HELP stpipe_chat_memo_hits_total Chats that started with a kept answer's ids.\n"
+                 "# TYPE stpipe_chat_memo_hits_total counter\n"
+                 "stpipe_chat_memo_hits_total %llu\n",
+                 lookups, hits);
+        a = s_concat(a, strdup(m));
+    }
+    return s_concat(a, a && s->run.metrics ? s->run.metrics(s->run.ctx) : NULL);
 }
 
 static char *s_models_json(http_server *s) {

@@ -330,19 +330,18 @@ static void test_serve_stop_string(void **state) {
     th_http_free(&h2);
 }
 
-/* The metrics of server ctx say a request runs. */
-static bool s_first_runs(void *ctx) {
-    th_http_resp m = th_http(((th_server *)ctx)->port, "GET", "/metrics", NULL, NULL);
-    bool running = th_metric(m.body, "stpipe_queue_running ") == 1;
-    th_http_free(&m);
-    return running;
-}
+/* A gauge of a server's /metrics to wait for: 1 request running, 1 waiting. */
+typedef struct gauge_is_one {
+    const th_server *srv;
+    const char *name; /* "stpipe_queue_running " */
+} gauge_is_one;
 
-static bool s_one_waits(void *ctx) {
-    th_http_resp m = th_http(((th_server *)ctx)->port, "GET", "/metrics", NULL, NULL);
-    bool waiting = th_metric(m.body, "stpipe_queue_waiting ") == 1;
+static bool s_gauge_is_one(void *ctx) {
+    const gauge_is_one *g = ctx;
+    th_http_resp m = th_http(g->srv->port, "GET", "/metrics", NULL, NULL);
+    bool one = th_metric(m.body, g->name) == 1;
     th_http_free(&m);
-    return waiting;
+    return one;
 }
 
 static void test_serve_queue_full_is_503(void **state) {
@@ -359,12 +358,14 @@ static void test_serve_queue_full_is_503(void **state) {
     fds[0] = th_http_connect(s_qwen.port);
     assert_true(fds[0] >= 0);
     assert_true(th_http_send(fds[0], "POST", "/v1/completions", NULL, longer));
-    if (!th_wait_until(s_first_runs, &s_qwen, 10)) fail_msg("the first request never started");
+    if (!th_wait_until(s_gauge_is_one, &(gauge_is_one){&s_qwen, "stpipe_queue_running "}, 10))
+        fail_msg("the first request never started");
     for (int i = 1; i < N; i++) {
         fds[i] = th_http_connect(s_qwen.port);
         assert_true(fds[i] >= 0);
         assert_true(th_http_send(fds[i], "POST", "/v1/completions", NULL, body));
-        if (i == 1 && !th_wait_until(s_one_waits, &s_qwen, 10))
+        if (i == 1 &&
+            !th_wait_until(s_gauge_is_one, &(gauge_is_one){&s_qwen, "stpipe_queue_waiting "}, 10))
             fail_msg("the second request never reached the queue");
     }
     for (int i = 2; i < N; i++) { /* the queue (one place) is full: refused at once */
@@ -405,7 +406,8 @@ static void test_serve_queue_zero(void **state) {
     assert_true(fd >= 0);
     assert_true(th_http_send(fd, "POST", "/v1/completions", NULL,
                              "{\"prompt\":\"Hello\",\"max_tokens\":4000,\"ignore_eos\":true}"));
-    if (!th_wait_until(s_first_runs, &s_q0, 10)) fail_msg("the first request never started");
+    if (!th_wait_until(s_gauge_is_one, &(gauge_is_one){&s_q0, "stpipe_queue_running "}, 10))
+        fail_msg("the first request never started");
     h = th_http(s_q0.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"Hi\",\"max_tokens\":2}");
     assert_int_equal(h.status, 503);
     assert_non_null(strstr(h.body, "server busy"));
@@ -576,6 +578,10 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     const char *on_args[] = {"--parallel", "1", "--cache-type", "f32", NULL};
     assert_int_equal(th_server_start(&on, QWEN, on_args, "serve_memo"), 0);
     const long long cached = s_two_turns(on.port, &p1, &same);
+    th_http_resp m = th_http(on.port, "GET", "/metrics", NULL, NULL);
+    assert_int_equal(th_metric(m.body, "stpipe_chat_memo_hits_total "), 1);
+    assert_true(th_metric(m.body, "stpipe_chat_memo_lookups_total ") >= 1);
+    th_http_free(&m);
     assert_int_equal(th_server_stop(&on), 0);
     if (same >= (size_t)p1 + 23)
         fail_msg("the answer re-encodes to its own ids; the case does not need the memo");
@@ -586,6 +592,9 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     const char *args[] = {"--parallel", "1", "--chat-memo", "0", "--cache-type", "f32", NULL};
     assert_int_equal(th_server_start(&off, QWEN, args, "serve_nomemo"), 0);
     const long long cached_off = s_two_turns(off.port, &p1, &same);
+    m = th_http(off.port, "GET", "/metrics", NULL, NULL);
+    assert_int_equal(th_metric(m.body, "stpipe_chat_memo_hits_total "), -1); /* no memo */
+    th_http_free(&m);
     assert_int_equal(th_server_stop(&off), 0);
     assert_int_equal(cached_off, (long long)same);
 }
