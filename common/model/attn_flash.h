@@ -2,9 +2,9 @@
  * and included by each build: attention.c (generic, AF_W 4, multiply then add), attention_avx2.c
  * (AF_W 8, fused multiply-add) and attention_avx512.c (AF_W 16, fused). The includer defines
  * AF_W (floats per vector), AF_NAME (the function), AF_FMA(a, b, c) = a * b + c on af_v and
- * either AF_LOADH(p) (AF_W float16 at p as an af_v) or AF_WIDEN(dst, src, n) (n float16 to
- * float, which a generic AF_LOADH uses); float16 rows are read in place and widened in registers
- * where they are used, Q8_0 rows are dequantized exactly (d * q, the floats of
+ * either AF_LOADH(p) (AF_W float16 at p as an af_v: float16 rows are read in place and widened
+ * in registers where they are used) or AF_WIDEN(dst, src, n) (n float16 to float: each tile's
+ * rows widened once into floats); Q8_0 rows are dequantized exactly (d * q, the floats of
  * attn_dequant_q8_0) into tile buffers; every type meets the same float arithmetic on the same
  * floats. The levels sum in different orders, so their bits differ by float rounding
  * (test_attn_core holds each to attn_head_ref); one level gives the same bits at any thread count,
@@ -50,16 +50,21 @@ static inline af_v s_af_splat(float x) {
     return AF_BCAST(x);
 }
 
-/* A float16 row is read as it is and widened in registers (AF_LOADH: AF_W halves to an af_v, an
- * exact conversion), so it costs no float copy in the cache; the row pointers of a call point to
- * floats (f32 cache, dequantized Q8_0) or to halves (f16 cache), `half` says which. */
-#ifndef AF_LOADH
-static inline af_v s_af_loadh_generic(const uint16_t *p) {
-    float t[AF_W];
-    AF_WIDEN(t, p, AF_W);
-    return s_af_load(t);
-}
-#define AF_LOADH(p) s_af_loadh_generic(p)
+/* With AF_LOADH a float16 row is read as it is and widened in registers (AF_W halves to an
+ * af_v, an exact conversion), so it costs no float copy in the cache; the row pointers of a call
+ * point to floats (f32 cache, dequantized Q8_0) or to halves (f16 cache), `half` says which.
+ * Without it (the generic build, whose conversion is a function call per element) each tile's
+ * rows are widened once into floats, as Q8_0 rows are dequantized. */
+#ifdef AF_LOADH
+#define AF_HALF_IN_PLACE 1
+#ifndef AF_WIDEN
+#define AF_WIDEN(dst, src, n) /* never reached */                                                  \
+    for (int i_ = 0; i_ < (n); i_++)                                                               \
+    (dst)[i_] = kern_fp16_to_f32((src)[i_])
+#endif
+#else
+#define AF_HALF_IN_PLACE 0
+#define AF_LOADH(p) s_af_load((const float *)(const void *)(p)) /* never reached */
 #endif
 static inline __attribute__((always_inline)) af_v s_af_loadr(const void *row, size_t i,
                                                              const int half) {
@@ -388,13 +393,16 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
     }
 }
 
-/* Row r of the tile (n_grp kv heads side by side): the cache's own row (f32 or f16), or
- * dequantized into buf as floats. */
+/* Row r of the tile (n_grp kv heads side by side): the cache's own row (f32, or f16 read in
+ * place), or widened / dequantized into buf as floats. */
 static inline const void *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
                                    const float *f, const uint16_t *h, const block_q8_0 *q) {
     if (f) return f + off;
-    if (h) return h + off;
-    s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, ng * a->D);
+    if (h && AF_HALF_IN_PLACE) return h + off;
+    if (h)
+        AF_WIDEN(buf, h + off, ng * a->D);
+    else
+        s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, ng * a->D);
     return buf;
 }
 
@@ -453,8 +461,8 @@ static inline __attribute__((always_inline)) void s_af_run(const attn_group_args
     const float scale = 1.0f / sqrtf((float)D);
     const size_t W = (size_t)ng * D;
     float *sc = a->work;                                 /* (nq, GH, ATTN_TILE) scores, then p */
-    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) dequantized keys */
-    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) dequantized values */
+    float *kbuf = sc + (size_t)ATTN_NQ * GH * ATTN_TILE; /* (ATTN_TILE, W) keys as floats */
+    float *vbuf = kbuf + (size_t)ATTN_TILE * W;          /* (ATTN_TILE, W) values as floats */
     const void *kr[ATTN_TILE], *vr[ATTN_TILE];
     int qb[ATTN_NQ], qe[ATTN_NQ], jb = a->c1, je = a->c0, hmax = a->hi;
     for (int i = 0; i < nq; i++) { /* each query's positions in this chunk: qb..qe-1 */
@@ -531,7 +539,7 @@ static inline __attribute__((always_inline)) void s_af_run(const attn_group_args
 }
 
 void AF_NAME(const attn_group_args *a) {
-    if (a->kh)
+    if (a->kh && AF_HALF_IN_PLACE)
         s_af_run(a, 1);
     else
         s_af_run(a, 0);

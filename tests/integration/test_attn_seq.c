@@ -116,16 +116,8 @@ static int s_group_setup(void **st) {
     mkdir(lay, 0700);
     /* a pool of 12 of the 48 experts: decisions, reads as they land and the decode prefetch of
      * several sequences are on the way of every layer */
-    const char *sa[] = {"--workers",
-                        "1",
-                        "--attn-threads",
-                        "1",
-                        "--layout-dir",
-                        lay,
-                        "--parallel",
-                        "3",
-                        "--pool-experts",
-                        "12",
+    const char *sa[] = {"--workers",  "1", "--attn-threads", "1",  "--layout-dir", lay,
+                        "--parallel", "3", "--pool-experts", "12", "--cache-type", "f32",
                         NULL};
     s_g.pid[0] = s_start("stpipe-storage-daemon", sa);
     s_wait_ready("storage", s_g.pid[0]);

@@ -91,14 +91,15 @@ static void test_cli_generate_golden_greedy(void **state) {
     th_data_path(m, sizeof m, DENSE);
     json_t *g = s_golden();
     char *ids = s_prompt_ids(g), *want = s_greedy8(g);
-    const char *a1[] = {"generate", "--model", m,   "--prompt-ids", ids, "--ids", "-n", "8",
-                        "--temp",   "0",       NULL};
+    const char *a1[] = {"generate", "--model", m,   "--prompt-ids", ids,   "--ids", "-n",
+                        "8",        "--temp",  "0", "--cache-type", "f32", NULL};
     th_run_out r = s_run(a1);
     s_expect(&r, 0, "generate --prompt-ids");
     assert_string_equal(r.out, want);
     assert_non_null(strstr(r.err, "prompt 27 tokens")); /* timings go to stderr */
     th_run_out_free(&r);
-    /* the text prompt tokenizes to the same ids; one thread gives the same tokens */
+    /* the text prompt tokenizes to the same ids; one thread and the default f16 cache give the
+     * same tokens on this short prompt */
     const char *prompt = json_string_value(json_object_get(g, "prompt"));
     const char *a2[] = {"generate", "-m", m,           "--prompt", prompt,    "--ids",
                         "-n",       "8",  "--threads", "1",        "--quiet", NULL};
@@ -415,6 +416,14 @@ static void test_cli_bad_usage_exits_2(void **state) {
     if (r.status != 2 || !strstr(r.err, "stpipe generate: -n needs an integer in -1..16777216 "
                                         "(got 'many')"))
         fail_msg("-n many: exit %d, stderr '%s'", r.status, r.err);
+    th_run_out_free(&r);
+    /* a pipeline's cache type is stpipe-up's: --cache-type given with --pipeline is refused,
+     * before any connection (the run directory need not exist) */
+    const char *p[] = {
+        "generate", "--pipeline", "/nonexistent-run", "--prompt", "a", "--cache-type", "f32", NULL};
+    r = s_run(p);
+    if (r.status != 2 || !strstr(r.err, "stpipe-up --cache-type"))
+        fail_msg("--pipeline --cache-type: exit %d, stderr '%s'", r.status, r.err);
     th_run_out_free(&r);
 }
 

@@ -94,8 +94,15 @@ static void test_peak_pss_within_budget(void **st) {
     assert_true(s_sampler > 0);
     const double t0 = th_now();
 
-    const char *extra[] = {
-        "--memory-budget", BUDGET, "--layout-dir", lay, "--ctx-size", "1024", NULL};
+    const char *extra[] = {"--memory-budget",
+                           BUDGET,
+                           "--layout-dir",
+                           lay,
+                           "--ctx-size",
+                           "1024",
+                           "--cache-type",
+                           "f16",
+                           NULL}; /* stpipe-up's default, not th_pipe_up's golden f32 */
     assert_int_equal(th_pipe_up(s_dir, model, 2, 60, 90, extra), 0);
 
     const char *chat[] = {

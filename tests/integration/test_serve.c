@@ -29,6 +29,7 @@
 #define QWEN "tiny-qwen-vocab-q4_0-pure.gguf"
 
 static th_server s_dense, s_qwen, s_q0; /* s_q0: test_serve_queue_zero's own */
+static th_server s_memo_on, s_memo_off; /* test_serve_chat_memo_reuses_the_answer's */
 
 static json_t *s_json(const th_http_resp *h) {
     json_error_t je;
@@ -71,7 +72,9 @@ static int s_setup(void **state) {
 
 static int s_teardown(void **state) {
     (void)state;
-    if (s_q0.pid > 0) th_server_stop(&s_q0); /* its test failed before stopping it */
+    th_server *own[] = {&s_q0, &s_memo_on, &s_memo_off};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+        if (own[i]->pid > 0) th_server_stop(own[i]); /* its test failed before stopping it */
     int a = th_server_stop(&s_dense), b = th_server_stop(&s_qwen);
     if (a != 0 || b != 0) {
         char *e = th_slurp_str(s_dense.err_path);
@@ -574,28 +577,26 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
     size_t same = 0;
     /* an f32 cache (the golden data's): the counts below are those of its answer to this chat
      * (24 ids, cut by max_tokens, that re-encode to other ids) */
-    th_server on = {0};
     const char *on_args[] = {"--parallel", "1", "--cache-type", "f32", NULL};
-    assert_int_equal(th_server_start(&on, QWEN, on_args, "serve_memo"), 0);
-    const long long cached = s_two_turns(on.port, &p1, &same);
-    th_http_resp m = th_http(on.port, "GET", "/metrics", NULL, NULL);
+    assert_int_equal(th_server_start(&s_memo_on, QWEN, on_args, "serve_memo"), 0);
+    const long long cached = s_two_turns(s_memo_on.port, &p1, &same);
+    th_http_resp m = th_http(s_memo_on.port, "GET", "/metrics", NULL, NULL);
     assert_int_equal(th_metric(m.body, "stpipe_chat_memo_hits_total "), 1);
-    assert_true(th_metric(m.body, "stpipe_chat_memo_lookups_total ") >= 1);
+    assert_int_equal(th_metric(m.body, "stpipe_chat_memo_lookups_total "), 2); /* each turn */
     th_http_free(&m);
-    assert_int_equal(th_server_stop(&on), 0);
+    assert_int_equal(th_server_stop(&s_memo_on), 0);
     if (same >= (size_t)p1 + 23)
         fail_msg("the answer re-encodes to its own ids; the case does not need the memo");
     if (cached != p1 + 23)
         fail_msg("2nd turn: %lld prompt tokens cached, want %lld (a plain encoding shares %zu)",
                  cached, p1 + 23, same);
-    th_server off = {0};
     const char *args[] = {"--parallel", "1", "--chat-memo", "0", "--cache-type", "f32", NULL};
-    assert_int_equal(th_server_start(&off, QWEN, args, "serve_nomemo"), 0);
-    const long long cached_off = s_two_turns(off.port, &p1, &same);
-    m = th_http(off.port, "GET", "/metrics", NULL, NULL);
+    assert_int_equal(th_server_start(&s_memo_off, QWEN, args, "serve_nomemo"), 0);
+    const long long cached_off = s_two_turns(s_memo_off.port, &p1, &same);
+    m = th_http(s_memo_off.port, "GET", "/metrics", NULL, NULL);
     assert_int_equal(th_metric(m.body, "stpipe_chat_memo_hits_total "), -1); /* no memo */
     th_http_free(&m);
-    assert_int_equal(th_server_stop(&off), 0);
+    assert_int_equal(th_server_stop(&s_memo_off), 0);
     assert_int_equal(cached_off, (long long)same);
 }
 

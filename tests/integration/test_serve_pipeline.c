@@ -110,8 +110,9 @@ static void test_serve_pipeline(void **st) {
         char bin[1024], out[1200];
         snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
         snprintf(out, sizeof out, "%s/inproc.out", s_dir);
-        char *argv[] = {bin,  "generate", "--model", model,     "--prompt",     (char *)prompts[0],
-                        "-n", "12",       "--ids",   "--quiet", "--ignore-eos", NULL};
+        char *argv[] = {bin,   "generate", "--model", model,     "--prompt",     (char *)prompts[0],
+                        "-n",  "12",       "--ids",   "--quiet", "--ignore-eos", "--cache-type",
+                        "f32", NULL}; /* th_pipe_up's cache */
         assert_int_equal(th_run(argv, out, 60), 0);
         char *s = th_slurp(out, NULL);
         assert_non_null(s);
