@@ -57,18 +57,16 @@ static inline af_v s_af_splat(float x) {
  * rows are widened once into floats, as Q8_0 rows are dequantized. */
 #ifdef AF_LOADH
 #define AF_HALF_IN_PLACE 1
-#ifndef AF_WIDEN
-#define AF_WIDEN(dst, src, n) /* never reached */                                                  \
-    for (int i_ = 0; i_ < (n); i_++)                                                               \
-    (dst)[i_] = kern_fp16_to_f32((src)[i_])
-#endif
 #else
 #define AF_HALF_IN_PLACE 0
-#define AF_LOADH(p) s_af_load((const float *)(const void *)(p)) /* never reached */
 #endif
 static inline __attribute__((always_inline)) af_v s_af_loadr(const void *row, size_t i,
                                                              const int half) {
-    return half ? AF_LOADH((const uint16_t *)row + i) : s_af_load((const float *)row + i);
+#if AF_HALF_IN_PLACE
+    if (half) return AF_LOADH((const uint16_t *)row + i);
+#endif
+    (void)half;
+    return s_af_load((const float *)row + i);
 }
 static inline __attribute__((always_inline)) float s_af_elem(const void *row, size_t i,
                                                              const int half) {
@@ -398,11 +396,15 @@ static inline void s_af_softmax(float *sc, int G, int D, int n, double *m, doubl
 static inline const void *s_af_row(const attn_group_args *a, int ng, size_t off, float *buf,
                                    const float *f, const uint16_t *h, const block_q8_0 *q) {
     if (f) return f + off;
-    if (h && AF_HALF_IN_PLACE) return h + off;
-    if (h)
+#if AF_HALF_IN_PLACE
+    if (h) return h + off;
+#else
+    if (h) {
         AF_WIDEN(buf, h + off, ng * a->D);
-    else
-        s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, ng * a->D);
+        return buf;
+    }
+#endif
+    s_af_dequant(buf, q + off / QK8_0, (size_t)a->qoff, ng * a->D);
     return buf;
 }
 
