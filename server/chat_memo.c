@@ -55,34 +55,27 @@ void chat_memo_destroy(chat_memo **self_p) {
     *self_p = NULL;
 }
 
-void chat_memo_put(chat_memo *m, const char *text, size_t len, const tok_span *spans,
-                   size_t n_spans, const int32_t *ids, size_t n_ids) {
-    if (!n_spans || spans[n_spans - 1].off + spans[n_spans - 1].len != len) return;
-    char *t = malloc(len + 1);
-    int32_t *i = malloc(sizeof *i * (n_ids ? n_ids : 1));
-    tok_span *sp = malloc(sizeof *sp * n_spans);
-    if (!t || !i || !sp) {
-        free(t);
-        free(i);
-        free(sp);
+void chat_memo_put(chat_memo *m, char *text, size_t len, tok_span *spans, size_t n_spans,
+                   int32_t *ids, size_t n_ids) {
+    if (!text || !spans || !ids || !n_spans ||
+        spans[n_spans - 1].off + spans[n_spans - 1].len != len) {
+        free(text);
+        free(spans);
+        free(ids);
         return;
     }
-    memcpy(t, text, len);
-    t[len] = 0;
-    if (n_ids) memcpy(i, ids, sizeof *i * n_ids);
-    memcpy(sp, spans, sizeof *sp * n_spans);
     pthread_mutex_lock(&m->mu);
     int slot = 0;
     for (int k = 0; k < m->n; k++) {
         const s_entry *e = &m->e[k];
-        if (e->text && e->len <= len && !memcmp(e->text, t, e->len)) { /* a turn earlier */
+        if (e->text && e->len <= len && !memcmp(e->text, text, e->len)) { /* a turn earlier */
             slot = k;
             break;
         }
         if (!e->text || (m->e[slot].text && e->used < m->e[slot].used)) slot = k;
     }
     s_clear(&m->e[slot]);
-    m->e[slot] = (s_entry){t, len, i, n_ids, sp, n_spans, ++m->clock};
+    m->e[slot] = (s_entry){text, len, ids, n_ids, spans, n_spans, ++m->clock};
     pthread_mutex_unlock(&m->mu);
 }
 

@@ -40,11 +40,12 @@ typedef struct chat_memo chat_memo;
 chat_memo *chat_memo_new(int n);
 void chat_memo_destroy(chat_memo **self_p);
 
-/* Records an exchange: the chat text up to the end of its answer (len bytes), its plain spans
- * (the prompt's messages, then the answer's message, which ends at len) and its ids (prompt,
- * then answer). Out of memory: nothing is recorded (the memo is an optimisation). */
-void chat_memo_put(chat_memo *m, const char *text, size_t len, const tok_span *spans,
-                   size_t n_spans, const int32_t *ids, size_t n_ids);
+/* Records an exchange and takes its malloc'd buffers (freed here when not kept): the chat text up
+ * to the end of its answer (len bytes), its plain spans (the prompt's messages, then the answer's
+ * message, which ends at len) and its ids (prompt, then answer). A NULL buffer (the caller ran
+ * out of memory) records nothing: the memo is an optimisation. */
+void chat_memo_put(chat_memo *m, char *text, size_t len, tok_span *spans, size_t n_spans,
+                   int32_t *ids, size_t n_ids);
 
 /* The longest entry the chat (text[0..len), its plain spans) continues: the entry's text is
  * text[0..L), its spans are the chat's first spans, the last of them ends at L, and text[L..]

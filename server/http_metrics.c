@@ -193,7 +193,7 @@ static void s_histo_one(sbuf *b, const char *name, const char *help, const histo
     s_histo_render(b, name, "", h);
 }
 
-char *http_metrics_render(http_metrics *m) {
+char *http_metrics_render(http_metrics *m, chat_memo *memo) {
     sbuf b = {.p = malloc(8192), .cap = 8192};
     if (!b.p) return NULL;
     b.p[0] = 0;
@@ -260,6 +260,17 @@ char *http_metrics_render(http_metrics *m) {
         s_histo_render(&b, "stpipe_stage_duration_ms", lab, &m->stage_ms[i]);
     }
     pthread_mutex_unlock(&m->mu);
+    if (memo) {
+        unsigned long long lookups = 0, hits = 0;
+        chat_memo_counts(memo, &lookups, &hits);
+        s_printf(&b,
+                 "# HELP stpipe_chat_memo_lookups_total Chats looked up in the chat memo.\n"
+                 "# TYPE stpipe_chat_memo_lookups_total counter\n"
+                 "stpipe_chat_memo_lookups_total %llu\n"
+                 "# HELP stpipe_chat_memo_hits_total Chats that started with a kept answer's ids.\n"
+                 "# TYPE stpipe_chat_memo_hits_total counter\nstpipe_chat_memo_hits_total %llu\n",
+                 lookups, hits);
+    }
     if (b.oom) {
         free(b.p);
         return NULL;

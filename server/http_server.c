@@ -184,22 +184,21 @@ static void s_memo_put(http_server *s, const http_job *job, const gen_result *re
     while ((p = strstr(p, open)))
         last = p++;
     const size_t plen = job->prompt_text_len, tlen = plen + alen, n_ids = (size_t)job->n_prompt + n;
-    char *text = last ? malloc(tlen + 1) : NULL;
-    tok_span *spans = text ? malloc(sizeof *spans * (job->n_plain + 1)) : NULL;
-    int32_t *ids = spans ? malloc(sizeof *ids * (n_ids ? n_ids : 1)) : NULL;
-    if (ids) {
+    if (!last) return;
+    char *text = malloc(tlen + 1);
+    tok_span *spans = malloc(sizeof *spans * (job->n_plain + 1));
+    int32_t *ids = malloc(sizeof *ids * (n_ids ? n_ids : 1));
+    if (text && spans && ids) {
         memcpy(text, job->prompt_text, plen);
         if (alen) memcpy(text + plen, res->text, alen);
+        text[tlen] = 0;
         memcpy(spans, job->plain, sizeof *spans * job->n_plain);
         const size_t a0 = (size_t)(last - job->prompt_text) + strlen(open);
         spans[job->n_plain] = (tok_span){a0, tlen - a0};
         memcpy(ids, job->prompt, sizeof *ids * (size_t)job->n_prompt);
         if (n) memcpy(ids + job->n_prompt, res->ids, sizeof *ids * n);
-        chat_memo_put(s->memo, text, tlen, spans, job->n_plain + 1, ids, n_ids);
     }
-    free(text);
-    free(spans);
-    free(ids);
+    chat_memo_put(s->memo, text, tlen, spans, job->n_plain + 1, ids, n_ids); /* takes them */
 }
 
 /* The runner finished job (worker thread, no lock held): its answer's last events, the
@@ -571,38 +570,17 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     return ret;
 }
 
-/* a then b (freed), or a alone when b is NULL or there is no memory for both. */
-static char *s_concat(char *a, char *b) {
-    if (!a || !b) {
-        free(b);
-        return a;
-    }
+/* /metrics: the server's own (with the chat memo's counters), then the runner's (the pipeline's
+ * stages). */
+static char *s_metrics_text(http_server *s) {
+    char *a = http_metrics_render(s->metrics, s->memo);
+    char *b = a && s->run.metrics ? s->run.metrics(s->run.ctx) : NULL;
+    if (!b) return a;
     size_t la = strlen(a), lb = strlen(b);
     char *t = realloc(a, la + lb + 1);
     if (t) memcpy(t + la, b, lb + 1);
     free(b);
     return t ? t : a;
-}
-
-/* /metrics: the server's own, the chat memo's counters, then the runner's (the pipeline's
- * stages). */
-static char *s_metrics_text(http_server *s) {
-    char *a = http_metrics_render(s->metrics);
-    if (a && s->memo) {
-        unsigned long long lookups = 0, hits = 0;
-        chat_memo_counts(s->memo, &lookups, &hits);
-        char m[512];
-        snprintf(m, sizeof m,
-                 "# HELP stpipe_chat_memo_lookups_total Chats looked up in the chat memo.\n"
-                 "# TYPE stpipe_chat_memo_lookups_total counter\n"
-                 "stpipe_chat_memo_lookups_total %llu\n"
-                 "# HELP stpipe_chat_memo_hits_total Chats that started with a kept answer's ids.\n"
-                 "# TYPE stpipe_chat_memo_hits_total counter\n"
-                 "stpipe_chat_memo_hits_total %llu\n",
-                 lookups, hits);
-        a = s_concat(a, strdup(m));
-    }
-    return s_concat(a, a && s->run.metrics ? s->run.metrics(s->run.ctx) : NULL);
 }
 
 static char *s_models_json(http_server *s) {

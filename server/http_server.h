@@ -181,7 +181,8 @@ void http_metrics_step(http_metrics *m, int n_tokens, const engine_stats *delta)
 void http_metrics_queue(http_metrics *m, int waiting, int running);
 /* Counts a request whose client went away before its answer was complete. */
 void http_metrics_client_gone(http_metrics *m, bool running);
-/* Prometheus text exposition (malloc'd). */
-char *http_metrics_render(http_metrics *m);
+/* Prometheus text exposition (malloc'd), with the chat memo's lookups and hits when memo is not
+ * NULL. */
+char *http_metrics_render(http_metrics *m, chat_memo *memo);
 
 #endif

@@ -36,8 +36,15 @@ static chat s_chat(const char *const *msgs, size_t n) {
     return c;
 }
 
+/* chat_memo_put takes malloc'd buffers: copies of c and ids */
 static void s_put(chat_memo *m, const chat *c, const int32_t *ids, size_t n_ids) {
-    chat_memo_put(m, c->text, strlen(c->text), c->spans, c->n, ids, n_ids);
+    tok_span *spans = malloc(sizeof *spans * (c->n ? c->n : 1));
+    int32_t *own = malloc(sizeof *own * (n_ids ? n_ids : 1));
+    assert_non_null(spans);
+    assert_non_null(own);
+    memcpy(spans, c->spans, sizeof *spans * c->n);
+    if (n_ids) memcpy(own, ids, sizeof *own * n_ids);
+    chat_memo_put(m, strdup(c->text), strlen(c->text), spans, c->n, own, n_ids);
 }
 
 /* Finds chat c: the ids' count (first id in *first), or -1 if none; the cut must be want. */
