@@ -129,8 +129,10 @@ static void s_gate(expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
     ops_mm_run(cc, jobs, nr);
 }
 
-/* up: only the active rows for single-slot runs; runs of many slots pack the matrix, at most
- * EXPERT_FFN_PACKS at a time (waves). Returns the active neurons. */
+/* up: runs too short to pack compute each slot's active rows only (a job per slot; a slot's
+ * jobs follow each other, so rows two slots share are read from memory once, mostly); runs of
+ * many slots pack the matrix, at most EXPERT_FFN_PACKS at a time (waves). Returns the active
+ * neurons. */
 static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *L, const ffn_run *r,
                      int nr) {
     const stp_type tg = L->gate_exps.type, tu = L->up_exps.type;
@@ -145,6 +147,26 @@ static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *
             const int n = r[q].n, l0 = r[q].l0;
             const bool pack = tu == STP_TYPE_Q4_0 && f->pack_up && n >= MM_PACK_MIN_VEC;
             if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
+            if (n < MM_PACK_MIN_VEC) { /* each slot's active rows */
+                for (int l = l0; l < l0 + n; l++) {
+                    int32_t *rows = f->active + (size_t)l * F;
+                    const int na = ops_active_rows(f->g + (size_t)l * F, F, rows);
+                    active += (uint64_t)na;
+                    if (na)
+                        jobs[nj++] = (mm_job){.type = tu,
+                                              .n_cols = f->E,
+                                              .w = r[q].w->up,
+                                              .row_bytes = L->up_exps.row_bytes,
+                                              .xq = xq_up + (size_t)l * su,
+                                              .xq_stride = su,
+                                              .n_vec = 1,
+                                              .y = f->u + (size_t)l * F,
+                                              .y_stride = (size_t)F,
+                                              .n_rows = na,
+                                              .rows = rows};
+                }
+                continue;
+            }
             mm_job j = {.type = tu,
                         .n_cols = f->E,
                         .w = r[q].w->up,
@@ -157,10 +179,6 @@ static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *
                         .n_rows = F};
             if (pack) j.pack_scratch = f->pack_up + (size_t)n_pack++ * f->pack_up_bytes;
             active += ops_count_active(f->g + (size_t)l0 * F, (size_t)n, F);
-            if (n == 1) {
-                j.rows = f->active + (size_t)l0 * F;
-                j.n_rows = ops_active_rows(f->g + (size_t)l0 * F, F, f->active + (size_t)l0 * F);
-            }
             jobs[nj++] = j;
         }
         ops_mm_run(cc, jobs, nj);
@@ -235,67 +253,107 @@ static void s_reglu(const kern_ops *ops, stp_type td, float *g, const float *u, 
     ops->quantize_act(td, g, xa, F);
 }
 
-/* ---- single-slot products as tasks (decode) ------------------------------------------------ *
- * When every run of a chunk has few slots, each slot's whole FFN (gate, its active rows of up,
- * ReGLU, down over the down_t image) is one task, and the team's threads take tasks from a
- * shared counter: one section per chunk instead of three, and the threads are at different
- * phases at any moment, so one streams a gate while the other gathers scattered up rows or
- * down_t neurons (those are bound by the misses a core keeps in flight, not by the bus). Every
- * product is the same kernel on the same rows as in the phased path below: the same bits. */
+/* ---- short runs as tasks (decode) ----------------------------------------------------------- *
+ * When every run of a chunk has few slots, each run (an expert and its 1..MM_PACK_MIN_VEC-1
+ * slots) is one task: gate, the active rows of up, ReGLU and down over the down_t image, for
+ * all its slots; the team's threads take tasks from a shared counter, largest runs first. One
+ * section per chunk instead of three, and the threads are at different phases at any moment, so
+ * one streams a gate while the other gathers scattered up rows or down_t neurons (those are
+ * bound by the misses a core keeps in flight, not by the bus). A run of several slots (several
+ * sequences routed to one expert) reads its matrices from memory once: gate in one batched
+ * product, up and down in blocks small enough to stay in L2 while each slot takes its rows of
+ * the block. Every product is the same kernel on the same rows as in the phased path below
+ * (matmat equals matvec per row; a row subset or a skipped idle neuron changes no bit): the same
+ * bits. */
+#define TASK_UP_BLOCK 256 /* rows of up: 216 KiB of Q4_0 rows for the 4b's n_embd */
+#define TASK_DT_BLOCK 256 /* row pairs of a down_t image: 256 bytes of each neuron */
+
 typedef struct task_section {
     expert_ffn *f;
     const compute_ctx *cc;
     const layer_weights *L;
     const ffn_run *r;
-    int run_of[EXPERT_FFN_CHUNK]; /* run of each chunk row */
-    int cs;
+    int order[EXPERT_FFN_CHUNK]; /* runs, largest first */
+    int nr;
     _Atomic int next;
     _Atomic uint64_t active, down; /* summed over the slots */
 } task_section;
 
-static void s_task_worker(void *p, int ith, int nth) {
-    (void)ith, (void)nth;
-    task_section *t = p;
-    expert_ffn *f = t->f;
-    const kern_ops *ops = t->cc->ops;
-    const layer_weights *L = t->L;
-    const int E = f->E, F = f->F;
+/* Run r's FFN for all its slots (rows l0.. of the chunk's scratch). Returns the down neurons;
+ * adds the active ones to *active. */
+static uint64_t s_task_run(expert_ffn *f, const kern_ops *ops, const layer_weights *L,
+                           const ffn_run *r, uint64_t *active) {
+    const int E = f->E, F = f->F, H = E / 2, n = r->n, l0 = r->l0;
     const stp_type tg = L->gate_exps.type, tu = L->up_exps.type, td = L->down_exps.type;
     const size_t sg = kern_act_size(tg, E), su = kern_act_size(tu, E), sd = kern_act_size(td, F);
     const uint8_t *xq_up = kern_act_type(tu) == kern_act_type(tg) ? f->xq_h : f->xq_h2;
+    const expert_ffn_weights *w = r->w;
+    float *g = f->g + (size_t)l0 * F;
+    const uint8_t *xg = f->xq_h + (size_t)l0 * sg;
+    if (w->gate_x16 && n == 1)
+        ops->matvec_q4_0x16(E, w->gate_x16, xg, g, 0, F / 16);
+    else if (w->gate_x16)
+        ops->matmat_q4_0x16(E, w->gate_x16, xg, sg, n, g, (size_t)F, 0, F / 16);
+    else if (n == 1)
+        ops->matvec(tg, E, w->gate, L->gate_exps.row_bytes, xg, g, 0, F);
+    else
+        ops->matmat(tg, E, w->gate, L->gate_exps.row_bytes, xg, sg, n, g, (size_t)F, 0, F);
+    int n_act[MM_PACK_MIN_VEC], cur[MM_PACK_MIN_VEC] = {0};
+    for (int i = 0; i < n; i++) {
+        const int l = l0 + i;
+        n_act[i] = ops_active_rows(f->g + (size_t)l * F, F, f->active + (size_t)l * F);
+        *active += (uint64_t)n_act[i];
+    }
+    for (int b = 0; b < F; b += TASK_UP_BLOCK) /* each slot's active rows of the block */
+        for (int i = 0; i < n; i++) {
+            const int l = l0 + i;
+            const int32_t *rows = f->active + (size_t)l * F;
+            int c = cur[i];
+            while (c < n_act[i] && (n == 1 || rows[c] < b + TASK_UP_BLOCK))
+                c++;
+            if (c > cur[i])
+                ops->matvec_rows(tu, E, w->up, L->up_exps.row_bytes, xq_up + (size_t)l * su,
+                                 rows + cur[i], c - cur[i], f->u + (size_t)l * F);
+            cur[i] = c;
+        }
+    for (int i = 0; i < n; i++) {
+        const int l = l0 + i;
+        s_reglu(ops, td, f->g + (size_t)l * F, f->u + (size_t)l * F, F, f->xq_a + (size_t)l * sd);
+    }
+    uint64_t down = 0;
+    for (int k = 0, k1; k < H; k = k1) { /* each slot's product over the block */
+        k1 = n == 1 || k + TASK_DT_BLOCK > H ? H : k + TASK_DT_BLOCK;
+        for (int i = 0; i < n; i++) {
+            const int l = l0 + i;
+            const int64_t c =
+                ops->down_t_matvec(w->down_t, E, F, (const block_q8_0 *)(f->xq_a + (size_t)l * sd),
+                                   f->ys + (size_t)l * E, k, k1);
+            if (k == 0) down += (uint64_t)c; /* the same neurons in every block */
+        }
+    }
+    return down;
+}
+
+static void s_task_worker(void *p, int ith, int nth) {
+    (void)ith, (void)nth;
+    task_section *t = p;
     uint64_t active = 0, down = 0;
     for (;;) {
-        const int l = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
-        if (l >= t->cs) break;
-        const expert_ffn_weights *w = t->r[t->run_of[l]].w;
-        float *g = f->g + (size_t)l * F, *u = f->u + (size_t)l * F;
-        int32_t *rows = f->active + (size_t)l * F;
-        const uint8_t *xg = f->xq_h + (size_t)l * sg;
-        if (w->gate_x16)
-            ops->matvec_q4_0x16(E, w->gate_x16, xg, g, 0, F / 16);
-        else
-            ops->matvec(tg, E, w->gate, L->gate_exps.row_bytes, xg, g, 0, F);
-        const int n_act = ops_active_rows(g, F, rows);
-        active += (uint64_t)n_act;
-        ops->matvec_rows(tu, E, w->up, L->up_exps.row_bytes, xq_up + (size_t)l * su, rows, n_act,
-                         u);
-        uint8_t *xa = f->xq_a + (size_t)l * sd;
-        s_reglu(ops, td, g, u, F, xa);
-        down += (uint64_t)ops->down_t_matvec(w->down_t, E, F, (const block_q8_0 *)xa,
-                                             f->ys + (size_t)l * E, 0, E / 2);
+        const int i = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (i >= t->nr) break;
+        down += s_task_run(t->f, t->cc->ops, t->L, &t->r[t->order[i]], &active);
     }
     atomic_fetch_add_explicit(&t->active, active, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->down, down, memory_order_relaxed);
 }
 
-/* The task path applies: several threads and at least a slot for each (one slot alone runs
- * faster split over the team), every run short, every run with its down_t image and a Q4_0
- * down (the image's type). Any gate and up type: their matvec / matvec_rows give the bits of
- * the phased path's matmat. */
+/* The task path applies: a task for each thread at least (one run alone runs faster split
+ * over the team), every run short, every run with its down_t image and a Q4_0 down (the
+ * image's type). Any gate and up type: their matvec / matmat / matvec_rows give the bits of
+ * the phased path's products. */
 static bool s_tasks_apply(const expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
-                          const ffn_run *r, int nr, int cs) {
-    const int nth = threadpool_size(cc->tp);
-    if (nth < 2 || cs < nth || f->F % 16) return false;
+                          const ffn_run *r, int nr) {
+    if (nr < threadpool_size(cc->tp) || f->F % 16) return false;
     if (L->down_exps.type != STP_TYPE_Q4_0) return false;
     for (int q = 0; q < nr; q++)
         if (r[q].n >= MM_PACK_MIN_VEC || !r[q].w->down_t) return false;
@@ -326,11 +384,12 @@ static void s_chunk(expert_ffn *f, const compute_ctx *cc, const layer_weights *L
             cc->ops->quantize_act(tg, hv, f->xq_h + (size_t)l * sg, E);
             if (!up_shares) cc->ops->quantize_act(tu, hv, f->xq_h2 + (size_t)l * su, E);
         }
-    if (s_tasks_apply(f, cc, L, r, nr, cs)) {
-        task_section t = {.f = f, .cc = cc, .L = L, .r = r, .cs = cs};
-        for (int q = 0; q < nr; q++)
-            for (int i = 0; i < r[q].n; i++)
-                t.run_of[r[q].l0 + i] = q;
+    if (s_tasks_apply(f, cc, L, r, nr)) {
+        task_section t = {.f = f, .cc = cc, .L = L, .r = r, .nr = nr};
+        int no = 0; /* largest runs first, so the last tasks taken are short */
+        for (int n = MM_PACK_MIN_VEC - 1; n > 0; n--)
+            for (int q = 0; q < nr; q++)
+                if (r[q].n == n) t.order[no++] = q;
         atomic_init(&t.next, 0);
         atomic_init(&t.active, 0);
         atomic_init(&t.down, 0);

@@ -18,7 +18,8 @@
 #include "model/down_t.h"
 #include "model/expert_ffn.h"
 
-enum { E = 256, F = 128, X = 12, T = 64 };
+/* n_embd and n_ff large enough that a task's up rows and down_t products go in several blocks */
+enum { E = 1024, F = 640, X = 12, T = 64 };
 /* slots per expert: one group longer than a chunk, single slots, ten packing runs */
 static const int k_n[X] = {300, 1, 9, 10, 10, 10, 10, 10, 10, 10, 10, 3};
 /* a decode step's slots: every run shorter than a packing run, so with images and several
