@@ -22,6 +22,13 @@ struct expert_ffn {
     size_t bytes;
 };
 
+/* Slots of a run from which `up` is packed and computed dense for all of them at once; a
+ * shorter run computes each slot's active rows only (about half of them), slot after slot, so
+ * rows the slots share come from cache. Packing costs a pass over the matrix and computes every
+ * row; below this it loses (docs/BENCHMARKS.md, session 13: pp64). `down` packs from
+ * MM_PACK_MIN_VEC slots (its single-slot products skip idle neurons already). */
+#define EXPERT_FFN_PACK_UP_MIN 32
+
 /* A run of one expert's slots inside a chunk. */
 typedef struct ffn_run {
     const expert_ffn_weights *w;
@@ -145,9 +152,9 @@ static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *
         int nj = 0, n_pack = 0;
         for (; q < nr; q++) {
             const int n = r[q].n, l0 = r[q].l0;
-            const bool pack = tu == STP_TYPE_Q4_0 && f->pack_up && n >= MM_PACK_MIN_VEC;
+            const bool pack = tu == STP_TYPE_Q4_0 && f->pack_up && n >= EXPERT_FFN_PACK_UP_MIN;
             if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
-            if (n < MM_PACK_MIN_VEC) { /* each slot's active rows */
+            if (n < EXPERT_FFN_PACK_UP_MIN) { /* each slot's active rows */
                 for (int l = l0; l < l0 + n; l++) {
                     int32_t *rows = f->active + (size_t)l * F;
                     const int na = ops_active_rows(f->g + (size_t)l * F, F, rows);

@@ -20,7 +20,8 @@
 
 /* n_embd and n_ff large enough that a task's up rows and down_t products go in several blocks */
 enum { E = 1024, F = 640, X = 12, T = 64 };
-/* slots per expert: one group longer than a chunk, single slots, ten packing runs */
+/* slots per expert: one group longer than a chunk, single slots, ten runs that pack `down`
+ * (in two waves; `up` packs from EXPERT_FFN_PACK_UP_MIN slots: the 44 left of the long group) */
 static const int k_n[X] = {300, 1, 9, 10, 10, 10, 10, 10, 10, 10, 10, 3};
 /* a decode step's slots: every run shorter than a packing run, so with images and several
  * threads each slot is one task (gate, its up rows, down_t) */
