@@ -187,6 +187,9 @@ typedef struct kern_ops {
      * (active neurons of the active groups). Bit-identical at every level. */
     int64_t (*down_t_matvec)(const uint8_t *img, int n_embd, int n_ff, const block_q8_0 *a,
                              float *y, int k0, int k1);
+    /* kern_q4_0x16_pack (the same bytes): a prefill packs matrices on the fly, so it is hot. */
+    void (*pack_q4_0x16)(const void *w, size_t row_bytes, int64_t n_rows, int64_t n_cols,
+                         void *dst);
 } kern_ops;
 
 /* The process-wide table (selected on first call; STP_KERNELS=ref|avx2|avx512 forces a level). */

@@ -570,4 +570,5 @@ const kern_ops kern_ops_avx2_table = {
     .matvec_q4_0x16 = s_matvec_x16,
     .matmat_q4_0x16 = s_matmat_x16,
     .down_t_matvec = kern_down_t_matvec_avx2,
+    .pack_q4_0x16 = kern_q4_0x16_pack,
 };

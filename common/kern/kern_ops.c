@@ -29,6 +29,7 @@ const kern_ops kern_ops_ref_table = {
     .matvec_q4_0x16 = kern_matvec_q4_0x16_ref,
     .matmat_q4_0x16 = kern_matmat_q4_0x16_ref,
     .down_t_matvec = kern_down_t_matvec_ref,
+    .pack_q4_0x16 = kern_q4_0x16_pack,
 };
 
 enum { LEVEL_REF = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };

@@ -306,7 +306,8 @@ int layout_build(const model *m, const char *model_path, const char *path, uint3
                 if (k == 2 && (flags & LAYOUT_DOWN_T))
                     down_t_build_expert(tv[2], x, dst);
                 else if (k == 0 && (flags & LAYOUT_GATE_X16))
-                    kern_q4_0x16_pack(src, tv[0]->row_bytes, tv[0]->n_rows, tv[0]->n_cols, dst);
+                    kern_ops_get()->pack_q4_0x16(src, tv[0]->row_bytes, tv[0]->n_rows,
+                                                 tv[0]->n_cols, dst);
                 else
                     memcpy(dst, src, e[k].bytes);
             }

@@ -198,7 +198,8 @@ static void s_pack_worker(void *p, int ith, int nth) {
     for (long i = b; i < e; i++) {
         const tensor_view *t = s->items[i].t;
         const uint8_t *src = t->data + (size_t)s->items[i].mat * t->mat_bytes;
-        kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, t->packed[s->items[i].mat]);
+        kern_ops_get()->pack_q4_0x16(src, t->row_bytes, t->n_rows, t->n_cols,
+                                     t->packed[s->items[i].mat]);
         model_release_pages(src, t->mat_bytes);
     }
 }
@@ -254,7 +255,7 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
         uint8_t *img = aligned_alloc(64, (bytes + 63) & ~(size_t)63); /* pairs on cache lines */
         if (!img) return NULL; /* the unpacked path still works */
         const uint8_t *src = t->data + (size_t)mat * t->mat_bytes;
-        kern_q4_0x16_pack(src, t->row_bytes, t->n_rows, t->n_cols, img);
+        kern_ops_get()->pack_q4_0x16(src, t->row_bytes, t->n_rows, t->n_cols, img);
         t->packed[mat] = img;
         *t->packed_total += bytes;
         model_release_pages(src, t->mat_bytes); /* the image replaces these file pages */

@@ -87,6 +87,30 @@ static void test_kern_q4x16_pack_layout(void **state) {
     free(w), free(p);
 }
 
+/* Every level's pack_q4_0x16 writes the reference's bytes: odd and even block counts, rows
+ * longer than a block pair (a 1536-column matrix's 864-byte rows), a row stride wider than the
+ * row (a matrix inside a larger buffer). */
+static void test_kern_q4x16_pack_levels(void **state) {
+    (void)state;
+    const kern_ops *lv[4];
+    const int nl = kern_ops_all(lv, 4);
+    const int64_t shapes[][3] = {{16, 32, 18}, {32, 96, 54}, {48, 1536, 864}, {32, 768, 500}};
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const int64_t rows = shapes[c][0], n = shapes[c][1];
+        const size_t rb = (size_t)shapes[c][2], bytes = kern_q4_0x16_size(rows, n);
+        uint8_t *w = s_alloc(rb * (size_t)rows), *want = s_alloc(bytes), *got = s_alloc(bytes);
+        for (size_t i = 0; i < rb * (size_t)rows; i++)
+            w[i] = (uint8_t)(i * 131 + 7 + c);
+        kern_q4_0x16_pack(w, rb, rows, n, want);
+        for (int l = 0; l < nl; l++) {
+            memset(got, 0xA5, bytes);
+            lv[l]->pack_q4_0x16(w, rb, rows, n, got);
+            assert_memory_equal(got, want, bytes);
+        }
+        free(w), free(want), free(got);
+    }
+}
+
 /* All levels, matvec and matmat, against kern_matvec_ref on the unpacked matrix. */
 static void s_check(int64_t rows, int64_t n, int extreme, int64_t max_vec, uint64_t seed) {
     const size_t rb = tensor_type_row_size(STP_TYPE_Q4_0, n);
@@ -174,6 +198,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kern_q4x16_size),
         cmocka_unit_test(test_kern_q4x16_pack_layout),
+        cmocka_unit_test(test_kern_q4x16_pack_levels),
         cmocka_unit_test(test_kern_q4x16_one_block),
         cmocka_unit_test(test_kern_q4x16_odd_blocks),
         cmocka_unit_test(test_kern_q4x16_even_blocks),
