@@ -396,21 +396,21 @@ static void s_matvec_x16(int64_t n_cols, const void *wp, const void *xq, float *
  * are loaded (one 128-bit load), four rows to a register, and a 16 x 4 dword transpose (two
  * rounds of permutes) gives the four 64-byte lines [dword k of rows 0..15]; the 16 fp16 scales
  * come in one gather. The same bytes as the reference (test_kern_q4x16). */
-static void s_pack_x16(const void *w, size_t row_bytes, int64_t n_rows, int64_t n_cols,
-                       void *dst) {
+static void s_pack_x16(const void *w, size_t row_bytes, int64_t n_rows, int64_t n_cols, void *dst) {
     const int64_t nb = n_cols / QK4_0, ng = n_rows / 16;
     if (row_bytes > (size_t)INT32_MAX / 16) {
         kern_q4_0x16_pack(w, row_bytes, n_rows, n_cols, dst);
         return;
     }
     const size_t gstride = (size_t)nb * 16 * sizeof(block_q4_0);
-    const __m512i vidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                             5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32((int)row_bytes));
+    const __m512i vidx =
+        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                           _mm512_set1_epi32((int)row_bytes));
     /* round 1: of rows 0..7 (a: rows 0-3, b: rows 4-7), dwords k and k+1 -> [k: rows 0-7 | k+1:
      * rows 0-7]; element e of a register pair is a's e (e < 16) or b's e - 16 */
     const __m512i p01 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
-    const __m512i p23 = _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
+    const __m512i p23 =
+        _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *R = (const uint8_t *)w + (size_t)(16 * g) * row_bytes;
         uint8_t *G = (uint8_t *)dst + (size_t)g * gstride;
@@ -422,8 +422,8 @@ static void s_pack_x16(const void *w, size_t row_bytes, int64_t n_rows, int64_t 
                 __m512i x = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
                 x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(p + row_bytes)), 1);
                 x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(p + 2 * row_bytes)), 2);
-                v[r] = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(p + 3 * row_bytes)),
-                                          3);
+                v[r] =
+                    _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(p + 3 * row_bytes)), 3);
             }
             const __m512i lo01 = _mm512_permutex2var_epi32(v[0], p01, v[1]);
             const __m512i lo23 = _mm512_permutex2var_epi32(v[0], p23, v[1]);

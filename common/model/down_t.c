@@ -1,10 +1,14 @@
 /* down_t: building the neuron-major `down` image of an expert from its GGUF rows, and packing
  * an image back into the row-interleaved q4_0x16 layout, so a prefill (many tokens per expert)
  * can run the batched packed kernel on an expert whose pool slot holds only the down_t image.
- * Plain C, byte moves only: any CPU (the products are in common/kern). See down_t.h. */
+ * Byte moves only: plain C, and SSE2 (every x86-64) for the pack a prefill runs per step (the
+ * products are in common/kern). See down_t.h. */
 #include "model/down_t.h"
 
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "kern/kern_internal.h"
 
@@ -57,20 +61,45 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
             const uint8_t *nib = gi + (size_t)n_embd * 2;
             uint8_t *qs = G + kern_q4x16_qoff(b), *sc = G + kern_q4x16_soff(nb, b);
             memcpy(sc, scales + 16 * q, 32); /* rows 16q..16q+15's fp16 scales, as they are */
-            uint8_t t[32][16];               /* nibble of neuron j for row 16q + i */
+            /* GGUF qs[m] of a row = neuron m | neuron m + 16 << 4; q4_0x16 keeps qs[4kk..4kk+3]
+             * of row i at 64 kk + 4 i */
+#ifdef __SSE2__
+            /* c[m] byte i = row 16q + i's qs[m]; each kk interleaves c[4kk..4kk+3] byte-wise */
+            const __m128i m4 = _mm_set1_epi8(0x0F), vsh = _mm_cvtsi32_si128(sh);
+            __m128i c[16];
+            for (int m = 0; m < 16; m++) {
+                const __m128i a = _mm_loadu_si128((const __m128i *)(nib + (size_t)m * H + k0));
+                const __m128i b =
+                    _mm_loadu_si128((const __m128i *)(nib + (size_t)(m + 16) * H + k0));
+                c[m] = _mm_or_si128(_mm_and_si128(_mm_srl_epi16(a, vsh), m4),
+                                    _mm_slli_epi16(_mm_and_si128(_mm_srl_epi16(b, vsh), m4), 4));
+            }
+            for (int kk = 0; kk < 4; kk++) {
+                const __m128i *v = &c[4 * kk];
+                const __m128i ab0 = _mm_unpacklo_epi8(v[0], v[1]),
+                              ab1 = _mm_unpackhi_epi8(v[0], v[1]);
+                const __m128i cd0 = _mm_unpacklo_epi8(v[2], v[3]),
+                              cd1 = _mm_unpackhi_epi8(v[2], v[3]);
+                __m128i *o = (__m128i *)(qs + 64 * kk);
+                _mm_storeu_si128(o, _mm_unpacklo_epi16(ab0, cd0));
+                _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(ab0, cd0));
+                _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(ab1, cd1));
+                _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(ab1, cd1));
+            }
+#else
+            uint8_t t[32][16]; /* nibble of neuron j for row 16q + i */
             for (int j = 0; j < 32; j++) {
                 memcpy(t[j], nib + (size_t)j * H + k0, 16);
                 for (int i = 0; i < 16; i++)
                     t[j][i] = (uint8_t)((t[j][i] >> sh) & 0x0F);
             }
-            /* GGUF qs[m] of a row = neuron m | neuron m + 16 << 4; q4_0x16 keeps qs[4kk..4kk+3]
-             * of row i at 64 kk + 4 i */
             for (int kk = 0; kk < 4; kk++)
                 for (int i = 0; i < 16; i++)
                     for (int mm = 0; mm < 4; mm++) {
                         const int m = 4 * kk + mm;
                         qs[64 * kk + 4 * i + mm] = (uint8_t)(t[m][i] | (t[m + 16][i] << 4));
                     }
+#endif
         }
     }
 }

@@ -154,7 +154,7 @@ static uint64_t s_up(expert_ffn *f, const compute_ctx *cc, const layer_weights *
             const int n = r[q].n, l0 = r[q].l0;
             const bool pack = tu == STP_TYPE_Q4_0 && f->pack_up && n >= EXPERT_FFN_PACK_UP_MIN;
             if (pack && n_pack == EXPERT_FFN_PACKS) break; /* next wave */
-            if (n < EXPERT_FFN_PACK_UP_MIN) { /* each slot's active rows */
+            if (n < EXPERT_FFN_PACK_UP_MIN) {              /* each slot's active rows */
                 for (int l = l0; l < l0 + n; l++) {
                     int32_t *rows = f->active + (size_t)l * F;
                     const int na = ops_active_rows(f->g + (size_t)l * F, F, rows);
