@@ -878,6 +878,9 @@ static int s_run(void *ctx, int il, int T, const float *x, const float *h, const
     }
     if ((rc = s_collect(a, a->batch, nb, il, err))) return rc;
     double t4 = msg_now_us();
+    /* the cores are back: the team wakes while this thread sums, so the next layer's first
+     * section (the router) does not wait for an idle core to be scheduled */
+    threadpool_wake(a->tp);
     /* stall: the wait for weights not covered by the earlier batches' compute */
     double compute = 0, covered = 0;
     for (int i = 0; i < nb; i++) {

@@ -48,23 +48,30 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Waits until *addr != old, spinning for up to spin_ns first (not at all once *park == old). */
+/* Waits until *addr != old, spinning for up to spin_ns first (not at all while *park == old).
+ * Woken from its sleep with *addr unchanged and *park no longer old (threadpool_wake), it spins
+ * again for up to spin_ns. */
 static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int *park) {
-    long t0 = 0;
-    for (int i = 0;; i++) {
-        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
-        if (park && atomic_load_explicit(park, memory_order_relaxed) == old) break;
-        if ((i & 255) == 255) {
-            long t = s_now_ns();
-            if (!t0)
-                t0 = t;
-            else if (t - t0 > spin_ns)
-                break;
+    for (;;) {
+        long t0 = 0;
+        for (int i = 0;; i++) {
+            if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+            if (park && atomic_load_explicit(park, memory_order_relaxed) == old) break;
+            if ((i & 255) == 255) {
+                long t = s_now_ns();
+                if (!t0)
+                    t0 = t;
+                else if (t - t0 > spin_ns)
+                    break;
+            }
+            _mm_pause();
         }
-        _mm_pause();
+        while (atomic_load_explicit(addr, memory_order_acquire) == old) {
+            s_futex(addr, FUTEX_WAIT, old);
+            if (park && atomic_load_explicit(park, memory_order_relaxed) != old) break;
+        }
+        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
     }
-    while (atomic_load_explicit(addr, memory_order_acquire) == old)
-        s_futex(addr, FUTEX_WAIT, old);
 }
 
 static void *s_worker(void *p) {
@@ -135,6 +142,12 @@ void threadpool_park(threadpool *tp) {
     if (tp)
         atomic_store_explicit(&tp->park_gen, atomic_load_explicit(&tp->gen, memory_order_acquire),
                               memory_order_relaxed);
+}
+
+void threadpool_wake(threadpool *tp) {
+    if (!tp || tp->n == 1) return;
+    atomic_store_explicit(&tp->park_gen, -1, memory_order_relaxed);
+    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
 }
 
 int threadpool_size(const threadpool *tp) {

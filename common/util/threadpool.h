@@ -21,6 +21,10 @@ void threadpool_set_spin_ns(threadpool *tp, long ns);
 /* Idle threads stop spinning now and sleep until the next section: for a stage that hands the
  * cores to another process (the spin would take a core the other side needs). No-op on NULL. */
 void threadpool_park(threadpool *tp);
+/* Ends a park ahead of the next section: sleeping idle threads wake and spin again (for the
+ * spin time), so the section that follows does not wait for them to be scheduled. For a stage
+ * taking the cores back while its own thread still has serial work to do. No-op on NULL. */
+void threadpool_wake(threadpool *tp);
 void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx);
 
 /* Splits [0, n) into nth nearly equal chunks (multiples of align when possible); thread ith's. */

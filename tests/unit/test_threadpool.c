@@ -206,6 +206,40 @@ static void test_threadpool_park_stops_the_spin(void **state) {
     threadpool_destroy(&tp);
 }
 
+static bool s_others_awake(void *ctx) {
+    return !s_others_asleep(ctx);
+}
+
+/* A parked pool's sleeping thread, woken by threadpool_wake, spins again (for its spin time:
+ * here 10 s, so it is seen running and using CPU), a second park puts it back to sleep, and
+ * the next section still runs on both threads. */
+static void test_threadpool_wake_ends_the_park(void **state) {
+    (void)state;
+    threadpool *tp = NULL;
+    stp_err err = {0};
+    if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
+    threadpool_set_spin_ns(tp, 10L * 1000 * 1000 * 1000);
+    sect s;
+    memset(&s, 0, sizeof s);
+    s.expect_nth = 2;
+    threadpool_run(tp, s_fn, &s);
+    threadpool_park(tp);
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the parked thread never slept");
+    threadpool_wake(tp);
+    if (!th_wait_until(s_others_awake, NULL, 5)) fail_msg("the woken thread never ran");
+    struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    nanosleep(&d, NULL); /* the measurement window */
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+    if (cpu < 0.05) fail_msg("the woken thread used only %.3f s of CPU in 0.2 s", cpu);
+    threadpool_park(tp);
+    if (s_idle_cpu() > 0.05) fail_msg("the pool parked again still spins");
+    threadpool_run(tp, s_fn, &s);
+    assert_int_equal(atomic_load(&s.calls[1]), 2);
+    threadpool_destroy(&tp);
+}
+
 static void test_threadpool_chunk_partition(void **state) {
     (void)state;
     const long aligns[] = {0, 1, 3, 4, 32};
@@ -242,6 +276,7 @@ int main(void) {
         cmocka_unit_test(test_threadpool_chunked_sum),
         cmocka_unit_test(test_threadpool_idle_uses_no_cpu),
         cmocka_unit_test(test_threadpool_park_stops_the_spin),
+        cmocka_unit_test(test_threadpool_wake_ends_the_park),
         cmocka_unit_test(test_threadpool_chunk_partition),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
