@@ -69,10 +69,10 @@ void down_t_pack_x16(const uint8_t *img, int n_embd, int n_ff, int64_t r0, int64
             __m128i c[16];
             for (int m = 0; m < 16; m++) {
                 const __m128i a = _mm_loadu_si128((const __m128i *)(nib + (size_t)m * H + k0));
-                const __m128i b =
+                const __m128i a16 =
                     _mm_loadu_si128((const __m128i *)(nib + (size_t)(m + 16) * H + k0));
                 c[m] = _mm_or_si128(_mm_and_si128(_mm_srl_epi16(a, vsh), m4),
-                                    _mm_slli_epi16(_mm_and_si128(_mm_srl_epi16(b, vsh), m4), 4));
+                                    _mm_slli_epi16(_mm_and_si128(_mm_srl_epi16(a16, vsh), m4), 4));
             }
             for (int kk = 0; kk < 4; kk++) {
                 const __m128i *v = &c[4 * kk];

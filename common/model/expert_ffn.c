@@ -13,7 +13,7 @@ struct expert_ffn {
     int E, F;
     float *g, *u;                 /* (CHUNK, F) gate, then the ReGLU activation; up */
     float *ys;                    /* (CHUNK, E) down outputs in chunk order */
-    int32_t *active;              /* (CHUNK, F) active neurons of single-slot runs */
+    int32_t *active;              /* (CHUNK, F) each slot's active neurons (short runs) */
     uint8_t *xq_h, *xq_h2, *xq_a; /* (CHUNK) quantized inputs of gate, up (if its format
                                    * differs), down */
     uint8_t *pack_up, *pack_down; /* (PACKS) q4_0x16 images, 64-byte aligned; NULL: the shape
@@ -305,6 +305,7 @@ static uint64_t s_task_run(expert_ffn *f, const kern_ops *ops, const layer_weigh
         ops->matvec(tg, E, w->gate, L->gate_exps.row_bytes, xg, g, 0, F);
     else
         ops->matmat(tg, E, w->gate, L->gate_exps.row_bytes, xg, sg, n, g, (size_t)F, 0, F);
+    /* n < MM_PACK_MIN_VEC: s_tasks_apply takes no longer run */
     int n_act[MM_PACK_MIN_VEC], cur[MM_PACK_MIN_VEC] = {0};
     for (int i = 0; i < n; i++) {
         const int l = l0 + i;

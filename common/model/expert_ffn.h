@@ -54,8 +54,8 @@ size_t expert_ffn_bytes(const expert_ffn *f);
  * slots and runs are never split between chunks (a split would read the expert twice); within
  * a chunk, gate is one parallel section, up and down are waves of at most EXPERT_FFN_PACKS
  * packing runs, and the single-slot down_t products one more section; a chunk of short runs
- * (decode) on several threads is instead one section of per-slot tasks (README.md, invariant
- * 10). Adds to st if given. */
+ * (decode) with at least a run per thread is instead one section of per-run tasks (README.md,
+ * invariant 10). Adds to st if given. */
 void expert_ffn_run(expert_ffn *f, const compute_ctx *cc, const layer_weights *L,
                     const expert_ffn_group *groups, int ng, const float *h, const int32_t *tok,
                     float *y, const int32_t *y_row, expert_ffn_stats *st);

@@ -4,8 +4,10 @@
  * 1. `gen` only increases; a worker runs a section exactly once per increment it observes.
  * 2. `pending` counts workers still inside the current section; the caller returns only when it
  *    reaches 0, so fn/ctx stay valid for the whole section.
- * 3. Sleeping happens only on futexes (gen for workers, pending for the caller) after a bounded
- *    spin, so an idle pool burns no CPU. */
+ * 3. Sleeping happens only on futexes (the bell for workers, pending for the caller) after a
+ *    bounded spin, so an idle pool burns no CPU. The bell is rung after every change a sleeping
+ *    worker waits for (a section, the end of a park), and a worker reads it before looking at
+ *    them, so no wake-up is lost. */
 #include "util/threadpool.h"
 
 #include <immintrin.h>
@@ -22,7 +24,8 @@
 struct threadpool {
     int n;
     pthread_t *threads;
-    _Atomic int gen;     /* section generation (futex word for workers) */
+    _Atomic int gen;     /* section generation */
+    _Atomic int bell;    /* rung after gen or park_gen changes (futex word for workers) */
     _Atomic int pending; /* workers not yet done with the current section (futex word) */
     _Atomic int stop;
     _Atomic long spin_ns;
@@ -48,10 +51,12 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Waits until *addr != old, spinning for up to spin_ns first (not at all while *park == old).
- * Woken from its sleep with *addr unchanged and *park no longer old (threadpool_wake), it spins
- * again for up to spin_ns. */
-static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int *park) {
+/* Waits until *addr != old, spinning for up to spin_ns first (not at all while *park == old),
+ * then sleeping: on *addr itself without a bell; with one, on the bell, which every section
+ * start and every threadpool_wake ring after changing *addr or *park, so neither is missed.
+ * Woken by threadpool_wake (the bell rang, *addr unchanged), it spins again for up to spin_ns. */
+static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int *park,
+                          _Atomic int *bell) {
     for (;;) {
         long t0 = 0;
         for (int i = 0;; i++) {
@@ -66,12 +71,25 @@ static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int 
             }
             _mm_pause();
         }
-        while (atomic_load_explicit(addr, memory_order_acquire) == old) {
-            s_futex(addr, FUTEX_WAIT, old);
-            if (park && atomic_load_explicit(park, memory_order_relaxed) != old) break;
+        if (!bell) {
+            while (atomic_load_explicit(addr, memory_order_acquire) == old)
+                s_futex(addr, FUTEX_WAIT, old);
+            return;
+        }
+        for (;;) {
+            const int rung = atomic_load_explicit(bell, memory_order_acquire);
+            if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+            s_futex(bell, FUTEX_WAIT, rung);
+            if (atomic_load_explicit(bell, memory_order_acquire) != rung) break;
         }
         if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
     }
+}
+
+/* Rings the workers' bell: after a new section or the end of a park. */
+static void s_ring(threadpool *tp) {
+    atomic_fetch_add_explicit(&tp->bell, 1, memory_order_acq_rel);
+    s_futex(&tp->bell, FUTEX_WAKE, 1 << 30);
 }
 
 static void *s_worker(void *p) {
@@ -82,7 +100,7 @@ static void *s_worker(void *p) {
     int seen = 0; /* gen is 0 at creation: a section started before this thread ran is not missed */
     for (;;) {
         s_wait_change(&tp->gen, seen, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
-                      &tp->park_gen);
+                      &tp->park_gen, &tp->bell);
         seen = atomic_load_explicit(&tp->gen, memory_order_acquire);
         if (atomic_load(&tp->stop)) break;
         tp->fn(tp->ctx, ith, tp->n);
@@ -126,7 +144,7 @@ void threadpool_destroy(threadpool **self_p) {
     if (!tp) return;
     atomic_store(&tp->stop, 1);
     atomic_fetch_add(&tp->gen, 1);
-    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
+    s_ring(tp);
     for (int i = 1; i < tp->n; i++)
         pthread_join(tp->threads[i], NULL);
     free(tp->threads);
@@ -147,7 +165,7 @@ void threadpool_park(threadpool *tp) {
 void threadpool_wake(threadpool *tp) {
     if (!tp || tp->n == 1) return;
     atomic_store_explicit(&tp->park_gen, -1, memory_order_relaxed);
-    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
+    s_ring(tp);
 }
 
 int threadpool_size(const threadpool *tp) {
@@ -163,13 +181,13 @@ void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx) {
     tp->ctx = ctx;
     atomic_store_explicit(&tp->pending, tp->n - 1, memory_order_release);
     atomic_fetch_add_explicit(&tp->gen, 1, memory_order_acq_rel);
-    s_futex(&tp->gen, FUTEX_WAKE, 1 << 30);
+    s_ring(tp);
     fn(ctx, 0, tp->n);
     for (;;) {
         int p = atomic_load_explicit(&tp->pending, memory_order_acquire);
         if (p == 0) break;
         s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
-                      NULL);
+                      NULL, NULL);
     }
 }
 
