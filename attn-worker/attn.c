@@ -118,7 +118,8 @@ struct attn_worker {
     int n_hints;
     /* per-eval accumulators */
     double ipc_us;
-    uint64_t active, total;
+    uint64_t active, total, down;
+    double router_us, attn_us, experts_us, head_us; /* the roofline's stages */
 };
 
 /* ---------------------------------------------------------------------------------------- */
@@ -689,6 +690,7 @@ static int s_on_reply(attn_worker *a, work_batch *bs, int nb, int wi, int il, St
         stats_handover(a->st, "handover.back", m->done->sent_us);
         a->active += m->done->active_neurons;
         a->total += m->done->total_neurons;
+        a->down += m->done->down_neurons;
     } else {
         stats_add(a->st, "expert.stale_replies", 1);
     }
@@ -903,6 +905,9 @@ static int s_run(void *ctx, int il, int T, const float *x, const float *h, const
 static void s_timed(void *ctx, int il, const forward_layer_ns *t) {
     (void)il;
     attn_worker *a = ctx;
+    a->router_us += (double)t->router * 1e-3;
+    a->attn_us += (double)t->attn * 1e-3;
+    a->experts_us += (double)t->experts * 1e-3;
     stats_latency(a->st, "router", (double)t->router * 1e-3);
     stats_latency(a->st, "attention", (double)t->attn * 1e-3);
     stats_latency(a->st, "layer", (double)(t->router + t->attn + t->experts) * 1e-3);
@@ -966,6 +971,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
             memcpy(a->logits_shm + (size_t)e->slot * V, all + (size_t)last * V,
                    (size_t)V * sizeof(float));
     }
+    a->head_us += msg_now_us() - tl;
     stats_latency(a->st, "lm_head", msg_now_us() - tl);
     return 0;
 }
@@ -1152,8 +1158,8 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
         }
     }
     double t0 = msg_now_us();
-    a->ipc_us = 0;
-    a->active = a->total = 0;
+    a->ipc_us = a->router_us = a->attn_us = a->experts_us = a->head_us = 0;
+    a->active = a->total = a->down = 0;
     s_pool_refresh(a);
     stp_err err = {0};
     rc = s_run_request(a, q, all, &err);
@@ -1205,6 +1211,11 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     r.ipc_ms = a->ipc_us * 1e-3;
     r.active_neurons = a->active;
     r.total_neurons = a->total;
+    r.down_neurons = a->down;
+    r.router_ms = a->router_us * 1e-3;
+    r.attn_ms = a->attn_us * 1e-3;
+    r.experts_ms = a->experts_us * 1e-3;
+    r.head_ms = a->head_us * 1e-3;
     Stp__EvalMsg out;
     stp__eval_msg__init(&out);
     out.body_case = STP__EVAL_MSG__BODY_REPLY;

@@ -32,6 +32,7 @@
 typedef struct bench_result {
     char test[32];
     int n_tokens, depth;
+    int pos0;        /* tg: the first position decoded (depth; depth + 1 through a pipeline) */
     double mean, sd; /* tokens per second */
     engine_stats st; /* accumulated over repetitions */
     int reps;
@@ -105,8 +106,8 @@ static const opt_def s_opts[] = {
      NULL},
     CLI_OPT_THREADS(bench_opts, "2",
                     "compute threads (in-process only) and threads of the bandwidth test"),
-    CLI_OPT_CACHE_TYPE(bench_opts, "KV cache f32, f16 or q8_0 (in-process only; a pipeline's is "
-                                   "set by deploy/stpipe-up --cache-type)"),
+    CLI_OPT_CACHE_TYPE(bench_opts, "KV cache f32, f16 or q8_0 (with --pipeline: the type "
+                                   "deploy/stpipe-up gave it, for the roofline's KV bytes)"),
     CLI_OPT_SPARSE_HEAD(bench_opts),
     {"--parallel", "-np", OPT_INT, 1, 64, "1", "N",
      "sequences at once (in-process only; llama-batched-bench's -npl): each has its own depth "
@@ -126,12 +127,13 @@ static void s_usage(FILE *f) {
         s_opts, CLI_NOPTS(s_opts),
         "The header gives the CPU, its read bandwidth (a ~0.5 s test summing a buffer of\n"
         "4x the last-level cache, at least 256 MiB, on 1 and N threads, best of 5) and the\n"
-        "CPU steal % of the run (/proc/stat). Each in-process tg test is followed by its\n"
-        "roofline: per decode stage (attention with its KV reads, router, experts, LM head)\n"
-        "ms and MB read per token, the GB/s that makes and its share of the roofline, the\n"
-        "larger of the two bandwidths (N threads can read at least as fast as one; a pass\n"
-        "another process disturbed is slower). Not with --pipeline (its stages' times are\n"
-        "not split the same way).\n");
+        "CPU steal % of the run (/proc/stat). Each tg test is followed by its roofline:\n"
+        "per decode stage (attention with its KV reads, router, experts, LM head) ms and\n"
+        "MB read per token, the GB/s that makes and its share of the roofline, the larger\n"
+        "of the two bandwidths (N threads can read at least as fast as one; a pass another\n"
+        "process disturbed is slower). With --pipeline it needs --model (the pipeline's\n"
+        "file, for the bytes); the stage times are the attention worker's, its experts\n"
+        "stage the whole expert step (dispatch, the workers, the wait, the weighted sum).\n");
 }
 
 /* The name of a test, as llama-bench prints it: "tg128", "pp512 @ d2048". */
@@ -287,7 +289,7 @@ static json_t *s_json_roofline(const bench_result *r, const bench_host *h) {
         b_sum += r->rb.stage[i];
     }
     json_object_set_new(o, "bandwidth_gbps", json_real(h->roof));
-    json_object_set_new(o, "positions", json_pack("[i,i]", r->depth, r->depth + r->n_tokens - 1));
+    json_object_set_new(o, "positions", json_pack("[i,i]", r->pos0, r->pos0 + r->n_tokens - 1));
     json_object_set_new(o, "neurons_active_per_token", json_real(r->st.neurons_active / tk));
     json_object_set_new(o, "down_neurons_per_token", json_real(r->st.down_neurons / tk));
     json_object_set_new(o, "stages", stages);
@@ -303,8 +305,8 @@ static void s_print_roofline(const bench_result *r, const bench_host *h) {
     static const char *const label[ROOFLINE_N] = {"attention", "router", "experts", "LM head"};
     double ms[ROOFLINE_N], ms_sum = 0, b_sum = 0;
     s_stage_ms(&r->st, ms);
-    printf("\nroofline of %s (positions %d..%d, %.1f GB/s = 100%%):\n\n", r->test, r->depth,
-           r->depth + r->n_tokens - 1, h->roof);
+    printf("\nroofline of %s (positions %d..%d, %.1f GB/s = 100%%):\n\n", r->test, r->pos0,
+           r->pos0 + r->n_tokens - 1, h->roof);
     printf("| stage | ms/token | MB/token | GB/s | %% of roofline |\n");
     printf("| --- | ---: | ---: | ---: | ---: |\n");
     for (int i = 0; i < ROOFLINE_N; i++) {
@@ -384,9 +386,9 @@ static size_t s_pipeline_pss(const char *run_dir) {
  * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
  * generation only. Every request starts with another id, so the coordinator's prefix reuse
  * never finds a repetition's prompt in a slot. */
-static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp, const int *tg,
-                            int n_tg, const int *dp, int n_dp, int reps, bool json,
-                            bench_host *host) {
+static int s_bench_pipeline(const char *run_dir, const model *pm, double kv_elem, int V,
+                            const int *pp, int n_pp, const int *tg, int n_tg, const int *dp,
+                            int n_dp, int reps, bool json, bench_host *host) {
     int max_n = 1;
     for (int di = 0; di < n_dp; di++) {
         for (int i = 0; i < n_pp; i++)
@@ -404,9 +406,8 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     sampler_params_default(&o.sp);
     o.sp.temperature = 0;
     struct {
-        char test[32];
-        int depth;
-        double mean, sd, ipc;
+        bench_result r; /* st and rb: a tg test's roofline, with pm */
+        double ipc;
     } res[64];
     int nres = 0, status = 0, n_sent = 0;
     const int32_t first0 = toks[0];
@@ -427,6 +428,8 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
                 int n = kind == 0 ? pp[ti] : tg[ti];
                 if (n <= 0) continue;
                 double sum = 0, sum2 = 0, ipc = 0;
+                engine_stats st;
+                memset(&st, 0, sizeof st);
                 for (int rep = 0; rep < reps && !status; rep++) {
                     /* pp: d + n prompt tokens (d untimed), one generated (its time is the
                      * prefill); tg: d + 1 prompt tokens, n + 1 generated (the first comes from
@@ -446,13 +449,31 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
                         kind == 0 ? n / (gr.prompt_ms * 1e-3) : (gr.n_gen - 1) / (gr.gen_ms * 1e-3);
                     sum += tps;
                     sum2 += tps * tps;
-                    if (kind == 1) ipc += gr.ipc_ms / gr.gen_ms;
+                    if (kind == 1) {
+                        ipc += gr.ipc_ms / gr.gen_ms;
+                        st.tokens += (uint64_t)(gr.n_gen - 1); /* one eval per later token */
+                        st.ns_router += (uint64_t)(gr.router_ms * 1e6);
+                        st.ns_attn += (uint64_t)(gr.attn_ms * 1e6);
+                        st.ns_moe += (uint64_t)(gr.experts_ms * 1e6);
+                        st.ns_head += (uint64_t)(gr.head_ms * 1e6);
+                        st.neurons_total += gr.neurons_total;
+                        st.neurons_active += gr.neurons_active;
+                        st.down_neurons += gr.down_neurons;
+                    }
                 }
                 if (status) break;
-                s_test_name(res[nres].test, sizeof res[nres].test, kind == 0, n, d);
-                res[nres].depth = d;
-                res[nres].mean = sum / reps;
-                res[nres].sd = s_sd(sum, sum2, reps);
+                bench_result *r = &res[nres].r;
+                memset(r, 0, sizeof *r);
+                s_test_name(r->test, sizeof r->test, kind == 0, n, d);
+                r->depth = d;
+                r->pos0 = d + 1; /* a tg test's prompt is d + 1 ids */
+                r->n_tokens = n;
+                r->mean = sum / reps;
+                r->sd = s_sd(sum, sum2, reps);
+                r->reps = reps;
+                r->tg = kind == 1 && pm && st.tokens;
+                r->st = st;
+                if (r->tg) roofline_decode_bytes(pm, r->pos0, n, kv_elem, &st, &r->rb);
                 res[nres].ipc = kind == 1 ? ipc / reps : -1;
                 nres++;
             }
@@ -477,13 +498,15 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
         json_object_set_new(root, "pipeline", s_json_str(run_dir));
         json_object_set_new(root, "pss_bytes", json_integer((json_int_t)pss));
         for (int i = 0; i < nres; i++) {
+            const bench_result *b = &res[i].r;
             json_t *r = json_object();
-            json_object_set_new(r, "test", json_string(res[i].test));
-            json_object_set_new(r, "depth", json_integer(res[i].depth));
-            json_object_set_new(r, "tokens_per_second", json_real(res[i].mean));
-            json_object_set_new(r, "sd", json_real(res[i].sd));
+            json_object_set_new(r, "test", json_string(b->test));
+            json_object_set_new(r, "depth", json_integer(b->depth));
+            json_object_set_new(r, "tokens_per_second", json_real(b->mean));
+            json_object_set_new(r, "sd", json_real(b->sd));
             json_object_set_new(r, "reps", json_integer(reps));
             if (res[i].ipc >= 0) json_object_set_new(r, "ipc_share", json_real(res[i].ipc));
+            if (b->tg) json_object_set_new(r, "roofline", s_json_roofline(b, host));
             json_array_append_new(arr, r);
         }
         json_object_set_new(root, "results", arr);
@@ -491,16 +514,19 @@ static int s_bench_pipeline(const char *run_dir, int V, const int *pp, int n_pp,
     } else {
         s_print_machine(cpu, ncpu, kern_ops_get()->level, host);
         printf("pipeline: %s, total PSS of the stages %.1f MiB\n", run_dir, pss / 1048576.0);
-        printf("(no per-stage roofline through the pipeline: run the same tests with --model "
-               "alone for it)\n\n");
-        printf("| test | t/s | IPC share of decode |\n| ---: | ---: | ---: |\n");
+        if (!pm)
+            printf("(the per-stage roofline needs --model: the pipeline's file, for the bytes "
+                   "each stage reads)\n");
+        printf("\n| test | t/s | IPC share of decode |\n| ---: | ---: | ---: |\n");
         for (int i = 0; i < nres; i++) {
-            printf("| %s | %.2f ± %.2f | ", res[i].test, res[i].mean, res[i].sd);
+            printf("| %s | %.2f ± %.2f | ", res[i].r.test, res[i].r.mean, res[i].r.sd);
             if (res[i].ipc >= 0)
                 printf("%.1f%% |\n", 100.0 * res[i].ipc);
             else
                 printf("- |\n");
         }
+        for (int i = 0; i < nres; i++)
+            if (res[i].r.tg) s_print_roofline(&res[i].r, host);
     }
     return 0;
 }
@@ -525,17 +551,17 @@ int cli_bench(int argc, char **argv) {
         return 2;
     }
     if (run_dir) {
-        int V = 1000;
-        if (path) {
-            model *pm = NULL;
-            if (model_open(&pm, path, &err)) {
-                fprintf(stderr, "stpipe bench: %s\n", err.msg);
-                return 1;
-            }
-            V = pm->cfg.n_vocab;
-            model_close(&pm);
+        model *pm = NULL; /* with --model: the vocabulary and the roofline's bytes */
+        if (path && model_open(&pm, path, &err)) {
+            fprintf(stderr, "stpipe bench: %s\n", err.msg);
+            return 1;
         }
-        return s_bench_pipeline(run_dir, V, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json, &host);
+        const int kv_dim = pm ? pm->cfg.n_head_kv * pm->cfg.head_dim : 1;
+        const int rc = s_bench_pipeline(
+            run_dir, pm, pm ? (double)kv_cache_row_bytes(kv_type, kv_dim) / kv_dim : 0,
+            pm ? pm->cfg.n_vocab : 1000, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json, &host);
+        model_close(&pm);
+        return rc;
     }
     if (!path) {
         s_usage(stderr);
@@ -589,7 +615,7 @@ int cli_bench(int argc, char **argv) {
                     snprintf(r->test + strlen(r->test), sizeof r->test - strlen(r->test), " x%d",
                              P);
                 r->n_tokens = n;
-                r->depth = d;
+                r->depth = r->pos0 = d;
                 double sum = 0, sum2 = 0;
                 engine_stats st = {0};
                 for (int rep = 0; rep < reps; rep++) {

@@ -51,8 +51,20 @@ static void s_on_done(void *ud, uint64_t rid, const pipe_client_done *d) {
     const pipeline_gen_opts *o = g->o;
     if (rid != g->rid) return;
     if (o->result) {
-        *o->result = (pipeline_gen_result){d->n_prompt, d->n_gen,         d->prompt_ms, d->gen_ms,
-                                           d->ipc_ms,   d->n_prompt_eval, d->ttft_ms,   {0}};
+        *o->result = (pipeline_gen_result){.n_prompt = d->n_prompt,
+                                           .n_gen = d->n_gen,
+                                           .prompt_ms = d->prompt_ms,
+                                           .gen_ms = d->gen_ms,
+                                           .ipc_ms = d->ipc_ms,
+                                           .n_prompt_eval = d->n_prompt_eval,
+                                           .ttft_ms = d->ttft_ms,
+                                           .router_ms = d->router_ms,
+                                           .attn_ms = d->attn_ms,
+                                           .experts_ms = d->experts_ms,
+                                           .head_ms = d->head_ms,
+                                           .neurons_total = d->neurons_total,
+                                           .neurons_active = d->neurons_active,
+                                           .down_neurons = d->down_neurons};
         snprintf(o->result->stop_reason, sizeof o->result->stop_reason, "%s", d->stop_reason);
     }
     if (o->on_text) {

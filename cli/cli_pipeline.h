@@ -21,6 +21,9 @@ typedef struct pipeline_gen_result {
     int n_prompt_eval; /* prompt tokens evaluated (the rest reused from a slot) */
     double ttft_ms;
     char stop_reason[16];
+    /* the evals from the first token on (GenerateDone): time per decode stage, neurons */
+    double router_ms, attn_ms, experts_ms, head_ms;
+    uint64_t neurons_total, neurons_active, down_neurons;
 } pipeline_gen_result;
 
 typedef struct pipeline_gen_opts {

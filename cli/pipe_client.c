@@ -251,6 +251,13 @@ static void s_handle(pipe_client *c, const Stp__ClientMsg *r) {
                                .gen_ms = d->gen_ms,
                                .ipc_ms = d->ipc_ms,
                                .ttft_ms = d->ttft_ms,
+                               .router_ms = d->router_ms,
+                               .attn_ms = d->attn_ms,
+                               .experts_ms = d->experts_ms,
+                               .head_ms = d->head_ms,
+                               .neurons_total = d->neurons_total,
+                               .neurons_active = d->neurons_active,
+                               .down_neurons = d->down_neurons,
                                .stop_reason = d->stop_reason ? d->stop_reason : "",
                                .tail = (const char *)d->tail_text.data,
                                .tail_len = d->tail_text.len};

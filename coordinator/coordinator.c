@@ -45,6 +45,7 @@ typedef struct creq {
     bool prefix_done; /* the untimed prefix ran (or there is none to run) */
     int n_events;
     double t_arrive_us, t_first_us, ipc0_ms;
+    engine_stats es0; /* the backend's stage counters at the first token */
 } creq;
 
 struct coordinator {
@@ -189,6 +190,16 @@ static void s_send_done(creq *r, const char *reason, int n_prompt_eval, int n_ge
     d.gen_ms = gen_ms;
     d.ipc_ms = r->t_first_us ? pipe_backend_ipc_ms(c->b) - r->ipc0_ms : 0;
     d.ttft_ms = r->t_first_us ? (r->t_first_us - r->t_arrive_us) * 1e-3 : 0;
+    const engine_stats *es = backend_stats(c->b);
+    if (r->t_first_us && es) { /* the evals since the first token */
+        d.router_ms = (double)(es->ns_router - r->es0.ns_router) * 1e-6;
+        d.attn_ms = (double)(es->ns_attn - r->es0.ns_attn) * 1e-6;
+        d.experts_ms = (double)(es->ns_moe - r->es0.ns_moe) * 1e-6;
+        d.head_ms = (double)(es->ns_head - r->es0.ns_head) * 1e-6;
+        d.neurons_total = es->neurons_total - r->es0.neurons_total;
+        d.neurons_active = es->neurons_active - r->es0.neurons_active;
+        d.down_neurons = es->down_neurons - r->es0.down_neurons;
+    }
     d.stop_reason = (char *)reason;
     Stp__ClientMsg m;
     stp__client_msg__init(&m);
@@ -208,6 +219,8 @@ static int s_emit(void *ud, const char *text, size_t len) {
     if (!r->t_first_us) {
         r->t_first_us = msg_now_us();
         r->ipc0_ms = pipe_backend_ipc_ms(r->c->b);
+        const engine_stats *es = backend_stats(r->c->b);
+        if (es) r->es0 = *es;
     }
     Stp__TokenEvent te;
     stp__token_event__init(&te);

@@ -456,7 +456,11 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
             p->es.tokens += (uint64_t)total;
             p->es.neurons_total += r->total_neurons;
             p->es.neurons_active += r->active_neurons;
-            p->es.ns_moe += (uint64_t)((r->compute_ms + r->ipc_ms) * 1e6);
+            p->es.down_neurons += r->down_neurons;
+            p->es.ns_router += (uint64_t)(r->router_ms * 1e6);
+            p->es.ns_attn += (uint64_t)(r->attn_ms * 1e6);
+            p->es.ns_moe += (uint64_t)(r->experts_ms * 1e6);
+            p->es.ns_head += (uint64_t)(r->head_ms * 1e6);
         }
     }
     if (m) stp__eval_msg__free_unpacked(m, NULL);

@@ -199,7 +199,7 @@ void expert_worker_destroy(expert_worker **self_p) {
  * pool slot's images, and the FFN is moe_forward's (expert_ffn_run), outputs straight into the
  * activation region's y rows. */
 static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
-                     uint64_t *active_out) {
+                     expert_ffn_stats *st_out) {
     const model_config *c = &w->m->cfg;
     const layer_weights *L = &w->m->layers[il];
     const int K = c->n_expert_used;
@@ -228,11 +228,10 @@ static int s_compute(expert_worker *w, int il, int T, const Stp__ExpertWork *wk,
         g->n = S - g->s0;
     }
     uint8_t *act = w->act.base;
-    expert_ffn_stats st = {0, 0};
+    *st_out = (expert_ffn_stats){0, 0};
     expert_ffn_run(w->ffn, &w->cc, L, w->group, (int)wk->n_experts,
                    (const float *)(act + w->ah->off_h), w->slot_t, (float *)(act + w->ah->off_y),
-                   w->slot_row, &st);
-    *active_out = st.active;
+                   w->slot_row, st_out);
     return S;
 }
 
@@ -372,9 +371,10 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
         if (*bad) {
             s_error(w, in, lane, "work", wk->seq, STP_EPROTO, bad);
         } else {
-            uint64_t active = 0;
+            expert_ffn_stats st = {0, 0}; /* a duplicate's neurons were counted the first time */
             int S = (int)w->last_slots;
-            if (!dup) S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &active);
+            if (!dup) S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &st);
+            const uint64_t active = st.active;
             w->last_seq = wk->seq;
             memcpy(w->last_id, in->id, in->id_len);
             w->last_id_len = in->id_len;
@@ -387,6 +387,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             d.n_slots = (uint32_t)S;
             d.active_neurons = active;
             d.total_neurons = (uint64_t)S * (uint64_t)w->m->cfg.n_ff_exp;
+            d.down_neurons = st.down;
             d.compute_us = us;
             d.sent_us = msg_now_us();
             Stp__LayerMsg r;

@@ -28,6 +28,7 @@
 #include "client.pb-c.h"
 #include "eval.pb-c.h"
 #include "layer.pb-c.h"
+#include "model/model.h"
 #include "msg/msg.h"
 #include "router.pb-c.h"
 #include "stats.pb-c.h"
@@ -237,7 +238,10 @@ static void test_pipeline_q8_0_cache(void **st) {
 
 /* `stpipe bench --pipeline -d`: prompt and generation speed through a running pipeline, at depth
  * 0 and after 5 tokens (the coordinator evaluates them before its prompt clock starts), with the
- * IPC share of decode and the stages' summed PSS, as JSON. */
+ * IPC share of decode and the stages' summed PSS, as JSON; each tg test with its roofline: the
+ * attention worker's stage times (each > 0, together within the decode time) and the bytes
+ * model/roofline.c counts (test_cli holds them to a hand count) from the expert workers' neuron
+ * counts (F32: no sparse down, so every neuron of the chosen experts). */
 static void test_pipeline_bench(void **st) {
     (void)st;
     th_golden g;
@@ -247,17 +251,22 @@ static void test_pipeline_bench(void **st) {
     char bin[1024], out[1100];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/bench.json", r.dir);
-    char *argv[] = {bin,  "bench", "--pipeline", r.dir, "--model", g.model, "-p",     "8",
-                    "-n", "6",     "-r",         "2",   "-d",      "0,5",   "--json", NULL};
+    char *argv[] = {bin,  "bench", "--pipeline", r.dir, "--model", g.model,        "-p",
+                    "8",  "-n",    "6",          "-r",  "2",       "--cache-type", "f32",
+                    "-d", "0,5",   "--json",     NULL};
     assert_int_equal(th_run(argv, out, 120), 0);
     json_error_t je;
     json_t *j = json_load_file(out, 0, &je);
     assert_non_null(j);
     assert_true(json_integer_value(json_object_get(j, "pss_bytes")) > 0);
-    /* the host's read bandwidth in the header here too (no per-stage roofline through the
-     * pipeline) */
+    /* the host's read bandwidth in the header here too */
     json_t *bw = json_object_get(json_object_get(j, "machine"), "read_bandwidth");
     assert_true(json_real_value(json_object_get(bw, "roofline_gbps")) > 0.2);
+    model *mo = NULL;
+    stp_err err = {0};
+    assert_int_equal(model_open(&mo, g.model, &err), 0);
+    const double all_neurons = (double)mo->cfg.n_layer * mo->cfg.n_expert_used * mo->cfg.n_ff_exp;
+    model_close(&mo);
     json_t *res = json_object_get(j, "results");
     assert_int_equal(json_array_size(res), 4); /* pp8, tg6, then both after 5 tokens */
     const char *names[] = {"pp8", "tg6", "pp8 @ d5", "tg6 @ d5"};
@@ -266,10 +275,32 @@ static void test_pipeline_bench(void **st) {
         assert_string_equal(json_string_value(json_object_get(t, "test")), names[i]);
         assert_int_equal(json_integer_value(json_object_get(t, "depth")), i < 2 ? 0 : 5);
         assert_true(json_real_value(json_object_get(t, "tokens_per_second")) > 0);
-        if (i % 2) {
-            double ipc = json_real_value(json_object_get(t, "ipc_share"));
-            assert_true(ipc > 0 && ipc < 1);
+        json_t *rl = json_object_get(t, "roofline");
+        if (i % 2 == 0) {
+            assert_null(rl); /* pp tests have none */
+            continue;
         }
+        double ipc = json_real_value(json_object_get(t, "ipc_share"));
+        assert_true(ipc > 0 && ipc < 1);
+        assert_non_null(rl);
+        json_t *pos = json_object_get(rl, "positions"); /* the prompt is depth + 1 ids */
+        assert_int_equal(json_integer_value(json_array_get(pos, 0)), i < 2 ? 1 : 6);
+        assert_int_equal(json_integer_value(json_array_get(pos, 1)), i < 2 ? 6 : 11);
+        double ms = 0;
+        const char *stages[] = {"attention", "router", "experts", "lm_head"};
+        for (int k = 0; k < 4; k++) {
+            json_t *o = json_object_get(json_object_get(rl, "stages"), stages[k]);
+            assert_true(json_real_value(json_object_get(o, "ms_per_token")) > 0);
+            assert_true(json_real_value(json_object_get(o, "bytes_per_token")) > 0);
+            ms += json_real_value(json_object_get(o, "ms_per_token"));
+        }
+        const double tps = json_real_value(json_object_get(t, "tokens_per_second"));
+        if (ms > 1.05 * 1e3 / tps)
+            fail_msg("%s: stages %.3f ms a token, decode %.3f ms", names[i], ms, 1e3 / tps);
+        const double act = json_real_value(json_object_get(rl, "neurons_active_per_token"));
+        const double down = json_real_value(json_object_get(rl, "down_neurons_per_token"));
+        assert_true(act > 0 && act < all_neurons);
+        assert_true(down == all_neurons);
     }
     json_decref(j);
     s_down_and_check(&r);
