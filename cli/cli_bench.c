@@ -452,13 +452,13 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, double kv_elem
                     if (kind == 1) {
                         ipc += gr.ipc_ms / gr.gen_ms;
                         st.tokens += (uint64_t)(gr.n_gen - 1); /* one eval per later token */
-                        st.ns_router += (uint64_t)(gr.router_ms * 1e6);
-                        st.ns_attn += (uint64_t)(gr.attn_ms * 1e6);
-                        st.ns_moe += (uint64_t)(gr.experts_ms * 1e6);
-                        st.ns_head += (uint64_t)(gr.head_ms * 1e6);
-                        st.neurons_total += gr.neurons_total;
-                        st.neurons_active += gr.neurons_active;
-                        st.down_neurons += gr.down_neurons;
+                        st.ns_router += (uint64_t)(gr.stages.router_ms * 1e6);
+                        st.ns_attn += (uint64_t)(gr.stages.attn_ms * 1e6);
+                        st.ns_moe += (uint64_t)(gr.stages.experts_ms * 1e6);
+                        st.ns_head += (uint64_t)(gr.stages.head_ms * 1e6);
+                        st.neurons_total += gr.stages.neurons_total;
+                        st.neurons_active += gr.stages.neurons_active;
+                        st.down_neurons += gr.stages.down_neurons;
                     }
                 }
                 if (status) break;

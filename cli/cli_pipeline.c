@@ -58,13 +58,7 @@ static void s_on_done(void *ud, uint64_t rid, const pipe_client_done *d) {
                                            .ipc_ms = d->ipc_ms,
                                            .n_prompt_eval = d->n_prompt_eval,
                                            .ttft_ms = d->ttft_ms,
-                                           .router_ms = d->router_ms,
-                                           .attn_ms = d->attn_ms,
-                                           .experts_ms = d->experts_ms,
-                                           .head_ms = d->head_ms,
-                                           .neurons_total = d->neurons_total,
-                                           .neurons_active = d->neurons_active,
-                                           .down_neurons = d->down_neurons};
+                                           .stages = d->stages};
         snprintf(o->result->stop_reason, sizeof o->result->stop_reason, "%s", d->stop_reason);
     }
     if (o->on_text) {

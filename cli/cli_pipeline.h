@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "model/sampler.h"
+#include "pipe_client.h"
 #include "tokenizer/tokenizer.h"
 
 /* What the coordinator's GenerateDone reported (times in ms). */
@@ -21,9 +22,7 @@ typedef struct pipeline_gen_result {
     int n_prompt_eval; /* prompt tokens evaluated (the rest reused from a slot) */
     double ttft_ms;
     char stop_reason[16];
-    /* the evals from the first token on (GenerateDone): time per decode stage, neurons */
-    double router_ms, attn_ms, experts_ms, head_ms;
-    uint64_t neurons_total, neurons_active, down_neurons;
+    pipe_stage_times stages; /* GenerateDone's */
 } pipeline_gen_result;
 
 typedef struct pipeline_gen_opts {

@@ -40,14 +40,19 @@ typedef struct pipe_client_req {
     int n_stop;
 } pipe_client_req;
 
+/* The attention worker's evals from a request's first token on (GenerateDone): time per decode
+ * stage (ms) and the expert workers' neuron counts. */
+typedef struct pipe_stage_times {
+    double router_ms, attn_ms, experts_ms, head_ms;
+    uint64_t neurons_total, neurons_active, down_neurons;
+} pipe_stage_times;
+
 /* What GenerateDone reported (times in ms). */
 typedef struct pipe_client_done {
     int n_prompt, n_prompt_eval, n_gen;
     const int32_t *ids; /* n_gen ids; valid during the callback */
     double prompt_ms, gen_ms, ipc_ms, ttft_ms;
-    /* the attention worker's evals from the first token on: time per decode stage, neurons */
-    double router_ms, attn_ms, experts_ms, head_ms;
-    uint64_t neurons_total, neurons_active, down_neurons;
+    pipe_stage_times stages;
     const char *stop_reason; /* "length", "context", "eog", "stop", "cancel" */
     const char *tail;        /* held-back text flushed at the end (may be empty) */
     size_t tail_len;

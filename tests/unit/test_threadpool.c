@@ -187,18 +187,24 @@ static void test_threadpool_idle_uses_no_cpu(void **state) {
     threadpool_destroy(&tp);
 }
 
-/* A pool told to spin for 10 s after a section stops spinning when parked. */
-static void test_threadpool_park_stops_the_spin(void **state) {
-    (void)state;
+/* A two-thread pool told to spin for 10 s after a section, after one section, then parked. */
+static threadpool *s_parked_pool(sect *s) {
     threadpool *tp = NULL;
     stp_err err = {0};
     if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
     threadpool_set_spin_ns(tp, 10L * 1000 * 1000 * 1000);
-    sect s;
-    memset(&s, 0, sizeof s);
-    s.expect_nth = 2;
-    threadpool_run(tp, s_fn, &s);
+    memset(s, 0, sizeof *s);
+    s->expect_nth = 2;
+    threadpool_run(tp, s_fn, s);
     threadpool_park(tp);
+    return tp;
+}
+
+/* A pool told to spin for 10 s after a section stops spinning when parked. */
+static void test_threadpool_park_stops_the_spin(void **state) {
+    (void)state;
+    sect s;
+    threadpool *tp = s_parked_pool(&s);
     double cpu = s_idle_cpu(); /* the worker notices within a few hundred pause loops */
     if (cpu > 0.05) fail_msg("parked pool used %.3f s of CPU in 0.2 s", cpu);
     threadpool_run(tp, s_fn, &s); /* still wakes up */
@@ -215,15 +221,8 @@ static bool s_others_awake(void *ctx) {
  * the next section still runs on both threads. */
 static void test_threadpool_wake_ends_the_park(void **state) {
     (void)state;
-    threadpool *tp = NULL;
-    stp_err err = {0};
-    if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
-    threadpool_set_spin_ns(tp, 10L * 1000 * 1000 * 1000);
     sect s;
-    memset(&s, 0, sizeof s);
-    s.expect_nth = 2;
-    threadpool_run(tp, s_fn, &s);
-    threadpool_park(tp);
+    threadpool *tp = s_parked_pool(&s);
     if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the parked thread never slept");
     threadpool_wake(tp);
     if (!th_wait_until(s_others_awake, NULL, 5)) fail_msg("the woken thread never ran");
