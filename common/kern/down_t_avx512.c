@@ -96,24 +96,28 @@ int64_t kern_down_t_matvec_avx512(const uint8_t *img, int n_embd, int n_ff, cons
         for (int g = 0; g < ngroups; g++) {
             const block_q8_0 *ab = &a[g];
             dt_group *G = &groups[ng];
+            /* compacted without a branch (about half the neurons are active, in no predictable
+             * order): every neuron is written at slot n, which advances past the active ones */
+            uint8_t q[32];
             int n = 0;
             int32_t sum = 0;
-            uint32_t w = 0;
             for (int j = 0; j < 32; j++) {
                 const int qa = ab->qs[j];
-                if (!qa) continue;
                 G->off[n] = j * H;
-                w |= (uint32_t)(uint8_t)qa << (8 * (n & 3));
+                q[n] = (uint8_t)qa;
                 sum += qa;
-                if ((++n & 3) == 0) G->w[n / 4 - 1] = (int32_t)w, w = 0;
+                n += qa != 0;
             }
             if (!n) continue;
             computed += n;
             G->na = n;
-            while (n & 3) { /* pad: the first active neuron again, weight 0 */
+            for (; n & 3; n++) { /* pad: the first active neuron again, weight 0 */
                 G->off[n] = G->off[0];
-                if ((++n & 3) == 0) G->w[n / 4 - 1] = (int32_t)w;
+                q[n] = 0;
             }
+            for (int k = 0; k < n / 4; k++)
+                G->w[k] = (int32_t)((uint32_t)q[4 * k] | (uint32_t)q[4 * k + 1] << 8 |
+                                    (uint32_t)q[4 * k + 2] << 16 | (uint32_t)q[4 * k + 3] << 24);
             G->g = g, G->nq = n / 4, G->sum_qa = sum;
             G->da = kern_fp16_to_f32(ab->d);
             G->nib = img + (size_t)g * gbytes + (size_t)n_embd * 2;
