@@ -971,8 +971,9 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
             memcpy(a->logits_shm + (size_t)e->slot * V, all + (size_t)last * V,
                    (size_t)V * sizeof(float));
     }
-    a->head_us += msg_now_us() - tl;
-    stats_latency(a->st, "lm_head", msg_now_us() - tl);
+    const double head_us = msg_now_us() - tl;
+    a->head_us += head_us;
+    stats_latency(a->st, "lm_head", head_us);
     return 0;
 }
 

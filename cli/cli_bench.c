@@ -345,6 +345,12 @@ static int32_t *s_random_tokens(int n, int V) {
 }
 
 /* Adds one repetition's stage counters to the test's total. */
+/* The cache's bytes per element for the roofline: 4 (f32), 2 (f16), 34/32 (q8_0). */
+static double s_kv_elem_bytes(const model *m, kv_dtype t) {
+    const int kv_dim = m->cfg.n_head_kv * m->cfg.head_dim;
+    return (double)kv_cache_row_bytes(t, kv_dim) / kv_dim;
+}
+
 static void s_stats_add(engine_stats *t, const engine_stats *s) {
     t->tokens += s->tokens;
     t->neurons_total += s->neurons_total;
@@ -386,7 +392,7 @@ static size_t s_pipeline_pss(const char *run_dir) {
  * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
  * generation only. Every request starts with another id, so the coordinator's prefix reuse
  * never finds a repetition's prompt in a slot. */
-static int s_bench_pipeline(const char *run_dir, const model *pm, double kv_elem, int V,
+static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_type, int V,
                             const int *pp, int n_pp, const int *tg, int n_tg, const int *dp,
                             int n_dp, int reps, bool json, bench_host *host) {
     int max_n = 1;
@@ -451,14 +457,8 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, double kv_elem
                     sum2 += tps * tps;
                     if (kind == 1) {
                         ipc += gr.ipc_ms / gr.gen_ms;
-                        st.tokens += (uint64_t)(gr.n_gen - 1); /* one eval per later token */
-                        st.ns_router += (uint64_t)(gr.stages.router_ms * 1e6);
-                        st.ns_attn += (uint64_t)(gr.stages.attn_ms * 1e6);
-                        st.ns_moe += (uint64_t)(gr.stages.experts_ms * 1e6);
-                        st.ns_head += (uint64_t)(gr.stages.head_ms * 1e6);
-                        st.neurons_total += gr.stages.neurons_total;
-                        st.neurons_active += gr.stages.neurons_active;
-                        st.down_neurons += gr.stages.down_neurons;
+                        gr.stages.tokens = (uint64_t)(gr.n_gen - 1); /* an eval a later token */
+                        s_stats_add(&st, &gr.stages);
                     }
                 }
                 if (status) break;
@@ -473,7 +473,9 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, double kv_elem
                 r->reps = reps;
                 r->tg = kind == 1 && pm && st.tokens;
                 r->st = st;
-                if (r->tg) roofline_decode_bytes(pm, r->pos0, n, kv_elem, &st, &r->rb);
+                if (r->tg)
+                    roofline_decode_bytes(pm, r->pos0, n, s_kv_elem_bytes(pm, kv_type), &st,
+                                          &r->rb);
                 res[nres].ipc = kind == 1 ? ipc / reps : -1;
                 nres++;
             }
@@ -556,10 +558,8 @@ int cli_bench(int argc, char **argv) {
             fprintf(stderr, "stpipe bench: %s\n", err.msg);
             return 1;
         }
-        const int kv_dim = pm ? pm->cfg.n_head_kv * pm->cfg.head_dim : 1;
-        const int rc = s_bench_pipeline(
-            run_dir, pm, pm ? (double)kv_cache_row_bytes(kv_type, kv_dim) / kv_dim : 0,
-            pm ? pm->cfg.n_vocab : 1000, pp, n_pp, tg, n_tg, dp, n_dp, (int)reps, json, &host);
+        const int rc = s_bench_pipeline(run_dir, pm, kv_type, pm ? pm->cfg.n_vocab : 1000, pp, n_pp,
+                                        tg, n_tg, dp, n_dp, (int)reps, json, &host);
         model_close(&pm);
         return rc;
     }
@@ -643,11 +643,8 @@ int cli_bench(int argc, char **argv) {
                 r->sd = s_sd(sum, sum2, (int)reps);
                 r->st = st;
                 r->tg = kind == 1;
-                /* the cache's bytes per element: 4 (f32), 2 (f16), 34/32 (q8_0) */
-                const int kv_dim = m->cfg.n_head_kv * m->cfg.head_dim;
                 if (r->tg && P == 1)
-                    roofline_decode_bytes(
-                        m, d, n, (double)kv_cache_row_bytes(kv_type, kv_dim) / kv_dim, &st, &r->rb);
+                    roofline_decode_bytes(m, d, n, s_kv_elem_bytes(m, kv_type), &st, &r->rb);
                 if (r->tg && o.sparse_head > 0) /* sketch (1 bit + a float a row), C rows */
                     r->rb.stage[ROOFLINE_HEAD] =
                         m->output.n_rows * (m->output.n_cols / 8.0 + 4) +

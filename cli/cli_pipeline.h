@@ -22,7 +22,7 @@ typedef struct pipeline_gen_result {
     int n_prompt_eval; /* prompt tokens evaluated (the rest reused from a slot) */
     double ttft_ms;
     char stop_reason[16];
-    pipe_stage_times stages; /* GenerateDone's */
+    engine_stats stages; /* GenerateDone's (pipe_client_done) */
 } pipeline_gen_result;
 
 typedef struct pipeline_gen_opts {

@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "model/engine.h"
+
 #include "model/sampler.h"
 #include "tokenizer/tokenizer.h"
 #include "util/stp_err.h"
@@ -40,19 +42,14 @@ typedef struct pipe_client_req {
     int n_stop;
 } pipe_client_req;
 
-/* The attention worker's evals from a request's first token on (GenerateDone): time per decode
- * stage (ms) and the expert workers' neuron counts. */
-typedef struct pipe_stage_times {
-    double router_ms, attn_ms, experts_ms, head_ms;
-    uint64_t neurons_total, neurons_active, down_neurons;
-} pipe_stage_times;
-
 /* What GenerateDone reported (times in ms). */
 typedef struct pipe_client_done {
     int n_prompt, n_prompt_eval, n_gen;
     const int32_t *ids; /* n_gen ids; valid during the callback */
     double prompt_ms, gen_ms, ipc_ms, ttft_ms;
-    pipe_stage_times stages;
+    /* the attention worker's evals from the first token on (GenerateDone): time per decode
+     * stage and the expert workers' neuron counts (tokens: 0, GenerateDone does not say) */
+    engine_stats stages;
     const char *stop_reason; /* "length", "context", "eog", "stop", "cancel" */
     const char *tail;        /* held-back text flushed at the end (may be empty) */
     size_t tail_len;

@@ -374,7 +374,6 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             expert_ffn_stats st = {0, 0}; /* a duplicate's neurons were counted the first time */
             int S = (int)w->last_slots;
             if (!dup) S = s_compute(w, (int)wk->layer, (int)wk->n_tokens, wk, &st);
-            const uint64_t active = st.active;
             w->last_seq = wk->seq;
             memcpy(w->last_id, in->id, in->id_len);
             w->last_id_len = in->id_len;
@@ -385,7 +384,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             d.seq = wk->seq;
             d.layer = wk->layer;
             d.n_slots = (uint32_t)S;
-            d.active_neurons = active;
+            d.active_neurons = st.active;
             d.total_neurons = (uint64_t)S * (uint64_t)w->m->cfg.n_ff_exp;
             d.down_neurons = st.down;
             d.compute_us = us;
@@ -398,7 +397,7 @@ static void s_handle(expert_worker *w, msg_in *in, lane_pair *lane) {
             s_reply(w, in, lane, &r);
             stats_add(w->st, "msg.work", 1);
             stats_add(w->st, "slots", (uint64_t)S);
-            stats_add(w->st, "neurons.active", active);
+            stats_add(w->st, "neurons.active", st.active);
             stats_add(w->st, "neurons.total", d.total_neurons);
             stats_add(w->st, "bytes.act_out", (uint64_t)S * w->m->cfg.n_embd * 4);
             stats_latency(w->st, wk->n_tokens == 1 ? "work.decode" : "work.batch", us);

@@ -39,8 +39,8 @@ static void s_mm_job_range(const compute_ctx *cc, const mm_job *j, int64_t r0, i
         if (j->down_t)
             down_t_pack_x16(j->down_t, (int)j->n_rows, (int)j->n_cols, r0, r1, dst);
         else
-            cc->ops->pack_q4_0x16(j->w + (size_t)r0 * j->row_bytes, j->row_bytes, r1 - r0,
-                                  j->n_cols, dst);
+            ops->pack_q4_0x16(j->w + (size_t)r0 * j->row_bytes, j->row_bytes, r1 - r0, j->n_cols,
+                              dst);
         ops->matmat_q4_0x16(j->n_cols, dst, j->xq, j->xq_stride, j->n_vec, j->y + r0, j->y_stride,
                             0, (r1 - r0) / 16);
         return;
