@@ -41,18 +41,27 @@ static inline __m512i s_load4x16(const uint8_t *p, size_t o0, size_t o1, size_t 
     return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + o3)), 3);
 }
 
-/* Rows at w + off[k] (k < 16) over blocks bl -> out[0..15]. */
-/* Rows at w + off[k]. Prefetch: with next == NULL, S_PF bytes ahead along each row (long,
- * consecutive rows); else the whole of the next 16 rows (w + next[k], row_bytes each), a few
- * lines per block step: listed rows are short and scattered, too short for S_PF to reach. */
+/* The 8 fp16 scales at p + off[0..8), by word inserts from scalar loads: two of these replace a
+ * 16-dword gather, which was the row kernel's slowest step on Zen 4 (docs/BENCHMARKS.md). */
+static inline __m128i s_scales8(const uint8_t *p, const size_t *off) {
+    __m128i s = _mm_cvtsi32_si128(kern_ld16(p + off[0]));
+    s = _mm_insert_epi16(s, kern_ld16(p + off[1]), 1);
+    s = _mm_insert_epi16(s, kern_ld16(p + off[2]), 2);
+    s = _mm_insert_epi16(s, kern_ld16(p + off[3]), 3);
+    s = _mm_insert_epi16(s, kern_ld16(p + off[4]), 4);
+    s = _mm_insert_epi16(s, kern_ld16(p + off[5]), 5);
+    s = _mm_insert_epi16(s, kern_ld16(p + off[6]), 6);
+    return _mm_insert_epi16(s, kern_ld16(p + off[7]), 7);
+}
+
+/* Rows at w + off[k] (k < 16) over blocks bl -> out[0..15]. Prefetch: with next == NULL, S_PF bytes
+ * ahead along each row (long, consecutive rows); else the whole of the next 16 rows (w + next[k],
+ * row_bytes each), a few lines per block step: listed rows are short and scattered, too short for
+ * S_PF to reach. */
 static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8_0 *x,
                           const int32_t *bl, int64_t nact, float out[16], const size_t *next,
                           size_t row_bytes) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    const __m512i vidx = _mm512_setr_epi32((int)off[0], (int)off[1], (int)off[2], (int)off[3],
-                                           (int)off[4], (int)off[5], (int)off[6], (int)off[7],
-                                           (int)off[8], (int)off[9], (int)off[10], (int)off[11],
-                                           (int)off[12], (int)off[13], (int)off[14], (int)off[15]);
     __m512 acc = _mm512_setzero_ps();
     /* next rows' lines: pf_per per block step, row pf_r, line pf_c (counters, no division in
      * the loop) */
@@ -80,6 +89,7 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
             }
         }
         __m512i a[4];
+#pragma GCC unroll 4 /* else GCC keeps a loop and a[] on the stack (-20% from memory) */
         for (int k = 0; k < 4; k++) { /* register k: rows k, 4+k, 8+k, 12+k */
             const __m512i q = s_load4x16(p + 2, off[k], off[4 + k], off[8 + k], off[12 + k]);
             const __m512i lo = _mm512_and_si512(q, m4);
@@ -93,8 +103,8 @@ static void s_q4_0_rows16(const uint8_t *w, const size_t off[16], const block_q8
             _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
         const __m512i isum =
             _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
-        const __m512i g = _mm512_i32gather_epi32(vidx, (const void *)p, 1);
-        const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(s_scales8(p, off)), s_scales8(p, off + 8), 1));
         const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(_cvtsh_ss(x[b].d)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
     }
@@ -119,6 +129,7 @@ static void s_q8_0_rows8(const uint8_t *w, const size_t off[8], const block_q8_0
         const __m512i corr = _mm512_sub_epi32(
             _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv));
         const uint8_t *p = w + (size_t)b * sizeof(block_q8_0);
+#pragma GCC unroll 8
         for (int k = 0; k < 8; k++)
             _mm_prefetch((const char *)(p + off[k] + S_PF), _MM_HINT_T0);
         const __m256i g = _mm256_i32gather_epi32((const int *)(const void *)p, vidx, 1);
@@ -126,6 +137,7 @@ static void s_q8_0_rows8(const uint8_t *w, const size_t off[8], const block_q8_0
                                          _mm256_set1_ps(_cvtsh_ss(x[b].d)));
         const __m512 sc = _mm512_castps256_ps512(sc8);
         __m512i sel = sel0;
+#pragma GCC unroll 4
         for (int k = 0; k < 4; k++) {
             __m512i q =
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + off[2 * k] + 2)));
