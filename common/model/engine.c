@@ -96,6 +96,7 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
         rc = model_pack_all((model *)m, e->tp, pf, ud, err);
         if (!rc) rc = moe_build_sparse_down_all(e->ms, m, e->tp, pf, ud, err);
         if (rc) goto fail;
+        model_populate(m, pf, ud);
     }
     if (p && p->sparse_head_candidates > 0) {
         rc = lm_head_new(&e->lmh, &e->cc, m, p->sparse_head_candidates, err);

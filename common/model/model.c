@@ -181,6 +181,28 @@ void model_release_pages(const uint8_t *p, size_t n) {
     if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
+/* Whole pages of [p, p + n) filled in (MADV_POPULATE_READ, Linux 5.14), else touched a page at a
+ * time. */
+static void s_populate(const uint8_t *p, size_t n) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = (uintptr_t)p & ~(pg - 1), b = (uintptr_t)p + n;
+#ifdef MADV_POPULATE_READ
+    if (madvise((void *)a, b - a, MADV_POPULATE_READ) == 0) return;
+#endif
+    volatile uint8_t sink = 0;
+    for (uintptr_t q = (uintptr_t)p; q < b; q = (q & ~(pg - 1)) + pg)
+        sink ^= *(const volatile uint8_t *)q;
+    (void)sink;
+}
+
+void model_populate(const model *m, model_progress_fn progress, void *ud) {
+    for (int il = 0; il < m->cfg.n_layer; il++) {
+        const tensor_view *t = &m->layers[il].up_exps;
+        if (t->data && !t->packed) s_populate(t->data, (size_t)t->n_mat * t->mat_bytes);
+        if (progress) progress(ud, "expert up rows", (double)(il + 1) / m->cfg.n_layer);
+    }
+}
+
 typedef struct pack_item {
     const tensor_view *t;
     int64_t mat;

@@ -77,4 +77,11 @@ typedef void (*model_progress_fn)(void *ud, const char *what, double frac);
  * progress may be NULL. */
 int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *ud, stp_err *err);
 
+/* Maps in now (page tables filled, read from disk if the page cache lost them) the file pages
+ * the decoder reads in place: every layer's expert `up` stack (the matrices neither packed nor
+ * re-laid out). A token touches a few experts of each layer, so without this the first tokens
+ * of a run fault the rest in one by one, reading the disk mid-generation after another program
+ * pushed them out of the page cache. Advice only: a failure leaves them to fault in as before. */
+void model_populate(const model *m, model_progress_fn progress, void *ud);
+
 #endif
