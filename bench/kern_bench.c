@@ -5,7 +5,8 @@
  * memory-bound decode figure, not an L3 one) through matvec with 1 and 2 threads (rows split in
  * halves), and through matmat with 8 and 32 vectors (1 thread). Q4_0 is also run in the
  * row-interleaved q4_0x16 layout (rows "q4_0x16": matvec_q4_0x16 / matmat_q4_0x16, the same
- * bytes re-arranged). Prints the CPU model first.
+ * bytes re-arranged). "rows/2" is matvec_rows over a random half of each matrix's rows (a ReGLU-
+ * sparse `up` product's access: short scattered rows). Prints the CPU model first.
  * Time is per-thread CPU time (the slowest thread), so other load on a shared machine does not
  * count; memory-bandwidth contention from other processes still does.
  * Usage: kern_bench [MiB per type, default 640] [rows=cols, default 4096] [type, e.g. q4_0].
@@ -30,7 +31,9 @@ typedef struct job {
     size_t xs;
     float *y;
     int64_t r0, r1;
-    int packed;   /* w is in the q4_0x16 layout: matvec_q4_0x16 / matmat_q4_0x16 */
+    int packed;          /* w is in the q4_0x16 layout: matvec_q4_0x16 / matmat_q4_0x16 */
+    const int32_t *list; /* matvec_rows over these rows of each matrix (NULL: all rows) */
+    int64_t n_list;
     double cpu_s; /* this thread's CPU time for the sweep */
 } job;
 
@@ -45,7 +48,9 @@ static void *s_run(void *arg) {
     const double t0 = s_cpu_now();
     for (int64_t m = 0; m < j->n_mat; m++) {
         const uint8_t *w = j->w + (size_t)m * j->mat_bytes;
-        if (j->packed && j->n_vec == 1)
+        if (j->list)
+            j->ops->matvec_rows(j->t, j->n, w, j->rb, j->xq, j->list, j->n_list, j->y);
+        else if (j->packed && j->n_vec == 1)
             j->ops->matvec_q4_0x16(j->n, w, j->xq, j->y, j->r0 / 16, j->r1 / 16);
         else if (j->packed)
             j->ops->matmat_q4_0x16(j->n, w, j->xq, j->xs, j->n_vec, j->y, (size_t)j->rows,
@@ -81,7 +86,8 @@ static double s_measure(job base, int threads) {
             if (jobs[k].cpu_s > dt) dt = jobs[k].cpu_s;
         if (dt < best) best = dt;
     }
-    return (double)base.mat_bytes * (double)base.n_mat / best / 1e9;
+    const double bytes = base.list ? (double)base.rb * (double)base.n_list : (double)base.mat_bytes;
+    return bytes * (double)base.n_mat / best / 1e9;
 }
 
 int main(int argc, char **argv) {
@@ -96,8 +102,8 @@ int main(int argc, char **argv) {
     const int nops = kern_ops_all(ops, 4);
     const stp_type types[] = {STP_TYPE_Q4_0, STP_TYPE_Q8_0, STP_TYPE_Q4_K, STP_TYPE_Q6_K,
                               STP_TYPE_F16};
-    printf("%-7s %-11s %9s %9s %13s %13s\n", "type", "level", "mv 1t", "mv 2t", "mm8 1t",
-           "mm32 1t");
+    printf("%-7s %-11s %9s %9s %13s %13s %13s\n", "type", "level", "mv 1t", "mv 2t", "mm8 1t",
+           "mm32 1t", "rows/2 1t");
     uint64_t seed = 1;
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         const stp_type wt = types[t];
@@ -110,7 +116,8 @@ int main(int argc, char **argv) {
         const size_t xs = kern_act_size(wt, n);
         uint8_t *xq = malloc(xs * 32);
         float *y = malloc(sizeof(float) * (size_t)rows * 32);
-        if (!w || !f || !xq || !y) {
+        int32_t *list = malloc(sizeof(int32_t) * (size_t)rows);
+        if (!w || !f || !xq || !y || !list) {
             fprintf(stderr, "kern_bench: out of memory\n");
             return 1;
         }
@@ -141,6 +148,12 @@ int main(int argc, char **argv) {
         for (int64_t i = 0; i < n * 32; i++) {
             seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
             f[i] = (float)((int64_t)(seed >> 40) - (1 << 23)) / (float)(1 << 23);
+        }
+        /* a random half of the rows, in order: a ReGLU-sparse `up` product's rows */
+        int64_t n_list = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+            if (seed >> 63) list[n_list++] = (int32_t)r;
         }
         /* Q4_0 also in the row-interleaved q4_0x16 layout (rows "q4_0x16"), same matrices */
         uint8_t *wp = NULL;
@@ -180,8 +193,20 @@ int main(int argc, char **argv) {
             const double mm8 = s_measure(j, 1);
             j.n_vec = 32;
             const double mm32 = s_measure(j, 1);
-            printf("%-7s %-11s %7.2f GB/s %5.2f GB/s %7.2f GB/s %7.2f GB/s\n",
+            double rows1 = 0; /* the row-subset product (not in the packed layout) */
+            if (!packed) {
+                j.n_vec = 1;
+                j.n_mat = is_ref ? 1 : n_mat;
+                j.list = list;
+                j.n_list = n_list;
+                rows1 = s_measure(j, 1);
+            }
+            printf("%-7s %-11s %7.2f GB/s %5.2f GB/s %7.2f GB/s %7.2f GB/s",
                    packed ? "q4_0x16" : tensor_type_name(wt), ops[o]->level, mv1, mv2, mm8, mm32);
+            if (packed)
+                printf("             -\n");
+            else
+                printf(" %7.2f GB/s\n", rows1);
             fflush(stdout);
         }
         free(w);
@@ -189,7 +214,9 @@ int main(int argc, char **argv) {
         free(f);
         free(xq);
         free(y);
+        free(list);
     }
-    printf("(mm8/mm32: matmat with 8/32 vectors, GB/s of weights per pass over all vectors)\n");
+    printf("(mm8/mm32: matmat with 8/32 vectors, GB/s of weights per pass over all vectors;\n"
+           " rows/2: matvec_rows over a random half of the rows, GB/s of the rows read)\n");
     return 0;
 }
