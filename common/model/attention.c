@@ -347,8 +347,7 @@ void attention_forward(const compute_ctx *cc, const model *m, int il, const attn
             float *row = s->qkv + (size_t)t * W;
             const int pos = segs[i].pos0 + j;
             if (rope) {
-                ops_rope_neox(row, c->n_head, D, pos, c->rope_base);
-                ops_rope_neox(row + Q, c->n_head_kv, D, pos, c->rope_base);
+                ops_rope_neox(row, c->n_head + c->n_head_kv, D, pos, c->rope_base); /* q, k */
             }
             kv_layer *kvl = &segs[i].kv->layers[il];
             kv_cache_store(segs[i].kv, kvl, kv_cache_slot(kvl, pos), row + Q, row + Q + KV);

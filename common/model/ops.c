@@ -142,16 +142,29 @@ void ops_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
         y[i] = (x[i] * scale) * w[i];
 }
 
+/* The last position's rotation, per thread: every RoPE layer of a token uses the same one, so
+ * its 2 x head_dim/2 sines and cosines are computed once per token instead of once per layer. */
+typedef struct rope_angles {
+    int pos, head_dim;
+    float base;
+    float cs[STP_MAX_HEAD_DIM / 2], sn[STP_MAX_HEAD_DIM / 2];
+} rope_angles;
+static _Thread_local rope_angles s_rope = {.pos = -1};
+
 void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base) {
     const int half = head_dim / 2;
-    const float theta_scale = powf(base, -2.0f / (float)head_dim);
-    float cs[STP_MAX_HEAD_DIM / 2], sn[STP_MAX_HEAD_DIM / 2];
-    float theta = (float)pos;
-    for (int i = 0; i < half; i++) {
-        cs[i] = cosf(theta);
-        sn[i] = sinf(theta);
-        theta *= theta_scale;
+    rope_angles *r = &s_rope;
+    if (r->pos != pos || r->head_dim != head_dim || r->base != base) {
+        const float theta_scale = powf(base, -2.0f / (float)head_dim);
+        float theta = (float)pos;
+        for (int i = 0; i < half; i++) {
+            r->cs[i] = cosf(theta);
+            r->sn[i] = sinf(theta);
+            theta *= theta_scale;
+        }
+        r->pos = pos, r->head_dim = head_dim, r->base = base;
     }
+    const float *cs = r->cs, *sn = r->sn;
     for (int h = 0; h < n_heads; h++) {
         float *q = v + (size_t)h * head_dim;
         for (int i = 0; i < half; i++) {

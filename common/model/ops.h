@@ -61,7 +61,8 @@ void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const 
                 float *y, uint8_t *xq_scratch);
 
 void ops_rmsnorm(const float *x, const float *w, float *y, int n, float eps);
-/* Rotates n_heads heads of head_dim floats (contiguous) at position pos, NeoX pairing. */
+/* Rotates n_heads heads of head_dim floats (contiguous) at position pos, NeoX pairing (the
+ * angles of the last position are kept per thread: a token's layers share them). */
 void ops_rope_neox(float *v, int n_heads, int head_dim, int pos, float base);
 
 /* Indices of the k largest of v[0..n), largest first; ties keep the lower index first. */
