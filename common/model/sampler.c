@@ -97,11 +97,26 @@ void sampler_accept(sampler *s, int32_t id) {
     s->hist_pos = (s->hist_pos + 1) % cap;
 }
 
+/* The first index of the largest logit, NaNs skipped (a NaN first logit: 0), as the plain loop
+ * `if (logits[i] > logits[best]) best = i` gives it. That loop reloads logits[best] through the
+ * index it just chose, a chain of ~6 cycles per logit (0.5 ms a token on a 151936-token
+ * vocabulary); here the maximum is taken in 8 independent lanes, then its first index found. */
 int32_t sampler_argmax(const float *logits, int n) {
-    int32_t best = 0;
-    for (int i = 1; i < n; i++)
-        if (logits[i] > logits[best]) best = i;
-    return best;
+    float m[8];
+    for (int j = 0; j < 8; j++)
+        m[j] = logits[0];
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            m[j] = logits[i + j] > m[j] ? logits[i + j] : m[j];
+    float max = m[0];
+    for (int j = 1; j < 8; j++)
+        max = m[j] > max ? m[j] : max;
+    for (; i < n; i++)
+        max = logits[i] > max ? logits[i] : max;
+    for (i = 0; i < n; i++)
+        if (logits[i] == max) return i;
+    return 0; /* logits[0] is NaN */
 }
 
 static int s_cmp_cand(const void *a, const void *b) {

@@ -36,7 +36,7 @@ int32_t sampler_sample(sampler *s, float *logits);
 void sampler_accept(sampler *s, int32_t id);
 void sampler_reset(sampler *s);
 
-/* Plain argmax, lowest id on ties. */
+/* Plain argmax, lowest id on ties, NaNs skipped (0 when logits[0] is NaN). */
 int32_t sampler_argmax(const float *logits, int n);
 
 #endif

@@ -43,6 +43,28 @@ static void test_sampler_argmax_ties_lowest(void **state) {
     assert_int_equal(sampler_argmax(d, 1), 0);
     const float e[] = {-INFINITY, -1e30f, -INFINITY};
     assert_int_equal(sampler_argmax(e, 3), 1);
+    /* against the plain loop on long rows: the maximum in the tail past the last 8, twice,
+     * -0 beside +0, NaNs (skipped; a NaN first logit gives 0) */
+    enum { N = 1003 };
+    float v[N];
+    uint64_t x = 7;
+    for (int t = 0; t < 6; t++) {
+        for (int i = 0; i < N; i++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            v[i] = (float)((int)(x >> 40) % 1000) / 10.0f - 50.0f;
+        }
+        if (t == 1) v[N - 1] = 100.0f, v[N - 2] = 100.0f;
+        if (t == 2) v[17] = NAN, v[300] = 200.0f, v[301] = 200.0f;
+        if (t == 3) v[0] = NAN;
+        if (t == 4) v[5] = 300.0f, v[9] = -0.0f;
+        if (t == 5)
+            for (int i = 0; i < N; i++)
+                v[i] = i % 2 ? -0.0f : 0.0f;
+        int32_t best = 0;
+        for (int i = 1; i < N; i++)
+            if (v[i] > v[best]) best = i;
+        assert_int_equal(sampler_argmax(v, N), best);
+    }
 }
 
 static void test_sampler_greedy_default(void **state) {
