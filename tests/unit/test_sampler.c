@@ -314,9 +314,9 @@ static void test_sampler_ring_wraps_many_times(void **state) {
 
 /* A large vocabulary without top-k sorts its candidates with a radix sort, a top-k heap's with
  * qsort: both must give the same order (logit descending, ties by id, -0 == +0), hence the same
- * draws. Sampler A keeps every token but one far below (no filter); B takes the top V - 1 of the
- * same logits (the same set, through the heap). Many ties, zeros of both signs; with and without
- * top-p. */
+ * draws; without top-p both draw in id order, again the same draws. Sampler A keeps every token but
+ * one far below (no filter); B takes the top V - 1 of the same logits (the same set, through the
+ * heap). Many ties, zeros of both signs; with and without top-p. */
 static void test_sampler_large_vocab_order(void **state) {
     (void)state;
     enum { V = 20000 };
