@@ -16,8 +16,7 @@ struct sampler {
     int n_vocab;
     uint64_t rng[2];
     cand *c;
-    cand *tmp;     /* (n_vocab) the radix sort's output, allocated on first use */
-    uint64_t *rk;  /* (2 n_vocab) its keys (sort key << 32 | position), two buffers */
+    cand *tmp;     /* (n_vocab) the radix sort's other buffer, allocated on first use */
     int32_t *hist; /* ring of the last penalty_last_n tokens */
     int hist_n, hist_pos;
     int32_t *count; /* (n_vocab) occurrences in hist */
@@ -74,7 +73,6 @@ void sampler_destroy(sampler **self_p) {
     if (!s) return;
     free(s->c);
     free(s->tmp);
-    free(s->rk);
     free(s->count);
     free(s->hist);
     free(s);
@@ -161,36 +159,28 @@ static uint32_t s_key(float f) {
 /* s->c[0..n) in s_cmp_cand's order (logit descending, then id ascending). Many candidates (a
  * filter-less draw keeps most of the vocabulary): a stable LSD radix sort on the logit's key, 11
  * bits a pass, over candidates that come in id order, so equal logits stay in id order: the
- * order qsort gives, ~10x sooner than qsort on 151k candidates. It moves 8-byte words (the key
- * above the candidate's position) and the candidates once at the end. Others (a top-k heap's,
- * not in id order, or few): qsort. */
+ * order qsort gives, ~10x sooner than qsort on 151k candidates. Others (a top-k heap's, not in
+ * id order, or few): qsort. */
 static void s_sort(sampler *s, int n, bool id_order) {
     if (!id_order || n < 4096 ||
-        (!s->tmp && !(s->tmp = malloc(sizeof(cand) * (size_t)s->n_vocab))) ||
-        (!s->rk && !(s->rk = malloc(2 * sizeof(uint64_t) * (size_t)s->n_vocab)))) {
+        (!s->tmp && !(s->tmp = malloc(sizeof(cand) * (size_t)s->n_vocab)))) {
         qsort(s->c, (size_t)n, sizeof(cand), s_cmp_cand);
         return;
     }
-    uint64_t *a = s->rk, *b = s->rk + s->n_vocab;
-    for (int i = 0; i < n; i++)
-        a[i] = (uint64_t)s_key(s->c[i].logit) << 32 | (uint32_t)i;
-    for (int shift = 32; shift < 64; shift += 11) {
+    cand *a = s->c, *b = s->tmp;
+    for (int shift = 0; shift < 32; shift += 11) {
         int count[2049] = {0};
         for (int i = 0; i < n; i++)
-            count[((a[i] >> shift) & 2047) + 1]++;
+            count[((s_key(a[i].logit) >> shift) & 2047) + 1]++;
         for (int d = 0; d < 2048; d++)
             count[d + 1] += count[d];
         for (int i = 0; i < n; i++)
-            b[count[(a[i] >> shift) & 2047]++] = a[i];
-        uint64_t *t = a;
+            b[count[(s_key(a[i].logit) >> shift) & 2047]++] = a[i];
+        cand *t = a;
         a = b;
         b = t;
     }
-    for (int i = 0; i < n; i++)
-        s->tmp[i] = s->c[(uint32_t)a[i]];
-    cand *t = s->c;
-    s->c = s->tmp;
-    s->tmp = t;
+    if (a != s->c) memcpy(s->c, a, sizeof(cand) * (size_t)n); /* three passes: an odd count */
 }
 
 /* Fills s->c with the candidates the filters can keep; returns their count and sets *best to
