@@ -243,12 +243,14 @@ static void test_serve_limits_idle_connections(void **state) {
 static void test_serve_limits_generation_is_not_idle(void **state) {
     (void)state;
     /* an answer that takes longer than the idle timeout to generate is still delivered; the
-     * answer grows until it takes that long on this host (the context holds 4096 tokens) */
+     * answer grows until it takes that long on this host (the context holds 4096 tokens). Each
+     * token is a draw over the whole 151936-token vocabulary (a temperature without top-k or
+     * top-p: ~1 ms), so the tiny model's 4000 tokens outlast the timeout */
     for (int n = 1000;; n *= 2) {
-        char body[160];
+        char body[200];
         snprintf(body, sizeof body,
                  "{\"prompt\":\"Hello\",\"max_tokens\":%d,\"ignore_eos\":true,"
-                 "\"temperature\":0}",
+                 "\"temperature\":1,\"top_k\":0,\"top_p\":1,\"seed\":1}",
                  n);
         th_http_resp h = th_http(s_main.port, "POST", "/v1/completions", NULL, body);
         assert_int_equal(h.status, 200);
