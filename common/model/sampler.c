@@ -196,17 +196,29 @@ static int s_candidates(sampler *s, const float *logits, float *best) {
     int n = 0;
     if (p->top_k > 0 && p->top_k < V) {
         const int k = p->top_k;
-        for (int i = 0; i < V; i++) {
-            cand c = {i, logits[i], 0};
-            if (n < k) {
-                s->c[n++] = c;
-                if (n == k)
-                    for (int j = k / 2 - 1; j >= 0; j--)
-                        s_sift_down(s->c, k, j);
-            } else if (s_worse(&s->c[0], &c)) {
-                s->c[0] = c;
-                s_sift_down(s->c, k, 0);
-            }
+        int i = 0;
+        for (; i < V && n < k; i++) {
+            s->c[n++] = (cand){i, logits[i], 0};
+            if (n == k)
+                for (int j = k / 2 - 1; j >= 0; j--)
+                    s_sift_down(s->c, k, j);
+        }
+        /* A later token (a higher id) beats the root, the worst kept, only with a higher logit
+         * (s_worse); a block of 16 whose maximum is not above it has none (a NaN maximum: the
+         * block is looked at token by token, where NaN never wins). */
+        float worst = s->c[0].logit; /* n == k < V here */
+        for (; i < V; i += 16) {
+            const int e = V - i < 16 ? V : i + 16;
+            float m = logits[i];
+            for (int j = i + 1; j < e; j++)
+                m = logits[j] > m ? logits[j] : m;
+            if (m <= worst) continue;
+            for (int j = i; j < e; j++)
+                if (logits[j] > worst) {
+                    s->c[0] = (cand){j, logits[j], 0};
+                    s_sift_down(s->c, k, 0);
+                    worst = s->c[0].logit;
+                }
         }
     } else {
         float max = logits[0];
