@@ -344,13 +344,13 @@ static int32_t *s_random_tokens(int n, int V) {
     return toks;
 }
 
-/* Adds one repetition's stage counters to the test's total. */
 /* The cache's bytes per element for the roofline: 4 (f32), 2 (f16), 34/32 (q8_0). */
 static double s_kv_elem_bytes(const model *m, kv_dtype t) {
     const int kv_dim = m->cfg.n_head_kv * m->cfg.head_dim;
     return (double)kv_cache_row_bytes(t, kv_dim) / kv_dim;
 }
 
+/* Adds one repetition's stage counters to the test's total. */
 static void s_stats_add(engine_stats *t, const engine_stats *s) {
     t->tokens += s->tokens;
     t->neurons_total += s->neurons_total;

@@ -18,7 +18,6 @@
 #include <stdint.h>
 
 #include "model/engine.h"
-
 #include "model/sampler.h"
 #include "tokenizer/tokenizer.h"
 #include "util/stp_err.h"
