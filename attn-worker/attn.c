@@ -155,6 +155,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->n_ubatch = o->n_ubatch > 0 ? o->n_ubatch : 512;
     if (a->n_ubatch > a->n_ctx) a->n_ubatch = a->n_ctx;
     if ((rc = threadpool_new(&a->tp, o->threads, err))) goto fail;
+    if ((rc = stage_pin_threads(o, a->tp, 0, err))) goto fail;
     threadpool_set_spin_ns(a->tp, STAGE_SPIN_NS); /* the cores go to the other stages between */
     a->cc.ops = kern_ops_get();
     a->cc.tp = a->tp;

@@ -147,6 +147,7 @@ int expert_worker_new(expert_worker **out, const stage_opts *o, stp_err *err) {
     int rc = stats_new(&w->st, w->name, err);
     if (!rc) rc = model_open(&w->m, o->model, err);
     if (!rc) rc = threadpool_new(&w->tp, o->threads, err);
+    if (!rc) rc = stage_pin_threads(o, w->tp, o->index * o->threads, err);
     if (!rc) threadpool_set_spin_ns(w->tp, STAGE_SPIN_NS); /* cores go to other stages between */
     if (!rc) rc = s_map_pool(w, err);
     if (!rc) rc = expert_ffn_new(&w->ffn, &w->m->cfg, err);

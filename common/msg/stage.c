@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -22,6 +23,7 @@
 
 #include "model/kv_cache.h"
 #include "opt/opt.h"
+#include "util/threadpool.h"
 
 /* The only mutable file-scope state: written by the signal handler, read by the main loop. */
 static volatile sig_atomic_t s_stop;
@@ -67,6 +69,9 @@ static const opt_def s_opts[] = {
      "heartbeat interval (0: RUN_DIR/heartbeat_ms or 1000)", F(heartbeat_ms), NULL, NULL},
     {"--bind-tcp", NULL, OPT_STR, 0, 0, NULL, "PORT|ADDR:PORT", "coordinator: also serve on tcp",
      F(bind_tcp), NULL, NULL},
+    {"--pin-threads", NULL, OPT_FLAG, 0, 0, NULL, NULL,
+     "pin compute thread i to the stage's i-th core (expert worker I: from I x threads on)",
+     F(pin_threads), NULL, NULL},
     {"--bind-public", NULL, OPT_FLAG, 0, 0, NULL, NULL, "allow a wildcard --bind-tcp address",
      F(bind_public), NULL, NULL},
     {"--prefetch", "STP_PREFETCH", OPT_INT, -1, 1024, "-1", "N",
@@ -156,6 +161,41 @@ int stage_pin(const char *cpus, int numa_node, stp_err *err) {
     return 0;
 bad:
     return stp_err_set(err, STP_EINVAL, "--cpus '%s': expected a list like 0-3,6", cpus);
+}
+
+typedef struct pin_section {
+    int cpus[CPU_SETSIZE];
+    int n, first;
+    _Atomic int failed; /* an errno */
+} pin_section;
+
+static void s_pin_worker(void *p, int ith, int nth) {
+    (void)nth;
+    pin_section *s = p;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(s->cpus[(s->first + ith) % s->n], &one);
+    if (sched_setaffinity(0, sizeof one, &one)) atomic_store(&s->failed, errno); /* this thread */
+}
+
+int stage_pin_threads(const stage_opts *o, struct threadpool *tp, int first, stp_err *err) {
+    if (!o->pin_threads || !tp) return 0;
+    pin_section *s = calloc(1, sizeof *s);
+    if (!s) return stp_err_set(err, STP_ENOMEM, "--pin-threads: out of memory");
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set)) {
+        free(s);
+        return stp_err_set(err, STP_EINVAL, "--pin-threads: sched_getaffinity: %s",
+                           strerror(errno));
+    }
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &set)) s->cpus[s->n++] = c;
+    s->first = first < 0 ? 0 : first;
+    threadpool_run(tp, s_pin_worker, s);
+    int e = atomic_load(&s->failed);
+    free(s);
+    if (e) return stp_err_set(err, STP_EINVAL, "--pin-threads: sched_setaffinity: %s", strerror(e));
+    return 0;
 }
 
 int stage_setup(const stage_opts *o, const char *stage, stp_err *err) {

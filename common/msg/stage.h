@@ -48,6 +48,7 @@ typedef struct stage_opts {
                    * (the storage daemon's plan counts them) */
     int kv_pool;  /* --kv-pool: KV positions all slots hold at once (the coordinator's scheduler
                    * keeps to it, the daemon's plan reserves it); 0: n_seq x n_ctx */
+    bool pin_threads; /* --pin-threads: each compute thread on one core (stage_pin_threads) */
 } stage_opts;
 
 #define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */
@@ -72,6 +73,14 @@ bool stage_stopping(void);
 /* Applies --cpus (sched_setaffinity) and --numa-node (libnuma: run on the node's cores, allocate
  * from its memory; a no-op but accepted on single-node machines). */
 int stage_pin(const char *cpus, int numa_node, stp_err *err);
+
+/* --pin-threads: thread i of the team tp (the caller is thread 0) runs on core first + i of the
+ * cores the stage may use (its --cpus, else all), counting round. Stages that hand the same cores
+ * back and forth (the attention worker's team, expert worker I's threads from I x threads on)
+ * then meet on fixed cores: each core holds one thread of each, and a woken thread finds its
+ * core where it left it. No-op (0) when not asked for or tp is NULL. */
+struct threadpool;
+int stage_pin_threads(const stage_opts *o, struct threadpool *tp, int first, stp_err *err);
 
 /* Writes <run_dir>/<name>.ready (the pid) and starts the liveness heartbeat (invariant 4). */
 int stage_ready(const char *run_dir, const char *name, stp_err *err);
