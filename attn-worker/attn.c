@@ -492,8 +492,9 @@ static int s_storage_reply(attn_worker *a, uint64_t seq, int il, int n, Stp__Exp
 }
 
 /* Sends batch b's work for worker wi: through its lane when the worker is attached to one
- * (a store and a futex wake), else (not attached yet, ring full, STP_LANES=0) its zmq socket. */
-static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, stp_err *err) {
+ * (a store, then a futex wake: at once, or by the caller when *woken is given, set false), else
+ * (not attached yet, ring full, STP_LANES=0) its zmq socket. */
+static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, bool *woken, stp_err *err) {
     Stp__ExpertWork w;
     stp__expert_work__init(&w);
     w.seq = b->seq;
@@ -512,7 +513,11 @@ static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, stp_err *e
     const bool attached = lp && atomic_load_explicit(&lp->pid, memory_order_acquire) != 0;
     if (attached) {
         lane_expect(a->lanes, 1, false); /* before the worker can answer */
-        if (lane_send(&lp->work, &m.base, &b->lane_pos[wi]) == 0) {
+        if (lane_put(&lp->work, &m.base, &b->lane_pos[wi]) == 0) {
+            if (woken)
+                *woken = false;
+            else
+                lane_wake(&lp->work.head);
             b->via_lane[wi] = true;
             stats_add(a->st, "lane.work_sent", 1);
             return 0;
@@ -562,16 +567,24 @@ static int s_dispatch(attn_worker *a, work_batch *b, int il, int T, const Stp__E
     b->n_pending = 0;
     b->compute_us = 0;
     double t0 = msg_now_us();
+    bool woken[MAX_WORKERS];
+    int rc = 0;
     for (int wi = 0; wi < NW; wi++) {
         b->pending[wi] = false;
+        woken[wi] = true;
         if (!b->nl[wi]) continue;
-        int rc = s_send_work(a, wi, b, il, err);
-        if (rc) return rc;
+        if ((rc = s_send_work(a, wi, b, il, &woken[wi], err))) break;
         b->pending[wi] = true;
         b->sent[wi] = t0;
         b->n_pending++;
     }
-    return 0;
+    /* Every lane's work is in before any worker wakes, and worker 0 wakes last: with pinned
+     * threads (stage_pin_threads) it shares this thread's core, and woken first it took the core
+     * at once and ran its whole share before this thread could hand the others theirs (one in
+     * ten layers ran its two halves one after the other: docs/BENCHMARKS.md, session 15). */
+    for (int wi = NW - 1; wi >= 0; wi--)
+        if (!woken[wi]) lane_wake(&a->lanes->lanes[wi].work.head);
+    return rc;
 }
 
 /* s_dispatch of the experts i with ready[i] == want. */
@@ -713,7 +726,7 @@ static int s_resend(attn_worker *a, work_batch *b, int wi, int il, stp_err *err)
             return 0;
         }
     }
-    return s_send_work(a, wi, b, il, err);
+    return s_send_work(a, wi, b, il, NULL, err);
 }
 
 /* Takes every reply waiting in the workers' lanes (stale ones too, so a ring never fills). */
