@@ -216,6 +216,7 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->seq = (uint64_t)msg_now_us() << 8; /* increasing across restarts of this stage */
     /* sockets */
     a->zctx = zmq_ctx_new();
+    stage_zmq_affinity(a->zctx); /* its threads not on this thread's one core */
     char ep[512];
     rc = STP_EIO;
     if (msg_endpoint(ep, sizeof ep, o->run_dir, "attn", err) ||
@@ -569,9 +570,10 @@ static int s_dispatch(attn_worker *a, work_batch *b, int il, int T, const Stp__E
     double t0 = msg_now_us();
     bool woken[MAX_WORKERS];
     int rc = 0;
+    for (int wi = 0; wi < NW; wi++)
+        woken[wi] = true;
     for (int wi = 0; wi < NW; wi++) {
         b->pending[wi] = false;
-        woken[wi] = true;
         if (!b->nl[wi]) continue;
         if ((rc = s_send_work(a, wi, b, il, &woken[wi], err))) break;
         b->pending[wi] = true;
@@ -579,9 +581,10 @@ static int s_dispatch(attn_worker *a, work_batch *b, int il, int T, const Stp__E
         b->n_pending++;
     }
     /* Every lane's work is in before any worker wakes, and worker 0 wakes last: with pinned
-     * threads (stage_pin_threads) it shares this thread's core, and woken first it took the core
-     * at once and ran its whole share before this thread could hand the others theirs (one in
-     * ten layers ran its two halves one after the other: docs/BENCHMARKS.md, session 15). */
+     * threads (stage_pin_threads, one core list for both stages) it shares this thread's core,
+     * and woken first it took the core at once and ran its whole share before this thread could
+     * hand the others theirs (one in ten layers ran its two halves one after the other:
+     * docs/BENCHMARKS.md, session 15). */
     for (int wi = NW - 1; wi >= 0; wi--)
         if (!woken[wi]) lane_wake(&a->lanes->lanes[wi].work.head);
     return rc;

@@ -20,7 +20,8 @@ while you run a benchmark, and prints:
 
 or on a recording made before: `bench/cpu_timeline.py --script FILE` (`perf script` output).
 Stages are told apart by their command names (stpipe-attn-wor…, stpipe-expert-w…); anything else
-is "other". Python 3 standard library and perf.
+is "other". The expert phase's "workers" are threads: with `--expert-threads` above 1 the skew
+and imbalance compare threads of one worker too. Python 3 standard library and perf.
 """
 import argparse
 import collections

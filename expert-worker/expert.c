@@ -159,6 +159,7 @@ int expert_worker_new(expert_worker **out, const stage_opts *o, stp_err *err) {
     w->cc.ops = kern_ops_get();
     w->cc.tp = w->tp;
     w->zctx = zmq_ctx_new();
+    stage_zmq_affinity(w->zctx); /* its threads not on this thread's one core */
     char ep[512], sn[48];
     if ((rc = msg_endpoint(ep, sizeof ep, o->run_dir, w->name, err))) goto fail;
     rc = STP_EIO;

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <numa.h>
+#include <zmq.h>
 
 #include "model/kv_cache.h"
 #include "opt/opt.h"
@@ -178,23 +179,40 @@ static void s_pin_worker(void *p, int ith, int nth) {
     if (sched_setaffinity(0, sizeof one, &one)) atomic_store(&s->failed, errno); /* this thread */
 }
 
-int stage_pin_threads(const stage_opts *o, struct threadpool *tp, int first, stp_err *err) {
+/* The stage's cores as they were before stage_pin_threads pinned the calling thread to one:
+ * the mask every thread started later (ZeroMQ's, the heartbeat) should get back. */
+static cpu_set_t s_stage_cpus;
+static bool s_pinned;
+
+int stage_pin_threads(const stage_opts *o, threadpool *tp, int first, stp_err *err) {
     if (!o->pin_threads || !tp) return 0;
     pin_section *s = calloc(1, sizeof *s);
     if (!s) return stp_err_set(err, STP_ENOMEM, "--pin-threads: out of memory");
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set)) {
+        /* a kernel with more CPUs than cpu_set_t holds: the threads stay where they are */
+        fprintf(stderr, "--pin-threads: sched_getaffinity: %s; threads not pinned\n",
+                strerror(errno));
         free(s);
-        return stp_err_set(err, STP_EINVAL, "--pin-threads: sched_getaffinity: %s",
-                           strerror(errno));
+        return 0;
     }
     for (int c = 0; c < CPU_SETSIZE; c++)
         if (CPU_ISSET(c, &set)) s->cpus[s->n++] = c;
     s->first = first < 0 ? 0 : first;
+    s_stage_cpus = set;
+    s_pinned = true;
     threadpool_run(tp, s_pin_worker, s);
     int e = atomic_load(&s->failed);
     free(s);
     if (e) return stp_err_set(err, STP_EINVAL, "--pin-threads: sched_setaffinity: %s", strerror(e));
+    return 0;
+}
+
+int stage_zmq_affinity(void *zctx) {
+    if (!s_pinned || !zctx) return 0;
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &s_stage_cpus) && zmq_ctx_set(zctx, ZMQ_THREAD_AFFINITY_CPU_ADD, c))
+            return -1;
     return 0;
 }
 
@@ -264,6 +282,8 @@ int stage_ready(const char *run_dir, const char *name, stp_err *err) {
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&at, 256 * 1024);
+    if (s_pinned) /* not the one core of the thread starting it (stage_pin_threads) */
+        pthread_attr_setaffinity_np(&at, sizeof s_stage_cpus, &s_stage_cpus);
     sigset_t block, old; /* signals go to the main thread, whose zmq_poll they interrupt */
     sigemptyset(&block);
     sigaddset(&block, SIGINT);

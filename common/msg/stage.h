@@ -25,6 +25,7 @@
 
 #include "model/kv_cache.h"
 #include "util/stp_err.h"
+#include "util/threadpool.h"
 
 typedef struct stage_opts {
     const char *run_dir;
@@ -75,12 +76,18 @@ bool stage_stopping(void);
 int stage_pin(const char *cpus, int numa_node, stp_err *err);
 
 /* --pin-threads: thread i of the team tp (the caller is thread 0) runs on core first + i of the
- * cores the stage may use (its --cpus, else all), counting round. Stages that hand the same cores
- * back and forth (the attention worker's team, expert worker I's threads from I x threads on)
- * then meet on fixed cores: each core holds one thread of each, and a woken thread finds its
- * core where it left it. No-op (0) when not asked for or tp is NULL. */
-struct threadpool;
-int stage_pin_threads(const stage_opts *o, struct threadpool *tp, int first, stp_err *err);
+ * cores the calling thread may use (the stage's --cpus or --numa-node, else what it inherited),
+ * counting round. Stages that hand the same cores back and forth (the attention worker's team,
+ * expert worker I's threads from I x threads on) then meet on fixed cores: with the same core
+ * list for both, each core holds one thread of each, and a woken thread finds its core where it
+ * left it. Threads started afterwards get the stage's cores back, not their creator's one:
+ * stage_ready's heartbeat here, ZeroMQ's through stage_zmq_affinity. No-op (0) when not asked
+ * for or tp is NULL; a mask that cannot be read (more CPUs than cpu_set_t) leaves the threads
+ * where they are, with a warning. */
+int stage_pin_threads(const stage_opts *o, threadpool *tp, int first, stp_err *err);
+/* Gives a ZeroMQ context's threads the stage's cores (ZMQ_THREAD_AFFINITY_CPU_ADD) when
+ * stage_pin_threads pinned this thread; call before its first socket. 0, or -1 (errno). */
+int stage_zmq_affinity(void *zctx);
 
 /* Writes <run_dir>/<name>.ready (the pid) and starts the liveness heartbeat (invariant 4). */
 int stage_ready(const char *run_dir, const char *name, stp_err *err);

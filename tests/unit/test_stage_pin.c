@@ -1,14 +1,21 @@
 /* test_stage_pin: --pin-threads parsed into the stage options, and stage_pin_threads putting
  * thread i of a team on core first + i of the process's cores (counting round), each on exactly
- * one; without the flag nothing changes. */
+ * one; without the flag nothing changes; a ZeroMQ context started afterwards keeps the
+ * process's cores for its threads (stage_zmq_affinity). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include <zmq.h>
 
 #include "msg/stage.h"
 #include "util/threadpool.h"
@@ -32,7 +39,7 @@ static void s_look(void *p, int ith, int nth) {
         if (CPU_ISSET(c, &set)) s->cpu[ith] = c;
 }
 
-static void test_parse(void **st) {
+static void test_stage_pin_threads_parse(void **st) {
     (void)st;
     stage_opts o;
     stp_err err = {0};
@@ -44,7 +51,7 @@ static void test_parse(void **st) {
     assert_true(o.pin_threads);
 }
 
-static void test_pin(void **st) {
+static void test_stage_pin_threads_places(void **st) {
     (void)st;
     cpu_set_t all;
     assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
@@ -85,10 +92,67 @@ static void test_pin(void **st) {
     assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
 }
 
+/* Cores in the mask of this process's threads whose name starts with prefix (-1: none). */
+static int s_thread_cpus(const char *prefix) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return -1;
+    int found = -1;
+    struct dirent *e;
+    while ((e = readdir(d)) && found < 0) {
+        if (e->d_name[0] == '.') continue;
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, prefix, strlen(prefix))) continue;
+        cpu_set_t set;
+        if (sched_getaffinity((pid_t)atoi(e->d_name), sizeof set, &set) == 0)
+            found = CPU_COUNT(&set);
+    }
+    closedir(d);
+    return found;
+}
+
+/* After the caller is pinned to one core, ZeroMQ's threads and the heartbeat keep the stage's. */
+static void test_stage_pin_threads_helpers(void **st) {
+    (void)st;
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    const int n = CPU_COUNT(&all);
+    threadpool *tp = NULL;
+    stp_err err = {0};
+    assert_int_equal(threadpool_new(&tp, 1, &err), 0);
+    stage_opts o;
+    memset(&o, 0, sizeof o);
+    o.pin_threads = true;
+    assert_int_equal(stage_pin_threads(&o, tp, 0, &err), 0);
+    cpu_set_t now;
+    assert_int_equal(sched_getaffinity(0, sizeof now, &now), 0);
+    assert_int_equal(CPU_COUNT(&now), 1);
+    void *zctx = zmq_ctx_new();
+    assert_non_null(zctx);
+    assert_int_equal(stage_zmq_affinity(zctx), 0);
+    void *sock = zmq_socket(zctx, ZMQ_PAIR); /* starts the context's threads */
+    assert_non_null(sock);
+    /* the thread sets its affinity, then its name, after zmq_socket returned: wait for the name
+     * (bounded) */
+    int got = -1;
+    for (int i = 0; i < 5000 && (got = s_thread_cpus("ZMQbg/IO")) < 0; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_int_equal(got, n);
+    zmq_close(sock);
+    zmq_ctx_term(zctx);
+    threadpool_destroy(&tp);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_parse),
-        cmocka_unit_test(test_pin),
+        cmocka_unit_test(test_stage_pin_threads_parse),
+        cmocka_unit_test(test_stage_pin_threads_places),
+        cmocka_unit_test(test_stage_pin_threads_helpers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
