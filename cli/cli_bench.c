@@ -38,6 +38,7 @@ typedef struct bench_result {
     int reps;
     bool tg;
     roofline_bytes rb; /* tg: bytes per token per stage */
+    double wall_ms;    /* the timed part of every repetition, summed (the span st covers) */
 } bench_result;
 
 /* What the header reports beside the machine: the bandwidth test and the run's CPU steal. */
@@ -294,6 +295,9 @@ static json_t *s_json_roofline(const bench_result *r, const bench_host *h) {
     json_object_set_new(o, "down_neurons_per_token", json_real(r->st.down_neurons / tk));
     json_object_set_new(o, "stages", stages);
     json_object_set_new(o, "total_ms_per_token", json_real(ms_sum));
+    /* the decode time the stages are part of, over the same repetitions (tokens_per_second is
+     * their mean rate, as llama-bench's: not the same average when the repetitions differ) */
+    json_object_set_new(o, "decode_ms_per_token", json_real(r->wall_ms / tk));
     json_object_set_new(o, "total_bytes_per_token", json_real(b_sum));
     json_object_set_new(o, "total_gbps", json_real(s_gbps(b_sum, ms_sum)));
     json_object_set_new(o, "total_roofline_share", json_real(s_share(h, s_gbps(b_sum, ms_sum))));
@@ -433,7 +437,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
             for (int ti = 0; ti < n_tests && nres < 64 && !status; ti++) {
                 int n = kind == 0 ? pp[ti] : tg[ti];
                 if (n <= 0) continue;
-                double sum = 0, sum2 = 0, ipc = 0;
+                double sum = 0, sum2 = 0, ipc = 0, wall_ms = 0;
                 engine_stats st;
                 memset(&st, 0, sizeof st);
                 for (int rep = 0; rep < reps && !status; rep++) {
@@ -456,6 +460,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                     sum += tps;
                     sum2 += tps * tps;
                     if (kind == 1) {
+                        wall_ms += gr.gen_ms;
                         ipc += gr.ipc_ms / gr.gen_ms;
                         gr.stages.tokens = (uint64_t)(gr.n_gen - 1); /* an eval a later token */
                         s_stats_add(&st, &gr.stages);
@@ -473,6 +478,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                 r->reps = reps;
                 r->tg = kind == 1 && pm && st.tokens;
                 r->st = st;
+                r->wall_ms = wall_ms;
                 if (r->tg)
                     roofline_decode_bytes(pm, r->pos0, n, s_kv_elem_bytes(pm, kv_type), &st,
                                           &r->rb);
@@ -633,7 +639,9 @@ int cli_bench(int argc, char **argv) {
                         fprintf(stderr, "stpipe bench: %s\n", err.msg);
                         goto out;
                     }
-                    double tps = (double)n * P / (s_now() - t0);
+                    const double dt = s_now() - t0;
+                    double tps = (double)n * P / dt;
+                    r->wall_ms += dt * 1e3;
                     sum += tps;
                     sum2 += tps * tps;
                     s_stats_add(&st, engine_get_stats(e));

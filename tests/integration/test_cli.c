@@ -302,6 +302,10 @@ static void s_check_roofline(const char *path, json_t *rl, int d, int n, double 
                 1e-6 * kv);
     assert_true(fabs(s_num(rl, "total_bytes_per_token") - total) <= 1e-6 * total);
     assert_true(s_num(rl, "bandwidth_gbps") == bw);
+    /* the stages are parts of the decode time of the same repetitions */
+    const double dec = s_num(rl, "decode_ms_per_token"), stages = s_num(rl, "total_ms_per_token");
+    if (!(dec > 0 && stages <= 1.05 * dec))
+        fail_msg("roofline at d%d: stages %.3f ms a token, decode %.3f ms", d, stages, dec);
 }
 
 /* `stpipe bench --json -d`: JSON built by a library (a '"' in the model path stays valid), one
