@@ -514,11 +514,9 @@ static int s_send_work(attn_worker *a, int wi, work_batch *b, int il, bool *woke
     const bool attached = lp && atomic_load_explicit(&lp->pid, memory_order_acquire) != 0;
     if (attached) {
         lane_expect(a->lanes, 1, false); /* before the worker can answer */
-        if (lane_put(&lp->work, &m.base, &b->lane_pos[wi]) == 0) {
-            if (woken)
-                *woken = false;
-            else
-                lane_wake(&lp->work.head);
+        uint32_t *pos = &b->lane_pos[wi];
+        if ((woken ? lane_put(&lp->work, &m.base, pos) : lane_send(&lp->work, &m.base, pos)) == 0) {
+            if (woken) *woken = false;
             b->via_lane[wi] = true;
             stats_add(a->st, "lane.work_sent", 1);
             return 0;
