@@ -164,46 +164,44 @@ bad:
     return stp_err_set(err, STP_EINVAL, "--cpus '%s': expected a list like 0-3,6", cpus);
 }
 
+/* The stage's cores as they were before stage_pin_threads pinned the calling thread to one:
+ * the cores its team is placed on, and the mask every thread started later (ZeroMQ's, the
+ * heartbeat) gets back. */
+static cpu_set_t s_stage_cpus;
+static bool s_pinned;
+
 typedef struct pin_section {
-    int cpus[CPU_SETSIZE];
-    int n, first;
+    int n, first;       /* cores in s_stage_cpus; the core index of thread 0 */
     _Atomic int failed; /* an errno */
 } pin_section;
 
 static void s_pin_worker(void *p, int ith, int nth) {
     (void)nth;
     pin_section *s = p;
+    int k = (s->first + ith) % s->n, c = 0; /* the k-th core of the stage's, counting from 0 */
+    while (!CPU_ISSET(c, &s_stage_cpus) || k--)
+        c++;
     cpu_set_t one;
     CPU_ZERO(&one);
-    CPU_SET(s->cpus[(s->first + ith) % s->n], &one);
+    CPU_SET(c, &one);
     if (sched_setaffinity(0, sizeof one, &one)) atomic_store(&s->failed, errno); /* this thread */
 }
 
-/* The stage's cores as they were before stage_pin_threads pinned the calling thread to one:
- * the mask every thread started later (ZeroMQ's, the heartbeat) should get back. */
-static cpu_set_t s_stage_cpus;
-static bool s_pinned;
-
 int stage_pin_threads(const stage_opts *o, threadpool *tp, int first, stp_err *err) {
     if (!o->pin_threads || !tp) return 0;
-    pin_section *s = calloc(1, sizeof *s);
-    if (!s) return stp_err_set(err, STP_ENOMEM, "--pin-threads: out of memory");
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set)) {
         /* a kernel with more CPUs than cpu_set_t holds: the threads stay where they are */
         fprintf(stderr, "--pin-threads: sched_getaffinity: %s; threads not pinned\n",
                 strerror(errno));
-        free(s);
         return 0;
     }
-    for (int c = 0; c < CPU_SETSIZE; c++)
-        if (CPU_ISSET(c, &set)) s->cpus[s->n++] = c;
-    s->first = first < 0 ? 0 : first;
     s_stage_cpus = set;
     s_pinned = true;
-    threadpool_run(tp, s_pin_worker, s);
-    int e = atomic_load(&s->failed);
-    free(s);
+    pin_section s = {.n = CPU_COUNT(&set), .first = first < 0 ? 0 : first};
+    atomic_init(&s.failed, 0);
+    threadpool_run(tp, s_pin_worker, &s);
+    const int e = atomic_load(&s.failed);
     if (e) return stp_err_set(err, STP_EINVAL, "--pin-threads: sched_setaffinity: %s", strerror(e));
     return 0;
 }
