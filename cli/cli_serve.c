@@ -7,6 +7,7 @@
  * port is the one the system picked). The API key comes from --api-key or, so that it does
  * not show in ps, from the environment (STP_API_KEY, read by the option table). Endpoints, fields
  * and limits: docs/SERVER.md. */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,30 @@ static volatile sig_atomic_t s_stop;
 static void s_on_signal(int sig) {
     (void)sig;
     s_stop = 1;
+}
+
+/* SIGINT and SIGTERM stay blocked from the start in every thread (each inherits the mask of
+ * the thread that creates it: the engine's team, the server's, ZeroMQ's), and the main thread
+ * takes them only inside sigsuspend. `while (!s_stop) pause();` lost a stop two ways: a
+ * signal between the test and pause() (nothing wakes pause), and a signal the kernel handed
+ * to another thread (the flag set, the main thread asleep on). One arriving while the model
+ * loads waits, pending, and stops the server as soon as it is up. */
+static void s_stop_block(sigset_t *old) {
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop, old);
+}
+
+static void s_stop_wait(const sigset_t *old) {
+    sigset_t wait = *old; /* the mask from before, with the two open even if a parent blocked
+                           * them; sigsuspend sets it atomically, for the wait only */
+    sigdelset(&wait, SIGINT);
+    sigdelset(&wait, SIGTERM);
+    while (!s_stop)
+        sigsuspend(&wait);
+    pthread_sigmask(SIG_SETMASK, old, NULL);
 }
 
 typedef struct serve_opts {
@@ -124,7 +149,8 @@ static void s_pr_step(void *ctx) {
 }
 
 /* The model file's tokenizer and name (--model, else the coordinator's file). */
-static int s_serve_pipeline(const serve_opts *o, const http_server_config *hc) {
+static int s_serve_pipeline(const serve_opts *o, const http_server_config *hc,
+                            const sigset_t *old) {
     stp_err err = {0};
     char path[4096];
     int n_seq = 0, n_ctx = 0;
@@ -182,8 +208,7 @@ static int s_serve_pipeline(const serve_opts *o, const http_server_config *hc) {
             hc->cors_origin ? "CORS on" : "CORS off", v6 ? "[" : "", hc->host, v6 ? "]" : "",
             http_server_port(srv));
     fflush(stderr);
-    while (!s_stop)
-        pause();
+    s_stop_wait(old);
     fprintf(stderr, "stpipe serve: stopping\n");
     status = 0;
 out:
@@ -207,13 +232,15 @@ int cli_serve(int argc, char **argv) {
                         "serve --help)\n");
         return 2;
     }
-    /* signals: set before the threads start so they inherit the mask-free default */
+    /* signals: handled before any thread starts, blocked in all but the final wait */
     struct sigaction sa = {0};
     sa.sa_handler = s_on_signal;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    sigset_t old;
+    s_stop_block(&old);
     http_server_config hc = {.host = host,
                              .port = o.port,
                              .queue_max = queue,
@@ -226,7 +253,7 @@ int cli_serve(int argc, char **argv) {
                              .kv_positions = o.kv_pool,
                              .chat_memo = o.chat_memo,
                              .api_key = api_key && *api_key ? api_key : NULL};
-    if (pipeline) return s_serve_pipeline(&o, &hc);
+    if (pipeline) return s_serve_pipeline(&o, &hc, &old);
     stp_err err = {0};
     backend *b = NULL;
     http_server *srv = NULL;
@@ -256,8 +283,7 @@ int cli_serve(int argc, char **argv) {
             hc.api_key ? "API key required" : "no API key", cors ? "CORS on" : "CORS off",
             v6 ? "[" : "", host, v6 ? "]" : "", http_server_port(srv));
     fflush(stderr);
-    while (!s_stop)
-        pause();
+    s_stop_wait(&old);
     fprintf(stderr, "stpipe serve: stopping\n");
     http_server_destroy(&srv);
     backend_destroy(&b);

@@ -3,7 +3,7 @@
  * spelling special tokens counted as plain text (prompt_tokens), streamed chunks
  * concatenating to the same text and ending with [DONE], 400 on bad JSON and missing fields,
  * 503 when the queue (--queue 1) is full, --queue 0 (a free slot is taken, no one waits),
- * /metrics names, and a clean exit on SIGTERM.
+ * /metrics names, and a clean exit on SIGTERM or SIGINT, also the moment it is up.
  * The servers and the HTTP client are th_http's (127.0.0.1, --port 0, Connection: close). */
 #include <stdarg.h>
 #include <stddef.h>
@@ -83,6 +83,21 @@ static int s_teardown(void **state) {
         return -1;
     }
     return 0;
+}
+
+/* A stop signal is never lost: one sent right after the port is printed (the moment the main
+ * thread goes to wait for it) stops the server: exit 0 within 20 s, "stopping" on stderr. */
+static void test_serve_stops_at_any_moment(void **state) {
+    (void)state;
+    for (int i = 0; i < 8; i++) {
+        th_server s;
+        assert_int_equal(th_server_start(&s, QWEN, NULL, "serve_stop"), 0);
+        kill(s.pid, i % 2 ? SIGINT : SIGTERM);
+        assert_int_equal(th_wait(s.pid, 20), 0);
+        char *e = th_slurp_str(s.err_path);
+        if (!strstr(e, "stopping")) fail_msg("no \"stopping\" on stderr: %s", e);
+        free(e);
+    }
 }
 
 static void test_serve_health_and_models(void **state) {
@@ -602,6 +617,7 @@ static void test_serve_chat_memo_reuses_the_answer(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_serve_stops_at_any_moment),
         cmocka_unit_test(test_serve_health_and_models),
         cmocka_unit_test(test_serve_completion_matches_generate),
         cmocka_unit_test(test_serve_chat_matches_generate_and_stream),
