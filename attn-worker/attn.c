@@ -955,8 +955,8 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         a->wend[slot] = a->n_past[slot] + n; /* the caches change from here on */
         row += n;
     }
-    const forward_state fs = {&a->cc, m,          a->as,  a->x,       a->h,
-                              a->ffn, a->rlogits, a->sel, a->selw_shm};
+    const forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
+                              a->rlogits, a->sel, a->selw_shm, 0,    0};
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
     int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;

@@ -57,7 +57,7 @@ typedef struct serve_opts {
     const char *model, *host, *pipeline, *cors, *api_key;
     bool help;
     int port, threads, queue, ctx, max_tokens, max_body, idle, max_conn, parallel, chunk, kv_pool,
-        sparse_head, chat_memo;
+        sparse_head, chat_memo, prefill_layers;
     kv_dtype kv_type;
 } serve_opts;
 
@@ -85,6 +85,11 @@ static const opt_def s_opts[] = {
      "prompt tokens a step evaluates beside decoding requests (larger: faster prompts, longer "
      "pauses in the other streams)",
      F(chunk), NULL, NULL},
+    {"--prefill-layers", NULL, OPT_INT, -1, 4096, "0", "N",
+     "while requests decode, a prompt chunk runs N layers a step, so their streams pause for "
+     "a slice of it (0 = the model's layers / 16, rounded up; -1 = the whole chunk in one step; "
+     "--model only: a pipeline takes the whole chunk)",
+     F(prefill_layers), NULL, NULL},
     {"--chat-memo", NULL, OPT_INT, 0, 65536, "16", "N",
      "answers kept so that a chat's next turn, which sends the answer back as text, starts with "
      "the ids the model wrote (those its slot holds) instead of the text's encoding; 0 = off: "
@@ -250,6 +255,7 @@ int cli_serve(int argc, char **argv) {
                              .max_tokens_default = max_tokens,
                              .cors_origin = cors,
                              .prefill_chunk = o.chunk,
+                             .prefill_layers = o.prefill_layers,
                              .kv_positions = o.kv_pool,
                              .chat_memo = o.chat_memo,
                              .api_key = api_key && *api_key ? api_key : NULL};

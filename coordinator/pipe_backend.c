@@ -479,7 +479,7 @@ static int s_eval(backend *b, const backend_seq_eval *q, int n_q, stp_err *err) 
 
 int pipe_backend_eval_all(backend *b, int seq, const int32_t *tokens, int n, float *all,
                           stp_err *err) {
-    const backend_seq_eval q = {seq, tokens, n, NULL};
+    const backend_seq_eval q = {seq, tokens, n, NULL, 0};
     return s_eval_any((pipe_backend *)b, &q, 1, all, err);
 }
 
@@ -527,8 +527,10 @@ static void s_destroy(backend *b) {
     free(p);
 }
 
-static const backend_ops s_ops = {s_eval,    s_seq_keep, s_seq_n_past, s_n_seq,  s_n_batch,
-                                  s_n_vocab, s_n_ctx,    s_stats,      s_destroy};
+/* n_layer NULL: a chunk goes through every layer in its step (the attention worker does not
+ * keep a chunk's hidden states between requests) */
+static const backend_ops s_ops = {s_eval,    s_seq_keep, s_seq_n_past, s_n_seq,   s_n_batch,
+                                  s_n_vocab, s_n_ctx,    s_stats,      s_destroy, NULL};
 
 /* Pings until the worker's first Pong: its pid and shape. */
 static int s_handshake(pipe_backend *p, int *n_seq, int *n_ctx, int *n_ubatch, stp_err *err) {

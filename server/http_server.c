@@ -824,6 +824,7 @@ fail:
 int http_server_new(http_server **out, const http_server_config *cfg, backend *b, stp_err *err) {
     sched *sc = NULL;
     const sched_params sp = {.prefill_chunk = cfg->prefill_chunk,
+                             .prefill_layers = cfg->prefill_layers,
                              .kv_positions = cfg->kv_positions};
     int rc = sched_new(&sc, b, &sp, err);
     if (rc) return rc;

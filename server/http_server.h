@@ -65,6 +65,7 @@ typedef struct http_server_config {
     const char *cors_origin; /* the one origin allowed cross-origin ("*": any); NULL: none */
     const char *api_key;     /* required as "Authorization: Bearer KEY" on /v1/ paths; NULL: none */
     int prefill_chunk;       /* sched_params.prefill_chunk of the local scheduler; 0: default */
+    int prefill_layers;      /* sched_params.prefill_layers of the local scheduler; 0: default */
     int kv_positions;        /* sched_params.kv_positions of the local scheduler; 0: all */
     int chat_memo;           /* answers the chat memo keeps (chat_memo.h); 0: no memo */
 } http_server_config;

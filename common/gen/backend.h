@@ -37,6 +37,9 @@ typedef struct backend_ops {
     /* Cumulative stage timings and counters (engine_stats layout); NULL if not available. */
     const engine_stats *(*stats)(const backend *b);
     void (*destroy)(backend *b); /* frees everything the backend owns */
+    /* Optional: the model's layers when eval takes a prompt chunk a few layers a call
+     * (backend_seq_eval.upto); NULL: it does not. */
+    int (*n_layer)(const backend *b);
 } backend_ops;
 
 /* Every implementation starts its struct with this header. */
@@ -66,7 +69,7 @@ static inline int backend_eval_batch(backend *b, const backend_seq_eval *q, int 
     return b->ops->eval(b, q, n_q, err);
 }
 static inline int backend_eval(backend *b, const int32_t *t, int n, float *logits, stp_err *err) {
-    const backend_seq_eval q = {0, t, n, logits};
+    const backend_seq_eval q = {0, t, n, logits, 0};
     return b->ops->eval(b, &q, 1, err);
 }
 static inline void backend_reset(backend *b) {
@@ -74,6 +77,10 @@ static inline void backend_reset(backend *b) {
 }
 static inline int backend_seq_keep(backend *b, int seq, int n_keep) {
     return b->ops->seq_keep(b, seq, n_keep);
+}
+/* Layers a prompt chunk can be split over (backend_seq_eval.upto), or 0 when it cannot. */
+static inline int backend_n_layer(const backend *b) {
+    return b->ops->n_layer ? b->ops->n_layer(b) : 0;
 }
 static inline int backend_seq_n_past(const backend *b, int seq) {
     return b->ops->seq_n_past(b, seq);

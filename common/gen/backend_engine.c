@@ -45,6 +45,10 @@ static const engine_stats *s_stats(const backend *b) {
     return engine_get_stats(((const backend_engine *)b)->e);
 }
 
+static int s_n_layer(const backend *b) {
+    return ((const backend_engine *)b)->m->cfg.n_layer;
+}
+
 static void s_destroy(backend *b) {
     backend_engine *be = (backend_engine *)b;
     engine_destroy(&be->e);
@@ -63,6 +67,7 @@ static const backend_ops s_ops = {
     .n_ctx = s_n_ctx,
     .stats = s_stats,
     .destroy = s_destroy,
+    .n_layer = s_n_layer,
 };
 
 int backend_engine_new(backend **out, const backend_engine_params *p, stp_err *err) {

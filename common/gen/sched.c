@@ -18,8 +18,10 @@ typedef struct s_req {
     int32_t *prompt; /* copy of r.prompt */
     r_state st;
     int slot;
-    int pos;      /* prompt tokens in the slot's caches */
-    int32_t next; /* DECODE: the sampled id to evaluate */
+    int pos;       /* prompt tokens in the slot's caches */
+    int part_n;    /* a chunk of part_n tokens from pos is part way through the layers (0: none) */
+    int part_done; /* its layers done */
+    int32_t next;  /* DECODE: the sampled id to evaluate */
     token_step *step;
     gen_result res;
     size_t ids_cap;
@@ -39,7 +41,8 @@ typedef struct s_slot {
 struct sched {
     backend *b;
     int V, n_ctx, n_slots, chunk, n_batch;
-    long long kv_max; /* the KV pool: positions all slots may hold */
+    int n_layer, span; /* a chunk beside decoding requests runs span layers a step (0: all) */
+    long long kv_max;  /* the KV pool: positions all slots may hold */
     s_slot *slots;
     s_req *wait_head, *wait_tail;
     int n_waiting;
@@ -64,6 +67,11 @@ int sched_new(sched **out, backend *b, const sched_params *p, stp_err *err) {
     s->kv_max = (long long)s->n_slots * s->n_ctx;
     if (p && p->kv_positions > 0 && p->kv_positions < s->kv_max) s->kv_max = p->kv_positions;
     if (s->chunk > s->n_batch) s->chunk = s->n_batch;
+    s->n_layer = backend_n_layer(b);
+    const int pl = p ? p->prefill_layers : 0;
+    if (s->n_layer > 0 && pl >= 0)
+        s->span = pl > 0 ? pl : (s->n_layer + SCHED_PREFILL_SLICES - 1) / SCHED_PREFILL_SLICES;
+    if (s->span >= s->n_layer) s->span = 0;
     s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
     s->run = calloc((size_t)s->n_slots, sizeof *s->run);
     s->q = calloc((size_t)s->n_slots, sizeof *s->q);
@@ -360,7 +368,7 @@ int sched_step(sched *s) {
     for (int i = 0; i < s->n_run; i++) {
         s_req *rq = s->run[i];
         if (rq->st != R_DECODE || budget < 1) continue;
-        s->q[n_q] = (backend_seq_eval){rq->slot, &rq->next, 1, rq->logits};
+        s->q[n_q] = (backend_seq_eval){rq->slot, &rq->next, 1, rq->logits, 0};
         s->q_req[n_q++] = rq;
         budget--;
         n_decoding++;
@@ -370,21 +378,31 @@ int sched_step(sched *s) {
         s_req *rq = s->run[i];
         if (rq->st != R_PREFILL) continue;
         const int n = rq->r.n_prompt;
-        int take = 0;
-        for (;;) { /* whole chunks */
-            int at = rq->pos + take;
-            int c = s->chunk - at % s->chunk;
-            if (c > n - at) c = n - at;
-            if (c <= 0 || take + c > budget || take + c > prefill_max) break;
-            take += c;
+        int take = 0, upto = 0;
+        if (rq->part_n) { /* a chunk part way through: its next layers (the rest if no one
+                           * decodes), alone, as the step's last entry */
+            if (rq->part_n > budget) break;
+            take = rq->part_n;
+            upto = n_decoding && rq->part_done + s->span < s->n_layer ? rq->part_done + s->span
+                                                                      : s->n_layer;
+        } else {
+            for (;;) { /* whole chunks */
+                int at = rq->pos + take;
+                int c = s->chunk - at % s->chunk;
+                if (c > n - at) c = n - at;
+                if (c <= 0 || take + c > budget || take + c > prefill_max) break;
+                take += c;
+            }
+            if (!take) continue;
+            if (n_decoding && s->span) upto = s->span; /* its first layers */
         }
-        if (!take) continue;
         bool last = rq->pos + take == n;
-        s->q[n_q] =
-            (backend_seq_eval){rq->slot, rq->prompt + rq->pos, take, last ? rq->logits : NULL};
+        s->q[n_q] = (backend_seq_eval){rq->slot, rq->prompt + rq->pos, take,
+                                       last ? rq->logits : NULL, upto};
         s->q_req[n_q++] = rq;
         budget -= take;
         prefill_max -= take;
+        if (upto) break; /* the last entry of the step */
     }
     if (!n_q) return 0;
     s->stats.steps++;
@@ -405,6 +423,13 @@ int sched_step(sched *s) {
         s_req *rq = s->q_req[i];
         s_slot *sl = &s->slots[rq->slot];
         const backend_seq_eval *e = &s->q[i];
+        if (e->upto && e->upto < s->n_layer) { /* not through its layers yet */
+            rq->part_n = e->n;
+            rq->part_done = e->upto;
+            s->stats.prefill_slices++;
+            continue;
+        }
+        rq->part_n = rq->part_done = 0;
         memcpy(sl->ids + sl->n, e->tokens, sizeof(int32_t) * (size_t)e->n);
         sl->n += e->n;
         sl->used = s->stats.steps;

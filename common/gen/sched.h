@@ -42,7 +42,14 @@ typedef struct sched_params {
     int prefill_chunk; /* prompt tokens per chunk (chunks start at multiples of it); 0: 64 */
     int n_batch;       /* tokens per step at most; 0: the backend's n_batch */
     int kv_positions;  /* positions all slots may hold at once (the KV pool); 0: n_seq x n_ctx */
+    /* While requests decode, a prompt chunk runs this many layers a step (its tokens wait in
+     * the backend between steps), so a step beside decoding sequences costs them a slice of the
+     * chunk, not all of it; 0: the model's layers / SCHED_PREFILL_SLICES (rounded up); < 0, or
+     * a backend that cannot (backend_n_layer 0): the whole chunk in one step. */
+    int prefill_layers;
 } sched_params;
+
+#define SCHED_PREFILL_SLICES 16
 
 /* The end of a request: called once, with res (prompt and answer counts, ids, text, timings,
  * finish) whose buffers become the callee's (gen_result_fini them); rc is 0 or the negative
@@ -77,8 +84,10 @@ int sched_step(sched *s);
 /* Counters since sched_new (for /metrics and tests). */
 typedef struct sched_stats {
     unsigned long long steps, tokens_decoded, tokens_prefilled, tokens_reused, requests;
-    unsigned long long slots_evicted; /* idle slots emptied to make room in the KV pool */
-    unsigned long long pool_full;     /* answers ended because the KV pool was full */
+    unsigned long long slots_evicted;  /* idle slots emptied to make room in the KV pool */
+    unsigned long long pool_full;      /* answers ended because the KV pool was full */
+    unsigned long long prefill_slices; /* steps that took a prompt chunk part way through the
+                                        * layers (prefill_layers) */
 } sched_stats;
 const sched_stats *sched_get_stats(const sched *s);
 

@@ -58,6 +58,13 @@ typedef struct engine_seq_eval {
     const int32_t *tokens; /* appended at the sequence's positions n_past.. */
     int n;                 /* >= 1 */
     float *logits;         /* n_vocab logits of the last token, or NULL */
+    /* 0: every layer. Else this entry is a prompt chunk taken a few layers a step (so that the
+     * sequences decoding beside it are not held for the whole chunk): it runs from where the
+     * last call for seq stopped (layer 0 the first time) to layer `upto` (exclusive, at most
+     * n_layer); its hidden states wait in the engine between calls, which pass the same tokens
+     * and n. Its positions are taken, and logits written, at the call that reaches n_layer.
+     * It must be the batch's last entry and fit in one micro-batch with the others. */
+    int upto;
 } engine_seq_eval;
 
 /* Evaluates every entry's tokens in one pass per micro-batch (entries are packed into
@@ -68,6 +75,8 @@ typedef struct engine_seq_eval {
 int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err);
 int engine_n_seq(const engine *e);
 int engine_n_ubatch(const engine *e);
+/* Layers of a chunk already run for seq (engine_seq_eval.upto; 0: none pending). */
+int engine_seq_layers_done(const engine *e, int seq);
 int engine_seq_n_past(const engine *e, int seq);
 /* Keeps the first n_keep positions of sequence seq (n_keep <= n_past) so that a request sharing
  * that prefix evaluates only the rest. Sliding-window rings may already have overwritten keys

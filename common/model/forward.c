@@ -43,9 +43,16 @@ int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
     for (int i = 0; i < n_segs; i++)
         T += segs[i].n;
 
+    const int T_all = T, n_all = n_segs;
     for (int il = 0; il < c->n_layer; il++) {
         const layer_weights *L = &m->layers[il];
         forward_layer_ns ns;
+        /* the rows this layer runs: every segment's, or all but the last one's (its rows are
+         * the last ones, so the others stay in place) */
+        const bool tail = !s->tail_to || (il >= s->tail_from && il < s->tail_to);
+        n_segs = tail ? n_all : n_all - 1;
+        T = tail ? T_all : T_all - segs[n_all - 1].n;
+        if (!T) continue;
         uint64_t t0 = forward_now_ns();
 
         /* router on the raw residual: the experts are known before attention */

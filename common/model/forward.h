@@ -61,6 +61,10 @@ typedef struct forward_state {
     float *rlogits; /* (n_ubatch, n_expert) router logits */
     int32_t *sel;   /* (n_ubatch, n_expert_used) chosen experts */
     float *selw;    /* (n_ubatch, n_expert_used) their weights */
+    /* The last segment runs only layers [tail_from, tail_to) (a prompt chunk taken a few layers
+     * a step beside decoding sequences: its rows hold layer tail_from's input and get layer
+     * tail_to's); tail_to 0: every segment runs every layer. */
+    int tail_from, tail_to;
 } forward_state;
 
 /* A run of consecutive tokens of one sequence in a micro-batch (attention.h's attn_seg). A

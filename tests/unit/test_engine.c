@@ -430,8 +430,9 @@ static void test_engine_head_dim_over_max_refused(void **state) {
 
 /* Several sequences in one engine_eval_batch: each sequence's logits equal, bit for bit, the
  * same tokens evaluated alone (Q4_0 models, whose batched matmul equals the matvec bit for bit),
- * whether its prompt is cut into chunks or not, with decode steps of other sequences beside it;
- * and engine_seq_keep resumes a kept prefix with the bits of evaluating it whole. */
+ * whether its prompt is cut into chunks or not, with decode steps of other sequences beside it,
+ * or its chunks taken a layer a call (engine_seq_eval.upto); and engine_seq_keep resumes a kept
+ * prefix with the bits of evaluating it whole. */
 static void s_batch_invariance(const char *file) {
     model *m = th_model_open(file);
     const int V = m->cfg.n_vocab;
@@ -463,8 +464,8 @@ static void s_batch_invariance(const char *file) {
         engine_seq_eval be[2];
         int n = 0;
         int cp = NP - ip < 5 ? NP - ip : 5, cq = NQ - iq < 4 ? NQ - iq : 4;
-        if (cp) be[n++] = (engine_seq_eval){0, p + ip, cp, ip + cp == NP ? got : NULL};
-        if (cq) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL};
+        if (cp) be[n++] = (engine_seq_eval){0, p + ip, cp, ip + cp == NP ? got : NULL, 0};
+        if (cq) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, 0};
         if (engine_eval_batch(b, be, n, &err)) fail_msg("%s", err.msg);
         ip += cp, iq += cq;
     }
@@ -479,16 +480,65 @@ static void s_batch_invariance(const char *file) {
                  s_max_diff(got2, lq, V));
     /* keep p's first NP-1 positions and evaluate its last token again */
     assert_int_equal(engine_seq_keep(b, 0, NP - 1), NP - 1);
-    engine_seq_eval one = {0, p + NP - 1, 1, got};
+    engine_seq_eval one = {0, p + NP - 1, 1, got, 0};
     assert_int_equal(engine_eval_batch(b, &one, 1, &err), 0);
     if (memcmp(got, lp, sizeof(float) * V))
         fail_msg("%s: kept prefix + last token differs (max %g)", file, s_max_diff(got, lp, V));
     /* errors change nothing */
-    engine_seq_eval twice[2] = {{0, p, 1, NULL}, {0, q, 1, NULL}};
+    engine_seq_eval twice[2] = {{0, p, 1, NULL, 0}, {0, q, 1, NULL, 0}};
     assert_int_equal(engine_eval_batch(b, twice, 2, &err), STP_EINVAL);
-    engine_seq_eval bad = {3, p, 1, NULL};
+    engine_seq_eval bad = {3, p, 1, NULL, 0};
     assert_int_equal(engine_eval_batch(b, &bad, 1, &err), STP_EINVAL);
     assert_int_equal(engine_seq_n_past(b, 0), NP);
+
+    /* q in chunks of 4, each taken a layer a call (engine_seq_eval.upto), beside p a token a
+     * call: the same bits as each alone */
+    const int NL = m->cfg.n_layer;
+    for (int i = 0; i < 3; i++)
+        engine_seq_keep(b, i, 0);
+    memset(got, 0, sizeof(float) * V), memset(got2, 0, sizeof(float) * V);
+    int calls = 0;
+    for (ip = 0, iq = 0; ip < NP || iq < NQ; calls++) {
+        engine_seq_eval be[2];
+        int n = 0, cq = NQ - iq < 4 ? NQ - iq : 4;
+        const int layer = engine_seq_layers_done(b, 2) + 1;
+        if (ip < NP) be[n++] = (engine_seq_eval){0, p + ip, 1, ip + 1 == NP ? got : NULL, 0};
+        const bool on_q = iq < NQ;
+        if (on_q) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, layer};
+        if (engine_eval_batch(b, be, n, &err)) fail_msg("%s", err.msg);
+        ip += ip < NP;
+        if (!on_q) continue;
+        assert_int_equal(engine_seq_n_past(b, 2), iq + (layer == NL ? cq : 0));
+        assert_int_equal(engine_seq_layers_done(b, 2), layer == NL ? 0 : layer);
+        iq += layer == NL ? cq : 0;
+    }
+    assert_int_equal(calls, ((NQ + 3) / 4) * NL > NP ? ((NQ + 3) / 4) * NL : NP);
+    if (memcmp(got, lp2, sizeof(float) * V))
+        fail_msg("%s: p beside q's layer slices differs from p alone (max %g)", file,
+                 s_max_diff(got, lp2, V));
+    if (memcmp(got2, lq, sizeof(float) * V))
+        fail_msg("%s: q in layer slices differs from q alone (max %g)", file,
+                 s_max_diff(got2, lq, V));
+    /* a slice not last, a plain entry while a chunk is part way, layers out of range: refused,
+     * nothing changed; engine_seq_keep drops the part-way chunk */
+    engine_seq_keep(b, 2, 0);
+    engine_seq_eval first = {2, q, 4, NULL, 1};
+    assert_int_equal(engine_eval_batch(b, &first, 1, &err), 0);
+    assert_int_equal(engine_seq_layers_done(b, 2), 1);
+    engine_seq_eval not_last[2] = {{2, q, 4, NULL, 2}, {0, p, 1, NULL, 0}};
+    assert_int_equal(engine_eval_batch(b, not_last, 2, &err), STP_EINVAL);
+    engine_seq_eval plain = {2, q, 4, NULL, 0}, back = {2, q, 4, NULL, 1},
+                    over = {2, q, 4, NULL, NL + 1};
+    assert_int_equal(engine_eval_batch(b, &plain, 1, &err), STP_EINVAL);
+    assert_int_equal(engine_eval_batch(b, &back, 1, &err), STP_EINVAL);
+    assert_int_equal(engine_eval_batch(b, &over, 1, &err), STP_EINVAL);
+    assert_int_equal(engine_seq_layers_done(b, 2), 1);
+    assert_int_equal(engine_seq_n_past(b, 2), 0);
+    assert_int_equal(engine_seq_keep(b, 2, 0), 0);
+    assert_int_equal(engine_seq_layers_done(b, 2), 0);
+    assert_int_equal(engine_eval_batch(b, &plain, 1, &err), 0);
+    assert_int_equal(engine_seq_n_past(b, 2), 4);
+
     free(lp), free(lp2), free(lq), free(got), free(got2);
     engine_destroy(&a);
     engine_destroy(&b);

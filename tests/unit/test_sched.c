@@ -2,7 +2,8 @@
  * backend and a tiny Q4_0 model.
  * - Same answer under load: greedy and seeded sampled requests give the same ids alone and
  *   batched with others, submitted together or joining while others decode, with a prompt
- *   chunk smaller than the prompts (so prompts are read over several steps beside decoding).
+ *   chunk smaller than the prompts (so prompts are read over several steps beside decoding),
+ *   each chunk beside decoding requests taken whole, a layer a step, or in the default slices.
  * - Prefix reuse: a follow-up prompt that extends the previous prompt and answer evaluates only
  *   the new tokens (n_cached) and answers as a fresh slot does; the least recently used idle
  *   slot is the one taken over.
@@ -142,31 +143,47 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
     sched_destroy(&s);
     /* batched: fewer steps than the requests one after another */
     assert_true(steps < N_REQ * N_GEN);
-    /* staggered: request i joins after i * 3 steps, while the others decode */
-    outcome late[N_REQ] = {0};
-    assert_int_equal(sched_new(&s, b, &sp, &err), 0);
-    for (int k = 0, next = 0; next < N_REQ || sched_busy(s); k++) {
-        if (next < N_REQ && k == next * 3) {
-            s_submit(s, p[next], n[next], &g[next], &late[next], NULL);
-            next++;
+    /* staggered: request i joins after i * 3 steps, while the others decode; its prompt chunks
+     * go through every layer in their step, one layer a step, or the default slice */
+    const int layers[3] = {-1, 1, 0};
+    unsigned long long slices[3] = {0};
+    for (int v = 0; v < 3; v++) {
+        outcome late[N_REQ] = {0};
+        sched_params spl = sp;
+        spl.prefill_layers = layers[v];
+        assert_int_equal(sched_new(&s, b, &spl, &err), 0);
+        for (int k = 0, next = 0; next < N_REQ || sched_busy(s); k++) {
+            if (next < N_REQ && k == next * 3) {
+                s_submit(s, p[next], n[next], &g[next], &late[next], NULL);
+                next++;
+            }
+            sched_step(s);
         }
-        sched_step(s);
+        slices[v] = sched_get_stats(s)->prefill_slices;
+        sched_destroy(&s);
+        for (int i = 0; i < N_REQ; i++) {
+            assert_true(late[i].done);
+            assert_int_equal(late[i].rc, 0);
+            assert_int_equal(late[i].res.n_gen, N_GEN);
+            if (memcmp(alone[i].res.ids, late[i].res.ids, sizeof(int32_t) * N_GEN))
+                fail_msg("request %d: ids joining late (prefill layers %d) differ from alone", i,
+                         layers[v]);
+            gen_result_fini(&late[i].res);
+        }
     }
-    sched_destroy(&s);
+    /* chunks beside decoding requests went part way through the layers in some steps (the
+     * default slice is a layer for this 6-layer model), never when taken whole */
+    assert_int_equal(slices[0], 0);
+    assert_true(slices[1] >= 5 && slices[2] == slices[1]);
     for (int i = 0; i < N_REQ; i++) {
-        assert_true(both[i].done && late[i].done);
+        assert_true(both[i].done);
         assert_int_equal(both[i].rc, 0);
-        assert_int_equal(late[i].rc, 0);
         assert_int_equal(both[i].res.n_gen, N_GEN);
-        assert_int_equal(late[i].res.n_gen, N_GEN);
         if (memcmp(alone[i].res.ids, both[i].res.ids, sizeof(int32_t) * N_GEN))
             fail_msg("request %d: ids batched differ from alone", i);
-        if (memcmp(alone[i].res.ids, late[i].res.ids, sizeof(int32_t) * N_GEN))
-            fail_msg("request %d: ids joining late differ from alone", i);
         assert_string_equal(alone[i].res.text, both[i].res.text);
         gen_result_fini(&alone[i].res);
         gen_result_fini(&both[i].res);
-        gen_result_fini(&late[i].res);
     }
     backend_destroy(&b);
 }
