@@ -45,11 +45,7 @@ struct engine {
     engine_stats stats;
     lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
     const float *last_x; /* the last evaluated token's final hidden state */
-    /* a prompt chunk run a few layers a step (engine_seq_eval.upto), per sequence: layers done
-     * (0: none pending) and its rows' hidden states after them (grown on first use) */
-    int *part_done;
-    float **part_x;
-    int *part_cap; /* rows part_x[seq] holds */
+    forward_part *part;  /* [n_seq] a prompt chunk part way through the layers */
 };
 
 int engine_new(engine **out, const model *m, const engine_params *p, stp_err *err) {
@@ -75,10 +71,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     e->kv = calloc((size_t)e->n_seq, sizeof *e->kv);
     e->n_past = calloc((size_t)e->n_seq, sizeof *e->n_past);
     e->segs = calloc((size_t)n_ubatch, sizeof *e->segs);
-    e->part_done = calloc((size_t)e->n_seq, sizeof *e->part_done);
-    e->part_x = calloc((size_t)e->n_seq, sizeof *e->part_x);
-    e->part_cap = calloc((size_t)e->n_seq, sizeof *e->part_cap);
-    if (!e->kv || !e->n_past || !e->segs || !e->part_done || !e->part_x || !e->part_cap) {
+    e->part = calloc((size_t)e->n_seq, sizeof *e->part);
+    if (!e->kv || !e->n_past || !e->segs || !e->part) {
         rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
         goto fail;
     }
@@ -138,11 +132,9 @@ void engine_destroy(engine **self_p) {
     free(e->kv);
     free(e->n_past);
     free(e->segs);
-    for (int i = 0; e->part_x && i < e->n_seq; i++)
-        free(e->part_x[i]);
-    free(e->part_x);
-    free(e->part_done);
-    free(e->part_cap);
+    for (int i = 0; e->part && i < e->n_seq; i++)
+        forward_part_free(&e->part[i]);
+    free(e->part);
     attn_scratch_destroy(&e->as);
     moe_scratch_destroy(&e->ms);
     free(e->x);
@@ -192,8 +184,8 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         if (n > T - row) n = T - row;
         e->segs[n_segs++] = (forward_seg){e->kv[b[i].seq], e->n_past[b[i].seq], n};
         uint64_t t0 = forward_now_ns();
-        if (b[i].upto && e->part_done[b[i].seq]) /* a chunk's next layers: where it stopped */
-            memcpy(e->x + (size_t)row * E, e->part_x[b[i].seq], sizeof(float) * (size_t)n * E);
+        if (b[i].upto && e->part[b[i].seq].done) /* a chunk's next layers: where it stopped */
+            memcpy(e->x + (size_t)row * E, e->part[b[i].seq].x, sizeof(float) * (size_t)n * E);
         else
             for (int t = 0; t < n; t++)
                 ops_embed(&e->cc, &m->tok_embd, b[i].tokens[lo + t], e->x + (size_t)(row + t) * E);
@@ -204,17 +196,15 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     /* a chunk taken a few layers a step is the last entry (s_check) */
     const engine_seq_eval *tail = b[n_segs - 1].upto ? &b[n_segs - 1] : NULL;
     forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw, 0, 0};
-    if (tail) fs.tail_from = e->part_done[tail->seq], fs.tail_to = tail->upto;
+    if (tail) fs.tail_from = e->part[tail->seq].done, fs.tail_to = tail->upto;
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
     e->last_x = e->x + (size_t)(T - 1) * E;
-    if (tail && tail->upto < c->n_layer) { /* not through yet: its rows wait for the next call */
+    if (tail) { /* not through yet: its rows wait for the next call, no position, no logits */
         const int n = e->segs[n_segs - 1].n;
-        memcpy(e->part_x[tail->seq], e->x + (size_t)(T - n) * E, sizeof(float) * (size_t)n * E);
-        e->part_done[tail->seq] = tail->upto;
-        n_segs--; /* no position taken, no logits */
-    } else if (tail) {
-        e->part_done[tail->seq] = 0;
+        if (!forward_part_end(&e->part[tail->seq], e->x + (size_t)(T - n) * E, n, E, tail->upto,
+                              c->n_layer))
+            n_segs--;
     }
 
     /* logits: the rows that want them in one product (the sparse head: one at a time) */
@@ -241,6 +231,13 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     st->tokens += (uint64_t)T;
 }
 
+static int s_total(const engine_seq_eval *b, int n_b) {
+    int t = 0;
+    for (int i = 0; i < n_b; i++)
+        t += b[i].n;
+    return t;
+}
+
 /* Checks a batch without changing anything (see engine_eval_batch). */
 static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {
     const model_config *c = &e->m->cfg;
@@ -254,28 +251,9 @@ static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *
             if (b[j].seq == q->seq)
                 return stp_err_set(err, STP_EINVAL, "sequence %d appears twice in a batch", q->seq);
         if (q->n <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (0 tokens)");
-        if (!q->upto && e->part_done[q->seq])
-            return stp_err_set(err, STP_EINVAL,
-                               "sequence %d has a prompt chunk half evaluated (upto required)",
-                               q->seq);
-        if (q->upto) {
-            int total = 0;
-            for (int j = 0; j < n_b; j++)
-                total += b[j].n;
-            if (i != n_b - 1 || total > e->n_ubatch)
-                return stp_err_set(err, STP_EINVAL,
-                                   "a chunk taken a few layers a step must be the last entry and "
-                                   "fit in one micro-batch (%d tokens in all, at most %d)",
-                                   total, e->n_ubatch);
-            if (q->upto <= e->part_done[q->seq] || q->upto > c->n_layer)
-                return stp_err_set(err, STP_EINVAL,
-                                   "sequence %d: layers up to %d asked, %d done, %d in all", q->seq,
-                                   q->upto, e->part_done[q->seq], c->n_layer);
-            if (e->part_done[q->seq] && q->n > e->part_cap[q->seq])
-                return stp_err_set(err, STP_EINVAL,
-                                   "sequence %d: the chunk's tokens changed between its calls",
-                                   q->seq);
-        }
+        const char *why = forward_part_check(&e->part[q->seq], q->upto, q->n, c->n_layer, i, n_b,
+                                             s_total(b, n_b), e->n_ubatch);
+        if (why) return stp_err_set(err, STP_EINVAL, "sequence %d: %s", q->seq, why);
         if (q->n > e->n_ctx - e->n_past[q->seq])
             return stp_err_set(err, STP_ERANGE,
                                "%d tokens do not fit in the context: %d of %d positions are used "
@@ -303,13 +281,10 @@ static void s_run(engine *e, const engine_seq_eval *b, int n_b, bool all_logits)
 int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {
     int rc = s_check(e, b, n_b, err);
     if (rc) return rc;
-    const engine_seq_eval *q = &b[n_b - 1];
-    if (q->upto && q->upto < e->m->cfg.n_layer && q->n > e->part_cap[q->seq]) {
-        float *x = realloc(e->part_x[q->seq], sizeof(float) * (size_t)q->n * e->m->cfg.n_embd);
-        if (!x) return stp_err_set(err, STP_ENOMEM, "engine: out of memory");
-        e->part_x[q->seq] = x;
-        e->part_cap[q->seq] = q->n;
-    }
+    const model_config *c = &e->m->cfg;
+    for (int i = 0, from; i < n_b; i++)
+        if (forward_part_begin(&e->part[b[i].seq], b[i].upto, b[i].n, c->n_layer, c->n_embd, &from))
+            return stp_err_set(err, STP_ENOMEM, "engine: out of memory");
     s_run(e, b, n_b, false);
     return 0;
 }
@@ -340,12 +315,12 @@ int engine_seq_n_past(const engine *e, int seq) {
     return seq >= 0 && seq < e->n_seq ? e->n_past[seq] : 0;
 }
 int engine_seq_layers_done(const engine *e, int seq) {
-    return seq >= 0 && seq < e->n_seq ? e->part_done[seq] : 0;
+    return seq >= 0 && seq < e->n_seq ? e->part[seq].done : 0;
 }
 
 int engine_seq_keep(engine *e, int seq, int n_keep) {
     if (seq < 0 || seq >= e->n_seq) return 0;
-    e->part_done[seq] = 0; /* a chunk half evaluated is dropped (its keys past n_past) */
+    forward_part_drop(&e->part[seq]); /* a chunk part way is dropped (its keys past n_past) */
     e->n_past[seq] = kv_cache_keep_max(e->kv[seq], e->n_past[seq], n_keep);
     kv_cache_release(e->kv[seq], e->n_past[seq]);
     return e->n_past[seq];

@@ -62,8 +62,9 @@ typedef struct engine_seq_eval {
      * sequences decoding beside it are not held for the whole chunk): it runs from where the
      * last call for seq stopped (layer 0 the first time) to layer `upto` (exclusive, at most
      * n_layer); its hidden states wait in the engine between calls, which pass the same tokens
-     * and n. Its positions are taken, and logits written, at the call that reaches n_layer.
-     * It must be the batch's last entry and fit in one micro-batch with the others. */
+     * and n (forward_part). Its positions are taken, and logits written, at the call that
+     * reaches n_layer. It must be the batch's last entry and fit in one micro-batch with the
+     * others. A plain entry for seq, or engine_seq_keep, drops a chunk part way. */
     int upto;
 } engine_seq_eval;
 

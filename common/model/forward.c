@@ -159,3 +159,47 @@ void forward_heads_run(const compute_ctx *cc, const model *m, forward_heads_buf 
     }
     b->n = 0;
 }
+
+const char *forward_part_check(const forward_part *p, int upto, int n, int n_layer, int index,
+                               int n_entries, int total, int n_ubatch) {
+    if (!upto) return NULL;
+    if (upto < 0 || upto > n_layer) return "layers asked outside 1..n_layer";
+    if (index != n_entries - 1 || total > n_ubatch)
+        return "a chunk taken a few layers a step must be the last entry and the batch one "
+               "micro-batch";
+    if (p->done && p->n == n && upto <= p->done) return "layers asked that are done already";
+    return NULL;
+}
+
+int forward_part_begin(forward_part *p, int upto, int n, int n_layer, int n_embd, int *from) {
+    if (!upto || (p->done && p->n != n)) p->done = 0; /* replaced */
+    *from = upto ? p->done : 0;
+    if (upto && upto < n_layer && n > p->cap) {
+        float *x = realloc(p->x, sizeof(float) * (size_t)n * n_embd);
+        if (!x) return STP_ENOMEM;
+        p->x = x;
+        p->cap = n;
+    }
+    return 0;
+}
+
+bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto,
+                      int n_layer) {
+    if (!upto || upto >= n_layer) {
+        p->done = 0;
+        return true;
+    }
+    memcpy(p->x, rows, sizeof(float) * (size_t)n * n_embd);
+    p->done = upto;
+    p->n = n;
+    return false;
+}
+
+void forward_part_drop(forward_part *p) {
+    p->done = 0;
+}
+
+void forward_part_free(forward_part *p) {
+    free(p->x);
+    memset(p, 0, sizeof *p);
+}
