@@ -77,14 +77,15 @@ struct attn_worker {
     model *m;
     threadpool *tp;
     compute_ctx cc;
-    int n_seq;         /* sequence slots (--parallel) */
-    kv_cache **kv;     /* (n_seq) each slot's caches */
-    int *n_past;       /* (n_seq) positions each slot holds */
-    int *wend;         /* (n_seq) during an eval: 1 + the highest position written (0: none) */
-    forward_seg *segs; /* (n_ubatch) one micro-batch's segments */
-    int *old_past;     /* (n_seq) during an eval: each entry's n_past before it */
-    int32_t *r_past;   /* (n_seq) the reply's n_past per entry */
-    uint64_t *r_off;   /* (n_seq) the reply's logits offset per entry */
+    int n_seq;          /* sequence slots (--parallel) */
+    kv_cache **kv;      /* (n_seq) each slot's caches */
+    int *n_past;        /* (n_seq) positions each slot holds */
+    int *wend;          /* (n_seq) during an eval: 1 + the highest position written (0: none) */
+    forward_seg *segs;  /* (n_ubatch) one micro-batch's segments */
+    int *old_past;      /* (n_seq) during an eval: each entry's n_past before it */
+    forward_part *part; /* (n_seq) a prompt chunk part way through the layers (EvalSeq.upto) */
+    int32_t *r_past;    /* (n_seq) the reply's n_past per entry */
+    uint64_t *r_off;    /* (n_seq) the reply's logits offset per entry */
     attn_scratch *as;
     int n_ctx, n_ubatch, n_workers;
     bool decode;  /* the micro-batch being run is one token per sequence */
@@ -169,9 +170,11 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->wend = calloc((size_t)a->n_seq, sizeof *a->wend);
     a->segs = calloc((size_t)a->n_ubatch, sizeof *a->segs);
     a->old_past = calloc((size_t)a->n_seq, sizeof *a->old_past);
+    a->part = calloc((size_t)a->n_seq, sizeof *a->part);
     a->r_past = calloc((size_t)a->n_seq, sizeof *a->r_past);
     a->r_off = calloc((size_t)a->n_seq, sizeof *a->r_off);
-    if (!a->kv || !a->n_past || !a->wend || !a->segs || !a->old_past || !a->r_past || !a->r_off) {
+    if (!a->kv || !a->n_past || !a->wend || !a->segs || !a->old_past || !a->part || !a->r_past ||
+        !a->r_off) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -268,6 +271,9 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->wend);
     free(a->segs);
     free(a->old_past);
+    for (int i = 0; a->part && i < a->n_seq; i++)
+        forward_part_free(&a->part[i]);
+    free(a->part);
     free(a->r_past);
     free(a->r_off);
     attn_scratch_destroy(&a->as);
@@ -948,18 +954,30 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         if (n > T - row) n = T - row;
         a->segs[k] = (forward_seg){a->kv[slot], a->n_past[slot], n};
         a->decode &= n == 1 && e->n_tokens == 1;
-        for (int t = 0; t < n; t++) {
-            int rc = s_embed(a, e->tokens[lo + t], a->x + (size_t)(row + t) * E, err);
-            if (rc) return rc;
-        }
+        if (e->upto && a->part[slot].done) /* a chunk's next layers: its rows where it stopped */
+            memcpy(a->x + (size_t)row * E, a->part[slot].x, sizeof(float) * (size_t)n * E);
+        else
+            for (int t = 0; t < n; t++) {
+                int rc = s_embed(a, e->tokens[lo + t], a->x + (size_t)(row + t) * E, err);
+                if (rc) return rc;
+            }
         a->wend[slot] = a->n_past[slot] + n; /* the caches change from here on */
         row += n;
     }
-    const forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
-                              a->rlogits, a->sel, a->selw_shm, 0,    0};
+    /* a chunk taken a few layers a request is the last entry (s_check) */
+    const Stp__EvalSeq *tail = q->seqs[i0 + n_e - 1]->upto ? q->seqs[i0 + n_e - 1] : NULL;
+    forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
+                        a->rlogits, a->sel, a->selw_shm, 0,    0};
+    if (tail) fs.tail_from = a->part[tail->slot].done, fs.tail_to = (int)tail->upto;
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
     int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;
+    if (tail) { /* not through yet: its rows wait for the next request, no position, no logits */
+        const int n = a->segs[n_e - 1].n;
+        if (!forward_part_end(&a->part[tail->slot], a->x + (size_t)(T - n) * E, n, E,
+                              (int)tail->upto, c->n_layer))
+            n_e--;
+    }
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
     double tl = msg_now_us();
     row = 0;
@@ -1040,8 +1058,9 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
         snprintf(buf, cap, "eval of no sequence");
         return STP_EINVAL;
     }
-    if (q->all_logits && q->n_seqs != 1) {
-        snprintf(buf, cap, "all_logits with %zu sequences (one only)", q->n_seqs);
+    if (q->all_logits && (q->n_seqs != 1 || q->seqs[0]->upto)) {
+        snprintf(buf, cap, "all_logits with %zu sequences or a chunk part way (one whole only)",
+                 q->n_seqs);
         return STP_EINVAL;
     }
     bool releasing = !q->all_logits; /* every entry without tokens: a release (s_release) */
@@ -1086,6 +1105,18 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
                      e->slot, n, e->pos0, a->n_ctx);
             return STP_ERANGE;
         }
+        size_t total = 0;
+        for (size_t j = 0; j < q->n_seqs; j++)
+            total += q->seqs[j]->n_tokens;
+        const char *why = forward_part_check(
+            (int)(e->from < INT32_MAX ? e->from : INT32_MAX),
+            (int)(e->upto < INT32_MAX ? e->upto : INT32_MAX), c->n_layer, (int)i, (int)q->n_seqs,
+            (int)(total < INT32_MAX ? total : INT32_MAX), a->n_ubatch);
+        if (why) {
+            *kind = "eval_seq";
+            snprintf(buf, cap, "slot %u: %s", e->slot, why);
+            return STP_EINVAL;
+        }
         *kind = "eval_token";
         for (int t = 0; t < n; t++)
             if (e->tokens[t] < 0 || e->tokens[t] >= c->n_vocab) {
@@ -1105,6 +1136,7 @@ static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
         const int s = (int)e->slot;
+        forward_part_drop(&a->part[s]); /* its rows may be half way through a layer */
         if (!a->wend[s] ||
             (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->wend[s], old[i]) == old[i])) {
             a->n_past[s] = old[i];
@@ -1126,6 +1158,7 @@ static void s_release(attn_worker *a, const msg_in *in, const Stp__EvalRequest *
             a->n_past[e->slot] = e->pos0;
             kv_cache_release(a->kv[e->slot], e->pos0);
         }
+        forward_part_drop(&a->part[e->slot]);
         past[i] = a->n_past[e->slot];
         off[i] = 0;
     }
@@ -1156,6 +1189,13 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     const int nb = (int)q->n_seqs, V = c->n_vocab;
     int n = 0, *old = a->old_past; /* entries are distinct slots: at most n_seq */
     bool decode = true;
+    for (int i = 0; i < nb; i++) {
+        const Stp__EvalSeq *e = q->seqs[i];
+        if (e->pos0 != a->n_past[e->slot]) forward_part_drop(&a->part[e->slot]); /* moved */
+        if (forward_part_begin(&a->part[e->slot], (int)e->from, (int)e->upto, (int)e->n_tokens,
+                               c->n_layer, c->n_embd))
+            return s_error(a, in, NULL, q->seq, STP_ENOMEM, "out of memory for a prompt chunk");
+    }
     for (int i = 0; i < nb; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
         n += (int)e->n_tokens;

@@ -151,7 +151,8 @@ static int s_eval_seqs(engine *e, int P, const int32_t *toks, int stride, int of
                        float *logits, int V, stp_err *err) {
     engine_seq_eval b[64];
     for (int i = 0; i < P; i++)
-        b[i] = (engine_seq_eval){i, toks + (size_t)i * stride + off, n, logits + (size_t)i * V, 0};
+        b[i] =
+            (engine_seq_eval){i, toks + (size_t)i * stride + off, n, logits + (size_t)i * V, 0, 0};
     return engine_eval_batch(e, b, P, err);
 }
 

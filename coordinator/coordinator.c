@@ -473,6 +473,7 @@ static void s_dispatch(coordinator *c) {
     }
     stats_set(c->st, "queue.depth", (uint64_t)sched_n_waiting(c->s));
     stats_set(c->st, "requests.running", (uint64_t)sched_n_running(c->s));
+    stats_set(c->st, "sched.prefill_slices", sched_get_stats(c->s)->prefill_slices);
 }
 
 static creq *s_find(coordinator *c, const uint8_t *id, size_t id_len, uint64_t rid) {
@@ -611,7 +612,11 @@ int coordinator_run(coordinator *c, stp_err *err) {
                               .wait_ud = c,
                               .wait_sock = c->client};
     int rc = pipe_backend_new(&c->b, &bp, err);
-    if (!rc) rc = sched_new(&c->s, c->b, &(sched_params){.kv_positions = c->o.kv_pool}, err);
+    if (!rc)
+        rc = sched_new(
+            &c->s, c->b,
+            &(sched_params){.kv_positions = c->o.kv_pool, .prefill_layers = c->o.prefill_layers},
+            err);
     if (rc) return stage_stopping() ? 0 : rc;
     stp_err e2 = {0};
     if (stage_ready(c->o.run_dir, "coordinator", &e2)) stage_log(STAGE, "%s", e2.msg);

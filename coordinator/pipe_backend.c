@@ -223,6 +223,8 @@ typedef struct pipe_entry {
     int slot, pos0, n;
     const int32_t *tokens;
     bool want;
+    int upto, from; /* backend_seq_eval's */
+    bool through;   /* the entry's tokens go through every layer: its positions are taken */
 } pipe_entry;
 
 static int s_send(pipe_backend *p, const pipe_entry *e, int n, bool all, uint64_t *seq_out) {
@@ -237,6 +239,8 @@ static int s_send(pipe_backend *p, const pipe_entry *e, int n, bool all, uint64_
             qs[i].n_tokens = (size_t)e[i].n;
             qs[i].tokens = (int32_t *)e[i].tokens;
             qs[i].want_logits = e[i].want;
+            qs[i].upto = (uint32_t)e[i].upto;
+            qs[i].from = (uint32_t)e[i].from;
             qp[i] = &qs[i];
         }
         Stp__EvalRequest q;
@@ -333,7 +337,7 @@ static int s_replay(pipe_backend *p, int *rebuilds, int *peer_retries, stp_err *
         int n = 0, tokens = 0;
         for (int s = 0; s < p->n_seq; s++)
             if (p->slots[s].n_past > 0) {
-                e[n++] = (pipe_entry){s, 0, p->slots[s].n_past, p->slots[s].ids, false};
+                e[n++] = (pipe_entry){s, 0, p->slots[s].n_past, p->slots[s].ids, false, 0, 0, true};
                 tokens += p->slots[s].n_past;
             }
         stats_add(p->p.st, "attn.rebuilds", 1);
@@ -369,7 +373,7 @@ static void s_release(pipe_backend *p, const backend_seq_eval *q, int n_q) {
         for (int i = 0; i < n_q; i++)
             in_q = in_q || q[i].seq == s;
         p->slots[s].release = false;
-        if (!in_q) e[n++] = (pipe_entry){s, p->slots[s].n_past, 0, NULL, false};
+        if (!in_q) e[n++] = (pipe_entry){s, p->slots[s].n_past, 0, NULL, false, 0, 0, true};
     }
     if (!n || p->lost) return;
     int peer_retries = MAX_PEER_RETRIES; /* no retry: it is only memory */
@@ -408,7 +412,9 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
     Stp__EvalMsg *m = NULL;
     for (int i = 0; i < n_q; i++) {
         const pipe_slot *s = &p->slots[q[i].seq];
-        e[i] = (pipe_entry){q[i].seq, s->n_past, q[i].n, q[i].tokens, q[i].logits != NULL};
+        const bool through = !q[i].upto || q[i].upto >= p->m->cfg.n_layer;
+        e[i] = (pipe_entry){q[i].seq,  s->n_past, q[i].n, q[i].tokens, q[i].logits != NULL,
+                            q[i].upto, q[i].from, through};
         total += q[i].n;
     }
     while (rc == WAIT_LOST) {
@@ -425,11 +431,11 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
         if (r->n_vocab != p->V || r->n_n_past != (size_t)n_q || r->n_logits_offset != (size_t)n_q)
             rc = stp_err_set(err, STP_EPROTO, "the attention worker's reply does not match");
         for (int i = 0; !rc && i < n_q; i++)
-            if (r->n_past[i] != e[i].pos0 + e[i].n)
+            if (r->n_past[i] != e[i].pos0 + (e[i].through ? e[i].n : 0))
                 rc = stp_err_set(err, STP_EPROTO,
                                  "the attention worker's reply does not match (slot %d at %d, "
                                  "expected %d)",
-                                 e[i].slot, r->n_past[i], e[i].pos0 + e[i].n);
+                                 e[i].slot, r->n_past[i], e[i].pos0 + (e[i].through ? e[i].n : 0));
         if (!rc && all && r->logits.len != (size_t)total * p->V * sizeof(float))
             rc = stp_err_set(err, STP_EPROTO, "prompt logits missing");
         bool any = false;
@@ -437,7 +443,7 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
             any = any || q[i].logits;
         if (!rc && any) rc = s_act(p, r->act_epoch, err);
         for (int i = 0; !rc && i < n_q; i++) {
-            if (!q[i].logits) continue;
+            if (!q[i].logits || !e[i].through) continue;
             uint64_t off = r->logits_offset[i];
             if (off < sizeof(act_header) || off + (uint64_t)p->V * sizeof(float) > p->act.size) {
                 rc = stp_err_set(err, STP_EPROTO, "logits offset outside the activation region");
@@ -449,6 +455,7 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
         if (!rc) {
             for (int i = 0; i < n_q; i++) {
                 pipe_slot *s = &p->slots[q[i].seq];
+                if (!e[i].through) continue; /* a chunk part way: the worker holds its rows */
                 memcpy(s->ids + s->n_past, q[i].tokens, sizeof(int32_t) * (size_t)q[i].n);
                 s->n_past += q[i].n;
             }
@@ -479,7 +486,7 @@ static int s_eval(backend *b, const backend_seq_eval *q, int n_q, stp_err *err) 
 
 int pipe_backend_eval_all(backend *b, int seq, const int32_t *tokens, int n, float *all,
                           stp_err *err) {
-    const backend_seq_eval q = {seq, tokens, n, NULL, 0};
+    const backend_seq_eval q = {seq, tokens, n, NULL, 0, 0};
     return s_eval_any((pipe_backend *)b, &q, 1, all, err);
 }
 
@@ -527,10 +534,14 @@ static void s_destroy(backend *b) {
     free(p);
 }
 
-/* n_layer NULL: a chunk goes through every layer in its step (the attention worker does not
- * keep a chunk's hidden states between requests) */
+/* A chunk can go through the layers over several requests: the attention worker keeps its
+ * rows (forward_part) between them, and starts it again from layer 0 when it lost them. */
+static int s_n_layer(const backend *b) {
+    return ((const pipe_backend *)b)->m->cfg.n_layer;
+}
+
 static const backend_ops s_ops = {s_eval,    s_seq_keep, s_seq_n_past, s_n_seq,   s_n_batch,
-                                  s_n_vocab, s_n_ctx,    s_stats,      s_destroy, NULL};
+                                  s_n_vocab, s_n_ctx,    s_stats,      s_destroy, s_n_layer};
 
 /* Pings until the worker's first Pong: its pid and shape. */
 static int s_handshake(pipe_backend *p, int *n_seq, int *n_ctx, int *n_ubatch, stp_err *err) {

@@ -69,7 +69,7 @@ static inline int backend_eval_batch(backend *b, const backend_seq_eval *q, int 
     return b->ops->eval(b, q, n_q, err);
 }
 static inline int backend_eval(backend *b, const int32_t *t, int n, float *logits, stp_err *err) {
-    const backend_seq_eval q = {0, t, n, logits, 0};
+    const backend_seq_eval q = {0, t, n, logits, 0, 0};
     return b->ops->eval(b, &q, 1, err);
 }
 static inline void backend_reset(backend *b) {

@@ -368,7 +368,7 @@ int sched_step(sched *s) {
     for (int i = 0; i < s->n_run; i++) {
         s_req *rq = s->run[i];
         if (rq->st != R_DECODE || budget < 1) continue;
-        s->q[n_q] = (backend_seq_eval){rq->slot, &rq->next, 1, rq->logits, 0};
+        s->q[n_q] = (backend_seq_eval){rq->slot, &rq->next, 1, rq->logits, 0, 0};
         s->q_req[n_q++] = rq;
         budget--;
         n_decoding++;
@@ -397,8 +397,9 @@ int sched_step(sched *s) {
             if (n_decoding && s->span) upto = s->span; /* its first layers */
         }
         bool last = rq->pos + take == n;
-        s->q[n_q] = (backend_seq_eval){rq->slot, rq->prompt + rq->pos, take,
-                                       last ? rq->logits : NULL, upto};
+        s->q[n_q] =
+            (backend_seq_eval){rq->slot, rq->prompt + rq->pos,    take, last ? rq->logits : NULL,
+                               upto,     upto ? rq->part_done : 0};
         s->q_req[n_q++] = rq;
         budget -= take;
         prefill_max -= take;

@@ -251,8 +251,8 @@ static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *
             if (b[j].seq == q->seq)
                 return stp_err_set(err, STP_EINVAL, "sequence %d appears twice in a batch", q->seq);
         if (q->n <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (0 tokens)");
-        const char *why = forward_part_check(&e->part[q->seq], q->upto, q->n, c->n_layer, i, n_b,
-                                             s_total(b, n_b), e->n_ubatch);
+        const char *why =
+            forward_part_check(q->from, q->upto, c->n_layer, i, n_b, s_total(b, n_b), e->n_ubatch);
         if (why) return stp_err_set(err, STP_EINVAL, "sequence %d: %s", q->seq, why);
         if (q->n > e->n_ctx - e->n_past[q->seq])
             return stp_err_set(err, STP_ERANGE,
@@ -282,8 +282,9 @@ int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err
     int rc = s_check(e, b, n_b, err);
     if (rc) return rc;
     const model_config *c = &e->m->cfg;
-    for (int i = 0, from; i < n_b; i++)
-        if (forward_part_begin(&e->part[b[i].seq], b[i].upto, b[i].n, c->n_layer, c->n_embd, &from))
+    for (int i = 0; i < n_b; i++)
+        if (forward_part_begin(&e->part[b[i].seq], b[i].from, b[i].upto, b[i].n, c->n_layer,
+                               c->n_embd))
             return stp_err_set(err, STP_ENOMEM, "engine: out of memory");
     s_run(e, b, n_b, false);
     return 0;
@@ -291,7 +292,7 @@ int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err
 
 int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all_logits,
                 stp_err *err) {
-    const engine_seq_eval q = {0, tokens, n, logits, 0};
+    const engine_seq_eval q = {0, tokens, n, logits, 0, 0};
     int rc = s_check(e, &q, 1, err);
     if (rc) return rc;
     s_run(e, &q, 1, all_logits);

@@ -66,6 +66,8 @@ typedef struct engine_seq_eval {
      * reaches n_layer. It must be the batch's last entry and fit in one micro-batch with the
      * others. A plain entry for seq, or engine_seq_keep, drops a chunk part way. */
     int upto;
+    int from; /* with upto: the layers the caller saw done (0 the first time); when the engine
+               * holds something else for seq, the chunk starts again at layer 0 */
 } engine_seq_eval;
 
 /* Evaluates every entry's tokens in one pass per micro-batch (entries are packed into

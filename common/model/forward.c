@@ -160,20 +160,19 @@ void forward_heads_run(const compute_ctx *cc, const model *m, forward_heads_buf 
     b->n = 0;
 }
 
-const char *forward_part_check(const forward_part *p, int upto, int n, int n_layer, int index,
-                               int n_entries, int total, int n_ubatch) {
-    if (!upto) return NULL;
-    if (upto < 0 || upto > n_layer) return "layers asked outside 1..n_layer";
+const char *forward_part_check(int from, int upto, int n_layer, int index, int n_entries, int total,
+                               int n_ubatch) {
+    if (!upto) return from ? "layers from asked without upto" : NULL;
+    if (upto < 0 || upto > n_layer || from < 0 || from >= upto)
+        return "layers asked outside 0 <= from < upto <= n_layer";
     if (index != n_entries - 1 || total > n_ubatch)
         return "a chunk taken a few layers a step must be the last entry and the batch one "
                "micro-batch";
-    if (p->done && p->n == n && upto <= p->done) return "layers asked that are done already";
     return NULL;
 }
 
-int forward_part_begin(forward_part *p, int upto, int n, int n_layer, int n_embd, int *from) {
-    if (!upto || (p->done && p->n != n)) p->done = 0; /* replaced */
-    *from = upto ? p->done : 0;
+int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, int n_embd) {
+    if (!upto || !from || p->done != from || p->n != n) p->done = 0; /* from the embeddings */
     if (upto && upto < n_layer && n > p->cap) {
         float *x = realloc(p->x, sizeof(float) * (size_t)n * n_embd);
         if (!x) return STP_ENOMEM;

@@ -95,11 +95,13 @@ bool forward_cut_next(forward_cut *c, const void *entries, int n_entries,
 int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
                    const forward_experts *fx, stp_err *err);
 
-/* A prompt chunk taken a few layers a call (engine_seq_eval.upto, EvalSeq.upto), one per
- * sequence: the layers done and its rows' hidden states after them. Each call runs the chunk
- * from where this holder stands (layer 0, from the embeddings, when nothing is pending: after
- * a restart the layers are simply run again) to `upto`; the sequence's positions are taken
- * when it reaches the last layer. The engine and the attention worker keep these alike. */
+/* A prompt chunk taken a few layers a call (engine_seq_eval.upto/from, EvalSeq.upto/from), one
+ * per sequence: the layers done and its rows' hidden states after them. A call names the layers
+ * it believes done (`from`) and runs the chunk on from there to `upto`; when this holder does
+ * not hold exactly that (a new chunk, a restarted worker, a chunk of another request left part
+ * way), it starts again from the embeddings at layer 0 (the same bits, more work). The
+ * sequence's positions are taken when the chunk reaches the last layer. The engine and the
+ * attention worker keep these alike. */
 typedef struct forward_part {
     int done; /* layers done (0: nothing pending) */
     int n;    /* the pending chunk's tokens */
@@ -107,16 +109,15 @@ typedef struct forward_part {
     float *x; /* (cap, n_embd) */
 } forward_part;
 
-/* Checks an entry of n tokens asking for layers up to upto (0: every layer), entry `index` of
- * n_entries holding `total` tokens in all: NULL, or why it cannot run (a slice must be the last
- * entry and the batch one micro-batch of at most n_ubatch; upto must lie past what is done).
- * A plain entry, or a chunk of another size, is fine: it drops what was pending. */
-const char *forward_part_check(const forward_part *p, int upto, int n, int n_layer, int index,
-                               int n_entries, int total, int n_ubatch);
-/* Before the micro-batch: the layer the entry starts at (its rows then come from p->x), after
- * dropping a pending chunk a plain entry or one of another size replaces; room for n rows when
- * it stops short of n_layer. 0 or STP_ENOMEM (nothing changed). */
-int forward_part_begin(forward_part *p, int upto, int n, int n_layer, int n_embd, int *from);
+/* Checks an entry asking for layers from..upto (upto 0: every layer), entry `index` of n_entries
+ * holding `total` tokens in all: NULL, or why it cannot run (0 <= from < upto <= n_layer; a
+ * slice must be the last entry and the batch one micro-batch of at most n_ubatch). */
+const char *forward_part_check(int from, int upto, int n_layer, int index, int n_entries, int total,
+                               int n_ubatch);
+/* Before the micro-batch, for an entry of n tokens: p->done becomes the layer it starts at (its
+ * rows then come from p->x when > 0; a plain entry drops a pending chunk); room for n rows when
+ * it stops short of n_layer. 0 or STP_ENOMEM. */
+int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, int n_embd);
 /* After it: rows (n, n_embd) wait when upto < n_layer; else nothing is pending. Whether the
  * chunk went through (its positions are taken, its logits wanted). */
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto, int n_layer);

@@ -85,6 +85,10 @@ static const opt_def s_opts[] = {
      "KV positions all slots hold at once (coordinator: scheduler; storage: plan); 0: "
      "parallel x ctx-size",
      F(kv_pool), NULL, NULL},
+    {"--prefill-layers", NULL, OPT_INT, -1, 4096, "0", "N",
+     "coordinator: while requests decode, a prompt chunk runs N layers a step (0: the model's "
+     "layers / 16, rounded up; -1: the whole chunk in one step)",
+     F(prefill_layers), NULL, NULL},
     {"--verbose", NULL, OPT_FLAG, 0, 0, NULL, NULL, "log more", F(verbose), NULL, NULL},
 };
 #undef F

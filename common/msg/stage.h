@@ -49,7 +49,8 @@ typedef struct stage_opts {
                    * (the storage daemon's plan counts them) */
     int kv_pool;  /* --kv-pool: KV positions all slots hold at once (the coordinator's scheduler
                    * keeps to it, the daemon's plan reserves it); 0: n_seq x n_ctx */
-    bool pin_threads; /* --pin-threads: each compute thread on one core (stage_pin_threads) */
+    bool pin_threads;   /* --pin-threads: each compute thread on one core (stage_pin_threads) */
+    int prefill_layers; /* --prefill-layers: sched_params.prefill_layers of the coordinator */
 } stage_opts;
 
 #define STAGE_LIVENESS 3            /* missed heartbeats before a peer counts as dead */

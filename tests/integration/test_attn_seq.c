@@ -221,7 +221,7 @@ static void s_same(const ent *es, int n, const char *what) {
     assert_non_null(lg);
     for (int i = 0; i < n; i++) {
         assert_int_equal(engine_seq_keep(s_g.e, es[i].slot, es[i].pos0), es[i].pos0);
-        b[i] = (engine_seq_eval){es[i].slot, es[i].tokens, es[i].n, lg + (size_t)i * V, 0};
+        b[i] = (engine_seq_eval){es[i].slot, es[i].tokens, es[i].n, lg + (size_t)i * V, 0, 0};
     }
     stp_err err = {0};
     if (engine_eval_batch(s_g.e, b, n, &err)) fail_msg("%s: engine: %s", what, err.msg);

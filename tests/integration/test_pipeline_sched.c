@@ -1,7 +1,9 @@
 /* test_pipeline_sched: several requests at once through the pipeline (the coordinator's
  * scheduler over the attention worker's sequence slots, `stpipe-up --parallel 2`). Two greedy
  * requests with different prompts sent together give the same ids as each alone; a
- * CancelRequest ends one (stop_reason "cancel") while the other finishes with its ids; a request
+ * request joining while the other decodes (its prompt read a few layers a step) changes neither
+ * answer; a CancelRequest ends one (stop_reason "cancel") while the other finishes with its ids; a
+ * request
  * whose prompt extends a finished one evaluates only the new tokens (prefix reuse). The client
  * side speaks proto/client.proto directly on one DEALER (two requests in flight on it). Ctrl-C on
  * `stpipe generate --pipeline` cancels its request at the coordinator (a CancelRequest: the
@@ -105,6 +107,24 @@ static void s_collect(void *s, outcome *o, int n, uint64_t cancel_rid) {
     }
 }
 
+/* Sends o[0] (prompt pa) and, once its first text has streamed, o[1] (prompt pb), then receives
+ * both: o[1]'s prompt is read while o[0] decodes, its chunks a few layers a step. */
+static void s_staggered(void *s, outcome *o, const int32_t *pa, int na, const int32_t *pb, int nb) {
+    s_send_request(s, o[0].rid, pa, na, 24, true);
+    double t0 = msg_now_us();
+    for (bool first = false; !first;) {
+        assert_true((msg_now_us() - t0) * 1e-6 < 120);
+        Stp__ClientMsg *m = th_client_recv(s, 200);
+        if (!m) continue;
+        first = m->body_case == STP__CLIENT_MSG__BODY_TOKEN && m->token->request_id == o[0].rid;
+        assert_true(first || m->body_case == STP__CLIENT_MSG__BODY_TOKEN);
+        o[0].n_events += first;
+        stp__client_msg__free_unpacked(m, NULL);
+    }
+    s_send_request(s, o[1].rid, pb, nb, 24, true);
+    s_collect(s, o, 2, 0);
+}
+
 /* The counter `name` of a stage's stats, 0 if absent. */
 static long long s_stage_counter(const char *stage, const char *name) {
     long long x = th_stage_counter(s_dir, stage, name);
@@ -113,6 +133,11 @@ static long long s_stage_counter(const char *stage, const char *name) {
 
 static long long s_coord_counter(const char *name) {
     return s_stage_counter("coordinator", name);
+}
+
+/* th_wait_until's condition: the coordinator's prefill slices above *ctx. */
+static bool s_slices_above(void *ctx) {
+    return s_coord_counter("sched.prefill_slices") > *(const long long *)ctx;
 }
 
 static void s_assert_same(const outcome *a, const outcome *b) {
@@ -169,6 +194,16 @@ static void test_pipeline_sched_concurrent(void **st) {
     assert_false(two[0].failed || two[1].failed);
     s_assert_same(&two[0], &a1);
     s_assert_same(&two[1], &b1);
+
+    /* staggered: b joins while a decodes, its prompt read a few layers a step (the coordinator
+     * counts those steps; it publishes its counters every 500 ms); neither answer changes */
+    const long long slices0 = s_coord_counter("sched.prefill_slices");
+    outcome st2[2] = {{.rid = 25}, {.rid = 26}};
+    s_staggered(s, st2, pa, na, pb, nb);
+    assert_false(st2[0].failed || st2[1].failed);
+    s_assert_same(&st2[0], &a1);
+    s_assert_same(&st2[1], &b1);
+    assert_true(th_wait_until(s_slices_above, (void *)&slices0, 5));
 
     /* one cancelled after its first text, the other finishes (3000 tokens: on a loaded machine
      * the tiny model must not be able to finish before the cancel is read) */

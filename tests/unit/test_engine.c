@@ -464,8 +464,8 @@ static void s_batch_invariance(const char *file) {
         engine_seq_eval be[2];
         int n = 0;
         int cp = NP - ip < 5 ? NP - ip : 5, cq = NQ - iq < 4 ? NQ - iq : 4;
-        if (cp) be[n++] = (engine_seq_eval){0, p + ip, cp, ip + cp == NP ? got : NULL, 0};
-        if (cq) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, 0};
+        if (cp) be[n++] = (engine_seq_eval){0, p + ip, cp, ip + cp == NP ? got : NULL, 0, 0};
+        if (cq) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, 0, 0};
         if (engine_eval_batch(b, be, n, &err)) fail_msg("%s", err.msg);
         ip += cp, iq += cq;
     }
@@ -480,14 +480,14 @@ static void s_batch_invariance(const char *file) {
                  s_max_diff(got2, lq, V));
     /* keep p's first NP-1 positions and evaluate its last token again */
     assert_int_equal(engine_seq_keep(b, 0, NP - 1), NP - 1);
-    engine_seq_eval one = {0, p + NP - 1, 1, got, 0};
+    engine_seq_eval one = {0, p + NP - 1, 1, got, 0, 0};
     assert_int_equal(engine_eval_batch(b, &one, 1, &err), 0);
     if (memcmp(got, lp, sizeof(float) * V))
         fail_msg("%s: kept prefix + last token differs (max %g)", file, s_max_diff(got, lp, V));
     /* errors change nothing */
-    engine_seq_eval twice[2] = {{0, p, 1, NULL, 0}, {0, q, 1, NULL, 0}};
+    engine_seq_eval twice[2] = {{0, p, 1, NULL, 0, 0}, {0, q, 1, NULL, 0, 0}};
     assert_int_equal(engine_eval_batch(b, twice, 2, &err), STP_EINVAL);
-    engine_seq_eval bad = {3, p, 1, NULL, 0};
+    engine_seq_eval bad = {3, p, 1, NULL, 0, 0};
     assert_int_equal(engine_eval_batch(b, &bad, 1, &err), STP_EINVAL);
     assert_int_equal(engine_seq_n_past(b, 0), NP);
 
@@ -501,10 +501,11 @@ static void s_batch_invariance(const char *file) {
     for (ip = 0, iq = 0; ip < NP || iq < NQ; calls++) {
         engine_seq_eval be[2];
         int n = 0, cq = NQ - iq < 4 ? NQ - iq : 4;
-        const int layer = engine_seq_layers_done(b, 2) + 1;
-        if (ip < NP) be[n++] = (engine_seq_eval){0, p + ip, 1, ip + 1 == NP ? got : NULL, 0};
+        const int done = engine_seq_layers_done(b, 2), layer = done + 1;
+        if (ip < NP) be[n++] = (engine_seq_eval){0, p + ip, 1, ip + 1 == NP ? got : NULL, 0, 0};
         const bool on_q = iq < NQ;
-        if (on_q) be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, layer};
+        if (on_q)
+            be[n++] = (engine_seq_eval){2, q + iq, cq, iq + cq == NQ ? got2 : NULL, layer, done};
         if (engine_eval_batch(b, be, n, &err)) fail_msg("%s", err.msg);
         ip += ip < NP;
         if (!on_q) continue;
@@ -519,27 +520,40 @@ static void s_batch_invariance(const char *file) {
     if (memcmp(got2, lq, sizeof(float) * V))
         fail_msg("%s: q in layer slices differs from q alone (max %g)", file,
                  s_max_diff(got2, lq, V));
-    /* a slice not last, layers done already or out of range: refused, nothing changed;
-     * engine_seq_keep, or a plain entry, drops the part-way chunk */
+    /* a slice not last, layers out of range: refused, nothing changed; a plain entry or
+     * engine_seq_keep drops the part-way chunk; a chunk whose `from` is not what the engine holds
+     * (another chunk of the same size left part way) starts again at layer 0: p's first 4
+     * tokens give their logits alone, not q's rows */
+    float *l4 = malloc(sizeof(float) * V);
+    engine_reset(a);
+    assert_int_equal(engine_eval(a, p, 4, l4, false, &err), 0);
     engine_seq_keep(b, 2, 0);
-    engine_seq_eval first = {2, q, 4, NULL, 1};
+    engine_seq_eval first = {2, q, 4, NULL, 1, 0};
     assert_int_equal(engine_eval_batch(b, &first, 1, &err), 0);
     assert_int_equal(engine_seq_layers_done(b, 2), 1);
-    engine_seq_eval not_last[2] = {{2, q, 4, NULL, 2}, {0, p, 1, NULL, 0}};
+    engine_seq_eval not_last[2] = {{2, q, 4, NULL, 2, 1}, {0, p, 1, NULL, 0, 0}};
     assert_int_equal(engine_eval_batch(b, not_last, 2, &err), STP_EINVAL);
-    engine_seq_eval plain = {2, q, 4, NULL, 0}, back = {2, q, 4, NULL, 1},
-                    over = {2, q, 4, NULL, NL + 1};
+    engine_seq_eval plain = {2, q, 4, NULL, 0, 0}, back = {2, q, 4, NULL, 1, 1},
+                    over = {2, q, 4, NULL, NL + 1, 1}, other = {2, p, 4, got, NL, 0};
     assert_int_equal(engine_eval_batch(b, &back, 1, &err), STP_EINVAL);
     assert_int_equal(engine_eval_batch(b, &over, 1, &err), STP_EINVAL);
     assert_int_equal(engine_seq_layers_done(b, 2), 1);
     assert_int_equal(engine_seq_n_past(b, 2), 0);
+    assert_int_equal(engine_eval_batch(b, &other, 1, &err), 0);
+    assert_int_equal(engine_seq_layers_done(b, 2), 0);
+    assert_int_equal(engine_seq_n_past(b, 2), 4);
+    if (memcmp(got, l4, sizeof(float) * V))
+        fail_msg("%s: a new chunk took a stale chunk's rows (max %g)", file,
+                 s_max_diff(got, l4, V));
+    assert_int_equal(engine_seq_keep(b, 2, 0), 0);
+    assert_int_equal(engine_eval_batch(b, &first, 1, &err), 0);
     assert_int_equal(engine_seq_keep(b, 2, 0), 0);
     assert_int_equal(engine_seq_layers_done(b, 2), 0);
     assert_int_equal(engine_eval_batch(b, &first, 1, &err), 0);
-    assert_int_equal(engine_seq_layers_done(b, 2), 1);
     assert_int_equal(engine_eval_batch(b, &plain, 1, &err), 0);
     assert_int_equal(engine_seq_layers_done(b, 2), 0);
     assert_int_equal(engine_seq_n_past(b, 2), 4);
+    free(l4);
 
     free(lp), free(lp2), free(lq), free(got), free(got2);
     engine_destroy(&a);
