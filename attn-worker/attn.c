@@ -77,10 +77,13 @@ struct attn_worker {
     model *m;
     threadpool *tp;
     compute_ctx cc;
-    int n_seq;          /* sequence slots (--parallel) */
-    kv_cache **kv;      /* (n_seq) each slot's caches */
-    int *n_past;        /* (n_seq) positions each slot holds */
-    int *wend;          /* (n_seq) during an eval: 1 + the highest position written (0: none) */
+    int n_seq;     /* sequence slots (--parallel) */
+    kv_cache **kv; /* (n_seq) each slot's caches */
+    int *n_past;   /* (n_seq) positions each slot holds */
+    int *wend;     /* (n_seq) during an eval: 1 + the highest position written (0: none) */
+    int *high;     /* (n_seq) 1 + the highest position written since the slot was last emptied (a
+                    * ring overwrote what lay below it whatever n_past says now: the keep rule is
+                    * asked with it, as engine.c does) */
     forward_seg *segs;  /* (n_ubatch) one micro-batch's segments */
     int *old_past;      /* (n_seq) during an eval: each entry's n_past before it */
     forward_part *part; /* (n_seq) a prompt chunk part way through the layers (EvalSeq.upto) */
@@ -168,13 +171,14 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->kv = calloc((size_t)a->n_seq, sizeof *a->kv);
     a->n_past = calloc((size_t)a->n_seq, sizeof *a->n_past);
     a->wend = calloc((size_t)a->n_seq, sizeof *a->wend);
+    a->high = calloc((size_t)a->n_seq, sizeof *a->high);
     a->segs = calloc((size_t)a->n_ubatch, sizeof *a->segs);
     a->old_past = calloc((size_t)a->n_seq, sizeof *a->old_past);
     a->part = calloc((size_t)a->n_seq, sizeof *a->part);
     a->r_past = calloc((size_t)a->n_seq, sizeof *a->r_past);
     a->r_off = calloc((size_t)a->n_seq, sizeof *a->r_off);
-    if (!a->kv || !a->n_past || !a->wend || !a->segs || !a->old_past || !a->part || !a->r_past ||
-        !a->r_off) {
+    if (!a->kv || !a->n_past || !a->wend || !a->high || !a->segs || !a->old_past || !a->part ||
+        !a->r_past || !a->r_off) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -269,6 +273,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->kv);
     free(a->n_past);
     free(a->wend);
+    free(a->high);
     free(a->segs);
     free(a->old_past);
     for (int i = 0; a->part && i < a->n_seq; i++)
@@ -962,6 +967,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
                 if (rc) return rc;
             }
         a->wend[slot] = a->n_past[slot] + n; /* the caches change from here on */
+        if (a->high[slot] < a->wend[slot]) a->high[slot] = a->wend[slot];
         row += n;
     }
     /* a chunk taken a few layers a request is the last entry (s_check) */
@@ -1093,7 +1099,8 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
                      e->slot, e->pos0, past);
             return STP_ERANGE;
         }
-        if (kv_cache_keep_max(a->kv[e->slot], past, e->pos0) != e->pos0) {
+        const int high = a->high[e->slot] > past ? a->high[e->slot] : past;
+        if (kv_cache_keep_max(a->kv[e->slot], high, e->pos0) != e->pos0) {
             snprintf(buf, cap,
                      "slot %u: the first %d of its %d positions cannot be kept (its "
                      "sliding-window caches have moved on; start again at 0)",
@@ -1138,10 +1145,10 @@ static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old
         const int s = (int)e->slot;
         forward_part_drop(&a->part[s]); /* its rows may be half way through a layer */
         if (!a->wend[s] ||
-            (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->wend[s], old[i]) == old[i])) {
+            (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->high[s], old[i]) == old[i])) {
             a->n_past[s] = old[i];
         } else {
-            a->n_past[s] = 0;
+            a->n_past[s] = a->high[s] = 0;
             kv_cache_release(a->kv[s], 0);
         }
     }
@@ -1154,10 +1161,11 @@ static void s_release(attn_worker *a, const msg_in *in, const Stp__EvalRequest *
     uint64_t *off = a->r_off;
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
-        if (e->pos0 < a->n_past[e->slot]) {
+        if (e->pos0 < a->n_past[e->slot] || a->part[e->slot].done) {
             a->n_past[e->slot] = e->pos0;
             kv_cache_release(a->kv[e->slot], e->pos0);
         }
+        if (!e->pos0) a->high[e->slot] = 0;
         forward_part_drop(&a->part[e->slot]);
         past[i] = a->n_past[e->slot];
         off[i] = 0;
@@ -1230,7 +1238,11 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     stats_latency(a->st, decode ? "eval.decode" : "eval.batch", us);
     stats_add(a->st, "msg.eval", 1);
     stats_add(a->st, "eval.seqs", (uint64_t)nb);
-    stats_add(a->st, "tokens", (uint64_t)n);
+    int n_through = n; /* a chunk part way counts when it is through */
+    for (int i = 0; i < nb; i++)
+        if (q->seqs[i]->upto && (int)q->seqs[i]->upto < c->n_layer)
+            n_through -= (int)q->seqs[i]->n_tokens;
+    stats_add(a->st, "tokens", (uint64_t)n_through);
     stats_add(a->st, "ipc_us", (uint64_t)a->ipc_us);
     stats_add(a->st, "eval_us", (uint64_t)us);
     if (decode) { /* one token of each of nb sequences */
@@ -1246,9 +1258,15 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
         /* a slot cut back (pos0 < its old n_past) gives the pages past its new end back, as
          * engine_seq_keep does (kv_cache_release); done only now, so that a failed request
          * could still fall back to the old positions */
-        if (e->pos0 < old[i]) kv_cache_release(a->kv[e->slot], a->n_past[e->slot]);
+        const int end =
+            a->n_past[e->slot] > a->wend[e->slot] ? a->n_past[e->slot] : a->wend[e->slot];
+        if (e->pos0 < old[i]) kv_cache_release(a->kv[e->slot], end); /* a chunk part way: past */
+        if (!e->pos0) a->high[e->slot] = end; /* started again at 0: only this is written */
         past[i] = a->n_past[e->slot];
-        off[i] = e->want_logits ? a->ah->off_logits + (uint64_t)e->slot * V * sizeof(float) : 0;
+        const bool through = !e->upto || (int)e->upto >= c->n_layer; /* else no logits yet */
+        off[i] = e->want_logits && through
+                     ? a->ah->off_logits + (uint64_t)e->slot * V * sizeof(float)
+                     : 0;
     }
     Stp__EvalReply r;
     stp__eval_reply__init(&r);

@@ -88,7 +88,7 @@ static const opt_def s_opts[] = {
     {"--prefill-layers", NULL, OPT_INT, -1, 4096, "0", "N",
      "while requests decode, a prompt chunk runs N layers a step, so their streams pause for "
      "a slice of it (0 = the model's layers / 16, rounded up; -1 = the whole chunk in one step; "
-     "--model only: a pipeline takes the whole chunk)",
+     "--model only: a pipeline's is stpipe-up --prefill-layers)",
      F(prefill_layers), NULL, NULL},
     {"--chat-memo", NULL, OPT_INT, 0, 65536, "16", "N",
      "answers kept so that a chat's next turn, which sends the answer back as text, starts with "

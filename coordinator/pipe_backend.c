@@ -30,6 +30,8 @@
 typedef struct pipe_slot {
     int32_t *ids; /* the tokens at positions 0..n_past-1 (capacity n_ctx) */
     int n_past;
+    int high;     /* 1 + the highest position sent since the slot was last emptied (a chunk part
+                   * way wrote past n_past): the keep rule is asked with it, as the worker does */
     bool release; /* cut back by seq_keep: the worker still holds (and maps) more */
 } pipe_slot;
 
@@ -357,7 +359,7 @@ static int s_replay(pipe_backend *p, int *rebuilds, int *peer_retries, stp_err *
 
 static void s_forget(pipe_backend *p, const backend_seq_eval *q, int n_q) {
     for (int i = 0; i < n_q; i++)
-        p->slots[q[i].seq].n_past = 0;
+        p->slots[q[i].seq].n_past = p->slots[q[i].seq].high = 0;
 }
 
 /* Slots cut back by seq_keep and not in q (those are cut back by their entry's pos0) give their
@@ -455,12 +457,14 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
         if (!rc) {
             for (int i = 0; i < n_q; i++) {
                 pipe_slot *s = &p->slots[q[i].seq];
+                if (s->high < e[i].pos0 + e[i].n) s->high = e[i].pos0 + e[i].n;
                 if (!e[i].through) continue; /* a chunk part way: the worker holds its rows */
                 memcpy(s->ids + s->n_past, q[i].tokens, sizeof(int32_t) * (size_t)q[i].n);
                 s->n_past += q[i].n;
             }
             p->ipc_ms += r->ipc_ms;
-            p->es.tokens += (uint64_t)total;
+            for (int i = 0; i < n_q; i++) /* a chunk part way counts when it is through */
+                p->es.tokens += e[i].through ? (uint64_t)e[i].n : 0;
             p->es.neurons_total += r->total_neurons;
             p->es.neurons_active += r->active_neurons;
             p->es.down_neurons += r->down_neurons;
@@ -494,9 +498,11 @@ static int s_seq_keep(backend *b, int seq, int n_keep) {
     pipe_backend *p = (pipe_backend *)b;
     if (seq < 0 || seq >= p->n_seq) return 0;
     pipe_slot *s = &p->slots[seq];
-    int kept = kv_cache_keep_max(&p->shape, s->n_past, n_keep);
-    if (kept < s->n_past) s->release = true;
+    if (n_keep > s->n_past) n_keep = s->n_past;
+    int kept = kv_cache_keep_max(&p->shape, s->high > s->n_past ? s->high : s->n_past, n_keep);
+    if (kept < s->n_past || s->high > s->n_past) s->release = true;
     s->n_past = kept;
+    if (!kept) s->high = 0;
     return s->n_past;
 }
 

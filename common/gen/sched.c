@@ -410,7 +410,8 @@ int sched_step(sched *s) {
 
     stp_err err = {0};
     int rc = backend_eval_batch(s->b, s->q, n_q, &err);
-    int n_tok = s->n_batch - budget;
+    int n_tok = s->n_batch - budget; /* a chunk part way counts when it is through */
+    if (s->q[n_q - 1].upto && s->q[n_q - 1].upto < s->n_layer) n_tok -= s->q[n_q - 1].n;
     if (rc) {
         /* the backend may have lost these sequences' caches: forget what their slots held */
         for (int i = 0; i < n_q; i++) {

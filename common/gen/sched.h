@@ -87,7 +87,7 @@ typedef struct sched_stats {
     unsigned long long slots_evicted;  /* idle slots emptied to make room in the KV pool */
     unsigned long long pool_full;      /* answers ended because the KV pool was full */
     unsigned long long prefill_slices; /* steps that took a prompt chunk part way through the
-                                        * layers (prefill_layers) */
+                                        * layers and not yet to the last (prefill_layers) */
 } sched_stats;
 const sched_stats *sched_get_stats(const sched *s);
 

@@ -46,6 +46,10 @@ struct engine {
     lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
     const float *last_x; /* the last evaluated token's final hidden state */
     forward_part *part;  /* [n_seq] a prompt chunk part way through the layers */
+    /* [n_seq] 1 + the highest position written since the sequence was last emptied: a
+     * sliding-window ring overwrote what lay cap positions below it, whatever n_past says now
+     * (a cut back, a chunk part way), so the keep rule is asked with it */
+    int *high;
 };
 
 int engine_new(engine **out, const model *m, const engine_params *p, stp_err *err) {
@@ -72,7 +76,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     e->n_past = calloc((size_t)e->n_seq, sizeof *e->n_past);
     e->segs = calloc((size_t)n_ubatch, sizeof *e->segs);
     e->part = calloc((size_t)e->n_seq, sizeof *e->part);
-    if (!e->kv || !e->n_past || !e->segs || !e->part) {
+    e->high = calloc((size_t)e->n_seq, sizeof *e->high);
+    if (!e->kv || !e->n_past || !e->segs || !e->part || !e->high) {
         rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
         goto fail;
     }
@@ -135,6 +140,7 @@ void engine_destroy(engine **self_p) {
     for (int i = 0; e->part && i < e->n_seq; i++)
         forward_part_free(&e->part[i]);
     free(e->part);
+    free(e->high);
     attn_scratch_destroy(&e->as);
     moe_scratch_destroy(&e->ms);
     free(e->x);
@@ -183,6 +189,8 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         int lo = i == 0 ? first : 0, n = b[i].n - lo;
         if (n > T - row) n = T - row;
         e->segs[n_segs++] = (forward_seg){e->kv[b[i].seq], e->n_past[b[i].seq], n};
+        int *high = &e->high[b[i].seq];
+        if (*high < e->n_past[b[i].seq] + n) *high = e->n_past[b[i].seq] + n;
         uint64_t t0 = forward_now_ns();
         if (b[i].upto && e->part[b[i].seq].done) /* a chunk's next layers: where it stopped */
             memcpy(e->x + (size_t)row * E, e->part[b[i].seq].x, sizeof(float) * (size_t)n * E);
@@ -199,13 +207,14 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     if (tail) fs.tail_from = e->part[tail->seq].done, fs.tail_to = tail->upto;
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
-    e->last_x = e->x + (size_t)(T - 1) * E;
+    int T_done = T;                                  /* the rows through every layer */
     if (tail) { /* not through yet: its rows wait for the next call, no position, no logits */
         const int n = e->segs[n_segs - 1].n;
         if (!forward_part_end(&e->part[tail->seq], e->x + (size_t)(T - n) * E, n, E, tail->upto,
                               c->n_layer))
-            n_segs--;
+            n_segs--, T_done -= n;
     }
+    if (T_done) e->last_x = e->x + (size_t)(T_done - 1) * E;
 
     /* logits: the rows that want them in one product (the sparse head: one at a time) */
     uint64_t t0 = forward_now_ns();
@@ -228,7 +237,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     }
     forward_heads_run(&e->cc, m, e->hb);
     st->ns_head += forward_now_ns() - t0;
-    st->tokens += (uint64_t)T;
+    st->tokens += (uint64_t)T_done; /* a chunk's tokens once, when they are through */
 }
 
 static int s_total(const engine_seq_eval *b, int n_b) {
@@ -295,13 +304,16 @@ int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all
     const engine_seq_eval q = {0, tokens, n, logits, 0, 0};
     int rc = s_check(e, &q, 1, err);
     if (rc) return rc;
+    forward_part_drop(&e->part[0]);
     s_run(e, &q, 1, all_logits);
     return 0;
 }
 
 void engine_reset(engine *e) {
-    for (int i = 0; i < e->n_seq; i++)
-        e->n_past[i] = 0;
+    for (int i = 0; i < e->n_seq; i++) {
+        e->n_past[i] = e->high[i] = 0;
+        forward_part_drop(&e->part[i]);
+    }
 }
 int engine_n_past(const engine *e) {
     return e->n_past[0];
@@ -322,7 +334,10 @@ int engine_seq_layers_done(const engine *e, int seq) {
 int engine_seq_keep(engine *e, int seq, int n_keep) {
     if (seq < 0 || seq >= e->n_seq) return 0;
     forward_part_drop(&e->part[seq]); /* a chunk part way is dropped (its keys past n_past) */
-    e->n_past[seq] = kv_cache_keep_max(e->kv[seq], e->n_past[seq], n_keep);
+    const int high = e->high[seq] > e->n_past[seq] ? e->high[seq] : e->n_past[seq];
+    if (n_keep > e->n_past[seq]) n_keep = e->n_past[seq];
+    e->n_past[seq] = kv_cache_keep_max(e->kv[seq], high, n_keep);
+    if (!e->n_past[seq]) e->high[seq] = 0; /* emptied: every position is written again */
     kv_cache_release(e->kv[seq], e->n_past[seq]);
     return e->n_past[seq];
 }

@@ -1,13 +1,12 @@
 /* test_pipeline_sched: several requests at once through the pipeline (the coordinator's
  * scheduler over the attention worker's sequence slots, `stpipe-up --parallel 2`). Two greedy
- * requests with different prompts sent together give the same ids as each alone; a
- * request joining while the other decodes (its prompt read a few layers a step) changes neither
- * answer; a CancelRequest ends one (stop_reason "cancel") while the other finishes with its ids; a
- * request
- * whose prompt extends a finished one evaluates only the new tokens (prefix reuse). The client
- * side speaks proto/client.proto directly on one DEALER (two requests in flight on it). Ctrl-C on
- * `stpipe generate --pipeline` cancels its request at the coordinator (a CancelRequest: the
- * ROUTER cannot see a client go away) and prints the ids so far. */
+ * requests with different prompts sent together give the same ids as each alone; a request
+ * joining while the other decodes (its prompt read a few layers a step) changes neither answer;
+ * a CancelRequest ends one (stop_reason "cancel") while the other finishes with its ids; a
+ * request whose prompt extends a finished one evaluates only the new tokens (prefix reuse). The
+ * client side speaks proto/client.proto directly on one DEALER (two requests in flight on it).
+ * Ctrl-C on `stpipe generate --pipeline` cancels its request at the coordinator (a CancelRequest:
+ * the ROUTER cannot see a client go away) and prints the ids so far. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
