@@ -561,6 +561,41 @@ static void s_batch_invariance(const char *file) {
     model_close(&m);
 }
 
+/* A chunk left part way wrote keys past n_past into a sliding-window ring (layer 1 of the hybrid
+ * model, window 4096, ring 4096 + n_ubatch): those slots held the oldest positions. Keeping a
+ * prefix afterwards must count them (the slot's high-water mark, not n_past): the kept prefix
+ * and a continuation give the bits of evaluating them fresh. */
+static void test_engine_keep_after_chunk_part_way(void **state) {
+    (void)state;
+    model *m = th_model_open("tiny-hybrid-attn-q4_0-pure.gguf");
+    const int V = m->cfg.n_vocab;
+    enum { N0 = 4150, NC = 64, KEEP = 3000, NU = 8 };
+    int32_t *t = malloc(sizeof(int32_t) * (N0 + NC)), u[NU];
+    s_tokens(t, N0 + NC, V, 31);
+    s_tokens(u, NU, V, 32);
+    stp_err err = {0};
+    engine *e = s_engine(m, 2, 4400, 64);
+    assert_int_equal(engine_eval(e, t, N0, NULL, false, &err), 0);
+    engine_seq_eval part = {0, t + N0, NC, NULL, 2, 0}; /* layers 0 (full) and 1 (window) */
+    assert_int_equal(engine_eval_batch(e, &part, 1, &err), 0);
+    assert_int_equal(engine_seq_layers_done(e, 0), 2);
+    const int kept = engine_seq_keep(e, 0, KEEP);
+    assert_true(kept < KEEP); /* the ring no longer holds what position KEEP looks back to */
+    float *got = malloc(sizeof(float) * V), *want = malloc(sizeof(float) * V);
+    int32_t *rest = malloc(sizeof(int32_t) * (KEEP + NU));
+    memcpy(rest, t, sizeof(int32_t) * KEEP);
+    memcpy(rest + KEEP, u, sizeof(u));
+    assert_int_equal(engine_eval(e, rest + kept, KEEP + NU - kept, got, false, &err), 0);
+    engine *f = s_engine(m, 2, 4400, 64);
+    assert_int_equal(engine_eval(f, rest, KEEP + NU, want, false, &err), 0);
+    if (memcmp(got, want, sizeof(float) * V))
+        fail_msg("kept prefix after a chunk part way differs (max %g)", s_max_diff(got, want, V));
+    free(t), free(got), free(want), free(rest);
+    engine_destroy(&e);
+    engine_destroy(&f);
+    model_close(&m);
+}
+
 static void test_engine_batch_invariance_dense(void **state) {
     (void)state;
     s_batch_invariance("tiny-dense-attn-q4_0-pure.gguf");
@@ -588,6 +623,7 @@ int main(void) {
         cmocka_unit_test(test_engine_synthetic_64_experts),
         cmocka_unit_test(test_engine_head_dim_over_max_refused),
         cmocka_unit_test(test_engine_batch_invariance_dense),
+        cmocka_unit_test(test_engine_keep_after_chunk_part_way),
         cmocka_unit_test(test_engine_batch_invariance_hybrid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
