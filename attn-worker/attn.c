@@ -91,7 +91,8 @@ struct attn_worker {
     uint64_t *r_off;    /* (n_seq) the reply's logits offset per entry */
     attn_scratch *as;
     int n_ctx, n_ubatch, n_workers;
-    bool decode;  /* the micro-batch being run is one token per sequence */
+    bool decode;  /* the micro-batch being run is one token per sequence (but a chunk part way) */
+    int n_dec;    /* decode: its first n_dec rows are those tokens (the rest a chunk's) */
     int prefetch; /* decode: predicted experts of the next layer sent ahead (0: off) */
     shm_region act;
     act_header *ah;
@@ -855,7 +856,7 @@ static int s_routed(void *ctx, int il, int T, const int32_t *sel, const float *w
     for (int i = 0; i < T * K; i++)
         cnt_by[sel[i]]++;
     if (a->decode)
-        for (int i = 0; i < T * K; i++)
+        for (int i = 0; i < a->n_dec * K; i++)
             a->route[(size_t)il * X + (size_t)sel[i]]++;
     p->n = 0;
     for (int e = 0; e < X; e++)
@@ -884,7 +885,7 @@ static int s_run(void *ctx, int il, int T, const float *x, const float *h, const
     attn_worker *a = ctx;
     const int E = a->m->cfg.n_embd, K = a->m->cfg.n_expert_used;
     layer_plan *p = &a->cur;
-    if (a->decode) s_prefetch(a, il, T, x); /* one token per sequence */
+    if (a->decode) s_prefetch(a, il, a->n_dec, x); /* one token per sequence */
     double t2 = msg_now_us();
     threadpool_park(a->tp); /* the cores are the expert workers' until they answer */
     int nb = 0, rc;
@@ -952,13 +953,14 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     const int E = c->n_embd, V = c->n_vocab;
     int row = 0;
     a->decode = true;
+    a->n_dec = 0;
     for (int k = 0; k < n_e && row < T; k++) {
         const Stp__EvalSeq *e = q->seqs[i0 + k];
         const int slot = (int)e->slot, lo = k == 0 ? first : 0;
         int n = (int)e->n_tokens - lo;
         if (n > T - row) n = T - row;
         a->segs[k] = (forward_seg){a->kv[slot], a->n_past[slot], n};
-        a->decode &= n == 1 && e->n_tokens == 1;
+        if (!e->upto || k < n_e - 1) a->decode &= n == 1 && e->n_tokens == 1, a->n_dec += n;
         if (e->upto && a->part[slot].done) /* a chunk's next layers: its rows where it stopped */
             memcpy(a->x + (size_t)row * E, a->part[slot].x, sizeof(float) * (size_t)n * E);
         else
@@ -970,6 +972,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         if (a->high[slot] < a->wend[slot]) a->high[slot] = a->wend[slot];
         row += n;
     }
+    a->decode = a->decode && a->n_dec > 0;
     /* a chunk taken a few layers a request is the last entry (s_check) */
     const Stp__EvalSeq *tail = q->seqs[i0 + n_e - 1]->upto ? q->seqs[i0 + n_e - 1] : NULL;
     forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
