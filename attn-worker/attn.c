@@ -961,9 +961,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         if (n > T - row) n = T - row;
         a->segs[k] = (forward_seg){a->kv[slot], a->n_past[slot], n};
         if (!e->upto || k < n_e - 1) a->decode &= n == 1 && e->n_tokens == 1, a->n_dec += n;
-        if (e->upto && a->part[slot].done) /* a chunk's next layers: its rows where it stopped */
-            memcpy(a->x + (size_t)row * E, a->part[slot].x, sizeof(float) * (size_t)n * E);
-        else
+        if (!forward_part_rows(&a->part[slot], (int)e->upto, a->x + (size_t)row * E, n, E))
             for (int t = 0; t < n; t++) {
                 int rc = s_embed(a, e->tokens[lo + t], a->x + (size_t)(row + t) * E, err);
                 if (rc) return rc;
@@ -977,7 +975,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     const Stp__EvalSeq *tail = q->seqs[i0 + n_e - 1]->upto ? q->seqs[i0 + n_e - 1] : NULL;
     forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
                         a->rlogits, a->sel, a->selw_shm, 0,    0};
-    if (tail) fs.tail_from = a->part[tail->slot].done, fs.tail_to = (int)tail->upto;
+    if (tail) forward_part_tail(&fs, &a->part[tail->slot], (int)tail->upto);
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
     int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;

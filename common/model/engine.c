@@ -192,9 +192,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         int *high = &e->high[b[i].seq];
         if (*high < e->n_past[b[i].seq] + n) *high = e->n_past[b[i].seq] + n;
         uint64_t t0 = forward_now_ns();
-        if (b[i].upto && e->part[b[i].seq].done) /* a chunk's next layers: where it stopped */
-            memcpy(e->x + (size_t)row * E, e->part[b[i].seq].x, sizeof(float) * (size_t)n * E);
-        else
+        if (!forward_part_rows(&e->part[b[i].seq], b[i].upto, e->x + (size_t)row * E, n, E))
             for (int t = 0; t < n; t++)
                 ops_embed(&e->cc, &m->tok_embd, b[i].tokens[lo + t], e->x + (size_t)(row + t) * E);
         st->ns_embed += forward_now_ns() - t0;
@@ -204,7 +202,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     /* a chunk taken a few layers a step is the last entry (s_check) */
     const engine_seq_eval *tail = b[n_segs - 1].upto ? &b[n_segs - 1] : NULL;
     forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw, 0, 0};
-    if (tail) fs.tail_from = e->part[tail->seq].done, fs.tail_to = tail->upto;
+    if (tail) forward_part_tail(&fs, &e->part[tail->seq], tail->upto);
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
     int T_done = T;                                  /* the rows through every layer */

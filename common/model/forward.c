@@ -182,6 +182,17 @@ int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, 
     return 0;
 }
 
+bool forward_part_rows(const forward_part *p, int upto, float *rows, int n, int n_embd) {
+    if (!upto || !p->done) return false;
+    memcpy(rows, p->x, sizeof(float) * (size_t)n * n_embd);
+    return true;
+}
+
+void forward_part_tail(forward_state *fs, const forward_part *p, int upto) {
+    fs->tail_from = upto ? p->done : 0;
+    fs->tail_to = upto;
+}
+
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto,
                       int n_layer) {
     if (!upto || upto >= n_layer) {

@@ -118,6 +118,11 @@ const char *forward_part_check(int from, int upto, int n_layer, int index, int n
  * rows then come from p->x when > 0; a plain entry drops a pending chunk); room for n rows when
  * it stops short of n_layer. 0 or STP_ENOMEM. */
 int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, int n_embd);
+/* The entry's rows (n, n_embd) where the chunk stopped, when it continues (upto and layers
+ * done): true, copied; false: the caller embeds its tokens. */
+bool forward_part_rows(const forward_part *p, int upto, float *rows, int n, int n_embd);
+/* fs runs the last segment only on the chunk's layers [p->done, upto) (upto 0: every layer). */
+void forward_part_tail(forward_state *fs, const forward_part *p, int upto);
 /* After it: rows (n, n_embd) wait when upto < n_layer; else nothing is pending. Whether the
  * chunk went through (its positions are taken, its logits wanted). */
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto, int n_layer);
