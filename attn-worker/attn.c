@@ -1071,8 +1071,11 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
         return STP_EINVAL;
     }
     bool releasing = !q->all_logits; /* every entry without tokens: a release (s_release) */
-    for (size_t i = 0; i < q->n_seqs; i++)
+    size_t total = 0;                /* tokens in all (a chunk part way: one micro-batch) */
+    for (size_t i = 0; i < q->n_seqs; i++) {
         releasing = releasing && q->seqs[i]->n_tokens == 0;
+        total += q->seqs[i]->n_tokens;
+    }
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
         if (e->slot >= (uint32_t)a->n_seq) {
@@ -1113,9 +1116,6 @@ static int s_check(const attn_worker *a, const Stp__EvalRequest *q, char *buf, s
                      e->slot, n, e->pos0, a->n_ctx);
             return STP_ERANGE;
         }
-        size_t total = 0;
-        for (size_t j = 0; j < q->n_seqs; j++)
-            total += q->seqs[j]->n_tokens;
         const char *why = forward_part_check(
             (int)(e->from < INT32_MAX ? e->from : INT32_MAX),
             (int)(e->upto < INT32_MAX ? e->upto : INT32_MAX), c->n_layer, (int)i, (int)q->n_seqs,

@@ -249,6 +249,7 @@ static int s_total(const engine_seq_eval *b, int n_b) {
 static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *err) {
     const model_config *c = &e->m->cfg;
     if (n_b <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (no sequence)");
+    const int total = s_total(b, n_b);
     for (int i = 0; i < n_b; i++) {
         const engine_seq_eval *q = &b[i];
         if (q->seq < 0 || q->seq >= e->n_seq)
@@ -259,7 +260,7 @@ static int s_check(const engine *e, const engine_seq_eval *b, int n_b, stp_err *
                 return stp_err_set(err, STP_EINVAL, "sequence %d appears twice in a batch", q->seq);
         if (q->n <= 0) return stp_err_set(err, STP_EINVAL, "nothing to evaluate (0 tokens)");
         const char *why =
-            forward_part_check(q->from, q->upto, c->n_layer, i, n_b, s_total(b, n_b), e->n_ubatch);
+            forward_part_check(q->from, q->upto, c->n_layer, i, n_b, total, e->n_ubatch);
         if (why) return stp_err_set(err, STP_EINVAL, "sequence %d: %s", q->seq, why);
         if (q->n > e->n_ctx - e->n_past[q->seq])
             return stp_err_set(err, STP_ERANGE,
