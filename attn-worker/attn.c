@@ -84,11 +84,11 @@ struct attn_worker {
     int *high;     /* (n_seq) 1 + the highest position written since the slot was last emptied (a
                     * ring overwrote what lay below it whatever n_past says now: the keep rule is
                     * asked with it, as engine.c does) */
-    forward_seg *segs;  /* (n_ubatch) one micro-batch's segments */
-    int *old_past;      /* (n_seq) during an eval: each entry's n_past before it */
-    forward_part *part; /* (n_seq) a prompt chunk part way through the layers (EvalSeq.upto) */
-    int32_t *r_past;    /* (n_seq) the reply's n_past per entry */
-    uint64_t *r_off;    /* (n_seq) the reply's logits offset per entry */
+    forward_seg *segs; /* (n_ubatch) one micro-batch's segments */
+    int *old_past;     /* (n_seq) during an eval: each entry's n_past before it */
+    forward_part part; /* a prompt chunk part way through the layers (EvalSeq.upto) */
+    int32_t *r_past;   /* (n_seq) the reply's n_past per entry */
+    uint64_t *r_off;   /* (n_seq) the reply's logits offset per entry */
     attn_scratch *as;
     int n_ctx, n_ubatch, n_workers;
     bool decode;  /* the micro-batch being run is one token per sequence (but a chunk part way) */
@@ -175,11 +175,10 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     a->high = calloc((size_t)a->n_seq, sizeof *a->high);
     a->segs = calloc((size_t)a->n_ubatch, sizeof *a->segs);
     a->old_past = calloc((size_t)a->n_seq, sizeof *a->old_past);
-    a->part = calloc((size_t)a->n_seq, sizeof *a->part);
     a->r_past = calloc((size_t)a->n_seq, sizeof *a->r_past);
     a->r_off = calloc((size_t)a->n_seq, sizeof *a->r_off);
-    if (!a->kv || !a->n_past || !a->wend || !a->high || !a->segs || !a->old_past || !a->part ||
-        !a->r_past || !a->r_off) {
+    if (!a->kv || !a->n_past || !a->wend || !a->high || !a->segs || !a->old_past || !a->r_past ||
+        !a->r_off) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
         goto fail;
     }
@@ -277,9 +276,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     free(a->high);
     free(a->segs);
     free(a->old_past);
-    for (int i = 0; a->part && i < a->n_seq; i++)
-        forward_part_free(&a->part[i]);
-    free(a->part);
+    forward_part_free(&a->part);
     free(a->r_past);
     free(a->r_off);
     attn_scratch_destroy(&a->as);
@@ -961,7 +958,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
         if (n > T - row) n = T - row;
         a->segs[k] = (forward_seg){a->kv[slot], a->n_past[slot], n};
         if (!e->upto || k < n_e - 1) a->decode &= n == 1 && e->n_tokens == 1, a->n_dec += n;
-        if (!forward_part_rows(&a->part[slot], (int)e->upto, a->x + (size_t)row * E, n, E))
+        if (!forward_part_rows(&a->part, slot, (int)e->upto, a->x + (size_t)row * E, n, E))
             for (int t = 0; t < n; t++) {
                 int rc = s_embed(a, e->tokens[lo + t], a->x + (size_t)(row + t) * E, err);
                 if (rc) return rc;
@@ -975,14 +972,14 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     const Stp__EvalSeq *tail = q->seqs[i0 + n_e - 1]->upto ? q->seqs[i0 + n_e - 1] : NULL;
     forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
                         a->rlogits, a->sel, a->selw_shm, 0,    0};
-    if (tail) forward_part_tail(&fs, &a->part[tail->slot], (int)tail->upto);
+    if (tail) forward_part_tail(&fs, &a->part, (int)tail->upto);
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
     int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;
     if (tail) { /* not through yet: its rows wait for the next request, no position, no logits */
         const int n = a->segs[n_e - 1].n;
-        if (!forward_part_end(&a->part[tail->slot], a->x + (size_t)(T - n) * E, n, E,
-                              (int)tail->upto, c->n_layer))
+        if (!forward_part_end(&a->part, a->x + (size_t)(T - n) * E, n, E, (int)tail->upto,
+                              c->n_layer))
             n_e--;
     }
     s_flush_hints(a); /* the daemon's use counts are current between micro-batches */
@@ -1144,7 +1141,7 @@ static void s_rollback(attn_worker *a, const Stp__EvalRequest *q, const int *old
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
         const int s = (int)e->slot;
-        forward_part_drop(&a->part[s]); /* its rows may be half way through a layer */
+        forward_part_drop(&a->part, s); /* its rows may be half way through a layer */
         if (!a->wend[s] ||
             (e->pos0 == old[i] && kv_cache_keep_max(a->kv[s], a->high[s], old[i]) == old[i])) {
             a->n_past[s] = old[i];
@@ -1162,12 +1159,12 @@ static void s_release(attn_worker *a, const msg_in *in, const Stp__EvalRequest *
     uint64_t *off = a->r_off;
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
-        if (e->pos0 < a->n_past[e->slot] || a->part[e->slot].done) {
+        if (e->pos0 < a->n_past[e->slot] || forward_part_layers(&a->part, (int)e->slot)) {
             a->n_past[e->slot] = e->pos0;
             kv_cache_release(a->kv[e->slot], e->pos0);
         }
         if (!e->pos0) a->high[e->slot] = 0;
-        forward_part_drop(&a->part[e->slot]);
+        forward_part_drop(&a->part, (int)e->slot);
         past[i] = a->n_past[e->slot];
         off[i] = 0;
     }
@@ -1200,8 +1197,8 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     bool decode = true;
     for (int i = 0; i < nb; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
-        if (e->pos0 != a->n_past[e->slot]) forward_part_drop(&a->part[e->slot]); /* moved */
-        if (forward_part_begin(&a->part[e->slot], (int)e->from, (int)e->upto, (int)e->n_tokens,
+        if (e->pos0 != a->n_past[e->slot]) forward_part_drop(&a->part, (int)e->slot); /* moved */
+        if (forward_part_begin(&a->part, (int)e->slot, (int)e->from, (int)e->upto, (int)e->n_tokens,
                                c->n_layer, c->n_embd))
             return s_error(a, in, NULL, q->seq, STP_ENOMEM, "out of memory for a prompt chunk");
     }

@@ -45,7 +45,7 @@ struct engine {
     engine_stats stats;
     lm_head *lmh;        /* sparse LM head for last-token logits, or NULL */
     const float *last_x; /* the last evaluated token's final hidden state */
-    forward_part *part;  /* [n_seq] a prompt chunk part way through the layers */
+    forward_part part;   /* a prompt chunk part way through the layers (one at a time) */
     /* [n_seq] 1 + the highest position written since the sequence was last emptied: a
      * sliding-window ring overwrote what lay cap positions below it, whatever n_past says now
      * (a cut back, a chunk part way), so the keep rule is asked with it */
@@ -75,9 +75,8 @@ int engine_new(engine **out, const model *m, const engine_params *p, stp_err *er
     e->kv = calloc((size_t)e->n_seq, sizeof *e->kv);
     e->n_past = calloc((size_t)e->n_seq, sizeof *e->n_past);
     e->segs = calloc((size_t)n_ubatch, sizeof *e->segs);
-    e->part = calloc((size_t)e->n_seq, sizeof *e->part);
     e->high = calloc((size_t)e->n_seq, sizeof *e->high);
-    if (!e->kv || !e->n_past || !e->segs || !e->part || !e->high) {
+    if (!e->kv || !e->n_past || !e->segs || !e->high) {
         rc = stp_err_set(err, STP_ENOMEM, "engine: out of memory");
         goto fail;
     }
@@ -137,9 +136,7 @@ void engine_destroy(engine **self_p) {
     free(e->kv);
     free(e->n_past);
     free(e->segs);
-    for (int i = 0; e->part && i < e->n_seq; i++)
-        forward_part_free(&e->part[i]);
-    free(e->part);
+    forward_part_free(&e->part);
     free(e->high);
     attn_scratch_destroy(&e->as);
     moe_scratch_destroy(&e->ms);
@@ -192,7 +189,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
         int *high = &e->high[b[i].seq];
         if (*high < e->n_past[b[i].seq] + n) *high = e->n_past[b[i].seq] + n;
         uint64_t t0 = forward_now_ns();
-        if (!forward_part_rows(&e->part[b[i].seq], b[i].upto, e->x + (size_t)row * E, n, E))
+        if (!forward_part_rows(&e->part, b[i].seq, b[i].upto, e->x + (size_t)row * E, n, E))
             for (int t = 0; t < n; t++)
                 ops_embed(&e->cc, &m->tok_embd, b[i].tokens[lo + t], e->x + (size_t)(row + t) * E);
         st->ns_embed += forward_now_ns() - t0;
@@ -202,14 +199,13 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     /* a chunk taken a few layers a step is the last entry (s_check) */
     const engine_seq_eval *tail = b[n_segs - 1].upto ? &b[n_segs - 1] : NULL;
     forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw, 0, 0};
-    if (tail) forward_part_tail(&fs, &e->part[tail->seq], tail->upto);
+    if (tail) forward_part_tail(&fs, &e->part, tail->upto);
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
     int T_done = T;                                  /* the rows through every layer */
     if (tail) { /* not through yet: its rows wait for the next call, no position, no logits */
         const int n = e->segs[n_segs - 1].n;
-        if (!forward_part_end(&e->part[tail->seq], e->x + (size_t)(T - n) * E, n, E, tail->upto,
-                              c->n_layer))
+        if (!forward_part_end(&e->part, e->x + (size_t)(T - n) * E, n, E, tail->upto, c->n_layer))
             n_segs--, T_done -= n;
     }
     if (T_done) e->last_x = e->x + (size_t)(T_done - 1) * E;
@@ -291,7 +287,7 @@ int engine_eval_batch(engine *e, const engine_seq_eval *b, int n_b, stp_err *err
     if (rc) return rc;
     const model_config *c = &e->m->cfg;
     for (int i = 0; i < n_b; i++)
-        if (forward_part_begin(&e->part[b[i].seq], b[i].from, b[i].upto, b[i].n, c->n_layer,
+        if (forward_part_begin(&e->part, b[i].seq, b[i].from, b[i].upto, b[i].n, c->n_layer,
                                c->n_embd))
             return stp_err_set(err, STP_ENOMEM, "engine: out of memory");
     s_run(e, b, n_b, false);
@@ -303,7 +299,7 @@ int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all
     const engine_seq_eval q = {0, tokens, n, logits, 0, 0};
     int rc = s_check(e, &q, 1, err);
     if (rc) return rc;
-    forward_part_drop(&e->part[0]);
+    forward_part_drop(&e->part, 0);
     s_run(e, &q, 1, all_logits);
     return 0;
 }
@@ -311,7 +307,7 @@ int engine_eval(engine *e, const int32_t *tokens, int n, float *logits, bool all
 void engine_reset(engine *e) {
     for (int i = 0; i < e->n_seq; i++) {
         e->n_past[i] = e->high[i] = 0;
-        forward_part_drop(&e->part[i]);
+        forward_part_drop(&e->part, i);
     }
 }
 int engine_n_past(const engine *e) {
@@ -327,12 +323,12 @@ int engine_seq_n_past(const engine *e, int seq) {
     return seq >= 0 && seq < e->n_seq ? e->n_past[seq] : 0;
 }
 int engine_seq_layers_done(const engine *e, int seq) {
-    return seq >= 0 && seq < e->n_seq ? e->part[seq].done : 0;
+    return seq >= 0 && seq < e->n_seq ? forward_part_layers(&e->part, seq) : 0;
 }
 
 int engine_seq_keep(engine *e, int seq, int n_keep) {
     if (seq < 0 || seq >= e->n_seq) return 0;
-    forward_part_drop(&e->part[seq]); /* a chunk part way is dropped (its keys past n_past) */
+    forward_part_drop(&e->part, seq); /* a chunk part way is dropped (its keys past n_past) */
     const int high = e->high[seq] > e->n_past[seq] ? e->high[seq] : e->n_past[seq];
     if (n_keep > e->n_past[seq]) n_keep = e->n_past[seq];
     e->n_past[seq] = kv_cache_keep_max(e->kv[seq], high, n_keep);

@@ -171,8 +171,14 @@ const char *forward_part_check(int from, int upto, int n_layer, int index, int n
     return NULL;
 }
 
-int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, int n_embd) {
-    if (!upto || !from || p->done != from || p->n != n) p->done = 0; /* from the embeddings */
+int forward_part_begin(forward_part *p, int seq, int from, int upto, int n, int n_layer,
+                       int n_embd) {
+    if (!upto) { /* a plain entry */
+        forward_part_drop(p, seq);
+        return 0;
+    }
+    if (p->seq != seq || !from || p->done != from || p->n != n) p->done = 0; /* embeddings */
+    p->seq = seq;
     if (upto && upto < n_layer && n > p->cap) {
         float *x = realloc(p->x, sizeof(float) * (size_t)n * n_embd);
         if (!x) return STP_ENOMEM;
@@ -182,8 +188,8 @@ int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, 
     return 0;
 }
 
-bool forward_part_rows(const forward_part *p, int upto, float *rows, int n, int n_embd) {
-    if (!upto || !p->done) return false;
+bool forward_part_rows(const forward_part *p, int seq, int upto, float *rows, int n, int n_embd) {
+    if (!upto || !forward_part_layers(p, seq)) return false;
     memcpy(rows, p->x, sizeof(float) * (size_t)n * n_embd);
     return true;
 }
@@ -205,8 +211,12 @@ bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int
     return false;
 }
 
-void forward_part_drop(forward_part *p) {
-    p->done = 0;
+void forward_part_drop(forward_part *p, int seq) {
+    if (p->seq == seq) p->done = 0;
+}
+
+int forward_part_layers(const forward_part *p, int seq) {
+    return p->seq == seq ? p->done : 0;
 }
 
 void forward_part_free(forward_part *p) {

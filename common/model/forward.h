@@ -96,16 +96,18 @@ int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
                    const forward_experts *fx, stp_err *err);
 
 /* A prompt chunk taken a few layers a call (engine_seq_eval.upto/from, EvalSeq.upto/from), one
- * per sequence: the layers done and its rows' hidden states after them. A call names the layers
- * it believes done (`from`) and runs the chunk on from there to `upto`; when this holder does
- * not hold exactly that (a new chunk, a restarted worker, a chunk of another request left part
- * way), it starts again from the embeddings at layer 0 (the same bits, more work). The
- * sequence's positions are taken when the chunk reaches the last layer. The engine and the
- * attention worker keep these alike. */
+ * per carrier (the scheduler takes one chunk part way at a time): whose it is, the layers done
+ * and its rows' hidden states after them (at most a micro-batch: counted in the memory plan). A
+ * call names the layers it believes done (`from`) and runs the chunk on from there to `upto`; when
+ * this holder does not hold exactly that (a new chunk, a restarted worker, a chunk of another
+ * request left part way), it starts again from the embeddings at layer 0 (the same bits, more
+ * work). The sequence's positions are taken when the chunk reaches the last layer. The engine and
+ * the attention worker keep these alike. */
 typedef struct forward_part {
+    int seq;  /* whose chunk it is (meaningful while done > 0) */
     int done; /* layers done (0: nothing pending) */
     int n;    /* the pending chunk's tokens */
-    int cap;  /* rows x holds */
+    int cap;  /* rows x holds: at most a micro-batch */
     float *x; /* (cap, n_embd) */
 } forward_part;
 
@@ -114,20 +116,27 @@ typedef struct forward_part {
  * slice must be the last entry and the batch one micro-batch of at most n_ubatch). */
 const char *forward_part_check(int from, int upto, int n_layer, int index, int n_entries, int total,
                                int n_ubatch);
-/* Before the micro-batch, for an entry of n tokens: p->done becomes the layer it starts at (its
- * rows then come from p->x when > 0; a plain entry drops a pending chunk); room for n rows when
- * it stops short of n_layer. 0 or STP_ENOMEM. */
-int forward_part_begin(forward_part *p, int from, int upto, int n, int n_layer, int n_embd);
-/* The entry's rows (n, n_embd) where the chunk stopped, when it continues (upto and layers
- * done): true, copied; false: the caller embeds its tokens. */
-bool forward_part_rows(const forward_part *p, int upto, float *rows, int n, int n_embd);
-/* fs runs the last segment only on the chunk's layers [p->done, upto) (upto 0: every layer). */
+/* Before the micro-batch, for sequence seq's entry of n tokens: a plain entry drops seq's pending
+ * chunk; an entry with layers (upto) takes p, and p->done becomes the layer it starts at (its rows
+ * then come from p->x when > 0), with room for n rows when it stops short of n_layer. A carrier
+ * holds one forward_part for all its sequences (a step takes at most one chunk part way): another
+ * sequence's pending chunk is dropped and that chunk starts again at layer 0 when it comes back,
+ * the same bits. 0 or STP_ENOMEM. */
+int forward_part_begin(forward_part *p, int seq, int from, int upto, int n, int n_layer,
+                       int n_embd);
+/* Sequence seq's entry's rows (n, n_embd) where its chunk stopped, when it continues (upto and
+ * layers done): true, copied; false: the caller embeds its tokens. */
+bool forward_part_rows(const forward_part *p, int seq, int upto, float *rows, int n, int n_embd);
+/* fs runs the last segment only on the chunk's layers [p->done, upto) (upto 0: every layer);
+ * after forward_part_begin of that segment's entry. */
 void forward_part_tail(forward_state *fs, const forward_part *p, int upto);
 /* After it: rows (n, n_embd) wait when upto < n_layer; else nothing is pending. Whether the
  * chunk went through (its positions are taken, its logits wanted). */
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto, int n_layer);
-/* Drops what is pending (a slot emptied or cut back). */
-void forward_part_drop(forward_part *p);
+/* Drops sequence seq's pending chunk, if any (a slot emptied or cut back). */
+void forward_part_drop(forward_part *p, int seq);
+/* Layers done of sequence seq's pending chunk (0: none). */
+int forward_part_layers(const forward_part *p, int seq);
 void forward_part_free(forward_part *p);
 
 /* logits (n_vocab) = output · (rmsnorm(x) * output_norm) for one hidden state x (n_embd); hn

@@ -18,7 +18,9 @@
 
 #include "util/stp_err.h"
 
-#define STP_PROTO_VERSION 2u
+/* 3: EvalSeq.upto/from (a prompt chunk a few layers a step): a stage that ignored them would run
+ * a slice's chunk whole, so stages of version 2 must not be mixed with 3 */
+#define STP_PROTO_VERSION 3u
 #define MSG_ID_MAX 256           /* ROUTER peer ids (zmq makes 5-byte ones) */
 #define MSG_MAX_BYTES (1u << 30) /* larger payloads are refused before decoding */
 #define MSG_SEND_TIMEOUT_MS 5000 /* a send blocked at the high-water mark fails after this */

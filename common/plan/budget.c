@@ -58,10 +58,11 @@ int budget_plan_compute(budget_plan *p, const budget_params *bp, stp_err *err) {
     act_layout(&ah, p->n_ubatch, c->n_embd, c->n_expert_used, c->n_vocab, p->n_seq);
     p->act = ah.size;
     p->attn_scratch = budget_attn_scratch_bytes(c, p->n_ubatch, p->n_ctx, p->threads);
-    /* the attention worker's residual, h and router rows per token (four of n_embd) and the LM
-     * head's rows (one per slot; the queue of a micro-batch's rows) */
+    /* the attention worker's residual, h and router rows per token (four of n_embd), a prompt
+     * chunk's rows kept part way through the layers (one of n_embd per token: forward_part) and
+     * the LM head's rows (one per slot; the queue of a micro-batch's rows) */
     p->attn_buffers =
-        (uint64_t)p->n_ubatch * E * 4 * 4 + forward_heads_buf_size(c, p->n_seq, p->n_ubatch);
+        (uint64_t)p->n_ubatch * E * 4 * 5 + forward_heads_buf_size(c, p->n_seq, p->n_ubatch);
     p->worker = budget_worker_bytes(c);
     p->scratch = p->attn_scratch + p->attn_buffers + (uint64_t)p->workers * p->worker;
     /* the coordinator, the attention worker, the storage daemon and the workers; the

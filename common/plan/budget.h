@@ -52,7 +52,7 @@ typedef struct budget_plan {
                             * they cost what they hold: kv_cache_pool_bytes) */
     uint64_t act;          /* the activation region (act_layout: n_seq rows of logits) */
     uint64_t attn_scratch; /* = attn_scratch_bytes of the attention worker's scratch */
-    uint64_t attn_buffers; /* its residual / h / router buffers and logits */
+    uint64_t attn_buffers; /* its residual / h / router / part-way chunk buffers and logits */
     uint64_t worker;       /* one expert worker's scratch */
     uint64_t scratch;      /* attn_scratch + attn_buffers + workers * worker */
     uint64_t overhead;     /* processes (3 + workers) and the coordinator's tokenizer */

@@ -147,10 +147,10 @@ static void test_budget_plan_parts_add_up(void **st) {
     assert_int_equal(p.kv, 44032);
     assert_int_equal(p.act, ah.size);
     assert_int_equal(p.attn_scratch, budget_attn_scratch_bytes(&c, 8, 100, 1));
-    /* x, h, ffn and router rows; the LM head's normed row and activations (one slot) and its
-     * queue of the micro-batch's rows (two pointers each) */
+    /* x, h, ffn and router rows, a chunk's rows part way (forward_part); the LM head's normed
+     * row and activations (one slot) and its queue of the micro-batch's rows (two pointers each) */
     assert_int_equal(p.attn_buffers,
-                     8 * 64 * 4 * 4 + 64 * 4 + 64 * 4 + 64 + 8 * 2 * (int)sizeof(void *));
+                     8 * 64 * 4 * 5 + 64 * 4 + 64 * 4 + 64 + 8 * 2 * (int)sizeof(void *));
     assert_int_equal(p.worker, budget_worker_bytes(&c));
     assert_int_equal(p.scratch, p.attn_scratch + p.attn_buffers + p.worker);
     assert_int_equal(p.overhead, 4 * BUDGET_PROC_OVERHEAD + 100 * BUDGET_TOKENIZER_BYTES);
