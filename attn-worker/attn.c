@@ -972,7 +972,7 @@ static int s_ubatch(attn_worker *a, const Stp__EvalRequest *q, int i0, int n_e, 
     const Stp__EvalSeq *tail = q->seqs[i0 + n_e - 1]->upto ? q->seqs[i0 + n_e - 1] : NULL;
     forward_state fs = {&a->cc,     m,      a->as,       a->x, a->h, a->ffn,
                         a->rlogits, a->sel, a->selw_shm, 0,    0};
-    if (tail) forward_part_tail(&fs, &a->part, (int)tail->upto);
+    if (tail) forward_part_tail(&fs, &a->part, (int)tail->slot, (int)tail->upto);
     const forward_experts fx = {.ctx = a, .routed = s_routed, .run = s_run, .timed = s_timed};
     int rc = forward_ubatch(&fs, a->segs, n_e, &fx, err);
     if (rc) return rc;
@@ -1159,7 +1159,9 @@ static void s_release(attn_worker *a, const msg_in *in, const Stp__EvalRequest *
     uint64_t *off = a->r_off;
     for (size_t i = 0; i < q->n_seqs; i++) {
         const Stp__EvalSeq *e = q->seqs[i];
-        if (e->pos0 < a->n_past[e->slot] || forward_part_layers(&a->part, (int)e->slot)) {
+        /* a chunk left part way wrote past n_past (even when another slot's chunk has since
+         * taken the rows): the high-water mark says so */
+        if (e->pos0 < a->n_past[e->slot] || a->high[e->slot] > a->n_past[e->slot]) {
             a->n_past[e->slot] = e->pos0;
             kv_cache_release(a->kv[e->slot], e->pos0);
         }

@@ -199,7 +199,7 @@ static void s_ubatch(engine *e, const engine_seq_eval *b, int n_b, int first, in
     /* a chunk taken a few layers a step is the last entry (s_check) */
     const engine_seq_eval *tail = b[n_segs - 1].upto ? &b[n_segs - 1] : NULL;
     forward_state fs = {&e->cc, m, e->as, e->x, e->h, e->ffn, e->rlogits, e->sel, e->selw, 0, 0};
-    if (tail) forward_part_tail(&fs, &e->part, tail->upto);
+    if (tail) forward_part_tail(&fs, &e->part, tail->seq, tail->upto);
     const forward_experts fx = {.ctx = e, .run = s_run_experts, .timed = s_timed};
     forward_ubatch(&fs, e->segs, n_segs, &fx, NULL); /* moe_forward cannot fail */
     int T_done = T;                                  /* the rows through every layer */

@@ -64,7 +64,8 @@ typedef struct engine_seq_eval {
      * n_layer); its hidden states wait in the engine between calls, which pass the same tokens
      * and n (forward_part). Its positions are taken, and logits written, at the call that
      * reaches n_layer. It must be the batch's last entry and fit in one micro-batch with the
-     * others. A plain entry for seq, or engine_seq_keep, drops a chunk part way. */
+     * others. A plain entry for seq, engine_seq_keep, or an entry with upto for another
+     * sequence (the engine keeps one chunk part way) drops a chunk part way. */
     int upto;
     int from; /* with upto: the layers the caller saw done (0 the first time); when the engine
                * holds something else for seq, the chunk starts again at layer 0 */

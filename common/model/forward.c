@@ -177,14 +177,14 @@ int forward_part_begin(forward_part *p, int seq, int from, int upto, int n, int 
         forward_part_drop(p, seq);
         return 0;
     }
-    if (p->seq != seq || !from || p->done != from || p->n != n) p->done = 0; /* embeddings */
-    p->seq = seq;
-    if (upto && upto < n_layer && n > p->cap) {
+    if (upto < n_layer && n > p->cap) { /* first: a failure changes nothing */
         float *x = realloc(p->x, sizeof(float) * (size_t)n * n_embd);
         if (!x) return STP_ENOMEM;
         p->x = x;
         p->cap = n;
     }
+    if (p->seq != seq || !from || p->done != from || p->n != n) p->done = 0; /* embeddings */
+    p->seq = seq;
     return 0;
 }
 
@@ -194,8 +194,8 @@ bool forward_part_rows(const forward_part *p, int seq, int upto, float *rows, in
     return true;
 }
 
-void forward_part_tail(forward_state *fs, const forward_part *p, int upto) {
-    fs->tail_from = upto ? p->done : 0;
+void forward_part_tail(forward_state *fs, const forward_part *p, int seq, int upto) {
+    fs->tail_from = upto ? forward_part_layers(p, seq) : 0;
     fs->tail_to = upto;
 }
 

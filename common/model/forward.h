@@ -127,9 +127,9 @@ int forward_part_begin(forward_part *p, int seq, int from, int upto, int n, int 
 /* Sequence seq's entry's rows (n, n_embd) where its chunk stopped, when it continues (upto and
  * layers done): true, copied; false: the caller embeds its tokens. */
 bool forward_part_rows(const forward_part *p, int seq, int upto, float *rows, int n, int n_embd);
-/* fs runs the last segment only on the chunk's layers [p->done, upto) (upto 0: every layer);
- * after forward_part_begin of that segment's entry. */
-void forward_part_tail(forward_state *fs, const forward_part *p, int upto);
+/* fs runs the last segment (sequence seq's chunk) only on its layers [done, upto) (upto 0: every
+ * layer); after forward_part_begin of that segment's entry. */
+void forward_part_tail(forward_state *fs, const forward_part *p, int seq, int upto);
 /* After it: rows (n, n_embd) wait when upto < n_layer; else nothing is pending. Whether the
  * chunk went through (its positions are taken, its logits wanted). */
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto, int n_layer);

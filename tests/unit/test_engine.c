@@ -564,6 +564,11 @@ static void s_batch_invariance(const char *file) {
     engine_seq_eval p_rest = {0, p, 4, got, NL, 1}, q_rest = {2, q, 4, got2, NL, 1};
     assert_int_equal(engine_eval_batch(b, &p_first, 1, &err), 0);
     assert_int_equal(engine_seq_layers_done(b, 0), 1);
+    /* another sequence's plain entry or keep leaves it */
+    engine_seq_eval q_one = {2, q, 1, NULL, 0, 0};
+    assert_int_equal(engine_eval_batch(b, &q_one, 1, &err), 0);
+    assert_int_equal(engine_seq_keep(b, 2, 0), 0);
+    assert_int_equal(engine_seq_layers_done(b, 0), 1);
     assert_int_equal(engine_eval_batch(b, &q_first, 1, &err), 0);
     assert_int_equal(engine_seq_layers_done(b, 2), 1);
     assert_int_equal(engine_seq_layers_done(b, 0), 0);
