@@ -66,6 +66,13 @@ static float s_max_diff(const float *a, const float *b, size_t n) {
     return d;
 }
 
+/* got and want bit for bit, else the test fails saying what differs and by how much. */
+static void s_same_bits(const char *file, const char *what, const float *got, const float *want,
+                        size_t n) {
+    if (memcmp(got, want, sizeof(float) * n))
+        fail_msg("%s: %s (max %g)", file, what, s_max_diff(got, want, n));
+}
+
 static void s_batched_vs_stepwise(const char *file) {
     model *m = th_model_open(file);
     const int V = m->cfg.n_vocab;
@@ -219,16 +226,13 @@ static void s_threads_identical(const char *file) {
     engine *e1 = s_engine(m, 1, 64, 0), *e2 = s_engine(m, 2, 64, 0), *e3 = s_engine(m, 3, 64, 0);
     float *a = s_batched(e1, t, NTOK, V), *b = s_batched(e2, t, NTOK, V),
           *c = s_batched(e3, t, NTOK, V);
-    if (memcmp(a, b, sizeof(float) * NTOK * V))
-        fail_msg("%s: 1 vs 2 threads differ (max %g)", file, s_max_diff(a, b, (size_t)NTOK * V));
-    if (memcmp(a, c, sizeof(float) * NTOK * V))
-        fail_msg("%s: 1 vs 3 threads differ (max %g)", file, s_max_diff(a, c, (size_t)NTOK * V));
+    s_same_bits(file, "1 vs 2 threads differ", a, b, (size_t)(NTOK * V));
+    s_same_bits(file, "1 vs 3 threads differ", a, c, (size_t)(NTOK * V));
     /* decode steps too */
     int32_t next[8];
     s_tokens(next, 8, V, 6);
     float *sa = s_stepwise(e1, next, 8, V), *sb = s_stepwise(e2, next, 8, V);
-    if (memcmp(sa, sb, sizeof(float) * 8 * V))
-        fail_msg("%s: decode 1 vs 2 threads differ (max %g)", file, s_max_diff(sa, sb, 8u * V));
+    s_same_bits(file, "decode 1 vs 2 threads differ", sa, sb, (size_t)(8 * V));
     free(a);
     free(b);
     free(c);
@@ -472,18 +476,13 @@ static void s_batch_invariance(const char *file) {
     assert_int_equal(engine_seq_n_past(b, 0), NP);
     assert_int_equal(engine_seq_n_past(b, 1), 0);
     assert_int_equal(engine_seq_n_past(b, 2), NQ);
-    if (memcmp(got, lp2, sizeof(float) * V))
-        fail_msg("%s: chunked p beside q differs from p alone (max %g)", file,
-                 s_max_diff(got, lp2, V));
-    if (memcmp(got2, lq, sizeof(float) * V))
-        fail_msg("%s: chunked q beside p differs from q alone (max %g)", file,
-                 s_max_diff(got2, lq, V));
+    s_same_bits(file, "chunked p beside q differs from p alone", got, lp2, (size_t)V);
+    s_same_bits(file, "chunked q beside p differs from q alone", got2, lq, (size_t)V);
     /* keep p's first NP-1 positions and evaluate its last token again */
     assert_int_equal(engine_seq_keep(b, 0, NP - 1), NP - 1);
     engine_seq_eval one = {0, p + NP - 1, 1, got, 0, 0};
     assert_int_equal(engine_eval_batch(b, &one, 1, &err), 0);
-    if (memcmp(got, lp, sizeof(float) * V))
-        fail_msg("%s: kept prefix + last token differs (max %g)", file, s_max_diff(got, lp, V));
+    s_same_bits(file, "kept prefix + last token differs", got, lp, (size_t)V);
     /* errors change nothing */
     engine_seq_eval twice[2] = {{0, p, 1, NULL, 0, 0}, {0, q, 1, NULL, 0, 0}};
     assert_int_equal(engine_eval_batch(b, twice, 2, &err), STP_EINVAL);
@@ -514,12 +513,8 @@ static void s_batch_invariance(const char *file) {
         iq += layer == NL ? cq : 0;
     }
     assert_int_equal(calls, ((NQ + 3) / 4) * NL > NP ? ((NQ + 3) / 4) * NL : NP);
-    if (memcmp(got, lp2, sizeof(float) * V))
-        fail_msg("%s: p beside q's layer slices differs from p alone (max %g)", file,
-                 s_max_diff(got, lp2, V));
-    if (memcmp(got2, lq, sizeof(float) * V))
-        fail_msg("%s: q in layer slices differs from q alone (max %g)", file,
-                 s_max_diff(got2, lq, V));
+    s_same_bits(file, "p beside q's layer slices differs from p alone", got, lp2, (size_t)V);
+    s_same_bits(file, "q in layer slices differs from q alone", got2, lq, (size_t)V);
     /* a slice not last, layers out of range: refused, nothing changed; a plain entry or
      * engine_seq_keep drops the part-way chunk; a chunk whose `from` is not what the engine holds
      * (another chunk of the same size left part way) starts again at layer 0: p's first 4
@@ -542,9 +537,7 @@ static void s_batch_invariance(const char *file) {
     assert_int_equal(engine_eval_batch(b, &other, 1, &err), 0);
     assert_int_equal(engine_seq_layers_done(b, 2), 0);
     assert_int_equal(engine_seq_n_past(b, 2), 4);
-    if (memcmp(got, l4, sizeof(float) * V))
-        fail_msg("%s: a new chunk took a stale chunk's rows (max %g)", file,
-                 s_max_diff(got, l4, V));
+    s_same_bits(file, "a new chunk took a stale chunk's rows", got, l4, (size_t)V);
     assert_int_equal(engine_seq_keep(b, 2, 0), 0);
     assert_int_equal(engine_eval_batch(b, &first, 1, &err), 0);
     assert_int_equal(engine_seq_keep(b, 2, 0), 0);
@@ -577,12 +570,8 @@ static void s_batch_invariance(const char *file) {
     assert_int_equal(engine_seq_layers_done(b, 2), 0);
     assert_int_equal(engine_eval_batch(b, &q_rest, 1, &err), 0);
     assert_int_equal(engine_seq_n_past(b, 2), 4);
-    if (memcmp(got, l4, sizeof(float) * V))
-        fail_msg("%s: a chunk whose rows another took differs (max %g)", file,
-                 s_max_diff(got, l4, V));
-    if (memcmp(got2, lq4, sizeof(float) * V))
-        fail_msg("%s: a chunk that took another's rows differs (max %g)", file,
-                 s_max_diff(got2, lq4, V));
+    s_same_bits(file, "a chunk whose rows another took differs", got, l4, (size_t)V);
+    s_same_bits(file, "a chunk that took another's rows differs", got2, lq4, (size_t)V);
     free(l4), free(lq4);
 
     free(lp), free(lp2), free(lq), free(got), free(got2);
@@ -618,8 +607,8 @@ static void test_engine_keep_after_chunk_part_way(void **state) {
     assert_int_equal(engine_eval(e, rest + kept, KEEP + NU - kept, got, false, &err), 0);
     engine *f = s_engine(m, 2, 4400, 64);
     assert_int_equal(engine_eval(f, rest, KEEP + NU, want, false, &err), 0);
-    if (memcmp(got, want, sizeof(float) * V))
-        fail_msg("kept prefix after a chunk part way differs (max %g)", s_max_diff(got, want, V));
+    s_same_bits("tiny-hybrid-attn-q4_0-pure.gguf", "kept prefix after a chunk part way differs",
+                got, want, (size_t)V);
     free(t), free(got), free(want), free(rest);
     engine_destroy(&e);
     engine_destroy(&f);
