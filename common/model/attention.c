@@ -68,8 +68,9 @@ static scratch_dims s_dims(const model_config *cfg, int n_ubatch, int n_ctx, int
     d.max_pairs = 2 * (size_t)n_threads;
     d.n_chunks = (size_t)n_ctx / ATTN_CHUNK + 2;
     d.part_doubles = d.max_pairs * d.n_chunks * H * (D + 2);
-    /* the largest activation format is F32 (4 bytes/elem); q, k, v may each need their own copy */
-    d.xq_bytes = 3 * T * (widest * 4 + 64);
+    /* the largest activation format is F32 (4 bytes/elem); the router, q, k, v may each need
+     * their own copy */
+    d.xq_bytes = 4 * T * (widest * 4 + 64);
     return d;
 }
 
@@ -291,8 +292,65 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const att
     }
 }
 
-void attention_forward(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
-                       int n_segs, float *x, attn_scratch *s) {
+void attention_project(const compute_ctx *cc, const model *m, int il, const float *x, int T,
+                       float *router_logits, attn_scratch *s) {
+    const model_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[il];
+    const int E = c->n_embd, Q = c->n_head * c->head_dim, KV = c->n_head_kv * c->head_dim;
+    const int W = Q + 2 * KV;
+    for (int t = 0; t < T; t++)
+        ops_rmsnorm(x + (size_t)t * E, L->attn_norm, s->hn + (size_t)t * E, E, c->rms_eps);
+
+    /* the router on x, then q, k, v on the normed rows; they may differ in type (q, k, v share
+     * their activations when their formats agree) */
+    mm_job jobs[4];
+    uint8_t *xq = s->xq;
+    const tensor_view *r = &L->router;
+    size_t stride = ops_quantize_acts(cc, r->type, x, E, T, xq);
+    jobs[0] = (mm_job){.type = r->type,
+                       .n_cols = E,
+                       .w = r->data,
+                       .row_bytes = r->row_bytes,
+                       .xq = xq,
+                       .xq_stride = stride,
+                       .n_vec = T,
+                       .y = router_logits,
+                       .y_stride = (size_t)r->n_rows,
+                       .n_rows = r->n_rows,
+                       .wp = model_packed(r, 0)};
+    xq += stride * T;
+    const tensor_view *w3[3] = {&L->wq, &L->wk, &L->wv};
+    int off[3] = {0, Q, Q + KV};
+    size_t stride_prev = 0;
+    for (int i = 0; i < 3; i++) {
+        const tensor_view *w = w3[i];
+        const uint8_t *xqi;
+        if (i > 0 && kern_act_type(w->type) == kern_act_type(w3[i - 1]->type)) {
+            stride = stride_prev;
+            xqi = jobs[i].xq;
+        } else {
+            xqi = xq;
+            stride = ops_quantize_acts(cc, w->type, s->hn, E, T, xq);
+            xq += stride * T;
+        }
+        stride_prev = stride;
+        jobs[1 + i] = (mm_job){.type = w->type,
+                               .n_cols = E,
+                               .w = w->data,
+                               .row_bytes = w->row_bytes,
+                               .xq = xqi,
+                               .xq_stride = stride,
+                               .n_vec = T,
+                               .y = s->qkv + off[i],
+                               .y_stride = (size_t)W,
+                               .n_rows = w->n_rows,
+                               .wp = model_packed(w, 0)};
+    }
+    ops_mm_run(cc, jobs, 4);
+}
+
+void attention_attend(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
+                      int n_segs, float *x, attn_scratch *s) {
     const model_config *c = &m->cfg;
     const layer_weights *L = &m->layers[il];
     const int E = c->n_embd, D = c->head_dim, Q = c->n_head * D, KV = c->n_head_kv * D;
@@ -303,43 +361,6 @@ void attention_forward(const compute_ctx *cc, const model *m, int il, const attn
             s->tok_kvl[T] = &segs[i].kv->layers[il];
             s->tok_pos[T] = segs[i].pos0 + t;
         }
-
-    for (int t = 0; t < T; t++)
-        ops_rmsnorm(x + (size_t)t * E, L->attn_norm, s->hn + (size_t)t * E, E, c->rms_eps);
-
-    /* q, k, v in one section for every sequence's tokens; they share the input but may differ
-     * in type */
-    mm_job jobs[3];
-    const tensor_view *w3[3] = {&L->wq, &L->wk, &L->wv};
-    int off[3] = {0, Q, Q + KV};
-    uint8_t *xq = s->xq;
-    size_t stride_prev = 0;
-    for (int i = 0; i < 3; i++) {
-        const tensor_view *w = w3[i];
-        size_t stride;
-        const uint8_t *xqi;
-        if (i > 0 && kern_act_type(w->type) == kern_act_type(w3[i - 1]->type)) {
-            stride = stride_prev;
-            xqi = jobs[i - 1].xq;
-        } else {
-            xqi = xq;
-            stride = ops_quantize_acts(cc, w->type, s->hn, E, T, xq);
-            xq += stride * T;
-        }
-        stride_prev = stride;
-        jobs[i] = (mm_job){.type = w->type,
-                           .n_cols = E,
-                           .w = w->data,
-                           .row_bytes = w->row_bytes,
-                           .xq = xqi,
-                           .xq_stride = stride,
-                           .n_vec = T,
-                           .y = s->qkv + off[i],
-                           .y_stride = (size_t)W,
-                           .n_rows = w->n_rows,
-                           .wp = model_packed(w, 0)};
-    }
-    ops_mm_run(cc, jobs, 3);
 
     const bool rope = model_config_layer_rope(c, il);
     for (int i = 0, t = 0; i < n_segs; i++)

@@ -31,11 +31,19 @@ typedef struct attn_seg {
     int n;        /* tokens (>= 1) */
 } attn_seg;
 
-/* Layer il for the segments' tokens (at most the scratch's n_ubatch in all). */
-void attention_forward(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
-                       int n_segs, float *x, attn_scratch *s);
+/* Layer il's first section for T rows of the residual x (at most the scratch's n_ubatch): the
+ * router logits (T x n_expert, F32 weights, on x itself) and q, k, v of rmsnorm(x) * attn_norm,
+ * all in one section of the team (the router's rows are a few dozen: a section of their own
+ * would cost more in its start and end than in its reads). The q, k, v rows stay in s. */
+void attention_project(const compute_ctx *cc, const model *m, int il, const float *x, int T,
+                       float *router_logits, attn_scratch *s);
+/* The rest of layer il's attention for the segments' tokens (the T rows attention_project took,
+ * in segment order): RoPE, the cache, attention per token, x += Wo · o. */
+void attention_attend(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
+                      int n_segs, float *x, attn_scratch *s);
 
-/* The router logits of layer il for T residual vectors: (T x n_expert), F32 weights. */
+/* The router logits of layer il for T residual vectors: (T x n_expert), F32 weights, alone (the
+ * pipeline's guess at the next layer's experts); the same bits as attention_project's. */
 void attention_router(const compute_ctx *cc, const model *m, int il, const float *x, int T,
                       float *logits, attn_scratch *s);
 

@@ -55,22 +55,27 @@ int forward_ubatch(const forward_state *s, const forward_seg *segs, int n_segs,
         if (!T) continue;
         uint64_t t0 = forward_now_ns();
 
-        /* router on the raw residual: the experts are known before attention */
-        attention_router(s->cc, m, il, s->x, T, s->rlogits, s->as);
+        /* the router on the raw residual, with q, k, v: the experts are known before attention */
+        attention_project(s->cc, m, il, s->x, T, s->rlogits, s->as);
+        uint64_t tp = forward_now_ns();
         for (int t = 0; t < T; t++)
             ops_route(c, s->rlogits + (size_t)t * X, s->sel + (size_t)t * K,
                       s->selw + (size_t)t * K);
         int rc = fx->routed ? fx->routed(fx->ctx, il, T, s->sel, s->selw, err) : 0;
         if (rc) return rc;
         uint64_t t1 = forward_now_ns();
-        ns.router = t1 - t0;
 
         /* x += attention(rmsnorm(x) * attn_norm); h = rmsnorm(x) * ffn_norm */
-        attention_forward(s->cc, m, il, segs, n_segs, s->x, s->as);
+        attention_attend(s->cc, m, il, segs, n_segs, s->x, s->as);
         for (int t = 0; t < T; t++)
             ops_rmsnorm(s->x + (size_t)t * E, L->ffn_norm, s->h + (size_t)t * E, E, c->rms_eps);
         uint64_t t2 = forward_now_ns();
-        ns.attn = t2 - t1;
+        /* the shared section goes to the router and to attention by their bytes */
+        const double rb = (double)L->router.mat_bytes,
+                     ab = (double)(L->wq.mat_bytes + L->wk.mat_bytes + L->wv.mat_bytes);
+        const uint64_t r_share = (uint64_t)((double)(tp - t0) * rb / (rb + ab));
+        ns.router = r_share + (t1 - tp);
+        ns.attn = (tp - t0 - r_share) + (t2 - t1);
 
         /* x += experts(h) */
         if ((rc = fx->run(fx->ctx, il, T, s->x, s->h, s->sel, s->selw, s->ffn, err))) return rc;

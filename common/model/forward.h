@@ -28,8 +28,9 @@
 
 /* What one layer's phases took, in nanoseconds (for the callers' statistics). */
 typedef struct forward_layer_ns {
-    uint64_t router;  /* router product, routing, fx->routed */
-    uint64_t attn;    /* attention and the FFN norm */
+    uint64_t router;  /* the router product (its share by bytes of the section it shares with q,
+                       * k, v), routing, fx->routed */
+    uint64_t attn;    /* the rest: attention and the FFN norm */
     uint64_t experts; /* fx->run and the residual */
 } forward_layer_ns;
 

@@ -185,7 +185,7 @@ static void s_golden_case(const char *stem, int workers, bool lanes) {
 }
 
 /* --cache-type T (stpipe-up, the attention worker's KV cache): the pipeline's prompt logits
- * are the in-process engine's with the same cache type bit for bit (both run attention_forward
+ * are the in-process engine's with the same cache type bit for bit (both run attention_attend
  * over the same kv_cache code), and so are the greedy ids. */
 static void s_cache_type_case(const char *type) {
     th_golden g;
