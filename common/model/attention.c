@@ -307,17 +307,7 @@ void attention_project(const compute_ctx *cc, const model *m, int il, const floa
     uint8_t *xq = s->xq;
     const tensor_view *r = &L->router;
     size_t stride = ops_quantize_acts(cc, r->type, x, E, T, xq);
-    jobs[0] = (mm_job){.type = r->type,
-                       .n_cols = E,
-                       .w = r->data,
-                       .row_bytes = r->row_bytes,
-                       .xq = xq,
-                       .xq_stride = stride,
-                       .n_vec = T,
-                       .y = router_logits,
-                       .y_stride = (size_t)r->n_rows,
-                       .n_rows = r->n_rows,
-                       .wp = model_packed(r, 0)};
+    jobs[0] = ops_matrix_job(r, 0, xq, stride, T, router_logits, (size_t)r->n_rows);
     xq += stride * T;
     const tensor_view *w3[3] = {&L->wq, &L->wk, &L->wv};
     int off[3] = {0, Q, Q + KV};
@@ -334,17 +324,7 @@ void attention_project(const compute_ctx *cc, const model *m, int il, const floa
             xq += stride * T;
         }
         stride_prev = stride;
-        jobs[1 + i] = (mm_job){.type = w->type,
-                               .n_cols = E,
-                               .w = w->data,
-                               .row_bytes = w->row_bytes,
-                               .xq = xqi,
-                               .xq_stride = stride,
-                               .n_vec = T,
-                               .y = s->qkv + off[i],
-                               .y_stride = (size_t)W,
-                               .n_rows = w->n_rows,
-                               .wp = model_packed(w, 0)};
+        jobs[1 + i] = ops_matrix_job(w, 0, xqi, stride, T, s->qkv + off[i], (size_t)W);
     }
     ops_mm_run(cc, jobs, 4);
 }

@@ -113,22 +113,25 @@ size_t ops_quantize_acts(const compute_ctx *cc, stp_type wtype, const float *x, 
     return stride;
 }
 
+mm_job ops_matrix_job(const tensor_view *w, int64_t mat, const uint8_t *xq, size_t xq_stride, int T,
+                      float *y, size_t y_stride) {
+    return (mm_job){.type = w->type,
+                    .n_cols = w->n_cols,
+                    .w = w->data + (size_t)mat * w->mat_bytes,
+                    .row_bytes = w->row_bytes,
+                    .xq = xq,
+                    .xq_stride = xq_stride,
+                    .n_vec = T,
+                    .y = y,
+                    .y_stride = y_stride,
+                    .n_rows = w->n_rows,
+                    .wp = model_packed(w, mat)};
+}
+
 void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const float *x, int T,
                 float *y, uint8_t *xq_scratch) {
     size_t stride = ops_quantize_acts(cc, w->type, x, w->n_cols, T, xq_scratch);
-    mm_job j = {
-        .type = w->type,
-        .n_cols = w->n_cols,
-        .w = w->data + (size_t)mat * w->mat_bytes,
-        .row_bytes = w->row_bytes,
-        .xq = xq_scratch,
-        .xq_stride = stride,
-        .n_vec = T,
-        .y = y,
-        .y_stride = (size_t)w->n_rows,
-        .n_rows = w->n_rows,
-        .wp = model_packed(w, mat),
-    };
+    const mm_job j = ops_matrix_job(w, mat, xq_scratch, stride, T, y, (size_t)w->n_rows);
     ops_mm_run(cc, &j, 1);
 }
 

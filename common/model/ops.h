@@ -56,6 +56,11 @@ void ops_mm_run(const compute_ctx *cc, const mm_job *jobs, int n_jobs);
 size_t ops_quantize_acts(const compute_ctx *cc, stp_type wtype, const float *x, int64_t n, int T,
                          uint8_t *xq);
 
+/* The job of a whole matrix (mat of a stack, with its q4_0x16 image when it has one) over T
+ * vectors already quantized in xq (xq_stride bytes apart): y[v * y_stride + r] = W[r] · x_v. */
+mm_job ops_matrix_job(const tensor_view *w, int64_t mat, const uint8_t *xq, size_t xq_stride, int T,
+                      float *y, size_t y_stride);
+
 /* Convenience: y (T x rows) = W x (T x n_cols) for a whole matrix (one mat of a stack). */
 void ops_matmul(const compute_ctx *cc, const tensor_view *w, int64_t mat, const float *x, int T,
                 float *y, uint8_t *xq_scratch);
