@@ -1240,7 +1240,7 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
     stats_add(a->st, "eval.seqs", (uint64_t)nb);
     int n_through = n; /* a chunk part way counts when it is through */
     for (int i = 0; i < nb; i++)
-        if (q->seqs[i]->upto && (int)q->seqs[i]->upto < c->n_layer)
+        if (!forward_part_through((int)q->seqs[i]->upto, c->n_layer))
             n_through -= (int)q->seqs[i]->n_tokens;
     stats_add(a->st, "tokens", (uint64_t)n_through);
     stats_add(a->st, "ipc_us", (uint64_t)a->ipc_us);
@@ -1263,7 +1263,7 @@ static void s_eval(attn_worker *a, const msg_in *in, const Stp__EvalRequest *q) 
         if (e->pos0 < old[i]) kv_cache_release(a->kv[e->slot], end); /* a chunk part way: past */
         if (!e->pos0) a->high[e->slot] = end; /* started again at 0: only this is written */
         past[i] = a->n_past[e->slot];
-        const bool through = !e->upto || (int)e->upto >= c->n_layer; /* else no logits yet */
+        const bool through = forward_part_through((int)e->upto, c->n_layer); /* else no logits */
         off[i] = e->want_logits && through
                      ? a->ah->off_logits + (uint64_t)e->slot * V * sizeof(float)
                      : 0;

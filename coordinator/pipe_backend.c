@@ -10,6 +10,7 @@
 #include <zmq.h>
 
 #include "eval.pb-c.h"
+#include "model/forward.h"
 #include "model/kv_cache.h"
 #include "msg/msg.h"
 #include "msg/stage.h"
@@ -414,7 +415,7 @@ static int s_eval_any(pipe_backend *p, const backend_seq_eval *q, int n_q, float
     Stp__EvalMsg *m = NULL;
     for (int i = 0; i < n_q; i++) {
         const pipe_slot *s = &p->slots[q[i].seq];
-        const bool through = !q[i].upto || q[i].upto >= p->m->cfg.n_layer;
+        const bool through = forward_part_through(q[i].upto, p->m->cfg.n_layer);
         e[i] = (pipe_entry){q[i].seq,  s->n_past, q[i].n, q[i].tokens, q[i].logits != NULL,
                             q[i].upto, q[i].from, through};
         total += q[i].n;

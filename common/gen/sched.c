@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "gen/token_step.h"
+#include "model/forward.h"
 
 typedef enum r_state { R_WAIT, R_PREFILL, R_DECODE } r_state;
 
@@ -411,7 +412,7 @@ int sched_step(sched *s) {
     stp_err err = {0};
     int rc = backend_eval_batch(s->b, s->q, n_q, &err);
     int n_tok = s->n_batch - budget; /* a chunk part way counts when it is through */
-    if (s->q[n_q - 1].upto && s->q[n_q - 1].upto < s->n_layer) n_tok -= s->q[n_q - 1].n;
+    if (!forward_part_through(s->q[n_q - 1].upto, s->n_layer)) n_tok -= s->q[n_q - 1].n;
     if (rc) {
         /* the backend may have lost these sequences' caches: forget what their slots held */
         for (int i = 0; i < n_q; i++) {
@@ -425,7 +426,7 @@ int sched_step(sched *s) {
         s_req *rq = s->q_req[i];
         s_slot *sl = &s->slots[rq->slot];
         const backend_seq_eval *e = &s->q[i];
-        if (e->upto && e->upto < s->n_layer) { /* not through its layers yet */
+        if (!forward_part_through(e->upto, s->n_layer)) { /* not through its layers yet */
             rq->part_n = e->n;
             rq->part_done = e->upto;
             s->stats.prefill_slices++;

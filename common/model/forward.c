@@ -206,7 +206,7 @@ void forward_part_tail(forward_state *fs, const forward_part *p, int seq, int up
 
 bool forward_part_end(forward_part *p, const float *rows, int n, int n_embd, int upto,
                       int n_layer) {
-    if (!upto || upto >= n_layer) {
+    if (forward_part_through(upto, n_layer)) {
         p->done = 0;
         return true;
     }

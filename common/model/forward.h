@@ -112,6 +112,12 @@ typedef struct forward_part {
     float *x; /* (cap, n_embd) */
 } forward_part;
 
+/* Whether an entry asking for layers up to `upto` (0: every layer) reaches the last one: its
+ * positions are taken, its logits given and its tokens counted; else its chunk waits part way. */
+static inline bool forward_part_through(int upto, int n_layer) {
+    return !upto || upto >= n_layer;
+}
+
 /* Checks an entry asking for layers from..upto (upto 0: every layer), entry `index` of n_entries
  * holding `total` tokens in all: NULL, or why it cannot run (0 <= from < upto <= n_layer; a
  * slice must be the last entry and the batch one micro-batch of at most n_ubatch). */
