@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <zmq.h>
 
 #include "client.pb-c.h"
 #include "msg/msg.h"
@@ -139,6 +140,33 @@ long long th_stage_counter(const char *dir, const char *stage, const char *name)
     long long x = v ? json_integer_value(v) : -1;
     json_decref(root);
     return x;
+}
+
+void *th_stats_sub(void *zctx, const char *dir, const char *sock) {
+    char ep[1200];
+    stp_err err = {0};
+    assert_int_equal(msg_endpoint(ep, sizeof ep, dir, sock, &err), 0);
+    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
+    assert_non_null(s);
+    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
+    return s;
+}
+
+Stp__StatsReport *th_stats_next(void *sub, int timeout_ms) {
+    bool rd = false;
+    if (timeout_ms <= 0 || !msg_poll(&sub, 1, &rd, timeout_ms) || !rd) return NULL;
+    msg_in in;
+    stp_err err = {0};
+    if (msg_recv(sub, false, &in, &err) <= 0) return NULL;
+    Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
+    msg_in_free(&in);
+    return rep;
+}
+
+long long th_stats_counter(const Stp__StatsReport *rep, const char *name) {
+    for (size_t i = 0; i < rep->n_counters; i++)
+        if (!strcmp(rep->counters[i]->name, name)) return (long long)rep->counters[i]->value;
+    return -1;
 }
 
 void th_client_request(void *sock, void *rq) {

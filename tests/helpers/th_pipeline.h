@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stats.pb-c.h"
+
 /* A golden case: $STP_TEST_DATA/<stem>.gguf and the prompt/greedy ids of <stem>.short.json. */
 typedef struct th_golden {
     char model[512];
@@ -38,6 +40,14 @@ bool th_stage_alive(int pid, const char *dir);
 /* The counter `name` of stage `stage` ("coordinator", "attn-worker"...) in `stpipe stats
  * --run-dir D --json`, -1 if absent (asserts the command works). */
 long long th_stage_counter(const char *dir, const char *stage, const char *name);
+/* A SUB socket on the stats socket `sock` ("stats-attn", "stats-coordinator"...) of run dir D:
+ * every report from now on, one every 500 ms (asserts it opens). zmq_close it. */
+void *th_stats_sub(void *zctx, const char *dir, const char *sock);
+/* The next report on sub within timeout_ms; NULL when none came or it did not decode. Free it
+ * with stp__stats_report__free_unpacked. */
+Stp__StatsReport *th_stats_next(void *sub, int timeout_ms);
+/* Counter `name` of rep, -1 when it has none. */
+long long th_stats_counter(const Stp__StatsReport *rep, const char *name);
 /* Sends rq (a GenerateRequest) / a CancelRequest of rid to a coordinator's client socket (a
  * DEALER on D/client.sock), wrapped in a ClientMsg of this build's protocol version; asserts
  * the send worked. rq is a Stp__GenerateRequest (client.pb-c.h). */

@@ -35,6 +35,7 @@
 #include "shm/shm.h"
 #include "stats.pb-c.h"
 #include "th_gguf.h"
+#include "th_pipeline.h"
 #include "th_proc.h"
 
 #define SRC_MODEL "tiny-hybrid-attn-q4_0-pure.gguf"
@@ -303,26 +304,12 @@ static void s_refused(const ent *es, int n, bool all, int code, const char *need
 
 /* The attention worker's counter from its next stats report (0: none in 3 s). */
 static uint64_t s_stat(const char *counter) {
-    char ep[1200];
-    stp_err err = {0};
-    msg_endpoint(ep, sizeof ep, s_g.dir, "stats-attn", &err);
-    void *s = msg_socket(s_g.zctx, ZMQ_SUB, ep, false, &err);
-    assert_non_null(s);
-    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
-    uint64_t v = 0;
-    bool rd;
-    if (msg_poll(&s, 1, &rd, 3000) && rd) {
-        msg_in in;
-        if (msg_recv(s, false, &in, &err) > 0) {
-            Stp__StatsReport *r = stp__stats_report__unpack(NULL, in.len, in.data);
-            for (size_t i = 0; r && i < r->n_counters; i++)
-                if (!strcmp(r->counters[i]->name, counter)) v = r->counters[i]->value;
-            if (r) stp__stats_report__free_unpacked(r, NULL);
-            msg_in_free(&in);
-        }
-    }
+    void *s = th_stats_sub(s_g.zctx, s_g.dir, "stats-attn");
+    Stp__StatsReport *r = th_stats_next(s, 3000);
+    const long long v = r ? th_stats_counter(r, counter) : -1;
+    if (r) stp__stats_report__free_unpacked(r, NULL);
     msg_close(&s);
-    return v;
+    return v < 0 ? 0 : (uint64_t)v;
 }
 
 /* counter reaches want within a few reports (they come every 500 ms) */

@@ -388,26 +388,12 @@ static bool s_coord_idle(void *ctx) {
 }
 
 static long long s_bad_sum(void *zctx, const char *dir, const char *stats_sock) {
-    char ep[1200];
-    stp_err err = {0};
-    msg_endpoint(ep, sizeof ep, dir, stats_sock, &err);
-    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
-    assert_non_null(s);
-    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
-    long long v = -1;
-    bool rd;
-    if (msg_poll(&s, 1, &rd, 5000) && rd) {
-        msg_in in;
-        if (msg_recv(s, false, &in, &err) > 0) {
-            Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
-            if (rep) v = 0;
-            for (size_t i = 0; rep && i < rep->n_counters; i++)
-                if (!strncmp(rep->counters[i]->name, "bad.", 4))
-                    v += (long long)rep->counters[i]->value;
-            if (rep) stp__stats_report__free_unpacked(rep, NULL);
-            msg_in_free(&in);
-        }
-    }
+    void *s = th_stats_sub(zctx, dir, stats_sock);
+    Stp__StatsReport *rep = th_stats_next(s, 5000);
+    long long v = rep ? 0 : -1;
+    for (size_t i = 0; rep && i < rep->n_counters; i++)
+        if (!strncmp(rep->counters[i]->name, "bad.", 4)) v += (long long)rep->counters[i]->value;
+    if (rep) stp__stats_report__free_unpacked(rep, NULL);
     zmq_close(s);
     return v;
 }

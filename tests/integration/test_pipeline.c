@@ -443,26 +443,12 @@ static size_t s_pack(const ProtobufCMessage *m, uint8_t *buf) {
 
 /* The newest StatsReport of one stage; counter value by name. */
 static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter) {
-    char ep[1200];
-    stp_err err = {0};
-    msg_endpoint(ep, sizeof ep, r->dir, stage_sock, &err);
-    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
-    assert_non_null(s);
-    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
-    uint64_t v = 0;
-    bool rd;
-    if (msg_poll(&s, 1, &rd, 3000) && rd) {
-        msg_in in;
-        if (msg_recv(s, false, &in, &err) > 0) {
-            Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
-            for (size_t i = 0; rep && i < rep->n_counters; i++)
-                if (!strcmp(rep->counters[i]->name, counter)) v = rep->counters[i]->value;
-            if (rep) stp__stats_report__free_unpacked(rep, NULL);
-            msg_in_free(&in);
-        }
-    }
+    void *s = th_stats_sub(zctx, r->dir, stage_sock);
+    Stp__StatsReport *rep = th_stats_next(s, 3000);
+    const long long v = rep ? th_stats_counter(rep, counter) : -1;
+    if (rep) stp__stats_report__free_unpacked(rep, NULL);
     zmq_close(s);
-    return v;
+    return v < 0 ? 0 : (uint64_t)v;
 }
 
 typedef struct stages_gone {

@@ -23,7 +23,6 @@
 #include <zmq.h>
 
 #include "client.pb-c.h"
-#include "stats.pb-c.h"
 #include "msg/msg.h"
 #include "th_pipeline.h"
 #include "th_proc.h"
@@ -135,35 +134,6 @@ static long long s_coord_counter(const char *name) {
     return s_stage_counter("coordinator", name);
 }
 
-/* A SUB socket on the coordinator's stats (every report from now on). */
-static void *s_coord_sub(void *zctx) {
-    char ep[1200];
-    stp_err err = {0};
-    assert_int_equal(msg_endpoint(ep, sizeof ep, s_dir, "stats-coordinator", &err), 0);
-    void *s = msg_socket(zctx, ZMQ_SUB, ep, false, &err);
-    assert_non_null(s);
-    zmq_setsockopt(s, ZMQ_SUBSCRIBE, "", 0);
-    return s;
-}
-
-/* Counter `name` of the next report on sub (waiting until deadline, th_now() seconds; -1 when
- * none came or it has no such counter). */
-static long long s_sub_counter(void *sub, const char *name, double deadline) {
-    long long v = -1;
-    bool rd = false;
-    const int ms = (int)((deadline - th_now()) * 1000);
-    if (ms <= 0 || !msg_poll(&sub, 1, &rd, ms) || !rd) return v;
-    msg_in in;
-    stp_err err = {0};
-    if (msg_recv(sub, false, &in, &err) <= 0) return v;
-    Stp__StatsReport *rep = stp__stats_report__unpack(NULL, in.len, in.data);
-    for (size_t i = 0; rep && i < rep->n_counters; i++)
-        if (!strcmp(rep->counters[i]->name, name)) v = (long long)rep->counters[i]->value;
-    if (rep) stp__stats_report__free_unpacked(rep, NULL);
-    msg_in_free(&in);
-    return v;
-}
-
 /* th_wait_until's condition: the coordinator's prefill slices above *ctx. */
 static bool s_slices_above(void *ctx) {
     return s_coord_counter("sched.prefill_slices") > *(const long long *)ctx;
@@ -271,7 +241,7 @@ static void test_pipeline_sched_concurrent(void **st) {
      * after the 3000 ids asked then, once in CI). */
     long long c0 = s_coord_counter("requests.cancelled"), t0 = s_coord_counter("events.token");
     void *sub_ctx = zmq_ctx_new();
-    void *sub = s_coord_sub(sub_ctx);
+    void *sub = th_stats_sub(sub_ctx, s_dir, "stats-coordinator");
     char bin[1024], out[1200];
     snprintf(bin, sizeof bin, "%s/stpipe", th_env("STP_BIN_DIR"));
     snprintf(out, sizeof out, "%s/sigint.out", s_dir);
@@ -280,8 +250,12 @@ static void test_pipeline_sched_concurrent(void **st) {
     pid_t pid = th_spawn(argv, out, NULL);
     assert_true(pid > 0);
     /* some tokens out (deadline 10 s) */
-    for (double end = th_now() + 10; th_now() < end;)
-        if (s_sub_counter(sub, "events.token", end) >= t0 + 3) break;
+    for (double end = th_now() + 10; th_now() < end;) {
+        Stp__StatsReport *rep = th_stats_next(sub, (int)((end - th_now()) * 1000));
+        const long long tokens = rep ? th_stats_counter(rep, "events.token") : -1;
+        if (rep) stp__stats_report__free_unpacked(rep, NULL);
+        if (tokens >= t0 + 3) break;
+    }
     kill(pid, SIGINT);
     zmq_close(sub);
     zmq_ctx_term(sub_ctx);
