@@ -155,21 +155,47 @@ static int s_packable_views(model *m, int which, tensor_view **out, int cap) {
     return n;
 }
 
+/* A matrix of q4_0x16 image: Q4_0 in whole groups of 16 rows. */
+static bool s_packable(const tensor_view *t) {
+    return t->type == STP_TYPE_Q4_0 && t->n_rows % 16 == 0;
+}
+
+/* Room for an image of `bytes` in the model's arena (malloc'd if it is full, which the
+ * reservation above rules out). */
+static uint8_t *s_image_alloc(model *m, size_t bytes) {
+    uint8_t *img = arena_alloc(m->images, bytes);
+    return img ? img : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+}
+
 int model_enable_packing(model *m, int which, stp_err *err) {
     if (!strcmp(kern_ops_get()->level, "ref") || !m->layers) return 0;
     int cap = 1 + 5 * m->cfg.n_layer;
     tensor_view **views = malloc(sizeof *views * (size_t)cap);
     if (!views) return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
+    if (!m->images) { /* room for every image packing could ever build (reserved, not used) */
+        int n = s_packable_views(m, MODEL_PACK_ALL, views, cap);
+        size_t bytes = 0;
+        for (int i = 0; i < n; i++)
+            if (s_packable(views[i]))
+                bytes +=
+                    (size_t)views[i]->n_mat *
+                    ((kern_q4_0x16_size(views[i]->n_rows, views[i]->n_cols) + 63) & ~(size_t)63);
+        int rc = arena_new(&m->images, bytes, err);
+        if (rc) {
+            free(views);
+            return rc;
+        }
+    }
     int n = s_packable_views(m, which, views, cap);
     for (int i = 0; i < n; i++) {
         tensor_view *t = views[i];
-        if (t->packed || t->type != STP_TYPE_Q4_0 || t->n_rows % 16) continue;
+        if (t->packed || !s_packable(t)) continue;
         t->packed = calloc((size_t)t->n_mat, sizeof(uint8_t *));
         if (!t->packed) {
             free(views);
             return stp_err_set(err, STP_ENOMEM, "packing: out of memory");
         }
-        t->packed_total = &m->packed_bytes;
+        t->owner = m;
     }
     free(views);
     return 0;
@@ -248,12 +274,12 @@ int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *u
         for (int64_t k = 0; k < t->n_mat; k++) {
             if (t->packed[k]) continue;
             size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
-            t->packed[k] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+            t->packed[k] = s_image_alloc(m, bytes);
             if (!t->packed[k]) {
                 rc = stp_err_set(err, STP_ENOMEM, "packing %s: out of memory", t->name);
                 goto out;
             }
-            *t->packed_total += bytes;
+            m->packed_bytes += bytes;
             items[n_items++] = (pack_item){t, k};
         }
     }
@@ -274,12 +300,12 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
     if (!t->packed) return NULL;
     if (!t->packed[mat]) {
         size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
-        uint8_t *img = aligned_alloc(64, (bytes + 63) & ~(size_t)63); /* pairs on cache lines */
-        if (!img) return NULL; /* the unpacked path still works */
+        uint8_t *img = s_image_alloc(t->owner, bytes); /* pairs on cache lines */
+        if (!img) return NULL;                         /* the unpacked path still works */
         const uint8_t *src = t->data + (size_t)mat * t->mat_bytes;
         kern_ops_get()->pack_q4_0x16(src, t->row_bytes, t->n_rows, t->n_cols, img);
         t->packed[mat] = img;
-        *t->packed_total += bytes;
+        t->owner->packed_bytes += bytes;
         model_release_pages(src, t->mat_bytes); /* the image replaces these file pages */
     }
     return t->packed[mat];
@@ -298,11 +324,12 @@ void model_close(model **self_p) {
         for (int i = 0; i < n; i++) {
             if (!views[i]->packed) continue;
             for (int64_t k = 0; k < views[i]->n_mat; k++)
-                free(views[i]->packed[k]);
+                if (!arena_owns(m->images, views[i]->packed[k])) free(views[i]->packed[k]);
             free(views[i]->packed);
         }
         free(views);
     }
+    arena_destroy(&m->images);
     gguf_close(&m->gguf);
     free(m->layers);
     free(m->owned_norms);

@@ -12,6 +12,7 @@
 
 #include "gguf/gguf.h"
 #include "model/model_config.h"
+#include "util/arena.h"
 #include "util/threadpool.h"
 
 typedef struct tensor_view {
@@ -22,10 +23,10 @@ typedef struct tensor_view {
     int64_t n_rows; /* ne[1]: output rows */
     int64_t n_mat;  /* ne[2]: matrices stacked (experts), 1 otherwise */
     size_t row_bytes;
-    size_t mat_bytes;     /* row_bytes * n_rows */
-    uint8_t **packed;     /* (n_mat) row-interleaved Q4_0 images (kern q4_0x16), built on first use
-                           * when packing is enabled and the matrix qualifies; else NULL */
-    size_t *packed_total; /* the model's count of packed bytes (with packed) */
+    size_t mat_bytes;    /* row_bytes * n_rows */
+    uint8_t **packed;    /* (n_mat) row-interleaved Q4_0 images (kern q4_0x16), built on first use
+                          * when packing is enabled and the matrix qualifies; else NULL */
+    struct model *owner; /* the model whose arena holds the images and counts their bytes */
 } tensor_view;
 
 typedef struct layer_weights {
@@ -52,6 +53,7 @@ typedef struct model {
     size_t weight_bytes;      /* all tensor bytes */
     size_t expert_bytes;      /* the gate/up/down expert stacks */
     size_t packed_bytes;      /* row-interleaved images built so far */
+    arena *images;            /* where they live (2 MiB pages; util/arena.h), once packing is on */
 } model;
 
 int model_open(model **out, const char *path, stp_err *err);

@@ -17,6 +17,7 @@ struct moe_scratch {
     expert_ffn *ffn;    /* the FFN's chunk scratch */
     size_t bytes;
     uint8_t **dt_img; /* (n_layer * n_expert) down_t images, NULL until built */
+    arena *dt_arena;  /* where they live (2 MiB pages) */
     size_t dt_expert_bytes, dt_bytes;
     int dt_n_layer;
 };
@@ -52,8 +53,9 @@ void moe_scratch_destroy(moe_scratch **self_p) {
     if (!s) return;
     if (s->dt_img) {
         for (int i = 0; i < s->dt_n_layer * s->X; i++)
-            free(s->dt_img[i]);
+            if (!arena_owns(s->dt_arena, s->dt_img[i])) free(s->dt_img[i]);
         free(s->dt_img);
+        arena_destroy(&s->dt_arena);
     }
     expert_ffn_destroy(&s->ffn);
     free(s->slot_tok);
@@ -77,7 +79,16 @@ int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err) {
     if (!s->dt_img) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
     s->dt_n_layer = c->n_layer;
     s->dt_expert_bytes = down_t_expert_bytes(STP_TYPE_Q4_0, c->n_embd, c->n_ff_exp);
-    return 0;
+    /* room for every image (reserved, backed only as they are built) */
+    return arena_new(&s->dt_arena,
+                     (size_t)c->n_layer * c->n_expert * ((s->dt_expert_bytes + 63) & ~(size_t)63),
+                     err);
+}
+
+/* Room for one image: in the arena, malloc'd if it is full (the reservation rules that out). */
+static uint8_t *s_dt_alloc(moe_scratch *s) {
+    uint8_t *img = arena_alloc(s->dt_arena, s->dt_expert_bytes);
+    return img ? img : malloc(s->dt_expert_bytes);
 }
 
 size_t moe_sparse_down_bytes(const moe_scratch *s) {
@@ -110,7 +121,7 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
     const model_config *c = &m->cfg;
     for (long i = 0; i < (long)c->n_layer * c->n_expert; i++) {
         if (s->dt_img[i]) continue;
-        s->dt_img[i] = malloc(s->dt_expert_bytes);
+        s->dt_img[i] = s_dt_alloc(s);
         if (!s->dt_img[i]) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
         s->dt_bytes += s->dt_expert_bytes;
     }
@@ -128,7 +139,7 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
 static const uint8_t *s_down_t(moe_scratch *s, const model *m, int il, int e) {
     if (!s->dt_img) return NULL;
     uint8_t **img = &s->dt_img[(size_t)il * m->cfg.n_expert + e];
-    if (!*img && (*img = malloc(s->dt_expert_bytes))) {
+    if (!*img && (*img = s_dt_alloc(s))) {
         down_t_build_expert(&m->layers[il].down_exps, e, *img);
         s->dt_bytes += s->dt_expert_bytes;
     }

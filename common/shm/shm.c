@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "msg/lane.h"
+#include "util/arena.h"
 
 int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err) {
     memset(r, 0, sizeof *r);
@@ -36,6 +37,7 @@ int shm_region_create(shm_region *r, const char *name, size_t size, stp_err *err
         shm_unlink(name);
         return stp_err_set(err, STP_EIO, "mmap %s (%zu bytes): %s", name, size, strerror(errno));
     }
+    arena_advise(p, size); /* 2 MiB pages where the mount allows them (util/arena.h) */
     r->base = p;
     r->size = size;
     r->owner = true;
@@ -57,6 +59,7 @@ int shm_region_open(shm_region *r, const char *name, bool writable, stp_err *err
     close(fd);
     r->ino = (uint64_t)st.st_ino;
     if (p == MAP_FAILED) return stp_err_set(err, STP_EIO, "mmap %s: %s", name, strerror(errno));
+    arena_advise(p, (size_t)st.st_size); /* each mapping asks, for its own page tables */
     r->base = p;
     r->size = (size_t)st.st_size;
     return 0;
