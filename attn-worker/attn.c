@@ -215,6 +215,9 @@ int attn_worker_new(attn_worker **out, const stage_opts *o, stp_err *err) {
     if (!(ln && !strcmp(ln, "0"))) {
         a->lanes = (lane_block *)(a->act.base + lay.off_lanes);
         atomic_store(&a->lanes->active, 1);
+        /* the expert workers' threads and this team's take turns on the cores */
+        threadpool_set_handoff(a->tp, &a->lanes->attn_cores, &a->lanes->expert_cores,
+                               STAGE_HANDOFF_NS);
     }
     if (!(a->lane_buf = malloc(LANE_MSG_MAX))) {
         rc = stp_err_set(err, STP_ENOMEM, "attn-worker: out of memory");
@@ -265,6 +268,7 @@ void attn_worker_destroy(attn_worker **self_p) {
     for (int i = 0; i < MAX_WORKERS; i++)
         msg_close(&a->exp[i]);
     if (a->zctx) zmq_ctx_term(a->zctx);
+    threadpool_set_handoff(a->tp, NULL, NULL, 0); /* its words are in the region */
     shm_region_close(&a->act);
     shm_region_close(&a->pool);
     threadpool_destroy(&a->tp);

@@ -113,6 +113,7 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
         shm_region_close(&fresh);
         return rc;
     }
+    threadpool_set_handoff(w->tp, NULL, NULL, 0); /* its words are in the old region */
     shm_region_close(&w->act);
     s_free_scratch(w);
     w->act = fresh;
@@ -134,6 +135,9 @@ static int s_map_act(expert_worker *w, const uint64_t *epoch, stp_err *err) {
         /* attach: from now on the attention worker uses the lane */
         w->lane = &w->lanes->lanes[w->o.index];
         atomic_store_explicit(&w->lane->pid, (int32_t)getpid(), memory_order_release);
+        /* the attention worker's threads and this team's take turns on the cores */
+        threadpool_set_handoff(w->tp, &w->lanes->expert_cores, &w->lanes->attn_cores,
+                               STAGE_HANDOFF_NS);
     }
     return 0;
 }
@@ -185,6 +189,7 @@ void expert_worker_destroy(expert_worker **self_p) {
         atomic_compare_exchange_strong(&w->lane->pid, &(int32_t){(int32_t)getpid()}, 0);
     free(w->lane_buf);
     shm_region_close(&w->pool);
+    threadpool_set_handoff(w->tp, NULL, NULL, 0); /* its words are in the region */
     shm_region_close(&w->act);
     threadpool_destroy(&w->tp);
     model_close(&w->m);

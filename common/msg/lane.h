@@ -71,6 +71,11 @@ typedef struct lane_block {
      * gave up on): a worker that finds it later (left in a ring or a zmq queue while it was
      * dead) drops it unread, so it cannot overwrite the current layer's outputs */
     _Atomic uint64_t floor;
+    /* the two stages' hand-off words (threadpool_set_handoff): the attention worker's idle
+     * compute threads sleep on attn_cores while its pool is parked, every expert worker's on
+     * expert_cores; a thread giving its core up rings the other word */
+    _Alignas(64) _Atomic uint32_t attn_cores;
+    _Alignas(64) _Atomic uint32_t expert_cores;
     lane_pair lanes[LANE_MAX];
 } lane_block;
 

@@ -18,6 +18,9 @@
  * needed by the other stages (shorter than the thread pool's default decoded faster on 2 cores:
  * docs/BENCHMARKS.md). */
 #define STAGE_SPIN_NS 20000L
+/* How long a compute thread woken by the other stage handing its core over spins for its next
+ * section (threadpool_set_handoff): the other stage's dispatch or reply takes 10-40 us. */
+#define STAGE_HANDOFF_NS 100000L
 #define STP_STAGE_H
 
 #include <stdbool.h>

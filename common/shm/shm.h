@@ -89,7 +89,7 @@ int pool_check(const shm_region *r, int n_layer, int n_expert, stp_err *err);
 
 /* ---- activation region ---- */
 #define ACT_MAGIC 0x54434153u /* "SACT" */
-#define ACT_VERSION 3u
+#define ACT_VERSION 4u
 
 typedef struct act_header {
     uint32_t magic, version;

@@ -7,13 +7,19 @@
  * 3. Sleeping happens only on futexes (the bell for workers, pending for the caller) after a
  *    bounded spin, so an idle pool burns no CPU. The bell is rung after every change a sleeping
  *    worker waits for (a section, the end of a park), and a worker reads it before looking at
- *    them, so no wake-up is lost. */
+ *    them, so no wake-up is lost.
+ * 4. With a hand-off word (threadpool_set_handoff) a worker sleeps on it instead, and every ring
+ *    rings both; a worker reads the word's address again after reading its value and sleeps only
+ *    if it is unchanged, so a switch of words loses no wake-up either. Once
+ *    threadpool_set_handoff returns, no worker holds the previous words (a section ran since). */
 #include "util/threadpool.h"
 
 #include <immintrin.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -24,8 +30,12 @@
 struct threadpool {
     int n;
     pthread_t *threads;
-    _Atomic int gen;     /* section generation */
-    _Atomic int bell;    /* rung after gen or park_gen changes (futex word for workers) */
+    _Atomic int gen;       /* section generation */
+    _Atomic uint32_t bell; /* rung after gen or park_gen changes (futex word for workers) */
+    _Atomic uint32_t *_Atomic mine;   /* hand-off: workers sleep here instead (shared memory) */
+    _Atomic uint32_t *_Atomic theirs; /* hand-off: rung by a worker going to sleep for a park */
+    _Atomic long handed_ns;           /* hand-off: how long a worker woken on mine spins */
+    _Atomic int sleeping;             /* workers in (or about to enter) FUTEX_WAIT */
     _Atomic int pending; /* workers not yet done with the current section (futex word) */
     _Atomic int stop;
     _Atomic long spin_ns;
@@ -51,45 +61,88 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Waits until *addr != old, spinning for up to spin_ns first (not at all while *park == old),
- * then sleeping: on *addr itself without a bell; with one, on the bell, which every section
- * start and every threadpool_wake ring after changing *addr or *park, so neither is missed.
- * Woken by threadpool_wake (the bell rang, *addr unchanged), it spins again for up to spin_ns. */
-static void s_wait_change(_Atomic int *addr, int old, long spin_ns, _Atomic int *park,
-                          _Atomic int *bell) {
+/* The caller's wait for the workers: until *addr != old, spinning for up to spin_ns first, then
+ * sleeping on *addr. */
+static void s_wait_change(_Atomic int *addr, int old, long spin_ns) {
+    long t0 = 0;
+    for (int i = 0;; i++) {
+        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+        if ((i & 255) == 255) {
+            long t = s_now_ns();
+            if (!t0)
+                t0 = t;
+            else if (t - t0 > spin_ns)
+                break;
+        }
+        _mm_pause();
+    }
+    while (atomic_load_explicit(addr, memory_order_acquire) == old)
+        s_futex(addr, FUTEX_WAIT, old);
+}
+
+/* Bumps a futex word and wakes everyone sleeping on it (shared: a word another process may
+ * sleep on, so not FUTEX_PRIVATE_FLAG). */
+static void s_ring_word(_Atomic uint32_t *w, bool shared) {
+    atomic_fetch_add_explicit(w, 1, memory_order_seq_cst);
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE | (shared ? 0 : FUTEX_PRIVATE_FLAG), 1 << 30, NULL,
+            NULL, 0);
+}
+
+/* A worker's wait for the section after `seen`: it spins for up to spin_ns (not at all while
+ * parked after seen), then sleeps on the bell (or the hand-off word), which every section start
+ * and every threadpool_wake ring after changing gen or park_gen, so neither is missed. Woken by
+ * threadpool_wake (the bell rang, gen unchanged) it spins again for up to spin_ns. With a
+ * hand-off word: a worker going to sleep for a park first rings the other stage's word (once
+ * per wait), and one woken on its word while parked (the other stage handed the core back)
+ * spins for up to handed_ns although the park holds. */
+static void s_worker_wait(threadpool *tp, int seen) {
+    bool handed = false, rang = false;
     for (;;) {
+        const long spin =
+            atomic_load_explicit(handed ? &tp->handed_ns : &tp->spin_ns, memory_order_relaxed);
         long t0 = 0;
         for (int i = 0;; i++) {
-            if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
-            if (park && atomic_load_explicit(park, memory_order_relaxed) == old) break;
+            if (atomic_load_explicit(&tp->gen, memory_order_acquire) != seen) return;
+            if (!handed && atomic_load_explicit(&tp->park_gen, memory_order_relaxed) == seen) break;
             if ((i & 255) == 255) {
                 long t = s_now_ns();
                 if (!t0)
                     t0 = t;
-                else if (t - t0 > spin_ns)
+                else if (t - t0 > spin)
                     break;
             }
             _mm_pause();
         }
-        if (!bell) {
-            while (atomic_load_explicit(addr, memory_order_acquire) == old)
-                s_futex(addr, FUTEX_WAIT, old);
-            return;
+        handed = false;
+        _Atomic uint32_t *mine = atomic_load(&tp->mine);
+        _Atomic uint32_t *w = mine ? mine : &tp->bell;
+        const uint32_t rung = atomic_load(w);
+        if (atomic_load(&tp->mine) != mine) continue; /* switched meanwhile (invariant 4) */
+        if (atomic_load_explicit(&tp->gen, memory_order_acquire) != seen) return;
+        /* counted asleep before looking at the park, which looks at the count after setting
+         * it: a park this thread does not see, threadpool_park sees this thread asleep */
+        atomic_fetch_add(&tp->sleeping, 1);
+        const bool parked = atomic_load(&tp->park_gen) == seen;
+        if (parked && mine && !rang) {
+            _Atomic uint32_t *theirs = atomic_load(&tp->theirs);
+            if (theirs) s_ring_word(theirs, true);
+            rang = true;
         }
-        for (;;) {
-            const int rung = atomic_load_explicit(bell, memory_order_acquire);
-            if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
-            s_futex(bell, FUTEX_WAIT, rung);
-            if (atomic_load_explicit(bell, memory_order_acquire) != rung) break;
-        }
-        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+        syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT | (mine ? 0 : FUTEX_PRIVATE_FLAG), rung, NULL,
+                NULL, 0);
+        atomic_fetch_sub(&tp->sleeping, 1);
+        /* rung while parked (it may have slept since before the park): the other stage handed
+         * the core back; this wait does not ring theirs again */
+        handed = mine && atomic_load(w) != rung && atomic_load(&tp->park_gen) == seen;
+        rang |= handed;
     }
 }
 
 /* Rings the workers' bell: after a new section or the end of a park. */
 static void s_ring(threadpool *tp) {
-    atomic_fetch_add_explicit(&tp->bell, 1, memory_order_acq_rel);
-    s_futex(&tp->bell, FUTEX_WAKE, 1 << 30);
+    s_ring_word(&tp->bell, false);
+    _Atomic uint32_t *mine = atomic_load(&tp->mine);
+    if (mine) s_ring_word(mine, true);
 }
 
 static void *s_worker(void *p) {
@@ -99,8 +152,7 @@ static void *s_worker(void *p) {
     free(a);
     int seen = 0; /* gen is 0 at creation: a section started before this thread ran is not missed */
     for (;;) {
-        s_wait_change(&tp->gen, seen, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
-                      &tp->park_gen, &tp->bell);
+        s_worker_wait(tp, seen);
         seen = atomic_load_explicit(&tp->gen, memory_order_acquire);
         if (atomic_load(&tp->stop)) break;
         tp->fn(tp->ctx, ith, tp->n);
@@ -157,15 +209,31 @@ void threadpool_set_spin_ns(threadpool *tp, long ns) {
 }
 
 void threadpool_park(threadpool *tp) {
-    if (tp)
-        atomic_store_explicit(&tp->park_gen, atomic_load_explicit(&tp->gen, memory_order_acquire),
-                              memory_order_relaxed);
+    if (!tp) return;
+    atomic_store(&tp->park_gen, atomic_load_explicit(&tp->gen, memory_order_acquire));
+    /* a worker that went to sleep before the park (its spin ran out) did not ring theirs */
+    _Atomic uint32_t *theirs = atomic_load(&tp->theirs);
+    if (theirs && atomic_load(&tp->sleeping) > 0) s_ring_word(theirs, true);
 }
 
 void threadpool_wake(threadpool *tp) {
     if (!tp || tp->n == 1) return;
     atomic_store_explicit(&tp->park_gen, -1, memory_order_relaxed);
     s_ring(tp);
+}
+
+static void s_noop(void *ctx, int ith, int nth) {
+    (void)ctx, (void)ith, (void)nth;
+}
+
+void threadpool_set_handoff(threadpool *tp, _Atomic uint32_t *mine, _Atomic uint32_t *theirs,
+                            long handed_ns) {
+    if (!tp || tp->n == 1) return;
+    atomic_store(&tp->handed_ns, handed_ns < 0 ? 0 : handed_ns);
+    atomic_store(&tp->theirs, theirs);
+    _Atomic uint32_t *old = atomic_exchange(&tp->mine, mine);
+    if (old) s_ring_word(old, true);  /* its sleepers wake and look at the new word */
+    threadpool_run(tp, s_noop, NULL); /* every worker has left the wait that held old */
 }
 
 int threadpool_size(const threadpool *tp) {
@@ -186,8 +254,7 @@ void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx) {
     for (;;) {
         int p = atomic_load_explicit(&tp->pending, memory_order_acquire);
         if (p == 0) break;
-        s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed),
-                      NULL, NULL);
+        s_wait_change(&tp->pending, p, atomic_load_explicit(&tp->spin_ns, memory_order_relaxed));
     }
 }
 

@@ -7,6 +7,9 @@
 #ifndef STP_THREADPOOL_H
 #define STP_THREADPOOL_H
 
+#include <stdatomic.h>
+#include <stdint.h>
+
 #include "util/stp_err.h"
 
 typedef struct threadpool threadpool;
@@ -26,6 +29,18 @@ void threadpool_park(threadpool *tp);
  * taking the cores back while its own thread still has serial work to do. No-op on NULL. */
 void threadpool_wake(threadpool *tp);
 void threadpool_run(threadpool *tp, threadpool_fn fn, void *ctx);
+/* Two stages that take turns on the same cores (the attention worker and an expert worker, their
+ * thread i pinned to one core): while this pool is parked its idle threads sleep on `mine`, a
+ * word in shared memory, and a thread going to sleep for a park first rings `theirs`, the other
+ * stage's word. So the thread that takes a core next is woken by the one leaving it, on that
+ * core, and, woken so, spins for up to handed_ns although its own pool is still parked, until
+ * its next section starts. Reason: a wake-up sent from another core to a core that has gone
+ * idle costs ~25 us under a hypervisor whose idle vCPUs halt at once (~3 us where they poll),
+ * twice per layer. mine NULL: off (the pool's own bell). Runs an empty section: call it between
+ * sections, and with NULLs before the words' memory goes away (on return no thread holds
+ * them). No-op on NULL or one thread. */
+void threadpool_set_handoff(threadpool *tp, _Atomic uint32_t *mine, _Atomic uint32_t *theirs,
+                            long handed_ns);
 
 /* Splits [0, n) into nth nearly equal chunks (multiples of align when possible); thread ith's. */
 void threadpool_chunk(long n, int ith, int nth, long align, long *begin, long *end);

@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -239,6 +241,76 @@ static void test_threadpool_wake_ends_the_park(void **state) {
     threadpool_destroy(&tp);
 }
 
+typedef struct word_watch {
+    _Atomic uint32_t *w;
+    uint32_t seen;
+} word_watch;
+
+static bool s_word_moved(void *ctx) {
+    const word_watch *ww = ctx;
+    return atomic_load(ww->w) != ww->seen;
+}
+
+/* CPU seconds this process uses in a 0.2 s window. */
+static double s_cpu_window(void) {
+    struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    nanosleep(&d, NULL); /* the measurement window, not a wait for anything */
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    return (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+}
+
+/* Hand-off words (threadpool_set_handoff), in shared memory as between two stages: a park rings
+ * the other stage's word (the worker going to sleep for it, or the park itself when the worker
+ * slept already); one woken on its own word while
+ * parked (the other stage handing the core back) spins for the hand-off time (10 s here, so it
+ * is seen using CPU) and the next section still runs on both threads; a second park rings
+ * again; with NULLs the words' memory can go away and the pool goes on. */
+static void test_threadpool_handoff(void **state) {
+    (void)state;
+    _Atomic uint32_t *words =
+        mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(words != MAP_FAILED);
+    _Atomic uint32_t *mine = &words[0], *theirs = &words[16];
+    threadpool *tp = NULL;
+    stp_err err = {0};
+    if (threadpool_new(&tp, 2, &err)) fail_msg("%s", err.msg);
+    threadpool_set_handoff(tp, mine, theirs, 10L * 1000 * 1000 * 1000);
+    sect s;
+    memset(&s, 0, sizeof s);
+    s.expect_nth = 2;
+    threadpool_run(tp, s_fn, &s);
+    word_watch ww = {theirs, atomic_load(theirs)};
+    threadpool_park(tp);
+    if (!th_wait_until(s_word_moved, &ww, 5)) fail_msg("a park did not ring theirs");
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the parked worker never slept");
+    if (s_cpu_window() > 0.05) fail_msg("the parked pool spins");
+
+    /* the other stage hands the core back: the worker spins although the park holds */
+    atomic_fetch_add(mine, 1);
+    syscall(SYS_futex, (uint32_t *)mine, FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
+    if (!th_wait_until(s_others_awake, NULL, 5)) fail_msg("the handed worker never ran");
+    double cpu = s_cpu_window();
+    if (cpu < 0.05) fail_msg("the handed worker used only %.3f s of CPU in 0.2 s", cpu);
+    threadpool_run(tp, s_fn, &s);
+    assert_int_equal(atomic_load(&s.calls[1]), 2);
+
+    ww.seen = atomic_load(theirs);
+    threadpool_park(tp);
+    if (!th_wait_until(s_word_moved, &ww, 5)) fail_msg("a second park did not ring theirs");
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the worker parked again never slept");
+
+    threadpool_set_handoff(tp, NULL, NULL, 0);
+    munmap((void *)words, 4096);
+    for (int i = 0; i < 3; i++) { /* the words are gone: sections, parks and sleeps go on */
+        threadpool_run(tp, s_fn, &s);
+        threadpool_park(tp);
+    }
+    assert_int_equal(atomic_load(&s.calls[1]), 5);
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the worker never slept");
+    threadpool_destroy(&tp);
+}
+
 static void test_threadpool_chunk_partition(void **state) {
     (void)state;
     const long aligns[] = {0, 1, 3, 4, 32};
@@ -274,6 +346,7 @@ int main(void) {
         cmocka_unit_test(test_threadpool_destroy_right_after_new),
         cmocka_unit_test(test_threadpool_chunked_sum),
         cmocka_unit_test(test_threadpool_idle_uses_no_cpu),
+        cmocka_unit_test(test_threadpool_handoff),
         cmocka_unit_test(test_threadpool_park_stops_the_spin),
         cmocka_unit_test(test_threadpool_wake_ends_the_park),
         cmocka_unit_test(test_threadpool_chunk_partition),
