@@ -55,13 +55,18 @@ static int s_teardown(void **st) {
     return 0;
 }
 
-static int s_up(run *r, const char *model, int workers, const char *tag) {
+static int s_up_with(run *r, const char *model, int workers, const char *tag,
+                     const char *const *extra) {
     th_pipe_dir(r->dir, sizeof r->dir, "pipe", tag);
     snprintf(s_current_dir, sizeof s_current_dir, "%s", r->dir);
-    int rc = th_pipe_up(r->dir, model, workers, 30, 60, NULL);
+    int rc = th_pipe_up(r->dir, model, workers, 30, 60, extra);
     if (rc) return rc;
     th_pipe_prefix(r->dir, r->prefix, sizeof r->prefix);
     return 0;
+}
+
+static int s_up(run *r, const char *model, int workers, const char *tag) {
+    return s_up_with(r, model, workers, tag, NULL);
 }
 
 /* stpipe-down, then: no stage process alive, no shm segment of the run. */
@@ -131,14 +136,16 @@ static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const c
 
 /* Golden ids and logits through a pipeline of `workers` expert workers; lanes: the layer work
  * goes through the shared-memory lanes (else STP_LANES=0: ZeroMQ only), checked in the stats. */
-static void s_golden_case(const char *stem, int workers, bool lanes) {
+/* extra: more stpipe-up options (NULL: th_pipe_up's, one attention thread) */
+static void s_golden_case_with(const char *stem, int workers, bool lanes,
+                               const char *const *extra) {
     th_golden g;
     th_golden_load(&g, stem);
     run r;
     char tag[128];
-    snprintf(tag, sizeof tag, "%s-w%d%s", stem, workers, lanes ? "" : "-zmq");
+    snprintf(tag, sizeof tag, "%s-w%d%s%s", stem, workers, lanes ? "" : "-zmq", extra ? "-x" : "");
     if (!lanes) setenv("STP_LANES", "0", 1);
-    int up = s_up(&r, g.model, workers, tag);
+    int up = s_up_with(&r, g.model, workers, tag, extra);
     unsetenv("STP_LANES");
     assert_int_equal(up, 0);
     char pl[1200], il[1200];
@@ -309,6 +316,10 @@ static void test_pipeline_bench(void **st) {
     s_down_and_check(&r);
 }
 
+static void s_golden_case(const char *stem, int workers, bool lanes) {
+    s_golden_case_with(stem, workers, lanes, NULL);
+}
+
 static void test_pipeline_dense_1_worker(void **st) {
     (void)st;
     s_golden_case("tiny-dense-attn-f32", 1, true);
@@ -324,6 +335,13 @@ static void test_pipeline_hybrid_1_worker(void **st) {
 static void test_pipeline_hybrid_2_workers(void **st) {
     (void)st;
     s_golden_case("tiny-hybrid-attn-f32", 2, true);
+}
+/* two attention threads and one expert worker with two: the teams hand their cores to each
+ * other through the lane block's words (threadpool_set_handoff), the same bits */
+static void test_pipeline_hybrid_handoff(void **st) {
+    (void)st;
+    const char *extra[] = {"--threads", "2", "--expert-threads", "2", NULL};
+    s_golden_case_with("tiny-hybrid-attn-f32", 1, true, extra);
 }
 /* the ZeroMQ carrier (STP_LANES=0), which also serves until a worker attaches to its lane */
 static void test_pipeline_hybrid_2_workers_zmq(void **st) {
@@ -626,6 +644,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_pipeline_hybrid_1_worker, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_hybrid_2_workers_zmq, s_teardown),
+        cmocka_unit_test_teardown(test_pipeline_hybrid_handoff, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_expert_crash_restart, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_malformed_messages, s_teardown),
         cmocka_unit_test_teardown(test_pipeline_owner_gone, s_teardown),
