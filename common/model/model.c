@@ -160,13 +160,6 @@ static bool s_packable(const tensor_view *t) {
     return t->type == STP_TYPE_Q4_0 && t->n_rows % 16 == 0;
 }
 
-/* Room for an image of `bytes` in the model's arena (malloc'd if it is full, which the
- * reservation above rules out). */
-static uint8_t *s_image_alloc(model *m, size_t bytes) {
-    uint8_t *img = arena_alloc(m->images, bytes);
-    return img ? img : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-}
-
 int model_enable_packing(model *m, int which, stp_err *err) {
     if (!strcmp(kern_ops_get()->level, "ref") || !m->layers) return 0;
     int cap = 1 + 5 * m->cfg.n_layer;
@@ -177,9 +170,8 @@ int model_enable_packing(model *m, int which, stp_err *err) {
         size_t bytes = 0;
         for (int i = 0; i < n; i++)
             if (s_packable(views[i]))
-                bytes +=
-                    (size_t)views[i]->n_mat *
-                    ((kern_q4_0x16_size(views[i]->n_rows, views[i]->n_cols) + 63) & ~(size_t)63);
+                bytes += arena_room((size_t)views[i]->n_mat,
+                                    kern_q4_0x16_size(views[i]->n_rows, views[i]->n_cols));
         int rc = arena_new(&m->images, bytes, err);
         if (rc) {
             free(views);
@@ -274,7 +266,7 @@ int model_pack_all(model *m, threadpool *tp, model_progress_fn progress, void *u
         for (int64_t k = 0; k < t->n_mat; k++) {
             if (t->packed[k]) continue;
             size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
-            t->packed[k] = s_image_alloc(m, bytes);
+            t->packed[k] = arena_alloc(m->images, bytes);
             if (!t->packed[k]) {
                 rc = stp_err_set(err, STP_ENOMEM, "packing %s: out of memory", t->name);
                 goto out;
@@ -300,8 +292,8 @@ const uint8_t *model_packed(const tensor_view *t, int64_t mat) {
     if (!t->packed) return NULL;
     if (!t->packed[mat]) {
         size_t bytes = kern_q4_0x16_size(t->n_rows, t->n_cols);
-        uint8_t *img = s_image_alloc(t->owner, bytes); /* pairs on cache lines */
-        if (!img) return NULL;                         /* the unpacked path still works */
+        uint8_t *img = arena_alloc(t->owner->images, bytes); /* pairs on cache lines */
+        if (!img) return NULL;                               /* the unpacked path still works */
         const uint8_t *src = t->data + (size_t)mat * t->mat_bytes;
         kern_ops_get()->pack_q4_0x16(src, t->row_bytes, t->n_rows, t->n_cols, img);
         t->packed[mat] = img;
@@ -322,10 +314,7 @@ void model_close(model **self_p) {
         tensor_view **views = malloc(sizeof *views * (size_t)(1 + 5 * m->cfg.n_layer));
         int n = views ? s_packable_views(m, MODEL_PACK_ALL, views, 1 + 5 * m->cfg.n_layer) : 0;
         for (int i = 0; i < n; i++) {
-            if (!views[i]->packed) continue;
-            for (int64_t k = 0; k < views[i]->n_mat; k++)
-                if (!arena_owns(m->images, views[i]->packed[k])) free(views[i]->packed[k]);
-            free(views[i]->packed);
+            free(views[i]->packed); /* the images are the arena's */
         }
         free(views);
     }

@@ -19,7 +19,6 @@ struct moe_scratch {
     uint8_t **dt_img; /* (n_layer * n_expert) down_t images, NULL until built */
     arena *dt_arena;  /* where they live (2 MiB pages) */
     size_t dt_expert_bytes, dt_bytes;
-    int dt_n_layer;
 };
 
 int moe_scratch_new(moe_scratch **out, const model_config *cfg, int n_ubatch, stp_err *err) {
@@ -52,9 +51,7 @@ void moe_scratch_destroy(moe_scratch **self_p) {
     moe_scratch *s = *self_p;
     if (!s) return;
     if (s->dt_img) {
-        for (int i = 0; i < s->dt_n_layer * s->X; i++)
-            if (!arena_owns(s->dt_arena, s->dt_img[i])) free(s->dt_img[i]);
-        free(s->dt_img);
+        free(s->dt_img); /* the images are the arena's */
         arena_destroy(&s->dt_arena);
     }
     expert_ffn_destroy(&s->ffn);
@@ -77,18 +74,10 @@ int moe_enable_sparse_down(moe_scratch *s, const model *m, stp_err *err) {
         if (!down_t_expert_bytes(m->layers[il].down_exps.type, c->n_embd, c->n_ff_exp)) return 0;
     s->dt_img = calloc((size_t)c->n_layer * c->n_expert, sizeof(uint8_t *));
     if (!s->dt_img) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
-    s->dt_n_layer = c->n_layer;
     s->dt_expert_bytes = down_t_expert_bytes(STP_TYPE_Q4_0, c->n_embd, c->n_ff_exp);
     /* room for every image (reserved, backed only as they are built) */
-    return arena_new(&s->dt_arena,
-                     (size_t)c->n_layer * c->n_expert * ((s->dt_expert_bytes + 63) & ~(size_t)63),
+    return arena_new(&s->dt_arena, arena_room((size_t)c->n_layer * c->n_expert, s->dt_expert_bytes),
                      err);
-}
-
-/* Room for one image: in the arena, malloc'd if it is full (the reservation rules that out). */
-static uint8_t *s_dt_alloc(moe_scratch *s) {
-    uint8_t *img = arena_alloc(s->dt_arena, s->dt_expert_bytes);
-    return img ? img : malloc(s->dt_expert_bytes);
 }
 
 size_t moe_sparse_down_bytes(const moe_scratch *s) {
@@ -121,7 +110,7 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
     const model_config *c = &m->cfg;
     for (long i = 0; i < (long)c->n_layer * c->n_expert; i++) {
         if (s->dt_img[i]) continue;
-        s->dt_img[i] = s_dt_alloc(s);
+        s->dt_img[i] = arena_alloc(s->dt_arena, s->dt_expert_bytes);
         if (!s->dt_img[i]) return stp_err_set(err, STP_ENOMEM, "sparse down: out of memory");
         s->dt_bytes += s->dt_expert_bytes;
     }
@@ -139,7 +128,7 @@ int moe_build_sparse_down_all(moe_scratch *s, const model *m, threadpool *tp,
 static const uint8_t *s_down_t(moe_scratch *s, const model *m, int il, int e) {
     if (!s->dt_img) return NULL;
     uint8_t **img = &s->dt_img[(size_t)il * m->cfg.n_expert + e];
-    if (!*img && (*img = s_dt_alloc(s))) {
+    if (!*img && (*img = arena_alloc(s->dt_arena, s->dt_expert_bytes))) {
         down_t_build_expert(&m->layers[il].down_exps, e, *img);
         s->dt_bytes += s->dt_expert_bytes;
     }

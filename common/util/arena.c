@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 
 #define HUGE_PAGE ((size_t)2 << 20)
+#define ALIGN ((size_t)64) /* every buffer starts on a cache line */
 
 struct arena {
     uint8_t *base;
@@ -66,16 +67,16 @@ void arena_destroy(arena **self_p) {
     *self_p = NULL;
 }
 
+size_t arena_room(size_t n, size_t each) {
+    return n * ((each + ALIGN - 1) & ~(ALIGN - 1));
+}
+
 void *arena_alloc(arena *a, size_t n) {
     if (!a) return NULL;
-    const size_t at = (a->used + 63) & ~(size_t)63;
+    const size_t at = (a->used + ALIGN - 1) & ~(ALIGN - 1);
     if (n > a->cap || at > a->cap - n) return NULL;
     a->used = at + n;
     return a->base + at;
-}
-
-bool arena_owns(const arena *a, const void *p) {
-    return a && (const uint8_t *)p >= a->base && (const uint8_t *)p < a->base + a->cap;
 }
 
 size_t arena_used(const arena *a) {

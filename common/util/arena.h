@@ -24,11 +24,11 @@ typedef struct arena arena;
 
 /* Reserves room for `bytes` (rounded up to 2 MiB). */
 int arena_new(arena **out, size_t bytes, stp_err *err);
+/* The bytes an arena hands n buffers of `each` bytes in (each starts 64-byte aligned). */
+size_t arena_room(size_t n, size_t each);
 void arena_destroy(arena **self_p);
-/* The next n bytes, 64-byte aligned; NULL when they do not fit in what is left. */
+/* The next n bytes, 64-byte aligned; NULL when they do not fit in what is left (or a is NULL). */
 void *arena_alloc(arena *a, size_t n);
-/* Whether p lies in a's mapping (NULL a: false). */
-bool arena_owns(const arena *a, const void *p);
 /* Bytes handed out so far (with alignment padding). */
 size_t arena_used(const arena *a);
 /* Asks for 2 MiB pages on an existing mapping (a shared-memory segment): advice only, honoured

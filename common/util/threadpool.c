@@ -51,8 +51,10 @@ typedef struct worker_arg {
     int ith;
 } worker_arg;
 
-static long s_futex(_Atomic int *addr, int op, int val) {
-    return syscall(SYS_futex, (int *)addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
+/* A futex operation on a 32-bit word; shared: a word other processes may wait on too (no
+ * FUTEX_PRIVATE_FLAG). */
+static long s_futex(void *addr, int op, uint32_t val, bool shared) {
+    return syscall(SYS_futex, addr, op | (shared ? 0 : FUTEX_PRIVATE_FLAG), val, NULL, NULL, 0);
 }
 
 static long s_now_ns(void) {
@@ -61,31 +63,37 @@ static long s_now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* The caller's wait for the workers: until *addr != old, spinning for up to spin_ns first, then
- * sleeping on *addr. */
-static void s_wait_change(_Atomic int *addr, int old, long spin_ns) {
+/* Spins until *addr != old (true), or for up to spin_ns or until *park == old (false; park may be
+ * NULL). */
+static bool s_spin(_Atomic int *addr, int old, long spin_ns, _Atomic int *park) {
     long t0 = 0;
     for (int i = 0;; i++) {
-        if (atomic_load_explicit(addr, memory_order_acquire) != old) return;
+        if (atomic_load_explicit(addr, memory_order_acquire) != old) return true;
+        if (park && atomic_load_explicit(park, memory_order_relaxed) == old) return false;
         if ((i & 255) == 255) {
             long t = s_now_ns();
             if (!t0)
                 t0 = t;
             else if (t - t0 > spin_ns)
-                break;
+                return false;
         }
         _mm_pause();
     }
+}
+
+/* The caller's wait for the workers: until *addr != old, spinning for up to spin_ns first, then
+ * sleeping on *addr. */
+static void s_wait_change(_Atomic int *addr, int old, long spin_ns) {
+    if (s_spin(addr, old, spin_ns, NULL)) return;
     while (atomic_load_explicit(addr, memory_order_acquire) == old)
-        s_futex(addr, FUTEX_WAIT, old);
+        s_futex(addr, FUTEX_WAIT, (uint32_t)old, false);
 }
 
 /* Bumps a futex word and wakes everyone sleeping on it (shared: a word another process may
  * sleep on, so not FUTEX_PRIVATE_FLAG). */
 static void s_ring_word(_Atomic uint32_t *w, bool shared) {
     atomic_fetch_add_explicit(w, 1, memory_order_seq_cst);
-    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE | (shared ? 0 : FUTEX_PRIVATE_FLAG), 1 << 30, NULL,
-            NULL, 0);
+    s_futex(w, FUTEX_WAKE, 1u << 30, shared);
 }
 
 /* A worker's wait for the section after `seen`: it spins for up to spin_ns (not at all while
@@ -100,19 +108,7 @@ static void s_worker_wait(threadpool *tp, int seen) {
     for (;;) {
         const long spin =
             atomic_load_explicit(handed ? &tp->handed_ns : &tp->spin_ns, memory_order_relaxed);
-        long t0 = 0;
-        for (int i = 0;; i++) {
-            if (atomic_load_explicit(&tp->gen, memory_order_acquire) != seen) return;
-            if (!handed && atomic_load_explicit(&tp->park_gen, memory_order_relaxed) == seen) break;
-            if ((i & 255) == 255) {
-                long t = s_now_ns();
-                if (!t0)
-                    t0 = t;
-                else if (t - t0 > spin)
-                    break;
-            }
-            _mm_pause();
-        }
+        if (s_spin(&tp->gen, seen, spin, handed ? NULL : &tp->park_gen)) return;
         handed = false;
         _Atomic uint32_t *mine = atomic_load(&tp->mine);
         _Atomic uint32_t *w = mine ? mine : &tp->bell;
@@ -128,8 +124,7 @@ static void s_worker_wait(threadpool *tp, int seen) {
             if (theirs) s_ring_word(theirs, true);
             rang = true;
         }
-        syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT | (mine ? 0 : FUTEX_PRIVATE_FLAG), rung, NULL,
-                NULL, 0);
+        s_futex(w, FUTEX_WAIT, rung, mine != NULL);
         atomic_fetch_sub(&tp->sleeping, 1);
         /* rung while parked (it may have slept since before the park): the other stage handed
          * the core back; this wait does not ring theirs again */
@@ -157,7 +152,7 @@ static void *s_worker(void *p) {
         if (atomic_load(&tp->stop)) break;
         tp->fn(tp->ctx, ith, tp->n);
         if (atomic_fetch_sub_explicit(&tp->pending, 1, memory_order_acq_rel) == 1)
-            s_futex(&tp->pending, FUTEX_WAKE, 1);
+            s_futex(&tp->pending, FUTEX_WAKE, 1, false);
     }
     return NULL;
 }

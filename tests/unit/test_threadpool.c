@@ -162,15 +162,20 @@ static bool s_others_asleep(void *ctx) {
     return asleep;
 }
 
-/* CPU seconds this process uses in 0.2 s, measured once the pool's threads sleep (past their
- * spin); the 0.2 s is the measurement window, not a wait for anything. */
-static double s_idle_cpu(void) {
-    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the pool's threads never slept");
+/* CPU seconds this process uses in a 0.2 s window. */
+static double s_cpu_window(void) {
     struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    nanosleep(&d, NULL);
+    nanosleep(&d, NULL); /* the measurement window, not a wait for anything */
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
     return (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+}
+
+/* CPU seconds this process uses in 0.2 s, measured once the pool's threads sleep (past their
+ * spin). */
+static double s_idle_cpu(void) {
+    if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the pool's threads never slept");
+    return s_cpu_window();
 }
 
 static void test_threadpool_idle_uses_no_cpu(void **state) {
@@ -228,11 +233,7 @@ static void test_threadpool_wake_ends_the_park(void **state) {
     if (!th_wait_until(s_others_asleep, NULL, 5)) fail_msg("the parked thread never slept");
     threadpool_wake(tp);
     if (!th_wait_until(s_others_awake, NULL, 5)) fail_msg("the woken thread never ran");
-    struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    nanosleep(&d, NULL); /* the measurement window */
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+    double cpu = s_cpu_window();
     if (cpu < 0.05) fail_msg("the woken thread used only %.3f s of CPU in 0.2 s", cpu);
     threadpool_park(tp);
     if (s_idle_cpu() > 0.05) fail_msg("the pool parked again still spins");
@@ -249,15 +250,6 @@ typedef struct word_watch {
 static bool s_word_moved(void *ctx) {
     const word_watch *ww = ctx;
     return atomic_load(ww->w) != ww->seen;
-}
-
-/* CPU seconds this process uses in a 0.2 s window. */
-static double s_cpu_window(void) {
-    struct timespec c0, c1, d = {0, 200 * 1000 * 1000};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-    nanosleep(&d, NULL); /* the measurement window, not a wait for anything */
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-    return (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
 }
 
 /* Hand-off words (threadpool_set_handoff), in shared memory as between two stages: a park rings
