@@ -350,7 +350,8 @@ int sched_step(sched *s) {
     if (!s->n_run) return 0;
     /* the next token of every decoding request, then whole prompt chunks (chunks end at
      * multiples of `chunk` and at the prompt's end), in admission order, while they fit; with
-     * requests decoding, at most one chunk per step so their tokens keep flowing */
+     * requests decoding (and no burst, below), at most one chunk per step so their tokens keep
+     * flowing */
     int n_dec = 0;
     for (int i = 0; i < s->n_run; i++)
         n_dec += s->run[i]->st == R_DECODE;
@@ -374,7 +375,16 @@ int sched_step(sched *s) {
         budget--;
         n_decoding++;
     }
-    int prefill_max = n_decoding ? s->chunk : budget;
+    /* A burst (more requests reading their prompt than answering, as when several arrive
+     * together) is read as if nobody answered: whole chunks of every prompt in one step, so
+     * they share each weight read (on a memory budget, each expert read from disk) instead of
+     * going one prompt a slice a step after another; the few answering requests wait that step
+     * out. Otherwise, beside answers, one chunk a step, in slices of layers. */
+    int n_reading = 0;
+    for (int i = 0; i < s->n_run; i++)
+        n_reading += s->run[i]->st == R_PREFILL;
+    const bool sliced = n_decoding > 0 && n_reading <= n_decoding;
+    int prefill_max = sliced ? s->chunk : budget;
     for (int i = 0; i < s->n_run && prefill_max > 0; i++) {
         s_req *rq = s->run[i];
         if (rq->st != R_PREFILL) continue;
@@ -384,8 +394,8 @@ int sched_step(sched *s) {
                            * decodes), alone, as the step's last entry */
             if (rq->part_n > budget) break;
             take = rq->part_n;
-            upto = n_decoding && rq->part_done + s->span < s->n_layer ? rq->part_done + s->span
-                                                                      : s->n_layer;
+            upto = sliced && rq->part_done + s->span < s->n_layer ? rq->part_done + s->span
+                                                                  : s->n_layer;
         } else {
             for (;;) { /* whole chunks */
                 int at = rq->pos + take;
@@ -395,7 +405,7 @@ int sched_step(sched *s) {
                 take += c;
             }
             if (!take) continue;
-            if (n_decoding && s->span) upto = s->span; /* its first layers */
+            if (sliced && s->span) upto = s->span; /* its first layers */
         }
         bool last = rq->pos + take == n;
         s->q[n_q] =

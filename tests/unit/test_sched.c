@@ -3,7 +3,8 @@
  * - Same answer under load: greedy and seeded sampled requests give the same ids alone and
  *   batched with others, submitted together or joining while others decode, with a prompt
  *   chunk smaller than the prompts (so prompts are read over several steps beside decoding),
- *   each chunk beside decoding requests taken whole, a layer a step, or in the default slices.
+ *   each chunk beside decoding requests taken whole, a layer a step, or in the default slices;
+ *   and a burst (three arriving together beside one answering) read whole in one step.
  * - Prefix reuse: a follow-up prompt that extends the previous prompt and answer evaluates only
  *   the new tokens (n_cached) and answers as a fresh slot does; the least recently used idle
  *   slot is the one taken over.
@@ -175,6 +176,32 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
      * default slice is a layer for this 6-layer model), never when taken whole */
     assert_int_equal(slices[0], 0);
     assert_true(slices[1] >= 5 && slices[2] == slices[1]);
+    /* a burst: request 0 answers, then the three others arrive together (more reading than
+     * answering): their prompts are read whole beside it, in one step, not sliced; the same ids */
+    {
+        outcome burst[N_REQ] = {0};
+        assert_int_equal(sched_new(&s, b, &sp, &err), 0);
+        s_submit(s, p[0], n[0], &g[0], &burst[0], NULL);
+        sched_step(s); /* its prompt, alone: now it answers */
+        sched_step(s);
+        for (int i = 1; i < N_REQ; i++)
+            s_submit(s, p[i], n[i], &g[i], &burst[i], NULL);
+        const unsigned long long pre = sched_get_stats(s)->tokens_prefilled;
+        sched_step(s);
+        /* every prompt token of the three went through in that one step */
+        assert_int_equal(sched_get_stats(s)->tokens_prefilled - pre,
+                         (unsigned long long)(n[1] + n[2] + n[3]));
+        s_drain(s);
+        assert_int_equal(sched_get_stats(s)->prefill_slices, 0);
+        sched_destroy(&s);
+        for (int i = 0; i < N_REQ; i++) {
+            assert_true(burst[i].done);
+            assert_int_equal(burst[i].rc, 0);
+            if (memcmp(alone[i].res.ids, burst[i].res.ids, sizeof(int32_t) * N_GEN))
+                fail_msg("request %d: ids in a burst differ from alone", i);
+            gen_result_fini(&burst[i].res);
+        }
+    }
     for (int i = 0; i < N_REQ; i++) {
         assert_true(both[i].done);
         assert_int_equal(both[i].rc, 0);
