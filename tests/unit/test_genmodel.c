@@ -274,6 +274,82 @@ static void test_genmodel_hybrid_options(void **state) {
     unlink(path);
 }
 
+/* --idle-bias B: only token_embd and ffn_gate_exps change; every embedding row moved by the same
+ * vector A * u (A = embd_scale * sqrt(n_embd), 2.4 for tiny), every gate row by -B / sqrt(n_embd)
+ * * u; and a gate applied to a normalized embedding idles more often than without (about
+ * Phi(B * 0.7) against a half). F32, so the differences are exact up to rounding. */
+static void test_genmodel_idle_bias(void **state) {
+    (void)state;
+    char a[4096], b[4096], args[9000];
+    tmp_file(a, sizeof a, "idle-a.gguf");
+    tmp_file(b, sizeof b, "idle-b.gguf");
+    snprintf(args, sizeof args, "--preset tiny --seed 5 -o %s", a);
+    assert_int_equal(genmodel(args), 0);
+    snprintf(args, sizeof args, "--preset tiny --seed 5 --idle-bias 2 -o %s", b);
+    assert_int_equal(genmodel(args), 0);
+    snprintf(args, sizeof args, "--preset tiny --idle-bias -1 -o %s", b);
+    assert_int_equal(genmodel(args), 2);
+    snprintf(args, sizeof args, "--preset tiny --seed 5 --idle-bias 2 -o %s", b);
+    assert_int_equal(genmodel(args), 0);
+    gguf_file *fa = open_ok(a), *fb = open_ok(b);
+    const int E = 64, V = 320, F = 32, X = 8;
+    for (size_t i = 0; i < gguf_tensor_count(fa); i++) {
+        const gguf_tensor *ta = gguf_tensor_at(fa, i);
+        char name[128];
+        snprintf(name, sizeof name, "%.*s", (int)ta->name.len, ta->name.ptr);
+        const gguf_tensor *tb = gguf_tensor_find(fb, name);
+        assert_non_null(tb);
+        assert_int_equal(ta->nbytes, tb->nbytes);
+        const bool moved =
+            !strcmp(name, "token_embd.weight") || strstr(name, "ffn_gate_exps.weight") != NULL;
+        assert_int_equal(memcmp(ta->data, tb->data, ta->nbytes) != 0, moved);
+    }
+    /* the shared direction, from the first embedding row's difference */
+    const float *ea = gguf_tensor_find(fa, "token_embd.weight")->data;
+    const float *eb = gguf_tensor_find(fb, "token_embd.weight")->data;
+    double u[64], n2 = 0;
+    for (int i = 0; i < E; i++)
+        u[i] = (double)eb[i] - ea[i], n2 += u[i] * u[i];
+    assert_true(fabs(sqrt(n2) - 0.3 * 8) < 1e-3);
+    for (int i = 0; i < E; i++)
+        u[i] /= sqrt(n2);
+    for (int v = 0; v < V; v++)
+        for (int i = 0; i < E; i++)
+            assert_true(fabs(((double)eb[v * E + i] - ea[v * E + i]) - 2.4 * u[i]) < 1e-5);
+    const float *ga = gguf_tensor_find(fa, "blk.0.ffn_gate_exps.weight")->data;
+    const float *gb = gguf_tensor_find(fb, "blk.0.ffn_gate_exps.weight")->data;
+    for (int r = 0; r < F * X; r++)
+        for (int i = 0; i < E; i++)
+            assert_true(fabs(((double)gb[r * E + i] - ga[r * E + i]) + 2.0 / 8 * u[i]) < 1e-6);
+    /* gate pre-activations on RMS-normalized embeddings: the share <= 0 */
+    long idle[2] = {0, 0}, n = 0;
+    for (int v = 0; v < V; v++) {
+        for (int m = 0; m < 2; m++) {
+            const float *e = (m ? eb : ea) + (size_t)v * E, *g = m ? gb : ga;
+            double ss = 0;
+            for (int i = 0; i < E; i++)
+                ss += (double)e[i] * e[i];
+            const double inv = 1.0 / sqrt(ss / E);
+            for (int r = 0; r < F * X; r++) {
+                double d = 0;
+                for (int i = 0; i < E; i++)
+                    d += (double)g[r * E + i] * e[i] * inv;
+                idle[m] += d <= 0;
+            }
+        }
+        n += F * X;
+    }
+    const double pa = (double)idle[0] / n, pb = (double)idle[1] / n;
+    print_message("idle share on normalized embeddings: %.3f without, %.3f with --idle-bias 2\n",
+                  pa, pb);
+    assert_true(pa > 0.45 && pa < 0.55);
+    assert_true(pb > 0.85);
+    gguf_close(&fa);
+    gguf_close(&fb);
+    unlink(a);
+    unlink(b);
+}
+
 static void test_genmodel_refuses_bad_shape(void **state) {
     (void)state;
     char path[4096], args[9000];
@@ -348,6 +424,7 @@ int main(void) {
         cmocka_unit_test(test_genmodel_dtypes),
         cmocka_unit_test(test_genmodel_deterministic),
         cmocka_unit_test(test_genmodel_hybrid_options),
+        cmocka_unit_test(test_genmodel_idle_bias),
         cmocka_unit_test(test_genmodel_refuses_bad_shape),
         cmocka_unit_test(test_genmodel_hf_tokenizer_matches_golden_vocab),
     };

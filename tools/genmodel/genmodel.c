@@ -156,8 +156,9 @@ typedef struct gm_tensor {
     uint32_t n_dims;
     int64_t ne[GGUF_MAX_DIMS];
     gm_kind kind;
-    float std; /* MATRIX, ROUTER: standard deviation; NORM: noise around 1 */
-    int layer; /* ROUTER: its layer (for the skew multipliers) */
+    float std;   /* MATRIX, ROUTER: standard deviation; NORM: noise around 1 */
+    float shift; /* MATRIX: each row += shift * u, the shared direction (--idle-bias) */
+    int layer;   /* ROUTER: its layer (for the skew multipliers) */
 } gm_tensor;
 
 static float s_std(const gm_config *c, double gain, int64_t fan_in) {
@@ -205,7 +206,13 @@ static size_t s_plan(const gm_config *c, gm_tensor *t) {
         s_add(t, &n, NAME("ffn_down_exps.weight"), m, 3, f, e, x, GM_MATRIX, s_std(c, c->gain, f),
               il);
 #undef NAME
+        /* --idle-bias: gate rows against u by B / sqrt(n_embd) (a unit-RMS input along u at
+         * cosine c moves every gate pre-activation by -B * c, against N(0, 1) noise) */
+        t[n - 3].shift = -(float)(c->idle_bias / sqrt((double)e));
     }
+    /* --idle-bias: every token embedding gets u at the norm of its random part, so a hidden
+     * state starts at cosine ~0.7 with u (the layers' updates then dilute it) */
+    t[0].shift = c->idle_bias > 0 ? (float)(embd_std * sqrt((double)e)) : 0.0f;
     s_add(t, &n, "output_norm.weight", f32, 1, e, 1, 1, GM_NORM, nn, -1);
     if (!c->tied)
         s_add(t, &n, "output.weight", m, 2, e, c->n_vocab, 1, GM_MATRIX, (float)out_std, -1);
@@ -239,9 +246,28 @@ static void s_skew_mult(const gm_config *c, int layer, float *mult) {
     free(perm);
 }
 
-/* Fills rows [r0, r1) of tensor t (slice index s) as float. */
+/* The shared direction of --idle-bias: n_embd normals (their own stream) scaled to unit
+ * length. sqrt is correctly rounded (IEEE 754), so the bytes stay machine-independent. */
+static float *s_idle_dir(const gm_config *c) {
+    float *u = malloc((size_t)c->n_embd * sizeof *u);
+    if (!u) return NULL;
+    gm_rng r;
+    s_rng_seed(&r, c->seed, "idle-direction", 0);
+    double n2 = 0;
+    for (uint32_t i = 0; i < c->n_embd; i++) {
+        u[i] = s_normal(&r);
+        n2 += (double)u[i] * u[i];
+    }
+    const double inv = 1.0 / sqrt(n2);
+    for (uint32_t i = 0; i < c->n_embd; i++)
+        u[i] = (float)(u[i] * inv);
+    return u;
+}
+
+/* Fills rows [r0, r1) of tensor t (slice index s) as float; dir: the --idle-bias direction
+ * (used when t->shift != 0). */
 static void s_fill_slice(const gm_config *c, const gm_tensor *t, uint64_t s, int64_t r0, int64_t r1,
-                         float *out, const float *mult) {
+                         float *out, const float *mult, const float *dir) {
     gm_rng r;
     s_rng_seed(&r, c->seed, t->name, s);
     int64_t ne0 = t->ne[0];
@@ -254,6 +280,9 @@ static void s_fill_slice(const gm_config *c, const gm_tensor *t, uint64_t s, int
             float sd = t->std * (t->kind == GM_ROUTER ? mult[row % t->ne[1]] : 1.0f);
             for (int64_t i = 0; i < ne0; i++)
                 o[i] = sd * s_normal(&r);
+            if (t->shift != 0.0f && dir)
+                for (int64_t i = 0; i < ne0; i++)
+                    o[i] += t->shift * dir[i];
         }
     }
 }
@@ -266,6 +295,7 @@ typedef struct gm_job {
     const gm_config *cfg;
     const gm_tensor *t;
     const float *mult;
+    const float *dir; /* --idle-bias direction, or NULL */
     int64_t rows, rows_per_slice;
     size_t row_bytes;
     uint64_t s0, s1; /* slices of this batch */
@@ -281,7 +311,7 @@ static void *s_worker(void *arg) {
     for (uint64_t s = j->s0 + (uint64_t)j->tid; s < j->s1; s += (uint64_t)j->nthreads) {
         int64_t r0 = (int64_t)s * j->rows_per_slice;
         int64_t r1 = r0 + j->rows_per_slice < j->rows ? r0 + j->rows_per_slice : j->rows;
-        s_fill_slice(j->cfg, j->t, s, r0, r1, j->scratch, j->mult);
+        s_fill_slice(j->cfg, j->t, s, r0, r1, j->scratch, j->mult, j->dir);
         uint8_t *dst = j->out + (size_t)(s - j->s0) * (size_t)j->rows_per_slice * j->row_bytes;
         int rc = kern_quantize_row_ref(j->t->type, j->scratch, dst, (r1 - r0) * ne0);
         if (rc) j->rc = rc;
@@ -371,7 +401,7 @@ static int s_report_routing(const gm_config *c, const gm_tensor *plan, size_t n_
         int64_t rps = t->ne[0] >= GM_SLICE_ELEMS ? 1 : GM_SLICE_ELEMS / t->ne[0];
         for (int64_t s = 0; s * rps < t->ne[1]; s++) {
             int64_t r0 = s * rps, r1 = r0 + rps < t->ne[1] ? r0 + rps : t->ne[1];
-            s_fill_slice(c, t, (uint64_t)s, r0, r1, w + r0 * e, mult);
+            s_fill_slice(c, t, (uint64_t)s, r0, r1, w + r0 * e, mult, NULL);
         }
         memset(cnt, 0, ne * sizeof *cnt);
         for (int tok = 0; tok < n_tok; tok++) {
@@ -500,7 +530,7 @@ static int s_write_meta(gguf_writer *w, const gm_config *c, const gm_vocab *v) {
 }
 
 static int s_write_tensor(gguf_writer *w, const gm_config *c, const gm_tensor *t, uint8_t *out,
-                          float **scratch, gm_progress *prog, stp_err *err) {
+                          float **scratch, const float *dir, gm_progress *prog, stp_err *err) {
     float mult[1024];
     float *multp = mult;
     float *heap = NULL;
@@ -526,6 +556,7 @@ static int s_write_tensor(gguf_writer *w, const gm_config *c, const gm_tensor *t
             jobs[i] = (gm_job){.cfg = c,
                                .t = t,
                                .mult = multp,
+                               .dir = dir,
                                .rows = rows,
                                .rows_per_slice = rps,
                                .row_bytes = row_bytes,
@@ -568,6 +599,7 @@ int gm_run(const gm_config *c, stp_err *err) {
     gm_vocab v = {0};
     uint8_t *out = NULL;
     float *scratch[16] = {0};
+    float *dir = NULL;
     if (c->out) {
         rc = c->tokenizer_json ? gm_vocab_from_hf(&v, c->tokenizer_json, c->n_vocab, err)
                                : gm_vocab_synth(&v, c->n_vocab, err);
@@ -606,8 +638,12 @@ int gm_run(const gm_config *c, stp_err *err) {
                 rc = stp_err_set(err, STP_ENOMEM, "out of memory for slice buffers");
                 goto done;
             }
+            if (c->idle_bias > 0 && !(dir = s_idle_dir(c))) {
+                rc = stp_err_set(err, STP_ENOMEM, "out of memory");
+                goto done;
+            }
             for (size_t i = 0; !rc && i < n_plan; i++)
-                rc = s_write_tensor(w, c, &plan[i], out, scratch, &prog, err);
+                rc = s_write_tensor(w, c, &plan[i], out, scratch, dir, &prog, err);
             if (rc) goto done;
             s_progress(&prog, 0, true);
         }
@@ -621,6 +657,7 @@ done:
     for (int i = 0; i < 16; i++)
         free(scratch[i]);
     free(out);
+    free(dir);
     free(plan);
     return rc;
 }

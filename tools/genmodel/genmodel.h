@@ -35,6 +35,10 @@ typedef struct gm_config {
     /* init knobs; NaN = "derive the default from the shape" (gm_config_finalize) */
     gm_init init;
     float gain, qk_gain, router_gain, embd_scale, output_scale, norm_noise, skew;
+    /* ReGLU activity: 0 = symmetric gates (about half the neurons idle, any input); B > 0 gives
+     * every token embedding a shared direction u and moves every expert gate row against it,
+     * so a neuron idles more often: P(idle) ~ Phi(B * cos(h, u)) (README "Idle neurons") */
+    float idle_bias;
     bool vocab_only;
     const char *tokenizer_json; /* NULL = synthetic byte-level BPE */
     const char *out;            /* NULL = write nothing (only --report-routing) */

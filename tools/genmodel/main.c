@@ -17,7 +17,7 @@ static void s_usage(FILE *f) {
           "        --untied | --tied  --rope-base F  --rms-eps F\n"
           "data:   --dtype f32|f16|bf16|q8_0|q4_0  --seed N  --threads N (default 2)\n"
           "init:   --init unit|normal --gain F --qk-gain F --router-gain F --embd-scale F\n"
-          "        --output-scale F --norm-noise F --skew F\n"
+          "        --output-scale F --norm-noise F --skew F --idle-bias B\n"
           "vocab:  --tokenizer-json FILE  --vocab-only  --name NAME\n"
           "report: --report-routing (print expert popularity of random hidden states;\n"
           "        without -o nothing is written)\n",
@@ -116,6 +116,8 @@ int main(int argc, char **argv) {
             bad = s_f32(v, &cfg.norm_noise);
         else if (strcmp(a, "--skew") == 0)
             bad = s_f32(v, &cfg.skew) || cfg.skew < 0;
+        else if (strcmp(a, "--idle-bias") == 0)
+            bad = s_f32(v, &cfg.idle_bias) || cfg.idle_bias < 0 || cfg.idle_bias > 16;
         else if (strcmp(a, "--tokenizer-json") == 0)
             cfg.tokenizer_json = v;
         else if (strcmp(a, "--name") == 0)
