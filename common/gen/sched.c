@@ -376,14 +376,17 @@ int sched_step(sched *s) {
         n_decoding++;
     }
     /* A burst (more requests reading their prompt than answering, as when several arrive
-     * together) is read as if nobody answered: whole chunks of every prompt in one step, so
-     * they share each weight read (on a memory budget, each expert read from disk) instead of
-     * going one prompt a slice a step after another; the few answering requests wait that step
-     * out. Otherwise, beside answers, one chunk a step, in slices of layers. */
+     * together) that one step can read is read as if nobody answered: whole chunks of every
+     * prompt in one step, so they share each weight read (on a memory budget, each expert read
+     * from disk) instead of going one prompt a slice a step after another; the few answering
+     * requests wait that one step out. Otherwise (longer prompts too), beside answers, one
+     * chunk a step, in slices of layers. */
     int n_reading = 0;
+    long long unread = 0;
     for (int i = 0; i < s->n_run; i++)
-        n_reading += s->run[i]->st == R_PREFILL;
-    const bool sliced = n_decoding > 0 && n_reading <= n_decoding;
+        if (s->run[i]->st == R_PREFILL)
+            n_reading++, unread += s->run[i]->r.n_prompt - s->run[i]->pos;
+    const bool sliced = n_decoding > 0 && (n_reading <= n_decoding || unread > budget);
     int prefill_max = sliced ? s->chunk : budget;
     for (int i = 0; i < s->n_run && prefill_max > 0; i++) {
         s_req *rq = s->run[i];

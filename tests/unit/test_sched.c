@@ -4,7 +4,8 @@
  *   batched with others, submitted together or joining while others decode, with a prompt
  *   chunk smaller than the prompts (so prompts are read over several steps beside decoding),
  *   each chunk beside decoding requests taken whole, a layer a step, or in the default slices;
- *   and a burst (three arriving together beside one answering) read whole in one step.
+ *   and a burst (three arriving together beside one answering) read whole in one step, or in
+ *   slices when it does not fit one.
  * - Prefix reuse: a follow-up prompt that extends the previous prompt and answer evaluates only
  *   the new tokens (n_cached) and answers as a fresh slot does; the least recently used idle
  *   slot is the one taken over.
@@ -199,6 +200,28 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
             assert_int_equal(burst[i].rc, 0);
             if (memcmp(alone[i].res.ids, burst[i].res.ids, sizeof(int32_t) * N_GEN))
                 fail_msg("request %d: ids in a burst differ from alone", i);
+            gen_result_fini(&burst[i].res);
+        }
+        /* a burst larger than a step (40 tokens a step, 69 to read) goes in slices, as
+         * prompts beside answers do: the answering request never waits more than a step */
+        memset(burst, 0, sizeof burst);
+        sched_params small = sp;
+        small.n_batch = 40;
+        assert_int_equal(sched_new(&s, b, &small, &err), 0);
+        s_submit(s, p[0], n[0], &g[0], &burst[0], NULL);
+        sched_step(s);
+        sched_step(s);
+        for (int i = 1; i < N_REQ; i++)
+            s_submit(s, p[i], n[i], &g[i], &burst[i], NULL);
+        const unsigned long long pre2 = sched_get_stats(s)->tokens_decoded;
+        sched_step(s);
+        assert_int_equal(sched_get_stats(s)->tokens_decoded - pre2, 1); /* request 0 went on */
+        s_drain(s);
+        assert_true(sched_get_stats(s)->prefill_slices > 0);
+        sched_destroy(&s);
+        for (int i = 0; i < N_REQ; i++) {
+            if (memcmp(alone[i].res.ids, burst[i].res.ids, sizeof(int32_t) * N_GEN))
+                fail_msg("request %d: ids in a long burst differ from alone", i);
             gen_result_fini(&burst[i].res);
         }
     }
