@@ -392,11 +392,22 @@ static size_t s_pipeline_pss(const char *run_dir) {
     return total;
 }
 
+static uint64_t s_splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 /* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
  * pp test sends d + n prompt ids of which the first d are evaluated before the coordinator's
  * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
- * generation only. Every request starts with another id, so the coordinator's prefix reuse
- * never finds a repetition's prompt in a slot. */
+ * generation only. A pp test's prompt starts with two ids drawn for it (seeded from the clock
+ * and the pid), so the coordinator's prefix reuse finds no earlier request's prompt in a slot,
+ * of this run or of an earlier one on the same pipeline; a repetition that was served from a
+ * slot anyway (GenerateDone's evaluated count short of the prompt) is sent again with other
+ * ids, so a prefill figure never counts reused tokens. A tg test times the generation only: its
+ * depth may come from a slot (the same keys and values), which spares re-reading it. */
 static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_type, int V,
                             const int *pp, int n_pp, const int *tg, int n_tg, const int *dp,
                             int n_dp, int reps, bool json, bench_host *host) {
@@ -421,7 +432,11 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
         double ipc;
     } res[64];
     int nres = 0, status = 0, n_sent = 0;
-    const int32_t first0 = toks[0];
+    const int32_t first0 = toks[0], second0 = max_n > 1 ? toks[1] : 0;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t lead = (uint64_t)now.tv_sec * 1000000007u ^ (uint64_t)now.tv_nsec ^
+                    (uint64_t)getpid() << 32; /* the pp tests' leading ids */
     pipeline_gen_result gr;
     o.result = &gr;
     o.prompt_ids = toks; /* warm-up: one short request */
@@ -442,20 +457,38 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                 engine_stats st;
                 memset(&st, 0, sizeof st);
                 for (int rep = 0; rep < reps && !status; rep++) {
-                    /* pp: d + n prompt tokens (d untimed), one generated (its time is the
+                    /* pp: d + n prompt tokens (d untimed: the coordinator reads them as a request
+                     * of their own, then the rest from that slot), one generated (its time is the
                      * prefill); tg: d + 1 prompt tokens, n + 1 generated (the first comes from
                      * the prefill) */
-                    /* a first id no earlier request had: the coordinator's prefix reuse must
-                     * not find this prompt in a slot (the depth is evaluated untimed) */
-                    toks[0] = (int32_t)((first0 + ++n_sent) % V);
                     o.n_prompt = kind == 0 ? d + n : d + 1;
                     o.n_untimed = kind == 0 ? d : 0;
                     o.n_predict = kind == 0 ? 1 : n + 1;
-                    memset(&gr, 0, sizeof gr);
-                    if (cli_generate_pipeline(&o) || (kind == 0 ? gr.prompt_ms : gr.gen_ms) <= 0) {
-                        status = 1;
-                        break;
+                    for (int tries = 0;; tries++) {
+                        if (kind == 0) { /* ids no slot holds (above) */
+                            toks[0] = (int32_t)(s_splitmix(&lead) % (uint64_t)V);
+                            if (o.n_prompt > 1)
+                                toks[1] = (int32_t)(s_splitmix(&lead) % (uint64_t)V);
+                        } else { /* the same ids each run after the first (above) */
+                            toks[0] = (int32_t)((first0 + ++n_sent) % V);
+                            if (max_n > 1) toks[1] = second0;
+                        }
+                        memset(&gr, 0, sizeof gr);
+                        if (cli_generate_pipeline(&o) ||
+                            (kind == 0 ? gr.prompt_ms : gr.gen_ms) <= 0) {
+                            status = 1;
+                            break;
+                        }
+                        if (kind == 1 || gr.n_prompt_eval >= o.n_prompt - o.n_untimed) break;
+                        if (tries == 3) { /* cannot happen short of a broken coordinator */
+                            fprintf(stderr,
+                                    "stpipe bench: the pipeline reused %d of %d timed prompt ids\n",
+                                    n - gr.n_prompt_eval, n);
+                            status = 1;
+                            break;
+                        }
                     }
+                    if (status) break;
                     double tps =
                         kind == 0 ? n / (gr.prompt_ms * 1e-3) : (gr.n_gen - 1) / (gr.gen_ms * 1e-3);
                     sum += tps;

@@ -474,6 +474,7 @@ static void s_dispatch(coordinator *c) {
     stats_set(c->st, "queue.depth", (uint64_t)sched_n_waiting(c->s));
     stats_set(c->st, "requests.running", (uint64_t)sched_n_running(c->s));
     stats_set(c->st, "sched.prefill_slices", sched_get_stats(c->s)->prefill_slices);
+    stats_set(c->st, "sched.tokens_reused", sched_get_stats(c->s)->tokens_reused);
 }
 
 static creq *s_find(coordinator *c, const uint8_t *id, size_t id_len, uint64_t rid) {

@@ -132,6 +132,15 @@ static void s_logits_match(const char *pl, const char *il) {
     assert_true(worst <= 1e-4);
 }
 
+/* A counter of one stage's newest StatsReport; -1 when the report or the counter is missing. */
+static long long s_counter(void *zctx, const run *r, const char *stage_sock, const char *counter) {
+    void *s = th_stats_sub(zctx, r->dir, stage_sock);
+    Stp__StatsReport *rep = th_stats_next(s, 3000);
+    const long long v = rep ? th_stats_counter(rep, counter) : -1;
+    if (rep) stp__stats_report__free_unpacked(rep, NULL);
+    zmq_close(s);
+    return v;
+}
 static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter);
 
 /* Golden ids and logits through a pipeline of `workers` expert workers; lanes: the layer work
@@ -313,6 +322,23 @@ static void test_pipeline_bench(void **st) {
         assert_true(down == all_neurons);
     }
     json_decref(j);
+    /* runs after it on the same pipeline: a prefill test finds no earlier request's prompt in
+     * a slot. A tg test after 5 tokens leaves its prompt (a leading id, then the random ids) in
+     * a slot; a pp8 test that started the same way (as each run's requests once did) would be
+     * read from there, 6 of its 8 ids. The coordinator counts the ids it reused: at most a
+     * chance match of one leading id among this 320-id vocabulary, sent again. */
+    void *zctx = zmq_ctx_new();
+    const long long before = s_counter(zctx, &r, "stats-coordinator", "sched.tokens_reused");
+    char *deep[] = {bin,  "bench", "--pipeline", r.dir, "--model", g.model, "-p", "0",
+                    "-n", "2",     "-r",         "1",   "-d",      "5",     NULL};
+    char *pp[] = {bin, "bench", "--pipeline", r.dir, "--model", g.model, "-p",
+                  "8", "-n",    "0",          "-r",  "1",       NULL};
+    assert_int_equal(th_run(deep, out, 120), 0);
+    assert_int_equal(th_run(pp, out, 120), 0);
+    const long long after = s_counter(zctx, &r, "stats-coordinator", "sched.tokens_reused");
+    zmq_ctx_term(zctx);
+    assert_true(before >= 0 && after >= before);
+    if (after - before > 2) fail_msg("the pp test reused %lld prompt ids", after - before);
     s_down_and_check(&r);
 }
 
@@ -459,13 +485,9 @@ static size_t s_pack(const ProtobufCMessage *m, uint8_t *buf) {
     return protobuf_c_message_pack(m, buf);
 }
 
-/* The newest StatsReport of one stage; counter value by name. */
+/* The newest StatsReport of one stage; counter value by name (0 when missing). */
 static uint64_t s_stat(void *zctx, const run *r, const char *stage_sock, const char *counter) {
-    void *s = th_stats_sub(zctx, r->dir, stage_sock);
-    Stp__StatsReport *rep = th_stats_next(s, 3000);
-    const long long v = rep ? th_stats_counter(rep, counter) : -1;
-    if (rep) stp__stats_report__free_unpacked(rep, NULL);
-    zmq_close(s);
+    const long long v = s_counter(zctx, r, stage_sock, counter);
     return v < 0 ? 0 : (uint64_t)v;
 }
 
