@@ -339,13 +339,17 @@ static void s_json_print(json_t *root) {
 }
 
 /* The benchmark prompt: n pseudo-random ids below V, the same for every run (malloc'd). */
+/* The next id below V of the generator *x (a 64-bit LCG, its high bits). */
+static int32_t s_next_id(uint64_t *x, int V) {
+    *x = *x * 6364136223846793005ull + 1442695040888963407ull;
+    return (int32_t)((*x >> 33) % (uint64_t)V);
+}
+
 static int32_t *s_random_tokens(int n, int V) {
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)n);
     uint64_t x = 42;
-    for (int i = 0; toks && i < n; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        toks[i] = (int32_t)((x >> 33) % (uint64_t)V);
-    }
+    for (int i = 0; toks && i < n; i++)
+        toks[i] = s_next_id(&x, V);
     return toks;
 }
 
@@ -390,13 +394,6 @@ static size_t s_pipeline_pss(const char *run_dir) {
         total += sysinfo_pss(pid);
     fclose(f);
     return total;
-}
-
-static uint64_t s_splitmix(uint64_t *x) {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
 }
 
 /* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
@@ -466,9 +463,8 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                     o.n_predict = kind == 0 ? 1 : n + 1;
                     for (int tries = 0;; tries++) {
                         if (kind == 0) { /* ids no slot holds (above) */
-                            toks[0] = (int32_t)(s_splitmix(&lead) % (uint64_t)V);
-                            if (o.n_prompt > 1)
-                                toks[1] = (int32_t)(s_splitmix(&lead) % (uint64_t)V);
+                            toks[0] = s_next_id(&lead, V);
+                            if (o.n_prompt > 1) toks[1] = s_next_id(&lead, V);
                         } else { /* the same ids each run after the first (above) */
                             toks[0] = (int32_t)((first0 + ++n_sent) % V);
                             if (max_n > 1) toks[1] = second0;

@@ -352,9 +352,13 @@ int sched_step(sched *s) {
      * multiples of `chunk` and at the prompt's end), in admission order, while they fit; with
      * requests decoding (and no burst, below), at most one chunk per step so their tokens keep
      * flowing */
-    int n_dec = 0;
-    for (int i = 0; i < s->n_run; i++)
+    int n_dec = 0, n_reading = 0; /* answering; reading their prompts (unread ids left) */
+    long long unread = 0;
+    for (int i = 0; i < s->n_run; i++) {
         n_dec += s->run[i]->st == R_DECODE;
+        if (s->run[i]->st == R_PREFILL)
+            n_reading++, unread += s->run[i]->r.n_prompt - s->run[i]->pos;
+    }
     while (n_dec > 0 && !s_kv_make_room(s, n_dec, -1)) {
         /* the pool is full: the most recently admitted answering request ends */
         for (int i = s->n_run - 1; i >= 0; i--)
@@ -380,12 +384,8 @@ int sched_step(sched *s) {
      * prompt in one step, so they share each weight read (on a memory budget, each expert read
      * from disk) instead of going one prompt a slice a step after another; the few answering
      * requests wait that one step out. Otherwise (longer prompts too), beside answers, one
-     * chunk a step, in slices of layers. */
-    int n_reading = 0;
-    long long unread = 0;
-    for (int i = 0; i < s->n_run; i++)
-        if (s->run[i]->st == R_PREFILL)
-            n_reading++, unread += s->run[i]->r.n_prompt - s->run[i]->pos;
+     * chunk a step, in slices of layers. (The pool-full ending above ends answering requests
+     * only, so the reading counts still hold.) */
     const bool sliced = n_decoding > 0 && (n_reading <= n_decoding || unread > budget);
     int prefill_max = sliced ? s->chunk : budget;
     for (int i = 0; i < s->n_run && prefill_max > 0; i++) {

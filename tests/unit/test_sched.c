@@ -109,6 +109,38 @@ static void s_drain(sched *s) {
     }
 }
 
+/* Request 0 alone until it answers, then requests 1..N_REQ-1 together; each request's ids
+ * must equal alone[i]'s. *step: the counters the step after their arrival added; *end: the
+ * scheduler's counters at the end. */
+static void s_burst(backend *b, const sched_params *sp, int32_t p[][64], const int *n,
+                    const gen_params *g, const outcome *alone, sched_stats *step,
+                    sched_stats *end) {
+    outcome o[N_REQ] = {0};
+    sched *s = NULL;
+    stp_err err = {0};
+    assert_int_equal(sched_new(&s, b, sp, &err), 0);
+    s_submit(s, p[0], n[0], &g[0], &o[0], NULL);
+    sched_step(s); /* its prompt, alone: now it answers */
+    sched_step(s);
+    for (int i = 1; i < N_REQ; i++)
+        s_submit(s, p[i], n[i], &g[i], &o[i], NULL);
+    const sched_stats pre = *sched_get_stats(s);
+    sched_step(s);
+    const sched_stats *st = sched_get_stats(s);
+    step->tokens_prefilled = st->tokens_prefilled - pre.tokens_prefilled;
+    step->tokens_decoded = st->tokens_decoded - pre.tokens_decoded;
+    s_drain(s);
+    *end = *sched_get_stats(s);
+    sched_destroy(&s);
+    for (int i = 0; i < N_REQ; i++) {
+        assert_true(o[i].done);
+        assert_int_equal(o[i].rc, 0);
+        if (memcmp(alone[i].res.ids, o[i].res.ids, sizeof(int32_t) * N_GEN))
+            fail_msg("request %d: ids in a burst differ from alone", i);
+        gen_result_fini(&o[i].res);
+    }
+}
+
 static void test_sched_same_ids_alone_and_batched(void **state) {
     (void)state;
     backend *b = s_backend(N_REQ);
@@ -179,52 +211,17 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
     assert_true(slices[1] >= 5 && slices[2] == slices[1]);
     /* a burst: request 0 answers, then the three others arrive together (more reading than
      * answering): their prompts are read whole beside it, in one step, not sliced; the same ids */
-    {
-        outcome burst[N_REQ] = {0};
-        assert_int_equal(sched_new(&s, b, &sp, &err), 0);
-        s_submit(s, p[0], n[0], &g[0], &burst[0], NULL);
-        sched_step(s); /* its prompt, alone: now it answers */
-        sched_step(s);
-        for (int i = 1; i < N_REQ; i++)
-            s_submit(s, p[i], n[i], &g[i], &burst[i], NULL);
-        const unsigned long long pre = sched_get_stats(s)->tokens_prefilled;
-        sched_step(s);
-        /* every prompt token of the three went through in that one step */
-        assert_int_equal(sched_get_stats(s)->tokens_prefilled - pre,
-                         (unsigned long long)(n[1] + n[2] + n[3]));
-        s_drain(s);
-        assert_int_equal(sched_get_stats(s)->prefill_slices, 0);
-        sched_destroy(&s);
-        for (int i = 0; i < N_REQ; i++) {
-            assert_true(burst[i].done);
-            assert_int_equal(burst[i].rc, 0);
-            if (memcmp(alone[i].res.ids, burst[i].res.ids, sizeof(int32_t) * N_GEN))
-                fail_msg("request %d: ids in a burst differ from alone", i);
-            gen_result_fini(&burst[i].res);
-        }
-        /* a burst larger than a step (40 tokens a step, 69 to read) goes in slices, as
-         * prompts beside answers do: the answering request never waits more than a step */
-        memset(burst, 0, sizeof burst);
-        sched_params small = sp;
-        small.n_batch = 40;
-        assert_int_equal(sched_new(&s, b, &small, &err), 0);
-        s_submit(s, p[0], n[0], &g[0], &burst[0], NULL);
-        sched_step(s);
-        sched_step(s);
-        for (int i = 1; i < N_REQ; i++)
-            s_submit(s, p[i], n[i], &g[i], &burst[i], NULL);
-        const unsigned long long pre2 = sched_get_stats(s)->tokens_decoded;
-        sched_step(s);
-        assert_int_equal(sched_get_stats(s)->tokens_decoded - pre2, 1); /* request 0 went on */
-        s_drain(s);
-        assert_true(sched_get_stats(s)->prefill_slices > 0);
-        sched_destroy(&s);
-        for (int i = 0; i < N_REQ; i++) {
-            if (memcmp(alone[i].res.ids, burst[i].res.ids, sizeof(int32_t) * N_GEN))
-                fail_msg("request %d: ids in a long burst differ from alone", i);
-            gen_result_fini(&burst[i].res);
-        }
-    }
+    sched_stats step, end;
+    s_burst(b, &sp, p, n, g, alone, &step, &end);
+    assert_int_equal(step.tokens_prefilled, (unsigned long long)(n[1] + n[2] + n[3]));
+    assert_int_equal(end.prefill_slices, 0);
+    /* a burst larger than a step (40 tokens a step, 69 to read) goes in slices, as prompts
+     * beside answers do: the answering request never waits more than a step */
+    sched_params small = sp;
+    small.n_batch = 40;
+    s_burst(b, &small, p, n, g, alone, &step, &end);
+    assert_int_equal(step.tokens_decoded, 1); /* request 0 went on */
+    assert_true(end.prefill_slices > 0);
     for (int i = 0; i < N_REQ; i++) {
         assert_true(both[i].done);
         assert_int_equal(both[i].rc, 0);

@@ -201,6 +201,7 @@ static size_t s_plan(const gm_config *c, gm_tensor *t) {
         s_add(t, &n, NAME("ffn_norm.weight"), f32, 1, e, 1, 1, GM_NORM, nn, il);
         s_add(t, &n, NAME("ffn_gate_inp.weight"), f32, 2, e, x, 1, GM_ROUTER,
               s_std(c, c->router_gain, e), il);
+        gm_tensor *gate = &t[n];
         s_add(t, &n, NAME("ffn_gate_exps.weight"), m, 3, e, f, x, GM_MATRIX, s_std(c, 1, e), il);
         s_add(t, &n, NAME("ffn_up_exps.weight"), m, 3, e, f, x, GM_MATRIX, s_std(c, 1, e), il);
         s_add(t, &n, NAME("ffn_down_exps.weight"), m, 3, f, e, x, GM_MATRIX, s_std(c, c->gain, f),
@@ -208,7 +209,7 @@ static size_t s_plan(const gm_config *c, gm_tensor *t) {
 #undef NAME
         /* --idle-bias: gate rows against u by B / sqrt(n_embd) (a unit-RMS input along u at
          * cosine c moves every gate pre-activation by -B * c, against N(0, 1) noise) */
-        t[n - 3].shift = -(float)(c->idle_bias / sqrt((double)e));
+        gate->shift = -(float)(c->idle_bias / sqrt((double)e));
     }
     /* --idle-bias: every token embedding gets u at the norm of its random part, so a hidden
      * state starts at cosine ~0.7 with u (the layers' updates then dilute it) */
