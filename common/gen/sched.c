@@ -379,14 +379,16 @@ int sched_step(sched *s) {
         budget--;
         n_decoding++;
     }
-    /* A burst (more requests reading their prompt than answering, as when several arrive
-     * together) that one step can read is read as if nobody answered: whole chunks of every
-     * prompt in one step, so they share each weight read (on a memory budget, each expert read
-     * from disk) instead of going one prompt a slice a step after another; the few answering
-     * requests wait that one step out. Otherwise (longer prompts too), beside answers, one
-     * chunk a step, in slices of layers. (The pool-full ending above ends answering requests
-     * only, so the reading counts still hold.) */
-    const bool sliced = n_decoding > 0 && (n_reading <= n_decoding || unread > budget);
+    /* A burst (two or more requests reading their prompts, at least as many as answering, as
+     * when several arrive together) that one step can read is read as if nobody answered: whole
+     * chunks of every prompt in one step, so they share each weight read (on a memory budget,
+     * each expert read from disk) instead of going one prompt a slice a step after another (the
+     * k-th waiting k prompts' slices); the answering requests wait that one step out. Otherwise
+     * (a single prompt beside answers, longer prompts too), one chunk a step, in slices of
+     * layers. (The pool-full ending above ends answering requests only, so the reading counts
+     * still hold.) */
+    const bool burst = n_reading >= 2 && n_reading >= n_decoding && unread <= budget;
+    const bool sliced = n_decoding > 0 && !burst;
     int prefill_max = sliced ? s->chunk : budget;
     for (int i = 0; i < s->n_run && prefill_max > 0; i++) {
         s_req *rq = s->run[i];

@@ -46,9 +46,9 @@ typedef struct sched_params {
      * the backend between steps), so a step beside decoding sequences costs them a slice of the
      * chunk, not all of it; 0: the model's layers / SCHED_PREFILL_SLICES (rounded up); < 0, or
      * a backend that cannot (backend_n_layer 0): the whole chunk in one step. Not in a burst:
-     * when more requests are reading their prompts than decoding and one step holds what they
-     * have left to read, the step reads all of it, as with nobody decoding (they share the
-     * weight reads). */
+     * when two or more requests are reading their prompts, at least as many as decoding, and
+     * one step holds what they have left to read, the step reads all of it, as with nobody
+     * decoding (they share the weight reads). */
     int prefill_layers;
 } sched_params;
 

@@ -109,20 +109,21 @@ static void s_drain(sched *s) {
     }
 }
 
-/* Request 0 alone until it answers, then requests 1..N_REQ-1 together; each request's ids
- * must equal alone[i]'s. *step: the counters the step after their arrival added; *end: the
- * scheduler's counters at the end. */
-static void s_burst(backend *b, const sched_params *sp, int32_t p[][64], const int *n,
-                    const gen_params *g, const outcome *alone, sched_stats *step,
+/* Requests 0..n_first-1 until they answer, then requests n_first..N_REQ-1 together; each
+ * request's ids must equal alone[i]'s. *step: the counters the step after their arrival added;
+ * *end: the scheduler's counters at the end. */
+static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[][64],
+                    const int *n, const gen_params *g, const outcome *alone, sched_stats *step,
                     sched_stats *end) {
     outcome o[N_REQ] = {0};
     sched *s = NULL;
     stp_err err = {0};
     assert_int_equal(sched_new(&s, b, sp, &err), 0);
-    s_submit(s, p[0], n[0], &g[0], &o[0], NULL);
-    sched_step(s); /* its prompt, alone: now it answers */
+    for (int i = 0; i < n_first; i++)
+        s_submit(s, p[i], n[i], &g[i], &o[i], NULL);
+    sched_step(s); /* their prompts, with nobody answering: now they answer */
     sched_step(s);
-    for (int i = 1; i < N_REQ; i++)
+    for (int i = n_first; i < N_REQ; i++)
         s_submit(s, p[i], n[i], &g[i], &o[i], NULL);
     const sched_stats pre = *sched_get_stats(s);
     sched_step(s);
@@ -212,14 +213,23 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
     /* a burst: request 0 answers, then the three others arrive together (more reading than
      * answering): their prompts are read whole beside it, in one step, not sliced; the same ids */
     sched_stats step, end;
-    s_burst(b, &sp, p, n, g, alone, &step, &end);
+    s_burst(b, &sp, 1, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_prefilled, (unsigned long long)(n[1] + n[2] + n[3]));
     assert_int_equal(end.prefill_slices, 0);
+    /* as many arriving as answering (two and two) are a burst too */
+    s_burst(b, &sp, 2, p, n, g, alone, &step, &end);
+    assert_int_equal(step.tokens_prefilled, (unsigned long long)(n[2] + n[3]));
+    assert_int_equal(end.prefill_slices, 0);
+    /* one arriving beside three answering is not: its chunks go in slices */
+    s_burst(b, &sp, 3, p, n, g, alone, &step, &end);
+    assert_int_equal(step.tokens_decoded, 3);
+    assert_int_equal(step.tokens_prefilled, 0);
+    assert_true(end.prefill_slices > 0);
     /* a burst larger than a step (40 tokens a step, 69 to read) goes in slices, as prompts
      * beside answers do: the answering request never waits more than a step */
     sched_params small = sp;
     small.n_batch = 40;
-    s_burst(b, &small, p, n, g, alone, &step, &end);
+    s_burst(b, &small, 1, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_decoded, 1); /* request 0 went on */
     assert_true(end.prefill_slices > 0);
     for (int i = 0; i < N_REQ; i++) {
