@@ -112,8 +112,8 @@ static void s_drain(sched *s) {
 /* Requests 0..n_first-1 until they answer, then requests n_first..N_REQ-1 together; each
  * request's ids must equal alone[i]'s. *step: the counters the step after their arrival added;
  * *end: the scheduler's counters at the end. */
-static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[][64],
-                    const int *n, const gen_params *g, const outcome *alone, sched_stats *step,
+static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[][64], const int *n,
+                    const gen_params *g, const outcome *alone, sched_stats *step,
                     sched_stats *end) {
     outcome o[N_REQ] = {0};
     sched *s = NULL;
