@@ -26,6 +26,7 @@
 #include "kern/kern.h"
 #include "model/engine.h"
 #include "model/roofline.h"
+#include "msg/msg.h"
 #include "util/membw.h"
 #include "util/sysinfo.h"
 
@@ -111,9 +112,10 @@ static const opt_def s_opts[] = {
                                    "deploy/stpipe-up gave it, for the roofline's KV bytes)"),
     CLI_OPT_SPARSE_HEAD(bench_opts),
     {"--parallel", "-np", OPT_INT, 1, 64, "1", "N",
-     "sequences at once (in-process only; llama-batched-bench's -npl): each has its own depth "
-     "prompt, a pp test evaluates N prompts in one batch, a tg test steps N sequences together; "
-     "t/s counts every sequence's tokens",
+     "sequences at once (llama-batched-bench's -npl): each has its own depth prompt, a pp test "
+     "evaluates N prompts in one batch, a tg test steps N sequences together; t/s counts every "
+     "sequence's tokens. With --pipeline: N requests at once (at most the pipeline's slots), tg "
+     "tests only",
      F(parallel), NULL, NULL},
     {"--json", NULL, OPT_FLAG, 0, 0, NULL, NULL, "machine-readable output", F(json), NULL, NULL},
 };
@@ -405,17 +407,149 @@ static size_t s_pipeline_pss(const char *run_dir) {
  * slot anyway (GenerateDone's evaluated count short of the prompt) is sent again with other
  * ids, so a prefill figure never counts reused tokens. A tg test times the generation only: its
  * depth may come from a slot (the same keys and values), which spares re-reading it. */
+/* ---- --parallel P through a pipeline ------------------------------------------------------- *
+ * P requests in flight at once over one client, each its own prompt, as P chat clients would
+ * send them; the coordinator's scheduler batches their decode steps. A tg test fills P slots
+ * with the depth prompts first (one token each: a prompt-only request leaves no slot behind),
+ * then sends the same P prompts again
+ * with n + 1 to generate: each reuses its depth from its slot and evaluates one id, so the P
+ * answers start within a step or two of each other. The figure is every sequence's generated
+ * tokens (the first of each comes from the prefill) over the span from the first sequence's
+ * first token to the last one's end (the coordinator's generation time of each, ended at the
+ * client's clock when its GenerateDone arrives). */
+typedef struct par_run {
+    int P, n_done, n_err;
+    uint64_t rid[64];
+    int n_gen[64], n_prompt_eval[64];
+    double end_us[64], gen_ms[64], ipc_ms[64];
+} par_run;
+
+static int s_par_find(const par_run *pr, uint64_t rid) {
+    for (int i = 0; i < pr->P; i++)
+        if (pr->rid[i] == rid) return i;
+    return -1;
+}
+
+static void s_par_text(void *ud, uint64_t rid, const char *text, size_t len) {
+    (void)ud, (void)rid, (void)text, (void)len;
+}
+
+static void s_par_done(void *ud, uint64_t rid, const pipe_client_done *d) {
+    par_run *pr = ud;
+    const int i = s_par_find(pr, rid);
+    if (i < 0) return;
+    pr->n_gen[i] = d->n_gen;
+    pr->n_prompt_eval[i] = d->n_prompt_eval;
+    pr->gen_ms[i] = d->gen_ms;
+    pr->ipc_ms[i] = d->ipc_ms;
+    pr->end_us[i] = msg_now_us();
+    pr->n_done++;
+}
+
+static void s_par_error(void *ud, uint64_t rid, int code, const char *what) {
+    par_run *pr = ud;
+    if (s_par_find(pr, rid) < 0) return;
+    fprintf(stderr, "stpipe bench: a request failed (%d): %s\n", code, what);
+    pr->n_err++;
+}
+
+/* Sends P requests (prompt i: prompts + i * stride, n_prompt ids; greedy, n_predict each) and
+ * waits for all of them. 0, or 1 after a failure (printed). */
+static int s_par_send(pipe_client *pc, par_run *pr, const int32_t *prompts, size_t stride,
+                      int n_prompt, long long n_predict) {
+    stp_err err = {0};
+    pr->n_done = pr->n_err = 0;
+    for (int i = 0; i < pr->P; i++) {
+        pipe_client_req rq = {.prompt_ids = prompts + (size_t)i * stride,
+                              .n_prompt = n_prompt,
+                              .parse_special = true,
+                              .n_predict = n_predict,
+                              .ignore_eos = true,
+                              .want_text = true};
+        sampler_params_default(&rq.sp);
+        rq.sp.temperature = 0;
+        pr->rid[i] = 0;
+        if (pipe_client_submit(pc, &rq, &pr->rid[i], &err)) {
+            fprintf(stderr, "stpipe bench: %s\n", err.msg);
+            return 1;
+        }
+    }
+    const double t0 = msg_now_us();
+    while (pr->n_done + pr->n_err < pr->P) {
+        if (pipe_client_poll(pc, 100, &err) == STP_ETIMEDOUT) {
+            fprintf(stderr, "stpipe bench: %s\n", err.msg);
+            return 1;
+        }
+        if ((msg_now_us() - t0) * 1e-6 > 600) {
+            fprintf(stderr, "stpipe bench: no answer from the pipeline within 600 s\n");
+            return 1;
+        }
+    }
+    return pr->n_err ? 1 : 0;
+}
+
+/* One repetition of tg n at depth d for P sequences: *tps (every sequence's tokens a second),
+ * *ipc (mean IPC share of the answers' generation time). lead: the sequences' leading ids. */
+static int s_par_tg(pipe_client *pc, par_run *pr, int32_t *prompts, size_t stride, int d, int n,
+                    int V, uint64_t *lead, double *tps, double *ipc) {
+    for (int i = 0; i < pr->P; i++) { /* ids no slot holds, different for every sequence */
+        int32_t *q = prompts + (size_t)i * stride;
+        q[0] = s_next_id(lead, V);
+        if (d > 0) q[1] = s_next_id(lead, V);
+    }
+    if (d > 0 && s_par_send(pc, pr, prompts, stride, d + 1, 1)) return 1; /* the depths */
+    if (s_par_send(pc, pr, prompts, stride, d + 1, n + 1)) return 1;
+    double first = 0, last = 0, sum_ipc = 0;
+    long long tokens = 0;
+    int fresh = 0;
+    for (int i = 0; i < pr->P; i++) {
+        const double f = pr->end_us[i] - pr->gen_ms[i] * 1e3;
+        first = i == 0 || f < first ? f : first;
+        last = pr->end_us[i] > last ? pr->end_us[i] : last;
+        tokens += pr->n_gen[i] - 1;
+        sum_ipc += pr->gen_ms[i] > 0 ? pr->ipc_ms[i] / pr->gen_ms[i] : 0;
+        fresh += d > 0 && pr->n_prompt_eval[i] > 1;
+    }
+    if (fresh) /* more sequences than slots: some waited for a slot, or were evicted */
+        fprintf(stderr,
+                "stpipe bench: %d of %d sequences read their depth again (more than the "
+                "pipeline's slots?)\n",
+                fresh, pr->P);
+    if (last <= first || tokens <= 0) {
+        fprintf(stderr, "stpipe bench: the pipeline generated nothing\n");
+        return 1;
+    }
+    *tps = (double)tokens / ((last - first) * 1e-6);
+    *ipc = sum_ipc / pr->P;
+    return 0;
+}
+
 static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_type, int V,
                             const int *pp, int n_pp, const int *tg, int n_tg, const int *dp,
-                            int n_dp, int reps, bool json, bench_host *host) {
+                            int n_dp, int reps, int P, bool json, bench_host *host) {
     int max_n = 1;
     for (int di = 0; di < n_dp; di++) {
         for (int i = 0; i < n_pp; i++)
             max_n = dp[di] + pp[i] > max_n ? dp[di] + pp[i] : max_n;
         max_n = dp[di] + 1 > max_n ? dp[di] + 1 : max_n;
     }
-    int32_t *toks = s_random_tokens(max_n, V);
+    int32_t *toks = s_random_tokens(max_n * P, V); /* sequence i (--parallel): toks + i * max_n */
     if (!toks) return 1;
+    par_run pr = {.P = P};
+    pipe_client *pc = NULL;
+    if (P > 1) {
+        const pipe_client_cb cb = {
+            .on_text = s_par_text, .on_done = s_par_done, .on_error = s_par_error, .ud = &pr};
+        stp_err err = {0};
+        if (pipe_client_new(&pc, run_dir, &cb, &err)) {
+            fprintf(stderr, "stpipe bench: %s\n", err.msg);
+            free(toks);
+            return 1;
+        }
+        if (n_pp && (n_pp > 1 || pp[0] > 0))
+            fprintf(stderr, "stpipe bench: --parallel through a pipeline times tg tests only; "
+                            "the pp tests are skipped\n");
+    }
     pipeline_gen_opts o = {.run_dir = run_dir,
                            .parse_special = true,
                            .ignore_eos = true,
@@ -449,11 +583,20 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
             int n_tests = kind == 0 ? n_pp : n_tg;
             for (int ti = 0; ti < n_tests && nres < 64 && !status; ti++) {
                 int n = kind == 0 ? pp[ti] : tg[ti];
-                if (n <= 0) continue;
+                if (n <= 0 || (P > 1 && kind == 0)) continue;
                 double sum = 0, sum2 = 0, ipc = 0, wall_ms = 0;
                 engine_stats st;
                 memset(&st, 0, sizeof st);
                 for (int rep = 0; rep < reps && !status; rep++) {
+                    if (P > 1) {
+                        double tps = 0, share = 0;
+                        status =
+                            s_par_tg(pc, &pr, toks, (size_t)max_n, d, n, V, &lead, &tps, &share);
+                        sum += tps;
+                        sum2 += tps * tps;
+                        ipc += share;
+                        continue;
+                    }
                     /* pp: d + n prompt tokens (d untimed: the coordinator reads them as a request
                      * of their own, then the rest from that slot), one generated (its time is the
                      * prefill); tg: d + 1 prompt tokens, n + 1 generated (the first comes from
@@ -500,13 +643,17 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                 bench_result *r = &res[nres].r;
                 memset(r, 0, sizeof *r);
                 s_test_name(r->test, sizeof r->test, kind == 0, n, d);
+                if (P > 1)
+                    snprintf(r->test + strlen(r->test), sizeof r->test - strlen(r->test), " x%d",
+                             P);
                 r->depth = d;
                 r->pos0 = d + 1; /* a tg test's prompt is d + 1 ids */
                 r->n_tokens = n;
                 r->mean = sum / reps;
                 r->sd = s_sd(sum, sum2, reps);
                 r->reps = reps;
-                r->tg = kind == 1 && pm && st.tokens;
+                r->tg =
+                    kind == 1 && pm && st.tokens; /* no roofline for P > 1 (in process neither) */
                 r->st = st;
                 r->wall_ms = wall_ms;
                 if (r->tg)
@@ -518,6 +665,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
         }
     }
     free(toks);
+    pipe_client_destroy(&pc);
     if (status) {
         fprintf(stderr,
                 "stpipe bench: the pipeline in %s failed a request (a depth beyond its context?)\n",
@@ -583,11 +731,6 @@ int cli_bench(int argc, char **argv) {
     stp_err err = {0};
     bench_host host;
     s_host_begin(&host, (int)threads);
-    if (run_dir && P > 1) {
-        fprintf(stderr, "stpipe bench: --parallel is in-process only (use bench/loadgen.py "
-                        "against stpipe serve --pipeline)\n");
-        return 2;
-    }
     if (run_dir) {
         model *pm = NULL; /* with --model: the vocabulary and the roofline's bytes */
         if (path && model_open(&pm, path, &err)) {
@@ -595,7 +738,7 @@ int cli_bench(int argc, char **argv) {
             return 1;
         }
         const int rc = s_bench_pipeline(run_dir, pm, kv_type, pm ? pm->cfg.n_vocab : 1000, pp, n_pp,
-                                        tg, n_tg, dp, n_dp, (int)reps, json, &host);
+                                        tg, n_tg, dp, n_dp, (int)reps, P, json, &host);
         model_close(&pm);
         return rc;
     }

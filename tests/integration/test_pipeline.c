@@ -339,6 +339,38 @@ static void test_pipeline_bench(void **st) {
     zmq_ctx_term(zctx);
     assert_true(before >= 0 && after >= before);
     if (after - before > 2) fail_msg("the pp test reused %lld prompt ids", after - before);
+    /* --parallel 2: two requests at once; their decode steps are batched (some evaluation
+     * carries both sequences), and at depth 5 each reads its depth once, then reuses it from
+     * its slot (5 ids each) for the timed request */
+    zctx = zmq_ctx_new();
+    const long long seqs0 = s_counter(zctx, &r, "stats-attn", "eval.seqs");
+    const long long evals0 = s_counter(zctx, &r, "stats-attn", "msg.eval");
+    const long long reused0 = s_counter(zctx, &r, "stats-coordinator", "sched.tokens_reused");
+    char *par[] = {bin, "bench", "--pipeline", r.dir, "--model", g.model,  "-p",         "0", "-n",
+                   "6", "-r",    "1",          "-d",  "0,5",     "--json", "--parallel", "2", NULL};
+    assert_int_equal(th_run(par, out, 120), 0);
+    const long long seqs1 = s_counter(zctx, &r, "stats-attn", "eval.seqs");
+    const long long evals1 = s_counter(zctx, &r, "stats-attn", "msg.eval");
+    const long long reused1 = s_counter(zctx, &r, "stats-coordinator", "sched.tokens_reused");
+    zmq_ctx_term(zctx);
+    assert_true(seqs0 >= 0 && evals0 >= 0 && reused0 >= 0);
+    if (seqs1 - seqs0 <= evals1 - evals0)
+        fail_msg("--parallel 2: %lld sequences in %lld evaluations", seqs1 - seqs0,
+                 evals1 - evals0);
+    assert_true(reused1 - reused0 >= 10);
+    j = json_load_file(out, 0, &je);
+    assert_non_null(j);
+    res = json_object_get(j, "results");
+    assert_int_equal(json_array_size(res), 2);
+    const char *par_names[] = {"tg6 x2", "tg6 @ d5 x2"};
+    for (int i = 0; i < 2; i++) {
+        json_t *t = json_array_get(res, i);
+        assert_string_equal(json_string_value(json_object_get(t, "test")), par_names[i]);
+        assert_true(json_real_value(json_object_get(t, "tokens_per_second")) > 0);
+        const double ipc = json_real_value(json_object_get(t, "ipc_share"));
+        assert_true(ipc > 0 && ipc < 1);
+    }
+    json_decref(j);
     s_down_and_check(&r);
 }
 
