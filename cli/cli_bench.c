@@ -140,11 +140,10 @@ static void s_usage(FILE *f) {
 }
 
 /* The name of a test, as llama-bench prints it: "tg128", "pp512 @ d2048". */
-static void s_test_name(char *out, size_t cap, bool pp, int n, int depth) {
-    if (depth > 0)
-        snprintf(out, cap, "%s%d @ d%d", pp ? "pp" : "tg", n, depth);
-    else
-        snprintf(out, cap, "%s%d", pp ? "pp" : "tg", n);
+static void s_test_name(char *out, size_t cap, bool pp, int n, int depth, int P) {
+    int k = depth > 0 ? snprintf(out, cap, "%s%d @ d%d", pp ? "pp" : "tg", n, depth)
+                      : snprintf(out, cap, "%s%d", pp ? "pp" : "tg", n);
+    if (P > 1 && k > 0 && (size_t)k < cap) snprintf(out + k, cap - (size_t)k, " x%d", P);
 }
 
 /* n tokens of each of the P sequences (sequence i's from toks + i * stride + off) in one batch;
@@ -398,25 +397,16 @@ static size_t s_pipeline_pss(const char *run_dir) {
     return total;
 }
 
-/* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
- * pp test sends d + n prompt ids of which the first d are evaluated before the coordinator's
- * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
- * generation only. A pp test's prompt starts with two ids drawn for it (seeded from the clock
- * and the pid), so the coordinator's prefix reuse finds no earlier request's prompt in a slot,
- * of this run or of an earlier one on the same pipeline; a repetition that was served from a
- * slot anyway (GenerateDone's evaluated count short of the prompt) is sent again with other
- * ids, so a prefill figure never counts reused tokens. A tg test times the generation only: its
- * depth may come from a slot (the same keys and values), which spares re-reading it. */
 /* ---- --parallel P through a pipeline ------------------------------------------------------- *
  * P requests in flight at once over one client, each its own prompt, as P chat clients would
  * send them; the coordinator's scheduler batches their decode steps. A tg test fills P slots
  * with the depth prompts first (one token each: a prompt-only request leaves no slot behind),
- * then sends the same P prompts again
- * with n + 1 to generate: each reuses its depth from its slot and evaluates one id, so the P
- * answers start within a step or two of each other. The figure is every sequence's generated
- * tokens (the first of each comes from the prefill) over the span from the first sequence's
- * first token to the last one's end (the coordinator's generation time of each, ended at the
- * client's clock when its GenerateDone arrives). */
+ * then sends the same P prompts again with n + 1 to generate: each reuses its depth from its
+ * slot and evaluates one id; sent together over one socket they reach the coordinator before its
+ * first step (a warning says when they did not: the answers started apart). The figure is every
+ * sequence's generated tokens (the first of each comes from the prefill) over the span from the
+ * first sequence's first token to the last one's end (the coordinator's generation time of each,
+ * ended at the client's clock when its GenerateDone arrives). */
 typedef struct par_run {
     int P, n_done, n_err;
     uint64_t rid[64];
@@ -499,12 +489,17 @@ static int s_par_tg(pipe_client *pc, par_run *pr, int32_t *prompts, size_t strid
     }
     if (d > 0 && s_par_send(pc, pr, prompts, stride, d + 1, 1)) return 1; /* the depths */
     if (s_par_send(pc, pr, prompts, stride, d + 1, n + 1)) return 1;
-    double first = 0, last = 0, sum_ipc = 0;
+    double first = 0, last_first = 0, last = 0, sum_ipc = 0;
     long long tokens = 0;
     int fresh = 0;
     for (int i = 0; i < pr->P; i++) {
+        if (pr->n_gen[i] < 2 || pr->gen_ms[i] <= 0) {
+            fprintf(stderr, "stpipe bench: sequence %d generated %d tokens\n", i, pr->n_gen[i]);
+            return 1;
+        }
         const double f = pr->end_us[i] - pr->gen_ms[i] * 1e3;
         first = i == 0 || f < first ? f : first;
+        last_first = f > last_first ? f : last_first;
         last = pr->end_us[i] > last ? pr->end_us[i] : last;
         tokens += pr->n_gen[i] - 1;
         sum_ipc += pr->gen_ms[i] > 0 ? pr->ipc_ms[i] / pr->gen_ms[i] : 0;
@@ -515,15 +510,29 @@ static int s_par_tg(pipe_client *pc, par_run *pr, int32_t *prompts, size_t strid
                 "stpipe bench: %d of %d sequences read their depth again (more than the "
                 "pipeline's slots?)\n",
                 fresh, pr->P);
-    if (last <= first || tokens <= 0) {
+    if (last <= first) {
         fprintf(stderr, "stpipe bench: the pipeline generated nothing\n");
         return 1;
     }
+    if (last_first - first > 0.1 * (last - first)) /* the figure mixes fewer sequences in */
+        fprintf(stderr,
+                "stpipe bench: the answers started %.0f ms apart in a span of %.0f ms (more "
+                "sequences than slots, or requests read one after another)\n",
+                (last_first - first) * 1e-3, (last - first) * 1e-3);
     *tps = (double)tokens / ((last - first) * 1e-6);
     *ipc = sum_ipc / pr->P;
     return 0;
 }
 
+/* `stpipe bench --pipeline RUN_DIR`: the same tests through a running pipeline. At depth d a
+ * pp test sends d + n prompt ids of which the first d are evaluated before the coordinator's
+ * prompt clock starts (GenerateRequest.n_untimed); a tg test sends d + 1 and times the
+ * generation only. A pp test's prompt starts with two ids drawn for it (seeded from the clock
+ * and the pid), so the coordinator's prefix reuse finds no earlier request's prompt in a slot,
+ * of this run or of an earlier one on the same pipeline; a repetition that was served from a
+ * slot anyway (GenerateDone's evaluated count short of the prompt) is sent again with other
+ * ids, so a prefill figure never counts reused tokens. A tg test times the generation only: its
+ * depth may come from a slot (the same keys and values), which spares re-reading it. */
 static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_type, int V,
                             const int *pp, int n_pp, const int *tg, int n_tg, const int *dp,
                             int n_dp, int reps, int P, bool json, bench_host *host) {
@@ -537,19 +546,6 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
     if (!toks) return 1;
     par_run pr = {.P = P};
     pipe_client *pc = NULL;
-    if (P > 1) {
-        const pipe_client_cb cb = {
-            .on_text = s_par_text, .on_done = s_par_done, .on_error = s_par_error, .ud = &pr};
-        stp_err err = {0};
-        if (pipe_client_new(&pc, run_dir, &cb, &err)) {
-            fprintf(stderr, "stpipe bench: %s\n", err.msg);
-            free(toks);
-            return 1;
-        }
-        if (n_pp && (n_pp > 1 || pp[0] > 0))
-            fprintf(stderr, "stpipe bench: --parallel through a pipeline times tg tests only; "
-                            "the pp tests are skipped\n");
-    }
     pipeline_gen_opts o = {.run_dir = run_dir,
                            .parse_special = true,
                            .ignore_eos = true,
@@ -576,6 +572,19 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
     if (cli_generate_pipeline(&o)) {
         free(toks);
         return 1;
+    }
+    if (P > 1) {
+        const pipe_client_cb cb = {
+            .on_text = s_par_text, .on_done = s_par_done, .on_error = s_par_error, .ud = &pr};
+        stp_err err = {0};
+        if (pipe_client_new(&pc, run_dir, &cb, &err)) {
+            fprintf(stderr, "stpipe bench: %s\n", err.msg);
+            free(toks);
+            return 1;
+        }
+        if (n_pp && (n_pp > 1 || pp[0] > 0))
+            fprintf(stderr, "stpipe bench: --parallel through a pipeline times tg tests only; "
+                            "the pp tests are skipped\n");
     }
     for (int di = 0; di < n_dp && !status; di++) {
         const int d = dp[di];
@@ -642,10 +651,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                 if (status) break;
                 bench_result *r = &res[nres].r;
                 memset(r, 0, sizeof *r);
-                s_test_name(r->test, sizeof r->test, kind == 0, n, d);
-                if (P > 1)
-                    snprintf(r->test + strlen(r->test), sizeof r->test - strlen(r->test), " x%d",
-                             P);
+                s_test_name(r->test, sizeof r->test, kind == 0, n, d, P);
                 r->depth = d;
                 r->pos0 = d + 1; /* a tg test's prompt is d + 1 ids */
                 r->n_tokens = n;
@@ -688,6 +694,7 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
             json_t *r = json_object();
             json_object_set_new(r, "test", json_string(b->test));
             json_object_set_new(r, "depth", json_integer(b->depth));
+            json_object_set_new(r, "parallel", json_integer(P));
             json_object_set_new(r, "tokens_per_second", json_real(b->mean));
             json_object_set_new(r, "sd", json_real(b->sd));
             json_object_set_new(r, "reps", json_integer(reps));
@@ -789,10 +796,7 @@ int cli_bench(int argc, char **argv) {
                 if (n <= 0) continue;
                 bench_result *r = &res[nres++];
                 memset(r, 0, sizeof *r);
-                s_test_name(r->test, sizeof r->test, kind == 0, n, d);
-                if (P > 1)
-                    snprintf(r->test + strlen(r->test), sizeof r->test - strlen(r->test), " x%d",
-                             P);
+                s_test_name(r->test, sizeof r->test, kind == 0, n, d, P);
                 r->n_tokens = n;
                 r->depth = r->pos0 = d;
                 double sum = 0, sum2 = 0;

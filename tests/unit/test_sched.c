@@ -4,8 +4,8 @@
  *   batched with others, submitted together or joining while others decode, with a prompt
  *   chunk smaller than the prompts (so prompts are read over several steps beside decoding),
  *   each chunk beside decoding requests taken whole, a layer a step, or in the default slices;
- *   and a burst (three arriving together beside one answering) read whole in one step, or in
- *   slices when it does not fit one.
+ *   and a burst (three arriving together beside one answering, two beside two) read whole in
+ *   one step, or in slices when it does not fit one; one arriving beside answers is sliced.
  * - Prefix reuse: a follow-up prompt that extends the previous prompt and answer evaluates only
  *   the new tokens (n_cached) and answers as a fresh slot does; the least recently used idle
  *   slot is the one taken over.
@@ -109,11 +109,11 @@ static void s_drain(sched *s) {
     }
 }
 
-/* Requests 0..n_first-1 until they answer, then requests n_first..N_REQ-1 together; each
+/* Requests 0..n_first-1 until they answer, then requests n_first..n_req-1 together; each
  * request's ids must equal alone[i]'s. *step: the counters the step after their arrival added;
  * *end: the scheduler's counters at the end. */
-static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[][64], const int *n,
-                    const gen_params *g, const outcome *alone, sched_stats *step,
+static void s_burst(backend *b, const sched_params *sp, int n_first, int n_req, int32_t p[][64],
+                    const int *n, const gen_params *g, const outcome *alone, sched_stats *step,
                     sched_stats *end) {
     outcome o[N_REQ] = {0};
     sched *s = NULL;
@@ -123,7 +123,7 @@ static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[]
         s_submit(s, p[i], n[i], &g[i], &o[i], NULL);
     sched_step(s); /* their prompts, with nobody answering: now they answer */
     sched_step(s);
-    for (int i = n_first; i < N_REQ; i++)
+    for (int i = n_first; i < n_req; i++)
         s_submit(s, p[i], n[i], &g[i], &o[i], NULL);
     const sched_stats pre = *sched_get_stats(s);
     sched_step(s);
@@ -133,7 +133,7 @@ static void s_burst(backend *b, const sched_params *sp, int n_first, int32_t p[]
     s_drain(s);
     *end = *sched_get_stats(s);
     sched_destroy(&s);
-    for (int i = 0; i < N_REQ; i++) {
+    for (int i = 0; i < n_req; i++) {
         assert_true(o[i].done);
         assert_int_equal(o[i].rc, 0);
         if (memcmp(alone[i].res.ids, o[i].res.ids, sizeof(int32_t) * N_GEN))
@@ -213,23 +213,28 @@ static void test_sched_same_ids_alone_and_batched(void **state) {
     /* a burst: request 0 answers, then the three others arrive together (more reading than
      * answering): their prompts are read whole beside it, in one step, not sliced; the same ids */
     sched_stats step, end;
-    s_burst(b, &sp, 1, p, n, g, alone, &step, &end);
+    s_burst(b, &sp, 1, N_REQ, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_prefilled, (unsigned long long)(n[1] + n[2] + n[3]));
     assert_int_equal(end.prefill_slices, 0);
     /* as many arriving as answering (two and two) are a burst too */
-    s_burst(b, &sp, 2, p, n, g, alone, &step, &end);
+    s_burst(b, &sp, 2, N_REQ, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_prefilled, (unsigned long long)(n[2] + n[3]));
     assert_int_equal(end.prefill_slices, 0);
-    /* one arriving beside three answering is not: its chunks go in slices */
-    s_burst(b, &sp, 3, p, n, g, alone, &step, &end);
+    /* one arriving alone is not, beside three answering or beside one: its chunks go in
+     * slices */
+    s_burst(b, &sp, 3, N_REQ, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_decoded, 3);
+    assert_int_equal(step.tokens_prefilled, 0);
+    assert_true(end.prefill_slices > 0);
+    s_burst(b, &sp, 1, 2, p, n, g, alone, &step, &end);
+    assert_int_equal(step.tokens_decoded, 1);
     assert_int_equal(step.tokens_prefilled, 0);
     assert_true(end.prefill_slices > 0);
     /* a burst larger than a step (40 tokens a step, 69 to read) goes in slices, as prompts
      * beside answers do: the answering request never waits more than a step */
     sched_params small = sp;
     small.n_batch = 40;
-    s_burst(b, &small, 1, p, n, g, alone, &step, &end);
+    s_burst(b, &small, 1, N_REQ, p, n, g, alone, &step, &end);
     assert_int_equal(step.tokens_decoded, 1); /* request 0 went on */
     assert_true(end.prefill_slices > 0);
     for (int i = 0; i < N_REQ; i++) {
