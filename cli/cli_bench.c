@@ -493,8 +493,11 @@ static int s_par_tg(pipe_client *pc, par_run *pr, int32_t *prompts, size_t strid
     long long tokens = 0;
     int fresh = 0;
     for (int i = 0; i < pr->P; i++) {
-        if (pr->n_gen[i] < 2 || pr->gen_ms[i] <= 0) {
-            fprintf(stderr, "stpipe bench: sequence %d generated %d tokens\n", i, pr->n_gen[i]);
+        if (pr->n_gen[i] < n + 1 || pr->gen_ms[i] <= 0) {
+            fprintf(stderr,
+                    "stpipe bench: sequence %d stopped after %d of %d tokens (depth + n beyond "
+                    "the pipeline's context?)\n",
+                    i, pr->n_gen[i], n + 1);
             return 1;
         }
         const double f = pr->end_us[i] - pr->gen_ms[i] * 1e3;
@@ -624,6 +627,15 @@ static int s_bench_pipeline(const char *run_dir, const model *pm, kv_dtype kv_ty
                         memset(&gr, 0, sizeof gr);
                         if (cli_generate_pipeline(&o) ||
                             (kind == 0 ? gr.prompt_ms : gr.gen_ms) <= 0) {
+                            status = 1;
+                            break;
+                        }
+                        if (kind == 1 && gr.n_gen < n + 1) { /* a tg test answers in full */
+                            fprintf(stderr,
+                                    "stpipe bench: tg%d at depth %d: the pipeline stopped after "
+                                    "%d of %d tokens (%s): depth + n beyond its context "
+                                    "(deploy/stpipe-up --ctx-size)?\n",
+                                    n, d, gr.n_gen, n + 1, gr.stop_reason);
                             status = 1;
                             break;
                         }

@@ -374,6 +374,17 @@ static void test_pipeline_bench(void **st) {
         assert_true(ipc > 0 && ipc < 1);
     }
     json_decref(j);
+    /* a tg test whose depth and length the context (4096) does not hold fails, saying so: the
+     * answer stops at the context's end (it once reported the tokens it got as the test's) */
+    char err_path[1100];
+    snprintf(err_path, sizeof err_path, "%s/bench.err", r.dir);
+    char *full[] = {bin,  "bench", "--pipeline", r.dir, "--model", g.model, "-p", "0",
+                    "-n", "10",    "-r",         "1",   "-d",      "4090",  NULL};
+    assert_int_not_equal(th_wait(th_spawn(full, out, err_path), 120), 0);
+    char *msg = th_slurp_str(err_path);
+    assert_non_null(msg);
+    if (!strstr(msg, "stopped after 6 of 11 tokens (context)")) fail_msg("stderr: %s", msg);
+    free(msg);
     s_down_and_check(&r);
 }
 
