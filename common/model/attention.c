@@ -245,6 +245,31 @@ static void s_attn_worker(void *p, int ith, int nth) {
     }
 }
 
+/* The merge of the split tokens' chunk partials, (token, head) rows dealt to the threads in
+ * contiguous runs: each head's chunks in position order, as attn_group_query merges them, so the
+ * same bits whoever merges; a deep context has tens of chunks a token, so one thread merging all
+ * of them kept the other waiting (in a pipeline stage, asleep and woken again) every layer. */
+static void s_merge_worker(void *p, int ith, int nth) {
+    const attn_section *a = p;
+    const model_config *c = a->cfg;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
+    double *st =
+        (double *)(a->s->work + (size_t)ith * a->s->work_stride + attn_work_floats(G, D, n_kv) +
+                   s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    const long rows = (long)a->T * H, r0 = rows * ith / nth, r1 = rows * (ith + 1) / nth;
+    for (long r = r0; r < r1;) {
+        const int t = (int)(r / H), h0 = (int)(r % H);
+        const int n = (int)(r1 - r < H - h0 ? r1 - r : H - h0); /* heads h0.. of token t */
+        attn_merge_init(st, n, D);
+        for (int ci = 0; ci < a->unit0[t + 1] - a->unit0[t]; ci++) {
+            const double *pp = a->s->part + ((size_t)t * a->s->n_chunks + ci) * H * (D + 2);
+            attn_merge_add(st, n, D, pp + h0, pp + H + h0, pp + 2 * H + (size_t)h0 * D);
+        }
+        attn_merge_out(st, n, D, a->o + (size_t)t * H * D + (size_t)h0 * D);
+        r += n;
+    }
+}
+
 /* The kernel build of the compute level (the same level in process and in the pipeline). */
 static attn_group_fn s_kernel(const compute_ctx *cc) {
     if (!strcmp(cc->ops->level, "avx512vnni")) return attn_group_avx512;
@@ -256,7 +281,6 @@ static attn_group_fn s_kernel(const compute_ctx *cc) {
  * appended; s->tok_kvl and s->tok_pos set), all sequences in one section. */
 static void s_attend_all(const compute_ctx *cc, const model_config *c, const attn_seg *segs,
                          int n_segs, int T, attn_scratch *s) {
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
     const int nth = threadpool_size(cc->tp);
     attn_section a = {.cfg = c, .qkv = s->qkv, .o = s->o, .s = s, .fn = s_kernel(cc), .T = T};
     /* few tokens for the threads (decode): each token's chunks become units of their own */
@@ -279,17 +303,7 @@ static void s_attend_all(const compute_ctx *cc, const model_config *c, const att
         s->blk[a.n_blk] = T;
     }
     threadpool_run(cc->tp, s_attn_worker, &a);
-    if (!a.split) return;
-    double *st = (double *)(s->work + attn_work_floats(G, D, n_kv) +
-                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
-    for (int t = 0; t < T; t++) {
-        attn_merge_init(st, H, D);
-        for (int ci = 0; ci < a.unit0[t + 1] - a.unit0[t]; ci++) {
-            const double *pp = s->part + ((size_t)t * s->n_chunks + ci) * H * (D + 2);
-            attn_merge_add(st, H, D, pp, pp + H, pp + 2 * H);
-        }
-        attn_merge_out(st, H, D, s->o + (size_t)t * H * D);
-    }
+    if (a.split) threadpool_run(cc->tp, s_merge_worker, &a);
 }
 
 void attention_project(const compute_ctx *cc, const model *m, int il, const float *x, int T,
