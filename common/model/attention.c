@@ -181,6 +181,15 @@ static attn_group_args s_args(const attn_section *a, int t, float *work) {
     };
 }
 
+/* Thread ith's merge state in its work area (after the kernel scratch and one chunk partial). */
+static double *s_merge_state(const attn_section *a, int ith) {
+    const model_config *c = a->cfg;
+    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head;
+    return (double *)(a->s->work + (size_t)ith * a->s->work_stride +
+                      attn_work_floats(G, D, c->n_head_kv) +
+                      s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+}
+
 /* Units are dealt round-robin, so the long queries at the end of a causal batch are shared. */
 static void s_attn_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
@@ -189,8 +198,7 @@ static void s_attn_worker(void *p, int ith, int nth) {
     float *work = a->s->work + (size_t)ith * a->s->work_stride;
     double *part =
         (double *)(work + attn_work_floats(G, D, n_kv)); /* this thread's chunk partial */
-    double *st = (double *)(work + attn_work_floats(G, D, n_kv) +
-                            s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    double *st = s_merge_state(a, ith);
     if (!a->split && a->T < nth && n_kv > 1) {
         /* fewer tokens than threads, each one chunk (a short context): (token, KV group) units */
         for (int u = ith; u < a->T * n_kv; u += nth) {
@@ -252,10 +260,8 @@ static void s_attn_worker(void *p, int ith, int nth) {
 static void s_merge_worker(void *p, int ith, int nth) {
     const attn_section *a = p;
     const model_config *c = a->cfg;
-    const int G = c->n_head / c->n_head_kv, D = c->head_dim, H = c->n_head, n_kv = c->n_head_kv;
-    double *st =
-        (double *)(a->s->work + (size_t)ith * a->s->work_stride + attn_work_floats(G, D, n_kv) +
-                   s_round16(2 * (size_t)ATTN_NQ * H * (D + 2)));
+    const int D = c->head_dim, H = c->n_head;
+    double *st = s_merge_state(a, ith);
     const long rows = (long)a->T * H, r0 = rows * ith / nth, r1 = rows * (ith + 1) / nth;
     for (long r = r0; r < r1;) {
         const int t = (int)(r / H), h0 = (int)(r % H);
