@@ -1,0 +1,266 @@
+/* rows_bench: what reading a scattered subset of a matrix's rows costs on this host, against
+ * reading all of it. The experts' `up` rows and down_t neurons of a ReGLU token are such a
+ * subset (the active neurons, about half of them with random weights, in no order), so this is
+ * the floor under the roofline's experts stage: the roofline counts the bytes of the active rows,
+ * while the memory system may move more (the hardware prefetchers run past a row's end into the
+ * idle rows beside it).
+ *
+ * Memory of MiB bytes holds matrices of F Q4_0 rows by C columns (an expert's `up` at the 4b's
+ * shape by default), cold (larger than the caches), on 2 MiB pages where the kernel grants them.
+ * For each share of rows (a random subset, the same in every matrix, rows in ascending order, as
+ * the kernels walk them), T threads, each over its half of the matrices, time:
+ *   all, read    every byte of every matrix, 64-byte loads (the bare read: the memory's pace);
+ *   subset, read the subset's rows only, the same loads;
+ *   subset, rows the Q4_0 row kernel (kern_ops' matvec_rows) over the subset.
+ * First, the same way, every row through the packed q4_0x16 matvec (kern_ops' matvec_q4_0x16,
+ * the streamed products: attention, gates, LM head) against the bare read of the same bytes:
+ * how close the streamed stages can come to the memory's pace.
+ * Rounds alternate the three, so a drift of the shared host moves all of them; each figure is
+ * the median over rounds (wall time). The "of all" columns are the subset's time over the bare
+ * read of everything in the same round: 0.5 at half the rows would mean rows cost what their
+ * bytes do. Prints the CPU and the run's steal. Not a test.
+ *
+ * Usage: rows_bench [-F rows, 768] [-C cols, 1536] [-m MiB, 1024] [-t threads, 2] [-r rounds, 9] */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "kern/kern.h"
+#include "util/sysinfo.h"
+
+#define MAX_THREADS 16
+
+typedef struct rb_run {
+    const kern_ops *ops;
+    const uint8_t *w;
+    size_t mat_bytes, row_bytes;
+    int cols, m0, m1; /* this thread's matrices */
+    const int32_t *rows;
+    int n_rows; /* 0: every row, bare */
+    int kernel; /* 1: matvec_rows over rows; 2: matvec_q4_0x16 over the packed copy */
+    const uint8_t *wp;
+    size_t packed_bytes;
+    const void *xq;
+    float *y;
+    pthread_barrier_t *bar;
+    uint32_t sink;
+} rb_run;
+
+static double s_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* One 8-byte load in every 64-byte line of [p, p + n), XOR-ed: each line comes into the cache
+ * (a load a line; the loads are not the limit). */
+static uint64_t s_read(uint64_t acc, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i += 64) {
+        uint64_t v;
+        memcpy(&v, p + i, sizeof v);
+        acc ^= v;
+    }
+    return acc;
+}
+
+static void *s_thread(void *arg) {
+    rb_run *r = arg;
+    pthread_barrier_wait(r->bar);
+    uint64_t acc = 0;
+    for (int m = r->m0; m < r->m1; m++) {
+        const uint8_t *w = r->w + (size_t)m * r->mat_bytes;
+        if (r->kernel == 2)
+            r->ops->matvec_q4_0x16(r->cols, r->wp + (size_t)m * r->packed_bytes, r->xq, r->y, 0,
+                                   r->n_rows / 16);
+        else if (r->kernel)
+            r->ops->matvec_rows(STP_TYPE_Q4_0, r->cols, w, r->row_bytes, r->xq, r->rows, r->n_rows,
+                                r->y);
+        else if (!r->n_rows)
+            acc = s_read(acc, w, r->mat_bytes);
+        else
+            for (int k = 0; k < r->n_rows; k++)
+                acc = s_read(acc, w + (size_t)r->rows[k] * r->row_bytes, r->row_bytes);
+    }
+    r->sink = (uint32_t)(acc ^ acc >> 32);
+    pthread_barrier_wait(r->bar);
+    return NULL;
+}
+
+/* One timed pass of nth threads over all matrices; returns seconds. */
+static double s_pass(const rb_run *base, int nth, int n_mat) {
+    rb_run r[MAX_THREADS];
+    pthread_t th[MAX_THREADS];
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, (unsigned)nth + 1);
+    for (int i = 0; i < nth; i++) {
+        r[i] = *base;
+        r[i].m0 = n_mat * i / nth;
+        r[i].m1 = n_mat * (i + 1) / nth;
+        r[i].bar = &bar;
+        r[i].y = base->y + (size_t)i * 65536;
+        pthread_create(&th[i], NULL, s_thread, &r[i]);
+    }
+    pthread_barrier_wait(&bar); /* all started */
+    const double t0 = s_now();
+    pthread_barrier_wait(&bar); /* all done */
+    const double dt = s_now() - t0;
+    for (int i = 0; i < nth; i++)
+        pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&bar);
+    return dt;
+}
+
+static int s_cmp(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double s_median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, s_cmp);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int main(int argc, char **argv) {
+    int F = 768, C = 1536, nth = 2, rounds = 9;
+    double mib = 1024;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "-F"))
+            F = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-C"))
+            C = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-m"))
+            mib = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "-t"))
+            nth = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-r"))
+            rounds = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr,
+                    "usage: rows_bench [-F rows] [-C cols] [-m MiB] [-t threads] [-r rounds]\n");
+            return 2;
+        }
+    }
+    if (F < 16 || F > 65536 || F % 16 || C < 32 || C % 32 || nth < 1 || nth > MAX_THREADS ||
+        rounds < 1 || rounds > 101 || mib < 1) {
+        fprintf(
+            stderr,
+            "rows_bench: -F 16..65536 a multiple of 16, -C a multiple of 32, -t 1..%d, -r 1..101\n",
+            MAX_THREADS);
+        return 2;
+    }
+    const size_t row_bytes = (size_t)C / 32 * 18, mat_bytes = (size_t)F * row_bytes;
+    int n_mat = (int)(mib * 1048576.0 / (double)mat_bytes);
+    if (n_mat < nth) n_mat = nth;
+    const size_t bytes = mat_bytes * (size_t)n_mat, huge = (size_t)2 << 20;
+    uint8_t *w = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
+    float *y = aligned_alloc(64, sizeof(float) * 65536 * MAX_THREADS);
+    int32_t *sub = malloc(sizeof(int32_t) * (size_t)F);
+    uint8_t *xq = malloc((size_t)C / 32 * 34);
+    if (!w || !y || !sub || !xq) {
+        fprintf(stderr, "rows_bench: out of memory for %zu bytes\n", bytes);
+        return 1;
+    }
+    const size_t packed_bytes = kern_q4_0x16_size(F, C);
+    uint8_t *wp = aligned_alloc(huge, (packed_bytes * (size_t)n_mat + huge - 1) / huge * huge);
+    if (!wp || packed_bytes != mat_bytes) {
+        fprintf(stderr, "rows_bench: no packed copy (%zu bytes)\n", packed_bytes * (size_t)n_mat);
+        return 1;
+    }
+    madvise(w, bytes, MADV_HUGEPAGE); /* advice only */
+    madvise(wp, packed_bytes * (size_t)n_mat, MADV_HUGEPAGE);
+    uint32_t h = 2463534242u;
+    for (size_t i = 0; i < bytes; i++) { /* xorshift bytes, then a scale of 1.0 per block */
+        h ^= h << 13, h ^= h >> 17, h ^= h << 5;
+        w[i] = (uint8_t)h;
+    }
+    for (size_t i = 0; i < bytes; i += 18)
+        w[i] = 0x00, w[i + 1] = 0x3c;
+    for (int b = 0; b < C / 32; b++) {
+        xq[b * 34] = 0x00, xq[b * 34 + 1] = 0x3c;
+        for (int j = 0; j < 32; j++)
+            xq[b * 34 + 2 + j] = (uint8_t)(j * 7 - 100);
+    }
+    memset(y, 0, sizeof(float) * 65536 * MAX_THREADS);
+    const kern_ops *ops = kern_ops_get();
+    for (int m = 0; m < n_mat; m++)
+        ops->pack_q4_0x16(w + (size_t)m * mat_bytes, row_bytes, F, C,
+                          wp + (size_t)m * packed_bytes);
+
+    char cpu[256];
+    sysinfo_cpu_model(cpu, sizeof cpu);
+    sysinfo_cpu_time c0, c1;
+    sysinfo_cpu_time_read(&c0);
+    printf("rows_bench: CPU %s, kernels %s, %d threads; %d matrices of %d x %d Q4_0 (%zu bytes a "
+           "row, %.0f MiB), %d alternating rounds, median\n",
+           cpu, ops->level, nth, n_mat, F, C, row_bytes, (double)bytes / 1048576.0, rounds);
+    {
+        double t_rd[101], t_mv[101], r_mv[101];
+        const rb_run base = {.ops = ops,
+                             .w = wp,
+                             .wp = wp,
+                             .mat_bytes = packed_bytes,
+                             .packed_bytes = packed_bytes,
+                             .row_bytes = row_bytes,
+                             .cols = C,
+                             .n_rows = F,
+                             .xq = xq,
+                             .y = y};
+        for (int k = 0; k < rounds; k++) {
+            rb_run rd = base, mv = base;
+            rd.n_rows = 0;
+            mv.kernel = 2;
+            t_rd[k] = s_pass(&rd, nth, n_mat);
+            t_mv[k] = s_pass(&mv, nth, n_mat);
+            r_mv[k] = t_mv[k] / t_rd[k];
+        }
+        const double rd_ms = s_median(t_rd, rounds);
+        printf("every row, packed: bare read %.2f ms (%.1f GB/s), q4_0x16 matvec %.2f ms: %.2f of "
+               "the read\n",
+               1e3 * rd_ms, (double)bytes / rd_ms / 1e9, 1e3 * s_median(t_mv, rounds),
+               s_median(r_mv, rounds));
+    }
+    printf("| rows read | all, read ms | subset, read ms | of all | subset, rows ms | of all |\n");
+    printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    static const int eighths[] = {1, 2, 3, 4, 6, 8};
+    for (size_t d = 0; d < sizeof eighths / sizeof eighths[0]; d++) {
+        srand(1 + (unsigned)d);
+        int n = 0;
+        for (int i = 0; i < F; i++)
+            if (rand() % 8 < eighths[d]) sub[n++] = i;
+        if (!n) sub[n++] = 0;
+        double t_all[101], t_sub[101], t_ker[101], r_sub[101], r_ker[101];
+        const rb_run base = {.ops = ops,
+                             .w = w,
+                             .mat_bytes = mat_bytes,
+                             .row_bytes = row_bytes,
+                             .cols = C,
+                             .rows = sub,
+                             .xq = xq,
+                             .y = y};
+        for (int k = 0; k < rounds; k++) {
+            rb_run a = base, s = base, kr = base;
+            a.n_rows = 0;
+            s.n_rows = n;
+            kr.n_rows = n, kr.kernel = 1;
+            t_all[k] = s_pass(&a, nth, n_mat);
+            t_sub[k] = s_pass(&s, nth, n_mat);
+            t_ker[k] = s_pass(&kr, nth, n_mat);
+            r_sub[k] = t_sub[k] / t_all[k];
+            r_ker[k] = t_ker[k] / t_all[k];
+        }
+        printf("| %d of %d (%.0f%%) | %.2f (%.1f GB/s) | %.2f | %.2f | %.2f | %.2f |\n", n, F,
+               100.0 * n / F, 1e3 * s_median(t_all, rounds),
+               (double)bytes / s_median(t_all, rounds) / 1e9, 1e3 * s_median(t_sub, rounds),
+               s_median(r_sub, rounds), 1e3 * s_median(t_ker, rounds), s_median(r_ker, rounds));
+    }
+    sysinfo_cpu_time_read(&c1);
+    printf("(\"of all\": median over rounds of the subset's time / the same round's read of every "
+           "byte; CPU steal %.1f%% during the run)\n",
+           100.0 * sysinfo_steal_share(&c0, &c1));
+    free(w), free(wp), free(y), free(sub), free(xq);
+    return 0;
+}
