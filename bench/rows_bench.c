@@ -223,6 +223,9 @@ int main(int argc, char **argv) {
                1e3 * rd_ms, (double)bytes / rd_ms / 1e9, 1e3 * s_median(t_mv, rounds),
                s_median(r_mv, rounds));
     }
+    if (bytes < (size_t)256 << 20)
+        printf("note: %.0f MiB may sit in the caches; the figures are then not the memory's\n",
+               (double)bytes / 1048576.0);
     printf("| rows read | all, read ms | subset, read ms | of all | subset, rows ms | of all |\n");
     printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
     static const int eighths[] = {1, 2, 3, 4, 6, 8};
