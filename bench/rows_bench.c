@@ -100,6 +100,18 @@ static void *s_thread(void *arg) {
     return NULL;
 }
 
+/* A pass over matrices of mat_bytes each from w (a bare read of every line unless set further). */
+static rb_run s_run_over(const kern_ops *ops, const uint8_t *w, size_t mat_bytes, size_t row_bytes,
+                         int cols, const void *xq, float *y) {
+    return (rb_run){.ops = ops,
+                    .w = w,
+                    .mat_bytes = mat_bytes,
+                    .row_bytes = row_bytes,
+                    .cols = cols,
+                    .xq = xq,
+                    .y = y};
+}
+
 /* One timed pass of nth threads over all matrices: seconds from the first thread's start to the
  * last one's end, or -1 if a thread could not be started. */
 static double s_pass(const rb_run *base, int nth, int64_t n_mat) {
@@ -257,16 +269,8 @@ int main(int argc, char **argv) {
         cpu, ops->level, nth, (long long)n_mat, F, C, row_bytes, (double)bytes / 1048576.0, rounds);
     {
         double t_rd[101], t_mv[101], r_mv[101];
-        const rb_run base = {.ops = ops,
-                             .w = wp,
-                             .wp = wp,
-                             .mat_bytes = packed_stride,
-                             .packed_stride = packed_stride,
-                             .row_bytes = row_bytes,
-                             .cols = C,
-                             .n_rows = (int)F,
-                             .xq = xq,
-                             .y = y};
+        rb_run base = s_run_over(ops, wp, packed_stride, row_bytes, (int)C, xq, y);
+        base.wp = wp, base.packed_stride = packed_stride, base.n_rows = (int)F;
         for (int k = 0; k < rounds; k++) {
             rb_run rd = base, mv = base;
             rd.n_rows = 0;
@@ -294,14 +298,8 @@ int main(int argc, char **argv) {
             if ((int)(s_xorshift(&hs) >> 29) < eighths[d]) sub[n++] = (int32_t)i;
         if (!n) sub[n++] = 0;
         double t_all[101], t_sub[101], t_ker[101], r_sub[101], r_ker[101];
-        const rb_run base = {.ops = ops,
-                             .w = w,
-                             .mat_bytes = mat_bytes,
-                             .row_bytes = row_bytes,
-                             .cols = C,
-                             .rows = sub,
-                             .xq = xq,
-                             .y = y};
+        rb_run base = s_run_over(ops, w, mat_bytes, row_bytes, (int)C, xq, y);
+        base.rows = sub;
         for (int k = 0; k < rounds; k++) {
             rb_run a = base, s = base, kr = base;
             a.n_rows = 0;
