@@ -41,6 +41,7 @@
 #include "util/sysinfo.h"
 
 #define MAX_THREADS 16
+#define Y_STRIDE 65536 /* outputs per thread (the -F bound) */
 
 typedef struct rb_run {
     const kern_ops *ops;
@@ -50,9 +51,7 @@ typedef struct rb_run {
     int64_t m0, m1; /* this thread's matrices */
     const int32_t *rows;
     int n_rows; /* 0: every row, bare */
-    int kernel; /* 1: matvec_rows over rows; 2: matvec_q4_0x16 over the packed copy */
-    const uint8_t *wp;
-    size_t packed_stride; /* a packed matrix's bytes, rounded up to 64 */
+    int kernel; /* 1: matvec_rows over rows; 2: matvec_q4_0x16 (w is the packed copy) */
     const void *xq;
     float *y;
     pthread_barrier_t *bar;
@@ -83,8 +82,7 @@ static void *s_thread(void *arg) {
     for (int64_t m = r->m0; m < r->m1; m++) {
         const uint8_t *w = r->w + (size_t)m * r->mat_bytes;
         if (r->kernel == 2)
-            r->ops->matvec_q4_0x16(r->cols, r->wp + (size_t)m * r->packed_stride, r->xq, r->y, 0,
-                                   r->n_rows / 16);
+            r->ops->matvec_q4_0x16(r->cols, w, r->xq, r->y, 0, r->n_rows / 16);
         else if (r->kernel)
             r->ops->matvec_rows(STP_TYPE_Q4_0, r->cols, w, r->row_bytes, r->xq, r->rows, r->n_rows,
                                 r->y);
@@ -113,19 +111,22 @@ static rb_run s_run_over(const kern_ops *ops, const uint8_t *w, size_t mat_bytes
 }
 
 /* One timed pass of nth threads over all matrices: seconds from the first thread's start to the
- * last one's end, or -1 if a thread could not be started. */
+ * last one's end. A team that cannot be set up ends the program (exit 1). */
 static double s_pass(const rb_run *base, int nth, int64_t n_mat) {
     rb_run r[MAX_THREADS];
     pthread_t th[MAX_THREADS];
     pthread_barrier_t bar;
-    if (pthread_barrier_init(&bar, NULL, (unsigned)nth + 1)) return -1;
+    if (pthread_barrier_init(&bar, NULL, (unsigned)nth + 1)) {
+        fprintf(stderr, "rows_bench: cannot make a barrier for %d threads\n", nth);
+        exit(1);
+    }
     int started = 0;
     for (int i = 0; i < nth; i++) {
         r[i] = *base;
         r[i].m0 = n_mat * i / nth;
         r[i].m1 = n_mat * (i + 1) / nth;
         r[i].bar = &bar;
-        r[i].y = base->y + (size_t)i * 65536;
+        r[i].y = base->y + (size_t)i * Y_STRIDE;
         if (pthread_create(&th[i], NULL, s_thread, &r[i])) break;
         started++;
     }
@@ -182,7 +183,7 @@ int main(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = v != NULL;
         if (ok && !strcmp(argv[i], "-F"))
-            ok = s_arg_long("-F", v, 16, 65536, &F);
+            ok = s_arg_long("-F", v, 16, Y_STRIDE, &F);
         else if (ok && !strcmp(argv[i], "-C"))
             ok = s_arg_long("-C", v, 32, 65536, &C);
         else if (ok && !strcmp(argv[i], "-m"))
@@ -211,7 +212,7 @@ int main(int argc, char **argv) {
     if (n_mat < nth) n_mat = nth;
     const size_t bytes = mat_bytes * (size_t)n_mat, huge = (size_t)2 << 20;
     uint8_t *w = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
-    float *y = aligned_alloc(64, sizeof(float) * 65536 * MAX_THREADS);
+    float *y = aligned_alloc(64, sizeof(float) * Y_STRIDE * MAX_THREADS);
     int32_t *sub = malloc(sizeof(int32_t) * (size_t)F);
     uint8_t *xq = malloc((size_t)C / 32 * 34);
     if (!w || !y || !sub || !xq) {
@@ -238,7 +239,7 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 32; j++)
             xq[b * 34 + 2 + j] = (uint8_t)(j * 7 - 100);
     }
-    memset(y, 0, sizeof(float) * 65536 * MAX_THREADS);
+    memset(y, 0, sizeof(float) * Y_STRIDE * MAX_THREADS);
     const kern_ops *ops = kern_ops_get();
     for (int64_t m = 0; m < n_mat; m++)
         ops->pack_q4_0x16(w + (size_t)m * mat_bytes, row_bytes, F, C,
@@ -248,13 +249,14 @@ int main(int argc, char **argv) {
         for (long i = 0; i < F; i++)
             sub[i] = (int32_t)i;
         ops->matvec_q4_0x16(C, wp + last * packed_stride, xq, y, 0, F / 16);
-        ops->matvec_rows(STP_TYPE_Q4_0, C, w + last * mat_bytes, row_bytes, xq, sub, F, y + 65536);
+        ops->matvec_rows(STP_TYPE_Q4_0, C, w + last * mat_bytes, row_bytes, xq, sub, F,
+                         y + Y_STRIDE);
         for (long i = 0; i < F; i++)
-            if (memcmp(&y[i], &y[65536 + i], sizeof(float))) {
+            if (memcmp(&y[i], &y[Y_STRIDE + i], sizeof(float))) {
                 fprintf(stderr,
                         "rows_bench: row %ld: packed matvec %.9g, row kernel %.9g (the same bits "
                         "expected)\n",
-                        i, y[i], y[65536 + i]);
+                        i, y[i], y[Y_STRIDE + i]);
                 return 1;
             }
     }
@@ -270,7 +272,7 @@ int main(int argc, char **argv) {
     {
         double t_rd[101], t_mv[101], r_mv[101];
         rb_run base = s_run_over(ops, wp, packed_stride, row_bytes, (int)C, xq, y);
-        base.wp = wp, base.packed_stride = packed_stride, base.n_rows = (int)F;
+        base.n_rows = (int)F;
         for (int k = 0; k < rounds; k++) {
             rb_run rd = base, mv = base;
             rd.n_rows = 0;
