@@ -41,11 +41,12 @@ else TEST="tg$TG"; LARGS=(-p 0 -n "$TG"); SARGS=(-p 0 -n "$TG"); fi
 if [ -n "$PIPE" ]; then SIDE=(--pipeline "$PIPE" --model "$MODEL"); WHAT="pipeline $PIPE"
 else SIDE=(--model "$MODEL" --threads "$THREADS"); WHAT="in-process, $THREADS threads"; fi
 
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+# the machine (the CPU's name, family and model: a hypervisor may give Zen 4 and Zen 5 hosts one
+# name) and its read bandwidth, as stpipe bench prints them (the model is opened, nothing timed)
+HOST=$("$BIN_DIR/stpipe" bench --model "$MODEL" --threads "$THREADS" -p 0 -n 0 2>/dev/null || true)
+grep -m1 "^machine:" <<<"$HOST" || echo "machine: unknown ($(nproc) cores)"
 echo "model: $MODEL; test $TEST; stpipe $WHAT; llama-bench -t $THREADS, -fa 0 and -fa 1"
-# the host's read bandwidth (stpipe bench's own test; the model is opened, nothing timed)
-"$BIN_DIR/stpipe" bench --model "$MODEL" --threads "$THREADS" -p 0 -n 0 2>/dev/null |
-  grep -m1 "read bandwidth" || echo "read bandwidth: not measured"
+grep -m1 "read bandwidth" <<<"$HOST" || echo "read bandwidth: not measured"
 # steal and total jiffies of all CPUs (/proc/stat), for the share the hypervisor took per round
 stat_now() { awk '/^cpu /{print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 SUMMARY=()

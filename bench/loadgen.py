@@ -431,15 +431,22 @@ def run_step(target, args, clients, model, tag):
 
 # ---- report --------------------------------------------------------------------------------------
 def machine():
-    cpu = platform.processor() or "unknown"
+    # the first processor's name, family and model (a hypervisor may give Zen 4 and Zen 5 hosts
+    # one name; the numbers tell them apart), as stpipe bench prints them
+    cpu, fields = platform.processor() or "unknown CPU", {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                if not line.strip():
                     break
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip()] = value.strip()
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    if "cpu family" in fields and "model" in fields:
+        cpu += " (family %s, model %s)" % (fields["cpu family"], fields["model"])
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

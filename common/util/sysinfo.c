@@ -2,22 +2,45 @@
 #include "util/sysinfo.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* The value of a "key<blanks>: value" line of /proc/cpuinfo whose key is exactly `key`, else NULL
+ * ("model" must not match "model name"). */
+static const char *s_cpuinfo_value(const char *line, const char *key) {
+    const size_t n = strlen(key);
+    if (strncmp(line, key, n)) return NULL;
+    const char *p = line + n + strspn(line + n, "\t ");
+    if (*p != ':') return NULL;
+    return p + 1 + (p[1] == ' ');
+}
+
+void sysinfo_cpu_model_parse(FILE *f, char *buf, size_t cap) {
+    char name[256] = "", line[512];
+    int family = -1, model = -1;
+    const char *v;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '\n') break; /* the first processor's block only */
+        line[strcspn(line, "\n")] = 0;
+        if ((v = s_cpuinfo_value(line, "model name")))
+            snprintf(name, sizeof name, "%s", v);
+        else if ((v = s_cpuinfo_value(line, "cpu family")))
+            family = atoi(v);
+        else if ((v = s_cpuinfo_value(line, "model")))
+            model = atoi(v);
+    }
+    if (!name[0]) snprintf(name, sizeof name, "unknown CPU");
+    if (family >= 0 && model >= 0)
+        snprintf(buf, cap, "%s (family %d, model %d)", name, family, model);
+    else
+        snprintf(buf, cap, "%s", name);
+}
 
 void sysinfo_cpu_model(char *buf, size_t cap) {
     snprintf(buf, cap, "unknown CPU");
     FILE *f = fopen("/proc/cpuinfo", "r");
     if (!f) return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10)) continue;
-        const char *p = strchr(line, ':');
-        if (p) {
-            p += p[1] == ' ' ? 2 : 1;
-            snprintf(buf, cap, "%.*s", (int)strcspn(p, "\n"), p);
-        }
-        break;
-    }
+    sysinfo_cpu_model_parse(f, buf, cap);
     fclose(f);
 }
 

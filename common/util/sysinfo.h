@@ -4,9 +4,14 @@
 #define STP_SYSINFO_H
 
 #include <stddef.h>
+#include <stdio.h>
 
-/* The CPU's model name from /proc/cpuinfo ("unknown CPU" if it cannot be read). */
+/* The CPU's model name from /proc/cpuinfo with its family and model numbers, which tell apart
+ * CPUs a hypervisor gives one name ("AMD EPYC (family 26, model 2)": AMD's family 25 is Zen 3 or
+ * Zen 4, family 26 Zen 5); "unknown CPU" if it cannot be read. */
 void sysinfo_cpu_model(char *buf, size_t cap);
+/* The same from an open cpuinfo text (its first processor block). */
+void sysinfo_cpu_model_parse(FILE *f, char *buf, size_t cap);
 /* Proportional set size of process pid (0 = this process) in bytes, 0 if unknown. */
 size_t sysinfo_pss(int pid);
 

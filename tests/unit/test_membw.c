@@ -1,6 +1,7 @@
 /* test_membw: the read-bandwidth test of `stpipe bench` (util/membw.h) gives a plausible figure
  * on 1 and 2 threads, sizes its buffer beyond the last-level cache within its bounds and refuses
- * a buffer it cannot allocate; the steal reading of /proc/stat (util/sysinfo.h) is a share. */
+ * a buffer it cannot allocate; the steal reading of /proc/stat (util/sysinfo.h) is a share and
+ * the CPU line names the family and model of the first processor. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -70,12 +71,40 @@ static void test_membw_steal_share(void **state) {
     assert_true(sysinfo_steal_share(&c, &d) == 0.25);
 }
 
+/* The CPU line: the first processor's name with its family and model ("model" is not "model
+ * name"), the name alone when the numbers are missing, "unknown CPU" without a name. */
+static void s_cpu_of(const char *text, char *buf, size_t cap) {
+    FILE *f = fmemopen((void *)text, strlen(text), "r");
+    assert_non_null(f);
+    sysinfo_cpu_model_parse(f, buf, cap);
+    fclose(f);
+}
+
+static void test_sysinfo_cpu_model(void **state) {
+    (void)state;
+    char buf[256];
+    s_cpu_of("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+             "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 25\n"
+             "model\t\t: 17\nmodel name\t: other\n",
+             buf, sizeof buf);
+    assert_string_equal(buf, "AMD EPYC (family 26, model 2)");
+    s_cpu_of("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu\n", buf, sizeof buf);
+    assert_string_equal(buf, "Intel(R) Xeon(R) Processor");
+    s_cpu_of("cpu family\t: 6\nmodel\t\t: 143\n", buf, sizeof buf);
+    assert_string_equal(buf, "unknown CPU (family 6, model 143)");
+    s_cpu_of("", buf, sizeof buf);
+    assert_string_equal(buf, "unknown CPU");
+    sysinfo_cpu_model(buf, sizeof buf); /* this machine's: some text, never empty */
+    assert_true(buf[0] != 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_membw_plausible_figures),
         cmocka_unit_test(test_membw_default_size_beyond_llc),
         cmocka_unit_test(test_membw_refuses_impossible_buffer),
         cmocka_unit_test(test_membw_steal_share),
+        cmocka_unit_test(test_sysinfo_cpu_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
