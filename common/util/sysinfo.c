@@ -1,6 +1,7 @@
 /* sysinfo: CPU model, PSS and CPU steal from /proc; see sysinfo.h. */
 #include "util/sysinfo.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,11 @@ void sysinfo_cpu_model_parse(FILE *f, char *buf, size_t cap) {
     char name[256] = "", line[512];
     int family = -1, model = -1;
     const char *v;
+    bool line_start = true; /* fgets returns a line longer than the buffer (flags) in pieces */
     while (fgets(line, sizeof line, f)) {
+        const bool piece = !line_start;
+        line_start = strchr(line, '\n') != NULL;
+        if (piece) continue;
         if (line[0] == '\n') break; /* the first processor's block only */
         line[strcspn(line, "\n")] = 0;
         if ((v = s_cpuinfo_value(line, "model name")))

@@ -88,6 +88,12 @@ static void test_sysinfo_cpu_model(void **state) {
              "model\t\t: 17\nmodel name\t: other\n",
              buf, sizeof buf);
     assert_string_equal(buf, "AMD EPYC (family 26, model 2)");
+    /* a line longer than the parser's buffer, its newline alone in the last piece: not a blank
+     * line ending the block */
+    char text[1024];
+    snprintf(text, sizeof text, "flags\t\t: %0*d\nmodel name\t: Long Flags CPU\n", 511 - 9, 0);
+    s_cpu_of(text, buf, sizeof buf);
+    assert_string_equal(buf, "Long Flags CPU");
     s_cpu_of("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu\n", buf, sizeof buf);
     assert_string_equal(buf, "Intel(R) Xeon(R) Processor");
     s_cpu_of("cpu family\t: 6\nmodel\t\t: 143\n", buf, sizeof buf);
