@@ -3,12 +3,14 @@
  * the same function the storage daemon sizes its pool by, so the two never disagree). */
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 #include "layout/layout.h"
 #include "model/engine.h"
 #include "model/kv_cache.h"
 #include "plan/budget.h"
+#include "util/sysinfo.h"
 
 typedef struct info_opts {
     const char *model;
@@ -159,6 +161,9 @@ int cli_info(int argc, char **argv) {
     size_t active = m->expert_bytes / c->n_expert * c->n_expert_used;
     printf("per token       %.1f MiB of expert weights read (dense), plus attention and LM head\n",
            s_mib(active));
+    char cpu[256]; /* the machine the plans below are for, as stpipe bench names it */
+    sysinfo_cpu_model(cpu, sizeof cpu);
+    printf("machine         %s, %ld cores\n", cpu, sysconf(_SC_NPROCESSORS_ONLN));
 
     engine *e = NULL;
     engine_params ep = {.n_threads = 1, .n_ctx = (int)ctx, .kv_type = kv_type};

@@ -193,6 +193,8 @@ static void test_cli_info_shapes(void **state) {
         "vocabulary      320, LM head tied (token_embd)\n",
         "context         4096 (trained)\n",
         "F32 x42",
+        "\nmachine         ", /* the CPU as stpipe bench names it, and the cores */
+        " cores\n",
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         if (!strstr(r.out, want[i])) fail_msg("info lacks '%s':\n%s", want[i], r.out);
