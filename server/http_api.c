@@ -160,7 +160,8 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
 }
 
 static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
-                         const http_api_limits *lim, chat_memo *memo, char *msg, size_t cap) {
+                         const http_api_limits *lim, chat_memo *memo, bool add_generation_prompt,
+                         char *msg, size_t cap) {
     json_t *msgs = json_object_get(root, "messages");
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
         return s_bad(msg, cap,
@@ -197,7 +198,7 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     stp_err err = {0};
     tok_span *plain = rc ? NULL : malloc(n * sizeof *plain);
     if (!rc && !plain) rc = s_bad(msg, cap, "out of memory");
-    if (!rc && tokenizer_chat_format(tok, cm, n, true, &text, plain, &err))
+    if (!rc && tokenizer_chat_format(tok, cm, n, add_generation_prompt, &text, plain, &err))
         rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
     if (!rc) rc = s_too_long(strlen(text), lim, msg, cap);
     if (!rc) rc = s_encode_chat(job, tok, memo, text, plain, n, msg, cap); /* contents: plain */
@@ -329,7 +330,7 @@ int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
         }
         gp->stop = (const char *const *)job->stop;
     }
-    rc = kind == HTTP_KIND_CHAT ? s_chat_prompt(job, root, tok, lim, memo, msg, cap)
+    rc = kind == HTTP_KIND_CHAT ? s_chat_prompt(job, root, tok, lim, memo, true, msg, cap)
                                 : s_completion_prompt(job, root, tok, lim, msg, cap);
     if (rc) goto out;
     if (job->n_prompt == 0) {
@@ -449,6 +450,121 @@ char *http_api_chunk(const http_job *job, const char *model, const char *text, s
     }
     free(js);
     return ev;
+}
+
+/* ---- /tokenize and /detokenize -------------------------------------------------------------- *
+ * The request shapes of both peers: llama.cpp's server ("content", "add_special",
+ * "parse_special", "with_pieces"; answers "tokens" and /detokenize's "content") and vLLM's
+ * ("prompt" or "messages" with "add_generation_prompt"; answers "tokens", "count",
+ * "max_model_len" and /detokenize's "prompt"). One answer carries the fields of both. */
+
+/* The body as a JSON object, or 400 with msg. */
+static int s_body_object(const char *body, size_t len, json_t **root, char *msg, size_t cap) {
+    json_error_t je;
+    *root = json_loadb(body, len, 0, &je);
+    if (!*root)
+        return s_bad(msg, cap, "invalid JSON at line %d column %d: %s", je.line, je.column,
+                     je.text);
+    if (json_is_object(*root)) return 0;
+    json_decref(*root);
+    *root = NULL;
+    return s_bad(msg, cap, "the request body must be a JSON object");
+}
+
+/* A token's piece: its text when it is UTF-8, else its bytes as numbers (llama.cpp's form). */
+static json_t *s_piece(const tokenizer *tok, int32_t id) {
+    const char *b = NULL;
+    size_t n = 0;
+    tokenizer_token_bytes(tok, id, &b, &n);
+    json_t *p = json_stringn(b ? b : "", n); /* NULL when not UTF-8 */
+    if (p) return p;
+    p = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(p, json_integer((unsigned char)b[i]));
+    return p;
+}
+
+int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
+                      const http_api_limits *lim, char **out, char *msg, size_t cap) {
+    *out = NULL;
+    json_t *root;
+    int rc = s_body_object(body, len, &root, msg, cap);
+    if (rc) return rc;
+    bool add_special = false, parse_special = true, with_pieces = false, add_gen = true;
+    http_job job = {0}; /* the ids, as a generation request's prompt */
+    if ((rc = s_bool(root, "add_special", &add_special, msg, cap)) ||
+        (rc = s_bool(root, "parse_special", &parse_special, msg, cap)) ||
+        (rc = s_bool(root, "with_pieces", &with_pieces, msg, cap)) ||
+        (rc = s_bool(root, "add_generation_prompt", &add_gen, msg, cap)))
+        goto out;
+    (void)add_special; /* the Qwen vocabulary adds no BOS or EOS (tokenizer.h) */
+    json_t *text = json_object_get(root, "content");
+    if (!text) text = json_object_get(root, "prompt");
+    if (json_object_get(root, "messages")) {
+        rc = s_chat_prompt(&job, root, tok, lim, NULL, add_gen, msg, cap);
+    } else if (json_is_string(text)) {
+        stp_err err = {0};
+        size_t n = 0;
+        if (!(rc = s_too_long(json_string_length(text), lim, msg, cap)) &&
+            tokenizer_encode(tok, json_string_value(text), json_string_length(text),
+                             parse_special ? TOK_PARSE_SPECIAL : 0, &job.prompt, &n, &err))
+            rc = s_bad(msg, cap, "cannot tokenize the text: %s", err.msg);
+        job.n_prompt = (int)n;
+    } else {
+        rc =
+            s_bad(msg, cap, "'content' (or 'prompt') is required: a string; or 'messages': a chat");
+    }
+    if (rc) goto out;
+    json_t *ids = json_array();
+    for (int i = 0; ids && i < job.n_prompt; i++)
+        json_array_append_new(ids, with_pieces ? json_pack("{s:i, s:o}", "id", job.prompt[i],
+                                                           "piece", s_piece(tok, job.prompt[i]))
+                                               : json_integer(job.prompt[i]));
+    *out = s_dump(json_pack("{s:o, s:i, s:i}", "tokens", ids, "count", job.n_prompt,
+                            "max_model_len", lim->n_ctx));
+    if (!*out) rc = s_bad(msg, cap, "out of memory");
+out:
+    http_api_job_fini(&job);
+    json_decref(root);
+    return rc;
+}
+
+int http_api_detokenize(const char *body, size_t len, const tokenizer *tok,
+                        const http_api_limits *lim, char **out, char *msg, size_t cap) {
+    *out = NULL;
+    json_t *root;
+    int rc = s_body_object(body, len, &root, msg, cap);
+    if (rc) return rc;
+    json_t *ids = json_object_get(root, "tokens");
+    const size_t n = json_array_size(ids), max_n = (size_t)(lim->n_ctx > 0 ? lim->n_ctx : 1);
+    const int32_t n_vocab = tokenizer_n_vocab(tok);
+    const size_t each = 3 * tokenizer_max_token_bytes(tok) + 12; /* tok_stream_push's room */
+    char *text = NULL;
+    size_t at = 0;
+    if (!json_is_array(ids)) {
+        rc = s_bad(msg, cap, "'tokens' is required: an array of token ids");
+    } else if (n > max_n) {
+        rc = s_bad(msg, cap, "'tokens' has %zu ids, more than the context's %zu", n, max_n);
+    } else if (!(text = malloc((n + 1) * each))) {
+        rc = s_bad(msg, cap, "out of memory");
+    }
+    tok_stream ts; /* every chunk valid UTF-8: a bad byte becomes U+FFFD, as in answers */
+    tok_stream_init(&ts, tok);
+    for (size_t i = 0; !rc && i < n; i++) {
+        json_t *v = json_array_get(ids, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= n_vocab)
+            rc = s_bad(msg, cap, "tokens[%zu] must be a token id in 0..%d", i, n_vocab - 1);
+        else
+            at += tok_stream_push(&ts, (int32_t)json_integer_value(v), text + at, each);
+    }
+    if (!rc) {
+        at += tok_stream_flush(&ts, text + at, each);
+        *out = s_dump(json_pack("{s:s%, s:s%}", "content", text, at, "prompt", text, at));
+        if (!*out) rc = s_bad(msg, cap, "out of memory");
+    }
+    free(text);
+    json_decref(root);
+    return rc;
 }
 
 char *http_api_error(const char *msg, const char *type, int code) {

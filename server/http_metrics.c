@@ -9,7 +9,7 @@
 
 #include "http_server.h"
 
-enum { N_ENDPOINTS = 6, MIN_CODE = 100, MAX_CODE = 599, MAX_BUCKETS = 14 };
+enum { N_ENDPOINTS = 8, MIN_CODE = 100, MAX_CODE = 599, MAX_BUCKETS = 14 };
 
 typedef struct histo {
     const double *le; /* upper bounds, ascending; +Inf implied */
@@ -19,8 +19,14 @@ typedef struct histo {
     uint64_t n;
 } histo;
 
-static const char *const s_endpoints[N_ENDPOINTS] = {
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "other"};
+static const char *const s_endpoints[N_ENDPOINTS] = {"/v1/chat/completions",
+                                                     "/v1/completions",
+                                                     "/v1/models",
+                                                     "/health",
+                                                     "/metrics",
+                                                     "/tokenize",
+                                                     "/detokenize",
+                                                     "other"};
 
 static const double s_le_seconds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                       1,     2.5,  5,     10,   30,  60,   120};

@@ -63,15 +63,19 @@ typedef struct http_conn { /* one request on a connection */
     bool too_big;
 } http_conn;
 
+enum { R_CHAT, R_COMPLETIONS, R_MODELS, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE, N_ROUTES };
 static const struct route {
     const char *path;
     bool post;
-} s_routes[] = {{"/v1/chat/completions", true},
-                {"/v1/completions", true},
-                {"/v1/models", false},
-                {"/health", false},
-                {"/metrics", false}};
-enum { N_ROUTES = sizeof s_routes / sizeof s_routes[0] };
+    bool guarded; /* behind the CORS origin and the API key (the API proper; /health and
+                   * /metrics stay open to probes and scrapers) */
+} s_routes[N_ROUTES] = {[R_CHAT] = {"/v1/chat/completions", true, true},
+                        [R_COMPLETIONS] = {"/v1/completions", true, true},
+                        [R_MODELS] = {"/v1/models", false, true},
+                        [R_HEALTH] = {"/health", false, false},
+                        [R_METRICS] = {"/metrics", false, false},
+                        [R_TOKENIZE] = {"/tokenize", true, true},
+                        [R_DETOKENIZE] = {"/detokenize", true, true}};
 
 /* Status counted (not sent) for a request whose client went away: nginx's "client closed". */
 #define HTTP_CLIENT_GONE 499
@@ -570,6 +574,27 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
     return ret;
 }
 
+/* POST /tokenize, /detokenize: answered on the connection's thread with the model's tokenizer
+ * (immutable, shared by every connection); the runner is not involved. */
+static enum MHD_Result s_tokens(http_server *s, struct MHD_Connection *c, const char *endpoint,
+                                http_conn *hc) {
+    if (hc->too_big) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "the request body is larger than %d bytes (--max-body)",
+                 s->cfg.max_body);
+        return s_error(s, c, endpoint, 413, msg);
+    }
+    if (!s->mi.tok) return s_error(s, c, endpoint, 500, "this server has no tokenizer");
+    char msg[768], *out = NULL;
+    const char *body = hc->body ? hc->body : "";
+    int status =
+        hc->route == R_TOKENIZE
+            ? http_api_tokenize(body, hc->len, s->mi.tok, &s->lim, &out, msg, sizeof msg)
+            : http_api_detokenize(body, hc->len, s->mi.tok, &s->lim, &out, msg, sizeof msg);
+    if (status) return s_error(s, c, endpoint, status, msg);
+    return s_send(s, c, endpoint, 200, "application/json", out);
+}
+
 /* /metrics: the server's own (with the chat memo's counters), then the runner's (the pipeline's
  * stages). */
 static char *s_metrics_text(http_server *s) {
@@ -623,7 +648,7 @@ static enum MHD_Result s_admit(http_server *s, struct MHD_Connection *c, const c
         char msg[600];
         snprintf(msg, sizeof msg,
                  "no endpoint %.400s (try POST /v1/chat/completions, POST /v1/completions, GET "
-                 "/v1/models, /health, /metrics)",
+                 "/v1/models, /health, /metrics, POST /tokenize, POST /detokenize)",
                  url);
         return s_error(s, c, endpoint, 404, msg);
     }
@@ -633,7 +658,7 @@ static enum MHD_Result s_admit(http_server *s, struct MHD_Connection *c, const c
         snprintf(msg, sizeof msg, "%s needs %s", url, s_routes[r].post ? "POST" : "GET");
         return s_error(s, c, endpoint, 405, msg);
     }
-    if (!strncmp(url, "/v1/", 4)) {
+    if (s_routes[r].guarded) {
         const char *origin = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin");
         if (origin && !http_guard_cors(s->cfg.cors_origin, origin))
             return s_error(s, c, endpoint, 403,
@@ -698,10 +723,13 @@ static enum MHD_Result s_handler(void *cls, struct MHD_Connection *c, const char
     }
     const char *path = s_routes[hc->route].path;
     switch (hc->route) {
-    case 0: return s_generate(s, c, path, HTTP_KIND_CHAT, hc);
-    case 1: return s_generate(s, c, path, HTTP_KIND_COMPLETION, hc);
-    case 2: return s_send(s, c, path, 200, "application/json", s_models_json(s));
-    case 3: return s_send(s, c, path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+    case R_CHAT: return s_generate(s, c, path, HTTP_KIND_CHAT, hc);
+    case R_COMPLETIONS: return s_generate(s, c, path, HTTP_KIND_COMPLETION, hc);
+    case R_MODELS: return s_send(s, c, path, 200, "application/json", s_models_json(s));
+    case R_HEALTH:
+        return s_send(s, c, path, 200, "application/json", strdup("{\"status\":\"ok\"}"));
+    case R_TOKENIZE:
+    case R_DETOKENIZE: return s_tokens(s, c, path, hc);
     default:
         return s_send(s, c, path, 200, "text/plain; version=0.0.4; charset=utf-8",
                       s_metrics_text(s));

@@ -148,6 +148,17 @@ char *http_api_response(const http_job *job, const char *model);
  * final chunk when finish is not NULL, or the usage chunk when usage. */
 char *http_api_chunk(const http_job *job, const char *model, const char *text, size_t len,
                      bool first, const char *finish, bool usage);
+/* POST /tokenize (llama.cpp's and vLLM's shapes): {"content" or "prompt": text,
+ * "parse_special" (true), "with_pieces" (false)} or {"messages": chat, "add_generation_prompt"
+ * (true)} -> *out = {"tokens": ids (or {"id", "piece"} objects), "count", "max_model_len"}
+ * (malloc'd). The chat is the ids a chat request gets (roles checked, contents plain text).
+ * Returns 0, or 400 / 413 (text longer than lim->max_prompt_bytes) with msg filled. */
+int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
+                      const http_api_limits *lim, char **out, char *msg, size_t cap);
+/* POST /detokenize: {"tokens": ids} (at most lim->n_ctx) -> *out = {"content": text, "prompt":
+ * text}, the text UTF-8 (a byte of a cut character becomes U+FFFD, as in answers). 0 or 400. */
+int http_api_detokenize(const char *body, size_t len, const tokenizer *tok,
+                        const http_api_limits *lim, char **out, char *msg, size_t cap);
 /* {"error": {"message": msg, "type": type, "code": code}} (malloc'd); bytes of msg that are
  * not UTF-8 text become '?'. */
 char *http_api_error(const char *msg, const char *type, int code);

@@ -3,7 +3,8 @@
  * spelling special tokens counted as plain text (prompt_tokens), streamed chunks
  * concatenating to the same text and ending with [DONE], 400 on bad JSON and missing fields,
  * 503 when the queue (--queue 1) is full, --queue 0 (a free slot is taken, no one waits),
- * /metrics names, and a clean exit on SIGTERM or SIGINT, also the moment it is up.
+ * /metrics names, /tokenize and /detokenize against the Hugging Face tokenizer's encodings, and
+ * a clean exit on SIGTERM or SIGINT, also the moment it is up.
  * The servers and the HTTP client are th_http's (127.0.0.1, --port 0, Connection: close). */
 #include <stdarg.h>
 #include <stddef.h>
@@ -307,6 +308,194 @@ static void test_serve_bad_requests_are_400(void **state) {
     s_expect_400("/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":0}", "'max_tokens'");
     s_expect_400("/v1/completions", "{\"prompt\":\"a\",\"stop\":7}", "'stop'");
     s_expect_400("/v1/completions", "{\"prompt\":\"a\",\"n\":2}", "'n' must be 1");
+}
+
+/* j as compact text; j released. */
+static char *s_dump_new(json_t *j) {
+    char *t = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    assert_non_null(t);
+    return t;
+}
+
+/* The context of s_qwen's requests (GET /v1/models). */
+static int s_qwen_ctx(void) {
+    th_http_resp h = th_http(s_qwen.port, "GET", "/v1/models", NULL, NULL);
+    assert_int_equal(h.status, 200);
+    json_t *j = s_json(&h);
+    const int n = (int)json_integer_value(json_object_get(
+        json_object_get(json_array_get(json_object_get(j, "data"), 0), "meta"), "n_ctx"));
+    json_decref(j);
+    th_http_free(&h);
+    assert_true(n > 0);
+    return n;
+}
+
+static json_t *s_tokens_post(const char *path, const char *body, int want) {
+    th_http_resp h = th_http(s_qwen.port, "POST", path, NULL, body);
+    if (h.status != want)
+        fail_msg("%s %.200s: status %d (want %d): %s", path, body, h.status, want, h.body);
+    json_t *j = s_json(&h);
+    th_http_free(&h);
+    return j;
+}
+
+/* POST /tokenize and /detokenize on the Qwen-vocabulary model: every Hugging Face encoding of
+ * tests/data/tokenizer/cases.jsonl (an independent reference) in llama.cpp's request shape,
+ * its ids back to the text; vLLM's shapes ("prompt", "messages"), the chat's ids those of a
+ * chat request (usage.prompt_tokens); pieces (a lone UTF-8 byte as numbers); the errors. */
+static void test_serve_tokenize(void **state) {
+    (void)state;
+    char path[4096];
+    th_data_path(path, sizeof path, "tokenizer/cases.jsonl");
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    char *line = NULL;
+    size_t cap = 0;
+    int total = 0, back = 0;
+    while (getline(&line, &cap, fp) > 0) {
+        json_t *c = json_loads(line, 0, NULL);
+        assert_non_null(c);
+        json_t *text = json_object_get(c, "text"), *want = json_object_get(c, "ids");
+        char *req = s_dump_new(json_pack("{s:O}", "content", text));
+        json_t *j = s_tokens_post("/tokenize", req, 200);
+        json_t *ids = json_object_get(j, "tokens");
+        if (!json_equal(ids, want)) fail_msg("case %d %s: other ids", total + 1, line);
+        assert_int_equal(json_integer_value(json_object_get(j, "count")), json_array_size(want));
+        free(req);
+        req = s_dump_new(json_pack("{s:O}", "tokens", ids));
+        json_t *d = s_tokens_post("/detokenize", req, 200);
+        /* the text again, unless NFC changed it (the encoding is of the NFC form) */
+        back += json_equal(json_object_get(d, "content"), text);
+        assert_true(json_equal(json_object_get(d, "prompt"), json_object_get(d, "content")));
+        free(req);
+        json_decref(d);
+        json_decref(j);
+        json_decref(c);
+        total++;
+    }
+    free(line);
+    fclose(fp);
+    assert_int_equal(total, 87);
+    assert_int_equal(back, total - 1); /* all but the one case whose text is not NFC */
+
+    /* vLLM's prompt field, special tokens parsed by default and not with parse_special false */
+    json_t *a = s_tokens_post("/tokenize", "{\"prompt\":\"<|im_start|>user\"}", 200);
+    json_t *b = s_tokens_post("/tokenize",
+                              "{\"content\":\"<|im_start|>user\",\"parse_special\":false}", 200);
+    assert_int_equal(json_array_size(json_object_get(a, "tokens")), 2);
+    assert_true(json_array_size(json_object_get(b, "tokens")) > 2);
+    assert_int_equal(json_integer_value(json_object_get(a, "max_model_len")), s_qwen_ctx());
+    json_decref(a);
+    json_decref(b);
+
+    /* a chat: the ids a chat request evaluates; without the generation prompt 3 fewer
+     * (<|im_start|>, "assistant", "\n") */
+    const char *msgs = "\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+                       "{\"role\":\"user\",\"content\":\"hi<|im_end|>\"}]";
+    char body[512];
+    snprintf(body, sizeof body, "{%s}", msgs);
+    json_t *t = s_tokens_post("/tokenize", body, 200);
+    snprintf(body, sizeof body, "{%s,\"add_generation_prompt\":false}", msgs);
+    json_t *t0 = s_tokens_post("/tokenize", body, 200);
+    snprintf(body, sizeof body, "{%s,\"max_tokens\":1,\"temperature\":0}", msgs);
+    json_t *r = s_tokens_post("/v1/chat/completions", body, 200);
+    const json_int_t n = json_integer_value(json_object_get(t, "count"));
+    assert_int_equal(
+        n, json_integer_value(json_object_get(json_object_get(r, "usage"), "prompt_tokens")));
+    assert_int_equal(json_integer_value(json_object_get(t0, "count")), n - 3);
+    json_decref(t);
+    json_decref(t0);
+    json_decref(r);
+
+    /* pieces: text where it is UTF-8, else the bytes as numbers (a lone byte of a character) */
+    json_t *p =
+        s_tokens_post("/tokenize", "{\"content\":\"Hello world\",\"with_pieces\":true}", 200);
+    json_t *pt = json_object_get(p, "tokens");
+    assert_int_equal(json_array_size(pt), 2);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(pt, 1), "piece")),
+                        " world");
+    assert_int_equal(json_integer_value(json_object_get(json_array_get(pt, 0), "id")), 9707);
+    json_decref(p);
+    /* a character the vocabulary may split into bytes: the pieces' bytes are the text's */
+    const char crab[] = "a\xF0\x9F\xA6\x80\xE9\xBE\x98z";
+    p = s_tokens_post("/tokenize", "{\"content\":\"a\\ud83e\\udd80\\u9f98z\",\"with_pieces\":true}",
+                      200);
+    char joined[64];
+    size_t nj = 0, arrays = 0; /* the vocabulary splits U+9F98 into bytes: two arrays */
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(p, "tokens"), i, e) {
+        json_t *pc = json_object_get(e, "piece");
+        if (json_is_string(pc)) {
+            assert_true(nj + json_string_length(pc) < sizeof joined);
+            memcpy(joined + nj, json_string_value(pc), json_string_length(pc));
+            nj += json_string_length(pc);
+        } else {
+            size_t k;
+            json_t *v;
+            assert_true(json_is_array(pc) && json_array_size(pc) > 0);
+            arrays++;
+            json_array_foreach(pc, k, v) {
+                assert_true(json_integer_value(v) >= 0x80 && json_integer_value(v) <= 0xFF);
+                assert_true(nj + 1 < sizeof joined);
+                joined[nj++] = (char)json_integer_value(v);
+            }
+        }
+    }
+    assert_int_equal(nj, strlen(crab));
+    assert_int_equal(arrays, 2);
+    assert_memory_equal(joined, crab, nj);
+    json_decref(p);
+    char mp[4096];
+    th_data_path(mp, sizeof mp, QWEN);
+    gguf_file *g = NULL;
+    tokenizer *tok = NULL;
+    stp_err err = {0};
+    assert_int_equal(gguf_open(&g, mp, &err), 0);
+    assert_int_equal(tokenizer_new(&tok, g, &err), 0);
+    int32_t lone = -1; /* a token of one byte that is no character alone */
+    for (int32_t id = 0; id < tokenizer_n_vocab(tok) && lone < 0; id++) {
+        const char *bytes;
+        size_t nb;
+        if (!tokenizer_token_bytes(tok, id, &bytes, &nb) && nb == 1 &&
+            (unsigned char)bytes[0] >= 0xC0)
+            lone = id;
+    }
+    assert_true(lone >= 0);
+    const char *lb;
+    size_t ln;
+    tokenizer_token_bytes(tok, lone, &lb, &ln);
+    snprintf(body, sizeof body, "{\"tokens\":[%d, 9707]}", (int)lone);
+    json_t *d = s_tokens_post("/detokenize", body, 200);
+    assert_string_equal(json_string_value(json_object_get(d, "content")), "\xEF\xBF\xBDHello");
+    json_decref(d);
+    tokenizer_destroy(&tok);
+    gguf_close(&g);
+
+    /* errors */
+    th_http_resp h = th_http(s_qwen.port, "GET", "/tokenize", NULL, NULL);
+    assert_int_equal(h.status, 405);
+    th_http_free(&h);
+    json_decref(s_tokens_post("/tokenize", "{\"content\": 7}", 400));
+    json_decref(s_tokens_post("/tokenize", "[1]", 400));
+    json_decref(s_tokens_post("/tokenize", "{\"content\":\"a\",\"with_pieces\":1}", 400));
+    json_decref(
+        s_tokens_post("/tokenize", "{\"messages\":[{\"role\":\"tool\",\"content\":\"x\"}]}", 400));
+    json_decref(s_tokens_post("/detokenize", "{\"tokens\":[-1]}", 400));
+    json_decref(s_tokens_post("/detokenize", "{\"tokens\":[1.5]}", 400));
+    json_decref(s_tokens_post("/detokenize", "{\"tokens\":\"1 2\"}", 400));
+    json_decref(s_tokens_post("/detokenize", "{\"tokens\":[1", 400));
+    snprintf(body, sizeof body, "{\"tokens\":[%d]}", 1 << 30);
+    json_decref(s_tokens_post("/detokenize", body, 400));
+    const int n_ctx = s_qwen_ctx(); /* more ids than a context: refused */
+    char *many = malloc((size_t)n_ctx * 2 + 64), *w = many;
+    w += sprintf(w, "{\"tokens\":[0");
+    for (int i = 0; i < n_ctx; i++)
+        w += sprintf(w, ",0");
+    sprintf(w, "]}");
+    json_decref(s_tokens_post("/detokenize", many, 400));
+    free(many);
 }
 
 static void test_serve_stop_string(void **state) {
@@ -623,6 +812,7 @@ int main(void) {
         cmocka_unit_test(test_serve_chat_matches_generate_and_stream),
         cmocka_unit_test(test_serve_chat_content_is_plain_text),
         cmocka_unit_test(test_serve_bad_requests_are_400),
+        cmocka_unit_test(test_serve_tokenize),
         cmocka_unit_test(test_serve_stop_string),
         cmocka_unit_test(test_serve_queue_full_is_503),
         cmocka_unit_test(test_serve_queue_zero),

@@ -283,6 +283,9 @@ static void test_serve_limits_cors(void **state) {
     h = th_http(s_key.port, "GET", "/v1/models", AUTH "Origin: http://evil.example\r\n", NULL);
     assert_null(strcasestr(h.headers, "access-control"));
     s_expect_error(&h, 403, "permission_error", "--cors");
+    h = th_http(s_key.port, "POST", "/tokenize", AUTH "Origin: http://evil.example\r\n",
+                "{\"content\":\"Hi\"}");
+    s_expect_error(&h, 403, "permission_error", "--cors");
     h = th_http(s_key.port, "OPTIONS", "/v1/chat/completions",
                 "Origin: http://evil.example\r\nAccess-Control-Request-Method: POST\r\n", NULL);
     assert_int_equal(h.status, 204);
@@ -335,6 +338,13 @@ static void test_serve_limits_api_key(void **state) {
     th_http_free(&h);
     h = th_http(s_key.port, "POST", "/v1/completions", AUTH,
                 "{\"prompt\":\"Hi\",\"max_tokens\":2}");
+    assert_int_equal(h.status, 200);
+    th_http_free(&h);
+    h = th_http(s_key.port, "POST", "/tokenize", NULL, "{\"content\":\"Hi\"}");
+    s_expect_error(&h, 401, "authentication_error", "missing API key");
+    h = th_http(s_key.port, "POST", "/detokenize", NULL, "{\"tokens\":[1]}");
+    s_expect_error(&h, 401, "authentication_error", "missing API key");
+    h = th_http(s_key.port, "POST", "/tokenize", AUTH, "{\"content\":\"Hi\"}");
     assert_int_equal(h.status, 200);
     th_http_free(&h);
     h = th_http(s_key.port, "GET", "/health", NULL, NULL); /* open, as llama-server's */

@@ -121,6 +121,31 @@ static void test_serve_pipeline(void **st) {
         free(s);
     }
 
+    /* /tokenize through the pipeline's server: the prompt's ids as many as the completion
+     * evaluated (answered on the HTTP side, with the coordinator's model's tokenizer) */
+    {
+        job j = {.port = s_srv.port};
+        s_body(j.body, sizeof j.body, prompts[1], 1);
+        s_post(&j);
+        assert_int_equal(j.r.status, 200);
+        json_t *c = json_loads(j.r.body, 0, NULL);
+        char body[256];
+        snprintf(body, sizeof body, "{\"content\":\"%s\"}", prompts[1]);
+        th_http_resp t = th_http(s_srv.port, "POST", "/tokenize", NULL, body);
+        assert_int_equal(t.status, 200);
+        json_t *tj = json_loads(t.body, 0, NULL);
+        assert_non_null(c);
+        assert_non_null(tj);
+        assert_int_equal(
+            json_integer_value(json_object_get(tj, "count")),
+            json_integer_value(json_object_get(json_object_get(c, "usage"), "prompt_tokens")));
+        assert_true(json_integer_value(json_object_get(tj, "count")) > 0);
+        json_decref(tj);
+        json_decref(c);
+        th_http_free(&t);
+        th_http_free(&j.r);
+    }
+
     /* a stop string (forwarded to the coordinator's token step): the text before it */
     {
         job j = {.port = s_srv.port};
