@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "cli_pipeline.h"
 #include "kern/kern.h"
+#include "model/attention.h"
 #include "model/engine.h"
 #include "model/roofline.h"
 #include "msg/msg.h"
@@ -249,7 +250,9 @@ static void s_host_end(bench_host *h) {
 
 /* The header line of the machine, in both modes. */
 static void s_print_machine(const char *cpu, long ncpu, const char *level, const bench_host *h) {
-    printf("machine: %s, %ld cores, kernels %s\n", cpu, ncpu, level);
+    const compute_ctx cc = {.ops = kern_ops_get()};
+    printf("machine: %s, %ld cores, kernels %s, attention rows prefetched into %s\n", cpu, ncpu,
+           level, attention_prefetch_name(&cc));
     printf("read bandwidth: %.1f GB/s on 1 thread, %.1f GB/s on %d (best of 5 over %zu MiB); "
            "CPU steal %.1f%% during the run\n",
            h->bw.gbps_1, h->bw.gbps_n, h->bw.n_threads, h->bw.bytes >> 20, 100.0 * h->steal);

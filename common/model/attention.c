@@ -18,7 +18,10 @@
     (dst)[i_] = kern_fp16_to_f32((src)[i_])
 #include "model/attn_flash.h"
 
+#include <cpuid.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -276,11 +279,42 @@ static void s_merge_worker(void *p, int ith, int nth) {
     }
 }
 
+/* Where the AVX-512 kernel requests the cached rows ahead: into L2 far ahead (128 key rows, 64
+ * value rows; the fastest on the Intel Xeon hosts, session 8, where nearer or into L1 was
+ * slower) or into L1 nearer (64 and 32: 16% less attention time at depth 4096 on the AMD Zen 5
+ * host, session 23). Zen 5 (AMD family 26) and later take L1; everything else, Zen 4 included
+ * (not measured), keeps L2. STP_ATTN_PREFETCH=l1|l2 decides instead (for measuring a host). */
+static bool s_prefetch_l1;
+static void s_prefetch_pick(void) {
+    const char *v = getenv("STP_ATTN_PREFETCH");
+    if (v && (!strcmp(v, "l1") || !strcmp(v, "l2"))) {
+        s_prefetch_l1 = !strcmp(v, "l1");
+        return;
+    }
+    unsigned a, b, c, d;
+    char vendor[13] = {0};
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return;
+    memcpy(vendor, &b, 4);
+    memcpy(vendor + 4, &d, 4);
+    memcpy(vendor + 8, &c, 4);
+    if (strcmp(vendor, "AuthenticAMD") || !__get_cpuid(1, &a, &b, &c, &d)) return;
+    const unsigned family = ((a >> 8) & 0xF) + (((a >> 8) & 0xF) == 0xF ? (a >> 20) & 0xFF : 0);
+    s_prefetch_l1 = family >= 0x1A;
+}
+
 /* The kernel build of the compute level (the same level in process and in the pipeline). */
 static attn_group_fn s_kernel(const compute_ctx *cc) {
-    if (!strcmp(cc->ops->level, "avx512vnni")) return attn_group_avx512;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (!strcmp(cc->ops->level, "avx512vnni")) {
+        pthread_once(&once, s_prefetch_pick);
+        return s_prefetch_l1 ? attn_group_avx512_l1 : attn_group_avx512;
+    }
     if (!strcmp(cc->ops->level, "avx2")) return attn_group_avx2;
     return attn_group_generic;
+}
+
+const char *attention_prefetch_name(const compute_ctx *cc) {
+    return s_kernel(cc) == attn_group_avx512_l1 ? "l1" : "l2";
 }
 
 /* Attention of the T tokens' query heads over their sequences' caches (keys and values already

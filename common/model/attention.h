@@ -42,6 +42,11 @@ void attention_project(const compute_ctx *cc, const model *m, int il, const floa
 void attention_attend(const compute_ctx *cc, const model *m, int il, const attn_seg *segs,
                       int n_segs, float *x, attn_scratch *s);
 
+/* Where the attention kernel of cc's level requests the cached rows ahead: "l1" or "l2" (AVX-512:
+ * chosen by CPU or STP_ATTN_PREFETCH, see attention.c), "l2" for the other levels. Benchmarks
+ * print it beside the kernel level. */
+const char *attention_prefetch_name(const compute_ctx *cc);
+
 /* The router logits of layer il for T residual vectors: (T x n_expert), F32 weights, alone (the
  * pipeline's guess at the next layer's experts); the same bits as attention_project's. */
 void attention_router(const compute_ctx *cc, const model *m, int il, const float *x, int T,

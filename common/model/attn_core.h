@@ -66,6 +66,9 @@ typedef void (*attn_group_fn)(const attn_group_args *a);
 void attn_group_generic(const attn_group_args *a);
 void attn_group_avx2(const attn_group_args *a);
 void attn_group_avx512(const attn_group_args *a);
+/* The same kernel with its rows requested into L1, nearer ahead (attention_l1_avx512.c): the
+ * same bits, another speed (the faster one depends on the host: attention.c picks). */
+void attn_group_avx512_l1(const attn_group_args *a);
 
 /* Elements e0..e0+n-1 of a Q8_0 row as floats: d * q, exact in float (an 8-bit integer times a
  * half has at most 19 significant bits), so every build gets the same floats and the kernel's

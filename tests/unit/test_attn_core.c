@@ -47,8 +47,11 @@ static int s_levels(level *out) {
     for (int i = 0; i < n_ops; i++) {
         if (!strcmp(all[i]->level, "avx2"))
             out[n++] = (level){"avx2", attn_group_avx2}, avx2 = true;
-        if (!strcmp(all[i]->level, "avx512vnni"))
-            out[n++] = (level){"avx512", attn_group_avx512}, avx512 = true;
+        if (!strcmp(all[i]->level, "avx512vnni")) {
+            out[n++] = (level){"avx512", attn_group_avx512};
+            out[n++] = (level){"avx512_l1", attn_group_avx512_l1}; /* avx512's bits (below) */
+            avx512 = true;
+        }
     }
     /* a build this CPU cannot run is a CPU-feature skip: printed and counted */
     if (!avx2) th_cpu_skip_note("test_attn_core", "avx2");
@@ -124,11 +127,15 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
         for (int i = 0; i < G * D; i++)
             max_ref = fmax(max_ref, fabs(ref[i]));
         assert_true(max_ref > 0.01); /* a real average, not all zero */
-        level lv[3];
+        level lv[4];
         const int n_lv = s_levels(lv);
+        float *o_avx512 = malloc(sizeof(float) * G * D); /* the other prefetch: the same bits */
         for (int l = 0; l < n_lv; l++) {
             attn_group_args b = a;
             attn_group_query(lv[l].fn, &b, st, o1);
+            if (!strcmp(lv[l].name, "avx512")) memcpy(o_avx512, o1, sizeof(float) * G * D);
+            if (!strcmp(lv[l].name, "avx512_l1"))
+                assert_memory_equal(o1, o_avx512, sizeof(float) * G * D);
             for (int i = 0; i < G * D; i++)
                 if (!(fabsf(o1[i] - ref[i]) <= 2e-6f + 2e-5f * fabsf(ref[i])))
                     fail_msg("%s G%d D%d cap%d %d..%d %s: out[%d] %.9g, reference %.9g", lv[l].name,
@@ -172,6 +179,7 @@ static void s_check(int G, int D, int cap, int lo, int hi, float rise, uint64_t 
             assert_memory_equal(o1, o2, sizeof(float) * G * D);
             free(parts);
         }
+        free(o_avx512);
     }
     free(q), free(k), free(v), free(ref), free(o1), free(o2), free(part), free(work), free(sc),
         free(st), free(kh), free(vh), free(kq), free(vq);
@@ -251,7 +259,7 @@ static void s_check_groups(int ng, int G, int D, int cap, int lo, int hi, uint64
         q[i] = s_rand(&seed) * 3;
     kv_fixture f;
     s_kv_fill(&f, cap, stride, &seed);
-    level lv[3];
+    level lv[4];
     const int n_lv = s_levels(lv);
     for (int l = 0; l < n_lv; l++)
         for (int type = 0; type < (f.q8ok ? 3 : 2); type++) {
@@ -305,7 +313,7 @@ static void s_check_queries(int nq, int ng, int G, int D, int cap, int p0, int w
         q[i] = s_rand(&seed) * 3;
     kv_fixture f;
     s_kv_fill(&f, cap, stride, &seed);
-    level lv[3];
+    level lv[4];
     const int n_lv = s_levels(lv);
     for (int l = 0; l < n_lv; l++)
         for (int type = 0; type < (f.q8ok ? 3 : 2); type++) {
