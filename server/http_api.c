@@ -249,21 +249,27 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
     return s_bad(msg, cap, "'prompt' is required: a string (or an array of token ids)");
 }
 
+/* The body as a JSON object, or 400 with msg. */
+static int s_body_object(const char *body, size_t len, json_t **root, char *msg, size_t cap) {
+    json_error_t je;
+    *root = json_loadb(body, len, 0, &je);
+    if (!*root)
+        return s_bad(msg, cap, "invalid JSON at line %d column %d: %s", je.line, je.column,
+                     je.text);
+    if (json_is_object(*root)) return 0;
+    json_decref(*root);
+    *root = NULL;
+    return s_bad(msg, cap, "the request body must be a JSON object");
+}
+
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
                    const tokenizer *tok, const http_api_limits *lim, chat_memo *memo,
                    uint64_t default_seed, char *msg, size_t cap) {
-    json_error_t je;
     const int n_ctx = lim->n_ctx;
     job->kind = kind;
-    json_t *root = json_loadb(body, len, 0, &je);
-    if (!root)
-        return s_bad(msg, cap, "invalid JSON at line %d column %d: %s", je.line, je.column,
-                     je.text);
-    int rc = 0;
-    if (!json_is_object(root)) {
-        rc = s_bad(msg, cap, "the request body must be a JSON object");
-        goto out;
-    }
+    json_t *root;
+    int rc = s_body_object(body, len, &root, msg, cap);
+    if (rc) return rc;
     json_t *model = json_object_get(root, "model");
     if (model && !json_is_null(model) && !json_is_string(model)) {
         rc = s_bad(msg, cap, "'model' must be a string");
@@ -457,19 +463,6 @@ char *http_api_chunk(const http_job *job, const char *model, const char *text, s
  * "parse_special", "with_pieces"; answers "tokens" and /detokenize's "content") and vLLM's
  * ("prompt" or "messages" with "add_generation_prompt"; answers "tokens", "count",
  * "max_model_len" and /detokenize's "prompt"). One answer carries the fields of both. */
-
-/* The body as a JSON object, or 400 with msg. */
-static int s_body_object(const char *body, size_t len, json_t **root, char *msg, size_t cap) {
-    json_error_t je;
-    *root = json_loadb(body, len, 0, &je);
-    if (!*root)
-        return s_bad(msg, cap, "invalid JSON at line %d column %d: %s", je.line, je.column,
-                     je.text);
-    if (json_is_object(*root)) return 0;
-    json_decref(*root);
-    *root = NULL;
-    return s_bad(msg, cap, "the request body must be a JSON object");
-}
 
 /* A token's piece: its text when it is UTF-8, else its bytes as numbers (llama.cpp's form). */
 static json_t *s_piece(const tokenizer *tok, int32_t id) {

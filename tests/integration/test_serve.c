@@ -310,6 +310,17 @@ static void test_serve_bad_requests_are_400(void **state) {
     s_expect_400("/v1/completions", "{\"prompt\":\"a\",\"n\":2}", "'n' must be 1");
 }
 
+/* The Qwen-vocabulary model's tokenizer (and its file, *g, to close after it). */
+static tokenizer *s_qwen_tokenizer(gguf_file **g) {
+    char mp[4096];
+    th_data_path(mp, sizeof mp, QWEN);
+    tokenizer *tok = NULL;
+    stp_err err = {0};
+    assert_int_equal(gguf_open(g, mp, &err), 0);
+    assert_int_equal(tokenizer_new(&tok, *g, &err), 0);
+    return tok;
+}
+
 /* j as compact text; j released. */
 static char *s_dump_new(json_t *j) {
     char *t = json_dumps(j, JSON_COMPACT);
@@ -447,13 +458,8 @@ static void test_serve_tokenize(void **state) {
     assert_int_equal(arrays, 2);
     assert_memory_equal(joined, crab, nj);
     json_decref(p);
-    char mp[4096];
-    th_data_path(mp, sizeof mp, QWEN);
     gguf_file *g = NULL;
-    tokenizer *tok = NULL;
-    stp_err err = {0};
-    assert_int_equal(gguf_open(&g, mp, &err), 0);
-    assert_int_equal(tokenizer_new(&tok, g, &err), 0);
+    tokenizer *tok = s_qwen_tokenizer(&g);
     int32_t lone = -1; /* a token of one byte that is no character alone */
     for (int32_t id = 0; id < tokenizer_n_vocab(tok) && lone < 0; id++) {
         const char *bytes;
@@ -463,9 +469,6 @@ static void test_serve_tokenize(void **state) {
             lone = id;
     }
     assert_true(lone >= 0);
-    const char *lb;
-    size_t ln;
-    tokenizer_token_bytes(tok, lone, &lb, &ln);
     snprintf(body, sizeof body, "{\"tokens\":[%d, 9707]}", (int)lone);
     json_t *d = s_tokens_post("/detokenize", body, 200);
     assert_string_equal(json_string_value(json_object_get(d, "content")), "\xEF\xBF\xBDHello");
@@ -730,13 +733,9 @@ static long long s_two_turns(int port, long long *p1, size_t *same) {
     assert_non_null(answer);
     *p1 = json_integer_value(json_object_get(json_object_get(j1, "usage"), "prompt_tokens"));
 
-    char mp[4096];
-    th_data_path(mp, sizeof mp, QWEN);
     gguf_file *g = NULL;
-    tokenizer *tok = NULL;
+    tokenizer *tok = s_qwen_tokenizer(&g);
     stp_err err = {0};
-    assert_int_equal(gguf_open(&g, mp, &err), 0);
-    assert_int_equal(tokenizer_new(&tok, g, &err), 0);
     const chat_msg m2[] = {{"user", q}, {"assistant", answer}, {"user", "And then?"}};
     int32_t *plain = NULL;
     size_t n_plain = 0;
