@@ -27,6 +27,12 @@ static int s_bad(char *msg, size_t cap, const char *fmt, ...) {
     return 400;
 }
 
+/* The server ran out of memory: 500, not the client's fault. */
+static int s_oom(char *msg, size_t cap) {
+    snprintf(msg, cap, "out of memory");
+    return 500;
+}
+
 /* Reads an optional number field into *out (null = absent). */
 static int s_num(json_t *root, const char *key, double lo, double hi, double *out, bool *set,
                  char *msg, size_t cap) {
@@ -97,7 +103,7 @@ static int s_content(json_t *c, size_t i, char **out, char *msg, size_t cap) {
         return s_bad(msg, cap, "messages[%zu].content must be a string or an array of text parts",
                      i);
     }
-    return *out ? 0 : s_bad(msg, cap, "out of memory");
+    return *out ? 0 : s_oom(msg, cap);
 }
 
 size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes) {
@@ -143,11 +149,11 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
     tok_span *rest = malloc((n_plain - first + 1) * sizeof *rest);
     for (size_t i = first; rest && i < n_plain; i++)
         rest[i - first] = (tok_span){plain[i].off - cut, plain[i].len};
-    int rc = rest ? s_encode(job, tok, text + cut, rest, n_plain - first, msg, cap)
-                  : s_bad(msg, cap, "out of memory");
+    int rc =
+        rest ? s_encode(job, tok, text + cut, rest, n_plain - first, msg, cap) : s_oom(msg, cap);
     free(rest);
     int32_t *ids = rc ? NULL : malloc(sizeof *ids * (n_head + (size_t)job->n_prompt));
-    if (!rc && !ids) rc = s_bad(msg, cap, "out of memory");
+    if (!rc && !ids) rc = s_oom(msg, cap);
     if (!rc) {
         if (n_head) memcpy(ids, head, sizeof *ids * n_head);
         if (job->n_prompt) memcpy(ids + n_head, job->prompt, sizeof *ids * (size_t)job->n_prompt);
@@ -171,7 +177,7 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     chat_msg *cm = calloc(n, sizeof *cm);
     char **owned = calloc(n, sizeof *owned);
     int rc = 0;
-    if (!cm || !owned) rc = s_bad(msg, cap, "out of memory");
+    if (!cm || !owned) rc = s_oom(msg, cap);
     for (size_t i = 0; !rc && i < n; i++) {
         json_t *m = json_array_get(msgs, i);
         const char *role = json_string_value(json_object_get(m, "role"));
@@ -197,7 +203,7 @@ static int s_chat_prompt(http_job *job, json_t *root, const tokenizer *tok,
     char *text = NULL;
     stp_err err = {0};
     tok_span *plain = rc ? NULL : malloc(n * sizeof *plain);
-    if (!rc && !plain) rc = s_bad(msg, cap, "out of memory");
+    if (!rc && !plain) rc = s_oom(msg, cap);
     if (!rc && tokenizer_chat_format(tok, cm, n, add_generation_prompt, &text, plain, &err))
         rc = s_bad(msg, cap, "cannot format the chat: %s", err.msg);
     if (!rc) rc = s_too_long(strlen(text), lim, msg, cap);
@@ -233,7 +239,7 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
         size_t n = json_array_size(p), i;
         json_t *v;
         job->prompt = malloc(n * sizeof *job->prompt);
-        if (!job->prompt) return s_bad(msg, cap, "out of memory");
+        if (!job->prompt) return s_oom(msg, cap);
         json_array_foreach(p, i, v) {
             if (!json_is_integer(v) || json_integer_value(v) < 0 ||
                 json_integer_value(v) >= n_vocab)
@@ -493,7 +499,8 @@ int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
     (void)add_special; /* the Qwen vocabulary adds no BOS or EOS (tokenizer.h) */
     json_t *text = json_object_get(root, "content");
     if (!text) text = json_object_get(root, "prompt");
-    if (json_object_get(root, "messages")) {
+    json_t *msgs = json_object_get(root, "messages");
+    if (msgs && !json_is_null(msgs)) {
         rc = s_chat_prompt(&job, root, tok, lim, NULL, add_gen, msg, cap);
     } else if (json_is_string(text)) {
         stp_err err = {0};
@@ -507,6 +514,10 @@ int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
         rc =
             s_bad(msg, cap, "'content' (or 'prompt') is required: a string; or 'messages': a chat");
     }
+    if (!rc && job.n_prompt > lim->n_ctx) /* answers stay a context's worth of ids */
+        rc = s_bad(msg, cap,
+                   "the text has %d tokens, more than the context's %d (tokenize it in parts)",
+                   job.n_prompt, lim->n_ctx);
     if (rc) goto out;
     json_t *ids = json_array();
     for (int i = 0; ids && i < job.n_prompt; i++)
@@ -515,7 +526,7 @@ int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
                                                : json_integer(job.prompt[i]));
     *out = s_dump(json_pack("{s:o, s:i, s:i}", "tokens", ids, "count", job.n_prompt,
                             "max_model_len", lim->n_ctx));
-    if (!*out) rc = s_bad(msg, cap, "out of memory");
+    if (!*out) rc = s_oom(msg, cap);
 out:
     http_api_job_fini(&job);
     json_decref(root);
@@ -533,27 +544,32 @@ int http_api_detokenize(const char *body, size_t len, const tokenizer *tok,
     const int32_t n_vocab = tokenizer_n_vocab(tok);
     const size_t each = 3 * tokenizer_max_token_bytes(tok) + 12; /* tok_stream_push's room */
     char *text = NULL;
-    size_t at = 0;
+    size_t at = 0, need = each; /* the text's room: each byte may become 3 (U+FFFD) */
     if (!json_is_array(ids)) {
         rc = s_bad(msg, cap, "'tokens' is required: an array of token ids");
     } else if (n > max_n) {
         rc = s_bad(msg, cap, "'tokens' has %zu ids, more than the context's %zu", n, max_n);
-    } else if (!(text = malloc((n + 1) * each))) {
-        rc = s_bad(msg, cap, "out of memory");
     }
-    tok_stream ts; /* every chunk valid UTF-8: a bad byte becomes U+FFFD, as in answers */
-    tok_stream_init(&ts, tok);
     for (size_t i = 0; !rc && i < n; i++) {
         json_t *v = json_array_get(ids, i);
+        const char *b;
+        size_t nb = 0;
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= n_vocab)
             rc = s_bad(msg, cap, "tokens[%zu] must be a token id in 0..%d", i, n_vocab - 1);
         else
-            at += tok_stream_push(&ts, (int32_t)json_integer_value(v), text + at, each);
+            tokenizer_token_bytes(tok, (int32_t)json_integer_value(v), &b, &nb);
+        need += 3 * nb;
     }
+    if (!rc && !(text = malloc(need + each))) rc = s_oom(msg, cap);
+    tok_stream ts; /* every chunk valid UTF-8: a bad byte becomes U+FFFD, as in answers */
+    tok_stream_init(&ts, tok);
+    for (size_t i = 0; !rc && i < n; i++)
+        at += tok_stream_push(&ts, (int32_t)json_integer_value(json_array_get(ids, i)), text + at,
+                              need + each - at);
     if (!rc) {
-        at += tok_stream_flush(&ts, text + at, each);
+        at += tok_stream_flush(&ts, text + at, need + each - at);
         *out = s_dump(json_pack("{s:s%, s:s%}", "content", text, at, "prompt", text, at));
-        if (!*out) rc = s_bad(msg, cap, "out of memory");
+        if (!*out) rc = s_oom(msg, cap);
     }
     free(text);
     json_decref(root);

@@ -135,9 +135,10 @@ typedef struct http_api_limits {
  * than n_ctx tokens. */
 size_t http_api_prompt_bytes_max(int n_ctx, size_t max_token_bytes);
 /* Parses a request body into job (prompt tokens, parameters). Returns 0 or an HTTP status
- * (400, or 413 for a prompt over lim->max_prompt_bytes) with msg filled. With a memo (may be
- * NULL) a chat starting with an earlier exchange's text takes that exchange's ids and keeps its
- * text and spans (job->prompt_text, job->plain) for the memo's entry of its own answer. */
+ * (400, 413 for a prompt over lim->max_prompt_bytes, 500 out of memory) with msg filled. With a
+ * memo (may be NULL) a chat starting with an earlier exchange's text takes that exchange's ids and
+ * keeps its text and spans (job->prompt_text, job->plain) for the memo's entry of its own answer.
+ */
 int http_api_parse(http_job *job, http_kind kind, const char *body, size_t len,
                    const tokenizer *tok, const http_api_limits *lim, chat_memo *memo,
                    uint64_t default_seed, char *msg, size_t cap);
@@ -151,12 +152,14 @@ char *http_api_chunk(const http_job *job, const char *model, const char *text, s
 /* POST /tokenize (llama.cpp's and vLLM's shapes): {"content" or "prompt": text,
  * "parse_special" (true), "with_pieces" (false)} or {"messages": chat, "add_generation_prompt"
  * (true)} -> *out = {"tokens": ids (or {"id", "piece"} objects), "count", "max_model_len"}
- * (malloc'd). The chat is the ids a chat request gets (roles checked, contents plain text).
- * Returns 0, or 400 / 413 (text longer than lim->max_prompt_bytes) with msg filled. */
+ * (malloc'd). A chat is encoded afresh as a chat request's is (roles checked, contents plain
+ * text; the chat memo is not consulted). Returns 0, or 400 (also: more ids than lim->n_ctx),
+ * 413 (text longer than lim->max_prompt_bytes) or 500 (out of memory), msg filled. */
 int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
                       const http_api_limits *lim, char **out, char *msg, size_t cap);
 /* POST /detokenize: {"tokens": ids} (at most lim->n_ctx) -> *out = {"content": text, "prompt":
- * text}, the text UTF-8 (a byte of a cut character becomes U+FFFD, as in answers). 0 or 400. */
+ * text}, the text UTF-8 (a byte of a cut character becomes U+FFFD, as in answers). 0, 400 or
+ * 500 (out of memory). */
 int http_api_detokenize(const char *body, size_t len, const tokenizer *tok,
                         const http_api_limits *lim, char **out, char *msg, size_t cap);
 /* {"error": {"message": msg, "type": type, "code": code}} (malloc'd); bytes of msg that are

@@ -280,8 +280,8 @@ static void s_merge_worker(void *p, int ith, int nth) {
 }
 
 /* Where the AVX-512 kernel requests the cached rows ahead: into L2 far ahead (128 key rows, 64
- * value rows; the fastest on the Intel Xeon hosts, session 8, where nearer or into L1 was
- * slower) or into L1 nearer (64 and 32: 16% less attention time at depth 4096 on the AMD Zen 5
+ * value rows; on the Intel Xeon hosts, session 8, no other distance did better; L1 was not
+ * tried there) or into L1 nearer (64 and 32: 12% less attention time at depth 4096 on the AMD Zen 5
  * host, session 23). Zen 5 (AMD family 26) and later take L1; everything else, Zen 4 included
  * (not measured), keeps L2. STP_ATTN_PREFETCH=l1|l2 decides instead (for measuring a host). */
 static bool s_prefetch_l1;

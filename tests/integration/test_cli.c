@@ -310,6 +310,29 @@ static void s_check_roofline(const char *path, json_t *rl, int d, int n, double 
         fail_msg("roofline at d%d: stages %.3f ms a token, decode %.3f ms", d, stages, dec);
 }
 
+/* The attention kernel's prefetch choice is on bench's machine line, and STP_ATTN_PREFETCH
+ * sets it where the AVX-512 kernels run (elsewhere it is always l2). */
+static void test_cli_bench_attention_prefetch(void **state) {
+    (void)state;
+    char m[4096];
+    th_data_path(m, sizeof m, DENSE);
+    const char *a[] = {"bench", "--model", m, "-p", "0", "-n", "2", "-r", "1", NULL};
+    const char *want[] = {"l1", "l2"};
+    for (int i = 0; i < 2; i++) {
+        setenv("STP_ATTN_PREFETCH", want[i], 1);
+        th_run_out r = s_run(a);
+        s_expect(&r, 0, "bench with STP_ATTN_PREFETCH");
+        const char *line = strstr(r.out, "machine: ");
+        assert_non_null(line);
+        char expect[64];
+        snprintf(expect, sizeof expect, "attention rows prefetched into %s\n",
+                 strstr(line, "kernels avx512vnni") ? want[i] : "l2");
+        if (!strstr(line, expect)) fail_msg("machine line without '%s': %.200s", expect, line);
+        th_run_out_free(&r);
+    }
+    unsetenv("STP_ATTN_PREFETCH");
+}
+
 /* `stpipe bench --json -d`: JSON built by a library (a '"' in the model path stays valid), one
  * result per (depth, test) in order, named as llama-bench names them. */
 static void test_cli_bench_json_depth(void **state) {
@@ -623,6 +646,7 @@ int main(void) {
         cmocka_unit_test(test_cli_gating_guess_warns),
         cmocka_unit_test(test_cli_tokenize_roundtrip),
         cmocka_unit_test(test_cli_bench_json_depth),
+        cmocka_unit_test(test_cli_bench_attention_prefetch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

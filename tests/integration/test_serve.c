@@ -491,8 +491,24 @@ static void test_serve_tokenize(void **state) {
     json_decref(s_tokens_post("/detokenize", "{\"tokens\":[1", 400));
     snprintf(body, sizeof body, "{\"tokens\":[%d]}", 1 << 30);
     json_decref(s_tokens_post("/detokenize", body, 400));
-    const int n_ctx = s_qwen_ctx(); /* more ids than a context: refused */
-    char *many = malloc((size_t)n_ctx * 2 + 64), *w = many;
+    json_decref(s_tokens_post("/tokenize", "{\"messages\":null,\"content\":\"Hi\"}", 200));
+    const int n_ctx = s_qwen_ctx();
+    /* a text of more tokens than a context (a digit is a token), and one over the byte limit */
+    char *big = malloc((size_t)n_ctx * 129 + 64), *w = big;
+    w += sprintf(w, "{\"content\":\"");
+    memset(w, '7', (size_t)n_ctx + 1);
+    sprintf(w + n_ctx + 1, "\"}");
+    json_t *tb = s_tokens_post("/tokenize", big, 400);
+    assert_non_null(strstr(
+        json_string_value(json_object_get(json_object_get(tb, "error"), "message")), "tokens"));
+    json_decref(tb);
+    memset(w, 'a', (size_t)n_ctx * 128 + 1);
+    sprintf(w + (size_t)n_ctx * 128 + 1, "\"}");
+    json_decref(s_tokens_post("/tokenize", big, 413));
+    free(big);
+    /* more ids than a context: refused */
+    char *many = malloc((size_t)n_ctx * 2 + 64);
+    w = many;
     w += sprintf(w, "{\"tokens\":[0");
     for (int i = 0; i < n_ctx; i++)
         w += sprintf(w, ",0");
