@@ -120,14 +120,15 @@ static int s_too_long(size_t len, const http_api_limits *lim, char *msg, size_t 
     return 413;
 }
 
-/* Special tokens written in text are parsed (a raw prompt, as llama.cpp's server does), except
- * in the plain spans (a chat's messages: OpenAI's API takes their content as text). */
-static int s_encode(http_job *job, const tokenizer *tok, const char *text, const tok_span *plain,
-                    size_t n_plain, char *msg, size_t cap) {
+/* With TOK_PARSE_SPECIAL in flags special tokens written in text are parsed (a raw prompt, as
+ * llama.cpp's server does), except in the plain spans (a chat's messages: OpenAI's API takes
+ * their content as text). */
+static int s_encode(http_job *job, const tokenizer *tok, const char *text, int flags,
+                    const tok_span *plain, size_t n_plain, char *msg, size_t cap) {
     stp_err err = {0};
     size_t n = 0;
-    if (tokenizer_encode_spans(tok, text, strlen(text), TOK_PARSE_SPECIAL, plain, n_plain,
-                               &job->prompt, &n, &err))
+    if (tokenizer_encode_spans(tok, text, strlen(text), flags, plain, n_plain, &job->prompt, &n,
+                               &err))
         return s_bad(msg, cap, "cannot tokenize the prompt: %s", err.msg);
     job->n_prompt = (int)n;
     return 0;
@@ -142,7 +143,7 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
     size_t n_head = 0, cut = memo ? chat_memo_find(memo, text, strlen(text), plain, n_plain,
                                                    "<|im_end|>", &head, &n_head)
                                   : 0;
-    if (!cut) return s_encode(job, tok, text, plain, n_plain, msg, cap);
+    if (!cut) return s_encode(job, tok, text, TOK_PARSE_SPECIAL, plain, n_plain, msg, cap);
     size_t first = 0; /* spans after the cut, moved to the rest's offsets */
     while (first < n_plain && plain[first].off < cut)
         first++;
@@ -150,7 +151,8 @@ static int s_encode_chat(http_job *job, const tokenizer *tok, chat_memo *memo, c
     for (size_t i = first; rest && i < n_plain; i++)
         rest[i - first] = (tok_span){plain[i].off - cut, plain[i].len};
     int rc =
-        rest ? s_encode(job, tok, text + cut, rest, n_plain - first, msg, cap) : s_oom(msg, cap);
+        rest ? s_encode(job, tok, text + cut, TOK_PARSE_SPECIAL, rest, n_plain - first, msg, cap)
+             : s_oom(msg, cap);
     free(rest);
     int32_t *ids = rc ? NULL : malloc(sizeof *ids * (n_head + (size_t)job->n_prompt));
     if (!rc && !ids) rc = s_oom(msg, cap);
@@ -233,7 +235,7 @@ static int s_completion_prompt(http_job *job, json_t *root, const tokenizer *tok
         p = json_array_get(p, 0);
     if (json_is_string(p)) {
         if ((rc = s_too_long(json_string_length(p), lim, msg, cap))) return rc;
-        return s_encode(job, tok, json_string_value(p), NULL, 0, msg, cap);
+        return s_encode(job, tok, json_string_value(p), TOK_PARSE_SPECIAL, NULL, 0, msg, cap);
     }
     if (json_is_array(p) && json_array_size(p) > 0) { /* token ids */
         size_t n = json_array_size(p), i;
@@ -502,14 +504,10 @@ int http_api_tokenize(const char *body, size_t len, const tokenizer *tok,
     json_t *msgs = json_object_get(root, "messages");
     if (msgs && !json_is_null(msgs)) {
         rc = s_chat_prompt(&job, root, tok, lim, NULL, add_gen, msg, cap);
-    } else if (json_is_string(text)) {
-        stp_err err = {0};
-        size_t n = 0;
-        if (!(rc = s_too_long(json_string_length(text), lim, msg, cap)) &&
-            tokenizer_encode(tok, json_string_value(text), json_string_length(text),
-                             parse_special ? TOK_PARSE_SPECIAL : 0, &job.prompt, &n, &err))
-            rc = s_bad(msg, cap, "cannot tokenize the text: %s", err.msg);
-        job.n_prompt = (int)n;
+    } else if (json_is_string(text)) { /* as a /v1/completions prompt string */
+        if (!(rc = s_too_long(json_string_length(text), lim, msg, cap)))
+            rc = s_encode(&job, tok, json_string_value(text), parse_special ? TOK_PARSE_SPECIAL : 0,
+                          NULL, 0, msg, cap);
     } else {
         rc =
             s_bad(msg, cap, "'content' (or 'prompt') is required: a string; or 'messages': a chat");

@@ -479,14 +479,17 @@ static void s_reader_free(void *cls) {
     pthread_mutex_unlock(&s->mu);
 }
 
+/* 413 for a body over --max-body (found only as it arrived: no Content-Length said so). */
+static enum MHD_Result s_too_big(http_server *s, struct MHD_Connection *c, const char *endpoint) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "the request body is larger than %d bytes (--max-body)",
+             s->cfg.max_body);
+    return s_error(s, c, endpoint, 413, msg);
+}
+
 static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, const char *endpoint,
                                   http_kind kind, http_conn *hc) {
-    if (hc->too_big) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "the request body is larger than %d bytes (--max-body)",
-                 s->cfg.max_body);
-        return s_error(s, c, endpoint, 413, msg);
-    }
+    if (hc->too_big) return s_too_big(s, c, endpoint);
     http_job *job = calloc(1, sizeof *job);
     if (!job) return s_error(s, c, endpoint, 500, "out of memory");
     job->srv = s;
@@ -578,12 +581,7 @@ static enum MHD_Result s_generate(http_server *s, struct MHD_Connection *c, cons
  * (immutable, shared by every connection); the runner is not involved. */
 static enum MHD_Result s_tokens(http_server *s, struct MHD_Connection *c, const char *endpoint,
                                 http_conn *hc) {
-    if (hc->too_big) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "the request body is larger than %d bytes (--max-body)",
-                 s->cfg.max_body);
-        return s_error(s, c, endpoint, 413, msg);
-    }
+    if (hc->too_big) return s_too_big(s, c, endpoint);
     if (!s->mi.tok) return s_error(s, c, endpoint, 500, "this server has no tokenizer");
     char msg[768], *out = NULL;
     const char *body = hc->body ? hc->body : "";
